@@ -1,0 +1,175 @@
+"""``ring_attention``: the user-facing entry to the ring op, with SDPA's signature and checks.
+
+It validates on each rank what can be validated locally (with errors that name the fix), turns
+SDPA-style arguments into the op's (scale, GQA, masks) and calls ``ringcompile::ring_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ringcompile.group import group_name_of, resolve_group
+from ringcompile.layout import Layout, make_layout
+from ringcompile.ring_op import ring_attention_op
+
+__all__ = ["ring_attention"]
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    group=None,
+    mesh_dim: int | str | None = None,
+    layout: str | Layout = "contiguous",
+    window: tuple[int, int] | None = None,
+    document_ids: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` over a sequence sharded across the ranks of a ring.
+
+    Args:
+        q: (B, H, S_local, D) this rank's queries; k, v: (B, Hkv, S_local, D) its keys/values.
+        attn_mask: dense fallback mask whose rows are this rank's queries and whose columns are the
+            *global* keys in natural order: broadcastable to (B, H, S_local, seq_len); boolean
+            (True = attend) or additive float (treated as a constant: no gradient).
+        dropout_p: must be 0 (dropout is not supported).
+        is_causal: causal by global position (not by local index).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        enable_gqa: allow Hkv < H; query head i uses KV head ``i // (H // Hkv)`` as SDPA does.
+            Only the Hkv heads travel around the ring.
+        group: None (the world), a ProcessGroup, a DeviceMesh (with ``mesh_dim``) or a
+            ``(DeviceMesh, dim)`` pair: the ring. None without torch.distributed is one process.
+        layout: which global positions each rank holds: a name ("contiguous", "striped",
+            "zigzag"; then ``seq_len = S_local * ring size``) or a :class:`Layout` (which may pad).
+        window: ``(left, right)`` sliding window by position: query p sees keys in
+            ``[p - left, p + right]``; -1 is unbounded. A Mistral-style ``sliding_window=w`` with
+            ``is_causal`` is ``(w - 1, 0)``.
+        document_ids: (B, S_local) integer document of each local token (packed sequences):
+            tokens see only keys of their own document.
+        key_padding_mask: (B, S_local) bool, False marks padding keys no query may see.
+
+    Returns:
+        (B, H, S_local, D): this rank's rows of SDPA over the global sequence. Rows that see no
+        key are 0 (as SDPA's math backend gives).
+    """
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"ring_attention does not support dropout (got dropout_p={dropout_p}): pass "
+            "dropout_p=0.0 (model.eval(), or set the model's attention dropout to 0)"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"ring_attention expects 4-D (batch, heads, seq, head_dim) tensors; {name} has "
+                f"shape {tuple(t.shape)}"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(
+            f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them to one"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"ring_attention supports floating dtypes, got {q.dtype}")
+    B, H, S, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"k and v must be (B={B}, Hkv, S_local, D={D}) and equal; got k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if k.shape[2] != S:
+        raise ValueError(
+            f"ring_attention is self-attention over one sharded sequence: q has {S} local tokens "
+            f"but k/v have {k.shape[2]} (for decoding over a sharded KV cache use "
+            "ringcompile.tree_attn_decode)"
+        )
+    Hkv = k.shape[1]
+    if H != Hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"q has {H} heads and k/v have {Hkv}: pass enable_gqa=True for grouped-query "
+                "attention (as with F.scaled_dot_product_attention)"
+            )
+        if H % Hkv:
+            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+
+    pg = resolve_group(group, mesh_dim)
+    world = pg.size() if pg is not None else 1
+    if isinstance(layout, Layout):
+        seq_len = layout.seq_len
+        layout_obj = make_layout(layout, seq_len, world)
+        if layout_obj.local_len != S:
+            raise ValueError(
+                f"{layout!r} gives each rank {layout_obj.local_len} tokens but q has {S}: shard "
+                "with layout.shard(x, dim, rank)"
+            )
+    else:
+        seq_len = S * world
+        layout_obj = make_layout(layout, seq_len, world)
+        if layout_obj.local_len != S:
+            raise ValueError(
+                f"layout {layout!r} over {world} ranks needs S_local to be a multiple of "
+                f"{layout_obj.granularity}; got {S}. Pass a Layout object to pad."
+            )
+
+    wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+    mask4 = _dense_mask(attn_mask, B, H, S, seq_len, q.device)
+    for name, t in (("document_ids", document_ids), ("key_padding_mask", key_padding_mask)):
+        if t is not None and (t.shape != (B, S) or t.device != q.device):
+            raise ValueError(
+                f"{name} must be (batch, S_local) = ({B}, {S}) on {q.device}; got "
+                f"{tuple(t.shape)} on {t.device}"
+            )
+    if document_ids is not None and (document_ids.dtype.is_floating_point or
+                                     document_ids.dtype == torch.bool):
+        raise TypeError(f"document_ids must be integers, got {document_ids.dtype}")
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be bool (True = real token), got "
+                        f"{key_padding_mask.dtype}")
+
+    out, _ = ring_attention_op(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        mask4,
+        document_ids,
+        key_padding_mask,
+        float(scale) if scale is not None else 1.0 / math.sqrt(D),
+        bool(is_causal),
+        wl,
+        wr,
+        layout_obj.name,
+        seq_len,
+        group_name_of(pg),
+    )
+    return out
+
+
+def _dense_mask(mask, B, H, S, seq_len, device) -> torch.Tensor | None:
+    """The dense mask as 4-D (B|1, H|1, S_local, seq_len), checked against SDPA's broadcasting."""
+    if mask is None:
+        return None
+    if mask.device != device:
+        raise ValueError(f"attn_mask is on {mask.device}, q on {device}")
+    if mask.dim() > 4 or mask.dim() < 2:
+        raise ValueError(f"attn_mask must have 2 to 4 dims, got shape {tuple(mask.shape)}")
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    want = (B, H, S, seq_len)
+    if m.shape[-2:] != (S, seq_len) or any(a not in (1, b) for a, b in zip(m.shape[:2], want)):
+        raise ValueError(
+            f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, "
+            f"S_local, seq_len) = {want}: its rows are this rank's queries and its columns are "
+            "all keys of the global sequence in natural order"
+        )
+    if m.dtype != torch.bool and not m.dtype.is_floating_point:
+        raise TypeError(f"attn_mask must be bool or floating, got {m.dtype}")
+    return m.contiguous()

@@ -1,0 +1,50 @@
+"""The process group a ring runs over: a ProcessGroup, a DeviceMesh dimension, or the world.
+
+A ring may be smaller than the world: with a 2-D mesh ``(dp, cp)`` each ``cp`` row is a ring and
+the ``dp`` rows hold different batches. The ring op names its group by ``group_name`` (a string a
+custom op can carry) and resolves it back with ``resolve_group_name``.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+__all__ = ["resolve_group", "group_name_of", "resolve_group_name"]
+
+# The ring op's name for "no group: one process, plain attention".
+SINGLE = ""
+
+
+def resolve_group(group=None, mesh_dim: int | str | None = None) -> dist.ProcessGroup | None:
+    """The ProcessGroup for ``group``: None (the world, or nothing if torch.distributed is not
+    initialised), a ProcessGroup, a DeviceMesh (with ``mesh_dim`` when it has several dims) or a
+    ``(DeviceMesh, dim)`` pair."""
+    if isinstance(group, tuple):
+        group, mesh_dim = group
+    if group is None:
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if mesh_dim is None and group.ndim > 1:
+            raise ValueError(
+                f"a {group.ndim}-D DeviceMesh needs mesh_dim: which of its dims "
+                f"{group.mesh_dim_names or tuple(range(group.ndim))} is the ring"
+            )
+        return group.get_group(mesh_dim if mesh_dim is not None else 0)
+    raise TypeError(
+        f"group must be None, a ProcessGroup, a DeviceMesh or (DeviceMesh, dim); got {type(group)}"
+    )
+
+
+def group_name_of(pg: dist.ProcessGroup | None) -> str:
+    if pg is None or pg.size() == 1:
+        return SINGLE
+    return pg.group_name
+
+
+def resolve_group_name(name: str) -> dist.ProcessGroup | None:
+    return None if name == SINGLE else _resolve_process_group(name)

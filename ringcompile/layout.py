@@ -1,0 +1,172 @@
+"""Sequence layouts: which global token positions each rank of a ring holds.
+
+A layout is one object: a permutation ``perm`` of the (padded) global sequence such that rank ``r``
+holds the contiguous slice ``perm[r * local_len : (r + 1) * local_len]`` of it, and the inverse
+permutation that undoes it. Everything else (the positions a rank's tokens have, sharding a tensor,
+gathering it back) is derived from those two.
+
+The padded length is the smallest multiple of the layout's granularity (``world_size`` chunks for
+contiguous and striped, ``2 * world_size`` for zigzag) that holds ``seq_len``; positions
+``>= seq_len`` are padding, and the ring op treats them as keys no query may see.
+
+- contiguous: rank r holds positions ``[r*L, (r+1)*L)``; causal work is unbalanced (rank W-1 does W
+  times the work of rank 0);
+- striped: rank r holds positions ``r, r+W, r+2W, ...``; every rank does the same causal work up to
+  one token per step;
+- zigzag: the sequence is cut into 2W chunks and rank r holds chunks r and 2W-1-r; balanced too, and
+  whole chunks stay contiguous (friendlier to tiles that skip on causality).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+__all__ = ["Layout", "ContiguousLayout", "StripedLayout", "ZigzagLayout", "make_layout", "LAYOUTS"]
+
+
+class Layout:
+    """A load-balancing permutation of a sequence of ``seq_len`` tokens over ``world_size`` ranks."""
+
+    name: str = ""
+    #: the padded length must be a multiple of ``granularity * world_size``
+    granularity: int = 1
+
+    def __init__(self, seq_len: int, world_size: int):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.seq_len = int(seq_len)
+        self.world_size = int(world_size)
+        unit = self.granularity * self.world_size
+        self.padded_len = math.ceil(self.seq_len / unit) * unit
+        self.local_len = self.padded_len // self.world_size
+
+    # -- the permutation, defined by subclasses -------------------------------------------------
+    def _perm(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def perm(self) -> torch.Tensor:
+        """``perm[j]`` = global position of the j-th token in sharded order (int64, CPU)."""
+        return self._perm()
+
+    @functools.cached_property
+    def inverse(self) -> torch.Tensor:
+        """``inverse[p]`` = index in sharded order of global position ``p`` (length ``padded_len``)."""
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(self.padded_len)
+        return inv
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def pad(self) -> int:
+        return self.padded_len - self.seq_len
+
+    def positions(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global positions (int64) of rank ``rank``'s local tokens, in local order."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} out of range for a ring of {self.world_size}")
+        pos = self.perm[rank * self.local_len : (rank + 1) * self.local_len]
+        return pos if device is None else _on_device(self, rank, torch.device(device))
+
+    def shard(self, x: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+        """This rank's tokens of a full tensor ``x`` whose ``dim`` is the global sequence.
+
+        Pads with zeros when ``seq_len`` does not divide; no communication.
+        """
+        dim = dim % x.dim()
+        if x.shape[dim] != self.seq_len:
+            raise ValueError(
+                f"shard: dim {dim} of a tensor of shape {tuple(x.shape)} should be the sequence "
+                f"of length {self.seq_len}"
+            )
+        if self.pad:
+            pad_shape = list(x.shape)
+            pad_shape[dim] = self.pad
+            x = torch.cat([x, x.new_zeros(pad_shape)], dim)
+        return x.index_select(dim, self.positions(rank, x.device))
+
+    def unshard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Natural-order tensor from one whose ``dim`` is the whole sharded-order sequence
+        (the ranks' local slices concatenated in rank order); drops padding."""
+        dim = dim % x.dim()
+        if x.shape[dim] != self.padded_len:
+            raise ValueError(
+                f"unshard: dim {dim} of a tensor of shape {tuple(x.shape)} should be the padded "
+                f"sharded sequence of length {self.padded_len}"
+            )
+        idx = self.inverse[: self.seq_len].to(x.device)
+        return x.index_select(dim, idx)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(self) is type(other)
+            and self.seq_len == other.seq_len  # type: ignore[attr-defined]
+            and self.world_size == other.world_size  # type: ignore[attr-defined]
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.seq_len, self.world_size))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(seq_len={self.seq_len}, world_size={self.world_size})"
+
+
+@functools.lru_cache(maxsize=256)
+def _on_device(layout: Layout, rank: int, device: torch.device) -> torch.Tensor:
+    # Positions are asked for at every ring step; copy each rank's once per device.
+    return layout.positions(rank).to(device)
+
+
+class ContiguousLayout(Layout):
+    name = "contiguous"
+
+    def _perm(self) -> torch.Tensor:
+        return torch.arange(self.padded_len)
+
+
+class StripedLayout(Layout):
+    name = "striped"
+
+    def _perm(self) -> torch.Tensor:
+        # rank r, local index i  <->  global position i * W + r
+        W, L = self.world_size, self.local_len
+        return torch.arange(L).repeat(W).mul_(W) + torch.arange(W).repeat_interleave(L)
+
+
+class ZigzagLayout(Layout):
+    name = "zigzag"
+    granularity = 2
+
+    def _perm(self) -> torch.Tensor:
+        W = self.world_size
+        chunk = self.local_len // 2
+        chunks = torch.arange(self.padded_len).view(2 * W, chunk)
+        order = [c for r in range(W) for c in (r, 2 * W - 1 - r)]
+        return chunks[order].reshape(-1)
+
+
+LAYOUTS: dict[str, type[Layout]] = {
+    cls.name: cls for cls in (ContiguousLayout, StripedLayout, ZigzagLayout)
+}
+
+
+def make_layout(layout: str | Layout, seq_len: int, world_size: int) -> Layout:
+    """A layout object from a name (or check that a given object fits ``seq_len`` and the ring)."""
+    if isinstance(layout, Layout):
+        if layout.seq_len != seq_len or layout.world_size != world_size:
+            raise ValueError(
+                f"{layout!r} does not fit a sequence of {seq_len} tokens over {world_size} ranks"
+            )
+        return layout
+    try:
+        cls = LAYOUTS[layout]
+    except KeyError:
+        raise ValueError(
+            f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}"
+        ) from None
+    return cls(seq_len, world_size)

@@ -1,0 +1,380 @@
+"""The ring attention op: exact SDPA over a sequence sharded across a process group.
+
+Each rank holds its queries, keys and values for its tokens of the global sequence (which tokens is
+the layout's business). K/V blocks travel around the ring (rank r sends to r+1, receives from r-1)
+while each rank merges attention of its queries over every block it sees, through log-sum-exp.
+
+The whole ring, forward and backward, is one ``torch.library`` op with its own autograd, so every
+rank issues the same sends and receives in the same order whatever the compiler does around it:
+
+- forward (``ringcompile::ring_attention``): a small all-gather checks that every rank agrees on
+  shapes and options (a mismatch raises on every rank instead of hanging a send), then for each
+  ring step the next block is already in flight (double-buffered ``batch_isend_irecv``) while this
+  one is computed;
+- backward (``ringcompile::ring_attention_backward``): K/V travel again, and fp32 dK/dV
+  accumulators travel one step behind them; after the last step each accumulator goes straight to
+  the rank that owns its block.
+
+Masks are per-token facts (``ringcompile.masks``): positions come from the layout, document ids and
+key validity travel with K/V. Steps the position rules prove empty on every rank (a causal or
+sliding-window ring) are neither computed nor sent: the ring runs only as many steps as the
+farthest rank needs. That plan is a function of the layout and mask options alone, so all ranks
+agree on it without talking.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ringcompile.group import resolve_group_name
+from ringcompile.kernels import accumulation_dtype, select_kernels
+from ringcompile.layout import Layout, make_layout
+from ringcompile.masks import BlockMask, position_rule_allows
+
+__all__ = ["comm_stats", "reset_comm_stats", "ring_attention_op", "StepPlan", "step_plan"]
+
+
+# -- bookkeeping that tests and `explain` read ---------------------------------------------------
+@dataclass
+class CommStats:
+    """Counts of what this process's ring ops did (``reset_comm_stats`` zeroes them)."""
+
+    forward_calls: int = 0
+    backward_calls: int = 0
+    kv_blocks_sent: int = 0  # K/V blocks this rank sent (forward and backward)
+    dkv_blocks_sent: int = 0  # dK/dV accumulators this rank sent
+    steps_computed: int = 0
+    steps_skipped: int = 0
+
+
+comm_stats = CommStats()
+
+
+def reset_comm_stats() -> None:
+    global comm_stats
+    comm_stats.__init__()
+
+
+# -- which steps run ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    num_steps: int  # ring steps run (K/V sent num_steps - 1 times)
+    compute: tuple[tuple[bool, ...], ...]  # compute[rank][step]: whether the block can be seen
+
+
+@functools.lru_cache(maxsize=128)
+def step_plan(layout: Layout, causal: bool, window_left: int, window_right: int) -> StepPlan:
+    """Which ring steps hold any (query, key) pair the position rules allow, for every rank."""
+    W = layout.world_size
+    compute = tuple(
+        tuple(
+            position_rule_allows(
+                layout.positions(r),
+                layout.positions((r - s) % W),
+                layout.seq_len,
+                causal,
+                window_left,
+                window_right,
+            )
+            for s in range(W)
+        )
+        for r in range(W)
+    )
+    needed = [s for s in range(W) if any(compute[r][s] for r in range(W))]
+    num_steps = needed[-1] + 1 if needed else 1
+    return StepPlan(num_steps, compute)
+
+
+# -- communication -----------------------------------------------------------------------------
+class _Ring:
+    def __init__(self, pg: dist.ProcessGroup):
+        self.pg = pg
+        self.size = pg.size()
+        self.rank = pg.rank()
+
+    def peer(self, offset: int) -> int:
+        return (self.rank + offset) % self.size
+
+    def exchange(self, send: list[torch.Tensor], recv: list[torch.Tensor], to: int, frm: int):
+        ops = [dist.P2POp(dist.isend, t, group=self.pg, group_peer=to) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, group=self.pg, group_peer=frm) for t in recv]
+        return dist.batch_isend_irecv(ops)
+
+    def check_agreement(self, meta: list[int], what: list[str], device: torch.device) -> None:
+        """Raise on every rank if any rank's ``meta`` differs (one small all-gather, no hang)."""
+        dev = device if dist.get_backend(self.pg) == "nccl" else torch.device("cpu")
+        mine = torch.tensor(meta, dtype=torch.int64, device=dev)
+        everyone = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(everyone, mine, group=self.pg)
+        table = torch.stack(everyone).cpu()
+        bad = (table != table[0]).any(0)
+        if bad.any():
+            rows = ", ".join(
+                f"{what[i]}: " + " / ".join(f"rank {r}={int(table[r, i])}" for r in range(self.size))
+                for i in bad.nonzero().flatten().tolist()
+            )
+            raise ValueError(
+                "ring_attention: ranks of the ring disagree on "
+                + rows
+                + ". Every rank must call it with the same shapes and options (shard the sequence "
+                "with one Layout so every rank holds the same number of tokens)."
+            )
+
+
+def _wait(works) -> None:
+    for w in works or ():
+        w.wait()
+
+
+# -- one call's context --------------------------------------------------------------------------
+def _dtype_code(dtype: torch.dtype) -> int:
+    return [torch.float16, torch.bfloat16, torch.float32, torch.float64].index(dtype)
+
+
+@dataclass
+class _Call:
+    """What forward and backward share: the ring, the layout, the plan, the mask facts."""
+
+    ring: _Ring | None
+    layout: Layout
+    plan: StepPlan
+    rank: int
+    seq_len: int
+    causal: bool
+    window_left: int
+    window_right: int
+    attn_mask: torch.Tensor | None  # (B|1, H|1, S_local, seq_len): local rows, global columns
+    facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity
+
+    @classmethod
+    def make(cls, q, attn_mask, document_ids, key_valid, causal, wl, wr, layout_name, seq_len,
+             group_name):
+        pg = resolve_group_name(group_name)
+        ring = _Ring(pg) if pg is not None else None
+        world = ring.size if ring else 1
+        layout = make_layout(layout_name, seq_len, world)
+        facts = None
+        if document_ids is not None or key_valid is not None:
+            B, S = q.shape[0], q.shape[2]
+            doc = document_ids if document_ids is not None else q.new_zeros((B, S), dtype=torch.int64)
+            ok = key_valid if key_valid is not None else q.new_ones((B, S), dtype=torch.bool)
+            facts = torch.stack([doc.to(torch.int64), ok.to(torch.int64)])
+        return cls(
+            ring=ring,
+            layout=layout,
+            plan=step_plan(layout, causal, wl, wr),
+            rank=ring.rank if ring else 0,
+            seq_len=seq_len,
+            causal=causal,
+            window_left=wl,
+            window_right=wr,
+            attn_mask=attn_mask,
+            facts=facts,
+        )
+
+    def source(self, step: int) -> int:
+        return (self.rank - step) % self.layout.world_size
+
+    def block_mask(self, step: int, k_facts: torch.Tensor | None, device) -> BlockMask:
+        src = self.source(step)
+        k_pos = self.layout.positions(src, device)
+        dense = None
+        if self.attn_mask is not None:
+            # global columns of the source rank's keys; padding keys are masked by seq_len anyway
+            dense = self.attn_mask.index_select(-1, k_pos.clamp(max=self.seq_len - 1))
+        return BlockMask(
+            q_pos=self.layout.positions(self.rank, device),
+            k_pos=k_pos,
+            seq_len=self.seq_len,
+            causal=self.causal,
+            window_left=self.window_left,
+            window_right=self.window_right,
+            q_doc=self.facts[0] if self.facts is not None else None,
+            k_doc=k_facts[0] if k_facts is not None else None,
+            k_valid=k_facts[1] if k_facts is not None else None,
+            dense=dense,
+        )
+
+    def computed_steps(self) -> list[int]:
+        row = self.plan.compute[self.rank]
+        return [s for s in range(self.plan.num_steps) if row[s]]
+
+
+def _traveling(k, v, facts) -> list[torch.Tensor]:
+    return [k, v] + ([facts] if facts is not None else [])
+
+
+# -- forward -----------------------------------------------------------------------------------
+def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal, window_left,
+                  window_right, layout, seq_len, group_name):
+    call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
+                      layout, seq_len, group_name)
+    ring = call.ring
+    if ring is not None:
+        B, H, S, D = q.shape
+        ring.check_agreement(
+            [B, H, k.shape[1], S, D, _dtype_code(q.dtype), seq_len, int(is_causal), window_left,
+             window_right, attn_mask is not None, call.facts is not None],
+            ["batch", "heads", "kv_heads", "local sequence length", "head dim", "dtype",
+             "seq_len", "is_causal", "window_left", "window_right", "has attn_mask",
+             "has document_ids/key_padding_mask"],
+            q.device,
+        )
+    kernels = select_kernels(q)
+    state = kernels.forward_init(q)
+    computed = call.computed_steps()
+    blocks = _traveling(k, v, call.facts)
+    n = call.plan.num_steps
+    comm_stats.forward_calls += 1
+    for s in range(n):
+        works = None
+        if s + 1 < n:
+            incoming = [torch.empty_like(t) for t in blocks]
+            works = ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1))
+            comm_stats.kv_blocks_sent += 1
+        if s in computed:
+            k_facts = blocks[2] if call.facts is not None else None
+            mask = call.block_mask(s, k_facts, q.device)
+            kernels.forward_step(state, q, blocks[0], blocks[1], mask, scale, last=s == computed[-1])
+            comm_stats.steps_computed += 1
+        else:
+            comm_stats.steps_skipped += 1
+        if works is not None:
+            _wait(works)
+            blocks = incoming
+    return kernels.forward_finish(state, q.dtype)
+
+
+# -- backward ----------------------------------------------------------------------------------
+def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, scale, is_causal,
+                   window_left, window_right, layout, seq_len, group_name):
+    call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
+                      layout, seq_len, group_name)
+    ring = call.ring
+    kernels = select_kernels(q)
+    acc = accumulation_dtype(q.dtype)
+    dout = dout.contiguous()
+    delta = kernels.backward_prepare(out, dout)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    computed = call.computed_steps()
+    blocks = _traveling(k, v, call.facts)
+    n = call.plan.num_steps
+    comm_stats.backward_calls += 1
+    dkv_works, dkv_incoming = None, None
+    for s in range(n):
+        kv_works = None
+        if s + 1 < n:
+            kv_incoming = [torch.empty_like(t) for t in blocks]
+            kv_works = ring.exchange(blocks, kv_incoming, ring.peer(1), ring.peer(-1))
+            comm_stats.kv_blocks_sent += 1
+        # this step's contribution to the block's dK/dV (stacked: one message per step)
+        dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
+        if s in computed:
+            k_facts = blocks[2] if call.facts is not None else None
+            mask = call.block_mask(s, k_facts, q.device)
+            kernels.backward_step(q, blocks[0], blocks[1], dout, lse, delta, mask, scale, dq,
+                                  dkv[0], dkv[1])
+            comm_stats.steps_computed += 1
+        else:
+            comm_stats.steps_skipped += 1
+        if s > 0:
+            # the accumulator the previous rank finished for this same block one step ago
+            _wait(dkv_works)
+            dkv += dkv_incoming
+        if n > 1:
+            dkv_incoming = torch.empty_like(dkv)
+            if s + 1 < n:
+                dkv_works = ring.exchange([dkv], [dkv_incoming], ring.peer(1), ring.peer(-1))
+            else:
+                # the block came from rank - (n - 1): its accumulator goes straight home
+                _wait(ring.exchange([dkv], [dkv_incoming], ring.peer(1 - n), ring.peer(n - 1)))
+                dkv = dkv_incoming
+            comm_stats.dkv_blocks_sent += 1
+        _wait(kv_works)
+        if kv_works is not None:
+            blocks = kv_incoming
+    # dK and dV are views of one buffer; an op's outputs may not alias each other
+    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
+
+
+# -- the torch.library ops ---------------------------------------------------------------------
+@torch.library.custom_op("ringcompile::ring_attention", mutates_args=())
+def ring_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    window_left: int,
+    window_right: int,
+    layout: str,
+    seq_len: int,
+    group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention on local shards; returns (out, lse). Use ``ringcompile.ring_attention``."""
+    return _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
+                         window_left, window_right, layout, seq_len, group_name)
+
+
+@ring_attention_op.register_fake
+def _(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal, window_left, window_right,
+      layout, seq_len, group_name):
+    B, H, S, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("ringcompile::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
+    scale: float,
+    is_causal: bool,
+    window_left: int,
+    window_right: int,
+    layout: str,
+    seq_len: int,
+    group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, scale,
+                          is_causal, window_left, window_right, layout, seq_len, group_name)
+
+
+@ring_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_NON_TENSOR_ARGS = ("scale", "is_causal", "window_left", "window_right", "layout", "seq_len",
+                    "group_name")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, document_ids, key_valid, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, document_ids, key_valid)
+    ctx.options = options
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, attn_mask, document_ids, key_valid = ctx.saved_tensors
+    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, attn_mask, document_ids,
+                                            key_valid, *ctx.options)
+    # masks and options get no gradient (an additive attn_mask is treated as a constant)
+    return (dq, dk, dv) + (None,) * (3 + len(_NON_TENSOR_ARGS))
+
+
+ring_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,284 @@
+"""The ring op against F.scaled_dot_product_attention on the full sequence, in float64, on gloo worlds.
+
+Every rank draws the same global tensors, shards them with the layout, runs the ring and compares
+its rows of out and its rows of dq/dk/dv (loss = (out * w).sum() with random w, so gradients are
+O(1)) with SDPA on the unsharded tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ringcompile
+from ringcompile import make_layout, ring_attention
+from ringcompile.ring_op import comm_stats, reset_comm_stats
+
+LAYOUTS = ["contiguous", "striped", "zigzag"]
+MASKS = ["full", "causal", "window", "documents", "padding", "dense", "dense_additive"]
+HEADS = [(4, 4), (8, 2), (4, 1)]  # (H, Hkv): MHA, GQA 4:1, MQA
+TOL = 1e-10
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _problem(seed, B, H, Hkv, S, D, mask_kind):
+    """Global inputs, ring_attention keyword arguments (full-sequence form) and SDPA's mask."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64)
+    w = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    pos = torch.arange(S)
+    kw: dict = {}
+    allowed = torch.ones(B, 1, S, S, dtype=torch.bool)
+    causal_tri = pos[None, :] <= pos[:, None]
+    if mask_kind == "causal":
+        kw["is_causal"] = True
+        allowed &= causal_tri
+    elif mask_kind == "window":
+        kw.update(is_causal=True, window=(5, 0))
+        allowed &= causal_tri & (pos[None, :] >= pos[:, None] - 5)
+    elif mask_kind == "window_bidirectional":
+        kw["window"] = (3, 2)
+        d = pos[None, :] - pos[:, None]
+        allowed &= (d >= -3) & (d <= 2)
+    elif mask_kind == "documents":
+        # packed sequences: document boundaries differ per batch row; causal inside documents
+        starts = torch.rand(B, S, generator=g) < 0.2
+        starts[:, 0] = True
+        doc = starts.long().cumsum(1)
+        kw.update(is_causal=True, document_ids=doc)
+        allowed &= causal_tri & (doc[:, None, :, None] == doc[:, None, None, :])
+    elif mask_kind == "padding":
+        # row 0 padded on the left, row 1 on the right, as tokenizers do
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[0, :3] = False
+        valid[-1, S - 4 :] = False
+        kw.update(is_causal=True, key_padding_mask=valid)
+        allowed &= causal_tri & valid[:, None, None, :]
+    elif mask_kind == "dense":
+        dense = torch.rand(B, H, S, S, generator=g) < 0.6
+        dense[:, :, 1] = False  # a row that sees nothing
+        kw["attn_mask"] = dense
+        allowed = allowed & dense
+    elif mask_kind == "dense_additive":
+        bias = torch.randn(B, 1, S, S, generator=g, dtype=torch.float64)
+        bias[..., 2, :] = float("-inf")  # a row that sees nothing
+        kw["attn_mask"] = bias
+        allowed = bias
+    return q, k, v, w, kw, allowed
+
+
+def _sdpa_reference(q, k, v, w, allowed):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    (out * w).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _shard_kwargs(kw, layout, rank):
+    local = dict(kw)
+    if "document_ids" in kw:
+        local["document_ids"] = layout.shard(kw["document_ids"], 1, rank)
+    if "key_padding_mask" in kw:
+        # padding of an uneven layout shards as False: padded slots are no real keys either
+        local["key_padding_mask"] = layout.shard(kw["key_padding_mask"], 1, rank)
+    if "attn_mask" in kw:
+        local["attn_mask"] = layout.shard(kw["attn_mask"], 2, rank)  # this rank's rows, all keys
+    return local
+
+
+def check_against_sdpa(rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None):
+    """Returns this rank's relative errors (out, dq, dk, dv) against SDPA on the full sequence."""
+    B, D = 2, 8
+    q, k, v, w, kw, allowed = _problem(seed, B, H, Hkv, S, D, mask_kind)
+    ref = _sdpa_reference(q, k, v, w, allowed)
+    ring_size = group.size() if group is not None else world
+    ring_rank = group.rank() if group is not None else rank
+    layout = make_layout(layout_name, S, ring_size)
+    local = [layout.shard(t, 2, ring_rank) for t in (q, k, v)]
+    for t in local:
+        t.requires_grad_()
+    out = ring_attention(*local, enable_gqa=H != Hkv, group=group, layout=layout,
+                         **_shard_kwargs(kw, layout, ring_rank))
+    (out * layout.shard(w, 2, ring_rank)).sum().backward()
+    got = [out.detach()] + [t.grad for t in local]
+    want = [layout.shard(t, 2, ring_rank) for t in ref]
+    # rows at padded positions of an uneven layout are no tokens: their outputs are dropped
+    real = layout.positions(ring_rank) < S
+    return [_rel(a[:, :, real], b[:, :, real]) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"H{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_matches_sdpa(gloo, world, layout_name, mask_kind, heads):
+    H, Hkv = heads
+    S = 24  # divisible by 2W for every W here: no padding
+    errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, H, Hkv, S, 7)
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("mask_kind", ["full", "causal", "window_bidirectional", "padding"])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_uneven_length_is_padded_exactly(gloo, world, layout_name, mask_kind):
+    S = 21  # no W here divides it evenly into 2W chunks
+    assert make_layout(layout_name, S, world).pad > 0 or layout_name != "zigzag"
+    errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, 4, 2, S, 11)
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+def check_ring_smaller_than_world(rank, world, layout_name):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "cp"))
+    dp = mesh.get_local_rank("dp")
+    # each ring holds a different batch: the seed differs between the dp rows
+    errs = check_against_sdpa(rank, world, layout_name, "causal", 8, 2, 24, 100 + dp,
+                              group=mesh.get_group("cp"))
+    via_mesh = ring_attention(*(torch.ones(1, 2, 12, 4, dtype=torch.float64) for _ in range(3)),
+                              group=(mesh, "cp"), layout=layout_name)
+    return dp, errs, via_mesh.shape
+
+
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+def test_ring_smaller_than_world(gloo, layout_name):
+    results = gloo(4).run(check_ring_smaller_than_world, layout_name)
+    assert sorted(r[0] for r in results) == [0, 0, 1, 1]
+    for rank, (dp, errs, shape) in enumerate(results):
+        assert max(errs) < TOL, f"rank {rank} (dp {dp}): {errs}"
+        assert shape == (1, 2, 12, 4)
+
+
+def count_blocks(rank, world, layout_name, kw):
+    S, D = 8 * world, 4
+    layout = make_layout(layout_name, S, world)
+    q, k, v = (layout.shard(torch.randn(1, 2, S, D, dtype=torch.float64), 2, rank).requires_grad_()
+               for _ in range(3))
+    reset_comm_stats()
+    out = ring_attention(q, k, v, layout=layout, **kw)
+    fwd = (comm_stats.kv_blocks_sent, comm_stats.steps_computed, comm_stats.steps_skipped)
+    reset_comm_stats()
+    out.sum().backward()
+    bwd = (comm_stats.kv_blocks_sent, comm_stats.dkv_blocks_sent, comm_stats.steps_computed)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize(
+    "layout_name, kw, fwd_sends, bwd_kv_sends",
+    [
+        # full and causal rings visit every block
+        ("contiguous", {}, 3, 3),
+        ("striped", {"is_causal": True}, 3, 3),
+        ("zigzag", {"is_causal": True}, 3, 3),
+        # with 8 tokens a rank, a window reaching 8 back needs only the previous rank's block
+        ("contiguous", {"is_causal": True, "window": (8, 0)}, 1, 1),
+        # ... and one reaching 9 back needs the one before it too
+        ("contiguous", {"is_causal": True, "window": (9, 0)}, 2, 2),
+    ],
+)
+def test_blocks_sent(gloo, layout_name, kw, fwd_sends, bwd_kv_sends):
+    results = gloo(4).run(count_blocks, layout_name, kw)
+    for rank, (fwd, bwd) in enumerate(results):
+        assert fwd[0] == fwd_sends, (rank, fwd)
+        assert bwd[0] == bwd_kv_sends, (rank, bwd)
+        # one dK/dV accumulator per step run: fwd_sends + 1 steps
+        assert bwd[1] == fwd_sends + 1, (rank, bwd)
+    if layout_name == "contiguous" and kw.get("is_causal"):
+        # rank 0 has no earlier rank: with a window it computes its own block only
+        assert results[0][0][1] == 1
+    if layout_name == "contiguous" and not kw:
+        assert all(fwd[1] == 4 and fwd[2] == 0 for fwd, _ in results)
+
+
+def mismatched_lengths(rank, world):
+    S = 8 + rank  # rank 1 holds one token more: must raise on both ranks, not hang
+    q = torch.randn(1, 2, S, 4)
+    try:
+        ring_attention(q, q, q)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_mismatched_local_lengths_raise_on_every_rank(gloo):
+    msgs = gloo(2).run(mismatched_lengths, timeout=60)
+    for m in msgs:
+        assert m is not None and "local sequence length" in m and "rank 1=9" in m
+
+
+def opcheck_on_ring(rank, world):
+    S, D = 4 * world, 8
+    layout = make_layout("striped", S, world)
+    q = torch.randn(2, 4, S // world, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, S // world, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, S // world, D, dtype=torch.float64, requires_grad=True)
+    doc = torch.zeros(2, S // world, dtype=torch.int64)
+    from ringcompile.group import group_name_of, resolve_group
+
+    name = group_name_of(resolve_group())
+    args = (q, k, v, None, doc, None, 0.3, True, -1, -1, layout.name, S, name)
+    torch.library.opcheck(torch.ops.ringcompile.ring_attention.default, args)
+    return True
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_opcheck(gloo, world):
+    assert all(gloo(world).run(opcheck_on_ring))
+
+
+def test_single_process_is_plain_attention():
+    # no torch.distributed at all
+    q, k, v = (torch.randn(2, 4, 10, 8, dtype=torch.float64) for _ in range(3))
+    out = ring_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"dropout_p": 0.1}, NotImplementedError, "dropout_p=0.0"),
+        ({"k_heads": 3}, ValueError, "multiple of key/value heads"),
+        ({"k_heads": 2}, ValueError, "enable_gqa=True"),
+        ({"k_dtype": torch.float32}, TypeError, "share a dtype"),
+        ({"k_device": "meta"}, ValueError, "one device"),
+        ({"attn_mask": torch.ones(10, 10, dtype=torch.bool)[:, :9]}, ValueError, "broadcast"),
+        ({"document_ids": torch.zeros(2, 9, dtype=torch.long)}, ValueError, "document_ids"),
+        ({"key_padding_mask": torch.ones(2, 10)}, TypeError, "bool"),
+        ({"layout": "spiral"}, ValueError, "unknown layout"),
+    ],
+)
+def test_bad_input_errors(kwargs, error, words):
+    kwargs = dict(kwargs)
+    hk = kwargs.pop("k_heads", 4)
+    k = torch.randn(2, hk, 10, 8, dtype=kwargs.pop("k_dtype", torch.float64),
+                    device=kwargs.pop("k_device", "cpu"))
+    q = torch.randn(2, 4, 10, 8, dtype=torch.float64)
+    with pytest.raises(error, match=words):
+        ring_attention(q, k, k, enable_gqa=kwargs.pop("enable_gqa", hk == 3), **kwargs)
+
+
+def test_layouts_are_permutations_with_inverses():
+    for name, S, W in itertools.product(LAYOUTS, [7, 16, 24, 30], [1, 2, 3, 4]):
+        lay = make_layout(name, S, W)
+        assert lay.padded_len % W == 0 and lay.padded_len >= S
+        assert torch.equal(lay.perm.sort().values, torch.arange(lay.padded_len))
+        assert torch.equal(lay.perm[lay.inverse], torch.arange(lay.padded_len))
+        x = torch.randn(3, S)
+        shards = torch.cat([lay.shard(x, 1, r) for r in range(W)], 1)
+        assert torch.equal(lay.unshard(shards, 1), x)
+    assert make_layout("striped", 8, 2).positions(1).tolist() == [1, 3, 5, 7]
+    assert make_layout("zigzag", 8, 2).positions(0).tolist() == [0, 1, 6, 7]
+    assert make_layout("contiguous", 8, 2).positions(1).tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="does not fit"):
+        make_layout(ringcompile.StripedLayout(8, 2), 8, 4)
