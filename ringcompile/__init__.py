@@ -7,10 +7,14 @@ autograd, behind ``attention.ring_attention``), which computes each step with th
 """
 
 from ringcompile.attention import ring_attention
+from ringcompile.backend import explain, ring_backend, ring_shard
 from ringcompile.layout import ContiguousLayout, Layout, StripedLayout, ZigzagLayout, make_layout
 
 __all__ = [
     "ring_attention",
+    "ring_backend",
+    "ring_shard",
+    "explain",
     "Layout",
     "ContiguousLayout",
     "StripedLayout",

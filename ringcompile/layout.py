@@ -28,7 +28,12 @@ __all__ = ["Layout", "ContiguousLayout", "StripedLayout", "ZigzagLayout", "make_
 
 
 class Layout:
-    """A load-balancing permutation of a sequence of ``seq_len`` tokens over ``world_size`` ranks."""
+    """A load-balancing permutation of a sequence of ``seq_len`` tokens over ``world_size`` ranks.
+
+    Subclasses define the permutation arithmetically (``_positions``, ``_sharded_index``) with
+    ``arange`` and integer ops only, so that a compiler tracing ``shard``/``unshard`` records a
+    few index ops instead of tensor constants.
+    """
 
     name: str = ""
     #: the padded length must be a multiple of ``granularity * world_size``
@@ -46,20 +51,23 @@ class Layout:
         self.local_len = self.padded_len // self.world_size
 
     # -- the permutation, defined by subclasses -------------------------------------------------
-    def _perm(self) -> torch.Tensor:
+    def _positions(self, rank: int, device) -> torch.Tensor:
+        """Global positions of rank ``rank``'s local tokens (int64)."""
+        raise NotImplementedError
+
+    def _sharded_index(self, pos: torch.Tensor) -> torch.Tensor:
+        """For global positions ``pos``, their index in sharded order (the inverse permutation)."""
         raise NotImplementedError
 
     @functools.cached_property
     def perm(self) -> torch.Tensor:
         """``perm[j]`` = global position of the j-th token in sharded order (int64, CPU)."""
-        return self._perm()
+        return torch.cat([self._positions(r, "cpu") for r in range(self.world_size)])
 
     @functools.cached_property
     def inverse(self) -> torch.Tensor:
         """``inverse[p]`` = index in sharded order of global position ``p`` (length ``padded_len``)."""
-        inv = torch.empty_like(self.perm)
-        inv[self.perm] = torch.arange(self.padded_len)
-        return inv
+        return self._sharded_index(torch.arange(self.padded_len))
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -70,8 +78,7 @@ class Layout:
         """Global positions (int64) of rank ``rank``'s local tokens, in local order."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} out of range for a ring of {self.world_size}")
-        pos = self.perm[rank * self.local_len : (rank + 1) * self.local_len]
-        return pos if device is None else _on_device(self, rank, torch.device(device))
+        return self._positions(rank, device if device is not None else "cpu")
 
     def shard(self, x: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
         """This rank's tokens of a full tensor ``x`` whose ``dim`` is the global sequence.
@@ -99,7 +106,7 @@ class Layout:
                 f"unshard: dim {dim} of a tensor of shape {tuple(x.shape)} should be the padded "
                 f"sharded sequence of length {self.padded_len}"
             )
-        idx = self.inverse[: self.seq_len].to(x.device)
+        idx = self._sharded_index(torch.arange(self.seq_len, device=x.device))
         return x.index_select(dim, idx)
 
     def __eq__(self, other: object) -> bool:
@@ -116,38 +123,43 @@ class Layout:
         return f"{type(self).__name__}(seq_len={self.seq_len}, world_size={self.world_size})"
 
 
-@functools.lru_cache(maxsize=256)
-def _on_device(layout: Layout, rank: int, device: torch.device) -> torch.Tensor:
-    # Positions are asked for at every ring step; copy each rank's once per device.
-    return layout.positions(rank).to(device)
-
-
 class ContiguousLayout(Layout):
     name = "contiguous"
 
-    def _perm(self) -> torch.Tensor:
-        return torch.arange(self.padded_len)
+    def _positions(self, rank, device):
+        return torch.arange(rank * self.local_len, (rank + 1) * self.local_len, device=device)
+
+    def _sharded_index(self, pos):
+        return pos
 
 
 class StripedLayout(Layout):
     name = "striped"
 
-    def _perm(self) -> torch.Tensor:
-        # rank r, local index i  <->  global position i * W + r
-        W, L = self.world_size, self.local_len
-        return torch.arange(L).repeat(W).mul_(W) + torch.arange(W).repeat_interleave(L)
+    # rank r, local index i  <->  global position i * W + r
+    def _positions(self, rank, device):
+        return torch.arange(self.local_len, device=device) * self.world_size + rank
+
+    def _sharded_index(self, pos):
+        return (pos % self.world_size) * self.local_len + pos // self.world_size
 
 
 class ZigzagLayout(Layout):
     name = "zigzag"
     granularity = 2
 
-    def _perm(self) -> torch.Tensor:
-        W = self.world_size
-        chunk = self.local_len // 2
-        chunks = torch.arange(self.padded_len).view(2 * W, chunk)
-        order = [c for r in range(W) for c in (r, 2 * W - 1 - r)]
-        return chunks[order].reshape(-1)
+    # chunks of L/2 tokens; rank r holds chunks r and 2W-1-r
+    def _positions(self, rank, device):
+        c = self.local_len // 2
+        first = torch.arange(c, device=device)
+        return torch.cat([first + rank * c, first + (2 * self.world_size - 1 - rank) * c])
+
+    def _sharded_index(self, pos):
+        W, c = self.world_size, self.local_len // 2
+        chunk, offset = pos // c, pos % c
+        second = chunk >= W
+        rank = torch.where(second, 2 * W - 1 - chunk, chunk)
+        return rank * self.local_len + second.long() * c + offset
 
 
 LAYOUTS: dict[str, type[Layout]] = {

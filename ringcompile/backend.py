@@ -1,0 +1,129 @@
+"""The ``ring`` torch.compile backend, ``ring_shard`` and ``explain``.
+
+``torch.compile(model, backend="ring", options={...})`` (registered through the
+``torch_dynamo_backends`` entry point, so no import is needed) hands each Dynamo graph to
+``ring_backend``, which runs the passes of ``ringcompile.passes`` in order and then the inner
+compiler. Every rank of the ring must run the same program with the same full inputs; each computes
+on its own tokens.
+
+Options:
+- ``group``: a ProcessGroup, a DeviceMesh (with ``mesh_dim``), or None for the world;
+- ``mesh_dim``: the mesh dimension that is the ring;
+- ``layout``: "striped" (default), "zigzag" or "contiguous";
+- ``compiler``: "inductor" (default), "aot_eager" or "eager";
+- ``gather_outputs``: True (default) returns full outputs; False leaves sequence outputs sharded
+  (each rank's tokens in layout order; gradients of such outputs are this rank's own).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+
+from ringcompile.group import resolve_group
+from ringcompile.layout import LAYOUTS
+from ringcompile.passes import RingContext, run_passes
+from ringcompile.report import ExplainReport, GraphReport, readable_code
+
+__all__ = ["ring_backend", "ring_shard", "explain", "RingOptions"]
+
+log = logging.getLogger("ringcompile")
+
+_COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class RingOptions:
+    group: object = None
+    mesh_dim: int | str | None = None
+    layout: str = "striped"
+    compiler: str = "inductor"
+    gather_outputs: bool = True
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "RingOptions":
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"backend='ring' got unknown option(s) {unknown}; known: {sorted(known)}")
+        opts = cls(**options)
+        if opts.layout not in LAYOUTS:
+            raise ValueError(
+                f"backend='ring': layout={opts.layout!r} is not one of {sorted(LAYOUTS)}"
+            )
+        if opts.compiler not in _COMPILERS:
+            raise ValueError(
+                f"backend='ring': compiler={opts.compiler!r} is not one of {list(_COMPILERS)}"
+            )
+        if not isinstance(opts.gather_outputs, bool):
+            raise ValueError("backend='ring': gather_outputs must be True or False")
+        resolve_group(opts.group, opts.mesh_dim)  # fails early and clearly on a bad group
+        return opts
+
+
+def _inner_compiler(name: str):
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(name)
+
+
+def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
+                 _reports: list | None = None):
+    """The torch.compile backend: rewrite the graph for the ring, then compile it."""
+    opts = RingOptions.from_dict(options)
+    ctx = RingContext(
+        gm=gm,
+        group=resolve_group(opts.group, opts.mesh_dim),
+        layout_name=opts.layout,
+        gather_outputs=opts.gather_outputs,
+    )
+    run_passes(ctx)
+    ctx.report.code = readable_code(gm)
+    if _reports is not None:
+        _reports.append(ctx.report)
+    if log.isEnabledFor(logging.INFO):
+        log.info("%s", ctx.report)
+    return _inner_compiler(opts.compiler)(gm, example_inputs)
+
+
+def _compile(target, options: dict, compile_kwargs: dict, reports: list | None = None):
+    RingOptions.from_dict(options)
+    backend = functools.partial(ring_backend, options=options, _reports=reports)
+    compile_kwargs.setdefault("dynamic", False)
+    return torch.compile(target, backend=backend, **compile_kwargs)
+
+
+def ring_shard(target=None, *, fullgraph: bool = False, **options):
+    """Context parallelism for a module class, a module instance or a function.
+
+    Bare (``@ring_shard``) or with options (``@ring_shard(layout="zigzag", group=mesh,
+    mesh_dim="cp")``); the options are the backend's (see the module docstring), plus
+    ``fullgraph``. On a module class, instances run their ``forward`` compiled.
+    """
+    if target is None:
+        return functools.partial(ring_shard, fullgraph=fullgraph, **options)
+    kwargs = {"fullgraph": fullgraph}
+    if isinstance(target, type) and issubclass(target, torch.nn.Module):
+        target.forward = _compile(target.forward, options, kwargs)
+        return target
+    if isinstance(target, torch.nn.Module) or callable(target):
+        return _compile(target, options, kwargs)
+    raise TypeError(f"ring_shard applies to a module class, a module or a function, not {target!r}")
+
+
+def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainReport:
+    """Compile ``model`` with the ring backend, run it once on ``args``/``kwargs`` and report
+    every graph: the rewritten code, each SDPA replaced, each position tensor fixed, each shard and
+    gather and why, each fallback and why. Run it on every rank of the ring (it communicates)."""
+    reports: list[GraphReport] = []
+    compiled = _compile(model, dict(options or {}), {}, reports)
+    compiled(*args, **kwargs)
+    return ExplainReport(graphs=reports)

@@ -1,0 +1,785 @@
+"""Ring-step flash attention in Triton: the :class:`AttentionKernels` interface on CUDA.
+
+Forward state. ``forward_step`` keeps the partial result *normalised*: an fp32 output ``out`` and
+its log-sum-exp ``lse``. A step starts its online softmax from (running max = lse, running sum = 1,
+accumulator = out), which is exact, and normalises again at its end, so the state is always a valid
+(out, lse) pair. The first step reads no state; the last step (``last=True``) writes the output
+straight in the input dtype instead of fp32, so a one-step call is a plain flash-attention forward
+with no fp32 round trip.
+
+Masks. Each step receives per-token facts (:class:`ringcompile.masks.BlockMask`). Before the
+attention kernel, two small kernels compute for every tile of the "row" side (query tiles in the
+forward, key tiles in the backward) two lists of tiles of the other side: tiles that are *full*
+(every pair visible: checked with per-tile min/max of the positions, so positions need not be
+contiguous or sorted) and tiles that are *partial* (some pair may be visible). Tiles proven empty
+are in neither list and cost nothing. Full tiles run without any mask arithmetic; partial tiles
+evaluate the rules per element. Document ids, key validity and a dense mask are only checked per
+element, so with any of them present every non-empty tile is partial.
+
+Backward. One program per (key tile, batch, KV head) accumulates dk/dv in registers over the G
+query heads of its group and over the query tiles in its lists (no K/V expansion, no race on
+dk/dv), then adds them into the fp32 accumulators; dq contributions are added with fp32 atomics.
+
+Precision. Operands of the dots are the input dtype; for bf16/fp16 the dots accumulate in fp32 and
+the probabilities are rounded to the input dtype before P·V (as FlashAttention does); for fp32
+inputs the dots use TF32 (Triton's default ``input_precision``), about 3e-4 relative error.
+Softmax, running statistics, lse, delta and all gradient accumulators are fp32.
+
+Limits: head dims up to 256 (padded to a power of two inside the kernel with masked loads);
+positions, ``seq_len`` and window sizes are compared in int32 inside tiles, so positions must be
+below 2**31; one head's slice of a tensor must have fewer than 2**31 elements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ringcompile.masks import BlockMask
+
+__all__ = ["TritonKernels", "FwdConfig", "BwdConfig"]
+
+_LOG2E = math.log2(math.e)
+_INT32_MAX = 2**31 - 1
+# Position bounds of tiles are int64; +-_POS_HUGE stand for "no valid token" in a tile.
+_POS_HUGE = tl.constexpr(2**62)
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int  # query rows per program
+    block_n: int  # keys per inner iteration
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    block_n: int  # keys per program (dk/dv rows held in registers)
+    block_m: int  # query rows per inner iteration
+    num_warps: int
+    num_stages: int
+
+
+def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype) -> FwdConfig:
+    # Chosen on H100 with benchmarks/bench_kernels.py --sweep; shared memory bounds the larger dims.
+    if dtype == torch.float32:
+        if head_dim_padded <= 64:
+            return FwdConfig(64, 64, 4, 2)
+        if head_dim_padded <= 128:
+            return FwdConfig(64, 32, 4, 2)
+        return FwdConfig(32, 32, 4, 1)
+    if head_dim_padded <= 64:
+        return FwdConfig(128, 64, 4, 3)
+    if head_dim_padded <= 128:
+        return FwdConfig(128, 64, 8, 3)
+    return FwdConfig(64, 64, 4, 2)
+
+
+def _default_bwd_config(head_dim_padded: int, dtype: torch.dtype) -> BwdConfig:
+    if dtype == torch.float32:
+        if head_dim_padded <= 64:
+            return BwdConfig(64, 32, 4, 2)
+        if head_dim_padded <= 128:
+            return BwdConfig(32, 32, 4, 1)
+        return BwdConfig(32, 16, 4, 1)
+    if head_dim_padded <= 64:
+        return BwdConfig(128, 64, 8, 2)
+    if head_dim_padded <= 128:
+        return BwdConfig(128, 64, 8, 2)
+    return BwdConfig(64, 32, 8, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile lists: which tiles of the other side each row tile must visit, split into full and partial.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_bounds(pos_ptr, idx, n, limit):
+    """min/max position of the valid tokens among ``idx`` and whether all of them are valid."""
+    inside = idx < n
+    pos = tl.load(pos_ptr + idx, mask=inside, other=0)
+    valid = inside & (pos < limit)
+    lo = tl.min(tl.where(valid, pos, _POS_HUGE), axis=0)
+    hi = tl.max(tl.where(valid, pos, -_POS_HUGE), axis=0)
+    all_valid = tl.sum(valid.to(tl.int32), axis=0) == idx.shape[0]
+    return lo, hi, all_valid
+
+
+@triton.jit
+def _col_bounds_kernel(pos_ptr, n, limit, lo_ptr, hi_ptr, full_ptr, BLOCK: tl.constexpr):
+    tile = tl.program_id(0)
+    lo, hi, all_valid = _tile_bounds(pos_ptr, tile * BLOCK + tl.arange(0, BLOCK), n, limit)
+    tl.store(lo_ptr + tile, lo)
+    tl.store(hi_ptr + tile, hi)
+    tl.store(full_ptr + tile, all_valid.to(tl.int8))
+
+
+@triton.jit
+def _tile_lists_kernel(
+    row_pos_ptr, n_row_tokens, row_limit,
+    col_lo_ptr, col_hi_ptr, col_full_ptr, n_col_tiles,
+    full_list_ptr, full_count_ptr, part_list_ptr, part_count_ptr, list_stride,
+    window_left, window_right,
+    ROWS_ARE_QUERIES: tl.constexpr, ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, FULL_ALLOWED: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    r_lo, r_hi, r_full = _tile_bounds(
+        row_pos_ptr, row * ROW_BLOCK + tl.arange(0, ROW_BLOCK), n_row_tokens, row_limit
+    )
+    n_full = tl.zeros([], tl.int32)
+    n_part = tl.zeros([], tl.int32)
+    for c0 in range(0, n_col_tiles, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        inside = cols < n_col_tiles
+        c_lo = tl.load(col_lo_ptr + cols, mask=inside, other=_POS_HUGE)
+        c_hi = tl.load(col_hi_ptr + cols, mask=inside, other=-_POS_HUGE)
+        c_full = tl.load(col_full_ptr + cols, mask=inside, other=0) != 0
+        if ROWS_ARE_QUERIES:
+            q_lo = r_lo
+            q_hi = r_hi
+            k_lo = c_lo
+            k_hi = c_hi
+        else:
+            q_lo = c_lo
+            q_hi = c_hi
+            k_lo = r_lo
+            k_hi = r_hi
+        # A tile pair is skipped when one rule fails for every pair (necessary, not sufficient,
+        # for emptiness when rules combine: such pairs go to the masked path, which is exact).
+        visible = inside & (k_lo <= k_hi) & (q_lo <= q_hi)
+        full = c_full & r_full
+        if CAUSAL:
+            visible = visible & (k_lo <= q_hi)
+            full = full & (k_hi <= q_lo)
+        if HAS_WL:
+            visible = visible & (k_hi >= q_lo - window_left)
+            full = full & (k_lo >= q_hi - window_left)
+        if HAS_WR:
+            visible = visible & (k_lo <= q_hi + window_right)
+            full = full & (k_hi <= q_lo + window_right)
+        if FULL_ALLOWED:
+            full = full & visible
+        else:
+            full = tl.zeros(visible.shape, tl.int1)
+        part = visible & (~full)
+        full_i = full.to(tl.int32)
+        part_i = part.to(tl.int32)
+        base = row * list_stride
+        tl.store(full_list_ptr + base + n_full + tl.cumsum(full_i, axis=0) - 1, cols, mask=full)
+        tl.store(part_list_ptr + base + n_part + tl.cumsum(part_i, axis=0) - 1, cols, mask=part)
+        n_full += tl.sum(full_i, axis=0)
+        n_part += tl.sum(part_i, axis=0)
+    tl.store(full_count_ptr + row, n_full)
+    tl.store(part_count_ptr + row, n_part)
+
+
+@dataclass
+class _TileLists:
+    full: torch.Tensor  # (n_rows, n_cols) int32, the first full_count[r] entries of row r used
+    full_count: torch.Tensor  # (n_rows,) int32
+    part: torch.Tensor
+    part_count: torch.Tensor
+
+
+def _tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_block: int,
+                full_allowed: bool) -> _TileLists:  # fmt: skip
+    q_pos, k_pos = mask.q_pos, mask.k_pos
+    # Queries at padding positions still get outputs (the reference computes them), so every
+    # query is valid; keys at positions >= seq_len are never visible.
+    q_limit, k_limit = _POS_HUGE.value, mask.seq_len
+    if rows_are_queries:
+        row_pos, row_limit, col_pos, col_limit = q_pos, q_limit, k_pos, k_limit
+    else:
+        row_pos, row_limit, col_pos, col_limit = k_pos, k_limit, q_pos, q_limit
+    n_rows = triton.cdiv(row_pos.numel(), row_block)
+    n_cols = triton.cdiv(col_pos.numel(), col_block)
+    dev = row_pos.device
+    col_lo = torch.empty(n_cols, dtype=torch.int64, device=dev)
+    col_hi = torch.empty_like(col_lo)
+    col_full = torch.empty(n_cols, dtype=torch.int8, device=dev)
+    _col_bounds_kernel[(n_cols,)](
+        col_pos, col_pos.numel(), col_limit, col_lo, col_hi, col_full, BLOCK=col_block
+    )
+    full = torch.empty((n_rows, n_cols), dtype=torch.int32, device=dev)
+    part = torch.empty_like(full)
+    full_count = torch.empty(n_rows, dtype=torch.int32, device=dev)
+    part_count = torch.empty_like(full_count)
+    _tile_lists_kernel[(n_rows,)](
+        row_pos, row_pos.numel(), row_limit,
+        col_lo, col_hi, col_full, n_cols,
+        full, full_count, part, part_count, n_cols,
+        mask.window_left, mask.window_right,
+        ROWS_ARE_QUERIES=rows_are_queries, ROW_BLOCK=row_block, CHUNK=64,
+        CAUSAL=mask.causal, HAS_WL=mask.window_left >= 0, HAS_WR=mask.window_right >= 0,
+        FULL_ALLOWED=full_allowed,
+    )  # fmt: skip
+    return _TileLists(full, full_count, part, part_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element mask facts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _MaskArgs:
+    """A BlockMask as kernel arguments: tensors (or a dummy) with broadcast strides, and flags."""
+
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    seq_len: int
+    window_left: int
+    window_right: int
+    q_doc: torch.Tensor
+    k_doc: torch.Tensor
+    doc_strides: tuple[int, int, int, int]  # q_doc (b, s), k_doc (b, s)
+    k_valid: torch.Tensor
+    k_valid_strides: tuple[int, int]
+    dense: torch.Tensor
+    dense_strides: tuple[int, int, int, int]
+    causal: bool
+    has_wl: bool
+    has_wr: bool
+    has_docs: bool
+    has_kvalid: bool
+    dense_kind: int  # 0 none, 1 boolean keep-mask, 2 additive
+
+    @property
+    def elementwise_only(self) -> bool:
+        return self.has_docs or self.has_kvalid or self.dense_kind != 0
+
+    def kernel_args(self) -> tuple:
+        return (
+            self.q_pos, self.k_pos, self.seq_len, self.window_left, self.window_right,
+            self.q_doc, self.k_doc, *self.doc_strides,
+            self.k_valid, *self.k_valid_strides,
+            self.dense, *self.dense_strides,
+        )  # fmt: skip
+
+    def kernel_flags(self) -> dict:
+        return dict(
+            CAUSAL=self.causal, HAS_WL=self.has_wl, HAS_WR=self.has_wr,
+            HAS_DOCS=self.has_docs, HAS_KVALID=self.has_kvalid, DENSE_KIND=self.dense_kind,
+        )  # fmt: skip
+
+
+def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int, dev) -> _MaskArgs:
+    dummy = mask.q_pos  # stands in for absent tensors; never read (its flag is off)
+    q_doc = k_doc = k_valid = dense = dummy
+    doc_strides = (0, 0, 0, 0)
+    k_valid_strides = (0, 0)
+    dense_strides = (0, 0, 0, 0)
+    has_docs = mask.q_doc is not None
+    if has_docs:
+        q_doc = mask.q_doc.expand(B, Sq)
+        k_doc = mask.k_doc.expand(B, Sk)
+        doc_strides = (*q_doc.stride(), *k_doc.stride())
+    has_kvalid = mask.k_valid is not None
+    if has_kvalid:
+        k_valid = mask.k_valid
+        if k_valid.dtype == torch.bool:
+            k_valid = k_valid.view(torch.uint8)
+        k_valid = k_valid.expand(B, Sk)
+        k_valid_strides = k_valid.stride()
+    dense_kind = 0
+    if mask.dense is not None:
+        dense = mask.dense
+        if dense.dtype == torch.bool:
+            dense_kind = 1
+            dense = dense.view(torch.uint8)
+        else:
+            dense_kind = 2
+        dense = dense.expand(B, H, Sq, Sk)
+        dense_strides = dense.stride()
+    # Inside tiles, positions are int32; bounds beyond int32 mean "unbounded" there.
+    seq_len = min(mask.seq_len, _INT32_MAX)
+    return _MaskArgs(
+        q_pos=mask.q_pos, k_pos=mask.k_pos, seq_len=seq_len,
+        window_left=min(mask.window_left, _INT32_MAX), window_right=min(mask.window_right, _INT32_MAX),
+        q_doc=q_doc, k_doc=k_doc, doc_strides=doc_strides,
+        k_valid=k_valid, k_valid_strides=k_valid_strides,
+        dense=dense, dense_strides=dense_strides,
+        causal=mask.causal, has_wl=mask.window_left >= 0, has_wr=mask.window_right >= 0,
+        has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
+    )  # fmt: skip
+
+
+@triton.jit
+def _position_rules(q_pos, k_pos, seq_len, window_left, window_right,
+                    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):  # fmt: skip
+    """Boolean tile of the position rules; q_pos and k_pos are int32 and broadcast to the tile."""
+    ok = k_pos < seq_len
+    # differences of int32 positions below 2**31 cannot overflow
+    dist = q_pos - k_pos
+    if CAUSAL:
+        ok = ok & (dist >= 0)
+    if HAS_WL:
+        ok = ok & (dist <= window_left)
+    if HAS_WR:
+        ok = ok & (-dist <= window_right)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, STATE_OUT, STATE_LSE, FINAL_OUT,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_fb, stride_fh, stride_fs,
+    full_list, full_count, part_list, part_count, list_stride,
+    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right,
+    q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
+    k_valid_ptr, stride_kvb, stride_kvs,
+    dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    Sq, Sk, H, GROUP, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+):  # fmt: skip
+    # Heavier query tiles (later positions, under causal masks) start first.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < Sq
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_ptrs = q_ptrs + offs_m[:, None] * stride_qs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_d[None, :]
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_d[None, :]
+
+    state_row = bh.to(tl.int64) * Sq + offs_m  # state tensors are contiguous (B, H, Sq[, D])
+    if FIRST:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    else:
+        # Resume from the normalised state: max = lse, sum = 1, accumulator = out (exact).
+        m_i = tl.load(STATE_LSE + state_row, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+        acc = tl.load(STATE_OUT + state_row[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+
+    # Full tiles: every pair visible and the whole key tile inside the block.
+    n_full = tl.load(full_count + tile)
+    for i in range(n_full):
+        n0 = tl.load(full_list + tile * list_stride + i) * BLOCK_N
+        kv_rows = (n0 + offs_n)[:, None]
+        if HEAD_DIM == D_PAD:
+            k = tl.load(k_base + kv_rows * stride_ks)
+            v = tl.load(v_base + kv_rows * stride_vs)
+        else:
+            k = tl.load(k_base + kv_rows * stride_ks, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + kv_rows * stride_vs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Partial tiles: evaluate every rule per element.
+    q_pos = tl.load(q_pos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
+    if HAS_DOCS:
+        q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
+    n_part = tl.load(part_count + tile)
+    for i in range(n_part):
+        n0 = tl.load(part_list + tile * list_stride + i) * BLOCK_N
+        offs_k = n0 + offs_n
+        k_ok = offs_k < Sk
+        kv_rows = offs_k[:, None]
+        k = tl.load(k_base + kv_rows * stride_ks, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + kv_rows * stride_vs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
+        keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
+                               window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
+        if HAS_DOCS:
+            k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_k * stride_kds, mask=k_ok, other=0)
+            keep = keep & (q_doc[:, None] == k_doc[None, :])
+        if HAS_KVALID:
+            k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
+            keep = keep & (k_valid[None, :] != 0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if DENSE_KIND != 0:
+            m_ptrs = dense_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+            m_ptrs = m_ptrs + offs_m[:, None] * stride_mq + offs_k[None, :] * stride_mk
+            dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+            if DENSE_KIND == 1:
+                keep = keep & (dense != 0)
+            else:
+                s = s + dense.to(tl.float32) * 1.4426950408889634
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows that have seen no key yet keep max -inf; subtract 0 there instead to avoid NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(STATE_LSE + state_row, lse, mask=row_ok)
+    if LAST:
+        f_ptrs = FINAL_OUT + b.to(tl.int64) * stride_fb + h.to(tl.int64) * stride_fh
+        f_ptrs = f_ptrs + offs_m[:, None] * stride_fs + offs_d[None, :]
+        tl.store(f_ptrs, out.to(FINAL_OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(STATE_OUT + state_row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_dh, stride_ds,
+                  S, H, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D_PAD)
+    ok = (rows < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    do_ptrs = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+    o = tl.load(o_ptrs + rows[:, None] * stride_os + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(do_ptrs + rows[:, None] * stride_ds + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * S + rows, delta, mask=rows < S)
+
+
+@triton.jit
+def _bwd_block(
+    k, v, dk, dv, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, row_ok, d_ok, keep,
+    qk_scale, sm_scale, dense_bias,
+    CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DENSE_ADD: tl.constexpr,
+):  # fmt: skip
+    """One (key tile, query tile) pair of the backward, transposed: rows are keys."""
+    if CHECK_ROWS:
+        io_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptrs, mask=io_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=io_mask, other=0.0)
+        lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+    elif EVEN_D:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    # Rows that saw no key (lse = -inf) get probability 0 everywhere, hence zero gradients.
+    m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    s_t = tl.dot(k, tl.trans(q)) * qk_scale
+    if DENSE_ADD:
+        s_t = s_t + dense_bias
+    if MASKED:
+        s_t = tl.where(keep, s_t, float("-inf"))
+    p_t = tl.exp2(s_t - m2[None, :])
+    dv += tl.dot(p_t.to(do.dtype), do)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    dk += tl.dot(ds_t, q)
+    dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+    if EVEN_D and not CHECK_ROWS:
+        tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+    else:
+        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs,
+    full_list, full_count, part_list, part_count, list_stride,
+    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right,
+    q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
+    k_valid_ptr, stride_kvb, stride_kvs,
+    dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    Sq, Sk, HKV, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
+    n_full = tl.load(full_count + tile)
+    n_part = tl.load(part_count + tile)
+    if n_full + n_part > 0:
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        k_ok = offs_n < Sk
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        b64 = b.to(tl.int64)
+        k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks
+                    + offs_d[None, :], mask=kv_mask, other=0.0)  # fmt: skip
+        v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vs
+                    + offs_d[None, :], mask=kv_mask, other=0.0)  # fmt: skip
+        dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+
+        # Full query tiles of every query head of this KV head's group, as one flat loop so that
+        # the compiler pipelines across heads too.
+        for it in range(GROUP * n_full):
+            h = hk * GROUP + it // n_full
+            m0 = tl.load(full_list + tile * list_stride + it % n_full) * BLOCK_M
+            rows = m0 + offs_m
+            bh = b64 * HKV * GROUP + h
+            dk, dv = _bwd_block(
+                k, v, dk, dv,
+                Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
+                DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
+                rows < Sq, d_ok, None, qk_scale, sm_scale, None,
+                CHECK_ROWS=False, EVEN_D=EVEN_D, MASKED=False, DENSE_ADD=False,
+            )  # fmt: skip
+
+        k_pos = tl.load(k_pos_ptr + offs_n, mask=k_ok, other=0).to(tl.int32)
+        if HAS_DOCS:
+            k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_n * stride_kds, mask=k_ok, other=0)
+        if HAS_KVALID:
+            k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_n * stride_kvs, mask=k_ok, other=0)
+        for it in range(GROUP * n_part):
+            h = hk * GROUP + it // n_part
+            m0 = tl.load(part_list + tile * list_stride + it % n_part) * BLOCK_M
+            rows = m0 + offs_m
+            row_ok = rows < Sq
+            bh = b64 * HKV * GROUP + h
+            q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+            keep = _position_rules(q_pos[None, :], k_pos[:, None], seq_len, window_left,
+                                   window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[:, None]  # fmt: skip
+            if HAS_DOCS:
+                q_doc = tl.load(q_doc_ptr + b * stride_qdb + rows * stride_qds, mask=row_ok, other=0)
+                keep = keep & (k_doc[:, None] == q_doc[None, :])
+            if HAS_KVALID:
+                keep = keep & (k_valid[:, None] != 0)
+            dense_bias = None
+            if DENSE_KIND != 0:
+                m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
+                m_ptrs = m_ptrs + rows[None, :] * stride_mq + offs_n[:, None] * stride_mk
+                dense = tl.load(m_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0)
+                if DENSE_KIND == 1:
+                    keep = keep & (dense != 0)
+                else:
+                    dense_bias = dense.to(tl.float32) * 1.4426950408889634
+            dk, dv = _bwd_block(
+                k, v, dk, dv,
+                Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
+                DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
+                row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias,
+                CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True, DENSE_ADD=DENSE_KIND == 2,
+            )  # fmt: skip
+
+        # This program alone owns these dk/dv rows: plain read-add-write.
+        dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+        dv_ptrs = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
+        tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kv_mask, other=0.0) + dk * sm_scale, mask=kv_mask)
+        tl.store(dv_ptrs, tl.load(dv_ptrs, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TritonForwardState:
+    q_shape: torch.Size
+    lse: torch.Tensor  # (B, H, Sq) fp32 log-sum-exp of the keys seen so far
+    out: torch.Tensor | None = None  # (B, H, Sq, D) fp32 normalised output, between steps
+    final_out: torch.Tensor | None = None  # (B, H, Sq, D) in q's dtype, written by the last step
+    steps: int = 0
+
+
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every buffer a kernel must fill completely comes from here (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _head_dim_padded(d: int) -> int:
+    if d > 256:
+        raise ValueError(f"TritonKernels supports head dims up to 256, got {d}")
+    return max(16, triton.next_power_of_2(d))
+
+
+def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_offsets(*tensors: torch.Tensor) -> None:
+    # Offsets inside one (batch, head) slice are int32 in the kernels.
+    for t in tensors:
+        if t.shape[-2] * t.stride(-2) >= 2**31:
+            raise ValueError(f"a head slice of a tensor of shape {tuple(t.shape)} is too large")
+
+
+class _on_device:
+    """Make ``t``'s device current for the launches (a no-op on CPU, under the interpreter)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.guard = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.guard is not None:
+            self.guard.__enter__()
+
+    def __exit__(self, *exc):
+        if self.guard is not None:
+            self.guard.__exit__(*exc)
+
+
+class TritonKernels:
+    """Triton implementation of :class:`ringcompile.kernels.AttentionKernels`.
+
+    ``fwd_config`` / ``bwd_config`` override the tuned tile shapes (benchmarks and tests use
+    them); ``None`` picks them from the head dim and dtype.
+    """
+
+    def __init__(self, fwd_config: FwdConfig | None = None, bwd_config: BwdConfig | None = None):
+        self.fwd_config = fwd_config
+        self.bwd_config = bwd_config
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward_init(self, q: torch.Tensor) -> TritonForwardState:
+        B, H, Sq, _ = q.shape
+        lse = _empty((B, H, Sq), torch.float32, q.device)
+        return TritonForwardState(q_shape=q.shape, lse=lse)
+
+    def forward_step(self, state: TritonForwardState, q, k, v, mask: BlockMask, scale: float,
+                     last: bool) -> None:  # fmt: skip
+        if state.final_out is not None:
+            raise RuntimeError("forward_step after the last step")
+        B, H, Sq, D = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
+        _check_offsets(q, k, v)
+        d_pad = _head_dim_padded(D)
+        cfg = self.fwd_config or _default_fwd_config(d_pad, q.dtype)
+        first = state.steps == 0
+        if last:
+            state.final_out = _empty((B, H, Sq, D), q.dtype, q.device)
+            final_out = state.final_out
+        else:
+            if state.out is None:
+                state.out = _empty((B, H, Sq, D), torch.float32, q.device)
+            final_out = state.out  # not written (LAST is off); any tensor fills the argument
+        # the previous state is only read when there is one
+        state_out = state.out if state.out is not None else final_out
+        with _on_device(q):
+            margs = _mask_args(mask, B, H, Sq, Sk, q.device)
+            lists = _tile_lists(mask, True, cfg.block_m, cfg.block_n, not margs.elementwise_only)
+            grid = (triton.cdiv(Sq, cfg.block_m), B * H)
+            _fwd_kernel[grid](
+                q, k, v, state_out, state.lse, final_out,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                final_out.stride(0), final_out.stride(1), final_out.stride(2),
+                lists.full, lists.full_count, lists.part, lists.part_count, lists.full.shape[1],
+                *margs.kernel_args(),
+                Sq, Sk, H, H // Hkv, scale * _LOG2E,
+                HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                FIRST=first, LAST=last, **margs.kernel_flags(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+        state.steps += 1
+
+    def forward_finish(self, state: TritonForwardState, dtype: torch.dtype):
+        if state.final_out is not None:
+            return state.final_out.to(dtype), state.lse
+        if state.out is not None:
+            return state.out.to(dtype), state.lse
+        # no step ran: no key was seen
+        out = state.lse.new_zeros(state.q_shape, dtype=dtype)
+        return out, state.lse.fill_(float("-inf"))
+
+    # -- backward --------------------------------------------------------------------------
+    def backward_prepare(self, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+        B, H, S, D = out.shape
+        out, dout = _inner_contiguous(out), _inner_contiguous(dout)
+        delta = _empty((B, H, S), torch.float32, out.device)
+        block = 64
+        with _on_device(out):
+            _delta_kernel[(triton.cdiv(S, block), B * H)](
+                out, dout, delta,
+                out.stride(0), out.stride(1), out.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                S, H, HEAD_DIM=D, D_PAD=_head_dim_padded(D), BLOCK=block,
+            )  # fmt: skip
+        return delta
+
+    def backward_step(self, q, k, v, dout, lse, delta, mask: BlockMask, scale: float,
+                      dq, dk, dv) -> None:  # fmt: skip
+        B, H, Sq, D = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        q, k, v, dout = (_inner_contiguous(t) for t in (q, k, v, dout))
+        for acc in (dq, dk, dv):
+            if acc.stride(-1) != 1 or acc.dtype != torch.float32:
+                raise ValueError("gradient accumulators must be fp32 with a contiguous last dim")
+        _check_offsets(q, k, v, dout, dq, dk, dv)
+        lse, delta = lse.contiguous(), delta.contiguous()
+        d_pad = _head_dim_padded(D)
+        cfg = self.bwd_config or _default_bwd_config(d_pad, q.dtype)
+        with _on_device(q):
+            margs = _mask_args(mask, B, H, Sq, Sk, q.device)
+            lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, not margs.elementwise_only)
+            grid = (triton.cdiv(Sk, cfg.block_n), B * Hkv)
+            _bwd_kernel[grid](
+                q, k, v, dout, lse, delta, dq, dk, dv,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                dk.stride(0), dk.stride(1), dk.stride(2),
+                dv.stride(0), dv.stride(1), dv.stride(2),
+                lists.full, lists.full_count, lists.part, lists.part_count, lists.full.shape[1],
+                *margs.kernel_args(),
+                Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale,
+                HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+                **margs.kernel_flags(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip

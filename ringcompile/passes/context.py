@@ -1,0 +1,100 @@
+"""What the passes share: the graph, the ring, what each pass found, and the report they write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+from torch.fx import GraphModule, Node
+
+from ringcompile.layout import Layout, make_layout
+from ringcompile.report import GraphReport
+from ringcompile.runtime import RingAttention, RingGather, RingShard, SumGradOverRing
+
+
+@dataclass
+class AttentionSite:
+    node: Node
+    q: Node
+    k: Node
+    v: Node
+    attn_mask: Node | None
+    is_causal: bool
+    seq_len: int
+
+
+@dataclass
+class RingContext:
+    gm: GraphModule
+    group: dist.ProcessGroup | None
+    layout_name: str
+    gather_outputs: bool = True
+    report: GraphReport = field(default_factory=GraphReport)
+
+    # find_attention
+    sites: list[AttentionSite] = field(default_factory=list)
+    seq_len: int = 0
+    # plan_sequence: nodes computed on local tokens (sequence dim of their output) ...
+    demand: dict[Node, int] = field(default_factory=dict)
+    # ... and full tensors sharded where they enter (sequence dim), with what they are
+    shard_points: dict[Node, int] = field(default_factory=dict)
+    shard_kinds: dict[Node, str] = field(default_factory=dict)
+    # fix_positions / shard_sequence: local version of a node and its sequence dim
+    local: dict[Node, tuple[Node, int]] = field(default_factory=dict)
+    # nodes whose only value is the local one (no full version exists)
+    local_only: set[Node] = field(default_factory=set)
+    _shards: dict[tuple[Node, int], Node] = field(default_factory=dict)
+    _gathers: dict[Node, Node] = field(default_factory=dict)
+    _callables: dict[type, object] = field(default_factory=dict)
+
+    @property
+    def gathered(self) -> dict[Node, Node]:
+        """``{gather node: the local node it gathers}``."""
+        return {g: src for src, g in self._gathers.items()}
+
+    # -- the ring -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.group.size() if self.group is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank() if self.group is not None else 0
+
+    @property
+    def layout(self) -> Layout:
+        return make_layout(self.layout_name, self.seq_len, self.world_size)
+
+    def _bound(self, cls):
+        # one object per kind, so the graph's code calls one name (ring_shard, not ring_shard_3)
+        if cls not in self._callables:
+            self._callables[cls] = cls(self.layout, self.rank, self.group)
+        return self._callables[cls]
+
+    def ring_attention(self) -> RingAttention:
+        return self._bound(RingAttention)
+
+    def sum_grad_over_ring(self) -> SumGradOverRing:
+        return self._bound(SumGradOverRing)
+
+    # -- graph edits shared by the passes --------------------------------------------------------
+    def shard_of(self, node: Node, dim: int) -> Node:
+        """``ring_shard(node, dim)``, inserted once right after ``node``."""
+        key = (node, dim)
+        if key not in self._shards:
+            with self.gm.graph.inserting_after(node):
+                self._shards[key] = self.gm.graph.call_function(
+                    self._bound(RingShard), (node, dim)
+                )
+        return self._shards[key]
+
+    def gather_of(self, node: Node, reason: str) -> Node:
+        """``ring_gather(local, dim)`` of a local-only node, inserted once right after it."""
+        if node not in self._gathers:
+            local, dim = self.local[node]
+            with self.gm.graph.inserting_after(local):
+                self._gathers[node] = self.gm.graph.call_function(
+                    self._bound(RingGather), (local, dim)
+                )
+            self.report.gathers.append(f"{node.name} (dim {dim}): {reason}")
+        return self._gathers[node]

@@ -1,0 +1,278 @@
+"""Which input dims become which output dims, op by op: how the passes follow the sequence.
+
+``dim_map(node)`` answers, for a node of a Dynamo FX graph, a list of ``(input_node, {in_dim:
+out_dim})`` for the tensor inputs whose dims pass through to the output position by position
+(the sequence of a linear layer's input is the sequence of its output; the sequence of a
+``transpose(1, 2)`` moves). A dim that is split, merged, sliced, reduced or mixed (the key dim of
+``q @ k^T``) is left out of the map, and ``None`` means the op is not understood at all. The passes
+never guess: a sequence dim that is not in the map is gathered (exact) or sharded afresh.
+
+The rules follow the tensors' shapes from Dynamo's example values, never integer constants, so a
+sequence length that equals another dim is no trap.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+DimMap = list[tuple[Node, dict[int, int]]]
+
+# -- shapes from Dynamo's example values --------------------------------------------------------
+
+
+def example(node: Any):
+    return node.meta.get("example_value") if isinstance(node, Node) else None
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The (first) tensor shape a node produces, or None for non-tensors."""
+    v = example(node)
+    if isinstance(v, (tuple, list)):
+        v = v[0] if v and isinstance(v[0], torch.Tensor) else None
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def is_tensor_node(node: Any) -> bool:
+    return shape_of(node) is not None
+
+
+# -- op tables ----------------------------------------------------------------------------------
+_POINTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    operator.iadd, operator.imul, operator.isub, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.where,
+    torch.cos, torch.sin, torch.exp, torch.rsqrt, torch.sqrt, torch.tanh, torch.sigmoid,
+    torch.abs, torch.clamp, torch.maximum, torch.minimum, torch.logical_and, torch.logical_or,
+    torch.logical_not, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    operator.and_, operator.or_, operator.invert,
+    F.silu, F.gelu, F.relu, F.dropout, F.softplus, torch.nn.functional.tanh,
+    torch._C._nn.gelu, torch.relu, torch.masked_fill,
+}
+_POINTWISE_METHODS = {
+    "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone",
+    "detach", "pow", "rsqrt", "sqrt", "exp", "cos", "sin", "neg", "sigmoid", "tanh", "mul",
+    "add", "sub", "div", "masked_fill", "clamp", "abs", "long", "int", "bool", "__and__",
+    "__or__", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "where",
+    "requires_grad_",
+}
+_NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
+_LINEARS = {F.linear, torch._C._nn.linear}
+_MATMULS = {torch.matmul, operator.matmul, torch.bmm}
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "all", "any"}
+_REDUCTION_FUNCTIONS = {getattr(torch, name) for name in _REDUCTIONS}
+
+
+def is_sdpa(node: Node) -> bool:
+    return node.op == "call_function" and node.target in _SDPA
+
+
+def _arg(node: Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _pointwise(node: Node, out: tuple[int, ...]) -> DimMap:
+    """Broadcasting, right-aligned; a dim of size 1 broadcast to more carries nothing."""
+    args = list(node.args) + list(node.kwargs.values())
+    if node.op == "call_method" and node.target in ("to", "type_as", "type"):
+        args = args[:1]  # the other arguments only name a dtype or device
+    result = []
+    for a in args:
+        s = shape_of(a)
+        if s is None:
+            continue
+        off = len(out) - len(s)
+        m = {d: d + off for d in range(len(s)) if off + d >= 0 and s[d] == out[d + off]}
+        result.append((a, m))
+    return result
+
+
+def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> dict[int, int]:
+    """Dims of ``src`` that reappear unchanged as one dim of ``dst`` (a view's pass-through)."""
+    m: dict[int, int] = {}
+    i = j = 0
+    while i < len(src) and j < len(dst):
+        if src[i] == dst[j]:
+            m[i] = j
+            i += 1
+            j += 1
+            continue
+        # consume a group whose products agree: dims inside are split or merged, not mapped
+        pi, pj = src[i], dst[j]
+        i += 1
+        j += 1
+        while pi != pj:
+            if pi < pj:
+                if i >= len(src):
+                    return m
+                pi *= src[i]
+                i += 1
+            else:
+                if j >= len(dst):
+                    return m
+                pj *= dst[j]
+                j += 1
+    return m
+
+
+def _index_map(x_shape: tuple[int, ...], index) -> dict[int, int] | None:
+    """Basic indexing ``x[index]``: full slices keep a dim, ints drop it, None adds one."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+    m: dict[int, int] = {}
+    d = o = 0
+    for item in index:
+        if item is Ellipsis:
+            for _ in range(len(x_shape) - n_real):
+                m[d] = o
+                d += 1
+                o += 1
+        elif item is None:
+            o += 1
+        elif isinstance(item, int):
+            d += 1
+        elif isinstance(item, slice):
+            full = item == slice(None) or (
+                item.step in (None, 1)
+                and (item.start in (None, 0))
+                and (item.stop is None or (isinstance(item.stop, int) and item.stop >= x_shape[d]))
+            )
+            if full:
+                m[d] = o
+            d += 1
+            o += 1
+        else:
+            return None  # advanced (tensor) indexing
+    while d < len(x_shape):
+        m[d] = o
+        d += 1
+        o += 1
+    return m
+
+
+def dim_map(node: Node) -> DimMap | None:
+    """``[(input, {in_dim: out_dim})]`` for the node's pass-through dims, or None if unknown."""
+    out = shape_of(node)
+    if out is None or node.op not in ("call_function", "call_method"):
+        return None
+    t = node.target
+    x = node.args[0] if node.args else None
+    xs = shape_of(x)
+
+    if (node.op == "call_function" and t in _POINTWISE_FUNCTIONS) or (
+        node.op == "call_method" and t in _POINTWISE_METHODS
+    ):
+        return _pointwise(node, out)
+
+    if node.op == "call_function" and t is operator.getitem:
+        if isinstance(example(x), (tuple, list)):
+            return [(x, {d: d for d in range(len(out))})]  # an element of chunk/unbind/split
+        m = _index_map(xs, node.args[1]) if xs is not None else None
+        return None if m is None else [(x, m)]
+
+    if node.op == "call_function" and t in (torch.cat, torch.concat, torch.stack):
+        tensors = node.args[0]
+        dim = _arg(node, 1, "dim", 0)
+        result = []
+        for a in tensors:
+            s = shape_of(a)
+            if s is None:
+                return None
+            dd = dim % (len(s) + (t is torch.stack))
+            if t is torch.stack:
+                result.append((a, {d: d + (d >= dd) for d in range(len(s))}))
+            else:
+                result.append((a, {d: d for d in range(len(s)) if d != dd}))
+        return result
+    if xs is None:
+        return None
+
+    if node.op == "call_function" and t in _NORMS:
+        normalized = _arg(node, 1, "normalized_shape")
+        keep = len(xs) - len(normalized)
+        return [(x, {d: d for d in range(keep)})]
+    if node.op == "call_function" and t in _LINEARS:
+        return [(x, {d: d for d in range(len(xs) - 1)})]
+    if node.op == "call_function" and t is F.embedding:
+        return [(x, {d: d for d in range(len(xs))})]
+    if node.op == "call_function" and t in _MATMULS:
+        b = node.args[1]
+        bs = shape_of(b)
+        if bs is None or len(xs) < 2 or len(bs) < 2:
+            return None
+        off_a, off_b = len(out) - len(xs), len(out) - len(bs)
+        ma = {d: d + off_a for d in range(len(xs) - 1) if xs[d] == out[d + off_a]}
+        mb = {d: d + off_b for d in range(len(bs) - 2) if bs[d] == out[d + off_b]}
+        mb[len(bs) - 1] = len(out) - 1
+        return [(x, ma), (b, mb)]
+    if node.op == "call_function" and t in _SDPA:
+        return [(x, {d: d for d in range(len(xs))})]  # queries' rows are the output's rows
+
+    if node.op == "call_method" and t in ("transpose", "swapaxes") or (
+        node.op == "call_function" and t in (torch.transpose, torch.swapaxes)
+    ):
+        a, b = (_arg(node, 1, "dim0") % len(xs), _arg(node, 2, "dim1") % len(xs))
+        m = {d: d for d in range(len(xs))}
+        m[a], m[b] = b, a
+        return [(x, m)]
+    if node.op == "call_method" and t == "permute" or (
+        node.op == "call_function" and t is torch.permute
+    ):
+        dims = node.args[1:] if node.op == "call_method" else node.args[1]
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
+        return [(x, {int(src) % len(xs): o for o, src in enumerate(dims)})]
+    if t in ("view", "reshape", "expand", "unsqueeze", "squeeze", "flatten", "unflatten") or t in (
+        torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten
+    ):
+        if t == "expand":
+            off = len(out) - len(xs)
+            return [(x, {d: d + off for d in range(len(xs)) if xs[d] == out[d + off]})]
+        return [(x, _reshape_groups(xs, out))]
+    if t in ("chunk", "split", "tensor_split") or t in (torch.chunk, torch.split):
+        dim = _arg(node, 2, "dim", 0) % len(xs)
+        return [(x, {d: d for d in range(len(xs)) if d != dim})]
+    if t == "unbind" or t is torch.unbind:
+        dim = _arg(node, 1, "dim", 0) % len(xs)
+        return [(x, {d: d - (d > dim) for d in range(len(xs)) if d != dim})]
+    if (node.op == "call_method" and t in _REDUCTIONS) or (
+        node.op == "call_function" and t in _REDUCTION_FUNCTIONS
+    ):
+        dims = _arg(node, 1, "dim")
+        if dims is None:
+            return [(x, {})]
+        dims = {d % len(xs) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+        keepdim = _arg(node, 2, "keepdim", False)
+        m, o = {}, 0
+        for d in range(len(xs)):
+            if d in dims:
+                o += bool(keepdim)
+                continue
+            m[d] = o
+            o += 1
+        return [(x, m)]
+    return None
+
+
+def size_args(node: Node) -> tuple[str, list[int]] | None:
+    """For ops whose arguments spell the output shape (view, reshape, expand): where they are.
+
+    Returns ("args", positions) with each output dim's position in ``node.args``, or
+    ("tuple", positions) when the sizes come as one tuple argument at ``node.args[1]``.
+    """
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
+        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+            return "tuple", list(range(len(node.args[1])))
+        return "args", list(range(1, len(node.args)))
+    if node.op == "call_function" and node.target is torch.reshape:
+        return "tuple", list(range(len(node.args[1])))
+    return None

@@ -1,0 +1,90 @@
+"""Pass 1: find the SDPA calls that become ring attention, and the sequence they attend over.
+
+Expects: a Dynamo FX graph with static shapes (``example_value`` on every node).
+Guarantees: ``ctx.sites`` lists each self-attention SDPA over the graph's sequence (queries and
+keys of one length ``ctx.seq_len``, no dropout); every other SDPA is reported as a fallback and
+left as it is (exact: it sees full tensors).
+
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # q, k: (B, H, 4096, D)
+    -> site(q, k, v, is_causal=True), seq_len = 4096
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from ringcompile.passes.context import AttentionSite, RingContext
+from ringcompile.passes.dims import is_sdpa, shape_of
+
+_SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def source_line(node) -> str:
+    """``file:line`` of the user code a node came from."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
+    if not frames:
+        return node.name
+    last = frames[-1].split(",")
+    return f"{last[0][6:].strip(chr(34))}:{last[1].strip().removeprefix('line ')}"
+
+
+def sdpa_args(node) -> dict:
+    bound = dict(zip(_SIGNATURE, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def run(ctx: RingContext) -> None:
+    candidates = []
+    for node in ctx.gm.graph.nodes:
+        if not is_sdpa(node):
+            continue
+        a = sdpa_args(node)
+        qs, ks = shape_of(a["query"]), shape_of(a["key"])
+        where = f"{node.name} at {source_line(node)}"
+        if any(isinstance(d, torch.SymInt) for d in qs + ks):
+            raise NotImplementedError(
+                f"backend='ring' needs static shapes, but {where} has symbolic sizes {qs}: pass "
+                "dynamic=False to torch.compile (each new sequence length then compiles once)"
+            )
+        if qs[-2] != ks[-2]:
+            ctx.report.fallbacks.append(
+                f"{where}: {qs[-2]} queries over {ks[-2]} keys is not self-attention over one "
+                "sequence (decoding with a cache?); left as plain SDPA"
+            )
+            continue
+        if a.get("dropout_p", 0.0) not in (0, 0.0):
+            ctx.report.fallbacks.append(
+                f"{where}: dropout_p={a['dropout_p']} (the ring op has no dropout); left as plain "
+                "SDPA on gathered tensors — set the model's attention dropout to 0 to shard it"
+            )
+            continue
+        candidates.append((node, a, qs[-2]))
+    if not candidates:
+        return
+    # one graph, one sequence: attention over another length stays unsharded
+    ctx.seq_len = Counter(s for _, _, s in candidates).most_common(1)[0][0]
+    for node, a, s in candidates:
+        if s != ctx.seq_len:
+            ctx.report.fallbacks.append(
+                f"{node.name} at {source_line(node)}: attends over {s} tokens, not the graph's "
+                f"sequence of {ctx.seq_len}; left as plain SDPA"
+            )
+            continue
+        ctx.sites.append(
+            AttentionSite(
+                node=node,
+                q=a["query"],
+                k=a["key"],
+                v=a["value"],
+                attn_mask=a.get("attn_mask"),
+                is_causal=bool(a.get("is_causal", False)),
+                seq_len=s,
+            )
+        )
+    ctx.report.seq_len = ctx.seq_len
+    ctx.report.world_size = ctx.world_size
+    ctx.report.layout = ctx.layout_name

@@ -1,0 +1,142 @@
+"""Pass 4: the sharded region computes on local tokens; values that leave it are gathered.
+
+Expects: ``ctx.demand``, ``ctx.shard_points`` (pass 2); position shard points already have local
+versions (pass 3).
+Guarantees, walking the graph in order:
+- the remaining shard points (graph inputs, other full values) get ``ring_shard(x, dim)``;
+- a node in the region reads local versions of its inputs; a full input whose dim lines up with
+  the sequence (a (S, D) bias added to a (B, S, D) activation) is sharded at that use;
+- sizes baked into ``view``/``reshape``/``expand`` for the sequence dim become the local length
+  (found by which output dim is the sequence, never by matching the integer);
+- a node downstream of the region that carries the sequence through (the output projection, the
+  residual add, the MLP) joins it;
+- any other use of a local value — an op that mixes along the sequence (a shift, a ``cumsum``, a
+  reduction over it), an op not understood, a graph output — reads ``ring_gather(x, dim)``: the full
+  tensor in natural order, exact. Outputs stay local only with ``gather_outputs=False``.
+
+    x = embedding(tokens, w); h = linear(x.view(2, 4096, 8), w2); return h
+    -> t = ring_shard(tokens, 1); x = embedding(t, w); h = linear(x.view(2, 1024, 8), w2)
+       return ring_gather(h, 1)
+"""
+
+from __future__ import annotations
+
+from torch.fx import Node
+from torch.fx.node import map_arg
+
+from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import dim_map, is_sdpa, shape_of, size_args
+from ringcompile.passes.find_attention import sdpa_args, source_line
+
+
+def _describe(node: Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    return f"{node.op} {target}"
+
+
+def _local_plan(ctx: RingContext, node: Node, want: int | None):
+    """How ``node`` runs on local tokens: (out_dim, {input: local replacement}) or None."""
+    S = ctx.seq_len
+    if is_sdpa(node):
+        # q, k, v along their sequence (-2); a mask along its rows (its columns stay global)
+        a = sdpa_args(node)
+        mask = a.get("attn_mask")
+        mapping = [(a[n], {len(shape_of(a[n])) - 2: 2}) for n in ("query", "key", "value")]
+        if mask is not None and shape_of(mask)[-2] == S:
+            mapping.append((mask, {len(shape_of(mask)) - 2: 2}))
+    else:
+        mapping = dim_map(node)
+    if mapping is None:
+        return None
+    # the output dim is the one the planned demand says, or where the local inputs lead
+    if want is None:
+        dims = {m.get(ctx.local[inp][1]) for inp, m in mapping if inp in ctx.local_only}
+        if len(dims) != 1 or None in dims:
+            return None
+        want = dims.pop()
+    replace: dict[Node, Node] = {}
+    for inp, m in mapping:
+        in_dims = [d for d, o in m.items() if o == want and shape_of(inp)[d] == S]
+        if inp in ctx.local:
+            local, ldim = ctx.local[inp]
+            if in_dims == [ldim]:
+                replace[inp] = local
+                continue
+            if inp in ctx.local_only:
+                return None  # its sequence does not line up with the output's
+        if len(in_dims) == 1:
+            replace[inp] = ctx.shard_of(inp, in_dims[0])
+    # inputs the map does not cover (an op's non-tensor or broadcast args) must not be local-only
+    if any(a in ctx.local_only and a not in replace for a in node.all_input_nodes):
+        return None
+    return want, replace
+
+
+def _localize_sizes(ctx: RingContext, node: Node, dim: int) -> None:
+    where = size_args(node)
+    if where is None:
+        return
+    style, positions = where
+    S, L = ctx.seq_len, ctx.layout.local_len
+    if style == "args":
+        args = list(node.args)
+        if args[positions[dim]] == S:
+            args[positions[dim]] = L
+        node.args = tuple(args)
+    else:
+        sizes = list(node.args[1])
+        if sizes[dim] == S:
+            sizes[dim] = L
+        node.args = (node.args[0], tuple(sizes), *node.args[2:])
+
+
+def run(ctx: RingContext) -> None:
+    if not ctx.sites:
+        return
+    graph = ctx.gm.graph
+    for node, dim in ctx.shard_points.items():
+        if node not in ctx.local:
+            ctx.local[node] = (ctx.shard_of(node, dim), dim)
+            ctx.report.shards.append(
+                f"{node.name} (dim {dim}, {ctx.shard_kinds[node]}) at {source_line(node)}"
+            )
+    shard_nodes = {n for n, _ in ctx.local.values()}
+
+    for node in list(graph.nodes):
+        if node.op in ("placeholder", "get_attr") or node in shard_nodes:
+            continue
+        if node.op == "output":
+            if ctx.gather_outputs:
+                node.args = map_arg(
+                    node.args,
+                    lambda a: ctx.gather_of(a, "graph output") if a in ctx.local_only else a,
+                )
+            else:
+                node.args = map_arg(
+                    node.args, lambda a: ctx.local[a][0] if a in ctx.local_only else a
+                )
+            continue
+        plan = None
+        if node not in ctx.shard_points and (
+            node in ctx.demand or any(a in ctx.local_only for a in node.all_input_nodes)
+        ):
+            plan = _local_plan(ctx, node, ctx.demand.get(node))
+            if plan is None and node in ctx.demand:
+                ctx.report.fallbacks.append(
+                    f"{node.name} ({_describe(node)}) at {source_line(node)}: its inputs' "
+                    "sequence dims do not line up; computed full from gathered inputs"
+                )
+        if plan is None:
+            # full: read the full version of every local-only input
+            node.args, node.kwargs = map_arg(
+                (node.args, node.kwargs),
+                lambda a: ctx.gather_of(
+                    a, f"read by {node.name} ({_describe(node)}) at {source_line(node)}"
+                ) if a in ctx.local_only else a,
+            )
+            continue
+        dim, replace = plan
+        node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: replace.get(a, a))
+        _localize_sizes(ctx, node, dim)
+        ctx.local[node] = (node, dim)
+        ctx.local_only.add(node)

@@ -1,0 +1,74 @@
+"""What the backend did to each graph, as a reader wants to see it (``ringcompile.explain``)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch.fx
+
+
+def readable_code(gm: torch.fx.GraphModule) -> str:
+    """The graph's Python code without FX's bookkeeping: no ``x = None`` frees, no comments, no
+    ``l_x = L_x`` input aliases, inputs counted in the signature rather than listed."""
+    inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    lines = []
+    for line in gm.code.splitlines():
+        line = line.split(";  ")[0].rstrip()
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.startswith("def forward("):
+            line = f"def forward(self, *inputs):  # {inputs} inputs"
+        elif re.fullmatch(r"(\w+) = L_\w+", stripped):
+            continue
+        lines.append(line.replace("ringcompile_runtime_", ""))
+    return "\n".join(lines)
+
+
+@dataclass
+class GraphReport:
+    """One compiled graph: every rewrite and fallback, and the rewritten code."""
+
+    seq_len: int = 0
+    world_size: int = 1
+    layout: str = ""
+    attention: list[str] = field(default_factory=list)  # SDPA calls made ring attention
+    positions: list[str] = field(default_factory=list)  # position tensors fixed
+    shards: list[str] = field(default_factory=list)  # full tensors sharded where they enter
+    gathers: list[str] = field(default_factory=list)  # sharded values gathered, and why
+    fallbacks: list[str] = field(default_factory=list)  # what was left unsharded, and why
+    gradients: list[str] = field(default_factory=list)
+    code: str = ""
+
+    def __str__(self) -> str:
+        lines = [
+            f"ring graph: sequence of {self.seq_len} tokens over {self.world_size} ranks, "
+            f"{self.layout} layout"
+        ]
+        for title, items in (
+            ("attention replaced", self.attention),
+            ("positions fixed", self.positions),
+            ("sharded where they enter", self.shards),
+            ("gathered", self.gathers),
+            ("fallbacks", self.fallbacks),
+            ("gradients", self.gradients),
+        ):
+            lines.append(f"{title}: {len(items) if items else 'none'}")
+            lines += [f"  - {item}" for item in items]
+        lines += ["rewritten graph:", self.code.rstrip()]
+        return "\n".join(lines)
+
+
+@dataclass
+class ExplainReport:
+    """Every graph one call of the compiled model produced (graph breaks make several)."""
+
+    graphs: list[GraphReport] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "no graph was compiled"
+        return "\n\n".join(
+            f"=== graph {i} of {len(self.graphs)} ===\n{g}" for i, g in enumerate(self.graphs, 1)
+        )

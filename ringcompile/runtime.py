@@ -1,0 +1,106 @@
+"""What the rewritten graph calls: shard, gather, ring attention and the gradient fix-ups.
+
+Each is a small callable object bound to one ring (group, layout, rank) so the rewritten graph
+reads plainly (``ring_shard(x, 1)``, ``ring_gather(x, 1)``). They are traced by the inner compiler
+like any PyTorch code: collectives are torch's functional collectives (kept alive by their uses,
+ordered identically on every rank), and the ring attention is the ``ringcompile::ring_attention``
+op with its own autograd.
+
+Gradients. Every rank runs the same program on its own tokens, and a tensor that is not sharded
+(a "full" tensor) is computed by every rank alike. The backend keeps one invariant: **the gradient
+a rank computes for anything full is its share, and the shares of the ring sum to the true
+gradient.** Full graph outputs get ``scale_grad(x, 1/W)`` (each rank owns 1/W of the loss's
+gradient); ``ring_gather``'s backward reduce-scatters (sums the shares, then keeps this rank's
+slice); ``ring_shard``'s backward scatters this rank's slice into zeros (its share). Parameter and
+input gradients are then shares too, and ``sum_grad_over_ring`` all-reduces each exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as fc
+
+from ringcompile.attention import ring_attention as _ring_attention
+from ringcompile.layout import Layout
+
+
+class _Bound:
+    """A callable bound to one ring; FX names the call after ``__name__``."""
+
+    __name__ = ""
+
+    def __init__(self, layout: Layout, rank: int, group: dist.ProcessGroup | None):
+        self.layout, self.rank, self.group = layout, rank, group
+
+    def __repr__(self) -> str:
+        return f"{self.__name__}({self.layout!r}, rank={self.rank})"
+
+
+class RingShard(_Bound):
+    """This rank's tokens of a full tensor along ``dim`` (pads, then selects; no communication)."""
+
+    __name__ = "ring_shard"
+
+    def __call__(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return self.layout.shard(x, dim, self.rank)
+
+
+class RingGather(_Bound):
+    """The full, natural-order tensor from every rank's shard along ``dim`` (all-gather)."""
+
+    __name__ = "ring_gather"
+
+    def __call__(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.group is None:
+            return self.layout.unshard(x, dim)
+        full = fc.all_gather_tensor_autograd(x.contiguous(), dim % x.dim(), self.group)
+        return self.layout.unshard(full, dim)
+
+
+class RingAttention(_Bound):
+    """``F.scaled_dot_product_attention``'s signature, computed by the ring op on local rows."""
+
+    __name__ = "ring_attention"
+
+    def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False, window=None, document_ids=None, key_padding_mask=None):
+        return _ring_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                               group=self.group, layout=self.layout, window=window,
+                               document_ids=document_ids, key_padding_mask=key_padding_mask)
+
+
+class _SumOverRingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return fc.all_reduce(g.contiguous(), "sum", ctx.group), None
+
+
+class SumGradOverRing(_Bound):
+    """Identity forward; the backward sums this tensor's gradient over the ring (once)."""
+
+    __name__ = "sum_grad_over_ring"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _SumOverRingBackward.apply(x, self.group)
+
+
+class _ScaleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by ``factor`` (a full output's share: 1/W)."""
+    return _ScaleBackward.apply(x, factor)

@@ -1,0 +1,319 @@
+"""The ``ring`` backend: compiled models match eager on one process, outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from expecttest import assert_expected_inline
+
+import ringcompile
+from ringcompile.testing_models import TinyTransformer
+
+TOL = 1e-10
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def compare_with_eager(rank, world, rope, layout, compiler, S, fullgraph=False):
+    """Relative errors of the compiled model against eager: logits, then every parameter grad."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTransformer(rope=rope).double()
+    tokens = torch.randint(0, 64, (2, S))
+    w = torch.randn(2, S, 64, dtype=torch.float64)
+
+    ref = model(tokens)
+    (ref * w).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    compiled = torch.compile(model, backend="ring", fullgraph=fullgraph,
+                             options={"layout": layout, "compiler": compiler})
+    out = compiled(tokens)
+    (out * w).sum().backward()
+    errs = {"logits": _rel(out.detach(), ref.detach())}
+    errs.update({n: _rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
+    return errs
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("layout", ["striped", "zigzag", "contiguous"])
+@pytest.mark.parametrize("rope", ["computed", "cached"])
+def test_matches_eager(gloo, world, rope, layout):
+    results = gloo(world).run(compare_with_eager, rope, layout, "aot_eager", 16, True)
+    for rank, errs in enumerate(results):
+        bad = {k: v for k, v in errs.items() if not v < TOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def test_uneven_length_matches_eager(gloo):
+    results = gloo(3).run(compare_with_eager, "computed", "zigzag", "aot_eager", 13)
+    for rank, errs in enumerate(results):
+        bad = {k: v for k, v in errs.items() if not v < TOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def test_inductor_matches_eager(gloo):
+    results = gloo(2).run(compare_with_eager, "cached", "striped", "inductor", 16)
+    for rank, errs in enumerate(results):
+        bad = {k: v for k, v in errs.items() if not v < TOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+def train_steps_without_recompiling(rank, world):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTransformer().double()
+    counter = CompileCounterWithBackend("eager")
+    from ringcompile.backend import ring_backend
+
+    def backend(gm, ex):
+        counter(gm, ex)  # counts frames and ops
+        return ring_backend(gm, ex, options={"compiler": "aot_eager"})
+
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = compiled(torch.randint(0, 64, (2, 16))).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return counter.frame_count
+
+
+def test_no_recompiles_across_steps(gloo):
+    assert gloo(2).run(train_steps_without_recompiling) == [1, 1]
+
+
+def rewritten_graph(rank, world, rope):
+    torch._dynamo.reset()
+    model = TinyTransformer(rope=rope, layers=1).double()
+    report = ringcompile.explain(model, torch.randint(0, 64, (2, 16)),
+                                 options={"compiler": "aot_eager"})
+    return str(report)
+
+
+def _body(report: str) -> str:
+    """The report minus its first lines' file paths, which differ between machines."""
+    import re
+
+    return re.sub(r" at \S+/ringcompile/", " at ringcompile/", report)
+
+
+def test_snapshot_computed_rope(gloo):
+    report = gloo(2).run(rewritten_graph, "computed")[0]
+    assert_expected_inline(_body(report), """\
+=== graph 1 of 1 ===
+ring graph: sequence of 16 tokens over 2 ranks, striped layout
+attention replaced: 1
+  - out at ringcompile/testing_models.py:34: is_causal=True, no mask
+positions fixed: 1
+  - arange (dim 0, positions) at ringcompile/testing_models.py:71
+sharded where they enter: 1
+  - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
+gathered: 1
+  - linear_5 (dim 1): graph output
+fallbacks: none
+gradients: 2
+  - 12 input(s) requiring grad sum their gradient over the ring
+  - full outputs ring_gather give each rank a 1/2 share of their gradient
+rewritten graph:
+def forward(self, *inputs):  # 14 inputs
+    ring_shard_1 = ring_shard(l_tokens_, 1)
+    sum_grad_over_ring_11 = sum_grad_over_ring(l_self_modules_head_parameters_weight_)
+    sum_grad_over_ring_10 = sum_grad_over_ring(l_self_modules_norm_parameters_weight_)
+    sum_grad_over_ring_9 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_2_parameters_bias_)
+    sum_grad_over_ring_8 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_2_parameters_weight_)
+    sum_grad_over_ring_7 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_0_parameters_bias_)
+    sum_grad_over_ring_6 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_0_parameters_weight_)
+    sum_grad_over_ring_5 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_norm2_parameters_weight_)
+    sum_grad_over_ring_4 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_o_parameters_weight_)
+    sum_grad_over_ring_3 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_kv_parameters_weight_)
+    sum_grad_over_ring_2 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_q_parameters_weight_)
+    sum_grad_over_ring_1 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_norm1_parameters_weight_)
+    sum_grad_over_ring = sum_grad_over_ring(l_self_modules_embed_parameters_weight_)
+    x = torch.nn.functional.embedding(ring_shard_1, sum_grad_over_ring, None, None, 2.0, False, False)
+    arange = torch.arange(16, device = device(type='cpu'))
+    ring_shard = ring_shard(arange, 0)
+    pos = ring_shard.float()
+    getitem = pos[(slice(None, None, None), None)]
+    getitem_1 = l_self_buffers_inv_freq_[(None, slice(None, None, None))]
+    freqs = getitem * getitem_1
+    emb = torch.cat((freqs, freqs), dim = -1)
+    cos = emb.cos()
+    cos_1 = cos.to(torch.float64)
+    sin = emb.sin()
+    sin_1 = sin.to(torch.float64)
+    rms_norm = torch.rms_norm(x, (32,), sum_grad_over_ring_1, None)
+    linear = torch._C._nn.linear(rms_norm, sum_grad_over_ring_2, None)
+    view = linear.view(2, 8, 4, 8)
+    q = view.transpose(1, 2)
+    linear_1 = torch._C._nn.linear(rms_norm, sum_grad_over_ring_3, None)
+    view_1 = linear_1.view(2, 8, 2, 2, 8)
+    unbind = view_1.unbind(2)
+    k = unbind[0]
+    v = unbind[1]
+    k_1 = k.transpose(1, 2)
+    v_1 = v.transpose(1, 2)
+    mul_1 = q * cos_1
+    chunk = q.chunk(2, dim = -1)
+    x1 = chunk[0]
+    x2 = chunk[1]
+    neg = -x2
+    cat_1 = torch.cat((neg, x1), dim = -1)
+    mul_2 = cat_1 * sin_1
+    q_1 = mul_1 + mul_2
+    mul_3 = k_1 * cos_1
+    chunk_1 = k_1.chunk(2, dim = -1)
+    x1_1 = chunk_1[0]
+    x2_1 = chunk_1[1]
+    neg_1 = -x2_1
+    cat_2 = torch.cat((neg_1, x1_1), dim = -1)
+    mul_4 = cat_2 * sin_1
+    k_2 = mul_3 + mul_4
+    out = ring_attention(q_1, k_2, v_1, is_causal = True, enable_gqa = True)
+    transpose_3 = out.transpose(1, 2)
+    reshape = transpose_3.reshape(2, 8, -1)
+    linear_2 = torch._C._nn.linear(reshape, sum_grad_over_ring_4, None)
+    x_1 = x + linear_2
+    rms_norm_1 = torch.rms_norm(x_1, (32,), sum_grad_over_ring_5, None)
+    input_1 = torch._C._nn.linear(rms_norm_1, sum_grad_over_ring_6, sum_grad_over_ring_7)
+    input_2 = torch.nn.functional.silu(input_1, inplace = False)
+    input_3 = torch._C._nn.linear(input_2, sum_grad_over_ring_8, sum_grad_over_ring_9)
+    x_2 = x_1 + input_3
+    rms_norm_2 = torch.rms_norm(x_2, (32,), sum_grad_over_ring_10, None)
+    linear_5 = torch._C._nn.linear(rms_norm_2, sum_grad_over_ring_11, None)
+    ring_gather = ring_gather(linear_5, 1)
+    scale_grad = scale_grad(ring_gather, 0.5)
+    return (scale_grad,)""")
+
+
+def test_snapshot_cached_rope(gloo):
+    report = gloo(2).run(rewritten_graph, "cached")[0]
+    assert_expected_inline(_body(report), """\
+=== graph 1 of 1 ===
+ring graph: sequence of 16 tokens over 2 ranks, striped layout
+attention replaced: 1
+  - out at ringcompile/testing_models.py:34: is_causal=True, no mask
+positions fixed: 2
+  - getitem_1 (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
+  - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
+sharded where they enter: 1
+  - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
+gathered: 1
+  - linear_5 (dim 1): graph output
+fallbacks: none
+gradients: 2
+  - 12 input(s) requiring grad sum their gradient over the ring
+  - full outputs ring_gather give each rank a 1/2 share of their gradient
+rewritten graph:
+def forward(self, *inputs):  # 15 inputs
+    ring_shard_2 = ring_shard(l_tokens_, 1)
+    sum_grad_over_ring_11 = sum_grad_over_ring(l_self_modules_head_parameters_weight_)
+    sum_grad_over_ring_10 = sum_grad_over_ring(l_self_modules_norm_parameters_weight_)
+    sum_grad_over_ring_9 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_2_parameters_bias_)
+    sum_grad_over_ring_8 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_2_parameters_weight_)
+    sum_grad_over_ring_7 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_0_parameters_bias_)
+    sum_grad_over_ring_6 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_0_parameters_weight_)
+    sum_grad_over_ring_5 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_norm2_parameters_weight_)
+    sum_grad_over_ring_4 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_o_parameters_weight_)
+    sum_grad_over_ring_3 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_kv_parameters_weight_)
+    sum_grad_over_ring_2 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_q_parameters_weight_)
+    sum_grad_over_ring_1 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_norm1_parameters_weight_)
+    sum_grad_over_ring = sum_grad_over_ring(l_self_modules_embed_parameters_weight_)
+    x = torch.nn.functional.embedding(ring_shard_2, sum_grad_over_ring, None, None, 2.0, False, False)
+    getitem = l_self_buffers_cos_cached_[slice(None, 16, None)]
+    ring_shard_1 = ring_shard(getitem, 0)
+    cos = ring_shard_1.to(torch.float64)
+    getitem_1 = l_self_buffers_sin_cached_[slice(None, 16, None)]
+    ring_shard = ring_shard(getitem_1, 0)
+    sin = ring_shard.to(torch.float64)
+    rms_norm = torch.rms_norm(x, (32,), sum_grad_over_ring_1, None)
+    linear = torch._C._nn.linear(rms_norm, sum_grad_over_ring_2, None)
+    view = linear.view(2, 8, 4, 8)
+    q = view.transpose(1, 2)
+    linear_1 = torch._C._nn.linear(rms_norm, sum_grad_over_ring_3, None)
+    view_1 = linear_1.view(2, 8, 2, 2, 8)
+    unbind = view_1.unbind(2)
+    k = unbind[0]
+    v = unbind[1]
+    k_1 = k.transpose(1, 2)
+    v_1 = v.transpose(1, 2)
+    mul = q * cos
+    chunk = q.chunk(2, dim = -1)
+    x1 = chunk[0]
+    x2 = chunk[1]
+    neg = -x2
+    cat = torch.cat((neg, x1), dim = -1)
+    mul_1 = cat * sin
+    q_1 = mul + mul_1
+    mul_2 = k_1 * cos
+    chunk_1 = k_1.chunk(2, dim = -1)
+    x1_1 = chunk_1[0]
+    x2_1 = chunk_1[1]
+    neg_1 = -x2_1
+    cat_1 = torch.cat((neg_1, x1_1), dim = -1)
+    mul_3 = cat_1 * sin
+    k_2 = mul_2 + mul_3
+    out = ring_attention(q_1, k_2, v_1, is_causal = True, enable_gqa = True)
+    transpose_3 = out.transpose(1, 2)
+    reshape = transpose_3.reshape(2, 8, -1)
+    linear_2 = torch._C._nn.linear(reshape, sum_grad_over_ring_4, None)
+    x_1 = x + linear_2
+    rms_norm_1 = torch.rms_norm(x_1, (32,), sum_grad_over_ring_5, None)
+    input_1 = torch._C._nn.linear(rms_norm_1, sum_grad_over_ring_6, sum_grad_over_ring_7)
+    input_2 = torch.nn.functional.silu(input_1, inplace = False)
+    input_3 = torch._C._nn.linear(input_2, sum_grad_over_ring_8, sum_grad_over_ring_9)
+    x_2 = x_1 + input_3
+    rms_norm_2 = torch.rms_norm(x_2, (32,), sum_grad_over_ring_10, None)
+    linear_5 = torch._C._nn.linear(rms_norm_2, sum_grad_over_ring_11, None)
+    ring_gather = ring_gather(linear_5, 1)
+    scale_grad = scale_grad(ring_gather, 0.5)
+    return (scale_grad,)""")
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"layout": "spiral"}, "layout='spiral'"),
+        ({"compiler": "tvm"}, "compiler='tvm'"),
+        ({"rings": 2}, "unknown option"),
+        ({"gather_outputs": "yes"}, "gather_outputs"),
+        ({"group": 3}, "group must be"),
+    ],
+)
+def test_bad_options(options, words):
+    model = TinyTransformer(layers=1)
+    compiled = torch.compile(model, backend="ring", options=options)
+    with pytest.raises(Exception, match=words):
+        compiled(torch.randint(0, 64, (1, 8)))
+
+
+def test_ring_shard_forms():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 8))
+    model = TinyTransformer(layers=1).double()
+    want = model(tokens)
+
+    @ringcompile.ring_shard
+    def bare(t):
+        return model(t)
+
+    @ringcompile.ring_shard(layout="zigzag", compiler="aot_eager")
+    def with_options(t):
+        return model(t)
+
+    @ringcompile.ring_shard(compiler="aot_eager")
+    class Tiny(TinyTransformer):
+        pass
+
+    cls_model = Tiny(layers=1).double()
+    cls_model.load_state_dict(model.state_dict())
+    instance = ringcompile.ring_shard(model, compiler="aot_eager")
+    for got in (bare(tokens), with_options(tokens), cls_model(tokens), instance(tokens)):
+        torch.testing.assert_close(got, want)

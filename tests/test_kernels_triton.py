@@ -1,0 +1,276 @@
+"""The Triton ring-step kernels against ReferenceKernels, on the CPU under Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before ``triton`` itself is imported (Triton's own library
+functions are jit functions too), and it must not leak into other test modules (GPU tests in the
+same session would run interpreted). So unless this process already runs interpreted, the one test
+here runs this file again in a child pytest with the variable set, where the real tests run.
+
+Shapes are small and tiles 16 wide so that every case has several tiles, a ragged last tile, and
+full, partial and skipped tiles. fp16 and fp32 only: the interpreter computes bf16 dots wrongly.
+Every buffer the kernels must fill is poisoned with NaN, and the gradient accumulators start from
+random values, so an element left unwritten or overwritten instead of added fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from ringcompile.kernels.reference import ReferenceKernels
+from ringcompile.layout import make_layout
+from ringcompile.masks import BlockMask
+
+pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process already runs the interpreted tests")
+def test_interpreted_kernels_in_child_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
+
+
+def _repair_interpreter_scalars() -> None:
+    # Triton 3.6's interpreter turns a scalar into a Python int with int(array of shape (1,)),
+    # which NumPy >= 2.4 refuses (loops over a runtime bound then fail). Later Triton squeezes.
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.zeros(1))
+        return
+    except TypeError:
+        pass
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch
+
+
+@pytest.fixture(scope="module")
+def tf():
+    """The triton_flash module, kernels interpreted, with NaN-poisoned output buffers."""
+    _repair_interpreter_scalars()
+    from ringcompile.kernels import triton_flash
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(triton_flash, "_empty", poisoned)
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+        yield triton_flash
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: a ring of W ranks over a global sequence; rank `rank`'s queries meet the key blocks of
+# the first `steps` ranks of its ring order, each step with its own BlockMask.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    layout: str = "contiguous"  # contiguous | striped | zigzag | shuffled
+    seq_len: int = 150
+    world: int = 4
+    rank: int = 2
+    steps: int = 2
+    first_source: int = 0  # the first key block is rank (rank - first_source)'s
+    B: int = 2
+    H: int = 4
+    Hkv: int = 2
+    D: int = 32
+    dtype: torch.dtype = torch.float32
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    docs: bool = False
+    k_valid: bool = False
+    dense: str | None = None  # None | "bool" | "additive"
+    dense_shape: str = "BH"  # which of B, H the dense mask has (others broadcast)
+    blocks: tuple[int, int, int, int] = (16, 16, 16, 16)  # fwd m, n; bwd n, m
+    strided_inputs: bool = False  # q/k/v as transposed views of (B, S, H, D) tensors
+    flag_last: bool = True  # whether the final step is called with last=True
+
+
+def _positions(case: Case, gen: torch.Generator):
+    if case.layout == "shuffled":
+        # arbitrary order inside blocks: tile bounds must not assume sorted positions
+        total = case.seq_len + (-case.seq_len) % case.world
+        perm = torch.randperm(total, generator=gen)
+        local = total // case.world
+        pos = [perm[r * local : (r + 1) * local] for r in range(case.world)]
+    else:
+        layout = make_layout(case.layout, case.seq_len, case.world)
+        pos = [layout.positions(r) for r in range(case.world)]
+    q_pos = pos[case.rank]
+    k_pos = [pos[(case.rank - case.first_source - s) % case.world] for s in range(case.steps)]
+    return q_pos, k_pos
+
+
+def _build(case: Case, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q_pos, k_pos = _positions(case, gen)
+    total = int(max(q_pos.max(), max(p.max() for p in k_pos))) + 1
+    B, H, Hkv, D = case.B, case.H, case.Hkv, case.D
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(case.dtype)
+
+    def heads_major(x):
+        # (B, S, heads, D) memory viewed as (B, heads, S, D): strides that are not contiguous
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if case.strided_inputs else x
+
+    q = heads_major(rand(B, H, len(q_pos), D))
+    ks = [heads_major(rand(B, Hkv, len(p), D)) for p in k_pos]
+    vs = [heads_major(rand(B, Hkv, len(p), D)) for p in k_pos]
+    dout = rand(B, H, len(q_pos), D)
+
+    doc_of = valid_of = dense_of = None
+    if case.docs:
+        # random document boundaries per batch element
+        starts = torch.rand(B, total, generator=gen) < 0.08
+        doc_of = torch.cumsum(starts.long(), dim=1)
+    if case.k_valid:
+        valid_of = torch.rand(B, total, generator=gen) < 0.8
+        valid_of[0] = False  # batch 0 sees no key at all: out 0, lse -inf, zero grads
+    if case.dense is not None:
+        shape = (B if "B" in case.dense_shape else 1, H if "H" in case.dense_shape else 1, total, total)
+        if case.dense == "bool":
+            dense_of = torch.rand(*shape, generator=gen) < 0.7
+        else:
+            dense_of = torch.randn(*shape, generator=gen) * 2
+            dense_of[torch.rand(*shape, generator=gen) < 0.2] = float("-inf")
+
+    masks = []
+    for kp in k_pos:
+        masks.append(
+            BlockMask(
+                q_pos=q_pos, k_pos=kp, seq_len=case.seq_len, causal=case.causal,
+                window_left=case.window[0], window_right=case.window[1],
+                q_doc=None if doc_of is None else doc_of[:, q_pos.clamp(max=total - 1)],
+                k_doc=None if doc_of is None else doc_of[:, kp.clamp(max=total - 1)],
+                k_valid=None if valid_of is None else valid_of[:, kp.clamp(max=total - 1)],
+                dense=None if dense_of is None else dense_of[:, :, q_pos][:, :, :, kp],
+            )
+        )  # fmt: skip
+    return q, ks, vs, dout, masks
+
+
+def _run(kernels, case: Case, q, ks, vs, dout, masks, scale: float, seed: int = 1):
+    state = kernels.forward_init(q)
+    for i, (k, v, m) in enumerate(zip(ks, vs, masks)):
+        kernels.forward_step(state, q, k, v, m, scale, last=case.flag_last and i == len(ks) - 1)
+    out, lse = kernels.forward_finish(state, q.dtype)
+    delta = kernels.backward_prepare(out, dout)
+    gen = torch.Generator().manual_seed(seed)
+    dq = torch.randn(q.shape, generator=gen)
+    dks = [torch.randn(k.shape, generator=gen) for k in ks]
+    dvs = [torch.randn(v.shape, generator=gen) for v in vs]
+    for k, v, m, dk, dv in zip(ks, vs, masks, dks, dvs):
+        kernels.backward_step(q, k, v, dout, lse, delta, m, scale, dq, dk, dv)
+    return dict(out=out, lse=lse, delta=delta, dq=dq, dk=torch.cat(dks, 2), dv=torch.cat(dvs, 2))
+
+
+def _check(case: Case, tf):
+    q, ks, vs, dout, masks = _build(case)
+    scale = case.D**-0.5
+    fm, fn, bn, bm = case.blocks
+    ours = _run(
+        tf.TritonKernels(tf.FwdConfig(fm, fn, 4, 1), tf.BwdConfig(bn, bm, 4, 1)),
+        case, q, ks, vs, dout, masks, scale,
+    )  # fmt: skip
+    ref = _run(ReferenceKernels(), case, q, ks, vs, dout, masks, scale)
+    tol = 2e-5 if case.dtype == torch.float32 else 4e-3
+    assert ours["out"].dtype == case.dtype and ours["out"].is_contiguous()
+    assert ours["lse"].dtype == torch.float32
+    for name, r in ref.items():
+        o = ours[name].float()
+        r = r.float()
+        assert not o.isnan().any(), f"{name}: NaN (unwritten or invalid)"
+        if name == "lse":
+            unseen = r == float("-inf")
+            assert torch.equal(o == float("-inf"), unseen), "lse: rows with no key differ"
+            o, r = o[~unseen], r[~unseen]
+        err = (o - r).norm() / r.norm().clamp_min(1e-6)
+        assert err < tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    return ref
+
+
+CASES = {
+    "none-one-step": Case(steps=1, H=2, Hkv=2),
+    "none-gqa4-hkv1": Case(H=4, Hkv=1, D=16, steps=3),
+    "causal-contiguous": Case(causal=True, steps=3, rank=2),
+    "causal-striped-fp16": Case(layout="striped", causal=True, dtype=torch.float16, steps=3),
+    "causal-zigzag": Case(layout="zigzag", causal=True, H=8, Hkv=2, steps=4, rank=1),
+    "causal-shuffled-d80": Case(layout="shuffled", causal=True, D=80, steps=2, B=1),
+    "causal-padding-keys": Case(causal=True, seq_len=141, rank=0, steps=4, layout="striped"),
+    "window-both-zigzag": Case(layout="zigzag", window=(9, 5), steps=3),
+    "window-left-causal-fp16": Case(causal=True, window=(20, -1), dtype=torch.float16, D=16),
+    "window-right-only": Case(window=(-1, 6), layout="striped", H=2, Hkv=1),
+    "docs": Case(docs=True, steps=3),
+    "docs-causal-striped": Case(docs=True, causal=True, layout="striped", H=4, Hkv=1),
+    "key-validity": Case(k_valid=True, steps=2),
+    "dense-bool-B": Case(dense="bool", dense_shape="B", steps=2),
+    "dense-bool-H-causal": Case(dense="bool", dense_shape="H", causal=True, H=4, Hkv=4),
+    "dense-additive-BH": Case(dense="additive", dense_shape="BH"),
+    "dense-additive-window-d80": Case(dense="additive", dense_shape="", window=(12, 12), D=80, B=1),
+    "combo-fp16-gqa": Case(causal=True, docs=True, k_valid=True, dense="bool", dense_shape="H",
+                           dtype=torch.float16, H=4, Hkv=1, seq_len=145, layout="zigzag"),  # fmt: skip
+    "unequal-tiles": Case(causal=True, blocks=(32, 16, 32, 16), steps=2),
+    "unequal-tiles-rev": Case(window=(15, 0), blocks=(16, 32, 16, 32), layout="striped"),
+    "strided-inputs": Case(causal=True, strided_inputs=True),
+    "no-last-flag": Case(causal=True, flag_last=False, steps=3, layout="zigzag"),
+}
+
+
+interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="runs in the interpreted child")
+
+
+@interpreted_only
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(tf, name):
+    _check(CASES[name], tf)
+
+
+@interpreted_only
+def test_rows_without_keys(tf):
+    """A first step that sees nothing (the block is in the queries' future) is carried through;
+    batch 0 has no valid key at all: out 0, lse -inf, zero grads."""
+    case = Case(causal=True, rank=1, first_source=-1, steps=2, k_valid=True)
+    ref = _check(case, tf)
+    assert (ref["lse"][0] == float("-inf")).all() and (ref["lse"][1] > float("-inf")).any()
+
+
+@interpreted_only
+def test_no_step(tf):
+    q = torch.randn(1, 2, 5, 16)
+    kernels = tf.TritonKernels()
+    out, lse = kernels.forward_finish(kernels.forward_init(q), q.dtype)
+    assert torch.equal(out, torch.zeros_like(q))
+    assert (lse == float("-inf")).all()
+
+
+@interpreted_only
+def test_skipped_tiles_are_skipped(tf):
+    """A causal key block wholly in the queries' future gives empty tile lists."""
+    q_pos, k_pos = torch.arange(64), torch.arange(64, 128)
+    mask = BlockMask(q_pos=q_pos, k_pos=k_pos, seq_len=128, causal=True)
+    lists = tf._tile_lists(mask, True, 16, 16, True)
+    assert lists.full_count.sum() == 0 and lists.part_count.sum() == 0
+    # and a block wholly in the past is all full tiles, none partial
+    mask = BlockMask(q_pos=k_pos, k_pos=q_pos, seq_len=128, causal=True)
+    lists = tf._tile_lists(mask, True, 16, 16, True)
+    assert lists.full_count.tolist() == [4] * 4 and lists.part_count.sum() == 0
