@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -31,6 +32,10 @@ from ringcompile.report import ExplainReport, GraphReport, readable_code
 __all__ = ["ring_backend", "ring_shard", "explain", "RingOptions"]
 
 log = logging.getLogger("ringcompile")
+if os.environ.get("RINGCOMPILE_LOG"):
+    # the log switch: every compiled graph's report on stderr
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.StreamHandler())
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
 

@@ -508,11 +508,7 @@ def _bwd_block(
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q)
-    dq = tl.dot(tl.trans(ds_t), k) * sm_scale
-    if EVEN_D and not CHECK_ROWS:
-        tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-    else:
-        tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+
     return dk, dv
 
 
