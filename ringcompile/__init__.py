@@ -8,10 +8,12 @@ autograd, behind ``attention.ring_attention``), which computes each step with th
 
 from ringcompile.attention import ring_attention
 from ringcompile.backend import explain, ring_backend, ring_shard
+from ringcompile.tree_decode import tree_attn_decode
 from ringcompile.layout import ContiguousLayout, Layout, StripedLayout, ZigzagLayout, make_layout
 
 __all__ = [
     "ring_attention",
+    "tree_attn_decode",
     "ring_backend",
     "ring_shard",
     "explain",

@@ -1,4 +1,4 @@
-"""Tree-attention decoding: attention of a few replicated queries over a KV cache sharded by sequence.
+"""Tree-attention decoding: a few replicated queries attend to a KV cache sharded by sequence.
 
 In decoding, every rank of the group holds the same new queries ``q`` (B, H, T, D) (T = 1, or a few
 for speculative decoding) and its own shard of the KV cache (B, Hkv, S_r, D); shards may differ in
@@ -13,15 +13,16 @@ results (Shyam et al., "Tree Attention", 2024), so no K/V ever moves:
 A rank with no visible key for a row has ``lse_r = -inf`` and weight 0; a row no rank can see gives
 0 (as SDPA's math backend does).
 
-The merge needs every rank's (o_r, lse_r). The paper reduces with two all-reduces (MAX of lse,
-then SUM of the rescaled numerator and denominator). Here it is ONE collective: each rank packs
-``[o_r, lse_r]`` into a (B, H, T, Dv + 1) buffer, a single all-gather gives every rank all W
-buffers, and each rank merges them locally (identically, so the result is the same everywhere).
-Bytes: each rank sends ``B*H*T*(Dv+1)`` elements of the accumulation dtype (4 bytes, 8 for float64)
-and receives ``W - 1`` times that, independent of the cache length; all-gathering the cache
-instead moves ``2*B*Hkv*S*D`` elements of the cache dtype. For decode-sized buffers the collective
-is latency-bound, so one all-gather beats two all-reduces; the all-gather's received volume grows
-with W, which only matters once ``W * B*H*T*(Dv+1)`` leaves the latency regime.
+The merge needs every rank's (o_r, lse_r). As all-reduces it takes two (MAX of lse, then SUM of
+the numerator and denominator rescaled by that max, as in the paper). Here it is ONE collective:
+each rank packs ``[o_r, lse_r]`` into a (B, H, T, Dv + 1) buffer, a single all-gather gives every
+rank all W buffers, and each rank merges them locally (identically, so the result is bit-identical
+everywhere). Bytes: each rank sends ``B*H*T*(Dv+1)`` elements of the accumulation dtype (4 bytes,
+8 for float64) and receives ``W - 1`` times that, independent of the cache length; all-gathering
+the cache instead has each rank receive ``2*B*Hkv*D`` elements of the cache dtype per key held
+elsewhere. Decode-sized buffers are latency-bound, so one all-gather beats two all-reduces; the
+all-gather's received volume grows with W, which matters only once ``W*B*H*T*(Dv+1)`` leaves the
+latency regime.
 
 The collective is a functional one (``_c10d_functional.all_gather_into_tensor``), so the whole
 function traces under ``torch.compile(fullgraph=True)``. It is for inference: it has no backward.
@@ -97,7 +98,8 @@ def tree_attn_decode(
 
 
 def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, is_causal):
-    """This shard's normalised output (B, H, T, Dv) and log-sum-exp (B, H, T), accumulation dtype."""
+    """This shard's normalised output (B, H, T, Dv) and log-sum-exp (B, H, T), both in the
+    accumulation dtype."""
     acc = torch.promote_types(q.dtype, torch.float32)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
