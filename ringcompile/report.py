@@ -34,6 +34,7 @@ class GraphReport:
     world_size: int = 1
     layout: str = ""
     attention: list[str] = field(default_factory=list)  # SDPA calls made ring attention
+    lifted: list[str] = field(default_factory=list)  # masks and K/V expansions recognised
     positions: list[str] = field(default_factory=list)  # position tensors fixed
     shards: list[str] = field(default_factory=list)  # full tensors sharded where they enter
     gathers: list[str] = field(default_factory=list)  # sharded values gathered, and why
@@ -48,6 +49,7 @@ class GraphReport:
         ]
         for title, items in (
             ("attention replaced", self.attention),
+            ("attention inputs recognised", self.lifted),
             ("positions fixed", self.positions),
             ("sharded where they enter", self.shards),
             ("gathered", self.gathers),

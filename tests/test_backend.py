@@ -112,6 +112,7 @@ def test_snapshot_computed_rope(gloo):
 ring graph: sequence of 16 tokens over 2 ranks, striped layout
 attention replaced: 1
   - out at ringcompile/testing_models.py:34: is_causal=True, no mask
+attention inputs recognised: none
 positions fixed: 1
   - arange (dim 0, positions) at ringcompile/testing_models.py:71
 sharded where they enter: 1
@@ -200,6 +201,7 @@ def test_snapshot_cached_rope(gloo):
 ring graph: sequence of 16 tokens over 2 ranks, striped layout
 attention replaced: 1
   - out at ringcompile/testing_models.py:34: is_causal=True, no mask
+attention inputs recognised: none
 positions fixed: 2
   - getitem_1 (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
   - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:70

@@ -46,12 +46,13 @@ def _repair_interpreter_scalars() -> None:
     import numpy as np
     from triton.runtime import interpreter
 
+    original = getattr(interpreter, "_patch_lang_tensor", None)
     try:
         int(np.zeros(1))
         return
     except TypeError:
-        pass
-    original = interpreter._patch_lang_tensor
+        if original is None:  # a Triton whose interpreter is organised differently
+            return
 
     def patch(tensor, scope):
         original(tensor, scope)
@@ -101,8 +102,10 @@ class Case:
     dense: str | None = None  # None | "bool" | "additive"
     dense_shape: str = "BH"  # which of B, H the dense mask has (others broadcast)
     blocks: tuple[int, int, int, int] = (16, 16, 16, 16)  # fwd m, n; bwd n, m
+    dq_kernel: bool = False  # dq from its own kernel instead of atomics in the dk/dv kernel
     strided_inputs: bool = False  # q/k/v as transposed views of (B, S, H, D) tensors
     flag_last: bool = True  # whether the final step is called with last=True
+    scale: float | None = None  # None: D ** -0.5
 
 
 def _positions(case: Case, gen: torch.Generator):
@@ -186,10 +189,11 @@ def _run(kernels, case: Case, q, ks, vs, dout, masks, scale: float, seed: int = 
 
 def _check(case: Case, tf):
     q, ks, vs, dout, masks = _build(case)
-    scale = case.D**-0.5
+    scale = case.D**-0.5 if case.scale is None else case.scale
     fm, fn, bn, bm = case.blocks
+    dq = tf.FwdConfig(fm, fn, 4, 1) if case.dq_kernel else None
     ours = _run(
-        tf.TritonKernels(tf.FwdConfig(fm, fn, 4, 1), tf.BwdConfig(bn, bm, 4, 1)),
+        tf.TritonKernels(tf.FwdConfig(fm, fn, 4, 1), tf.BwdConfig(bn, bm, 4, 1, dq=dq)),
         case, q, ks, vs, dout, masks, scale,
     )  # fmt: skip
     ref = _run(ReferenceKernels(), case, q, ks, vs, dout, masks, scale)
@@ -233,6 +237,11 @@ CASES = {
     "unequal-tiles-rev": Case(window=(15, 0), blocks=(16, 32, 16, 32), layout="striped"),
     "strided-inputs": Case(causal=True, strided_inputs=True),
     "no-last-flag": Case(causal=True, flag_last=False, steps=3, layout="zigzag"),
+    "negative-scale": Case(causal=True, scale=-0.2, steps=2),
+    "dq-kernel-causal-striped": Case(causal=True, layout="striped", dq_kernel=True, steps=3,
+                                     blocks=(32, 16, 16, 16)),  # fmt: skip
+    "dq-kernel-combo-d80": Case(window=(30, 2), docs=True, k_valid=True, dense="additive", D=80,
+                                dq_kernel=True, B=1, H=4, Hkv=1),  # fmt: skip
 }
 
 

@@ -18,7 +18,9 @@ element, so with any of them present every non-empty tile is partial.
 
 Backward. One program per (key tile, batch, KV head) accumulates dk/dv in registers over the G
 query heads of its group and over the query tiles in its lists (no K/V expansion, no race on
-dk/dv), then adds them into the fp32 accumulators; dq contributions are added with fp32 atomics.
+dk/dv), then adds them into the fp32 accumulators. dq contributions are added by the same programs
+with fp32 atomics (head dims up to 128), or, where that tile would not fit in registers (256),
+by a second kernel with one program per query tile that recomputes the scores.
 
 Precision. Operands of the dots are the input dtype; for bf16/fp16 the dots accumulate in fp32 and
 the probabilities are rounded to the input dtype before P·V (as FlashAttention does); for fp32
@@ -63,20 +65,24 @@ class BwdConfig:
     block_m: int  # query rows per inner iteration
     num_warps: int
     num_stages: int
+    # dq: None = added with atomics by the dk/dv programs; else a separate kernel with one program
+    # per query tile (no atomics, but Q·K^T and dO·V^T computed twice), tiled like the forward
+    dq: FwdConfig | None = None
+
+
+# Half-precision tiles were chosen on an H100 with ``benchmarks/bench_kernels.py --sweep`` (see
+# benchmarks/RESULTS.md); fp32 tiles are only sized to fit shared memory and registers.
 
 
 def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype) -> FwdConfig:
-    # Chosen on H100 with benchmarks/bench_kernels.py --sweep; shared memory bounds the larger dims.
     if dtype == torch.float32:
         if head_dim_padded <= 64:
             return FwdConfig(64, 64, 4, 2)
         if head_dim_padded <= 128:
             return FwdConfig(64, 32, 4, 2)
         return FwdConfig(32, 32, 4, 1)
-    if head_dim_padded <= 64:
-        return FwdConfig(128, 64, 4, 3)
     if head_dim_padded <= 128:
-        return FwdConfig(128, 64, 8, 3)
+        return FwdConfig(128, 64, 4, 3)
     return FwdConfig(64, 64, 4, 2)
 
 
@@ -87,11 +93,10 @@ def _default_bwd_config(head_dim_padded: int, dtype: torch.dtype) -> BwdConfig:
         if head_dim_padded <= 128:
             return BwdConfig(32, 32, 4, 1)
         return BwdConfig(32, 16, 4, 1)
-    if head_dim_padded <= 64:
-        return BwdConfig(128, 64, 8, 2)
     if head_dim_padded <= 128:
         return BwdConfig(128, 64, 8, 2)
-    return BwdConfig(64, 32, 8, 1)
+    # at 256 the dq tile pushes the dk/dv kernel into heavy spilling: dq gets its own kernel
+    return BwdConfig(64, 32, 8, 1, dq=FwdConfig(64, 64, 4, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,21 +145,24 @@ def _tile_lists_kernel(
         inside = cols < n_col_tiles
         c_lo = tl.load(col_lo_ptr + cols, mask=inside, other=_POS_HUGE)
         c_hi = tl.load(col_hi_ptr + cols, mask=inside, other=-_POS_HUGE)
-        c_full = tl.load(col_full_ptr + cols, mask=inside, other=0) != 0
+        c_full = tl.load(col_full_ptr + cols, mask=inside, other=0)
+        # the row's scalars as vectors: combining a scalar and a vector boolean with & gives an
+        # int32 vector in some Triton interpreters, which then refuse it as a mask
+        zero = tl.zeros([CHUNK], tl.int64)
         if ROWS_ARE_QUERIES:
-            q_lo = r_lo
-            q_hi = r_hi
+            q_lo = zero + r_lo
+            q_hi = zero + r_hi
             k_lo = c_lo
             k_hi = c_hi
         else:
             q_lo = c_lo
             q_hi = c_hi
-            k_lo = r_lo
-            k_hi = r_hi
+            k_lo = zero + r_lo
+            k_hi = zero + r_hi
         # A tile pair is skipped when one rule fails for every pair (necessary, not sufficient,
         # for emptiness when rules combine: such pairs go to the masked path, which is exact).
         visible = inside & (k_lo <= k_hi) & (q_lo <= q_hi)
-        full = c_full & r_full
+        full = (c_full.to(tl.int32) + r_full.to(tl.int32)) == 2
         if CAUSAL:
             visible = visible & (k_lo <= q_hi)
             full = full & (k_hi <= q_lo)
@@ -390,10 +398,11 @@ def _fwd_kernel(
         else:
             k = tl.load(k_base + kv_rows * stride_ks, mask=d_ok[None, :], other=0.0)
             v = tl.load(v_base + kv_rows * stride_vs, mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # max before scaling (qk_scale > 0): scaling and subtracting the max become one FMA
+        qk = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -478,6 +487,7 @@ def _bwd_block(
     k, v, dk, dv, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, row_ok, d_ok, keep,
     qk_scale, sm_scale, dense_bias,
     CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DENSE_ADD: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """One (key tile, query tile) pair of the backward, transposed: rows are keys."""
     if CHECK_ROWS:
@@ -508,7 +518,12 @@ def _bwd_block(
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q)
-
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+        if EVEN_D and not CHECK_ROWS:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -530,7 +545,7 @@ def _bwd_kernel(
     Sq, Sk, HKV, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -569,6 +584,7 @@ def _bwd_kernel(
                 DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
                 rows < Sq, d_ok, None, qk_scale, sm_scale, None,
                 CHECK_ROWS=False, EVEN_D=EVEN_D, MASKED=False, DENSE_ADD=False,
+                ATOMIC_DQ=ATOMIC_DQ,
             )  # fmt: skip
 
         k_pos = tl.load(k_pos_ptr + offs_n, mask=k_ok, other=0).to(tl.int32)
@@ -607,6 +623,7 @@ def _bwd_kernel(
                 DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
                 row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias,
                 CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True, DENSE_ADD=DENSE_KIND == 2,
+                ATOMIC_DQ=ATOMIC_DQ,
             )  # fmt: skip
 
         # This program alone owns these dk/dv rows: plain read-add-write.
@@ -614,6 +631,103 @@ def _bwd_kernel(
         dv_ptrs = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
         tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kv_mask, other=0.0) + dk * sm_scale, mask=kv_mask)
         tl.store(dv_ptrs, tl.load(dv_ptrs, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_dqb, stride_dqh, stride_dqs,
+    full_list, full_count, part_list, part_count, list_stride,
+    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right,
+    q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
+    k_valid_ptr, stride_kvb, stride_kvs,
+    dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    Sq, Sk, H, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr,
+):  # fmt: skip
+    """dq of one query tile over the key tiles of its lists (the forward's loop, recomputed)."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    n_full = tl.load(full_count + tile)
+    n_part = tl.load(part_count + tile)
+    if n_full + n_part > 0:
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D_PAD)
+        row_ok = offs_m < Sq
+        d_ok = offs_d < HEAD_DIM
+        io_mask = row_ok[:, None] & d_ok[None, :]
+        b64 = b.to(tl.int64)
+        q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qs
+                    + offs_d[None, :], mask=io_mask, other=0.0)  # fmt: skip
+        do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dos
+                     + offs_d[None, :], mask=io_mask, other=0.0)  # fmt: skip
+        lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=float("inf"))
+        m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
+        k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_d[None, :]
+        v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_d[None, :]
+        dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        for i in range(n_full):
+            n0 = tl.load(full_list + tile * list_stride + i) * BLOCK_N
+            kv_rows = (n0 + offs_n)[:, None]
+            if HEAD_DIM == D_PAD:
+                k = tl.load(k_base + kv_rows * stride_ks)
+                v = tl.load(v_base + kv_rows * stride_vs)
+            else:
+                k = tl.load(k_base + kv_rows * stride_ks, mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_base + kv_rows * stride_vs, mask=d_ok[None, :], other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - m2[:, None])
+            dp = tl.dot(do, tl.trans(v))
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
+            dq += tl.dot(ds, k)
+
+        q_pos = tl.load(q_pos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
+        if HAS_DOCS:
+            q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
+        for i in range(n_part):
+            n0 = tl.load(part_list + tile * list_stride + i) * BLOCK_N
+            offs_k = n0 + offs_n
+            k_ok = offs_k < Sk
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_k[:, None] * stride_ks, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * stride_vs, mask=kv_mask, other=0.0)
+            k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
+            keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
+                                   window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
+            if HAS_DOCS:
+                k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_k * stride_kds, mask=k_ok, other=0)
+                keep = keep & (q_doc[:, None] == k_doc[None, :])
+            if HAS_KVALID:
+                k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
+                keep = keep & (k_valid[None, :] != 0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if DENSE_KIND != 0:
+                m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
+                m_ptrs = m_ptrs + offs_m[:, None] * stride_mq + offs_k[None, :] * stride_mk
+                dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+                if DENSE_KIND == 1:
+                    keep = keep & (dense != 0)
+                else:
+                    s = s + dense.to(tl.float32) * 1.4426950408889634
+            p = tl.exp2(tl.where(keep, s, float("-inf")) - m2[:, None])
+            dp = tl.dot(do, tl.trans(v))
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
+            dq += tl.dot(ds, k)
+
+        # One program per (query tile, head): plain read-add-write.
+        dq_ptrs = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh
+        dq_ptrs = dq_ptrs + offs_m[:, None] * stride_dqs + offs_d[None, :]
+        tl.store(dq_ptrs, tl.load(dq_ptrs, mask=io_mask, other=0.0) + dq * sm_scale, mask=io_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -691,6 +805,9 @@ class TritonKernels:
         B, H, Sq, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
+        if scale < 0:
+            # the kernel needs a positive scale; (-q)·k * |scale| is the same score
+            q, scale = -q, -scale
         _check_offsets(q, k, v)
         d_pad = _head_dim_padded(D)
         cfg = self.fwd_config or _default_fwd_config(d_pad, q.dtype)
@@ -776,6 +893,24 @@ class TritonKernels:
                 *margs.kernel_args(),
                 Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-                **margs.kernel_flags(),
+                ATOMIC_DQ=cfg.dq is None, **margs.kernel_flags(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
+            if cfg.dq is not None:
+                dq_cfg = cfg.dq
+                lists = _tile_lists(mask, True, dq_cfg.block_m, dq_cfg.block_n,
+                                    not margs.elementwise_only)  # fmt: skip
+                _bwd_dq_kernel[(triton.cdiv(Sq, dq_cfg.block_m), B * H)](
+                    q, k, v, dout, lse, delta, dq,
+                    q.stride(0), q.stride(1), q.stride(2),
+                    k.stride(0), k.stride(1), k.stride(2),
+                    v.stride(0), v.stride(1), v.stride(2),
+                    dout.stride(0), dout.stride(1), dout.stride(2),
+                    dq.stride(0), dq.stride(1), dq.stride(2),
+                    lists.full, lists.full_count, lists.part, lists.part_count, lists.full.shape[1],
+                    *margs.kernel_args(),
+                    Sq, Sk, H, H // Hkv, scale * _LOG2E, scale,
+                    HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+                    **margs.kernel_flags(),
+                    num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+                )  # fmt: skip

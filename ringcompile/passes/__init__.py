@@ -4,13 +4,16 @@ Each pass is a function ``run(ctx: RingContext) -> None`` in its own module, who
 what it expects and what it guarantees, with the graph before and after. They run in this order:
 
 1. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
-2. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
-3. ``fix_positions``    — tensors of token positions (aranges, position ids, rotary tables sliced to
+2. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
+3. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
+                          key padding, documents);
+4. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
+5. ``fix_positions``    — tensors of token positions (aranges, position ids, rotary tables sliced to
                           the length) become this rank's global positions;
-4. ``shard_sequence``   — every other full tensor entering the sharded region is sharded, sizes
+6. ``shard_sequence``   — every other full tensor entering the sharded region is sharded, sizes
                           baked into views become local, and sharded values that leave are gathered;
-5. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
-6. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
+7. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
+8. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
 """
 
 from __future__ import annotations
@@ -18,15 +21,19 @@ from __future__ import annotations
 from ringcompile.passes import (
     find_attention,
     fix_positions,
+    lift_masks,
     plan_sequence,
     shard_sequence,
     swap_attention,
     sync_gradients,
+    unexpand_kv,
 )
 from ringcompile.passes.context import RingContext
 
 PASSES = [
     find_attention.run,
+    unexpand_kv.run,
+    lift_masks.run,
     plan_sequence.run,
     fix_positions.run,
     shard_sequence.run,
@@ -42,3 +49,6 @@ def run_passes(ctx: RingContext) -> None:
         p(ctx)
         ctx.gm.graph.lint()
     ctx.gm.recompile()
+    # gathers that only fed a lifted mask were removed with it: report the ones that run
+    alive = set(ctx.gm.graph.nodes)
+    ctx.report.gathers = [why for g, why in ctx.gather_reasons.items() if g in alive]

@@ -21,6 +21,26 @@ class AttentionSite:
     attn_mask: Node | None
     is_causal: bool
     seq_len: int
+    # set when lift_masks turns the dense mask into per-token facts
+    facts: "MaskFacts | None" = None
+
+
+@dataclass
+class MaskFacts:
+    """A dense mask recognised as per-token facts (what ``ring_attention`` takes instead)."""
+
+    is_causal: bool = False
+    window: tuple[int, int] | None = None
+    key_padding_mask: Node | None = None  # (B, S) bool, full
+    document_ids: Node | None = None  # (B, S) integers, full
+
+    def tensors(self) -> dict[str, Node]:
+        return {
+            name: n
+            for name, n in (("key_padding_mask", self.key_padding_mask),
+                            ("document_ids", self.document_ids))
+            if n is not None
+        }
 
 
 @dataclass
@@ -46,6 +66,13 @@ class RingContext:
     _shards: dict[tuple[Node, int], Node] = field(default_factory=dict)
     _gathers: dict[Node, Node] = field(default_factory=dict)
     _callables: dict[type, object] = field(default_factory=dict)
+    gather_reasons: dict[Node, str] = field(default_factory=dict)
+    # shard_sequence: local versions of each site's lifted mask tensors, for swap_attention
+    site_facts_local: dict[Node, dict[str, Node]] = field(default_factory=dict)
+
+    @property
+    def site_of(self) -> dict[Node, AttentionSite]:
+        return {s.node: s for s in self.sites}
 
     @property
     def gathered(self) -> dict[Node, Node]:
@@ -96,5 +123,5 @@ class RingContext:
                 self._gathers[node] = self.gm.graph.call_function(
                     self._bound(RingGather), (local, dim)
                 )
-            self.report.gathers.append(f"{node.name} (dim {dim}): {reason}")
+            self.gather_reasons[self._gathers[node]] = f"{node.name} (dim {dim}): {reason}"
         return self._gathers[node]

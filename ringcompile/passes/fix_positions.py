@@ -1,6 +1,6 @@
-"""Pass 3: tensors of token positions become this rank's global positions.
+"""Pass 5: tensors of token positions become this rank's global positions.
 
-Expects: ``ctx.shard_points`` with their kinds (pass 2).
+Expects: ``ctx.shard_points`` with their kinds (pass 4).
 Guarantees: each shard point that holds positions — an ``arange`` over the sequence or anything
 computed from one (cos/sin of rotary embeddings), a ``position_ids``/``cache_position`` input, a
 per-position table sliced to the length (``cos_cached[:S]``) — has a local version

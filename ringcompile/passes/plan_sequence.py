@@ -1,6 +1,6 @@
-"""Pass 2: which nodes compute on this rank's tokens, and where full tensors enter that region.
+"""Pass 4: which nodes compute on this rank's tokens, and where full tensors enter that region.
 
-Expects: ``ctx.sites`` (pass 1). Changes nothing in the graph.
+Expects: ``ctx.sites`` (passes 1–3). Changes nothing in the graph.
 Guarantees: ``ctx.demand[node] = dim`` for every node that will compute on local tokens (its
 output's sequence dim), found by walking back from each site's q, k, v (dim -2) and attention
 mask rows through ops that carry the sequence dim through (``dims.dim_map``);
@@ -58,6 +58,8 @@ def run(ctx: RingContext) -> None:
             ms = shape_of(site.attn_mask)
             if ms[-2] == S:  # mask rows are the queries: shard them; columns stay global
                 work.append((site.attn_mask, len(ms) - 2))
+        if site.facts is not None:
+            work += [(t, 1) for t in site.facts.tensors().values()]  # (B, S) per-token facts
 
     while work:
         node, dim = work.pop()

@@ -1,7 +1,7 @@
-"""Pass 4: the sharded region computes on local tokens; values that leave it are gathered.
+"""Pass 6: the sharded region computes on local tokens; values that leave it are gathered.
 
-Expects: ``ctx.demand``, ``ctx.shard_points`` (pass 2); position shard points already have local
-versions (pass 3).
+Expects: ``ctx.demand``, ``ctx.shard_points`` (pass 4); position shard points already have local
+versions (pass 5).
 Guarantees, walking the graph in order:
 - the remaining shard points (graph inputs, other full values) get ``ring_shard(x, dim)``;
 - a node in the region reads local versions of its inputs; a full input whose dim lines up with
@@ -25,7 +25,7 @@ from torch.fx import Node
 from torch.fx.node import map_arg
 
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.dims import dim_map, is_sdpa, shape_of, size_args
+from ringcompile.passes.dims import dim_map, shape_of, size_args
 from ringcompile.passes.find_attention import sdpa_args, source_line
 
 
@@ -37,13 +37,17 @@ def _describe(node: Node) -> str:
 def _local_plan(ctx: RingContext, node: Node, want: int | None):
     """How ``node`` runs on local tokens: (out_dim, {input: local replacement}) or None."""
     S = ctx.seq_len
-    if is_sdpa(node):
-        # q, k, v along their sequence (-2); a mask along its rows (its columns stay global)
+    site = ctx.site_of.get(node)
+    if site is not None:
+        # q, k, v along their sequence (-2); a mask along its rows (its columns stay global);
+        # lifted per-token facts (B, S) along their tokens
         a = sdpa_args(node)
         mask = a.get("attn_mask")
         mapping = [(a[n], {len(shape_of(a[n])) - 2: 2}) for n in ("query", "key", "value")]
-        if mask is not None and shape_of(mask)[-2] == S:
+        if site.attn_mask is not None and shape_of(mask)[-2] == S:
             mapping.append((mask, {len(shape_of(mask)) - 2: 2}))
+        facts = site.facts.tensors() if site.facts is not None else {}
+        mapping += [(t, {1: 2}) for t in facts.values()]
     else:
         mapping = dim_map(node)
     if mapping is None:
@@ -69,6 +73,8 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
     # inputs the map does not cover (an op's non-tensor or broadcast args) must not be local-only
     if any(a in ctx.local_only and a not in replace for a in node.all_input_nodes):
         return None
+    if site is not None:
+        ctx.site_facts_local[node] = {name: replace[t] for name, t in facts.items() if t in replace}
     return want, replace
 
 

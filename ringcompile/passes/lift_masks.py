@@ -1,0 +1,244 @@
+"""Pass 3: dense attention masks built from indices become per-token facts.
+
+Expects: ``ctx.sites`` (pass 1).
+Guarantees: a site whose ``attn_mask`` is computed, node by node, from index aranges, a key
+padding mask and packed-document ids — the way transformers builds causal, sliding-window,
+padding and packed-sequence masks — gets ``site.facts`` (causal, window, key padding, document
+ids) and no dense mask: no rank materialises S x S, and the ring skips steps and tiles the facts
+rule out. The mask is read symbolically, so the result is the same function, not a guess; anything
+else keeps the dense mask (this rank's rows over all keys: exact) and the report says why.
+
+What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
+or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
+bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (documents);
+``P[batch, kv] <= P[batch, q]`` of position ids when the documents are ``cumsum(diff(P) != 1)``
+(then within a document positions rise by one per token and the comparison is causality);
+``&``, ``.to``, ``expand`` and ``new_ones((), dtype=bool)``.
+
+    mask = (kv[None, None, None, :] <= q[None, None, :, None]) & am[b, kv]; sdpa(q, k, v, mask)
+    -> facts: is_causal=True, key_padding_mask=am
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from ringcompile.passes.context import MaskFacts, RingContext
+from ringcompile.passes.dims import shape_of
+from ringcompile.passes.find_attention import source_line
+
+_AXES = {0: "b", 2: "q", 3: "k"}  # mask dims: (batch, head, query, key)
+
+
+class NotLiftable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Vec:  # arange(n) + offset, not yet placed on a mask dim
+    n: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class _Index:  # an index of one mask axis, plus a constant
+    axis: str
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class _Gathered:  # T[batch, axis]: a per-token value of a (B, S) tensor
+    tensor: Node
+    axis: str
+
+
+@dataclass
+class _Facts:
+    left: int | None = None  # key >= query - left
+    right: int | None = None  # key <= query + right
+    valid: list[Node] = field(default_factory=list)
+    docs: list[Node] = field(default_factory=list)
+    position_causal: list[Node] = field(default_factory=list)  # P[kv] <= P[q] for these P
+
+    def __and__(self, other: "_Facts") -> "_Facts":
+        def tighter(a, b):
+            return b if a is None else a if b is None else min(a, b)
+
+        return _Facts(
+            tighter(self.left, other.left),
+            tighter(self.right, other.right),
+            self.valid + other.valid,
+            self.docs + other.docs,
+            self.position_causal + other.position_causal,
+        )
+
+
+_FLIP = {operator.le: operator.ge, operator.lt: operator.gt, operator.ge: operator.le,
+         operator.gt: operator.lt}
+
+
+def _root(node: Node) -> Node:
+    """The tensor under ``expand``/``to`` wrappers."""
+    while node.op == "call_method" and node.target in ("expand", "to"):
+        node = node.args[0]
+    return node
+
+
+def _is_document_ids_of(doc: Node, positions: Node) -> bool:
+    """``doc`` is ``cumsum(diff(P) != 1, -1)`` of the same position ids P."""
+    doc = _root(doc)
+    if not (doc.op == "call_method" and doc.target == "cumsum" and doc.args[1:] in ((-1,), (1,))):
+        return False
+    ne = doc.args[0]
+    if not (ne.op == "call_function" and ne.target in (operator.ne, torch.ne) and ne.args[1] == 1):
+        return False
+    diff = ne.args[0]
+    return (
+        diff.op == "call_function"
+        and diff.target is torch.diff
+        and _root(diff.args[0]) is _root(positions)
+        and diff.kwargs.get("dim", -1) in (-1, 1)
+    )
+
+
+class _Reader:
+    def __init__(self, batch: int, seq_len: int):
+        self.B, self.S = batch, seq_len
+        self.memo: dict[Node, object] = {}
+
+    def read(self, node) -> object:
+        if not isinstance(node, Node):
+            return node
+        if node not in self.memo:
+            self.memo[node] = self._read(node)
+        return self.memo[node]
+
+    def _read(self, n: Node) -> object:
+        t = n.target
+        if n.op == "call_function" and t is torch.arange:
+            if len(n.args) != 1 or n.args[0] not in (self.B, self.S):
+                raise NotLiftable(f"{n.name}: an arange other than arange(S) or arange(B)")
+            return _Vec(n.args[0])
+        if n.op == "call_method" and t == "new_ones" and n.args[1:] in ((()), ((),)):
+            if n.kwargs.get("dtype") is torch.bool:
+                return _Facts()
+        if n.op == "call_method" and t in ("to", "expand", "bool"):
+            return self.read(n.args[0])
+        if n.op == "call_function" and t in (operator.add, operator.sub):
+            a, c = self.read(n.args[0]), self.read(n.args[1])
+            if isinstance(a, (_Vec, _Index)) and isinstance(c, int):
+                off = a.offset + (c if t is operator.add else -c)
+                return _Vec(a.n, off) if isinstance(a, _Vec) else _Index(a.axis, off)
+        if n.op == "call_function" and t is operator.getitem:
+            return self._index(n)
+        if n.op == "call_function" and t in (operator.and_, torch.logical_and, torch.bitwise_and):
+            a, b = self.read(n.args[0]), self.read(n.args[1])
+            if isinstance(a, _Facts) and isinstance(b, _Facts):
+                return a & b
+        if n.op == "call_function" and t in _FLIP:
+            return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
+        if n.op == "call_function" and t in (operator.eq, torch.eq):
+            a, b = self.read(n.args[0]), self.read(n.args[1])
+            if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
+                    and {a.axis, b.axis} == {"q", "k"}):
+                return _Facts(docs=[a.tensor])
+        raise NotLiftable(f"{n.name} ({n.op} {getattr(t, '__name__', t)}) is not an index rule")
+
+    def _index(self, n: Node) -> object:
+        src, idx = n.args
+        try:
+            base = self.read(src)
+        except NotLiftable:
+            base = None  # an ordinary tensor, indexed by token below
+        if isinstance(base, _Vec) and isinstance(idx, tuple) and len(idx) == 4:
+            placed = [d for d, i in enumerate(idx) if i == slice(None)]
+            if len(placed) == 1 and all(i is None for d, i in enumerate(idx) if d != placed[0]):
+                axis = _AXES.get(placed[0])
+                size = self.B if axis == "b" else self.S
+                if axis is not None and base.n == size:
+                    return _Index(axis, base.offset)
+        if isinstance(src, Node) and base is None and isinstance(idx, tuple) and len(idx) == 2:
+            b, tok = (self.read(i) for i in idx)
+            if (b == _Index("b") and isinstance(tok, _Index) and tok.offset == 0
+                    and tok.axis in "qk" and shape_of(src) == (self.B, self.S)):
+                if src.meta["example_value"].dtype == torch.bool:
+                    if tok.axis != "k":
+                        raise NotLiftable(f"{n.name}: a padding mask read by query")
+                    return _Facts(valid=[src])
+                return _Gathered(src, tok.axis)
+        raise NotLiftable(f"{n.name}: indexing that is not T[batch, q or kv]")
+
+    def _compare(self, n: Node, op, a, b) -> _Facts:
+        if isinstance(a, _Index) and isinstance(b, _Index) and {a.axis, b.axis} == {"q", "k"}:
+            if a.axis == "q":
+                a, b, op = b, a, _FLIP[op]
+            c = b.offset - a.offset  # key  op  query + c
+            right = {operator.le: c, operator.lt: c - 1}.get(op)
+            left = {operator.ge: -c, operator.gt: -c - 1}.get(op)
+            if (right is not None and right < 0) or (left is not None and left < 0):
+                raise NotLiftable(f"{n.name}: a window that excludes the diagonal")
+            return _Facts(left=left, right=right)
+        if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
+                and {a.axis, b.axis} == {"q", "k"}):
+            if a.axis == "q":
+                a, b, op = b, a, _FLIP[op]
+            if op is operator.le:
+                return _Facts(position_causal=[a.tensor])
+        raise NotLiftable(f"{n.name}: a comparison other than key vs query position")
+
+
+def lift(mask: Node, batch: int, seq_len: int) -> MaskFacts:
+    """The per-token facts that compute ``mask`` exactly, or NotLiftable with the reason."""
+    ms = shape_of(mask)
+    if ms is None or len(ms) != 4 or ms[2:] != (seq_len, seq_len) or ms[1] != 1:
+        raise NotLiftable(f"mask shape {ms} is not (B, 1, S, S)")
+    if mask.meta["example_value"].dtype != torch.bool:
+        raise NotLiftable("not a boolean mask")
+    facts = _Reader(batch, seq_len).read(mask)
+    if not isinstance(facts, _Facts):
+        raise NotLiftable("the mask is not a conjunction of index rules")
+    if len(facts.valid) > 1 or len(facts.docs) > 1:
+        raise NotLiftable("several padding masks or document ids")
+    causal = facts.right == 0
+    for p in facts.position_causal:
+        # P[kv] <= P[q] is causality only inside documents where P rises one by one
+        if not (facts.docs and _is_document_ids_of(facts.docs[0], p)):
+            raise NotLiftable(f"causality by position ids {p.name} without documents derived from them")
+        causal = True
+    window = None
+    if facts.left is not None or (facts.right is not None and facts.right > 0):
+        window = (
+            facts.left if facts.left is not None else -1,
+            -1 if causal or facts.right is None else facts.right,
+        )
+    return MaskFacts(
+        is_causal=causal,
+        window=window,
+        key_padding_mask=facts.valid[0] if facts.valid else None,
+        document_ids=facts.docs[0] if facts.docs else None,
+    )
+
+
+def run(ctx: RingContext) -> None:
+    for site in ctx.sites:
+        if site.attn_mask is None:
+            continue
+        where = f"{site.node.name} at {source_line(site.node)}"
+        try:
+            facts = lift(site.attn_mask, shape_of(site.q)[0], ctx.seq_len)
+        except NotLiftable as why:
+            ctx.report.fallbacks.append(
+                f"{where}: dense mask kept (this rank's rows over all keys): {why}"
+            )
+            continue
+        mask_name = site.attn_mask.name
+        site.facts, site.attn_mask = facts, None
+        parts = ["causal" if facts.is_causal else "bidirectional"]
+        if facts.window:
+            parts.append(f"window {facts.window}")
+        parts += [f"{k}={n.name}" for k, n in facts.tensors().items()]
+        ctx.report.lifted.append(f"{where}: mask {mask_name} -> " + ", ".join(parts))

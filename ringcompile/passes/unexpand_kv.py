@@ -1,0 +1,82 @@
+"""Pass 2: K/V expanded for grouped-query attention go back to their KV heads.
+
+Expects: ``ctx.sites`` (pass 1).
+Guarantees: a site whose k and v are ``repeat_kv``-style expansions of (B, Hkv, S, D) tensors —
+``x[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D)``, as transformers writes it —
+reads the unexpanded tensors with ``enable_gqa=True``. That is the same attention (query head i
+reads KV head ``i // n`` either way), and only the Hkv heads travel around the ring. The
+expansion itself is left for dead-code elimination.
+
+    key = k[:, :, None].expand(2, 2, 4, S, 8).reshape(2, 8, S, 8); sdpa(q, key, value, ...)
+    -> sdpa(q, k, v, ..., enable_gqa=True)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Node
+
+from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import shape_of
+from ringcompile.passes.find_attention import source_line
+
+
+def _is_head_unsqueeze(node: Node) -> Node | None:
+    """``x[:, :, None]`` (any spelling) of a 4-D x: the input x, else None."""
+    if node.op == "call_method" and node.target == "unsqueeze" and node.args[1:] == (2,):
+        return node.args[0]
+    if node.op == "call_function" and node.target is operator.getitem:
+        idx = node.args[1]
+        full = slice(None)
+        if isinstance(idx, tuple) and idx[:3] == (full, full, None) and all(
+            i == full or i is Ellipsis for i in idx[3:]
+        ):
+            return node.args[0]
+    return None
+
+
+def unexpanded(node: Node) -> tuple[Node, int] | None:
+    """``(x, n)`` if ``node`` is ``x`` (B, Hkv, S, D) with each head repeated n times in place."""
+    if not (
+        (node.op == "call_method" and node.target in ("reshape", "view"))
+        or (node.op == "call_function" and node.target is torch.reshape)
+    ):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, Node) and expand.op == "call_method" and expand.target == "expand"):
+        return None
+    x = _is_head_unsqueeze(expand.args[0])
+    if x is None:
+        return None
+    xs, es, out = shape_of(x), shape_of(expand), shape_of(node)
+    if xs is None or len(xs) != 4 or len(es) != 5:
+        return None
+    B, hkv, S, D = xs
+    n = es[2]
+    if es != (B, hkv, n, S, D) or out != (B, hkv * n, S, D):
+        return None
+    return x, n
+
+
+def run(ctx: RingContext) -> None:
+    for site in ctx.sites:
+        k, v = unexpanded(site.k), unexpanded(site.v)
+        if k is None or v is None or k[1] != v[1]:
+            continue
+        node = site.node
+        site.k, site.v = k[0], v[0]
+        args = list(node.args)
+        kwargs = dict(node.kwargs)
+        for i, name, new in ((1, "key", site.k), (2, "value", site.v)):
+            if len(args) > i:
+                args[i] = new
+            else:
+                kwargs[name] = new
+        kwargs["enable_gqa"] = True
+        node.args, node.kwargs = tuple(args), kwargs
+        ctx.report.lifted.append(
+            f"{node.name} at {source_line(node)}: K/V expanded {k[1]}x by repeat_kv; "
+            f"{shape_of(site.k)[1]} KV heads travel"
+        )
