@@ -1,0 +1,261 @@
+"""Attention kernels side by side on one GPU: ours (one rank, whole sequence) against SDPA's cuDNN,
+flash and memory-efficient backends and the seed package (ring-attention-pytorch's Triton kernel).
+
+TFLOP/s count 4*B*H*S^2*D per forward (x1/2 causal) and 2.5x that for the backward; medians of
+triton.testing.do_bench. SDPA gets K/V already expanded to the query heads (repeat_interleave,
+outside the timed region); ours and the seed read the grouped K/V. Ours' forward is
+forward_init + forward_step(last=True) + forward_finish; its backward is backward_prepare plus
+one backward_step into fresh zeroed fp32 accumulators (the zeroing is timed too).
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--sweep] [--only ours,cudnn,...]
+
+--sweep times tile configurations of ours instead (forward and backward separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+from ringcompile.kernels.triton_flash import BwdConfig, FwdConfig, TritonKernels
+from ringcompile.masks import BlockMask
+
+SHAPES = [  # (B, H, Hkv, S, D)
+    (1, 32, 8, 8192, 128),
+    (1, 32, 8, 32768, 128),
+    (4, 16, 16, 8192, 64),
+]
+PLOT_SEQ = [2048, 4096, 8192, 16384, 32768]  # (1, 32, 8, S, 128) causal, for the plot
+IMPLS = ["ours", "cudnn", "flash", "efficient", "seed"]
+
+
+def flops(B, H, S, D, causal, mode):
+    f = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
+    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def bench(fn, rep_ms):
+    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def make_inputs(B, H, Hkv, S, D, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=g, dtype=dtype)
+
+    return r(B, H, S, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(B, H, S, D)
+
+
+def ours_fns(q, k, v, dout, causal, kernels=None):
+    kernels = kernels or TritonKernels()
+    S, D = q.shape[2], q.shape[3]
+    pos = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=causal)
+    scale = D**-0.5
+
+    def fwd():
+        state = kernels.forward_init(q)
+        kernels.forward_step(state, q, k, v, mask, scale, last=True)
+        return kernels.forward_finish(state, q.dtype)
+
+    def bwd(out, lse):
+        delta = kernels.backward_prepare(out, dout)
+        dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
+        dk = torch.zeros(k.shape, device="cuda", dtype=torch.float32)
+        dv = torch.zeros(v.shape, device="cuda", dtype=torch.float32)
+        kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)
+
+    def fwd_bwd():
+        out, lse = fwd()
+        bwd(out, lse)
+
+    return fwd, fwd_bwd, bwd
+
+
+def sdpa_fns(q, k, v, dout, causal, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    G = q.shape[1] // k.shape[1]
+    qg = q.detach().requires_grad_()
+    kg = k.repeat_interleave(G, 1).detach().requires_grad_()
+    vg = v.repeat_interleave(G, 1).detach().requires_grad_()
+    sdp = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+           "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]  # fmt: skip
+
+    def fwd():
+        with sdpa_kernel(sdp), torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+
+    def fwd_bwd():
+        with sdpa_kernel(sdp):
+            out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+        torch.autograd.grad(out, (qg, kg, vg), dout)
+
+    return fwd, fwd_bwd
+
+
+def seed_fns(q, k, v, dout, causal):
+    # The seed's layout is (batch, seq, heads, dim); its GQA groups heads differently from SDPA,
+    # which changes no timing.
+    from ring_attention_pytorch import ring_flash_attn_cuda
+
+    qs, ks, vs, dos = (t.transpose(1, 2).contiguous() for t in (q, k, v, dout))
+    qs.requires_grad_()
+    ks.requires_grad_()
+    vs.requires_grad_()
+    bucket = 1024
+
+    def fwd():
+        with torch.no_grad():
+            return ring_flash_attn_cuda(qs, ks, vs, None, causal, bucket)
+
+    def fwd_bwd():
+        out = ring_flash_attn_cuda(qs, ks, vs, None, causal, bucket)
+        torch.autograd.grad(out, (qs, ks, vs), dos)
+
+    return fwd, fwd_bwd
+
+
+def impl_fns(name, q, k, v, dout, causal):
+    if name == "ours":
+        return ours_fns(q, k, v, dout, causal)[:2]
+    if name == "seed":
+        return seed_fns(q, k, v, dout, causal)
+    return sdpa_fns(q, k, v, dout, causal, name)
+
+
+def measure(name, shape, causal, modes=("fwd", "fwd+bwd")):
+    B, H, Hkv, S, D = shape
+    q, k, v, dout = make_inputs(B, H, Hkv, S, D)
+    res = {}
+    try:
+        fns = dict(zip(("fwd", "fwd+bwd"), impl_fns(name, q, k, v, dout, causal)))
+        for mode in modes:
+            rep = 400 if S >= 32768 else 150
+            ms = bench(fns[mode], rep)
+            res[mode] = (ms, flops(B, H, S, D, causal, mode) / ms * 1e-9)
+    except Exception as e:  # an implementation that cannot run a shape is reported, not fatal
+        res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    del q, k, v, dout
+    torch.cuda.empty_cache()
+    return res
+
+
+def sweep(out_dir):
+    """Tile configurations of ours, forward and backward timed on their own."""
+    F, Bw = FwdConfig, BwdConfig
+    plan = [
+        ((1, 32, 8, 32768, 128),
+         [F(128, 64, 4, 3), F(128, 64, 4, 4), F(128, 64, 8, 3), F(128, 128, 8, 3), F(64, 64, 4, 3)],
+         [Bw(128, 64, 8, 2), Bw(128, 64, 8, 2, dq=F(128, 64, 8, 2)), Bw(64, 64, 8, 2)]),
+        ((1, 16, 4, 8192, 256),
+         [F(64, 64, 4, 2), F(64, 32, 4, 2)],
+         [Bw(64, 32, 8, 1), Bw(64, 32, 8, 1, dq=F(64, 64, 4, 2))]),
+    ]  # fmt: skip
+    rows = []
+    for shape, fwd_cfgs, bwd_cfgs in plan:
+        B, H, Hkv, S, D = shape
+        q, k, v, dout = make_inputs(B, H, Hkv, S, D)
+        ff = flops(B, H, S, D, True, "fwd")
+        for cfg in fwd_cfgs:
+            try:
+                fwd, _, _ = ours_fns(q, k, v, dout, True, TritonKernels(fwd_config=cfg))
+                ms = bench(fwd, 200)
+                rows.append(dict(shape=shape, kind="fwd", cfg=str(cfg), ms=ms, tflops=ff / ms * 1e-9))
+            except Exception as e:
+                rows.append(dict(shape=shape, kind="fwd", cfg=str(cfg), error=str(e)[:200]))
+            print(rows[-1], flush=True)
+        out, lse = ours_fns(q, k, v, dout, True)[0]()
+        for cfg in bwd_cfgs:
+            try:
+                _, _, bwd = ours_fns(q, k, v, dout, True, TritonKernels(bwd_config=cfg))
+                ms = bench(lambda: bwd(out, lse), 300)
+                rows.append(dict(shape=shape, kind="bwd", cfg=str(cfg), ms=ms,
+                                 tflops=2.5 * ff / ms * 1e-9))  # fmt: skip
+            except Exception as e:
+                rows.append(dict(shape=shape, kind="bwd", cfg=str(cfg), error=str(e)[:200]))
+            print(rows[-1], flush=True)
+        del q, k, v, dout, out, lse
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def plot(points, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for name in IMPLS:
+            xs = [S for S in PLOT_SEQ if mode in points.get((name, S), {})]
+            ys = [points[(name, S)][mode][1] for S in xs]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"{mode}, causal, B=1 H=32 Hkv=8 D=128 bf16")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--only", default=",".join(IMPLS))
+    args = ap.parse_args()
+    print(f"torch {torch.__version__} triton {triton.__version__} cudnn "
+          f"{torch.backends.cudnn.version()} device {torch.cuda.get_device_name()}", flush=True)  # fmt: skip
+    if args.sweep:
+        sweep(args.out)
+        return
+    impls = args.only.split(",")
+    table = []
+    for shape in SHAPES:
+        for causal in (True, False):
+            for name in impls:
+                res = measure(name, shape, causal)
+                table.append(dict(impl=name, shape=shape, causal=causal, **res))
+                print(table[-1], flush=True)
+    points = {}
+    for S in PLOT_SEQ:
+        for name in impls:
+            if S in (8192, 32768):
+                hit = [r for r in table if r["impl"] == name and r["shape"] == (1, 32, 8, S, 128)
+                       and r["causal"]]  # fmt: skip
+                points[(name, S)] = {m: hit[0][m] for m in ("fwd", "fwd+bwd") if m in hit[0]}
+            else:
+                points[(name, S)] = measure(name, (1, 32, 8, S, 128), True)
+    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+        json.dump(dict(table=table, plot={f"{n}/{S}": p for (n, S), p in points.items()}), f,
+                  indent=1)  # fmt: skip
+    plot(points, os.path.join(args.out, "bench_kernels.png"))
+
+    print("\nTFLOP/s: fwd+bwd fwd")
+    print("| B,H,Hkv,S,D | causal | " + " | ".join(impls) + " |")
+    print("|---|---|" + "---|" * len(impls))
+    for shape in SHAPES:
+        for causal in (True, False):
+            cells = []
+            for name in impls:
+                r = [t for t in table if t["impl"] == name and t["shape"] == shape
+                     and t["causal"] == causal][0]  # fmt: skip
+                cells.append(" ".join(f"{r[m][1]:.0f}" if m in r else "n/a" for m in ("fwd+bwd", "fwd")))
+            print(f"| {','.join(map(str, shape))} | {'yes' if causal else 'no'} | "
+                  + " | ".join(cells) + " |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""A ring of W virtual ranks on one GPU: how much of the monolithic kernel's speed a ring keeps.
+
+W = 8 ranks, 8192 tokens each (65,536 in all), B=1, H=32, Hkv=8, D=128, bf16, causal. For every
+layout, rank r at ring step s attends its queries to the key block of rank (r - s) mod W, with
+that pair's BlockMask (positions from ``make_layout(name, S, W).positions(r)``). Steps whose
+blocks no query can see (``position_rule_allows`` is false) cost nothing, as the ring op skips
+them. Each (rank, step) is timed alone (median of triton.testing.do_bench, L2 flushed), forward
+(forward_step; the first step starts the state, the rank's last visible step writes the output)
+and backward (backward_step; step 0 also pays backward_prepare). No communication.
+
+critical path = sum over steps of the slowest rank's time at that step;
+ideal = our monolithic causal kernel on all 65,536 tokens / W;
+efficiency = ideal / critical path.
+
+    PYTHONPATH=. python benchmarks/bench_ring_sim.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+
+from ringcompile.kernels.triton_flash import TritonForwardState, TritonKernels
+from ringcompile.layout import make_layout
+from ringcompile.masks import BlockMask, position_rule_allows
+
+W, LOCAL, H, HKV, D = 8, 8192, 32, 8, 128
+S = W * LOCAL
+LAYOUTS = ["contiguous", "striped", "zigzag"]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=15, rep=60, return_mode="median")
+
+
+def rand(*shape):
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+
+def monolithic(kernels, scale):
+    q, k, v, dout = rand(1, H, S, D), rand(1, HKV, S, D), rand(1, HKV, S, D), rand(1, H, S, D)
+    pos = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+
+    def fwd():
+        state = kernels.forward_init(q)
+        kernels.forward_step(state, q, k, v, mask, scale, last=True)
+        return kernels.forward_finish(state, q.dtype)
+
+    out, lse = fwd()
+    dq = torch.zeros(q.shape, device="cuda")
+    dk = torch.zeros(k.shape, device="cuda")
+    dv = torch.zeros(v.shape, device="cuda")
+
+    def bwd():
+        delta = kernels.backward_prepare(out, dout)
+        kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)
+
+    t_fwd = triton.testing.do_bench(fwd, warmup=50, rep=400, return_mode="median")
+    t_bwd = triton.testing.do_bench(bwd, warmup=50, rep=600, return_mode="median")
+    return t_fwd, t_bwd
+
+
+def ring(kernels, layout_name, scale):
+    lay = make_layout(layout_name, S, W)
+    pos = [lay.positions(r, "cuda") for r in range(W)]
+    qs = [rand(1, H, LOCAL, D) for _ in range(W)]
+    ks = [rand(1, HKV, LOCAL, D) for _ in range(W)]
+    vs = [rand(1, HKV, LOCAL, D) for _ in range(W)]
+    douts = [rand(1, H, LOCAL, D) for _ in range(W)]
+    fwd_t = [[0.0] * W for _ in range(W)]  # [step][rank]
+    bwd_t = [[0.0] * W for _ in range(W)]
+    for r in range(W):
+        q, dout = qs[r], douts[r]
+        visible = []
+        for s in range(W):
+            src = (r - s) % W
+            if position_rule_allows(pos[r].cpu(), pos[src].cpu(), S, True, -1, -1):
+                visible.append(s)
+        out = rand(1, H, LOCAL, D)
+        lse = torch.randn(1, H, LOCAL, device="cuda")
+        dq = torch.zeros(q.shape, device="cuda")
+        for s in visible:
+            src = (r - s) % W
+            k, v = ks[src], vs[src]
+            mask = BlockMask(q_pos=pos[r], k_pos=pos[src], seq_len=S, causal=True)
+            first, last = s == visible[0], s == visible[-1]
+            state_out = torch.zeros(q.shape, device="cuda")
+            state_lse = torch.zeros(q.shape[:3], device="cuda")
+
+            def fwd():
+                # a state as the ring has it before this step
+                state = TritonForwardState(q.shape, state_lse, None if first else state_out,
+                                           steps=0 if first else 1)  # fmt: skip
+                kernels.forward_step(state, q, k, v, mask, scale, last=last)
+
+            dk = torch.zeros(k.shape, device="cuda")
+            dv = torch.zeros(v.shape, device="cuda")
+
+            def bwd():
+                delta = kernels.backward_prepare(out, dout) if first else delta_once
+                kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)
+
+            delta_once = kernels.backward_prepare(out, dout)
+            fwd_t[s][r] = bench(fwd)
+            bwd_t[s][r] = bench(bwd)
+    return fwd_t, bwd_t
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    xs = range(len(LAYOUTS))
+    for i, mode in enumerate(("fwd", "fwd+bwd")):
+        vals = [100 * results[name][mode]["efficiency"] for name in LAYOUTS]
+        bars = ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=mode)
+        ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    ax.set_xticks(list(xs), LAYOUTS)
+    ax.set_ylabel("efficiency: monolithic / W over critical path (%)")
+    ax.set_ylim(0, 110)
+    ax.set_title(f"ring of {W} virtual ranks, {LOCAL} tokens each, causal, H=32 Hkv=8 D=128 bf16",
+                 fontsize=9)  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    kernels = TritonKernels()
+    scale = D**-0.5
+    print(f"torch {torch.__version__} triton {triton.__version__} device "
+          f"{torch.cuda.get_device_name()}", flush=True)  # fmt: skip
+    mono_fwd, mono_bwd = monolithic(kernels, scale)
+    torch.cuda.empty_cache()
+    flops_fwd = 4 * H * S * S * D / 2
+    print(f"monolithic S={S}: fwd {mono_fwd:.2f} ms ({flops_fwd / mono_fwd * 1e-9:.0f} TFLOP/s), "
+          f"fwd+bwd {mono_fwd + mono_bwd:.2f} ms "
+          f"({3.5 * flops_fwd / (mono_fwd + mono_bwd) * 1e-9:.0f} TFLOP/s)", flush=True)  # fmt: skip
+    results = {}
+    for name in LAYOUTS:
+        fwd_t, bwd_t = ring(kernels, name, scale)
+        torch.cuda.empty_cache()
+        crit_fwd = sum(max(row) for row in fwd_t)
+        # the backward is a second pass around the ring: its critical path adds to the forward's
+        crit_all = crit_fwd + sum(max(row) for row in bwd_t)
+        results[name] = {
+            "fwd": {"critical_ms": crit_fwd, "efficiency": mono_fwd / W / crit_fwd},
+            "fwd+bwd": {"critical_ms": crit_all,
+                        "efficiency": (mono_fwd + mono_bwd) / W / crit_all},  # fmt: skip
+            "fwd_ms": fwd_t,
+            "bwd_ms": bwd_t,
+        }
+        print(f"{name}: fwd critical {crit_fwd:.2f} ms, efficiency "
+              f"{100 * results[name]['fwd']['efficiency']:.1f}%; fwd+bwd critical {crit_all:.2f} ms, "
+              f"efficiency {100 * results[name]['fwd+bwd']['efficiency']:.1f}%", flush=True)  # fmt: skip
+    results["monolithic"] = {"fwd_ms": mono_fwd, "bwd_ms": mono_bwd}
+    with open(os.path.join(args.out, "bench_ring_sim.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, os.path.join(args.out, "bench_ring_sim.png"))
+
+    print(f"\n| mode | ideal (mono / {W}) | " + " | ".join(LAYOUTS) + " |")
+    print("|---|---|" + "---|" * len(LAYOUTS))
+    for mode, ideal in (("fwd", mono_fwd / W), ("fwd+bwd", (mono_fwd + mono_bwd) / W)):
+        cells = [f"{100 * results[n][mode]['efficiency']:.1f}% ({results[n][mode]['critical_ms']:.1f} ms)"
+                 for n in LAYOUTS]  # fmt: skip
+        print(f"| {mode} | {ideal:.1f} ms | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
