@@ -8,8 +8,10 @@ forward_init + forward_step(last=True) + forward_finish; its backward is backwar
 one backward_step into fresh zeroed fp32 accumulators (the zeroing is timed too).
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--sweep] [--only ours,cudnn,...]
+    python benchmarks/bench_kernels.py --replot DIR   # the plot from DIR/bench_kernels.json
 
---sweep times tile configurations of ours instead (forward and backward separately).
+--sweep times tile configurations of ours instead (forward and backward separately). The plot
+needs matplotlib; where it is missing (the GPU image) the JSON is written and --replot draws it.
 """
 
 from __future__ import annotations
@@ -215,7 +217,15 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--only", default=",".join(IMPLS))
+    ap.add_argument("--replot", metavar="DIR")
     args = ap.parse_args()
+    if args.replot:
+        with open(os.path.join(args.replot, "bench_kernels.json")) as f:
+            saved = json.load(f)["plot"]
+        points = {(key.split("/")[0], int(key.split("/")[1])): {m: tuple(v) for m, v in p.items()}
+                  for key, p in saved.items()}  # fmt: skip
+        plot(points, os.path.join(args.replot, "bench_kernels.png"))
+        return
     print(f"torch {torch.__version__} triton {triton.__version__} cudnn "
           f"{torch.backends.cudnn.version()} device {torch.cuda.get_device_name()}", flush=True)  # fmt: skip
     if args.sweep:
@@ -241,7 +251,10 @@ def main():
     with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
         json.dump(dict(table=table, plot={f"{n}/{S}": p for (n, S), p in points.items()}), f,
                   indent=1)  # fmt: skip
-    plot(points, os.path.join(args.out, "bench_kernels.png"))
+    try:
+        plot(points, os.path.join(args.out, "bench_kernels.png"))
+    except ImportError:
+        print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
 
     print("\nTFLOP/s: fwd+bwd fwd")
     print("| B,H,Hkv,S,D | causal | " + " | ".join(impls) + " |")

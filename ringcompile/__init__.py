@@ -11,6 +11,18 @@ from ringcompile.backend import explain, ring_backend, ring_shard
 from ringcompile.tree_decode import tree_attn_decode
 from ringcompile.layout import ContiguousLayout, Layout, StripedLayout, ZigzagLayout, make_layout
 
+
+def _register_backend() -> None:
+    # The entry point registers "ring" for installed copies; importing registers it too, so a
+    # checkout on PYTHONPATH (no pip install) works the same.
+    import torch._dynamo
+
+    if "ring" not in torch._dynamo.list_backends(exclude_tags=()):  # lists entry points too
+        torch._dynamo.register_backend(ring_backend, name="ring")
+
+
+_register_backend()
+
 __all__ = [
     "ring_attention",
     "tree_attn_decode",

@@ -105,6 +105,14 @@ def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> dict[int, int
             i += 1
             j += 1
             continue
+        # a size-1 dim inserted or dropped (``unsqueeze``) moves no element: skip it, so the
+        # dims beyond it still map
+        if dst[j] == 1:
+            j += 1
+            continue
+        if src[i] == 1:
+            i += 1
+            continue
         # consume a group whose products agree: dims inside are split or merged, not mapped
         pi, pj = src[i], dst[j]
         i += 1

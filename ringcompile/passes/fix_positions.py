@@ -1,13 +1,14 @@
 """Pass 5: tensors of token positions become this rank's global positions.
 
 Expects: ``ctx.shard_points`` with their kinds (pass 4).
-Guarantees: each shard point that holds positions — an ``arange`` over the sequence or anything
-computed from one (cos/sin of rotary embeddings), a ``position_ids``/``cache_position`` input, a
-per-position table sliced to the length (``cos_cached[:S]``) — has a local version
-``ring_shard(t, dim)`` that the sharded region uses. The full tensor is computed as the model
-wrote it, in natural order (O(S) work per rank), so ops that mix along it (``cumsum``, ``diff``)
-stay right; selecting this rank's entries of it is exactly "the global positions of this rank's
-tokens", whatever the layout. No knowledge of rotary embeddings is needed.
+Guarantees: each shard point that holds positions — an ``arange`` over the sequence, a
+``position_ids``/``cache_position`` input, anything whose sequence dim comes from those alone
+(cos/sin of rotary embeddings), a per-position table sliced to the length (``cos_cached[:S]``) —
+has a local version ``ring_shard(t, dim)`` that the sharded region uses. The full tensor is
+computed as the model wrote it, in natural order (O(S) work per rank), so ops that mix along it
+(``cumsum``, ``diff``) stay right; selecting this rank's entries of it is exactly "the global
+positions of this rank's tokens", whatever the layout. No knowledge of rotary embeddings is
+needed.
 
     pos = torch.arange(4096); cos = f(pos)[None, None]; q * cos
     -> cos_local = ring_shard(cos, 2); q_local * cos_local

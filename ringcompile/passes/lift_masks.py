@@ -11,8 +11,9 @@ else keeps the dense mask (this rank's rows over all keys: exact) and the report
 What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
 or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
 bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (documents);
-``P[batch, kv] <= P[batch, q]`` of position ids when the documents are ``cumsum(diff(P) != 1)``
-(then within a document positions rise by one per token and the comparison is causality);
+comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] > P[batch, q] - w``,
+when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
+token, so comparing positions is comparing indices: causality, a sliding window);
 ``&``, ``.to``, ``expand`` and ``new_ones((), dtype=bool)``.
 
     mask = (kv[None, None, None, :] <= q[None, None, :, None]) & am[b, kv]; sdpa(q, k, v, mask)
@@ -22,7 +23,7 @@ bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (d
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import Node
@@ -51,9 +52,10 @@ class _Index:  # an index of one mask axis, plus a constant
 
 
 @dataclass(frozen=True)
-class _Gathered:  # T[batch, axis]: a per-token value of a (B, S) tensor
+class _Gathered:  # T[batch, axis] + offset: a per-token value of a (B, S) tensor
     tensor: Node
     axis: str
+    offset: int = 0
 
 
 @dataclass
@@ -62,7 +64,8 @@ class _Facts:
     right: int | None = None  # key <= query + right
     valid: list[Node] = field(default_factory=list)
     docs: list[Node] = field(default_factory=list)
-    position_causal: list[Node] = field(default_factory=list)  # P[kv] <= P[q] for these P
+    # left/right also bound these position ids P: index rules only where P rises one by one
+    positions: list[Node] = field(default_factory=list)
 
     def __and__(self, other: "_Facts") -> "_Facts":
         def tighter(a, b):
@@ -73,7 +76,7 @@ class _Facts:
             tighter(self.right, other.right),
             self.valid + other.valid,
             self.docs + other.docs,
-            self.position_causal + other.position_causal,
+            self.positions + other.positions,
         )
 
 
@@ -130,9 +133,8 @@ class _Reader:
             return self.read(n.args[0])
         if n.op == "call_function" and t in (operator.add, operator.sub):
             a, c = self.read(n.args[0]), self.read(n.args[1])
-            if isinstance(a, (_Vec, _Index)) and isinstance(c, int):
-                off = a.offset + (c if t is operator.add else -c)
-                return _Vec(a.n, off) if isinstance(a, _Vec) else _Index(a.axis, off)
+            if isinstance(a, (_Vec, _Index, _Gathered)) and isinstance(c, int):
+                return replace(a, offset=a.offset + (c if t is operator.add else -c))
         if n.op == "call_function" and t is operator.getitem:
             return self._index(n)
         if n.op == "call_function" and t in (operator.and_, torch.logical_and, torch.bitwise_and):
@@ -144,7 +146,7 @@ class _Reader:
         if n.op == "call_function" and t in (operator.eq, torch.eq):
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
-                    and {a.axis, b.axis} == {"q", "k"}):
+                    and {a.axis, b.axis} == {"q", "k"} and a.offset == b.offset):
                 return _Facts(docs=[a.tensor])
         raise NotLiftable(f"{n.name} ({n.op} {getattr(t, '__name__', t)}) is not an index rule")
 
@@ -173,22 +175,19 @@ class _Reader:
         raise NotLiftable(f"{n.name}: indexing that is not T[batch, q or kv]")
 
     def _compare(self, n: Node, op, a, b) -> _Facts:
-        if isinstance(a, _Index) and isinstance(b, _Index) and {a.axis, b.axis} == {"q", "k"}:
-            if a.axis == "q":
-                a, b, op = b, a, _FLIP[op]
-            c = b.offset - a.offset  # key  op  query + c
-            right = {operator.le: c, operator.lt: c - 1}.get(op)
-            left = {operator.ge: -c, operator.gt: -c - 1}.get(op)
-            if (right is not None and right < 0) or (left is not None and left < 0):
-                raise NotLiftable(f"{n.name}: a window that excludes the diagonal")
-            return _Facts(left=left, right=right)
-        if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
-                and {a.axis, b.axis} == {"q", "k"}):
-            if a.axis == "q":
-                a, b, op = b, a, _FLIP[op]
-            if op is operator.le:
-                return _Facts(position_causal=[a.tensor])
-        raise NotLiftable(f"{n.name}: a comparison other than key vs query position")
+        on_indices = isinstance(a, _Index) and isinstance(b, _Index)
+        on_positions = (isinstance(a, _Gathered) and isinstance(b, _Gathered)
+                        and a.tensor is b.tensor)
+        if not ((on_indices or on_positions) and {a.axis, b.axis} == {"q", "k"}):
+            raise NotLiftable(f"{n.name}: a comparison other than key vs query position")
+        if a.axis == "q":
+            a, b, op = b, a, _FLIP[op]
+        c = b.offset - a.offset  # key  op  query + c
+        right = {operator.le: c, operator.lt: c - 1}.get(op)
+        left = {operator.ge: -c, operator.gt: -c - 1}.get(op)
+        if (right is not None and right < 0) or (left is not None and left < 0):
+            raise NotLiftable(f"{n.name}: a window that excludes the diagonal")
+        return _Facts(left=left, right=right, positions=[a.tensor] if on_positions else [])
 
 
 def lift(mask: Node, batch: int, seq_len: int) -> MaskFacts:
@@ -203,12 +202,14 @@ def lift(mask: Node, batch: int, seq_len: int) -> MaskFacts:
         raise NotLiftable("the mask is not a conjunction of index rules")
     if len(facts.valid) > 1 or len(facts.docs) > 1:
         raise NotLiftable("several padding masks or document ids")
-    causal = facts.right == 0
-    for p in facts.position_causal:
-        # P[kv] <= P[q] is causality only inside documents where P rises one by one
+    for p in facts.positions:
+        # comparing P[kv] with P[q] is comparing kv with q only inside documents where P rises one
+        # by one
         if not (facts.docs and _is_document_ids_of(facts.docs[0], p)):
-            raise NotLiftable(f"causality by position ids {p.name} without documents derived from them")
-        causal = True
+            raise NotLiftable(
+                f"a comparison of position ids {p.name} without documents derived from them"
+            )
+    causal = facts.right == 0
     window = None
     if facts.left is not None or (facts.right is not None and facts.right > 0):
         window = (

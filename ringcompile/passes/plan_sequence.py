@@ -7,7 +7,9 @@ mask rows through ops that carry the sequence dim through (``dims.dim_map``);
 ``ctx.shard_points[node] = dim`` where that walk stops: a graph input, a buffer, a created tensor
 (``arange``), a table sliced to the length, or an op that mixes along the sequence. A shard point
 is computed full, as before, and sharded where it is used locally — so stopping early is always
-exact, and walking further only saves work.
+exact, and walking further only saves work. ``ctx.shard_kinds[node]`` says what each holds: an
+``input``, ``positions`` (its sequence dim comes from aranges or position ids alone), a ``table``
+sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along it).
 
     tokens -> embedding -> rms_norm -> linear -> view -> transpose -> q -> sdpa
     demand: embedding (1), rms_norm (1), linear (1), view (1), transpose (2), sdpa (2)
@@ -25,26 +27,45 @@ from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import dim_map, shape_of
 
 
-def _kind(node: Node, dim: int, seq_len: int) -> str:
-    """What a shard point holds, for the report and for ``fix_positions``."""
+def _origin(node: Node, dim: int, seq_len: int) -> str | None:
+    """What a tensor holds if its sequence dim starts at ``node``; None if it comes from inputs."""
     if node.op == "placeholder":
         name = node.name.lower()
         return "positions" if "position" in name or "cache_pos" in name else "input"
+    if node.op == "call_function" and node.target is torch.arange:
+        return "positions"
     if node.op == "call_function" and node.target is operator.getitem:
         src = shape_of(node.args[0])
         if src is not None and dim < len(src) and src[dim] != seq_len:
             return "table"  # e.g. cos_cached[:S]: a precomputed per-position table
-    # created from an arange somewhere upstream: positions
-    seen, stack = set(), [node]
+    return None
+
+
+def _kind(node: Node, dim: int, seq_len: int) -> str:
+    """What a shard point holds, for the report and for ``fix_positions``: its own origin, else
+    "positions" if its sequence dim comes from positions alone (rotary cos/sin of position ids),
+    else "value" (token data, or a dim the rules do not follow back, such as a KV-cache ``cat``)."""
+    own = _origin(node, dim, seq_len)
+    if own is not None:
+        return own
+    seen, stack = set(), [(node, dim)]
     while stack:
-        n = stack.pop()
-        if n in seen:
+        n, d = stack.pop()
+        if (n, d) in seen:
             continue
-        seen.add(n)
-        if n.op == "call_function" and n.target is torch.arange:
-            return "positions"
-        stack.extend(n.all_input_nodes)
-    return "value"
+        seen.add((n, d))
+        origin = _origin(n, d, seq_len)
+        if origin == "input":
+            return "value"
+        if origin is not None:
+            continue
+        mapping = dim_map(n) or []
+        inputs = [(i, di) for i, m in mapping for di, o in m.items()
+                  if o == d and shape_of(i)[di] == seq_len]
+        if not inputs:
+            return "value"
+        stack.extend(inputs)
+    return "positions"
 
 
 def run(ctx: RingContext) -> None:

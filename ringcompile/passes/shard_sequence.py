@@ -5,7 +5,8 @@ versions (pass 5).
 Guarantees, walking the graph in order:
 - the remaining shard points (graph inputs, other full values) get ``ring_shard(x, dim)``;
 - a node in the region reads local versions of its inputs; a full input whose dim lines up with
-  the sequence (a (S, D) bias added to a (B, S, D) activation) is sharded at that use;
+  the sequence (a (S, D) bias added to a (B, S, D) activation) is sharded at that use; a site's
+  lifted mask is not read (even where another site's dense mask made it local);
 - sizes baked into ``view``/``reshape``/``expand`` for the sequence dim become the local length
   (found by which output dim is the sequence, never by matching the integer);
 - a node downstream of the region that carries the sequence through (the output projection, the
@@ -38,6 +39,7 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
     """How ``node`` runs on local tokens: (out_dim, {input: local replacement}) or None."""
     S = ctx.seq_len
     site = ctx.site_of.get(node)
+    unread: set[Node] = set()
     if site is not None:
         # q, k, v along their sequence (-2); a mask along its rows (its columns stay global);
         # lifted per-token facts (B, S) along their tokens
@@ -48,6 +50,8 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
             mapping.append((mask, {len(shape_of(mask)) - 2: 2}))
         facts = site.facts.tensors() if site.facts is not None else {}
         mapping += [(t, {1: 2}) for t in facts.values()]
+        if site.facts is not None and mask is not None:
+            unread.add(mask)  # lifted: swap_attention drops it, whatever else made it local
     else:
         mapping = dim_map(node)
     if mapping is None:
@@ -71,7 +75,8 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
         if len(in_dims) == 1:
             replace[inp] = ctx.shard_of(inp, in_dims[0])
     # inputs the map does not cover (an op's non-tensor or broadcast args) must not be local-only
-    if any(a in ctx.local_only and a not in replace for a in node.all_input_nodes):
+    if any(a in ctx.local_only and a not in replace and a not in unread
+           for a in node.all_input_nodes):
         return None
     if site is not None:
         ctx.site_facts_local[node] = {name: replace[t] for name, t in facts.items() if t in replace}

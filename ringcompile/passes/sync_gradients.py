@@ -35,7 +35,8 @@ def run(ctx: RingContext) -> None:
     for p in placeholders:
         if not _requires_grad(p):
             continue
-        with graph.inserting_after(placeholders[-1]):
+        # right after p: before every use, including a ring_shard(p) already placed there
+        with graph.inserting_after(p):
             synced = graph.call_function(ctx.sum_grad_over_ring(), (p,))
         p.replace_all_uses_with(synced, delete_user_cb=lambda user: user is not synced)
         summed += 1

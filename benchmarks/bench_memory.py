@@ -1,0 +1,106 @@
+"""Per-rank peak GPU memory of a compiled transformers Llama at W = 1, 2, 4, 8 on a long sequence.
+
+One rank of a ring of W is run alone on one GPU with torch.distributed's ``fake`` process group:
+collectives and P2P move nothing (the numbers computed are garbage), but every buffer a real rank
+allocates, its shards, the K/V blocks in flight, gathered outputs, is allocated with its real size,
+so ``torch.cuda.max_memory_allocated`` is that rank's peak. Each W runs in its own process.
+
+Model: ``LlamaForCausalLM`` from a random config (``--layers``, hidden 1024, 16 heads, 4 KV heads,
+vocab 2048 so that the full logits every rank gets back stay small next to the activations),
+bf16, batch 1, ``--seq`` tokens, compiled with ``backend="ring"`` (inner compiler ``aot_eager``),
+forward with ``labels`` + backward. ``eager`` is the uncompiled model on one GPU.
+
+    PYTHONPATH=. python benchmarks/bench_memory.py [--seq 32768] [--worlds 1 2 4 8] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq", type=int, default=32768)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "eager" or W: one run
+    return p.parse_args()
+
+
+def build(layers, device, dtype):
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1 << 20,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def one_run(args) -> dict:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(args.layers, device, dtype)
+    ids = torch.randint(0, 2048, (1, args.seq), device=device)
+    if args.one != "eager":
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        import ringcompile  # noqa: F401  (registers backend="ring" in a checkout not pip-installed)
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=int(args.one))
+        model = torch.compile(model, backend="ring", options={"compiler": "aot_eager"})
+    params = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    for step in range(2):  # the second step is measured: compilation is done by then
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        del out
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return {"peak_gib": peak / 2**30, "params_gib": params / 2**30}
+
+
+def main():
+    args = _parse()
+    if args.one is not None:
+        print(json.dumps(one_run(args)))
+        return
+    rows = {}
+    for which in ["eager"] + [str(w) for w in args.worlds]:
+        cmd = [sys.executable, __file__, "--one", which, "--seq", str(args.seq),
+               "--layers", str(args.layers)]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            rows[which] = {"error": run.stderr.strip().splitlines()[-1][:300]}
+        else:
+            rows[which] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(which, rows[which], flush=True)
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    head = (f"LlamaForCausalLM, {args.layers} layers, hidden 1024, 16/4 heads, vocab 2048, bf16, "
+            f"{args.seq} tokens, fwd+bwd with labels; {name}, torch {torch.__version__}")  # fmt: skip
+    lines = [head, "", "| run | peak GiB per rank | of which params | peak - params |", "|---|---|---|---|"]
+    for which, r in rows.items():
+        label = "eager, one GPU" if which == "eager" else f"ring W={which}"
+        if "error" in r:
+            lines.append(f"| {label} | {r['error']} | | |")
+        else:
+            lines.append(f"| {label} | {r['peak_gib']:.2f} | {r['params_gib']:.2f} | "
+                         f"{r['peak_gib'] - r['params_gib']:.2f} |")  # fmt: skip
+    print("\n".join(lines))
+    with open(os.path.join(args.out, "bench_memory.json"), "w") as f:
+        json.dump({"setup": head, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""Ring attention on real ranks: throughput as a share of ideal, and whether communication hides.
+
+Llama-3-8B attention heads (32 query / 8 KV heads, head dim 128), ``--tokens-per-rank`` tokens per rank
+(8192 by default), causal, bf16, forward + backward, one rank per GPU over NCCL::
+
+    torchrun --nproc-per-node W benchmarks/bench_ring.py [--out DIR]
+
+(without torchrun it spawns ``--world-size`` gloo ranks on the CPU at toy sizes, to check the
+script). Every timed iteration starts after a barrier; a rank's time is its median over the
+iterations and the table shows the slowest rank's.
+
+- ideal: ``ringcompile``'s own kernels on the whole sequence (W x local tokens) on one GPU, / W;
+- ours, per layout: ``ring_attention`` (the whole ring: P2P overlapped with the kernels);
+- ours, no communication: the same kernel calls that rank makes in the ring, on its own K/V, with
+  no sends: if the ring takes about as long, the sends hid under the compute;
+- PyTorch ``context_parallel`` (its SDPA ring through DTensor, load-balanced by default, cuDNN
+  blocks; K/V expanded to 32 heads, since its fused kernels need equal head counts);
+- the seed package (``ring-attention-pytorch`` 0.5.20, striped, ``ring_reduce_col=True``), when
+  installed (``../shared/peer-seed-on-gpu.md``).
+
+efficiency = ideal / measured; the same sequence and FLOPs for every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ringcompile import make_layout, ring_attention
+from ringcompile.kernels import select_kernels
+from ringcompile.ring_op import _Call
+
+LAYOUTS = ["contiguous", "striped", "zigzag"]
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--tokens-per-rank", type=int, default=8192, help="tokens per rank")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--world-size", type=int, default=2, help="gloo ranks without torchrun")
+    return p.parse_args()
+
+
+class Timer:
+    """Median wall time of ``fn`` on this rank, every iteration started together."""
+
+    def __init__(self, device, args):
+        self.device, self.args = device, args
+
+    def __call__(self, fn) -> float:
+        times = []
+        for i in range(self.args.warmup + self.args.iters):
+            dist.barrier()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = datetime.datetime.now()
+                fn()
+                ms = (datetime.datetime.now() - t0).total_seconds() * 1e3
+            if i >= self.args.warmup:
+                times.append(ms)
+        return statistics.median(times)
+
+
+def slowest(ms: float, device) -> float:
+    t = torch.tensor([ms], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def rand(device, dtype, *shape):
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+def fwd_bwd(fn, inputs, dout):
+    def run():
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, dout)
+
+    return run
+
+
+def ours(layout_name, args, world, device, dtype):
+    lay = make_layout(layout_name, args.tokens_per_rank * world, world)
+    q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim).requires_grad_()
+    k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
+    v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
+    dout = rand(device, dtype, *q.shape)
+    return fwd_bwd(
+        lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, layout=lay),
+        (q, k, v), dout,
+    )  # fmt: skip
+
+
+def ours_without_communication(layout_name, args, world, device, dtype):
+    """This rank's kernel calls in the ring, in the ring's order, with its own K/V and no sends."""
+    q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim)
+    k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
+    v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
+    dout = rand(device, dtype, *q.shape)
+    call = _Call.make(q, None, None, None, True, -1, -1, layout_name, args.tokens_per_rank * world,
+                      dist.group.WORLD.group_name)  # fmt: skip
+    steps = call.computed_steps()
+    masks = [call.block_mask(s, None, device) for s in steps]
+    kernels, scale = select_kernels(q), args.head_dim**-0.5
+
+    def run():
+        state = kernels.forward_init(q)
+        for i, m in enumerate(masks):
+            kernels.forward_step(state, q, k, v, m, scale, last=i == len(masks) - 1)
+        out, lse = kernels.forward_finish(state, q.dtype)
+        delta = kernels.backward_prepare(out, dout)
+        dq = torch.zeros(q.shape, device=device, dtype=lse.dtype)
+        for m in masks:
+            dkv = torch.zeros((2, *k.shape), device=device, dtype=lse.dtype)
+            kernels.backward_step(q, k, v, dout, lse, delta, m, scale, dq, dkv[0], dkv[1])
+
+    return run
+
+
+def monolithic(args, world, device, dtype):
+    """The same kernels on the whole sequence on this one device (no process group)."""
+    S = args.tokens_per_rank * world
+    q = rand(device, dtype, 1, args.heads, S, args.head_dim).requires_grad_()
+    k = rand(device, dtype, 1, args.kv_heads, S, args.head_dim).requires_grad_()
+    v = rand(device, dtype, 1, args.kv_heads, S, args.head_dim).requires_grad_()
+    dout = rand(device, dtype, *q.shape)
+    alone, _ = dist.new_subgroups(group_size=1)  # collective: every rank makes its own group
+    return fwd_bwd(
+        lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, group=alone),
+        (q, k, v), dout,
+    )  # fmt: skip
+
+
+def torch_context_parallel(args, world, device, dtype):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    S, G = args.tokens_per_rank * world, args.heads // args.kv_heads
+    mesh = init_device_mesh(device.type, (world,))
+    q = rand(device, dtype, 1, args.heads, S, args.head_dim)
+    k = rand(device, dtype, 1, args.kv_heads, S, args.head_dim).repeat_interleave(G, 1)
+    v = rand(device, dtype, 1, args.kv_heads, S, args.head_dim).repeat_interleave(G, 1)
+    dout = rand(device, dtype, *q.shape)
+    ctx = context_parallel(mesh, buffers=[q, k, v, dout], buffer_seq_dims=[2, 2, 2, 2])
+    ctx.__enter__()  # shards the buffers in place; left entered for the timing, exited after
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def run():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]):
+            out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+        torch.autograd.grad(out, (qg, kg, vg), dout)
+
+    return run, ctx
+
+
+def seed(args, world, device, dtype):
+    from ring_attention_pytorch import ring_flash_attn_cuda
+
+    shape = (1, args.tokens_per_rank, args.heads, args.head_dim)
+    kv_shape = (1, args.tokens_per_rank, args.kv_heads, args.head_dim)
+    q = rand(device, dtype, *shape).requires_grad_()
+    k = rand(device, dtype, *kv_shape).requires_grad_()
+    v = rand(device, dtype, *kv_shape).requires_grad_()
+    dout = rand(device, dtype, *shape)
+    return fwd_bwd(
+        lambda q, k, v: ring_flash_attn_cuda(q, k, v, None, True, 1024, True, True),
+        (q, k, v), dout,
+    )  # fmt: skip
+
+
+def measure(rank, world, args):
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    timer = Timer(device, args)
+    S = args.tokens_per_rank * world
+    flops = 3.5 * 4 * args.heads * S * S * args.head_dim / 2  # causal fwd + bwd (2.5x fwd)
+    rows = {}
+
+    def record(name, fn):
+        try:
+            ms = slowest(timer(fn), device)
+            rows[name] = {"ms": ms}
+        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if rank == 0:
+            print(name, rows[name], flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    record("ideal: one GPU, whole sequence (time / W)", monolithic(args, world, device, dtype))
+    rows["ideal: one GPU, whole sequence (time / W)"]["ms"] /= world
+    for name in LAYOUTS:
+        record(f"ours {name}", ours(name, args, world, device, dtype))
+        record(f"ours {name}, no communication",
+               ours_without_communication(name, args, world, device, dtype))  # fmt: skip
+    if device.type == "cuda":
+        try:
+            run, ctx = torch_context_parallel(args, world, device, dtype)
+            record("torch context_parallel", run)
+            ctx.__exit__(None, None, None)
+        except Exception as e:
+            rows["torch context_parallel"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        try:
+            record("seed striped", seed(args, world, device, dtype))
+        except Exception as e:
+            rows["seed striped"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    ideal = rows["ideal: one GPU, whole sequence (time / W)"]["ms"]
+    for r in rows.values():
+        if "ms" in r:
+            r["efficiency"] = ideal / r["ms"]
+            r["tflops_per_rank"] = flops / world / r["ms"] * 1e-9
+    return rows, device
+
+
+def report(rows, world, args, device):
+    head = (f"W={world}, {args.tokens_per_rank} tokens per rank ({args.tokens_per_rank * world} in all), "
+            f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim}, causal, fwd+bwd")  # fmt: skip
+    if device.type == "cuda":
+        head += (f"; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+                 f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")  # fmt: skip
+    lines = [head, "", "| implementation | ms (slowest rank) | TFLOP/s per rank | % of ideal |",
+             "|---|---|---|---|"]
+    for name, r in rows.items():
+        if "ms" in r:
+            lines.append(f"| {name} | {r['ms']:.2f} | {r['tflops_per_rank']:.0f} | "
+                         f"{100 * r['efficiency']:.1f} % |")
+        else:
+            lines.append(f"| {name} | {r['error']} | | |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(args.out, f"bench_ring_w{world}.json"), "w") as f:
+        json.dump({"setup": head, "rows": rows}, f, indent=1)
+
+
+def _worker(rank, world, init_file, args):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)  # fmt: skip
+    _main(args)
+
+
+def _main(args):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows, device = measure(rank, world, args)
+    if rank == 0:
+        report(rows, world, args, device)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    args = _parse()
+    if "RANK" in os.environ:  # torchrun
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                device_id=torch.device("cuda", local)
+                                if torch.cuda.is_available() else None)  # fmt: skip
+        _main(args)
+    else:
+        fd, init_file = tempfile.mkstemp()
+        os.close(fd)
+        os.unlink(init_file)
+        mp.spawn(_worker, args=(args.world_size, init_file, args), nprocs=args.world_size)
+
+
+if __name__ == "__main__":
+    main()

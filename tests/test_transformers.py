@@ -1,0 +1,306 @@
+"""Hugging Face transformers models run unmodified through the ``ring`` backend, exactly.
+
+Tiny random Llama, Mistral and Qwen2 models in float64: logits, the loss transformers computes from
+``labels`` and every parameter gradient match eager, and the report shows that transformers' masks
+became per-token facts and that only the KV heads travel.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch._dynamo
+from expecttest import assert_expected_inline
+
+from ringcompile.backend import _compile, ring_backend
+from ringcompile.report import readable_code
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-10
+V, S = 64, 16
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _model(arch: str):
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    # windows shorter than S, so they really cut; Qwen2 windows layer 1 only: two masks, one graph
+    extra = {"mistral": {"sliding_window": 5},
+             "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
+             }.get(arch, {})
+    config = config_cls(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        attn_implementation="sdpa", **extra)
+    torch.manual_seed(0)
+    return model_cls(config).double()
+
+
+def _inputs(seq_len: int, mask: str, use_cache: bool | None) -> dict:
+    ids = torch.randint(0, V, (2, seq_len))
+    kw = {"input_ids": ids, "labels": ids.clone()}
+    if use_cache is not None:
+        kw["use_cache"] = use_cache
+    if mask in ("left", "right"):
+        am = torch.ones(2, seq_len, dtype=torch.long)
+        pad = slice(None, 3) if mask == "left" else slice(seq_len - 4, None)
+        am[0, pad] = 0
+        kw["attention_mask"] = am
+        kw["labels"][0, pad] = -100
+    elif mask == "packed":
+        # two documents in row 0, three in row 1: transformers derives document ids from these
+        cut0, cut1 = seq_len * 3 // 8, seq_len // 4
+        row0 = torch.cat([torch.arange(cut0), torch.arange(seq_len - cut0)])
+        row1 = torch.cat([torch.arange(cut1), torch.arange(cut1), torch.arange(seq_len - 2 * cut1)])
+        kw["position_ids"] = torch.stack([row0, row1])
+    elif mask == "dense":
+        # an arbitrary 4-D mask (diagonal kept so every row sees a key): nothing to lift
+        dense = torch.rand(2, 1, seq_len, seq_len) < 0.5
+        kw["attention_mask"] = dense | torch.eye(seq_len, dtype=torch.bool)
+    return kw
+
+
+def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False):
+    """Relative errors of the compiled model against eager (logits, loss, every parameter grad and,
+    with ``embeds``, the grad of ``inputs_embeds``), and the backend's reports of the same run (one
+    per graph, what ``explain`` shows)."""
+    torch._dynamo.reset()
+    model = _model(arch)
+    torch.manual_seed(1)
+    kw = _inputs(seq_len, mask, use_cache)
+    leaves = dict(model.named_parameters())
+    if embeds:
+        tokens = kw.pop("input_ids")
+        kw["inputs_embeds"] = model.get_input_embeddings()(tokens).detach().requires_grad_()
+        leaves["inputs_embeds"] = kw["inputs_embeds"]
+    # the logits term makes every gradient O(1), so the tolerance below says something
+    w = torch.randn(2, seq_len, V, dtype=torch.float64)
+
+    def step(m):
+        for t in leaves.values():
+            t.grad = None
+        out = m(**kw)
+        (out.loss + (out.logits * w).sum()).backward()
+        return out, {n: t.grad.clone() for n, t in leaves.items() if t.grad is not None}
+
+    ref, ref_grads = step(model)
+    reports = []
+    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
+    errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
+            "loss": _rel(out.loss.detach(), ref.loss.detach())}
+    errs.update({n: _rel(grads[n], g) if n in grads else float("inf")
+                 for n, g in ref_grads.items()})
+    return errs, reports
+
+
+def _facts(arch: str, mask: str, layer: int) -> str:
+    """The per-token facts transformers' mask for this layer must become, as a regex."""
+    parts = ["causal"]
+    if arch == "mistral" or (arch == "qwen2" and layer == 1):
+        parts.append(r"window \(4, -1\)")  # kv > q - 5, sliding_window=5
+    if mask in ("left", "right"):
+        parts.append(r"key_padding_mask=\w+")
+    if mask == "packed":
+        parts.append(r"document_ids=\w+")
+    return r"mask \w+ -> " + ", ".join(parts) + "$"
+
+
+def _assert_exact(results) -> None:
+    for rank, (errs, _) in enumerate(results):
+        bad = {k: v for k, v in errs.items() if not v < TOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+# W=2 for every mask and cache mode; W=4 once per architecture. S=15: a length the ring does not
+# divide. Packed sequences need use_cache=False: transformers reads documents only without a cache.
+CASES = [
+    ("llama", 2, 16, "left", False),
+    ("llama", 2, 16, "right", None),
+    ("llama", 4, 15, "packed", False),
+    ("mistral", 2, 16, "packed", False),
+    ("mistral", 2, 15, "right", None),
+    ("mistral", 4, 16, "left", None),
+    ("qwen2", 2, 15, "left", False),
+    ("qwen2", 2, 16, "packed", False),
+    ("qwen2", 4, 16, "right", None),
+]
+
+
+@pytest.mark.parametrize(
+    "arch, world, seq_len, mask, use_cache", CASES,
+    ids=[f"{a}-W{w}-S{s}-{m}-{'nocache' if c is False else 'cache'}" for a, w, s, m, c in CASES],
+)
+def test_matches_eager_and_lifts_masks(gloo, arch, world, seq_len, mask, use_cache):
+    """Exact against eager, with every mask lifted to per-token facts and only KV heads sent."""
+    results = gloo(world).run(compare_hf, arch, seq_len, mask, use_cache)
+    _assert_exact(results)
+    (graph,) = results[0][1]  # one graph: no graph breaks
+    assert graph.fallbacks == [], graph.fallbacks
+    assert len(graph.attention) == 2 and all(
+        a.endswith("is_causal=True, per-token mask facts") for a in graph.attention
+    ), graph.attention
+    # per layer: the repeat_kv expansion undone, the dense mask replaced by its facts
+    expanded = [x for x in graph.lifted if "K/V expanded 2x by repeat_kv; 2 KV heads travel" in x]
+    masks = [x for x in graph.lifted if "-> " in x]
+    assert len(expanded) == 2 and len(masks) == 2, graph.lifted
+    assert all(re.search(_facts(arch, mask, i), x) for i, x in enumerate(masks)), masks
+    # rotary cos/sin follow the sequence back to the one tensor of positions (position_ids when
+    # given, else an arange); a KV cache concatenated along the sequence is no positions
+    want = "l_kwargs_position_ids_ (dim 1" if mask == "packed" else "arange (dim 0"
+    assert [p.split(")")[0] for p in graph.positions] == [f"{want}, positions"], graph.positions
+
+
+def test_causal_without_mask(gloo):
+    """No padding, no packing: transformers passes ``is_causal`` and ``enable_gqa`` itself."""
+    results = gloo(2).run(compare_hf, "llama", S, "none", None)
+    _assert_exact(results)
+    (graph,) = results[0][1]
+    assert graph.fallbacks == [] and graph.lifted == []
+    assert len(graph.attention) == 2 and all(
+        a.endswith("is_causal=True, no mask") for a in graph.attention
+    ), graph.attention
+
+
+def test_inputs_embeds_gradient(gloo):
+    """``inputs_embeds`` that require grad: a graph input both sharded and gradient-synced."""
+    results = gloo(2).run(compare_hf, "mistral", S, "left", False, True)
+    _assert_exact(results)
+    assert all("inputs_embeds" in errs for errs, _ in results)
+
+
+def test_unliftable_mask_falls_back_exactly(gloo):
+    """An arbitrary 4-D boolean attention_mask is no index rule: it stays dense, exactly."""
+    results = gloo(2).run(compare_hf, "llama", S, "dense", False)
+    _assert_exact(results)
+    (graph,) = results[0][1]
+    assert len(graph.fallbacks) == 2 and all(
+        "dense mask kept (this rank's rows over all keys)" in f for f in graph.fallbacks
+    ), graph.fallbacks
+    assert len(graph.attention) == 2 and all(
+        a.endswith("dense mask (local rows x global keys)") for a in graph.attention
+    ), graph.attention
+    assert sum("K/V expanded" in x for x in graph.lifted) == 2, graph.lifted
+
+
+def _masked_attention(q, k, v, padding, extra):
+    """Attention as transformers writes it: a causal sliding-window mask with key padding, built
+    from aranges, and K/V expanded by ``repeat_kv``; then the same mask and an arbitrary one."""
+    B, _, L, D = q.shape
+    b, idx = torch.arange(B), torch.arange(L)
+    q_idx, kv_idx = idx[None, None, :, None], idx[None, None, None, :]
+    mask = (kv_idx <= q_idx) & (kv_idx > q_idx - 3) & padding[b[:, None, None, None], kv_idx]
+    mask = mask.expand(B, -1, L, L)
+    k = k[:, :, None].expand(B, 2, 2, L, D).reshape(B, 4, L, D)
+    v = v[:, :, None].expand(B, 2, 2, L, D).reshape(B, 4, L, D)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.nn.functional.scaled_dot_product_attention(out, k, v, attn_mask=mask & extra)
+
+
+def mask_passes_before_after(rank, world):
+    """The Dynamo graph before the passes and the backend's report after them."""
+    torch._dynamo.reset()
+    before, reports = [], []
+
+    def backend(gm, example_inputs):
+        before.append(readable_code(gm))
+        return ring_backend(gm, example_inputs, {"compiler": "aot_eager"}, reports)
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 8, 8, dtype=torch.float64) for _ in range(2))
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[0, -2:] = False
+    extra = (torch.rand(8, 8) < 0.7) | torch.eye(8, dtype=torch.bool)
+    got = torch.compile(_masked_attention, backend=backend, dynamic=False)(q, k, v, padding, extra)
+    want = _masked_attention(q, k, v, padding, extra)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (report,) = reports
+    return f"before:\n{before[0]}\n\nafter:\n{report}"
+
+
+def test_snapshot_mask_passes(gloo):
+    """unexpand_kv and lift_masks, ops before and after: both SDPAs read the KV heads unexpanded;
+    the first gets causal + window + key padding facts for its mask, the second (that mask and an
+    arbitrary one) keeps this rank's dense rows and the report says why."""
+    text = gloo(2).run(mask_passes_before_after)[0]
+    assert_expected_inline(re.sub(r" at \S+:\d+", "", text), """\
+before:
+def forward(self, *inputs):  # 5 inputs
+    b = torch.arange(2)
+    idx = torch.arange(8)
+    q_idx = idx[(None, None, slice(None, None, None), None)]
+    kv_idx = idx[(None, None, None, slice(None, None, None))]
+    le = kv_idx <= q_idx
+    sub = q_idx - 3
+    gt = kv_idx > sub
+    and_ = le & gt
+    getitem_2 = b[(slice(None, None, None), None, None, None)]
+    getitem_3 = l_padding_[(getitem_2, kv_idx)]
+    mask = and_ & getitem_3
+    mask_1 = mask.expand(2, -1, 8, 8)
+    getitem_4 = l_k_[(slice(None, None, None), slice(None, None, None), None)]
+    expand_1 = getitem_4.expand(2, 2, 2, 8, 8)
+    k = expand_1.reshape(2, 4, 8, 8)
+    getitem_5 = l_v_[(slice(None, None, None), slice(None, None, None), None)]
+    expand_2 = getitem_5.expand(2, 2, 2, 8, 8)
+    v = expand_2.reshape(2, 4, 8, 8)
+    out = torch._C._nn.scaled_dot_product_attention(l_q_, k, v, attn_mask = mask_1)
+    and__2 = mask_1 & l_extra_
+    scaled_dot_product_attention_1 = torch._C._nn.scaled_dot_product_attention(out, k, v, attn_mask = and__2)
+    return (scaled_dot_product_attention_1,)
+
+after:
+ring graph: sequence of 8 tokens over 2 ranks, striped layout
+attention replaced: 2
+  - out: is_causal=True, per-token mask facts
+  - scaled_dot_product_attention_1: is_causal=False, dense mask (local rows x global keys)
+attention inputs recognised: 3
+  - out: K/V expanded 2x by repeat_kv; 2 KV heads travel
+  - scaled_dot_product_attention_1: K/V expanded 2x by repeat_kv; 2 KV heads travel
+  - out: mask mask_1 -> causal, window (2, -1), key_padding_mask=l_padding_
+positions fixed: 1
+  - idx (dim 0, positions)
+sharded where they enter: 5
+  - l_extra_ (dim 0, input)
+  - l_v_ (dim 2, input)
+  - l_k_ (dim 2, input)
+  - l_padding_ (dim 1, input)
+  - l_q_ (dim 2, input)
+gathered: 1
+  - scaled_dot_product_attention_1 (dim 2): graph output
+fallbacks: 1
+  - scaled_dot_product_attention_1: dense mask kept (this rank's rows over all keys): l_extra_ (placeholder L_extra_) is not an index rule
+gradients: none
+rewritten graph:
+def forward(self, *inputs):  # 5 inputs
+    ring_shard_5 = ring_shard(l_q_, 2)
+    ring_shard_4 = ring_shard(l_padding_, 1)
+    ring_shard_3 = ring_shard(l_k_, 2)
+    ring_shard_2 = ring_shard(l_v_, 2)
+    ring_shard_1 = ring_shard(l_extra_, 0)
+    b = torch.arange(2)
+    idx = torch.arange(8)
+    ring_shard = ring_shard(idx, 0)
+    q_idx = ring_shard[(None, None, slice(None, None, None), None)]
+    kv_idx = idx[(None, None, None, slice(None, None, None))]
+    le = kv_idx <= q_idx
+    sub = q_idx - 3
+    gt = kv_idx > sub
+    and_ = le & gt
+    getitem_2 = b[(slice(None, None, None), None, None, None)]
+    getitem_3 = l_padding_[(getitem_2, kv_idx)]
+    mask = and_ & getitem_3
+    mask_1 = mask.expand(2, -1, 4, 8)
+    out = ring_attention(ring_shard_5, ring_shard_3, ring_shard_2, enable_gqa = True, is_causal = True, key_padding_mask = ring_shard_4, window = (2, -1))
+    and__2 = mask_1 & ring_shard_1
+    scaled_dot_product_attention_1 = ring_attention(out, ring_shard_3, ring_shard_2, attn_mask = and__2, enable_gqa = True)
+    ring_gather = ring_gather(scaled_dot_product_attention_1, 2)
+    return (ring_gather,)""")
