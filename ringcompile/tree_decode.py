@@ -100,39 +100,6 @@ def tree_attn_decode(
 def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, is_causal):
     """This shard's normalised output (B, H, T, Dv) and log-sum-exp (B, H, T), both in the
     accumulation dtype."""
-    if (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.shape[2] > 0
-            and v.shape[-1] == q.shape[-1]
-            and (not is_causal or (q_positions.dim() == 1 and k_positions.dim() == 1))):
-        return _local_partial_triton(q, k, v, scale, key_padding_mask, q_positions, k_positions,
-                                     is_causal)  # fmt: skip
-    return _local_partial_torch(q, k, v, scale, key_padding_mask, q_positions, k_positions,
-                                is_causal)  # fmt: skip
-
-
-def _local_partial_triton(q, k, v, scale, key_padding_mask, q_positions, k_positions, is_causal):
-    """The ring's Triton forward step over the shard: it reads the half-precision cache once,
-    in place (GQA by indexing), where the PyTorch path copies it to fp32 first."""
-    from ringcompile.kernels.triton_flash import TritonKernels
-    from ringcompile.masks import BlockMask
-
-    T, S = q.shape[2], k.shape[2]
-    if is_causal:
-        # positions are global; no key is padding by position (the kernels keep them in int32)
-        qp, kp, seq_len = q_positions, k_positions, 2**31 - 1
-    else:
-        qp = torch.zeros(T, dtype=torch.int64, device=q.device)
-        kp = torch.arange(S, device=q.device)
-        seq_len = S
-    mask = BlockMask(q_pos=qp.to(torch.int64), k_pos=kp.to(torch.int64), seq_len=seq_len,
-                     causal=is_causal, k_valid=key_padding_mask)  # fmt: skip
-    kernels = TritonKernels()
-    state = kernels.forward_init(q)
-    # last=False keeps the fp32 normalised output that the merge needs (last=True rounds it)
-    kernels.forward_step(state, q, k, v, mask, scale, last=False)
-    return kernels.forward_finish(state, torch.float32)
-
-
-def _local_partial_torch(q, k, v, scale, key_padding_mask, q_positions, k_positions, is_causal):
     acc = torch.promote_types(q.dtype, torch.float32)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]

@@ -225,30 +225,3 @@ def test_bad_input_errors(kwargs, error, words):
                     requires_grad=kwargs.pop("requires_grad", False))
     with pytest.raises(error, match=words):
         tree_attn_decode(q, k, k, **kwargs)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_partials_merge_to_sdpa_on_gpu(causal):
-    """The CUDA half-precision path (Triton partials): two uneven shards merged equal SDPA over the
-    whole cache, within bf16 rounding of the probabilities."""
-    from ringcompile.tree_decode import _local_partial, _merge
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    B, H, Hkv, T, D, S = 2, 8, 2, 3, 128, 3000
-    q = torch.randn(B, H, T, D, device="cuda", generator=g).bfloat16()
-    k, v = (torch.randn(B, Hkv, S, D, device="cuda", generator=g).bfloat16() for _ in range(2))
-    valid = torch.rand(B, S, device="cuda", generator=g) > 0.2
-    kpos = torch.arange(S, device="cuda")
-    qpos = torch.tensor([1000, 2000, 2999], device="cuda")
-    cut = 1234
-    parts = [
-        _local_partial(q, k[:, :, sl], v[:, :, sl], D**-0.5, valid[:, sl], qpos, kpos[sl], causal)
-        for sl in (slice(0, cut), slice(cut, S))
-    ]
-    out = _merge(torch.stack([o for o, _ in parts]), torch.stack([l for _, l in parts]))
-    allowed = valid[:, None, None, :] & ((kpos <= qpos[:, None]) if causal else True)
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), attn_mask=allowed, enable_gqa=True)
-    assert _rel(out, ref) < 5e-3
