@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ringcompile.checks import check_gqa, check_qkv
 from ringcompile.group import group_name_of, resolve_group
 from ringcompile.layout import Layout, make_layout
 from ringcompile.ring_op import ring_attention_op
@@ -66,20 +67,7 @@ def ring_attention(
             f"ring_attention does not support dropout (got dropout_p={dropout_p}): pass "
             "dropout_p=0.0 (model.eval(), or set the model's attention dropout to 0)"
         )
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"ring_attention expects 4-D (batch, heads, seq, head_dim) tensors; {name} has "
-                f"shape {tuple(t.shape)}"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them to one"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"ring_attention supports floating dtypes, got {q.dtype}")
+    check_qkv("ring_attention", q, k, v)
     B, H, S, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(
@@ -92,15 +80,7 @@ def ring_attention(
             f"but k/v have {k.shape[2]} (for decoding over a sharded KV cache use "
             "ringcompile.tree_attn_decode)"
         )
-    Hkv = k.shape[1]
-    if H != Hkv:
-        if not enable_gqa:
-            raise ValueError(
-                f"q has {H} heads and k/v have {Hkv}: pass enable_gqa=True for grouped-query "
-                "attention (as with F.scaled_dot_product_attention)"
-            )
-        if H % Hkv:
-            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    check_gqa(H, k.shape[1], enable_gqa)
 
     pg = resolve_group(group, mesh_dim)
     world = pg.size() if pg is not None else 1

@@ -35,6 +35,7 @@ import math
 import torch
 import torch.distributed._functional_collectives as funcol
 
+from ringcompile.checks import check_gqa, check_qkv
 from ringcompile.group import resolve_group
 
 __all__ = ["tree_attn_decode"]
@@ -135,35 +136,14 @@ def _merge(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
 
 
 def _check(q, k, v, enable_gqa, key_padding_mask, q_positions, k_positions, is_causal) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(
-                f"tree_attn_decode expects 4-D (batch, heads, seq, head_dim) tensors; {name} has "
-                f"shape {tuple(t.shape)}"
-            )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
-            f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them to one"
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"tree_attn_decode supports floating dtypes, got {q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    check_qkv("tree_attn_decode", q, k, v)
     B, H, T, D = q.shape
     if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"k must be (B={B}, Hkv, S_shard, D={D}) and v (B, Hkv, S_shard, Dv) with k's first "
             f"three dims; got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    Hkv = k.shape[1]
-    if H != Hkv:
-        if not enable_gqa:
-            raise ValueError(
-                f"q has {H} heads and k/v have {Hkv}: pass enable_gqa=True for grouped-query "
-                "attention (as with F.scaled_dot_product_attention)"
-            )
-        if Hkv == 0 or H % Hkv:
-            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    check_gqa(H, k.shape[1], enable_gqa)
     S = k.shape[2]
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
