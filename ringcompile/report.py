@@ -43,10 +43,12 @@ class GraphReport:
     code: str = ""
 
     def __str__(self) -> str:
-        lines = [
-            f"ring graph: sequence of {self.seq_len} tokens over {self.world_size} ranks, "
-            f"{self.layout} layout"
-        ]
+        if self.seq_len:
+            head = (f"ring graph: sequence of {self.seq_len} tokens over {self.world_size} "
+                    f"ranks, {self.layout} layout")
+        else:
+            head = f"ring graph: no sequence to shard, {self.world_size} ranks"
+        lines = [head]
         for title, items in (
             ("attention replaced", self.attention),
             ("attention inputs recognised", self.lifted),

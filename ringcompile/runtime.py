@@ -23,6 +23,7 @@ import torch.distributed._functional_collectives as fc
 
 from ringcompile.attention import ring_attention as _ring_attention
 from ringcompile.layout import Layout
+from ringcompile.tree_decode import tree_attn_decode
 
 
 class _Bound:
@@ -68,6 +69,23 @@ class RingAttention(_Bound):
         return _ring_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                group=self.group, layout=self.layout, window=window,
                                document_ids=document_ids, key_padding_mask=key_padding_mask)
+
+
+class TreeDecode:
+    """A decode step's attention: replicated queries over the ring's KV shards, causal by global
+    position (``tree_attn_decode``)."""
+
+    __name__ = "tree_decode"
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+
+    def __repr__(self) -> str:
+        return "tree_decode()"
+
+    def __call__(self, q, k, v, q_positions, k_positions, scale=None, enable_gqa=False):
+        return tree_attn_decode(q, k, v, group=self.group, scale=scale, enable_gqa=enable_gqa,
+                                q_positions=q_positions, k_positions=k_positions, is_causal=True)
 
 
 class _SumOverRingBackward(torch.autograd.Function):

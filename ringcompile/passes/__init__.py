@@ -3,6 +3,7 @@
 Each pass is a function ``run(ctx: RingContext) -> None`` in its own module, whose docstring says
 what it expects and what it guarantees, with the graph before and after. They run in this order:
 
+0. ``decode_attention`` — attention over a sharded KV cache (a decode step) becomes tree attention;
 1. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
 2. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
 3. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
@@ -19,6 +20,7 @@ what it expects and what it guarantees, with the graph before and after. They ru
 from __future__ import annotations
 
 from ringcompile.passes import (
+    decode_attention,
     find_attention,
     fix_positions,
     lift_masks,
@@ -31,6 +33,7 @@ from ringcompile.passes import (
 from ringcompile.passes.context import RingContext
 
 PASSES = [
+    decode_attention.run,
     find_attention.run,
     unexpand_kv.run,
     lift_masks.run,

@@ -9,7 +9,13 @@ from torch.fx import GraphModule, Node
 
 from ringcompile.layout import Layout, make_layout
 from ringcompile.report import GraphReport
-from ringcompile.runtime import RingAttention, RingGather, RingShard, SumGradOverRing
+from ringcompile.runtime import (
+    RingAttention,
+    RingGather,
+    RingShard,
+    SumGradOverRing,
+    TreeDecode,
+)
 
 
 @dataclass
@@ -97,6 +103,12 @@ class RingContext:
         if cls not in self._callables:
             self._callables[cls] = cls(self.layout, self.rank, self.group)
         return self._callables[cls]
+
+    def tree_decode(self) -> TreeDecode:
+        # needs no layout: decode graphs have no sharded sequence
+        if TreeDecode not in self._callables:
+            self._callables[TreeDecode] = TreeDecode(self.group)
+        return self._callables[TreeDecode]
 
     def ring_attention(self) -> RingAttention:
         return self._bound(RingAttention)

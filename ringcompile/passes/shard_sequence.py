@@ -11,6 +11,8 @@ Guarantees, walking the graph in order:
   (found by which output dim is the sequence, never by matching the integer);
 - a node downstream of the region that carries the sequence through (the output projection, the
   residual add, the MLP) joins it;
+- a prefill's ``kv_cache_append`` (a ``ShardedKVCache``) on the striped layout with no padding
+  reads the local K/V and positions: this rank's tokens are exactly its share of the cache;
 - any other use of a local value — an op that mixes along the sequence (a shift, a ``cumsum``, a
   reduction over it), an op not understood, a graph output — reads ``ring_gather(x, dim)``: the full
   tensor in natural order, exact. Outputs stay local only with ``gather_outputs=False``.
@@ -25,6 +27,8 @@ from __future__ import annotations
 from torch.fx import Node
 from torch.fx.node import map_arg
 
+from ringcompile.kv_cache import APPEND_OPS
+from ringcompile.layout import StripedLayout
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import dim_map, shape_of, size_args
 from ringcompile.passes.find_attention import sdpa_args, source_line
@@ -83,6 +87,24 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
     return want, replace
 
 
+def _local_cache_append(ctx: RingContext, node: Node) -> bool:
+    """Feed a prefill's cache append its local tokens where they are exactly this rank's share of
+    the striped cache (the layout is striped and unpadded); otherwise it reads gathered K/V."""
+    if not (node.op == "call_function" and node.target in APPEND_OPS):
+        return False
+    keys, values, positions, k, v, pos, *rest = node.args
+    layout = ctx.layout
+    if not (isinstance(layout, StripedLayout) and layout.pad == 0
+            and ctx.local.get(k, (None, None))[1] == 2 and ctx.local.get(v, (None, None))[1] == 2
+            and pos not in ctx.local_only and shape_of(pos)[1] == ctx.seq_len):
+        return False
+    node.args = (keys, values, positions, ctx.local[k][0], ctx.local[v][0],
+                 ctx.shard_of(pos, 1), *rest)
+    ctx.report.shards.append(f"{node.name}: this rank's tokens are its share of the KV cache "
+                             f"(striped), stored without a gather")
+    return True
+
+
 def _localize_sizes(ctx: RingContext, node: Node, dim: int) -> None:
     where = size_args(node)
     if where is None:
@@ -126,6 +148,8 @@ def run(ctx: RingContext) -> None:
                 node.args = map_arg(
                     node.args, lambda a: ctx.local[a][0] if a in ctx.local_only else a
                 )
+            continue
+        if _local_cache_append(ctx, node):
             continue
         plan = None
         if node not in ctx.shard_points and (

@@ -1,0 +1,83 @@
+"""Pass 0: attention over a sharded KV cache (a decode step) becomes tree attention.
+
+Expects: a Dynamo FX graph; a decode step's keys and values are ``ringcompile::sharded_kv`` marks
+of a ``ShardedKVCache`` layer's buffers (``kv_cache.py``), possibly expanded by ``repeat_kv``.
+Guarantees: each SDPA reading such marks is ``tree_decode(q, keys, values, q_positions,
+k_positions, ...)``: the replicated queries attend over every rank's shard, causally by global
+position (which also hides empty slots), with one all-gather. The marks are gone (they raise if
+run). Refused with a clear error: a mask (transformers builds one for padding or sliding windows,
+sized for a cache no shard has), ``is_causal=False`` with several queries, dropout, or a cache
+built for another ring than the backend's.
+
+    k, v = sharded_kv(keys, pos, qpos), sharded_kv(values, pos, qpos); sdpa(q, k, v, enable_gqa=True)
+    -> tree_decode(q, keys, values, qpos, pos, enable_gqa=True)
+"""
+
+from __future__ import annotations
+
+from torch.fx import Node
+
+from ringcompile.kv_cache import APPEND_OPS, MARK_OPS
+from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import is_sdpa, shape_of
+from ringcompile.passes.find_attention import sdpa_args, source_line
+from ringcompile.passes.unexpand_kv import unexpanded
+
+def _mark(node) -> tuple[Node, Node, Node] | None:
+    """(buffer, positions, query positions) if ``node`` is a sharded-KV mark."""
+    if isinstance(node, Node) and node.op == "call_function" and node.target in MARK_OPS:
+        return tuple(node.args)
+    return None
+
+
+def _check_ring(ctx: RingContext) -> None:
+    for node in ctx.gm.graph.nodes:
+        if node.op == "call_function" and node.target in APPEND_OPS:
+            rank, world = node.args[6], node.args[7]
+            if (rank, world) != (ctx.rank, ctx.world_size):
+                raise ValueError(
+                    f"a ShardedKVCache made for rank {rank} of {world} is used under a ring where "
+                    f"this process is rank {ctx.rank} of {ctx.world_size}: give the cache and the "
+                    "backend the same group"
+                )
+
+
+def run(ctx: RingContext) -> None:
+    _check_ring(ctx)
+    swapped = False
+    for node in list(ctx.gm.graph.nodes):
+        if not is_sdpa(node):
+            continue
+        a = sdpa_args(node)
+        k, v, enable_gqa = a["key"], a["value"], bool(a.get("enable_gqa", False))
+        expanded = unexpanded(k), unexpanded(v)
+        if all(e is not None for e in expanded):
+            k, v, enable_gqa = expanded[0][0], expanded[1][0], True
+        mk, mv = _mark(k), _mark(v)
+        if mk is None and mv is None:
+            continue
+        where = f"{node.name} at {source_line(node)}"
+        T = shape_of(a["query"])[-2]
+        problem = None
+        if mk is None or mv is None:
+            problem = "only one of its keys and values comes from the sharded cache"
+        elif a.get("attn_mask") is not None:
+            problem = ("it has a mask (transformers builds one for padding or a sliding window); "
+                       "decoding over a sharded cache supports neither: batch unpadded prompts")
+        elif T > 1 and not a.get("is_causal", False):
+            problem = f"{T} queries with is_causal=False over a cache (causal decoding only)"
+        elif a.get("dropout_p", 0.0) not in (0, 0.0):
+            problem = "dropout_p != 0 (decode in eval mode)"
+        if problem:
+            raise NotImplementedError(f"backend='ring' cannot decode {where}: {problem}")
+        node.target = ctx.tree_decode()
+        node.args = (a["query"], mk[0], mv[0])
+        node.kwargs = {"q_positions": mk[2], "k_positions": mk[1], "scale": a.get("scale"),
+                       "enable_gqa": enable_gqa}
+        ctx.report.attention.append(
+            f"{where}: decode, {T} replicated queries over the sharded KV cache (tree attention)"
+        )
+        swapped = True
+    if swapped:
+        ctx.report.world_size = ctx.world_size
+        ctx.gm.graph.eliminate_dead_code()  # the marks, and any repeat_kv of them

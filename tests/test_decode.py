@@ -1,0 +1,253 @@
+"""The backend's decode path: a sharded prefill keeps its KV cache sharded, decode steps use tree
+attention, and greedy generation equals one process.
+
+``ShardedKV`` (the cache storage and its ops) is tested alone, the ``decode_attention`` pass by a
+before/after snapshot, and the whole path on transformers' Llama and Qwen2 over gloo worlds of 1-4
+ranks in float64 against the uncompiled model with transformers' own cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+import torch.distributed as dist
+import torch.nn.functional as F
+from expecttest import assert_expected_inline
+
+from ringcompile.backend import _compile
+from ringcompile.kv_cache import EMPTY, ShardedKV
+from ringcompile.passes import RingContext, decode_attention
+from ringcompile.report import readable_code
+
+transformers = pytest.importorskip("transformers")
+from ringcompile.hf_cache import ShardedKVCache  # noqa: E402  (needs transformers)
+
+TOL = 1e-10
+V = 64
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# -- the storage -------------------------------------------------------------------------------
+
+def test_shards_are_striped_and_balanced():
+    """Every rank's shard after a prefill of 7 and 5 appends of one token: slot 1 + p // W holds p.
+    (A decode step's update also marks the shards for attention, which only the backend runs.)"""
+    W, B, H, D = 3, 2, 2, 4
+    full = torch.randn(B, H, 12, D, dtype=torch.float64)
+    shards = [ShardedKV(max_length=12, rank=r, world_size=W) for r in range(W)]
+    for s in shards:
+        s.update(full[:, :, :7], full[:, :, :7] * 2, torch.arange(7))
+        for p in range(7, 12):
+            new = full[:, :, p:p + 1]
+            torch.ops.ringcompile.kv_cache_append(s.keys, s.values, s.positions, new, new * 2,
+                                                  torch.tensor([[p], [p]]), s.rank, W)
+    for r, s in enumerate(shards):
+        mine = torch.arange(r, 12, W)
+        assert s.positions.shape == (B, 1 + 4)
+        assert s.positions[0, 0] == EMPTY  # the scratch slot never holds a token
+        assert torch.equal(s.positions[:, 1:1 + len(mine)], mine.expand(B, -1))
+        assert (s.positions[:, 1 + len(mine):] == EMPTY).all()
+        assert torch.equal(s.keys[:, :, 1:1 + len(mine)], full[:, :, mine])
+        assert torch.equal(s.values[:, :, 1:1 + len(mine)], 2 * full[:, :, mine])
+
+
+def test_prompt_longer_than_the_cache_is_refused():
+    s = ShardedKV(max_length=8, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="max_length=8 tokens; the prompt has 9"):
+        s.update(torch.zeros(1, 1, 9, 4), torch.zeros(1, 1, 9, 4), torch.arange(9))
+
+
+def test_decode_outside_the_ring_backend_raises():
+    """A decode step run eagerly (or by another backend) would attend over one shard: it raises."""
+    s = ShardedKV(max_length=8, rank=0, world_size=1)
+    s.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), torch.arange(3))
+    k, v = torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)
+    with pytest.raises(RuntimeError, match="outside the ring backend.*backend='ring'"):
+        s.update(k, v, torch.tensor([3]))
+
+
+def test_ops_opcheck():
+    keys, values = torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 3)
+    positions = torch.full((2, 5), EMPTY)
+    new = (torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 3), torch.tensor([[4, 5], [4, 5]]))
+    torch.library.opcheck(torch.ops.ringcompile.kv_cache_append.default,
+                          (keys, values, positions, *new, 1, 2))
+    torch.ops.ringcompile.kv_cache_append(keys, values, positions, *new, 1, 2)
+    # p = 5 is rank 1's (slot 1 + 5 // 2); p = 4 went to the scratch slot, which stays empty
+    assert positions.tolist() == [[EMPTY, EMPTY, EMPTY, 5, EMPTY]] * 2
+    assert torch.equal(keys[:, :, 3], new[0][:, :, 1])
+
+
+# -- the pass ----------------------------------------------------------------------------------
+
+def _attend_with_cache(q, k, v, pos, cache: ShardedKV):
+    k, v = cache.update(k, v, pos)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
+
+
+def test_decode_pass_snapshot():
+    """The decode step's SDPA over marked shards becomes tree_decode over the buffers."""
+    torch._dynamo.reset()
+    cache = ShardedKV(max_length=16, rank=0, world_size=1)
+    cache.update(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.arange(5))
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    pos = torch.tensor([[5]])
+    graphs = []
+
+    def backend(gm, example_inputs):
+        before = readable_code(gm)
+        ctx = RingContext(gm=gm, group=None, layout_name="striped")
+        decode_attention.run(ctx)
+        gm.recompile()
+        graphs.append((before, readable_code(gm), ctx.report.attention))
+        return gm
+
+    with torch.no_grad():
+        torch.compile(_attend_with_cache, backend=backend, fullgraph=True)(q, k, v, pos, cache)
+    before, after, attention = graphs[0]
+    assert_expected_inline(before, """\
+def forward(self, *inputs):  # 7 inputs
+    positions = l_pos_.expand(1, 1)
+    kv_cache_append = torch.ops.ringcompile.kv_cache_append(l_cache_keys, l_cache_values, l_cache_positions, l_k_, l_v_, positions, 0, 1)
+    k = torch.ops.ringcompile.sharded_kv(l_cache_keys, l_cache_positions, positions)
+    v = torch.ops.ringcompile.sharded_kv(l_cache_values, l_cache_positions, positions)
+    scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, k, v, is_causal = False, enable_gqa = True)
+    return (scaled_dot_product_attention,)""")
+    assert_expected_inline(after, """\
+def forward(self, *inputs):  # 7 inputs
+    positions = l_pos_.expand(1, 1)
+    kv_cache_append = torch.ops.ringcompile.kv_cache_append(l_cache_keys, l_cache_values, l_cache_positions, l_k_, l_v_, positions, 0, 1)
+    scaled_dot_product_attention = tree_decode(l_q_, l_cache_keys, l_cache_values, q_positions = positions, k_positions = l_cache_positions, scale = None, enable_gqa = True)
+    return (scaled_dot_product_attention,)""")
+    assert len(attention) == 1 and "decode, 1 replicated queries" in attention[0]
+
+
+def sharded_speculative_decode(rank, world):
+    """T = 3 new tokens at once (causal among themselves) over a cache sharded across the ring,
+    against SDPA over the whole sequence; and the shard sizes afterwards."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    B, H, Hkv, D, S = 2, 4, 2, 8, 11
+    q, k, v = (torch.randn(B, h, S, D, dtype=torch.float64) for h in (H, Hkv, Hkv))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    cache = ShardedKV(max_length=S, rank=rank, world_size=world)
+    step = _compile(_attend_with_cache, {"compiler": "aot_eager"}, {"fullgraph": True})
+    with torch.no_grad():
+        step(q[:, :, :8], k[:, :, :8], v[:, :, :8], torch.arange(8), cache)  # prefill
+        out = step(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], torch.arange(8, S)[None], cache)
+    held = int((cache.positions[0] != EMPTY).sum())
+    return _rel(out, ref[:, :, 8:]), held
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_speculative_decode_matches_sdpa(gloo, world):
+    results = gloo(world).run(sharded_speculative_decode)
+    assert all(err < TOL for err, _ in results), results
+    held = [h for _, h in results]
+    assert sum(held) == 11 and max(held) - min(held) <= 1, held
+
+
+# -- transformers: greedy generation ------------------------------------------------------------
+
+def _hf_model(arch: str):
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    config = config_cls(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return model_cls(config).double().eval()
+
+
+def greedy(model, ids, steps, cache):
+    """Greedy tokens and each step's last logits; the model is given global positions."""
+    S = ids.shape[1]
+    out = model(input_ids=ids, position_ids=torch.arange(S)[None], cache=cache, use_cache=True)
+    tokens, logits = [], []
+    for i in range(steps):
+        logits.append(out.logits[:, -1])
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        if i + 1 < steps:
+            out = model(input_ids=tokens[-1], position_ids=torch.tensor([[S + i]]), cache=cache,
+                        use_cache=True)
+    return torch.cat(tokens, 1), torch.stack(logits, 1)
+
+
+def generate_hf(rank, world, arch, layout, S, steps):
+    """Our greedy generation (ring prefill, sharded cache, tree-attention decode) against the
+    uncompiled model with transformers' DynamicCache: tokens, per-step logits' error, how many
+    tokens this rank's shard holds, and the reports."""
+    torch._dynamo.reset()
+    model = _hf_model(arch)
+    ids = torch.randint(0, V, (2, S), generator=torch.Generator().manual_seed(1))
+    reports = []
+    with torch.no_grad():
+        ref_tokens, ref_logits = greedy(model, ids, steps, transformers.DynamicCache(config=model.config))
+        cache = ShardedKVCache(model.config, max_length=S + steps)
+        compiled = _compile(model, {"compiler": "aot_eager", "layout": layout}, {}, reports)
+        tokens, logits = greedy(compiled, ids, steps, cache)
+    held = [int((layer.shard.positions[0] != EMPTY).sum()) for layer in cache.layers]
+    return (bool(torch.equal(tokens, ref_tokens)), _rel(logits, ref_logits), held,
+            [str(r) for r in reports])
+
+
+GENERATE = [("llama", 1, "striped", 13), ("llama", 2, "striped", 13), ("llama", 3, "zigzag", 16),
+            ("llama", 4, "striped", 16), ("qwen2", 2, "zigzag", 13), ("qwen2", 4, "contiguous", 13)]
+
+
+@pytest.mark.parametrize("arch, world, layout, S", GENERATE,
+                         ids=[f"{a}-W{w}-{lay}-S{s}" for a, w, lay, s in GENERATE])
+def test_greedy_generation_equals_one_process(gloo, arch, world, layout, S):
+    steps = 6
+    results = gloo(world).run(generate_hf, arch, layout, S, steps)
+    for rank, (same, err, held, reports) in enumerate(results):
+        assert same and err < TOL, (rank, same, err)
+        # two graphs for the whole generation: the prefill and one decode step reused
+        assert len(reports) == 2, reports
+        assert "over the sharded KV cache (tree attention)" in reports[1]
+        assert "fallbacks: none" in reports[0] and "fallbacks: none" in reports[1]
+        # striped and unpadded: each rank stores its own tokens, no K/V is gathered for the cache
+        stored_locally = layout == "striped" and S % world == 0
+        assert ("stored without a gather" in reports[0]) == stored_locally, reports[0]
+        assert ("read by kv_cache_append" in reports[0]) == (not stored_locally), reports[0]
+    # the prompt and the 5 tokens fed back, spread evenly over the ranks, in every layer
+    for layer in zip(*(held for _, _, held, _ in results)):
+        assert sum(layer) == S + steps - 1 and max(layer) - min(layer) <= 1, layer
+
+
+def hf_decode_error(rank, world, case):
+    torch._dynamo.reset()
+    model = _hf_model("mistral" if case == "window" else "llama")
+    ids = torch.randint(0, V, (1, 8))
+    if case == "window":
+        ShardedKVCache(model.config, max_length=16)
+    group = None
+    if case == "group":  # a cache made for a ring of one, used on the world's ring
+        groups = [dist.new_group([r]) for r in range(world)]
+        group = groups[rank]
+    cache = ShardedKVCache(model.config, max_length=16, group=group)
+    compiled = _compile(model, {"compiler": "aot_eager"}, {})
+    with torch.no_grad():
+        if case == "no positions":
+            compiled(input_ids=ids, cache=cache, use_cache=True)
+        compiled(input_ids=ids, position_ids=torch.arange(8)[None], cache=cache, use_cache=True)
+        compiled(input_ids=ids[:, :1], position_ids=torch.tensor([[8]]),
+                 attention_mask=torch.ones(1, 9, dtype=torch.long), cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("window", "sliding-window layers"),
+    ("no positions", "pass position_ids"),
+    ("group", "rank 0 of 1 is used under a ring where this process is rank"),
+    ("padding", "cannot decode .* it has a mask"),
+])
+def test_decode_errors_name_the_problem(gloo, case, words):
+    with pytest.raises(AssertionError, match=words):
+        gloo(2).run(hf_decode_error, case)
