@@ -15,6 +15,7 @@ transformers' own cache.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -49,10 +50,12 @@ def make_model(args, device):
 
 @torch.no_grad()
 def generate(model, prompt, new_tokens: int, cache, show: bool) -> torch.Tensor:
-    """Greedy tokens; the model is told every token's global position (a shard cannot count)."""
+    """Greedy tokens; the model is told every token's global position (see ShardedKVCache)."""
     S, device = prompt.shape[1], prompt.device
-    out = model(input_ids=prompt, position_ids=torch.arange(S, device=device)[None], cache=cache,
-                use_cache=True)
+    # transformers renamed past_key_values to cache
+    params = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters
+    kw = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    out = model(input_ids=prompt, position_ids=torch.arange(S, device=device)[None], **kw)
     tokens, started = [], time.time()
     for i in range(new_tokens):
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
@@ -60,7 +63,7 @@ def generate(model, prompt, new_tokens: int, cache, show: bool) -> torch.Tensor:
             progress(i + 1, new_tokens, started)
         if i + 1 < new_tokens:
             pos = torch.tensor([[S + i]], device=device)
-            out = model(input_ids=tokens[-1], position_ids=pos, cache=cache, use_cache=True)
+            out = model(input_ids=tokens[-1], position_ids=pos, **kw)
     return torch.cat(tokens, 1)
 
 

@@ -5,13 +5,15 @@
     model(prompt, position_ids=pos, cache=cache)          # prefill: sharded, as without a cache
     model(next_token, position_ids=pos_next, cache=cache) # decode: tree attention over the shards
 
+(``past_key_values=cache`` in transformers versions before the argument was renamed.)
 The prefill runs sharded over the ring and each rank keeps its striped share of every layer's K/V;
 each decode step appends the new token on one rank (round-robin) and attends over all shards with
 ``tree_attn_decode`` (one all-gather per layer). ``examples/generate.py`` is a greedy loop on it.
 
-A shard cannot count the sequence without communicating, so the model must be given
-``position_ids`` (the new tokens' global positions) on every call; ``get_seq_length`` raises
-rather than guess. Decoding supports batches without padding and models without sliding windows:
+The cache counts the tokens it stores, but transformers asks for the count as a Python int (to make
+default position ids), which a compiled step cannot give without a guard per length: the model must
+be given ``position_ids`` (the new tokens' global positions) on every call, and ``get_seq_length``
+raises rather than recompile every step. Decoding supports batches without padding and models without sliding windows:
 the transformers mask in those cases is built against a cache length no shard has, and the
 ``ring`` backend refuses it with a clear error.
 """
@@ -35,28 +37,14 @@ class _ShardedLayer(DynamicLayer):
         pass  # the shard allocates its slots on the first update
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return self.shard.update(key_states, value_states, _new_positions(args, kwargs))
+        return self.shard.update(key_states, value_states)
 
     def get_seq_length(self) -> int:
         raise RuntimeError(
-            "ShardedKVCache cannot tell the sequence length without communicating: pass "
+            "ShardedKVCache does not hand out its length as a Python int: pass "
             "position_ids (the new tokens' global positions) to the model on every call "
             "(transformers' generate() is not supported; see examples/generate.py)"
         )
-
-
-def _new_positions(args, kwargs):
-    # transformers 5 hands the attention's kwargs through (position_ids among them); 4.x passes a
-    # cache_kwargs dict with cache_position
-    pos = (kwargs.get("kwargs") or {}).get("position_ids")
-    if pos is None and args and isinstance(args[0], dict):
-        pos = args[0].get("cache_position")
-    if pos is None:
-        raise RuntimeError(
-            "ShardedKVCache.update got no positions for the new tokens: pass position_ids to the "
-            "model on every call"
-        )
-    return pos
 
 
 class ShardedKVCache(Cache):

@@ -75,27 +75,25 @@ MARK_OPS = (torch.ops.ringcompile.sharded_kv, torch.ops.ringcompile.sharded_kv.d
 class ShardedKV:
     """One attention layer's shard of the cache on this rank (see the module docstring).
 
-    ``update(k, v, positions)`` is what a model's attention calls with its new keys and values and
-    their global positions: the first call (prefill) allocates the slots, stores this rank's share
-    and returns ``(k, v)`` unchanged (self-attention over the prompt, which the backend shards as
-    usual); later calls (decode) store and return the marked shards, which only the ``ring``
-    backend can attend over.
+    ``update(k, v)`` is what a model's attention calls with its new keys and values. The shard
+    counts the tokens it has been given (a tensor, so one compiled graph serves every step), so
+    the new tokens' global positions need no help from the model. The first call (prefill)
+    allocates the slots, stores this rank's share and returns ``(k, v)`` unchanged
+    (self-attention over the prompt, which the backend shards as usual); later calls (decode)
+    store and return the marked shards, which only the ``ring`` backend can attend over.
     """
 
     def __init__(self, max_length: int, rank: int, world_size: int):
         self.capacity = math.ceil(max_length / world_size)
         self.rank, self.world_size = rank, world_size
-        self.keys = self.values = self.positions = None
+        self.keys = self.values = self.positions = self.length = None
 
     @property
     def filled(self) -> bool:
         return self.keys is not None
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+    def update(self, k: torch.Tensor, v: torch.Tensor):
         B, H, T, _ = k.shape
-        if positions.dim() == 1:
-            positions = positions.unsqueeze(0)
-        positions = positions.expand(B, T)
         prefill = not self.filled
         if prefill:
             if T > self.capacity * self.world_size:
@@ -107,6 +105,9 @@ class ShardedKV:
             self.keys = torch.zeros(B, H, slots, k.shape[-1], dtype=k.dtype, device=k.device)
             self.values = torch.zeros(B, H, slots, v.shape[-1], dtype=v.dtype, device=v.device)
             self.positions = torch.full((B, slots), EMPTY, dtype=torch.long, device=k.device)
+            self.length = torch.zeros((), dtype=torch.long, device=k.device)
+        positions = (self.length + torch.arange(T, device=k.device)).expand(B, T)
+        self.length.add_(T)
         torch.ops.ringcompile.kv_cache_append(self.keys, self.values, self.positions, k, v,
                                               positions, self.rank, self.world_size)
         if prefill:

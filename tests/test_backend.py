@@ -319,3 +319,28 @@ def test_ring_shard_forms():
     instance = ringcompile.ring_shard(model, compiler="aot_eager")
     for got in (bare(tokens), with_options(tokens), cls_model(tokens), instance(tokens)):
         torch.testing.assert_close(got, want)
+
+
+class _CountingAttention(torch.nn.Module):
+    """Bumps a buffer in place on every call, its result unused (a counter, as some models keep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, q, k, v):
+        self.calls.add_(1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_in_place_updates_survive_the_passes():
+    """The passes' dead-code elimination keeps in-place methods whose result nobody reads."""
+    torch._dynamo.reset()
+    m = _CountingAttention()
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    compiled = torch.compile(m, backend="ring", options={"compiler": "eager"})
+    out = compiled(q, q, q)
+    compiled(q, q, q)
+    assert int(m.calls) == 2
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
+        q, q, q, is_causal=True), rtol=1e-12, atol=1e-12)

@@ -8,6 +8,8 @@ ranks in float64 against the uncompiled model with transformers' own cache.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch._dynamo
@@ -40,7 +42,7 @@ def test_shards_are_striped_and_balanced():
     full = torch.randn(B, H, 12, D, dtype=torch.float64)
     shards = [ShardedKV(max_length=12, rank=r, world_size=W) for r in range(W)]
     for s in shards:
-        s.update(full[:, :, :7], full[:, :, :7] * 2, torch.arange(7))
+        s.update(full[:, :, :7], full[:, :, :7] * 2)
         for p in range(7, 12):
             new = full[:, :, p:p + 1]
             torch.ops.ringcompile.kv_cache_append(s.keys, s.values, s.positions, new, new * 2,
@@ -58,16 +60,16 @@ def test_shards_are_striped_and_balanced():
 def test_prompt_longer_than_the_cache_is_refused():
     s = ShardedKV(max_length=8, rank=0, world_size=2)
     with pytest.raises(ValueError, match="max_length=8 tokens; the prompt has 9"):
-        s.update(torch.zeros(1, 1, 9, 4), torch.zeros(1, 1, 9, 4), torch.arange(9))
+        s.update(torch.zeros(1, 1, 9, 4), torch.zeros(1, 1, 9, 4))
 
 
 def test_decode_outside_the_ring_backend_raises():
     """A decode step run eagerly (or by another backend) would attend over one shard: it raises."""
     s = ShardedKV(max_length=8, rank=0, world_size=1)
-    s.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4), torch.arange(3))
+    s.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))
     k, v = torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)
     with pytest.raises(RuntimeError, match="outside the ring backend.*backend='ring'"):
-        s.update(k, v, torch.tensor([3]))
+        s.update(k, v)
 
 
 def test_ops_opcheck():
@@ -84,8 +86,8 @@ def test_ops_opcheck():
 
 # -- the pass ----------------------------------------------------------------------------------
 
-def _attend_with_cache(q, k, v, pos, cache: ShardedKV):
-    k, v = cache.update(k, v, pos)
+def _attend_with_cache(q, k, v, cache: ShardedKV):
+    k, v = cache.update(k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=True)
 
 
@@ -93,9 +95,8 @@ def test_decode_pass_snapshot():
     """The decode step's SDPA over marked shards becomes tree_decode over the buffers."""
     torch._dynamo.reset()
     cache = ShardedKV(max_length=16, rank=0, world_size=1)
-    cache.update(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), torch.arange(5))
+    cache.update(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8))
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
-    pos = torch.tensor([[5]])
     graphs = []
 
     def backend(gm, example_inputs):
@@ -107,11 +108,14 @@ def test_decode_pass_snapshot():
         return gm
 
     with torch.no_grad():
-        torch.compile(_attend_with_cache, backend=backend, fullgraph=True)(q, k, v, pos, cache)
+        torch.compile(_attend_with_cache, backend=backend, fullgraph=True)(q, k, v, cache)
     before, after, attention = graphs[0]
     assert_expected_inline(before, """\
 def forward(self, *inputs):  # 7 inputs
-    positions = l_pos_.expand(1, 1)
+    arange = torch.arange(1, device = device(type='cpu'))
+    add = l_cache_length + arange
+    positions = add.expand(1, 1)
+    add_ = l_cache_length.add_(1)
     kv_cache_append = torch.ops.ringcompile.kv_cache_append(l_cache_keys, l_cache_values, l_cache_positions, l_k_, l_v_, positions, 0, 1)
     k = torch.ops.ringcompile.sharded_kv(l_cache_keys, l_cache_positions, positions)
     v = torch.ops.ringcompile.sharded_kv(l_cache_values, l_cache_positions, positions)
@@ -119,7 +123,10 @@ def forward(self, *inputs):  # 7 inputs
     return (scaled_dot_product_attention,)""")
     assert_expected_inline(after, """\
 def forward(self, *inputs):  # 7 inputs
-    positions = l_pos_.expand(1, 1)
+    arange = torch.arange(1, device = device(type='cpu'))
+    add = l_cache_length + arange
+    positions = add.expand(1, 1)
+    add_ = l_cache_length.add_(1)
     kv_cache_append = torch.ops.ringcompile.kv_cache_append(l_cache_keys, l_cache_values, l_cache_positions, l_k_, l_v_, positions, 0, 1)
     scaled_dot_product_attention = tree_decode(l_q_, l_cache_keys, l_cache_values, q_positions = positions, k_positions = l_cache_positions, scale = None, enable_gqa = True)
     return (scaled_dot_product_attention,)""")
@@ -137,8 +144,8 @@ def sharded_speculative_decode(rank, world):
     cache = ShardedKV(max_length=S, rank=rank, world_size=world)
     step = _compile(_attend_with_cache, {"compiler": "aot_eager"}, {"fullgraph": True})
     with torch.no_grad():
-        step(q[:, :, :8], k[:, :, :8], v[:, :, :8], torch.arange(8), cache)  # prefill
-        out = step(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], torch.arange(8, S)[None], cache)
+        step(q[:, :, :8], k[:, :, :8], v[:, :, :8], cache)  # prefill
+        out = step(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], cache)
     held = int((cache.positions[0] != EMPTY).sum())
     return _rel(out, ref[:, :, 8:]), held
 
@@ -166,17 +173,22 @@ def _hf_model(arch: str):
     return model_cls(config).double().eval()
 
 
+def _cache_kw(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x)."""
+    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+
+
 def greedy(model, ids, steps, cache):
     """Greedy tokens and each step's last logits; the model is given global positions."""
     S = ids.shape[1]
-    out = model(input_ids=ids, position_ids=torch.arange(S)[None], cache=cache, use_cache=True)
+    kw = {_cache_kw(model): cache, "use_cache": True}
+    out = model(input_ids=ids, position_ids=torch.arange(S)[None], **kw)
     tokens, logits = [], []
     for i in range(steps):
         logits.append(out.logits[:, -1])
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         if i + 1 < steps:
-            out = model(input_ids=tokens[-1], position_ids=torch.tensor([[S + i]]), cache=cache,
-                        use_cache=True)
+            out = model(input_ids=tokens[-1], position_ids=torch.tensor([[S + i]]), **kw)
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 
@@ -234,12 +246,13 @@ def hf_decode_error(rank, world, case):
         group = groups[rank]
     cache = ShardedKVCache(model.config, max_length=16, group=group)
     compiled = _compile(model, {"compiler": "aot_eager"}, {})
+    kw = {_cache_kw(model): cache, "use_cache": True}
     with torch.no_grad():
         if case == "no positions":
-            compiled(input_ids=ids, cache=cache, use_cache=True)
-        compiled(input_ids=ids, position_ids=torch.arange(8)[None], cache=cache, use_cache=True)
+            compiled(input_ids=ids, **kw)
+        compiled(input_ids=ids, position_ids=torch.arange(8)[None], **kw)
         compiled(input_ids=ids[:, :1], position_ids=torch.tensor([[8]]),
-                 attention_mask=torch.ones(1, 9, dtype=torch.long), cache=cache, use_cache=True)
+                 attention_mask=torch.ones(1, 9, dtype=torch.long), **kw)
 
 
 @pytest.mark.parametrize("case, words", [

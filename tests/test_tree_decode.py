@@ -225,3 +225,28 @@ def test_bad_input_errors(kwargs, error, words):
                     requires_grad=kwargs.pop("requires_grad", False))
     with pytest.raises(error, match=words):
         tree_attn_decode(q, k, k, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_shard_uses_flash_partial_as_accurately_as_sdpa(dtype):
+    """A half-precision shard without masks takes SDPA's flash kernel for its partial: its error
+    against float64 stays within 1.5x that of SDPA itself on the same inputs (two shards merged
+    here by hand, as two ranks would)."""
+    from ringcompile.tree_decode import _flash_ok, _local_partial, _merge
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, Hkv, T, D, S = 2, 32, 8, 1, 128, 4096
+    q, k, v = (torch.randn(B, h, s, D, device="cuda", generator=g).to(dtype)
+               for h, s in ((H, T), (Hkv, S), (Hkv, S)))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert _flash_ok(q, k, v, None, False)
+    with torch.no_grad():
+        parts = [_local_partial(q, k[:, :, i::2], v[:, :, i::2], D ** -0.5, None, None, None,
+                                False) for i in range(2)]
+        out = _merge(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+        alone = tree_attn_decode(q, k, v, enable_gqa=True)
+    err, base = _rel(out.double(), ref), _rel(sdpa.double(), ref)
+    assert err <= 1.5 * base, (err, base)
+    assert _rel(alone.double(), ref) <= 1.5 * base

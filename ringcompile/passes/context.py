@@ -18,6 +18,12 @@ from ringcompile.runtime import (
 )
 
 
+def _mutates(node: Node) -> bool:
+    t = node.target
+    return (node.op == "call_method" and isinstance(t, str) and t.endswith("_")
+            and not t.endswith("__"))
+
+
 @dataclass
 class AttentionSite:
     node: Node
@@ -117,6 +123,11 @@ class RingContext:
         return self._bound(SumGradOverRing)
 
     # -- graph edits shared by the passes --------------------------------------------------------
+    def remove_dead_code(self) -> None:
+        """Dead-code elimination that keeps in-place tensor methods: Dynamo records ``x.add_(1)``
+        as a call_method, which FX deems pure, so a counter bumped in a forward would vanish."""
+        self.gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutates(n))
+
     def shard_of(self, node: Node, dim: int) -> Node:
         """``ring_shard(node, dim)``, inserted once right after ``node``."""
         key = (node, dim)

@@ -59,7 +59,8 @@ _POINTWISE_METHODS = {
     "detach", "pow", "rsqrt", "sqrt", "exp", "cos", "sin", "neg", "sigmoid", "tanh", "mul",
     "add", "sub", "div", "masked_fill", "clamp", "abs", "long", "int", "bool", "__and__",
     "__or__", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "where",
-    "requires_grad_",
+    "requires_grad_", "__eq__", "__ne__", "__le__", "__lt__", "__ge__", "__gt__", "__add__",
+    "__sub__", "__mul__", "__truediv__", "__neg__", "__invert__",
 }
 _NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
 _LINEARS = {F.linear, torch._C._nn.linear}

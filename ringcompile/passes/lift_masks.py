@@ -84,6 +84,21 @@ _FLIP = {operator.le: operator.ge, operator.lt: operator.gt, operator.ge: operat
          operator.gt: operator.lt}
 
 
+# Dynamo records an operator on tensors as a call_function of ``operator.*`` in some torch versions
+# and as a call_method of its dunder in others (torch 2.11: ``x.__eq__(y)``); both read the same.
+_METHOD_OPS = {"__eq__": operator.eq, "__ne__": operator.ne, "__and__": operator.and_,
+               "__le__": operator.le, "__lt__": operator.lt, "__ge__": operator.ge,
+               "__gt__": operator.gt, "__add__": operator.add, "__sub__": operator.sub,
+               "__getitem__": operator.getitem}
+
+
+def _op(node: Node) -> tuple[str, object]:
+    """``(op, target)`` with dunder method calls read as their ``operator`` function."""
+    if node.op == "call_method" and node.target in _METHOD_OPS:
+        return "call_function", _METHOD_OPS[node.target]
+    return node.op, node.target
+
+
 def _root(node: Node) -> Node:
     """The tensor under ``expand``/``to`` wrappers."""
     while node.op == "call_method" and node.target in ("expand", "to"):
@@ -97,7 +112,8 @@ def _is_document_ids_of(doc: Node, positions: Node) -> bool:
     if not (doc.op == "call_method" and doc.target == "cumsum" and doc.args[1:] in ((-1,), (1,))):
         return False
     ne = doc.args[0]
-    if not (ne.op == "call_function" and ne.target in (operator.ne, torch.ne) and ne.args[1] == 1):
+    if not (_op(ne) in (("call_function", operator.ne), ("call_function", torch.ne))
+            and ne.args[1] == 1):
         return False
     diff = ne.args[0]
     return (
@@ -121,29 +137,29 @@ class _Reader:
         return self.memo[node]
 
     def _read(self, n: Node) -> object:
-        t = n.target
-        if n.op == "call_function" and t is torch.arange:
+        op, t = _op(n)
+        if op == "call_function" and t is torch.arange:
             if len(n.args) != 1 or n.args[0] not in (self.B, self.S):
                 raise NotLiftable(f"{n.name}: an arange other than arange(S) or arange(B)")
             return _Vec(n.args[0])
-        if n.op == "call_method" and t == "new_ones" and n.args[1:] in ((()), ((),)):
+        if op == "call_method" and t == "new_ones" and n.args[1:] in ((()), ((),)):
             if n.kwargs.get("dtype") is torch.bool:
                 return _Facts()
-        if n.op == "call_method" and t in ("to", "expand", "bool"):
+        if op == "call_method" and t in ("to", "expand", "bool"):
             return self.read(n.args[0])
-        if n.op == "call_function" and t in (operator.add, operator.sub):
+        if op == "call_function" and t in (operator.add, operator.sub):
             a, c = self.read(n.args[0]), self.read(n.args[1])
             if isinstance(a, (_Vec, _Index, _Gathered)) and isinstance(c, int):
                 return replace(a, offset=a.offset + (c if t is operator.add else -c))
-        if n.op == "call_function" and t is operator.getitem:
+        if op == "call_function" and t is operator.getitem:
             return self._index(n)
-        if n.op == "call_function" and t in (operator.and_, torch.logical_and, torch.bitwise_and):
+        if op == "call_function" and t in (operator.and_, torch.logical_and, torch.bitwise_and):
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if isinstance(a, _Facts) and isinstance(b, _Facts):
                 return a & b
-        if n.op == "call_function" and t in _FLIP:
+        if op == "call_function" and t in _FLIP:
             return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
-        if n.op == "call_function" and t in (operator.eq, torch.eq):
+        if op == "call_function" and t in (operator.eq, torch.eq):
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
                     and {a.axis, b.axis} == {"q", "k"} and a.offset == b.offset):

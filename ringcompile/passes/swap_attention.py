@@ -41,4 +41,4 @@ def run(ctx: RingContext) -> None:
         causal = site.facts.is_causal if site.facts is not None else site.is_causal
         ctx.report.attention.append(f"{where}: is_causal={causal}, {mask}")
     # what fed the dense masks and K/V expansions that were lifted is dead now
-    ctx.gm.graph.eliminate_dead_code()
+    ctx.remove_dead_code()

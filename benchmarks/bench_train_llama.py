@@ -1,0 +1,160 @@
+"""Train a ~1B-parameter Llama (random weights) with ``backend="ring"``: tokens/s per GPU, peak
+memory, and the longest sequence that fits, per ring size.
+
+Model: transformers ``LlamaForCausalLM``, hidden 2048, 20 layers, 32 heads / 8 KV heads (d 128),
+MLP 5632, vocab 32000 (1.03B parameters), bf16 weights and AdamW, batch 1, no activation
+checkpointing. Compiled with ``backend="ring"``, zigzag layout, ``gather_outputs=False``: each rank
+gets back the logits of its own tokens and computes the loss on them (labels sharded by the same
+layout), so no rank ever holds full-sequence logits. Every length runs ``--warmup`` steps (the
+first compiles) and times ``--steps``; lengths run in increasing order until one does not fit.
+
+    torchrun --nproc-per-node W benchmarks/bench_train_llama.py --seqs 8192 16384 32768
+    python benchmarks/bench_train_llama.py --fake-world 8 --seqs 65536 131072   # memory only
+
+``--fake-world W`` runs one rank of a ring of W alone on one GPU with torch's ``fake`` process
+group (collectives move nothing, so the numbers computed and the times are meaningless, but every
+buffer has its real size): peak memory and whether a length fits at ring sizes the machine does not
+have. ``--tiny`` shrinks the model to check the script on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
+from ringcompile.layout import make_layout
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seqs", type=int, nargs="+", default=[8192, 16384, 32768])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--layout", default="zigzag")
+    p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager"])
+    p.add_argument("--fake-world", type=int, default=0)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    return p.parse_args()
+
+
+def build(args, device, max_len):
+    import transformers
+
+    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256) if args.tiny else
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000))
+    cfg = transformers.LlamaConfig(max_position_embeddings=max_len, attn_implementation="sdpa",
+                                   **size)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def run_length(model, opt, compiled, S, args, device, rank, world) -> dict:
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(S)
+    ids = torch.randint(0, V, (1, S), generator=g).to(device)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+    layout = make_layout(args.layout, S, world)
+    assert layout.pad == 0, f"{S} tokens do not split evenly over {world} ranks ({args.layout})"
+    local_labels = layout.shard(labels, 1, rank)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        logits = compiled(input_ids=ids, use_cache=False).logits  # this rank's tokens
+        # the sum over ranks of these local sums is the loss over the whole sequence
+        loss = F.cross_entropy(logits.float().flatten(0, 1), local_labels.flatten(),
+                               ignore_index=-100, reduction="sum") / (S - 1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        total = loss.detach().clone()
+        if world > 1 and not args.fake_world:
+            dist.all_reduce(total)
+        losses.append(float(total))
+        del logits, loss
+        if rank == 0:
+            print(f"  S={S} step {step + 1}/{args.warmup + args.steps}: loss {losses[-1]:.4f} "
+                  f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr, flush=True)
+    step_s = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return dict(seq=S, world=world, step_s=step_s, tokens_per_s_per_gpu=S / step_s / world,
+                peak_gib=peak, losses=losses)
+
+
+def main() -> None:
+    args = _parse()
+    fake = args.fake_world > 0
+    cuda = torch.cuda.is_available()
+    if fake:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
+        device = torch.device("cuda" if cuda else "cpu")
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=120))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build(args, device, max(args.seqs))
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    compiled = torch.compile(model, backend="ring", dynamic=False,
+                             options={"layout": args.layout, "compiler": args.compiler,
+                                      "gather_outputs": False})
+    rows = []
+    for S in sorted(args.seqs):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            row = run_length(model, opt, compiled, S, args, device, rank, world)
+        except torch.cuda.OutOfMemoryError:
+            # with a real ring the other ranks may now wait in a collective: stop here
+            row = dict(seq=S, world=world, oom=True)
+        opt.zero_grad(set_to_none=True)
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+        if row.get("oom"):
+            break
+    if rank == 0:
+        what = f"fake ring of {world} (one rank, memory only)" if fake else f"{world} ranks"
+        print(f"Llama {n_params / 1e9:.2f}B, {what}, {args.layout}, compiler {args.compiler}")
+        print("| S | per rank | step s | tokens/s per GPU | peak GiB |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in rows:
+            if r.get("oom"):
+                print(f"| {r['seq']} | {r['seq'] // world} | out of memory | | |")
+            else:
+                tps = "-" if fake else f"{r['tokens_per_s_per_gpu']:.0f}"
+                step = "-" if fake else f"{r['step_s']:.3f}"
+                print(f"| {r['seq']} | {r['seq'] // world} | {step} | {tps} | "
+                      f"{r['peak_gib']:.2f} |")
+        tag = f"fake{world}" if fake else f"w{world}"
+        with open(os.path.join(args.out, f"bench_train_llama_{tag}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    if any(r.get("oom") for r in rows) and not fake and world > 1:
+        os._exit(0)  # a rank that ran out of memory may have left NCCL work in flight
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
