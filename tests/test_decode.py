@@ -259,7 +259,7 @@ def hf_decode_error(rank, world, case):
     ("window", "sliding-window layers"),
     ("no positions", "pass position_ids"),
     ("group", "rank 0 of 1 is used under a ring where this process is rank"),
-    ("padding", "cannot decode .* it has a mask"),
+    ("padding", "cannot decode .* its mask is more than causality"),
 ])
 def test_decode_errors_name_the_problem(gloo, case, words):
     with pytest.raises(AssertionError, match=words):

@@ -21,6 +21,7 @@ from ringcompile.kv_cache import APPEND_OPS, MARK_OPS
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import is_sdpa, shape_of
 from ringcompile.passes.find_attention import sdpa_args, source_line
+from ringcompile.passes.lift_masks import NotLiftable, lift
 from ringcompile.passes.unexpand_kv import unexpanded
 
 def _mark(node) -> tuple[Node, Node, Node] | None:
@@ -42,6 +43,18 @@ def _check_ring(ctx: RingContext) -> None:
                 )
 
 
+def _only_causal(mask: Node, T: int) -> bool:
+    """The mask says no more than "a query sees keys at or before it" (transformers builds one
+    over the new tokens alone, since ``ShardedKVCache`` reports their count as the mask size);
+    causality by global position over the shards is then the same rule."""
+    shape = shape_of(mask)
+    try:
+        facts = lift(mask, shape[0], T)
+    except NotLiftable:
+        return False
+    return facts.window is None and not facts.tensors()
+
+
 def run(ctx: RingContext) -> None:
     _check_ring(ctx)
     swapped = False
@@ -61,9 +74,10 @@ def run(ctx: RingContext) -> None:
         problem = None
         if mk is None or mv is None:
             problem = "only one of its keys and values comes from the sharded cache"
-        elif a.get("attn_mask") is not None:
-            problem = ("it has a mask (transformers builds one for padding or a sliding window); "
-                       "decoding over a sharded cache supports neither: batch unpadded prompts")
+        elif a.get("attn_mask") is not None and not _only_causal(a["attn_mask"], T):
+            problem = ("its mask is more than causality (transformers adds padding or a sliding "
+                       "window); decoding over a sharded cache supports neither: batch unpadded "
+                       "prompts")
         elif T > 1 and not a.get("is_causal", False):
             problem = f"{T} queries with is_causal=False over a cache (causal decoding only)"
         elif a.get("dropout_p", 0.0) not in (0, 0.0):
