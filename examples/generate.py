@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
+
+from ranks import launch
 
 import ringcompile  # noqa: F401  (registers backend="ring" without pip install)
 from ringcompile.hf_cache import ShardedKVCache
@@ -67,18 +67,9 @@ def generate(model, prompt, new_tokens: int, cache, show: bool) -> torch.Tensor:
     return torch.cat(tokens, 1)
 
 
-def worker(rank: int, world: int, args, port: int) -> None:
-    on_gpu = "LOCAL_RANK" in os.environ and torch.cuda.is_available()
-    if on_gpu:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+def worker(device: torch.device, args) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    on_gpu = device.type == "cuda"
     model = make_model(args, device)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt),
                            generator=torch.Generator().manual_seed(1)).to(device)
@@ -101,7 +92,6 @@ def worker(rank: int, world: int, args, port: int) -> None:
         print("tokens equal: OK" if same else "tokens differ: MISMATCH")
         if not same:
             sys.exit(1)
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -119,15 +109,7 @@ def main() -> None:
                    help="float64 makes greedy ties between ring and one process vanishingly rare")
     p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager", "eager"])
     args = p.parse_args()
-    if "LOCAL_RANK" in os.environ:
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, 0)
-    else:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(worker, args=(args.world, args, port), nprocs=args.world)
+    launch(worker, args, args.world)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ run on one process without the backend.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from ranks import launch
 
 from ringcompile.testing_models import TinyTransformer
 
@@ -58,18 +58,9 @@ def train(args, device, compiled: bool, show: bool) -> list[float]:
     return losses
 
 
-def worker(rank: int, world: int, args, port: int) -> None:
-    on_gpu = "LOCAL_RANK" in os.environ and torch.cuda.is_available()
-    if on_gpu:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
+def worker(device: torch.device, args) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    on_gpu = device.type == "cuda"
     if rank == 0:
         print(f"{world} ranks ({'NCCL' if on_gpu else 'gloo'}), {args.seq} tokens, "
               f"{args.layout} layout: {args.seq // world} tokens per rank")
@@ -82,7 +73,6 @@ def worker(rank: int, world: int, args, port: int) -> None:
         print(f"largest difference {worst:.2e}: {'OK' if worst < args.tol else 'MISMATCH'}")
         if worst >= args.tol:
             sys.exit(1)
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -98,15 +88,7 @@ def main() -> None:
     p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager", "eager"])
     p.add_argument("--tol", type=float, default=1e-4, help="loss agreement required (float32)")
     args = p.parse_args()
-    if "LOCAL_RANK" in os.environ:
-        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, 0)
-    else:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(worker, args=(args.world, args, port), nprocs=args.world)
+    launch(worker, args, args.world)
 
 
 if __name__ == "__main__":

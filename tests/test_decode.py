@@ -24,6 +24,7 @@ from ringcompile.report import readable_code
 
 transformers = pytest.importorskip("transformers")
 from ringcompile.hf_cache import ShardedKVCache  # noqa: E402  (needs transformers)
+from test_transformers import _model  # noqa: E402
 
 TOL = 1e-10
 V = 64
@@ -161,16 +162,8 @@ def test_speculative_decode_matches_sdpa(gloo, world):
 # -- transformers: greedy generation ------------------------------------------------------------
 
 def _hf_model(arch: str):
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
-    config = config_cls(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return model_cls(config).double().eval()
+    # test_transformers' tiny models (Mistral's window of 5 is what the refusal test needs)
+    return _model(arch).eval()
 
 
 def _cache_kw(model) -> str:
