@@ -162,8 +162,16 @@ def test_speculative_decode_matches_sdpa(gloo, world):
 # -- transformers: greedy generation ------------------------------------------------------------
 
 def _hf_model(arch: str):
-    # test_transformers' tiny models (Mistral's window of 5 is what the refusal test needs)
-    return _model(arch).eval()
+    """Tiny random models; unlike test_transformers' Qwen2 this one has no sliding window (the
+    sharded cache decodes full attention only), and Mistral keeps its window for the refusal."""
+    if arch != "qwen2":
+        return _model(arch).eval()
+    config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(config).double().eval()
 
 
 def _cache_kw(model) -> str:
