@@ -350,3 +350,42 @@ def test_masks_recorded_as_dunder_methods_lift_too(fn):
     torch.testing.assert_close(got, f(*args), rtol=1e-12, atol=1e-12)
     assert "__eq__" in rewritten or "__and__" in rewritten, rewritten
     assert any(x.endswith(f"-> {facts}") for x in reports[0].lifted), reports[0].lifted
+
+
+def local_loss_matches(rank, world, layout):
+    """``gather_outputs=False``: each rank gets its own tokens' logits (layout order), computes the
+    loss over them, and the ring's summed loss and every parameter gradient equal one process's."""
+    from ringcompile.layout import make_layout
+
+    torch._dynamo.reset()
+    model = _model("llama")
+    ids = torch.randint(0, V, (2, S), generator=torch.Generator().manual_seed(3))
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+
+    def loss_of(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum") / ids.numel()
+
+    ref_logits = model(input_ids=ids, use_cache=False).logits
+    ref = loss_of(ref_logits, labels)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    lay = make_layout(layout, S, world)
+    compiled = _compile(model, {"compiler": "aot_eager", "layout": layout,
+                                "gather_outputs": False}, {})
+    logits = compiled(input_ids=ids, use_cache=False).logits
+    local = loss_of(logits, lay.shard(labels, 1, rank))
+    local.backward()
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    errs = {"logits": _rel(logits.detach(), lay.shard(ref_logits.detach(), 1, rank)),
+            "loss": _rel(total, ref.detach())}
+    errs.update({n: _rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
+    return errs, []
+
+
+@pytest.mark.parametrize("world, layout", [(2, "zigzag"), (4, "striped")])
+def test_sharded_logits_and_per_rank_loss(gloo, world, layout):
+    _assert_exact(gloo(world).run(local_loss_matches, layout))
