@@ -28,6 +28,7 @@ from ringcompile.group import resolve_group
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
 from ringcompile.report import ExplainReport, GraphReport, readable_code
+from ringcompile.specialize import PerShape
 
 __all__ = ["ring_backend", "ring_shard", "explain", "RingOptions"]
 
@@ -80,10 +81,31 @@ def _inner_compiler(name: str):
     return lookup_backend(name)
 
 
+def _symbolic_attention(gm: torch.fx.GraphModule) -> bool:
+    """Some SDPA over the graph's sequence has a symbolic size (Dynamo chose dynamic shapes); a
+    decode step's attention over the sharded cache needs no static sizes."""
+    from ringcompile.passes.decode_attention import reads_sharded_cache
+    from ringcompile.passes.dims import is_sdpa, shape_of
+    from ringcompile.passes.find_attention import sdpa_args
+
+    for node in gm.graph.nodes:
+        if is_sdpa(node) and not reads_sharded_cache(node):
+            a = sdpa_args(node)
+            if any(isinstance(d, torch.SymInt)
+                   for d in (shape_of(a["query"]) or ()) + (shape_of(a["key"]) or ())):
+                return True
+    return False
+
+
 def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
                  _reports: list | None = None):
     """The torch.compile backend: rewrite the graph for the ring, then compile it."""
     opts = RingOptions.from_dict(options)
+    if _symbolic_attention(gm):
+        # Dynamo made the sequence length symbolic (torch.compile's default after a length
+        # changes); the ring needs the length to lay out the tokens: compile per length.
+        log.info("ring: a graph with a symbolic sequence length is compiled per length")
+        return PerShape(gm, functools.partial(ring_backend, options=options, _reports=_reports))
     ctx = RingContext(
         gm=gm,
         group=resolve_group(opts.group, opts.mesh_dim),

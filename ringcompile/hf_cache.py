@@ -1,25 +1,26 @@
 """``ShardedKVCache``: a transformers ``Cache`` whose layers are ``ShardedKV`` shards.
 
     cache = ShardedKVCache(model.config, max_length=prompt_len + new_tokens)   # on every rank
-    model = torch.compile(model, backend="ring", dynamic=False)
-    model(prompt, position_ids=pos, cache=cache)          # prefill: sharded, as without a cache
-    model(next_token, position_ids=pos_next, cache=cache) # decode: tree attention over the shards
+    model.forward = torch.compile(model.forward, backend="ring")
+    out = model.generate(ids, attention_mask=am, cache=cache, max_new_tokens=new_tokens)
 
-(``past_key_values=cache`` in transformers versions before the argument was renamed.)
-The prefill runs sharded over the ring and each rank keeps its striped share of every layer's K/V;
-each decode step appends the new token on one rank (round-robin) and attends over all shards with
-``tree_attn_decode`` (one all-gather per layer). ``examples/generate.py`` is a greedy loop on it.
+or a loop of its own (``examples/generate.py``): ``model(prompt, cache=cache)`` then
+``model(next_token, cache=cache)`` per token (``past_key_values=cache`` in transformers versions
+before the rename). The prefill runs sharded over the ring and each rank keeps its striped share
+of every layer's K/V; each decode step appends the new token on one rank (round-robin) and
+attends over all shards with ``tree_attn_decode`` (one all-gather per layer).
 
-The cache counts the tokens it stores, but transformers asks for the count as a Python int (to make
-default position ids), which a compiled step cannot give without a guard per length: the model must
-be given ``position_ids`` (the new tokens' global positions) on every call, and ``get_seq_length``
-raises rather than recompile every step. Decoding supports batches without padding and models without sliding windows:
-the transformers mask in those cases is built against a cache length no shard has, and the
-``ring`` backend refuses it with a clear error.
+The cache counts its tokens in a tensor, so one compiled decode step serves every token: inside a
+compiled step ``get_seq_length`` returns that 0-d tensor (transformers adds it to an arange for the
+default position ids), between steps a Python int. Masks are sized for the new tokens alone
+(``get_mask_sizes``); the backend reads what transformers builds from them as causality plus key
+padding by global position (left-padded batches work) and refuses anything else, such as sliding
+windows, which the constructor refuses up front.
 """
 
 from __future__ import annotations
 
+import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ringcompile.group import resolve_group
@@ -39,12 +40,18 @@ class _ShardedLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         return self.shard.update(key_states, value_states)
 
-    def get_seq_length(self) -> int:
-        raise RuntimeError(
-            "ShardedKVCache does not hand out its length as a Python int: pass "
-            "position_ids (the new tokens' global positions) to the model on every call "
-            "(transformers' generate() is not supported; see examples/generate.py)"
-        )
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("ShardedKVCache does not reorder for beam search; use greedy or "
+                                  "sampling")
+
+    def get_seq_length(self):
+        if not self.shard.filled:
+            return 0
+        if torch.compiler.is_compiling():
+            # a 0-d tensor: transformers' default position ids (arange + this) then need no
+            # Python int, which a compiled step would guard on and recompile for at every token
+            return self.shard.length
+        return int(self.shard.length)  # between steps (generate() asks): read from the device
 
 
 class ShardedKVCache(Cache):
@@ -69,9 +76,9 @@ class ShardedKVCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()
 
-    # transformers sizes its masks with these. The sizes of the new tokens alone let it skip the
-    # mask when nothing is padded (decode attends by global position in the backend anyway); any
-    # mask it still builds is refused by the backend's decode pass.
+    # transformers sizes its masks with these: the new tokens alone. It then skips the mask when
+    # nothing is padded, or builds causality and key padding that the backend's decode pass reads
+    # by global position (decode_attention.py).
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
 

@@ -83,9 +83,21 @@ class TreeDecode:
     def __repr__(self) -> str:
         return "tree_decode()"
 
-    def __call__(self, q, k, v, q_positions, k_positions, scale=None, enable_gqa=False):
+    def __call__(self, q, k, v, q_positions, k_positions, scale=None, enable_gqa=False,
+                 padding_by_position=None):
+        valid = None
+        if padding_by_position is not None:
+            # (B, N) keep-mask whose column p is global position p (transformers' 2-D
+            # attention_mask over every token so far): read it at each key's position
+            N = padding_by_position.shape[1]
+            torch._assert_async(
+                (q_positions < N).all(),
+                "decode: the 2-D attention_mask must cover every token so far, the new ones too",
+            )
+            valid = padding_by_position.gather(1, k_positions.clamp(max=N - 1)) & (k_positions < N)
         return tree_attn_decode(q, k, v, group=self.group, scale=scale, enable_gqa=enable_gqa,
-                                q_positions=q_positions, k_positions=k_positions, is_causal=True)
+                                key_padding_mask=valid, q_positions=q_positions,
+                                k_positions=k_positions, is_causal=True)
 
 
 class _SumOverRingBackward(torch.autograd.Function):

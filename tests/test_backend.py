@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch._dynamo
@@ -344,3 +346,34 @@ def test_in_place_updates_survive_the_passes():
     assert int(m.calls) == 2
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
         q, q, q, is_causal=True), rtol=1e-12, atol=1e-12)
+
+
+def lengths_change(rank, world):
+    """torch.compile's default (dynamic=None) makes the length symbolic once it changes; the
+    backend then compiles that graph per length: each length exact, outputs and grads."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTransformer(rope=True).double()
+    reports = []
+    compiled = torch.compile(model, backend=functools.partial(
+        ringcompile.ring_backend, options={"compiler": "aot_eager"}, _reports=reports))
+    errs = []
+    for S in (16, 24, 20):
+        tokens = torch.randint(0, 64, (2, S), generator=torch.Generator().manual_seed(S))
+        w = torch.randn(2, S, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(S))
+        model.zero_grad()
+        ref = model(tokens)
+        (ref * w).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        out = compiled(tokens)
+        (out * w).sum().backward()
+        errs.append(max([_rel(out.detach(), ref.detach())]
+                        + [_rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()]))
+    return errs, [r.seq_len for r in reports]
+
+
+def test_changing_lengths_with_default_dynamic(gloo):
+    for errs, lengths in gloo(2).run(lengths_change):
+        assert all(e < TOL for e in errs), errs
+        assert lengths == [16, 24, 20], lengths  # each length's graph went through the passes

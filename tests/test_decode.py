@@ -8,6 +8,7 @@ ranks in float64 against the uncompiled model with transformers' own cache.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import pytest
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from expecttest import assert_expected_inline
 
-from ringcompile.backend import _compile
+from ringcompile.backend import _compile, ring_backend
 from ringcompile.kv_cache import EMPTY, ShardedKV
 from ringcompile.passes import RingContext, decode_attention
 from ringcompile.report import readable_code
@@ -179,21 +180,26 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
 
 
-def greedy(model, ids, steps, cache):
-    """Greedy tokens and each step's last logits; the model is given global positions."""
+def greedy(model, ids, steps, cache, positions=True):
+    """Greedy tokens and each step's last logits; with ``positions`` the model is given the new
+    tokens' global positions, else it asks the cache."""
     S = ids.shape[1]
     kw = {_cache_kw(model): cache, "use_cache": True}
-    out = model(input_ids=ids, position_ids=torch.arange(S)[None], **kw)
+
+    def pos(p):
+        return {"position_ids": p} if positions else {}
+
+    out = model(input_ids=ids, **pos(torch.arange(S)[None]), **kw)
     tokens, logits = [], []
     for i in range(steps):
         logits.append(out.logits[:, -1])
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         if i + 1 < steps:
-            out = model(input_ids=tokens[-1], position_ids=torch.tensor([[S + i]]), **kw)
+            out = model(input_ids=tokens[-1], **pos(torch.tensor([[S + i]])), **kw)
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 
-def generate_hf(rank, world, arch, layout, S, steps):
+def generate_hf(rank, world, arch, layout, S, steps, positions=True):
     """Our greedy generation (ring prefill, sharded cache, tree-attention decode) against the
     uncompiled model with transformers' DynamicCache: tokens, per-step logits' error, how many
     tokens this rank's shard holds, and the reports."""
@@ -205,21 +211,24 @@ def generate_hf(rank, world, arch, layout, S, steps):
         ref_tokens, ref_logits = greedy(model, ids, steps, transformers.DynamicCache(config=model.config))
         cache = ShardedKVCache(model.config, max_length=S + steps)
         compiled = _compile(model, {"compiler": "aot_eager", "layout": layout}, {}, reports)
-        tokens, logits = greedy(compiled, ids, steps, cache)
+        tokens, logits = greedy(compiled, ids, steps, cache, positions)
     held = [int((layer.shard.positions[0] != EMPTY).sum()) for layer in cache.layers]
     return (bool(torch.equal(tokens, ref_tokens)), _rel(logits, ref_logits), held,
             [str(r) for r in reports])
 
 
-GENERATE = [("llama", 1, "striped", 13), ("llama", 2, "striped", 13), ("llama", 3, "zigzag", 16),
-            ("llama", 4, "striped", 16), ("qwen2", 2, "zigzag", 13), ("qwen2", 4, "contiguous", 13)]
+GENERATE = [("llama", 1, "striped", 13, True), ("llama", 2, "striped", 13, True),
+            ("llama", 3, "zigzag", 16, True), ("llama", 4, "striped", 16, False),
+            ("qwen2", 2, "zigzag", 13, False), ("qwen2", 4, "contiguous", 13, True)]
 
 
-@pytest.mark.parametrize("arch, world, layout, S", GENERATE,
-                         ids=[f"{a}-W{w}-{lay}-S{s}" for a, w, lay, s in GENERATE])
-def test_greedy_generation_equals_one_process(gloo, arch, world, layout, S):
+@pytest.mark.parametrize(
+    "arch, world, layout, S, positions", GENERATE,
+    ids=[f"{a}-W{w}-{lay}-S{s}-{'positions' if p else 'default positions'}"
+         for a, w, lay, s, p in GENERATE])
+def test_greedy_generation_equals_one_process(gloo, arch, world, layout, S, positions):
     steps = 6
-    results = gloo(world).run(generate_hf, arch, layout, S, steps)
+    results = gloo(world).run(generate_hf, arch, layout, S, steps, positions)
     for rank, (same, err, held, reports) in enumerate(results):
         assert same and err < TOL, (rank, same, err)
         # two graphs for the whole generation: the prefill and one decode step reused
@@ -249,19 +258,56 @@ def hf_decode_error(rank, world, case):
     compiled = _compile(model, {"compiler": "aot_eager"}, {})
     kw = {_cache_kw(model): cache, "use_cache": True}
     with torch.no_grad():
-        if case == "no positions":
-            compiled(input_ids=ids, **kw)
         compiled(input_ids=ids, position_ids=torch.arange(8)[None], **kw)
+        # a 4-D mask of the caller's (transformers passes it through): nothing to read it by
         compiled(input_ids=ids[:, :1], position_ids=torch.tensor([[8]]),
-                 attention_mask=torch.ones(1, 9, dtype=torch.long), **kw)
+                 attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool), **kw)
 
 
 @pytest.mark.parametrize("case, words", [
     ("window", "sliding-window layers"),
-    ("no positions", "pass position_ids"),
     ("group", "rank 0 of 1 is used under a ring where this process is rank"),
-    ("padding", "cannot decode .* its mask is more than causality"),
+    ("arbitrary mask", "cannot decode .* its mask is more than causality and key padding"),
 ])
 def test_decode_errors_name_the_problem(gloo, case, words):
     with pytest.raises(AssertionError, match=words):
         gloo(2).run(hf_decode_error, case)
+
+
+def hf_generate(rank, world, padded):
+    """transformers' own ``generate()`` with ``model.forward`` compiled (torch.compile's default
+    dynamic shapes) and a ``ShardedKVCache``, against plain ``generate()`` on one process: tokens
+    and every step's logits, for two prompts of different lengths; left padding optional."""
+    torch._dynamo.reset()
+    model = _hf_model("llama")
+    reports, compiled_forward, results = [], None, []
+    for length in (11, 7):
+        ids = torch.randint(1, V, (2, length), generator=torch.Generator().manual_seed(length))
+        am = torch.ones_like(ids)
+        if padded:
+            am[0, :3] = 0  # left padding, as batched prompts are
+        kw = dict(attention_mask=am, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            if compiled_forward is not None:
+                del model.forward  # the plain forward again, for the reference
+            ref = model.generate(ids, **kw)
+            if compiled_forward is None:
+                compiled_forward = torch.compile(
+                    model.forward, backend=functools.partial(
+                        ring_backend, options={"compiler": "aot_eager"}, _reports=reports))
+            model.forward = compiled_forward
+            cache = ShardedKVCache(model.config, max_length=length + 10)
+            out = model.generate(ids, **kw, **{_cache_kw(model): cache})
+        results.append((bool(torch.equal(out.sequences, ref.sequences)),
+                        _rel(torch.stack(out.logits), torch.stack(ref.logits))))
+    return results, [str(r) for r in reports]
+
+
+@pytest.mark.parametrize("world, padded", [(1, True), (2, False), (3, True)])
+def test_transformers_generate_equals_one_process(gloo, world, padded):
+    for results, reports in gloo(world).run(hf_generate, padded):
+        assert all(same and err < TOL for same, err in results), results
+        # a prefill graph per prompt length and the decode graph(s), not one per token
+        decode = [r for r in reports if "over the sharded KV cache (tree attention)" in r]
+        assert decode and len(reports) <= 5, [r.splitlines()[0] for r in reports]

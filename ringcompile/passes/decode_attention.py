@@ -31,6 +31,13 @@ def _mark(node) -> tuple[Node, Node, Node] | None:
     return None
 
 
+def reads_sharded_cache(sdpa: Node) -> bool:
+    """This SDPA's keys are a sharded-KV mark (a decode step): its sizes need not be static."""
+    k = sdpa_args(sdpa)["key"]
+    expanded = unexpanded(k)
+    return _mark(expanded[0] if expanded is not None else k) is not None
+
+
 def _check_ring(ctx: RingContext) -> None:
     for node in ctx.gm.graph.nodes:
         if node.op == "call_function" and node.target in APPEND_OPS:
@@ -43,16 +50,23 @@ def _check_ring(ctx: RingContext) -> None:
                 )
 
 
-def _only_causal(mask: Node, T: int) -> bool:
-    """The mask says no more than "a query sees keys at or before it" (transformers builds one
-    over the new tokens alone, since ``ShardedKVCache`` reports their count as the mask size);
-    causality by global position over the shards is then the same rule."""
+def _mask_facts(mask: Node, T: int) -> tuple[bool, bool, Node | None]:
+    """Whether a decode step's mask is (causality plus) at most key padding; whether it is
+    causal; and that padding.
+
+    transformers builds the mask over the new tokens alone (``ShardedKVCache`` reports their
+    count as the mask size), so its causal part says "a query sees keys at or before it", which
+    attention by global position over the shards already is. Its padding reads the first columns
+    of the whole 2-D ``attention_mask`` (B, N), whose column p is the token at global position p:
+    the shards are masked by that table at their keys' positions instead (``TreeDecode``)."""
     shape = shape_of(mask)
     try:
-        facts = lift(mask, shape[0], T)
+        facts = lift(mask, shape[0], T, wide_padding=True)
     except NotLiftable:
-        return False
-    return facts.window is None and not facts.tensors()
+        return False, False, None
+    if facts.window is not None or facts.document_ids is not None:
+        return False, False, None
+    return True, facts.is_causal, facts.key_padding_mask
 
 
 def run(ctx: RingContext) -> None:
@@ -71,16 +85,18 @@ def run(ctx: RingContext) -> None:
             continue
         where = f"{node.name} at {source_line(node)}"
         T = shape_of(a["query"])[-2]
-        problem = None
+        problem, padding, causal = None, None, bool(a.get("is_causal", False))
         if mk is None or mv is None:
             problem = "only one of its keys and values comes from the sharded cache"
-        elif a.get("attn_mask") is not None and not _only_causal(a["attn_mask"], T):
-            problem = ("its mask is more than causality (transformers adds padding or a sliding "
-                       "window); decoding over a sharded cache supports neither: batch unpadded "
-                       "prompts")
-        elif T > 1 and not a.get("is_causal", False):
-            problem = f"{T} queries with is_causal=False over a cache (causal decoding only)"
-        elif a.get("dropout_p", 0.0) not in (0, 0.0):
+        elif a.get("attn_mask") is not None:
+            ok, causal, padding = _mask_facts(a["attn_mask"], T)
+            if not ok:
+                problem = ("its mask is more than causality and key padding (a sliding window, "
+                           "packed documents or an arbitrary mask), which decoding over a "
+                           "sharded cache does not support")
+        if problem is None and T > 1 and not causal:
+            problem = f"{T} queries that are not causal among themselves (causal decoding only)"
+        elif problem is None and a.get("dropout_p", 0.0) not in (0, 0.0):
             problem = "dropout_p != 0 (decode in eval mode)"
         if problem:
             raise NotImplementedError(f"backend='ring' cannot decode {where}: {problem}")
@@ -88,6 +104,8 @@ def run(ctx: RingContext) -> None:
         node.args = (a["query"], mk[0], mv[0])
         node.kwargs = {"q_positions": mk[2], "k_positions": mk[1], "scale": a.get("scale"),
                        "enable_gqa": enable_gqa}
+        if padding is not None:
+            node.kwargs = {**node.kwargs, "padding_by_position": padding}
         ctx.report.attention.append(
             f"{where}: decode, {T} replicated queries over the sharded KV cache (tree attention)"
         )

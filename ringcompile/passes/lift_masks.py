@@ -125,8 +125,9 @@ def _is_document_ids_of(doc: Node, positions: Node) -> bool:
 
 
 class _Reader:
-    def __init__(self, batch: int, seq_len: int):
+    def __init__(self, batch: int, seq_len: int, wide_padding: bool = False):
         self.B, self.S = batch, seq_len
+        self.wide_padding = wide_padding
         self.memo: dict[Node, object] = {}
 
     def read(self, node) -> object:
@@ -181,9 +182,14 @@ class _Reader:
                     return _Index(axis, base.offset)
         if isinstance(src, Node) and base is None and isinstance(idx, tuple) and len(idx) == 2:
             b, tok = (self.read(i) for i in idx)
+            shape = shape_of(src)
+            is_bool = src.meta["example_value"].dtype == torch.bool
+            if (self.wide_padding and is_bool and b == _Index("b") and tok == _Index("k")
+                    and shape[0] == self.B and shape[1] >= self.S):
+                return _Facts(valid=[src])
             if (b == _Index("b") and isinstance(tok, _Index) and tok.offset == 0
-                    and tok.axis in "qk" and shape_of(src) == (self.B, self.S)):
-                if src.meta["example_value"].dtype == torch.bool:
+                    and tok.axis in "qk" and shape == (self.B, self.S)):
+                if is_bool:
                     if tok.axis != "k":
                         raise NotLiftable(f"{n.name}: a padding mask read by query")
                     return _Facts(valid=[src])
@@ -206,14 +212,17 @@ class _Reader:
         return _Facts(left=left, right=right, positions=[a.tensor] if on_positions else [])
 
 
-def lift(mask: Node, batch: int, seq_len: int) -> MaskFacts:
-    """The per-token facts that compute ``mask`` exactly, or NotLiftable with the reason."""
+def lift(mask: Node, batch: int, seq_len: int, wide_padding: bool = False) -> MaskFacts:
+    """The per-token facts that compute ``mask`` exactly, or NotLiftable with the reason.
+
+    ``wide_padding`` (decode steps): a (B, N) boolean key padding mask with N >= seq_len counts
+    too, read at its first columns; the caller must give that reading its meaning."""
     ms = shape_of(mask)
     if ms is None or len(ms) != 4 or ms[2:] != (seq_len, seq_len) or ms[1] != 1:
         raise NotLiftable(f"mask shape {ms} is not (B, 1, S, S)")
     if mask.meta["example_value"].dtype != torch.bool:
         raise NotLiftable("not a boolean mask")
-    facts = _Reader(batch, seq_len).read(mask)
+    facts = _Reader(batch, seq_len, wide_padding).read(mask)
     if not isinstance(facts, _Facts):
         raise NotLiftable("the mask is not a conjunction of index rules")
     if len(facts.valid) > 1 or len(facts.docs) > 1:
