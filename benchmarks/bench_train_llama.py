@@ -67,7 +67,9 @@ def run_length(model, opt, compiled, S, args, device, rank, world) -> dict:
     ids = torch.randint(0, V, (1, S), generator=g).to(device)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
     layout = make_layout(args.layout, S, world)
-    assert layout.pad == 0, f"{S} tokens do not split evenly over {world} ranks ({args.layout})"
+    if layout.pad:
+        raise ValueError(f"--seqs: {S} tokens do not split evenly over {world} ranks "
+                         f"({args.layout}); the labels would be sharded with padding")
     local_labels = layout.shard(labels, 1, rank)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times, losses = [], []

@@ -27,6 +27,9 @@ import torch
 from ringcompile.group import resolve_group
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
+from ringcompile.passes.decode_attention import reads_sharded_cache
+from ringcompile.passes.dims import is_sdpa, shape_of
+from ringcompile.passes.find_attention import sdpa_args
 from ringcompile.report import ExplainReport, GraphReport, readable_code
 from ringcompile.specialize import PerShape
 
@@ -84,10 +87,6 @@ def _inner_compiler(name: str):
 def _symbolic_attention(gm: torch.fx.GraphModule) -> bool:
     """Some SDPA over the graph's sequence has a symbolic size (Dynamo chose dynamic shapes); a
     decode step's attention over the sharded cache needs no static sizes."""
-    from ringcompile.passes.decode_attention import reads_sharded_cache
-    from ringcompile.passes.dims import is_sdpa, shape_of
-    from ringcompile.passes.find_attention import sdpa_args
-
     for node in gm.graph.nodes:
         if is_sdpa(node) and not reads_sharded_cache(node):
             a = sdpa_args(node)

@@ -24,6 +24,7 @@ from ringcompile.passes.find_attention import sdpa_args, source_line
 from ringcompile.passes.lift_masks import NotLiftable, lift
 from ringcompile.passes.unexpand_kv import unexpanded
 
+
 def _mark(node) -> tuple[Node, Node, Node] | None:
     """(buffer, positions, query positions) if ``node`` is a sharded-KV mark."""
     if isinstance(node, Node) and node.op == "call_function" and node.target in MARK_OPS:
@@ -31,11 +32,20 @@ def _mark(node) -> tuple[Node, Node, Node] | None:
     return None
 
 
+def _cache_kv(a: dict):
+    """The sharded-KV marks an SDPA's key and value are (each None if not), looking through a
+    ``repeat_kv`` expansion, and whether it is GQA."""
+    k, v, enable_gqa = a["key"], a["value"], bool(a.get("enable_gqa", False))
+    expanded = unexpanded(k), unexpanded(v)
+    if all(e is not None for e in expanded):
+        k, v, enable_gqa = expanded[0][0], expanded[1][0], True
+    return _mark(k), _mark(v), enable_gqa
+
+
 def reads_sharded_cache(sdpa: Node) -> bool:
-    """This SDPA's keys are a sharded-KV mark (a decode step): its sizes need not be static."""
-    k = sdpa_args(sdpa)["key"]
-    expanded = unexpanded(k)
-    return _mark(expanded[0] if expanded is not None else k) is not None
+    """This SDPA reads the sharded cache (a decode step): its sizes need not be static."""
+    mk, mv, _ = _cache_kv(sdpa_args(sdpa))
+    return mk is not None or mv is not None
 
 
 def _check_ring(ctx: RingContext) -> None:
@@ -50,23 +60,41 @@ def _check_ring(ctx: RingContext) -> None:
                 )
 
 
-def _mask_facts(mask: Node, T: int) -> tuple[bool, bool, Node | None]:
-    """Whether a decode step's mask is (causality plus) at most key padding; whether it is
-    causal; and that padding.
+def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
+    """(is causal, key padding) if a decode step's mask is causality and key padding at most;
+    None otherwise.
 
     transformers builds the mask over the new tokens alone (``ShardedKVCache`` reports their
     count as the mask size), so its causal part says "a query sees keys at or before it", which
     attention by global position over the shards already is. Its padding reads the first columns
     of the whole 2-D ``attention_mask`` (B, N), whose column p is the token at global position p:
     the shards are masked by that table at their keys' positions instead (``TreeDecode``)."""
-    shape = shape_of(mask)
     try:
-        facts = lift(mask, shape[0], T, wide_padding=True)
+        facts = lift(mask, shape_of(mask)[0], T, wide_padding=True)
     except NotLiftable:
-        return False, False, None
+        return None
     if facts.window is not None or facts.document_ids is not None:
-        return False, False, None
-    return True, facts.is_causal, facts.key_padding_mask
+        return None
+    return facts.is_causal, facts.key_padding_mask
+
+
+def _refusal(a: dict, mk, mv, T: int) -> tuple[str | None, Node | None]:
+    """Why this decode step cannot be swapped (None if it can), and the key padding to apply."""
+    if mk is None or mv is None:
+        return "only one of its keys and values comes from the sharded cache", None
+    causal, padding = bool(a.get("is_causal", False)), None
+    if a.get("attn_mask") is not None:
+        read = _mask_facts(a["attn_mask"], T)
+        if read is None:
+            return ("its mask is more than causality and key padding (a sliding window, packed "
+                    "documents or an arbitrary mask), which decoding over a sharded cache does "
+                    "not support"), None
+        causal, padding = read
+    if T > 1 and not causal:
+        return f"{T} queries that are not causal among themselves (causal decoding only)", None
+    if a.get("dropout_p", 0.0) not in (0, 0.0):
+        return "dropout_p != 0 (decode in eval mode)", None
+    return None, padding
 
 
 def run(ctx: RingContext) -> None:
@@ -76,28 +104,12 @@ def run(ctx: RingContext) -> None:
         if not is_sdpa(node):
             continue
         a = sdpa_args(node)
-        k, v, enable_gqa = a["key"], a["value"], bool(a.get("enable_gqa", False))
-        expanded = unexpanded(k), unexpanded(v)
-        if all(e is not None for e in expanded):
-            k, v, enable_gqa = expanded[0][0], expanded[1][0], True
-        mk, mv = _mark(k), _mark(v)
+        mk, mv, enable_gqa = _cache_kv(a)
         if mk is None and mv is None:
             continue
         where = f"{node.name} at {source_line(node)}"
         T = shape_of(a["query"])[-2]
-        problem, padding, causal = None, None, bool(a.get("is_causal", False))
-        if mk is None or mv is None:
-            problem = "only one of its keys and values comes from the sharded cache"
-        elif a.get("attn_mask") is not None:
-            ok, causal, padding = _mask_facts(a["attn_mask"], T)
-            if not ok:
-                problem = ("its mask is more than causality and key padding (a sliding window, "
-                           "packed documents or an arbitrary mask), which decoding over a "
-                           "sharded cache does not support")
-        if problem is None and T > 1 and not causal:
-            problem = f"{T} queries that are not causal among themselves (causal decoding only)"
-        elif problem is None and a.get("dropout_p", 0.0) not in (0, 0.0):
-            problem = "dropout_p != 0 (decode in eval mode)"
+        problem, padding = _refusal(a, mk, mv, T)
         if problem:
             raise NotImplementedError(f"backend='ring' cannot decode {where}: {problem}")
         node.target = ctx.tree_decode()
