@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import triton
@@ -152,21 +153,23 @@ def measure(name, shape, causal, modes=("fwd", "fwd+bwd")):
 def sweep(out_dir):
     """Tile configurations of ours, forward and backward timed on their own."""
     F, Bw = FwdConfig, BwdConfig
-    # candidates around the winners of the previous sweep (benchmarks/RESULTS.md)
-    fwd128 = [F(128, 128, 8, 3), F(128, 128, 8, 2), F(128, 128, 8, 4), F(128, 128, 4, 3),
-              F(256, 64, 8, 3), F(128, 64, 4, 3)]
-    bwd128 = [Bw(128, 64, 8, 2), Bw(128, 64, 8, 1), Bw(128, 128, 8, 1),
-              Bw(128, 64, 8, 2, dq=F(128, 128, 8, 3)), Bw(128, 64, 8, 2, dq=F(128, 128, 8, 2)),
-              Bw(128, 64, 8, 3, dq=F(128, 128, 8, 3))]
+    # candidates around the winners of the previous sweeps (benchmarks/RESULTS.md), and launch
+    # orders: chunks of 1 head (one head's tiles after another's) up to all heads
+    def orders(cfg, chunks):
+        return [replace(cfg, heads_per_chunk=c) for c in chunks]
+
+    def bwd_orders(cfg, chunks):  # (dk/dv chunk, dq chunk)
+        return [replace(cfg, heads_per_chunk=a, dq=replace(cfg.dq, heads_per_chunk=b))
+                for a, b in chunks]  # fmt: skip
+
+    bwd128 = Bw(128, 64, 8, 2, dq=F(128, 128, 8, 3))
     plan = [
-        ((1, 32, 8, 32768, 128), fwd128, bwd128),
-        ((1, 32, 8, 8192, 128), fwd128, bwd128),
-        ((4, 16, 16, 8192, 64),
-         [F(128, 64, 4, 3), F(128, 128, 8, 3), F(128, 128, 4, 3), F(128, 64, 8, 3)],
-         [Bw(128, 64, 8, 2), Bw(128, 64, 4, 2), Bw(128, 128, 8, 2), Bw(64, 64, 4, 3)]),
-        ((1, 16, 4, 8192, 256),
-         [F(64, 64, 4, 2), F(64, 32, 4, 2)],
-         [Bw(64, 32, 8, 1), Bw(64, 32, 8, 1, dq=F(64, 64, 4, 2))]),
+        ((1, 32, 8, 32768, 128), orders(F(256, 64, 8, 3), [None, 1, 4, 8, 32]),
+         bwd_orders(bwd128, [(None, None), (1, 1), (2, 8), (8, 32)])),
+        ((1, 32, 8, 16384, 128), orders(F(256, 64, 8, 3), [None, 1, 32]) + [F(128, 128, 8, 3)],
+         bwd_orders(bwd128, [(None, None), (1, 1), (8, 32)])),
+        ((1, 32, 8, 8192, 128), orders(F(128, 128, 8, 3), [None, 1, 4, 32]),
+         bwd_orders(bwd128, [(None, None), (1, 1), (2, 8), (8, 32)])),
     ]  # fmt: skip
     rows = []
     for shape, fwd_cfgs, bwd_cfgs in plan:

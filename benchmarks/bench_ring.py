@@ -19,12 +19,19 @@ iterations and the table shows the slowest rank's.
   installed (``../shared/peer-seed-on-gpu.md``).
 
 efficiency = ideal / measured; the same sequence and FLOPs for every row.
+
+``--trace`` also profiles each layout's ring on the GPU (CUDA kernels only) and splits its time
+into compute kernels, communication kernels hidden under compute, exposed communication and idle
+GPU time; the traces go to ``--out`` as ``trace_<layout>_rank<r>.json.gz``.
+``--nccl-high-priority`` gives NCCL high-priority streams, so its kernels take SMs as soon as
+they free up instead of queueing behind a running attention kernel's programs.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gzip
 import json
 import os
 import statistics
@@ -51,6 +58,8 @@ def _parse():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--world-size", type=int, default=2, help="gloo ranks without torchrun")
+    p.add_argument("--trace", action="store_true", help="profile where each layout's time goes")
+    p.add_argument("--nccl-high-priority", action="store_true")
     return p.parse_args()
 
 
@@ -189,6 +198,74 @@ def seed(args, world, device, dtype):
     )  # fmt: skip
 
 
+def _union(intervals):
+    """Merged, sorted, disjoint intervals."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(xs, ys) -> list:
+    out, i, j = [], 0, 0
+    while i < len(xs) and j < len(ys):
+        a, b = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if a < b:
+            out.append([a, b])
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def where_time_goes(fn, path, iters=3) -> dict:
+    """Profile ``iters`` back-to-back calls; per call, ms of: the span from the first kernel's
+    start to the last one's end, compute kernels, NCCL kernels, NCCL time under no compute, and
+    idle GPU time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    comm, compute = [], []
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
+            iv = (e.time_range.start, e.time_range.end)
+            (comm if "nccl" in e.name.lower() else compute).append(iv)
+    comm, compute = _union(comm), _union(compute)
+    busy = _union(comm + compute)
+    span = busy[-1][1] - busy[0][0]
+    hidden = _length(_intersect(comm, compute))
+    raw = tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(raw)
+    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+        dst.write(src.read())
+    os.unlink(raw)
+    us = 1e3 * iters
+    return {
+        "span_ms": span / us,
+        "compute_ms": _length(compute) / us,
+        "comm_ms": _length(comm) / us,
+        "comm_hidden_ms": hidden / us,
+        "comm_exposed_ms": (_length(comm) - hidden) / us,
+        "idle_ms": (span - _length(busy)) / us,
+    }
+
+
 def measure(rank, world, args):
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -225,6 +302,17 @@ def measure(rank, world, args):
             record("seed striped", seed(args, world, device, dtype))
         except Exception as e:
             rows["seed striped"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    if args.trace and device.type == "cuda":
+        for name in LAYOUTS:
+            path = os.path.join(args.out, f"trace_{name}_rank{rank}.json.gz")
+            split = where_time_goes(ours(name, args, world, device, dtype), path)
+            splits = [None] * world
+            dist.all_gather_object(splits, split)
+            if rank == 0:
+                for r, sp in enumerate(splits):
+                    print(f"trace ours {name} rank {r}: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in sp.items()), flush=True)  # fmt: skip
+            rows[f"ours {name}"]["trace"] = splits
     ideal = rows["ideal: one GPU, whole sequence (time / W)"]["ms"]
     for r in rows.values():
         if "ms" in r:
@@ -274,9 +362,15 @@ def main():
         local = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                device_id=torch.device("cuda", local)
-                                if torch.cuda.is_available() else None)  # fmt: skip
+        if torch.cuda.is_available():
+            options = None
+            if args.nccl_high_priority:
+                options = dist.ProcessGroupNCCL.Options()
+                options.is_high_priority_stream = True
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local),
+                                    pg_options=options)  # fmt: skip
+        else:
+            dist.init_process_group("gloo")
         _main(args)
     else:
         fd, init_file = tempfile.mkstemp()

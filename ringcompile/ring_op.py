@@ -8,12 +8,12 @@ The whole ring, forward and backward, is one ``torch.library`` op with its own a
 rank issues the same sends and receives in the same order whatever the compiler does around it:
 
 - forward (``ringcompile::ring_attention``): a small all-gather checks that every rank agrees on
-  shapes and options (a mismatch raises on every rank instead of hanging a send), then for each
-  ring step the next block is already in flight (double-buffered ``batch_isend_irecv``) while this
-  one is computed;
+  shapes and options (a mismatch raises on every rank instead of hanging a send; the host waits
+  for it while the rank's own block computes), then for each ring step the next block is already
+  in flight (double-buffered ``batch_isend_irecv``) while this one is computed;
 - backward (``ringcompile::ring_attention_backward``): K/V travel again, and fp32 dK/dV
   accumulators travel one step behind them; after the last step each accumulator goes straight to
-  the rank that owns its block.
+  the rank that owns its block, in the gradients' dtype.
 
 Masks are per-token facts (``ringcompile.masks``): positions come from the layout, document ids and
 key validity travel with K/V. Steps the position rules prove empty on every rank (a causal or
@@ -104,13 +104,30 @@ class _Ring:
         ops += [dist.P2POp(dist.irecv, t, group=self.pg, group_peer=frm) for t in recv]
         return dist.batch_isend_irecv(ops)
 
-    def check_agreement(self, meta: list[int], what: list[str], device: torch.device) -> None:
-        """Raise on every rank if any rank's ``meta`` differs (one small all-gather, no hang)."""
-        dev = device if dist.get_backend(self.pg) == "nccl" else torch.device("cpu")
-        mine = torch.tensor(meta, dtype=torch.int64, device=dev)
+    def start_agreement(self, meta: list[int], what: list[str], device: torch.device):
+        """Start a small all-gather of every rank's ``meta``; the returned function waits for it
+        (on the host) and raises on every rank if any rank's differs, instead of hanging a send.
+
+        Waiting later lets the GPU work meanwhile: the host waits for the all-gather alone (on
+        a side stream), not for the kernels queued after it."""
+        nccl = dist.get_backend(self.pg) == "nccl"
+        mine = torch.tensor(meta, dtype=torch.int64, device=device if nccl else "cpu")
         everyone = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(everyone, mine, group=self.pg)
-        table = torch.stack(everyone).cpu()
+        work = dist.all_gather(everyone, mine, group=self.pg, async_op=True)
+
+        def verify() -> None:
+            if nccl:
+                with torch.cuda.stream(_side_stream(device)):
+                    work.wait()
+                    table = torch.stack(everyone).cpu()
+            else:
+                work.wait()
+                table = torch.stack(everyone)
+            self._raise_on_disagreement(table, what)
+
+        return verify
+
+    def _raise_on_disagreement(self, table: torch.Tensor, what: list[str]) -> None:
         bad = (table != table[0]).any(0)
         if bad.any():
             rows = ", ".join(
@@ -123,6 +140,17 @@ class _Ring:
                 + ". Every rank must call it with the same shapes and options (shard the sequence "
                 "with one Layout so every rank holds the same number of tokens)."
             )
+
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(layout: Layout, rank: int, device: torch.device) -> torch.Tensor:
+    """A rank's global positions on ``device``, made once (read-only: BlockMasks share them)."""
+    return layout.positions(rank, device)
 
 
 def _wait(works) -> None:
@@ -181,13 +209,13 @@ class _Call:
 
     def block_mask(self, step: int, k_facts: torch.Tensor | None, device) -> BlockMask:
         src = self.source(step)
-        k_pos = self.layout.positions(src, device)
+        k_pos = _positions(self.layout, src, torch.device(device))
         dense = None
         if self.attn_mask is not None:
             # global columns of the source rank's keys; padding keys are masked by seq_len anyway
             dense = self.attn_mask.index_select(-1, k_pos.clamp(max=self.seq_len - 1))
         return BlockMask(
-            q_pos=self.layout.positions(self.rank, device),
+            q_pos=_positions(self.layout, self.rank, torch.device(device)),
             k_pos=k_pos,
             seq_len=self.seq_len,
             causal=self.causal,
@@ -214,28 +242,25 @@ def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
     call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
                       layout, seq_len, group_name)
     ring = call.ring
+    verify = None
     if ring is not None:
         B, H, S, D = q.shape
-        ring.check_agreement(
+        verify = ring.start_agreement(
             [B, H, k.shape[1], S, D, _dtype_code(q.dtype), seq_len, int(is_causal), window_left,
              window_right, attn_mask is not None, call.facts is not None],
             ["batch", "heads", "kv_heads", "local sequence length", "head dim", "dtype",
              "seq_len", "is_causal", "window_left", "window_right", "has attn_mask",
              "has document_ids/key_padding_mask"],
             q.device,
-        )
+        )  # fmt: skip
     kernels = select_kernels(q)
     state = kernels.forward_init(q)
     computed = call.computed_steps()
     blocks = _traveling(k, v, call.facts)
     n = call.plan.num_steps
     comm_stats.forward_calls += 1
-    for s in range(n):
-        works = None
-        if s + 1 < n:
-            incoming = [torch.empty_like(t) for t in blocks]
-            works = ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1))
-            comm_stats.kv_blocks_sent += 1
+
+    def compute(s: int) -> None:
         if s in computed:
             k_facts = blocks[2] if call.facts is not None else None
             mask = call.block_mask(s, k_facts, q.device)
@@ -243,6 +268,21 @@ def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
             comm_stats.steps_computed += 1
         else:
             comm_stats.steps_skipped += 1
+
+    for s in range(n):
+        # Step 0 is this rank's own block: it computes while the agreement check completes, and
+        # nothing is sent before the check has passed.
+        check_first = s == 0 and verify is not None
+        if check_first:
+            compute(s)
+            verify()
+        works = None
+        if s + 1 < n:
+            incoming = [torch.empty_like(t) for t in blocks]
+            works = ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1))
+            comm_stats.kv_blocks_sent += 1
+        if not check_first:
+            compute(s)
         if works is not None:
             _wait(works)
             blocks = incoming
@@ -286,19 +326,23 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
             _wait(dkv_works)
             dkv += dkv_incoming
         if n > 1:
-            dkv_incoming = torch.empty_like(dkv)
             if s + 1 < n:
+                dkv_incoming = torch.empty_like(dkv)
                 dkv_works = ring.exchange([dkv], [dkv_incoming], ring.peer(1), ring.peer(-1))
             else:
-                # the block came from rank - (n - 1): its accumulator goes straight home
-                _wait(ring.exchange([dkv], [dkv_incoming], ring.peer(1 - n), ring.peer(n - 1)))
-                dkv = dkv_incoming
+                # The block came from rank - (n - 1): its finished accumulator goes straight home,
+                # already in the gradients' dtype (the owner would round it the same way).
+                home = [dkv[0].to(k.dtype), dkv[1].to(v.dtype)]
+                dk, dv = (torch.empty_like(t) for t in home)
+                _wait(ring.exchange(home, [dk, dv], ring.peer(1 - n), ring.peer(n - 1)))
             comm_stats.dkv_blocks_sent += 1
         _wait(kv_works)
         if kv_works is not None:
             blocks = kv_incoming
-    # dK and dV are views of one buffer; an op's outputs may not alias each other
-    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
+    if n == 1:
+        # dK and dV are views of one buffer; an op's outputs may not alias each other
+        dk, dv = dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
+    return dq.to(q.dtype), dk, dv
 
 
 # -- the torch.library ops ---------------------------------------------------------------------

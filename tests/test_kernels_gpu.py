@@ -158,6 +158,16 @@ def test_gqa_vs_flash(tf, H, Hkv):
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None)
 
 
+def test_long_blocks_vs_flash(tf):
+    """16k queries and keys: the forward takes its tall query tiles (see _default_fwd_config)."""
+    B, H, Hkv, S, D = 1, 2, 1, tf._LONG_BLOCK, 128
+    assert tf._default_fwd_config(D, torch.bfloat16, S, S).block_m == 256
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=6)
+    pos = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None)
+
+
 def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):
     """A BlockMask of one kind over a whole sequence, and the same mask for SDPA."""
     dev = "cuda"

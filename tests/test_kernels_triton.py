@@ -103,6 +103,7 @@ class Case:
     dense_shape: str = "BH"  # which of B, H the dense mask has (others broadcast)
     blocks: tuple[int, int, int, int] = (16, 16, 16, 16)  # fwd m, n; bwd n, m
     dq_kernel: bool = False  # dq from its own kernel instead of atomics in the dk/dv kernel
+    heads_per_chunk: int | None = None  # launch order; None: the kernels' own choice
     strided_inputs: bool = False  # q/k/v as transposed views of (B, S, H, D) tensors
     flag_last: bool = True  # whether the final step is called with last=True
     scale: float | None = None  # None: D ** -0.5
@@ -191,9 +192,11 @@ def _check(case: Case, tf):
     q, ks, vs, dout, masks = _build(case)
     scale = case.D**-0.5 if case.scale is None else case.scale
     fm, fn, bn, bm = case.blocks
-    dq = tf.FwdConfig(fm, fn, 4, 1) if case.dq_kernel else None
+    hpc = case.heads_per_chunk
+    dq = tf.FwdConfig(fm, fn, 4, 1, heads_per_chunk=hpc) if case.dq_kernel else None
     ours = _run(
-        tf.TritonKernels(tf.FwdConfig(fm, fn, 4, 1), tf.BwdConfig(bn, bm, 4, 1, dq=dq)),
+        tf.TritonKernels(tf.FwdConfig(fm, fn, 4, 1, heads_per_chunk=hpc),
+                         tf.BwdConfig(bn, bm, 4, 1, dq=dq, heads_per_chunk=hpc)),
         case, q, ks, vs, dout, masks, scale,
     )  # fmt: skip
     ref = _run(ReferenceKernels(), case, q, ks, vs, dout, masks, scale)
@@ -233,6 +236,8 @@ CASES = {
     "dense-additive-window-d80": Case(dense="additive", dense_shape="", window=(12, 12), D=80, B=1),
     "combo-fp16-gqa": Case(causal=True, docs=True, k_valid=True, dense="bool", dense_shape="H",
                            dtype=torch.float16, H=4, Hkv=1, seq_len=145, layout="zigzag"),  # fmt: skip
+    # 8 query heads in chunks of 3, 3, 2; 4 KV heads in chunks of 3, 1
+    "ragged-head-chunks": Case(causal=True, layout="zigzag", heads_per_chunk=3, dq_kernel=True),
     "unequal-tiles": Case(causal=True, blocks=(32, 16, 32, 16), steps=2),
     "unequal-tiles-rev": Case(window=(15, 0), blocks=(16, 32, 16, 32), layout="striped"),
     "strided-inputs": Case(causal=True, strided_inputs=True),

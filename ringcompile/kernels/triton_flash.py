@@ -34,6 +34,7 @@ below 2**31; one head's slice of a tensor must have fewer than 2**31 elements.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,6 +58,7 @@ class FwdConfig:
     block_n: int  # keys per inner iteration
     num_warps: int
     num_stages: int
+    heads_per_chunk: int | None = None  # launch order (see _tile_and_head); None: _heads_per_chunk
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,17 @@ class BwdConfig:
     # dq: None = added with atomics by the dk/dv programs; else a separate kernel with one program
     # per query tile (no atomics, but Q·K^T and dO·V^T computed twice), tiled like the forward
     dq: FwdConfig | None = None
+    heads_per_chunk: int | None = None
 
 
 # Half-precision tiles were chosen on an H100 with ``benchmarks/bench_kernels.py --sweep`` (see
 # benchmarks/RESULTS.md); fp32 tiles are only sized to fit shared memory and registers.
+# From this many queries and keys on, the forward at head dim 128 takes taller query tiles.
+_LONG_BLOCK = 16384
 
 
-def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype) -> FwdConfig:
+def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype, seq_q: int, seq_k: int
+                        ) -> FwdConfig:  # fmt: skip
     if dtype == torch.float32:
         if head_dim_padded <= 64:
             return FwdConfig(64, 64, 4, 2)
@@ -84,6 +90,9 @@ def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype) -> FwdConfig:
     if head_dim_padded <= 64:
         return FwdConfig(128, 128, 4, 3)
     if head_dim_padded <= 128:
+        # taller query tiles halve the K/V reads; they pay off once each tile sees many keys
+        if min(seq_q, seq_k) >= _LONG_BLOCK:
+            return FwdConfig(256, 64, 8, 3)
         return FwdConfig(128, 128, 8, 3)
     return FwdConfig(64, 64, 4, 2)
 
@@ -340,6 +349,45 @@ def _position_rules(q_pos, k_pos, seq_len, window_left, window_right,
     return ok
 
 
+@triton.jit
+def _tile_and_head(n_tiles, heads_per_chunk, LAST_HEAVIEST: tl.constexpr):
+    """This program's (tile, batch*head) in a flat grid: chunk after chunk of ``heads_per_chunk``
+    heads, and inside a chunk tile after tile, heaviest first, heads fastest.
+
+    Under causal masks tiles differ in work by up to n_tiles times: a heavy tile launched last
+    runs alone at the end. Heavy-first inside a chunk spreads them; chunks keep the programs
+    running together on few heads, whose K/V (or Q/dO) then stay in L2."""
+    pid = tl.program_id(0)
+    heads = tl.num_programs(0) // n_tiles
+    chunk = pid // (heads_per_chunk * n_tiles)
+    first = chunk * heads_per_chunk
+    width = tl.minimum(heads_per_chunk, heads - first)
+    r = pid - chunk * heads_per_chunk * n_tiles
+    i = r // width
+    if LAST_HEAVIEST:
+        i = n_tiles - 1 - i
+    return i, first + r % width
+
+
+_WAVES_PER_CHUNK = 4
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _heads_per_chunk(cfg, n_tiles: int, n_heads: int, align: int, device: torch.device) -> int:
+    """Heads per launch chunk: enough for a few waves of programs over the SMs, so that heavy
+    tiles spread out, in whole groups of ``align`` heads (a GQA group shares K/V)."""
+    if cfg.heads_per_chunk is not None:
+        return max(1, min(cfg.heads_per_chunk, n_heads))
+    # the interpreter runs one program at a time: small chunks there exercise the chunking
+    sms = _sm_count(device.index) if device.type == "cuda" else 1
+    need = triton.cdiv(triton.cdiv(_WAVES_PER_CHUNK * sms, n_tiles), align) * align
+    return min(need, n_heads)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -357,14 +405,13 @@ def _fwd_kernel(
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
-    Sq, Sk, H, GROUP, qk_scale,
+    Sq, Sk, H, GROUP, qk_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
     HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
-    # Heavier query tiles (later positions, under causal masks) start first.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    # under causal masks later query tiles see more keys
+    tile, bh = _tile_and_head(tl.cdiv(Sq, BLOCK_M), heads_per_chunk, LAST_HEAVIEST=True)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -548,13 +595,13 @@ def _bwd_kernel(
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
-    Sq, Sk, HKV, GROUP, qk_scale, sm_scale,
+    Sq, Sk, HKV, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
     HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    bhk = tl.program_id(1)
+    # under causal masks earlier key tiles are seen by more queries
+    tile, bhk = _tile_and_head(tl.cdiv(Sk, BLOCK_N), heads_per_chunk, LAST_HEAVIEST=False)
     b = bhk // HKV
     hk = bhk % HKV
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
@@ -652,14 +699,13 @@ def _bwd_dq_kernel(
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
-    Sq, Sk, H, GROUP, qk_scale, sm_scale,
+    Sq, Sk, H, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
     HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr,
 ):  # fmt: skip
     """dq of one query tile over the key tiles of its lists (the forward's loop, recomputed)."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    tile, bh = _tile_and_head(tl.cdiv(Sq, BLOCK_M), heads_per_chunk, LAST_HEAVIEST=True)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -816,7 +862,7 @@ class TritonKernels:
             q, scale = -q, -scale
         _check_offsets(q, k, v)
         d_pad = _head_dim_padded(D)
-        cfg = self.fwd_config or _default_fwd_config(d_pad, q.dtype)
+        cfg = self.fwd_config or _default_fwd_config(d_pad, q.dtype, Sq, Sk)
         first = state.steps == 0
         if last:
             state.final_out = _empty((B, H, Sq, D), q.dtype, q.device)
@@ -830,8 +876,9 @@ class TritonKernels:
         with _on_device(q):
             margs = _mask_args(mask, B, H, Sq, Sk, q.device)
             lists = _tile_lists(mask, True, cfg.block_m, cfg.block_n, not margs.elementwise_only)
-            grid = (triton.cdiv(Sq, cfg.block_m), B * H)
-            _fwd_kernel[grid](
+            n_tiles = triton.cdiv(Sq, cfg.block_m)
+            chunk = _heads_per_chunk(cfg, n_tiles, B * H, H // Hkv, q.device)
+            _fwd_kernel[(n_tiles * B * H,)](
                 q, k, v, state_out, state.lse, final_out,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -839,7 +886,7 @@ class TritonKernels:
                 final_out.stride(0), final_out.stride(1), final_out.stride(2),
                 lists.full, lists.full_count, lists.part, lists.part_count, lists.full.shape[1],
                 *margs.kernel_args(),
-                Sq, Sk, H, H // Hkv, scale * _LOG2E,
+                Sq, Sk, H, H // Hkv, scale * _LOG2E, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                 FIRST=first, LAST=last, **margs.kernel_flags(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -885,8 +932,9 @@ class TritonKernels:
         with _on_device(q):
             margs = _mask_args(mask, B, H, Sq, Sk, q.device)
             lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, not margs.elementwise_only)
-            grid = (triton.cdiv(Sk, cfg.block_n), B * Hkv)
-            _bwd_kernel[grid](
+            n_tiles = triton.cdiv(Sk, cfg.block_n)
+            chunk = _heads_per_chunk(cfg, n_tiles, B * Hkv, 1, q.device)
+            _bwd_kernel[(n_tiles * B * Hkv,)](
                 q, k, v, dout, lse, delta, dq, dk, dv,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -897,7 +945,7 @@ class TritonKernels:
                 dv.stride(0), dv.stride(1), dv.stride(2),
                 lists.full, lists.full_count, lists.part, lists.part_count, lists.full.shape[1],
                 *margs.kernel_args(),
-                Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale,
+                Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
                 ATOMIC_DQ=cfg.dq is None, **margs.kernel_flags(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -906,7 +954,9 @@ class TritonKernels:
                 dq_cfg = cfg.dq
                 lists = _tile_lists(mask, True, dq_cfg.block_m, dq_cfg.block_n,
                                     not margs.elementwise_only)  # fmt: skip
-                _bwd_dq_kernel[(triton.cdiv(Sq, dq_cfg.block_m), B * H)](
+                n_tiles = triton.cdiv(Sq, dq_cfg.block_m)
+                chunk = _heads_per_chunk(dq_cfg, n_tiles, B * H, H // Hkv, q.device)
+                _bwd_dq_kernel[(n_tiles * B * H,)](
                     q, k, v, dout, lse, delta, dq,
                     q.stride(0), q.stride(1), q.stride(2),
                     k.stride(0), k.stride(1), k.stride(2),
@@ -915,7 +965,7 @@ class TritonKernels:
                     dq.stride(0), dq.stride(1), dq.stride(2),
                     lists.full, lists.full_count, lists.part, lists.part_count, lists.full.shape[1],
                     *margs.kernel_args(),
-                    Sq, Sk, H, H // Hkv, scale * _LOG2E, scale,
+                    Sq, Sk, H, H // Hkv, scale * _LOG2E, scale, chunk,
                     HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
                     **margs.kernel_flags(),
                     num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
