@@ -18,6 +18,7 @@ Rules (all that apply must hold for ``q`` to see ``k``):
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ class BlockMask:
     k_doc: torch.Tensor | None = None  # (B, Sk)
     k_valid: torch.Tensor | None = None  # (B, Sk) bool, False = padding key
     dense: torch.Tensor | None = None  # (B|1, H|1, Sq, Sk) bool or additive float
+    # Names q_pos and k_pos: masks with equal keys have equal positions (the ring sets it from
+    # its layout and ranks), so kernels may reuse what they derived from positions. None: never.
+    positions_key: Hashable | None = None
 
     @property
     def has_window(self) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -275,6 +275,29 @@ def test_no_step(tf):
     out, lse = kernels.forward_finish(kernels.forward_init(q), q.dtype)
     assert torch.equal(out, torch.zeros_like(q))
     assert (lse == float("-inf")).all()
+
+
+@interpreted_only
+def test_tile_lists_cached_by_positions_key(tf):
+    """Masks with a positions_key (the ring's) reuse their tile lists, and only for the same
+    rules and tiling; the results through cached lists equal those computed afresh."""
+    case = Case(causal=True, layout="zigzag", steps=3)
+    q, ks, vs, dout, masks = _build(case)
+    keyed = [replace(m, positions_key=("test", i)) for i, m in enumerate(masks)]
+    lists = tf._tile_lists(keyed[0], True, 16, 16, True)
+    assert tf._tile_lists(keyed[0], True, 16, 16, True) is lists
+    assert tf._tile_lists(keyed[0], False, 16, 16, True) is not lists
+    assert tf._tile_lists(replace(keyed[0], seq_len=keyed[0].seq_len - 7), True, 16, 16,
+                          True) is not lists  # fmt: skip
+    assert tf._tile_lists(masks[0], True, 16, 16, True) is not tf._tile_lists(masks[0], True, 16,
+                                                                             16, True)  # fmt: skip
+    kernels = tf.TritonKernels(tf.FwdConfig(16, 16, 4, 1), tf.BwdConfig(16, 16, 4, 1))
+    scale = case.D**-0.5
+    fresh = _run(kernels, case, q, ks, vs, dout, masks, scale)
+    for _ in range(2):  # the second run is served from the cache
+        cached = _run(kernels, case, q, ks, vs, dout, keyed, scale)
+        for name, t in fresh.items():
+            assert torch.equal(cached[name], t), name
 
 
 @interpreted_only

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -210,8 +211,58 @@ class _TileLists:
     part_count: torch.Tensor
 
 
+class _TileListCache:
+    """Tile lists of masks with a ``positions_key`` (the ring's: the same few each step of every
+    call), kept up to a byte budget, least recently used out first: two small kernel launches
+    and six allocations saved per attention call, which matter when the host is the bottleneck."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.entries: OrderedDict = OrderedDict()
+        self.nbytes = 0
+
+    @staticmethod
+    def key(mask: BlockMask, *how) -> tuple | None:
+        if mask.positions_key is None:
+            return None
+        if mask.q_pos.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None  # a CUDA graph's private memory must not outlive it in a cache
+        return (mask.positions_key, mask.seq_len, mask.causal, mask.window_left,
+                mask.window_right, mask.q_pos.device, *how)  # fmt: skip
+
+    def get(self, key) -> _TileLists | None:
+        lists = self.entries.get(key)
+        if lists is not None:
+            self.entries.move_to_end(key)
+        return lists
+
+    def put(self, key, lists: _TileLists) -> None:
+        size = sum(t.numel() * t.element_size() for t in vars(lists).values())
+        if size > self.budget:
+            return
+        self.entries[key] = lists
+        self.nbytes += size
+        while self.nbytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= sum(t.numel() * t.element_size() for t in vars(old).values())
+
+
+_tile_list_cache = _TileListCache(256 << 20)
+
+
 def _tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_block: int,
                 full_allowed: bool) -> _TileLists:  # fmt: skip
+    key = _TileListCache.key(mask, rows_are_queries, row_block, col_block, full_allowed)
+    lists = _tile_list_cache.get(key) if key is not None else None
+    if lists is None:
+        lists = _compute_tile_lists(mask, rows_are_queries, row_block, col_block, full_allowed)
+        if key is not None:
+            _tile_list_cache.put(key, lists)
+    return lists
+
+
+def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_block: int,
+                        full_allowed: bool) -> _TileLists:  # fmt: skip
     q_pos, k_pos = mask.q_pos, mask.k_pos
     # Queries at padding positions still get outputs (the reference computes them), so every
     # query is valid; keys at positions >= seq_len are never visible.

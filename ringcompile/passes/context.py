@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch.fx import GraphModule, Node
 
@@ -19,9 +20,17 @@ from ringcompile.runtime import (
 
 
 def _mutates(node: Node) -> bool:
+    """In-place tensor methods, and ops whose schema mutates an argument (FX on torch 2.11
+    deems those pure too: a cache append whose result is unused would vanish)."""
     t = node.target
-    return (node.op == "call_method" and isinstance(t, str) and t.endswith("_")
-            and not t.endswith("__"))
+    if node.op == "call_method":
+        return isinstance(t, str) and t.endswith("_") and not t.endswith("__")
+    if node.op == "call_function":
+        if isinstance(t, torch._ops.OpOverloadPacket):
+            return any(getattr(t, o)._schema.is_mutable for o in t.overloads())
+        if isinstance(t, torch._ops.OpOverload):
+            return t._schema.is_mutable
+    return False
 
 
 @dataclass
