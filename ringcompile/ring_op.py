@@ -111,7 +111,10 @@ class _Ring:
         Waiting later lets the GPU work meanwhile: the host waits for the all-gather alone (on
         a side stream), not for the kernels queued after it."""
         nccl = dist.get_backend(self.pg) == "nccl"
-        mine = torch.tensor(meta, dtype=torch.int64, device=device if nccl else "cpu")
+        mine = torch.tensor(meta, dtype=torch.int64)
+        if nccl:
+            # non_blocking: a blocking copy would wait for all queued GPU work (a host sync)
+            mine = mine.to(device, non_blocking=True)
         table = mine.new_empty(self.size * len(meta))  # flat: gloo takes no other shape
         work = dist.all_gather_into_tensor(table, mine, group=self.pg, async_op=True)
 
