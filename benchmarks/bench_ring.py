@@ -6,8 +6,8 @@ Llama-3-8B attention heads (32 query / 8 KV heads, head dim 128), ``--tokens-per
     torchrun --nproc-per-node W benchmarks/bench_ring.py [--out DIR]
 
 (without torchrun it spawns ``--world-size`` gloo ranks on the CPU at toy sizes, to check the
-script). Every timed iteration starts after a barrier; a rank's time is its median over the
-iterations and the table shows the slowest rank's.
+script). Every measurement starts after a barrier; the table shows the slowest rank's median,
+as throughput (calls back to back) and as the time of one call from an idle GPU (see ``Timer``).
 
 - ideal: ``ringcompile``'s own kernels on the whole sequence (W x local tokens) on one GPU, / W;
 - ours, per layout: ``ring_attention`` (the whole ring: P2P overlapped with the kernels);
@@ -56,6 +56,7 @@ def _parse():
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5, help="groups of back-to-back calls")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--world-size", type=int, default=2, help="gloo ranks without torchrun")
     p.add_argument("--trace", action="store_true", help="profile where each layout's time goes")
@@ -64,36 +65,45 @@ def _parse():
 
 
 class Timer:
-    """Median wall time of ``fn`` on this rank, every iteration started together."""
+    """Two times of ``fn`` on this rank, every measurement started together (barrier):
+
+    - ``ms``: throughput, ``iters`` calls back to back between two events, as a training step's
+      layers run (the host enqueues while the GPU computes); the median of ``repeats`` groups;
+    - ``call_ms``: one call at a time from an idle GPU (synchronised before and after), so the
+      host's launch latency before the first kernel counts too; the median over ``iters``.
+    """
 
     def __init__(self, device, args):
         self.device, self.args = device, args
 
-    def __call__(self, fn) -> float:
-        times = []
-        for i in range(self.args.warmup + self.args.iters):
-            dist.barrier()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+    def _elapsed(self, fn, calls: int) -> float:
+        dist.barrier()
+        if self.device.type != "cuda":
+            t0 = datetime.datetime.now()
+            for _ in range(calls):
                 fn()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t0 = datetime.datetime.now()
-                fn()
-                ms = (datetime.datetime.now() - t0).total_seconds() * 1e3
-            if i >= self.args.warmup:
-                times.append(ms)
-        return statistics.median(times)
+            return (datetime.datetime.now() - t0).total_seconds() * 1e3 / calls
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+
+    def __call__(self, fn) -> dict:
+        for _ in range(self.args.warmup):
+            fn()
+        call = [self._elapsed(fn, 1) for _ in range(self.args.iters)]
+        thr = [self._elapsed(fn, self.args.iters) for _ in range(self.args.repeats)]
+        return {"ms": statistics.median(thr), "call_ms": statistics.median(call)}
 
 
-def slowest(ms: float, device) -> float:
-    t = torch.tensor([ms], dtype=torch.float64, device=device)
+def slowest(times: dict, device) -> dict:
+    t = torch.tensor(list(times.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return dict(zip(times, t.tolist()))
 
 
 def rand(device, dtype, *shape):
@@ -276,8 +286,7 @@ def measure(rank, world, args):
 
     def record(name, fn):
         try:
-            ms = slowest(timer(fn), device)
-            rows[name] = {"ms": ms}
+            rows[name] = slowest(timer(fn), device)
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             rows[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if rank == 0:
@@ -286,7 +295,8 @@ def measure(rank, world, args):
             torch.cuda.empty_cache()
 
     record("ideal: one GPU, whole sequence (time / W)", monolithic(args, world, device, dtype))
-    rows["ideal: one GPU, whole sequence (time / W)"]["ms"] /= world
+    for key in ("ms", "call_ms"):
+        rows["ideal: one GPU, whole sequence (time / W)"][key] /= world
     for name in LAYOUTS:
         record(f"ours {name}", ours(name, args, world, device, dtype))
         record(f"ours {name}, no communication",
@@ -313,10 +323,11 @@ def measure(rank, world, args):
                     print(f"trace ours {name} rank {r}: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in sp.items()), flush=True)  # fmt: skip
             rows[f"ours {name}"]["trace"] = splits
-    ideal = rows["ideal: one GPU, whole sequence (time / W)"]["ms"]
+    ideal = rows["ideal: one GPU, whole sequence (time / W)"]
     for r in rows.values():
         if "ms" in r:
-            r["efficiency"] = ideal / r["ms"]
+            r["efficiency"] = ideal["ms"] / r["ms"]
+            r["call_efficiency"] = ideal["call_ms"] / r["call_ms"]
             r["tflops_per_rank"] = flops / world / r["ms"] * 1e-9
     return rows, device
 
@@ -327,14 +338,15 @@ def report(rows, world, args, device):
     if device.type == "cuda":
         head += (f"; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
                  f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")  # fmt: skip
-    lines = [head, "", "| implementation | ms (slowest rank) | TFLOP/s per rank | % of ideal |",
-             "|---|---|---|---|"]
+    lines = [head, "", "| implementation | ms (slowest rank) | TFLOP/s per rank | % of ideal "
+             "| one call from idle: ms | % of ideal |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "ms" in r:
             lines.append(f"| {name} | {r['ms']:.2f} | {r['tflops_per_rank']:.0f} | "
-                         f"{100 * r['efficiency']:.1f} % |")
+                         f"{100 * r['efficiency']:.1f} % | {r['call_ms']:.2f} | "
+                         f"{100 * r['call_efficiency']:.1f} % |")
         else:
-            lines.append(f"| {name} | {r['error']} | | |")
+            lines.append(f"| {name} | {r['error']} | | | | |")
     text = "\n".join(lines)
     print(text, flush=True)
     with open(os.path.join(args.out, f"bench_ring_w{world}.json"), "w") as f:

@@ -110,7 +110,11 @@ def main() -> None:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
         device = torch.device("cuda" if cuda else "cpu")
     else:
-        dist.init_process_group("nccl" if cuda else "gloo",
+        options = None
+        if cuda:  # high-priority streams, as examples/ranks.py explains
+            options = dist.ProcessGroupNCCL.Options()
+            options.is_high_priority_stream = True
+        dist.init_process_group("nccl" if cuda else "gloo", pg_options=options,
                                 timeout=datetime.timedelta(seconds=120))
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
