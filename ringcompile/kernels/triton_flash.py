@@ -16,11 +16,17 @@ are in neither list and cost nothing. Full tiles run without any mask arithmetic
 evaluate the rules per element. Document ids, key validity and a dense mask are only checked per
 element, so with any of them present every non-empty tile is partial.
 
+Launch order. Grids are flat: chunks of a few heads, and inside a chunk tile after tile,
+heaviest first under causal masks (``_tile_and_head``), so that no heavy tile starts last and the
+programs running together share K/V in L2. The tile lists of the ring's masks, which repeat every
+call, are cached (``_TileListCache``): the host launches only the attention kernel.
+
 Backward. One program per (key tile, batch, KV head) accumulates dk/dv in registers over the G
 query heads of its group and over the query tiles in its lists (no K/V expansion, no race on
-dk/dv), then adds them into the fp32 accumulators. dq contributions are added by the same programs
-with fp32 atomics (head dims up to 128), or, where that tile would not fit in registers (256),
-by a second kernel with one program per query tile that recomputes the scores.
+dk/dv), then adds them into the fp32 accumulators. dq comes either from the same programs, added
+with fp32 atomics (the defaults for fp32 and for head dims up to 64), or from a second kernel
+with one program per query tile that recomputes the scores (bf16/fp16 above 64: faster at 128,
+and at 256 the dq tile would not fit in the dk/dv programs' registers).
 
 Precision. Operands of the dots are the input dtype; for bf16/fp16 the dots accumulate in fp32 and
 the probabilities are rounded to the input dtype before P·V (as FlashAttention does); for fp32
@@ -71,7 +77,7 @@ class BwdConfig:
     # dq: None = added with atomics by the dk/dv programs; else a separate kernel with one program
     # per query tile (no atomics, but Q·K^T and dO·V^T computed twice), tiled like the forward
     dq: FwdConfig | None = None
-    heads_per_chunk: int | None = None
+    heads_per_chunk: int | None = None  # of KV heads, for the dk/dv kernel (see FwdConfig)
 
 
 # Half-precision tiles were chosen on an H100 with ``benchmarks/bench_kernels.py --sweep`` (see
