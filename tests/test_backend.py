@@ -377,3 +377,23 @@ def test_changing_lengths_with_default_dynamic(gloo):
     for errs, lengths in gloo(2).run(lengths_change):
         assert all(e < TOL for e in errs), errs
         assert lengths == [16, 24, 20], lengths  # each length's graph went through the passes
+
+
+def test_dead_code_elimination_keeps_mutating_ops(monkeypatch):
+    """What ``remove_dead_code`` keeps when FX calls every node pure (torch 2.11 does so for
+    custom ops with a mutable schema, and dropped the KV cache's append on the GPU image)."""
+    from ringcompile.passes.context import _mutates
+
+    monkeypatch.setattr(torch.fx.Node, "is_impure", lambda self, *a, **k: False)
+    g = torch.fx.Graph()
+    keys, values, positions, new = (g.placeholder(n) for n in ("keys", "values", "pos", "new"))
+    new_pos = g.placeholder("new_pos")
+    append = g.call_function(torch.ops.ringcompile.kv_cache_append.default,
+                             (keys, values, positions, new, new, new_pos, 0, 2))  # fmt: skip
+    bump = g.call_method("add_", (new_pos, 1))
+    g.call_function(torch.ops.aten.mul.Tensor, (new, 2))  # dead and pure
+    g.call_method("__eq__", (new, new))  # dead, and a dunder is not in-place
+    g.output(new)
+    g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutates(n))
+    kept = [n for n in g.nodes if n.op in ("call_function", "call_method")]
+    assert kept == [append, bump]
