@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import os
 import statistics
@@ -42,6 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ringcompile import make_layout, ring_attention
+from ringcompile.group import nccl_options
 from ringcompile.kernels import select_kernels
 from ringcompile.ring_op import _Call
 
@@ -260,11 +260,7 @@ def where_time_goes(fn, path, iters=3) -> dict:
     busy = _union(comm + compute)
     span = busy[-1][1] - busy[0][0]
     hidden = _length(_intersect(comm, compute))
-    raw = tempfile.mktemp(suffix=".json")
-    prof.export_chrome_trace(raw)
-    with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
-        dst.write(src.read())
-    os.unlink(raw)
+    prof.export_chrome_trace(path)  # gzipped: the path ends in .gz
     us = 1e3 * iters
     return {
         "span_ms": span / us,
@@ -374,13 +370,8 @@ def main():
         local = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-        if torch.cuda.is_available():
-            options = None
-            if args.nccl_high_priority:
-                options = dist.ProcessGroupNCCL.Options()
-                options.is_high_priority_stream = True
             dist.init_process_group("nccl", device_id=torch.device("cuda", local),
-                                    pg_options=options)  # fmt: skip
+                                    pg_options=nccl_options(args.nccl_high_priority))
         else:
             dist.init_process_group("gloo")
         _main(args)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
+from ringcompile.group import nccl_options
 from ringcompile.layout import make_layout
 
 
@@ -110,11 +111,8 @@ def main() -> None:
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
         device = torch.device("cuda" if cuda else "cpu")
     else:
-        options = None
-        if cuda:  # high-priority streams, as examples/ranks.py explains
-            options = dist.ProcessGroupNCCL.Options()
-            options.is_high_priority_stream = True
-        dist.init_process_group("nccl" if cuda else "gloo", pg_options=options,
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                pg_options=nccl_options() if cuda else None,
                                 timeout=datetime.timedelta(seconds=120))
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:

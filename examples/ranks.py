@@ -12,16 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ringcompile.group import nccl_options
+
 
 def _run(rank: int, world: int, worker, args, port: int) -> None:
     if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        # High-priority NCCL streams: the ring's sends and its agreement check then take SMs as
-        # soon as they free up instead of queueing behind a running attention kernel.
-        options = dist.ProcessGroupNCCL.Options()
-        options.is_high_priority_stream = True
-        dist.init_process_group("nccl", pg_options=options)
+        dist.init_process_group("nccl", pg_options=nccl_options())
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1)  # the spawned ranks share the machine's cores

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-__all__ = ["resolve_group", "group_name_of", "resolve_group_name"]
+__all__ = ["resolve_group", "group_name_of", "resolve_group_name", "nccl_options"]
 
 # The ring op's name for "no group: one process, plain attention".
 SINGLE = ""
@@ -48,3 +48,12 @@ def group_name_of(pg: dist.ProcessGroup | None) -> str:
 
 def resolve_group_name(name: str) -> dist.ProcessGroup | None:
     return None if name == SINGLE else _resolve_process_group(name)
+
+
+def nccl_options(high_priority: bool = True):
+    """Options for ``dist.init_process_group("nccl", pg_options=...)``. High-priority NCCL
+    streams let the ring's sends and its agreement check take SMs as soon as they free up,
+    instead of queueing behind a running attention kernel's programs."""
+    options = dist.ProcessGroupNCCL.Options()
+    options.is_high_priority_stream = high_priority
+    return options

@@ -237,20 +237,20 @@ class _TileListCache:
                 mask.window_right, mask.q_pos.device, *how)  # fmt: skip
 
     def get(self, key) -> _TileLists | None:
-        lists = self.entries.get(key)
-        if lists is not None:
-            self.entries.move_to_end(key)
-        return lists
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.entries.move_to_end(key)
+        return entry[0]
 
     def put(self, key, lists: _TileLists) -> None:
         size = sum(t.numel() * t.element_size() for t in vars(lists).values())
         if size > self.budget:
             return
-        self.entries[key] = lists
+        self.entries[key] = (lists, size)
         self.nbytes += size
         while self.nbytes > self.budget:
-            _, old = self.entries.popitem(last=False)
-            self.nbytes -= sum(t.numel() * t.element_size() for t in vars(old).values())
+            self.nbytes -= self.entries.popitem(last=False)[1][1]
 
 
 _tile_list_cache = _TileListCache(256 << 20)
