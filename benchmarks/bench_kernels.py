@@ -158,18 +158,20 @@ def sweep(out_dir):
     def orders(cfg, chunks):
         return [replace(cfg, heads_per_chunk=c) for c in chunks]
 
-    def bwd_orders(cfg, chunks):  # (dk/dv chunk, dq chunk)
-        return [replace(cfg, heads_per_chunk=a, dq=replace(cfg.dq, heads_per_chunk=b))
+    def bwd_orders(cfg, chunks):  # (dk/dv chunk, dq kernel chunk)
+        return [replace(cfg, heads_per_chunk=a, dq=cfg.dq and replace(cfg.dq, heads_per_chunk=b))
                 for a, b in chunks]  # fmt: skip
 
-    bwd128 = Bw(128, 64, 8, 2, dq=F(128, 128, 8, 3))
+    # the ways of adding dq (see triton_flash's docstring)
+    bwd128 = [Bw(128, 64, 8, 2, dq=F(128, 128, 8, 3)), Bw(128, 64, 8, 2, dq_bulk=True),
+              Bw(128, 64, 8, 2), Bw(128, 64, 8, 3, dq_bulk=True)]  # fmt: skip
     plan = [
         ((1, 32, 8, 32768, 128), orders(F(256, 64, 8, 3), [None, 1, 4, 8, 32]),
-         bwd_orders(bwd128, [(None, None), (1, 1), (2, 8), (8, 32)])),
+         bwd128 + bwd_orders(bwd128[1], [(1, None), (8, None)])),
         ((1, 32, 8, 16384, 128), orders(F(256, 64, 8, 3), [None, 1, 32]) + [F(128, 128, 8, 3)],
-         bwd_orders(bwd128, [(None, None), (1, 1), (8, 32)])),
+         bwd128),
         ((1, 32, 8, 8192, 128), orders(F(128, 128, 8, 3), [None, 1, 4, 32]),
-         bwd_orders(bwd128, [(None, None), (1, 1), (2, 8), (8, 32)])),
+         bwd128 + bwd_orders(bwd128[1], [(1, None), (8, None)])),
     ]  # fmt: skip
     rows = []
     for shape, fwd_cfgs, bwd_cfgs in plan:

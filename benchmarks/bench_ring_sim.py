@@ -6,7 +6,8 @@ that pair's BlockMask (positions from ``make_layout(name, S, W).positions(r)``).
 blocks no query can see (``position_rule_allows`` is false) cost nothing, as the ring op skips
 them. Each (rank, step) is timed alone (median of triton.testing.do_bench, L2 flushed), forward
 (forward_step; the first step starts the state, the rank's last visible step writes the output)
-and backward (backward_step; step 0 also pays backward_prepare). No communication.
+and backward (backward_step; step 0 also pays backward_prepare). No communication. Masks carry a
+``positions_key`` as the ring op's do, so tile lists come from the kernels' cache as in a ring.
 
 critical path = sum over steps of the slowest rank's time at that step;
 ideal = our monolithic causal kernel on all 65,536 tokens / W;
@@ -88,7 +89,9 @@ def ring(kernels, layout_name, scale):
         for s in visible:
             src = (r - s) % W
             k, v = ks[src], vs[src]
-            mask = BlockMask(q_pos=pos[r], k_pos=pos[src], seq_len=S, causal=True)
+            # keyed as the ring op keys its masks, so tile lists are cached as there
+            mask = BlockMask(q_pos=pos[r], k_pos=pos[src], seq_len=S, causal=True,
+                             positions_key=(layout_name, W, r, src))  # fmt: skip
             first, last = s == visible[0], s == visible[-1]
             state_out = torch.zeros(q.shape, device="cuda")
             state_lse = torch.zeros(q.shape[:3], device="cuda")

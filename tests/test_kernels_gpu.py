@@ -43,8 +43,8 @@ def _rel(err_of: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor | None) -> 
     return ((err_of.double() - ref).norm() / ref.norm()).item()
 
 
-def _ours(tf, q, k_blocks, v_blocks, masks, dout, scale):
-    kernels = tf.TritonKernels()
+def _ours(tf, q, k_blocks, v_blocks, masks, dout, scale, kernels=None):
+    kernels = kernels or tf.TritonKernels()
     state = kernels.forward_init(q)
     for i, (k, v, m) in enumerate(zip(k_blocks, v_blocks, masks)):
         kernels.forward_step(state, q, k, v, m, scale, last=i == len(masks) - 1)
@@ -89,11 +89,11 @@ def _sdpa(q, k, v, dout, scale, backend, causal=False, attn_mask=None):
 
 
 def _compare(tf, q, k, v, mask, dout, scale, sdpa_backend, sdpa_causal, attn_mask,
-             ring_steps=None):  # fmt: skip
+             ring_steps=None, kernels=None):  # fmt: skip
     """ring_steps: list of (key index tensor, BlockMask) to run ours as a ring over K/V blocks."""
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference64(q, k, v, mask, dout, scale)
     if ring_steps is None:
-        ours = _ours(tf, q, [k], [v], [mask], dout, scale)
+        ours = _ours(tf, q, [k], [v], [mask], dout, scale, kernels)
         ours_dk, ours_dv = ours[3], ours[4]
     else:
         idx = [i for i, _ in ring_steps]
@@ -166,6 +166,47 @@ def test_long_blocks_vs_flash(tf):
     pos = torch.arange(S, device="cuda")
     mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None)
+
+
+def _dq_way_config(tf, way: str):
+    bwd = {
+        "bulk": tf.BwdConfig(128, 64, 8, 2, dq_bulk=True),
+        "atomic": tf.BwdConfig(128, 64, 8, 2),
+        "kernel": tf.BwdConfig(128, 64, 8, 2, dq=tf.FwdConfig(128, 128, 8, 3)),
+    }[way]
+    return tf.TritonKernels(bwd_config=bwd)
+
+
+@pytest.mark.parametrize("way", ["bulk", "atomic", "kernel"])
+def test_dq_ways_vs_flash(tf, way):
+    """Each way of adding dq, at a ragged length, with GQA and a padded head dim."""
+    B, H, Hkv, S, D = 2, 8, 2, 1000, 80
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=7)
+    if way == "bulk" and not tf._bulk_reduce_ok(torch.zeros(q.shape, device="cuda")):
+        pytest.skip("no bulk reductions on this GPU or Triton")
+    pos = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None,
+             kernels=_dq_way_config(tf, way))  # fmt: skip
+
+
+def test_dq_bulk_falls_back_on_unaligned_accumulator(tf):
+    """A dq whose rows are not 16-byte aligned cannot take bulk reductions: atomics add it."""
+    B, H, Hkv, S, D = 1, 4, 2, 512, 64
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=8)
+    pos = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    kernels = _dq_way_config(tf, "bulk")
+    state = kernels.forward_init(q)
+    kernels.forward_step(state, q, k, v, mask, D**-0.5, last=True)
+    out, lse = kernels.forward_finish(state, q.dtype)
+    delta = kernels.backward_prepare(out, dout)
+    dqs = [torch.zeros(q.shape, device="cuda"), torch.zeros(B, H, S, D + 1, device="cuda")[..., 1:]]
+    assert not tf._bulk_reduce_ok(dqs[1])
+    for dq in dqs:
+        dk, dv = torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
+        kernels.backward_step(q, k, v, dout, lse, delta, mask, D**-0.5, dq, dk, dv)
+    torch.testing.assert_close(dqs[1], dqs[0], rtol=1e-5, atol=1e-5)
 
 
 def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):

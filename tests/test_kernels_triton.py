@@ -103,6 +103,7 @@ class Case:
     dense_shape: str = "BH"  # which of B, H the dense mask has (others broadcast)
     blocks: tuple[int, int, int, int] = (16, 16, 16, 16)  # fwd m, n; bwd n, m
     dq_kernel: bool = False  # dq from its own kernel instead of atomics in the dk/dv kernel
+    dq_bulk: bool = False  # ask for bulk (TMA) reductions of dq: unavailable here, atomics add it
     heads_per_chunk: int | None = None  # launch order; None: the kernels' own choice
     strided_inputs: bool = False  # q/k/v as transposed views of (B, S, H, D) tensors
     flag_last: bool = True  # whether the final step is called with last=True
@@ -196,7 +197,8 @@ def _check(case: Case, tf):
     dq = tf.FwdConfig(fm, fn, 4, 1, heads_per_chunk=hpc) if case.dq_kernel else None
     ours = _run(
         tf.TritonKernels(tf.FwdConfig(fm, fn, 4, 1, heads_per_chunk=hpc),
-                         tf.BwdConfig(bn, bm, 4, 1, dq=dq, heads_per_chunk=hpc)),
+                         tf.BwdConfig(bn, bm, 4, 1, dq=dq, heads_per_chunk=hpc,
+                                      dq_bulk=case.dq_bulk)),
         case, q, ks, vs, dout, masks, scale,
     )  # fmt: skip
     ref = _run(ReferenceKernels(), case, q, ks, vs, dout, masks, scale)
@@ -243,6 +245,7 @@ CASES = {
     "strided-inputs": Case(causal=True, strided_inputs=True),
     "no-last-flag": Case(causal=True, flag_last=False, steps=3, layout="zigzag"),
     "negative-scale": Case(causal=True, scale=-0.2, steps=2),
+    "dq-bulk-falls-back": Case(causal=True, layout="zigzag", dq_bulk=True, D=80, B=1),
     "dq-kernel-causal-striped": Case(causal=True, layout="striped", dq_kernel=True, steps=3,
                                      blocks=(32, 16, 16, 16)),  # fmt: skip
     "dq-kernel-combo-d80": Case(window=(30, 2), docs=True, k_valid=True, dense="additive", D=80,

@@ -23,10 +23,15 @@ call, are cached (``_TileListCache``): the host launches only the attention kern
 
 Backward. One program per (key tile, batch, KV head) accumulates dk/dv in registers over the G
 query heads of its group and over the query tiles in its lists (no K/V expansion, no race on
-dk/dv), then adds them into the fp32 accumulators. dq comes either from the same programs, added
-with fp32 atomics (the defaults for fp32 and for head dims up to 64), or from a second kernel
-with one program per query tile that recomputes the scores (bf16/fp16 above 64: faster at 128,
-and at 256 the dq tile would not fit in the dk/dv programs' registers).
+dk/dv), then adds them into the fp32 accumulators. dq comes in one of three ways:
+- from the same programs, each dq tile added by one bulk reduction of the tensor-copy engine
+  (TMA; Hopper on): the default at head dim 128 in bf16/fp16 under causal or window masks;
+- from the same programs, added with fp32 atomics: fp32, head dims up to 64, and the fallback
+  where bulk reductions are not available;
+- from a second kernel with one program per query tile that recomputes the scores: bf16/fp16 at
+  128 without bands (no reduction traffic) and at 256 (where the dq tile would not fit in the
+  dk/dv programs' registers).
+Inside a step, dp = dO·V^T is computed before P·dO so that dv's dot runs while dS is formed.
 
 Precision. Operands of the dots are the input dtype; for bf16/fp16 the dots accumulate in fp32 and
 the probabilities are rounded to the input dtype before P·V (as FlashAttention does); for fp32
@@ -48,6 +53,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+try:  # bulk reductions through the tensor-copy engine need Triton's host-side tensor descriptors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from ringcompile.masks import BlockMask
 
@@ -74,10 +84,13 @@ class BwdConfig:
     block_m: int  # query rows per inner iteration
     num_warps: int
     num_stages: int
-    # dq: None = added with atomics by the dk/dv programs; else a separate kernel with one program
-    # per query tile (no atomics, but Q·K^T and dO·V^T computed twice), tiled like the forward
+    # dq: None = added by the dk/dv programs; else a separate kernel with one program per query
+    # tile (no atomics, but Q·K^T and dO·V^T computed twice), tiled like the forward
     dq: FwdConfig | None = None
     heads_per_chunk: int | None = None  # of KV heads, for the dk/dv kernel (see FwdConfig)
+    # with dq=None: each dq tile is added by one bulk reduction of the tensor-copy engine where the
+    # GPU (Hopper on), Triton and dq's alignment allow it (_bulk_reduce_ok), else by fp32 atomics
+    dq_bulk: bool = False
 
 
 # Half-precision tiles were chosen on an H100 with ``benchmarks/bench_kernels.py --sweep`` (see
@@ -104,7 +117,9 @@ def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype, seq_q: int, se
     return FwdConfig(64, 64, 4, 2)
 
 
-def _default_bwd_config(head_dim_padded: int, dtype: torch.dtype) -> BwdConfig:
+def _default_bwd_config(head_dim_padded: int, dtype: torch.dtype, banded: bool, bulk_ok: bool
+                        ) -> BwdConfig:  # fmt: skip
+    """``banded``: the mask has causal or window rules; ``bulk_ok``: dq allows bulk reductions."""
     if dtype == torch.float32:
         if head_dim_padded <= 64:
             return BwdConfig(64, 32, 4, 2)
@@ -114,10 +129,28 @@ def _default_bwd_config(head_dim_padded: int, dtype: torch.dtype) -> BwdConfig:
     if head_dim_padded <= 64:
         return BwdConfig(128, 64, 8, 2)
     if head_dim_padded <= 128:
-        # the dq kernel recomputes two dots but beats fp32 atomics here (+2.5 % at 32k, +4 % at 8k)
+        # Banded masks: dq by bulk reductions from the dk/dv programs (+4 to +6 % over the dq
+        # kernel at 8k and 32k causal). Without bands every dq tile would take a reduction from
+        # every key tile, and the dq kernel, which recomputes two dots but adds nothing
+        # atomically, is 5 % faster; it also beat fp32 atomics.
+        if banded and bulk_ok:
+            return BwdConfig(128, 64, 8, 2, dq_bulk=True)
         return BwdConfig(128, 64, 8, 2, dq=FwdConfig(128, 128, 8, 3))
     # at 256 the dq tile pushes the dk/dv kernel into heavy spilling: dq gets its own kernel
     return BwdConfig(64, 32, 8, 1, dq=FwdConfig(64, 64, 4, 2))
+
+
+def _bulk_reduce_ok(t: torch.Tensor) -> bool:
+    """Whether the tensor-copy engine (TMA) can add tiles into ``t``: an NVIDIA GPU from Hopper on,
+    a Triton with tensor descriptors, and 16-byte aligned base and strides."""
+    return (
+        TensorDescriptor is not None
+        and t.is_cuda
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(t.device)[0] >= 9
+        and t.data_ptr() % 16 == 0
+        and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,12 +627,16 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stri
 
 @triton.jit
 def _bwd_block(
-    k, v, dk, dv, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, row_ok, d_ok, keep,
-    qk_scale, sm_scale, dense_bias,
+    k, v, dk, dv, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, dq_desc, dq_at, row_ok, d_ok,
+    keep, qk_scale, sm_scale, dense_bias,
     CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DENSE_ADD: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    DQ_MODE: tl.constexpr, EARLY_DP: tl.constexpr,
 ):  # fmt: skip
-    """One (key tile, query tile) pair of the backward, transposed: rows are keys."""
+    """One (key tile, query tile) pair of the backward, transposed: rows are keys.
+
+    DQ_MODE: 0 = dq comes from _bwd_dq_kernel; 1 = added here by fp32 atomics; 2 = added here by
+    one bulk reduction of the tile through the tensor-copy engine (``dq_desc`` at ``dq_at``).
+    """
     if CHECK_ROWS:
         io_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_ptrs, mask=io_mask, other=0.0)
@@ -623,12 +660,22 @@ def _bwd_block(
         s_t = s_t + dense_bias
     if MASKED:
         s_t = tl.where(keep, s_t, float("-inf"))
-    p_t = tl.exp2(s_t - m2[None, :])
-    dv += tl.dot(p_t.to(do.dtype), do)
-    dp_t = tl.dot(v, tl.trans(do))
+    if EARLY_DP:
+        # dp_t's dot (which waits for every dot in flight) before dv's: dv's dot then runs while
+        # ds_t is formed. At head dim 256 holding dp_t that long costs more in spills.
+        dp_t = tl.dot(v, tl.trans(do))
+        p_t = tl.exp2(s_t - m2[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do)
+    else:
+        p_t = tl.exp2(s_t - m2[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q)
-    if ATOMIC_DQ:
+    if DQ_MODE == 2:
+        dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+        dq_desc.atomic_add(dq_at, tl.reshape(dq, [1, 1, dq.shape[0], dq.shape[1]]))
+    elif DQ_MODE == 1:
         dq = tl.dot(tl.trans(ds_t), k) * sm_scale
         if EVEN_D and not CHECK_ROWS:
             tl.atomic_add(dq_ptrs, dq, sem="relaxed")
@@ -639,7 +686,7 @@ def _bwd_block(
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_DESC, DK, DV,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -655,7 +702,7 @@ def _bwd_kernel(
     Sq, Sk, HKV, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, DQ_MODE: tl.constexpr,
 ):  # fmt: skip
     # under causal masks earlier key tiles are seen by more queries
     tile, bhk = _tile_and_head(tl.cdiv(Sk, BLOCK_N), heads_per_chunk, LAST_HEAVIEST=False)
@@ -692,9 +739,9 @@ def _bwd_kernel(
                 DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
                 LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
                 DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
-                rows < Sq, d_ok, None, qk_scale, sm_scale, None,
+                DQ_DESC, [b, h, m0, 0], rows < Sq, d_ok, None, qk_scale, sm_scale, None,
                 CHECK_ROWS=False, EVEN_D=EVEN_D, MASKED=False, DENSE_ADD=False,
-                ATOMIC_DQ=ATOMIC_DQ,
+                DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
             )  # fmt: skip
 
         k_pos = tl.load(k_pos_ptr + offs_n, mask=k_ok, other=0).to(tl.int32)
@@ -731,9 +778,9 @@ def _bwd_kernel(
                 DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
                 LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
                 DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
-                row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias,
+                DQ_DESC, [b, h, m0, 0], row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias,
                 CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True, DENSE_ADD=DENSE_KIND == 2,
-                ATOMIC_DQ=ATOMIC_DQ,
+                DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
             )  # fmt: skip
 
         # This program alone owns these dk/dv rows: plain read-add-write.
@@ -985,14 +1032,23 @@ class TritonKernels:
         _check_offsets(q, k, v, dout, dq, dk, dv)
         lse, delta = lse.contiguous(), delta.contiguous()
         d_pad = _head_dim_padded(D)
-        cfg = self.bwd_config or _default_bwd_config(d_pad, q.dtype)
+        bulk_ok = _bulk_reduce_ok(dq)
+        cfg = self.bwd_config or _default_bwd_config(d_pad, q.dtype, mask.causal or mask.has_window,
+                                                     bulk_ok)  # fmt: skip
+        dq_mode, dq_desc = 0, None
+        if cfg.dq is None:
+            dq_mode = 1
+            if cfg.dq_bulk and bulk_ok:
+                dq_mode = 2
+                dq_desc = TensorDescriptor(dq, list(dq.shape), list(dq.stride()),
+                                           [1, 1, cfg.block_m, d_pad])  # fmt: skip
         with _on_device(q):
             margs = _mask_args(mask, B, H, Sq, Sk, q.device)
             lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, not margs.elementwise_only)
             n_tiles = triton.cdiv(Sk, cfg.block_n)
             chunk = _heads_per_chunk(cfg, n_tiles, B * Hkv, 1, q.device)
             _bwd_kernel[(n_tiles * B * Hkv,)](
-                q, k, v, dout, lse, delta, dq, dk, dv,
+                q, k, v, dout, lse, delta, dq, dq_desc, dk, dv,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1004,10 +1060,10 @@ class TritonKernels:
                 *margs.kernel_args(),
                 Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-                ATOMIC_DQ=cfg.dq is None, **margs.kernel_flags(),
+                DQ_MODE=dq_mode, **margs.kernel_flags(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
-            if cfg.dq is not None:
+            if dq_mode == 0:
                 dq_cfg = cfg.dq
                 lists = _tile_lists(mask, True, dq_cfg.block_m, dq_cfg.block_n,
                                     not margs.elementwise_only)  # fmt: skip
