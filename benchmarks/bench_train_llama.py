@@ -109,7 +109,7 @@ def main() -> None:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
-        device = torch.device("cuda" if cuda else "cpu")
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")  # set_device wants an index
     else:
         dist.init_process_group("nccl" if cuda else "gloo",
                                 pg_options=nccl_options() if cuda else None,
