@@ -36,7 +36,7 @@ LAYOUTS = ["contiguous", "striped", "zigzag"]
 
 
 def bench(fn):
-    # the critical path takes the slowest of 8 medians per step: enough samples (~50 forward,
+    # the critical path takes the slowest of 8 medians per step: enough samples (~75 forward,
     # ~25 backward steps) that it is not one rank's noise
     return triton.testing.do_bench(fn, warmup=50, rep=100, return_mode="median")
 
