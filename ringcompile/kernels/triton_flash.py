@@ -5,7 +5,8 @@ its log-sum-exp ``lse``. A step starts its online softmax from (running max = ls
 accumulator = out), which is exact, and normalises again at its end, so the state is always a valid
 (out, lse) pair. The first step reads no state; the last step (``last=True``) writes the output
 straight in the input dtype instead of fp32, so a one-step call is a plain flash-attention forward
-with no fp32 round trip.
+with no fp32 round trip. The state (and the backward's travelling dK/dV) passes once per step:
+it is loaded evict-first and stored streaming, so it does not push reused K/V or Q/dO out of L2.
 
 Masks. Each step receives per-token facts (:class:`ringcompile.masks.BlockMask`). Before the
 attention kernel, two small kernels compute for every tile of the "row" side (query tiles in the
