@@ -676,11 +676,11 @@ def _bwd_block(
         dp_t = tl.dot(v, tl.trans(do))
     ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
     dk += tl.dot(ds_t, q)
-    if DQ_MODE == 2:
+    if DQ_MODE != 0:
         dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+    if DQ_MODE == 2:
         dq_desc.atomic_add(dq_at, tl.reshape(dq, [1, 1, dq.shape[0], dq.shape[1]]))
     elif DQ_MODE == 1:
-        dq = tl.dot(tl.trans(ds_t), k) * sm_scale
         if EVEN_D and not CHECK_ROWS:
             tl.atomic_add(dq_ptrs, dq, sem="relaxed")
         else:
