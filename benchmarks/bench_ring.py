@@ -61,6 +61,9 @@ def _parse():
     p.add_argument("--world-size", type=int, default=2, help="gloo ranks without torchrun")
     p.add_argument("--trace", action="store_true", help="profile where each layout's time goes")
     p.add_argument("--nccl-high-priority", action="store_true")
+    p.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS)
+    p.add_argument("--no-peers", action="store_true", help="skip context_parallel and the seed")
+    p.add_argument("--tag", default="", help="suffix of the JSON file's name (runs side by side)")
     return p.parse_args()
 
 
@@ -293,11 +296,11 @@ def measure(rank, world, args):
     record("ideal: one GPU, whole sequence (time / W)", monolithic(args, world, device, dtype))
     for key in ("ms", "call_ms"):
         rows["ideal: one GPU, whole sequence (time / W)"][key] /= world
-    for name in LAYOUTS:
+    for name in args.layouts:
         record(f"ours {name}", ours(name, args, world, device, dtype))
         record(f"ours {name}, no communication",
                ours_without_communication(name, args, world, device, dtype))  # fmt: skip
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.no_peers:
         try:
             run, ctx = torch_context_parallel(args, world, device, dtype)
             record("torch context_parallel", run)
@@ -309,7 +312,7 @@ def measure(rank, world, args):
         except Exception as e:
             rows["seed striped"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     if args.trace and device.type == "cuda":
-        for name in LAYOUTS:
+        for name in args.layouts:
             path = os.path.join(args.out, f"trace_{name}_rank{rank}.json.gz")
             split = where_time_goes(ours(name, args, world, device, dtype), path)
             splits = [None] * world
@@ -345,7 +348,7 @@ def report(rows, world, args, device):
             lines.append(f"| {name} | {r['error']} | | | | |")
     text = "\n".join(lines)
     print(text, flush=True)
-    with open(os.path.join(args.out, f"bench_ring_w{world}.json"), "w") as f:
+    with open(os.path.join(args.out, f"bench_ring_w{world}{args.tag}.json"), "w") as f:
         json.dump({"setup": head, "rows": rows}, f, indent=1)
 
 

@@ -18,15 +18,15 @@ Rules (all that apply must hold for ``q`` to see ``k``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
-from dataclasses import dataclass
 
 import torch
 
 __all__ = ["BlockMask", "position_rule_allows"]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BlockMask:
     """What decides which keys of one key block each query of one query block may see."""
 
@@ -43,6 +43,18 @@ class BlockMask:
     # Names q_pos and k_pos: masks with equal keys have equal positions (the ring sets it from
     # its layout and ranks), so kernels may reuse what they derived from positions. None: never.
     positions_key: Hashable | None = None
+
+    def keys(self, start: int, stop: int) -> BlockMask:
+        """The same mask over keys ``[start, stop)`` of the block only."""
+        cols = slice(start, stop)
+        return dataclasses.replace(
+            self,
+            k_pos=self.k_pos[cols],
+            k_doc=None if self.k_doc is None else self.k_doc[:, cols],
+            k_valid=None if self.k_valid is None else self.k_valid[:, cols],
+            dense=None if self.dense is None else self.dense[..., cols],
+            positions_key=None if self.positions_key is None else (self.positions_key, start, stop),
+        )
 
     @property
     def has_window(self) -> bool:

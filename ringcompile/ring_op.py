@@ -13,7 +13,9 @@ rank issues the same sends and receives in the same order whatever the compiler 
   in flight (double-buffered ``batch_isend_irecv``) while this one is computed;
 - backward (``ringcompile::ring_attention_backward``): K/V travel again, and fp32 dK/dV
   accumulators travel one step behind them; after the last step each accumulator goes straight to
-  the rank that owns its block, in the gradients' dtype.
+  the rank that owns its block. The own block's contribution never travels: it is computed in two
+  parts, one while the first remote block arrives and one while the accumulators' last hop
+  travels, so no transfer waits alone at either end.
 
 Masks are per-token facts (``ringcompile.masks``): positions come from the layout, document ids and
 key validity travel with K/V. Steps the position rules prove empty on every rank (a causal or
@@ -24,6 +26,7 @@ agree on it without talking.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -149,6 +152,28 @@ class _Ring:
 @functools.cache
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=-1)
+
+
+def _record_event(t: torch.Tensor) -> torch.cuda.Event | None:
+    """An event at the current point of ``t``'s stream (None off CUDA: gloo is synchronous)."""
+    if not t.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+@contextlib.contextmanager
+def _issued_after(event: torch.cuda.Event | None, device: torch.device):
+    """Issue collectives from a side stream that has waited for ``event`` only, so they depend on
+    the work before it and not on kernels queued since."""
+    if event is None:
+        yield
+        return
+    stream = _side_stream(device)
+    stream.wait_event(event)
+    with torch.cuda.stream(stream):
+        yield
 
 
 @functools.lru_cache(maxsize=256)
@@ -279,12 +304,16 @@ def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
         # nothing is sent before the check has passed.
         check_first = s == 0 and verify is not None
         if check_first:
+            inputs_ready = _record_event(q)
             compute(s)
             verify()
         works = None
         if s + 1 < n:
             incoming = [torch.empty_like(t) for t in blocks]
-            works = ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1))
+            # NCCL waits for the work queued on the issuing stream: issued after the own block's
+            # kernel, the first send would wait for it and then run alone.
+            with _issued_after(inputs_ready if check_first else None, q.device):
+                works = ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1))
             comm_stats.kv_blocks_sent += 1
         if not check_first:
             compute(s)
@@ -295,6 +324,18 @@ def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
 
 
 # -- backward ----------------------------------------------------------------------------------
+def _own_block_parts(seq: int) -> list[tuple[int, int]]:
+    """Key ranges of the own block's two backward parts: the later keys (less work under causal
+    masks) first, while the first remote block arrives; the rest last, while the accumulators'
+    last hop travels. Split at a multiple of 128 (a kernel tile) where there is room."""
+    half = seq // 2
+    if half >= 128:
+        half -= half % 128
+    if half == 0:
+        return [(0, seq)]
+    return [(half, seq), (0, half)]
+
+
 def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, scale, is_causal,
                    window_left, window_right, layout, seq_len, group_name):
     call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
@@ -309,14 +350,41 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
     blocks = _traveling(k, v, call.facts)
     n = call.plan.num_steps
     comm_stats.backward_calls += 1
-    dkv_works, dkv_incoming = None, None
-    for s in range(n):
-        kv_works = None
-        if s + 1 < n:
-            kv_incoming = [torch.empty_like(t) for t in blocks]
-            kv_works = ring.exchange(blocks, kv_incoming, ring.peer(1), ring.peer(-1))
-            comm_stats.kv_blocks_sent += 1
-        # this step's contribution to the block's dK/dV (stacked: one message per step)
+
+    # The own block's dK/dV never travels: its contribution is computed in two parts, the first
+    # before any remote block and the last after, and it receives the other ranks' sum at the end.
+    own_dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
+    own_mask = call.block_mask(0, call.facts, q.device) if 0 in computed else None
+    own_parts = _own_block_parts(k.shape[2]) if n > 1 else [(0, k.shape[2])]
+
+    def own_part(i: int) -> None:
+        if own_mask is None or i >= len(own_parts):
+            return
+        lo, hi = own_parts[i]
+        kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
+                              own_mask.keys(lo, hi), scale, dq, own_dkv[0, :, :, lo:hi],
+                              own_dkv[1, :, :, lo:hi])  # fmt: skip
+
+    def exchange_blocks(s: int):
+        if s + 1 >= n:
+            return None, None
+        incoming = [torch.empty_like(t) for t in blocks]
+        comm_stats.kv_blocks_sent += 1
+        return ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1)), incoming
+
+    kv_works, kv_incoming = exchange_blocks(0)
+    own_part(0)
+    if own_mask is not None:
+        comm_stats.steps_computed += 1
+    else:
+        comm_stats.steps_skipped += 1
+    # The accumulator of block b starts on rank b + 1 (step 1) and gathers one contribution per
+    # step; after step n - 1 it goes home to rank b.
+    chain_works, chain_incoming = None, None
+    for s in range(1, n):
+        _wait(kv_works)
+        blocks = kv_incoming
+        kv_works, kv_incoming = exchange_blocks(s)
         dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
         if s in computed:
             k_facts = blocks[2] if call.facts is not None else None
@@ -326,28 +394,24 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
             comm_stats.steps_computed += 1
         else:
             comm_stats.steps_skipped += 1
-        if s > 0:
-            # the accumulator the previous rank finished for this same block one step ago
-            _wait(dkv_works)
-            dkv += dkv_incoming
-        if n > 1:
-            if s + 1 < n:
-                dkv_incoming = torch.empty_like(dkv)
-                dkv_works = ring.exchange([dkv], [dkv_incoming], ring.peer(1), ring.peer(-1))
-            else:
-                # The block came from rank - (n - 1): its finished accumulator goes straight home,
-                # already in the gradients' dtype (the owner would round it the same way).
-                home = [dkv[0].to(k.dtype), dkv[1].to(v.dtype)]
-                dk, dv = (torch.empty_like(t) for t in home)
-                _wait(ring.exchange(home, [dk, dv], ring.peer(1 - n), ring.peer(n - 1)))
-            comm_stats.dkv_blocks_sent += 1
-        _wait(kv_works)
-        if kv_works is not None:
-            blocks = kv_incoming
-    if n == 1:
-        # dK and dV are views of one buffer; an op's outputs may not alias each other
-        dk, dv = dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
-    return dq.to(q.dtype), dk, dv
+        if s > 1:
+            _wait(chain_works)
+            dkv += chain_incoming
+        chain_incoming = torch.empty_like(dkv)
+        to, frm = (ring.peer(1), ring.peer(-1)) if s + 1 < n else (ring.peer(1 - n), ring.peer(n - 1))
+        chain_works = ring.exchange([dkv], [chain_incoming], to, frm)
+        comm_stats.dkv_blocks_sent += 1
+    own_part(1)
+    dq = dq.to(q.dtype)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # an op's outputs may not alias each other
+    if n > 1:
+        _wait(chain_works)
+        torch.add(own_dkv[0], chain_incoming[0], out=dk)
+        torch.add(own_dkv[1], chain_incoming[1], out=dv)
+    else:
+        dk.copy_(own_dkv[0])
+        dv.copy_(own_dkv[1])
+    return dq, dk, dv
 
 
 # -- the torch.library ops ---------------------------------------------------------------------
