@@ -43,7 +43,7 @@ import torch.multiprocessing as mp
 from ringcompile import make_layout, ring_attention
 from ringcompile.group import nccl_options
 from ringcompile.kernels import select_kernels
-from ringcompile.ring_op import _Call
+from ringcompile.ring_op import _Call, _own_block_parts
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
 
@@ -144,6 +144,10 @@ def ours_without_communication(layout_name, args, world, device, dtype):
     steps = call.computed_steps()
     masks = [call.block_mask(s, None, device) for s in steps]
     kernels, scale = select_kernels(q), args.head_dim**-0.5
+    # the backward's kernel calls: the own block in its two parts around the remote blocks
+    parts = _own_block_parts(k.shape[2]) if world > 1 else [(0, k.shape[2])]
+    own = [(lo, hi, masks[0].keys(lo, hi)) for lo, hi in parts] if steps[0] == 0 else []
+    remote = [(0, k.shape[2], m) for m in (masks[1:] if own else masks)]
 
     def run():
         state = kernels.forward_init(q)
@@ -152,9 +156,13 @@ def ours_without_communication(layout_name, args, world, device, dtype):
         out, lse = kernels.forward_finish(state, q.dtype)
         delta = kernels.backward_prepare(out, dout)
         dq = torch.zeros(q.shape, device=device, dtype=lse.dtype)
-        for m in masks:
-            dkv = torch.zeros((2, *k.shape), device=device, dtype=lse.dtype)
-            kernels.backward_step(q, k, v, dout, lse, delta, m, scale, dq, dkv[0], dkv[1])
+        own_dkv = torch.empty((2, *k.shape), device=device, dtype=lse.dtype)
+        calls = [(c, own_dkv) for c in own[:1]]
+        calls += [(c, torch.empty_like(own_dkv)) for c in remote]
+        calls += [(c, own_dkv) for c in own[1:]]
+        for (lo, hi, m), dkv in calls:
+            kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta, m, scale, dq,
+                                  dkv[0, :, :, lo:hi], dkv[1, :, :, lo:hi], dkv_fresh=True)
 
     return run
 

@@ -353,8 +353,10 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
 
     # The own block's dK/dV never travels: its contribution is computed in two parts, the first
     # before any remote block and the last after, and it receives the other ranks' sum at the end.
-    own_dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
     own_mask = call.block_mask(0, call.facts, q.device) if 0 in computed else None
+    # computed blocks overwrite their dK/dV (the parts cover every key): no zeroing
+    own_dkv = (torch.empty if own_mask is not None else torch.zeros)((2, *k.shape), dtype=acc,
+                                                                      device=k.device)
     own_parts = _own_block_parts(k.shape[2]) if n > 1 else [(0, k.shape[2])]
 
     def own_part(i: int) -> None:
@@ -363,7 +365,7 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
         lo, hi = own_parts[i]
         kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
                               own_mask.keys(lo, hi), scale, dq, own_dkv[0, :, :, lo:hi],
-                              own_dkv[1, :, :, lo:hi])  # fmt: skip
+                              own_dkv[1, :, :, lo:hi], dkv_fresh=True)  # fmt: skip
 
     def exchange_blocks(s: int):
         if s + 1 >= n:
@@ -385,14 +387,15 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
         _wait(kv_works)
         blocks = kv_incoming
         kv_works, kv_incoming = exchange_blocks(s)
-        dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
         if s in computed:
+            dkv = torch.empty((2, *k.shape), dtype=acc, device=k.device)
             k_facts = blocks[2] if call.facts is not None else None
             mask = call.block_mask(s, k_facts, q.device)
             kernels.backward_step(q, blocks[0], blocks[1], dout, lse, delta, mask, scale, dq,
-                                  dkv[0], dkv[1])
+                                  dkv[0], dkv[1], dkv_fresh=True)
             comm_stats.steps_computed += 1
         else:
+            dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
             comm_stats.steps_skipped += 1
         if s > 1:
             _wait(chain_works)

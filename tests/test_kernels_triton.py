@@ -108,6 +108,8 @@ class Case:
     strided_inputs: bool = False  # q/k/v as transposed views of (B, S, H, D) tensors
     flag_last: bool = True  # whether the final step is called with last=True
     scale: float | None = None  # None: D ** -0.5
+    dkv_fresh: bool = False  # dK/dV start as NaN and the backward overwrites them
+    key_halves: bool = False  # the backward runs each block as two calls on halves of its keys
 
 
 def _positions(case: Case, gen: torch.Generator):
@@ -174,6 +176,11 @@ def _build(case: Case, seed: int = 0):
     return q, ks, vs, dout, masks
 
 
+def _accumulator(shape, fresh: bool, gen: torch.Generator) -> torch.Tensor:
+    # an overwritten accumulator starts as NaN (a missed element stays NaN); an added one random
+    return torch.full(shape, float("nan")) if fresh else torch.randn(shape, generator=gen)
+
+
 def _run(kernels, case: Case, q, ks, vs, dout, masks, scale: float, seed: int = 1):
     state = kernels.forward_init(q)
     for i, (k, v, m) in enumerate(zip(ks, vs, masks)):
@@ -182,10 +189,16 @@ def _run(kernels, case: Case, q, ks, vs, dout, masks, scale: float, seed: int = 
     delta = kernels.backward_prepare(out, dout)
     gen = torch.Generator().manual_seed(seed)
     dq = torch.randn(q.shape, generator=gen)
-    dks = [torch.randn(k.shape, generator=gen) for k in ks]
-    dvs = [torch.randn(v.shape, generator=gen) for v in vs]
+    dks = [_accumulator(k.shape, case.dkv_fresh, gen) for k in ks]
+    dvs = [_accumulator(v.shape, case.dkv_fresh, gen) for v in vs]
     for k, v, m, dk, dv in zip(ks, vs, masks, dks, dvs):
-        kernels.backward_step(q, k, v, dout, lse, delta, m, scale, dq, dk, dv)
+        S = k.shape[2]
+        # halves as the ring's own block: later keys first
+        spans = [(S // 2, S), (0, S // 2)] if case.key_halves else [(0, S)]
+        for lo, hi in spans:
+            kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
+                                  m.keys(lo, hi) if case.key_halves else m, scale, dq,
+                                  dk[:, :, lo:hi], dv[:, :, lo:hi], dkv_fresh=case.dkv_fresh)
     return dict(out=out, lse=lse, delta=delta, dq=dq, dk=torch.cat(dks, 2), dv=torch.cat(dvs, 2))
 
 
@@ -248,6 +261,11 @@ CASES = {
     "dq-bulk-falls-back": Case(causal=True, layout="zigzag", dq_bulk=True, D=80, B=1),
     "dq-kernel-causal-striped": Case(causal=True, layout="striped", dq_kernel=True, steps=3,
                                      blocks=(32, 16, 16, 16)),  # fmt: skip
+    "dkv-fresh-window-zigzag": Case(layout="zigzag", window=(9, 5), steps=3, dkv_fresh=True),
+    "dkv-fresh-key-halves-combo": Case(causal=True, docs=True, k_valid=True, dense="bool",
+                                       layout="zigzag", steps=3, dkv_fresh=True, key_halves=True),
+    "key-halves-accumulate-additive": Case(causal=True, dense="additive", dense_shape="H",
+                                           layout="striped", key_halves=True, H=4, Hkv=4),
     "dq-kernel-combo-d80": Case(window=(30, 2), docs=True, k_valid=True, dense="additive", D=80,
                                 dq_kernel=True, B=1, H=4, Hkv=1),  # fmt: skip
 }
@@ -269,6 +287,8 @@ def test_rows_without_keys(tf):
     case = Case(causal=True, rank=1, first_source=-1, steps=2, k_valid=True)
     ref = _check(case, tf)
     assert (ref["lse"][0] == float("-inf")).all() and (ref["lse"][1] > float("-inf")).any()
+    # overwritten accumulators of keys no query sees get zeros, not what they held
+    _check(replace(case, dkv_fresh=True), tf)
 
 
 @interpreted_only

@@ -18,7 +18,8 @@ backward::
 Shapes: q, out, dout (B, H, Sq, D); k, v (B, Hkv, Sk, D) with query head i reading KV head
 ``i // (H // Hkv)`` (SDPA's GQA grouping); lse, delta (B, H, Sq) in the accumulation dtype
 (float32 for half types, float64 for float64); dq (B, H, Sq, D) and dk, dv (B, Hkv, Sk, D) are
-accumulators in that dtype that ``backward_step`` adds into. ``mask`` is a
+accumulators in that dtype that ``backward_step`` adds into (or overwrites, with
+``dkv_fresh=True``: the ring's per-step dK/dV then need no zeroing). ``mask`` is a
 :class:`ringcompile.masks.BlockMask`. Rows that see no key give out = 0, lse = -inf and zero grads
 (what SDPA's math backend gives).
 

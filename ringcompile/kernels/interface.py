@@ -49,5 +49,7 @@ class AttentionKernels(Protocol):
         dq: torch.Tensor,
         dk: torch.Tensor,
         dv: torch.Tensor,
+        dkv_fresh: bool = False,
     ) -> None:
-        """Add this key block's contributions into ``dq`` and ``dk``/``dv`` in place."""
+        """Add this key block's contributions into ``dq`` and ``dk``/``dv`` in place; with
+        ``dkv_fresh`` dK/dV hold nothing yet and are overwritten (so need no zeroing)."""

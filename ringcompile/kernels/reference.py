@@ -81,14 +81,20 @@ class ReferenceKernels:
         acc = _acc(out.dtype)
         return (dout.to(acc) * out.to(acc)).sum(-1)
 
-    def backward_step(self, q, k, v, dout, lse, delta, mask, scale, dq, dk, dv):
+    def backward_step(self, q, k, v, dout, lse, delta, mask, scale, dq, dk, dv, dkv_fresh=False):
         acc = dq.dtype
         hkv = k.shape[1]
         s = _scores(q, k, mask, scale, acc)
         p = _probs(s, _grouped(lse[..., None], hkv)[..., 0])  # (B, Hkv, G, Sq, Sk)
         do = _grouped(dout.to(acc), hkv)
-        dv += torch.matmul(p.transpose(-1, -2), do).sum(2)
+        dv_blk = torch.matmul(p.transpose(-1, -2), do).sum(2)
         dp = torch.matmul(do, v.to(acc)[:, :, None].transpose(-1, -2))
         ds = p * (dp - _grouped(delta[..., None], hkv))
         dq += torch.matmul(ds, k.to(acc)[:, :, None]).reshape(dq.shape) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), _grouped(q.to(acc), hkv)).sum(2) * scale
+        dk_blk = torch.matmul(ds.transpose(-1, -2), _grouped(q.to(acc), hkv)).sum(2) * scale
+        if dkv_fresh:
+            dk.copy_(dk_blk)
+            dv.copy_(dv_blk)
+        else:
+            dk += dk_blk
+            dv += dv_blk

@@ -707,6 +707,7 @@ def _bwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
     HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, DQ_MODE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     # under causal masks earlier key tiles are seen by more queries
     tile, bhk = _tile_and_head(tl.cdiv(Sk, BLOCK_N), heads_per_chunk, LAST_HEAVIEST=False)
@@ -715,14 +716,17 @@ def _bwd_kernel(
     EVEN_D: tl.constexpr = HEAD_DIM == D_PAD
     n_full = tl.load(full_count + tile)
     n_part = tl.load(part_count + tile)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    k_ok = offs_n < Sk
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    b64 = b.to(tl.int64)
+    # This program alone owns these dk/dv rows.
+    dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
     if n_full + n_part > 0:
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D_PAD)
-        k_ok = offs_n < Sk
-        d_ok = offs_d < HEAD_DIM
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        b64 = b.to(tl.int64)
         k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks
                     + offs_d[None, :], mask=kv_mask, other=0.0)  # fmt: skip
         v = tl.load(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vs
@@ -787,14 +791,18 @@ def _bwd_kernel(
                 DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
             )  # fmt: skip
 
-        # This program alone owns these dk/dv rows: plain read-add-write.
-        dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
-        dv_ptrs = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
-        # streamed once per step, like the forward's state: keep Q/dO in L2 instead
-        dk = tl.load(dk_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first") + dk * sm_scale
-        dv = tl.load(dv_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first") + dv
+        dk = dk * sm_scale
+        if ACCUMULATE:
+            # streamed once per step, like the forward's state: keep Q/dO in L2 instead
+            dk += tl.load(dk_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
+            dv += tl.load(dv_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
         tl.store(dk_ptrs, dk, mask=kv_mask, cache_modifier=".cs")
         tl.store(dv_ptrs, dv, mask=kv_mask, cache_modifier=".cs")
+    elif not ACCUMULATE:
+        # no query sees these keys; an overwritten accumulator still needs its zeros
+        zeros = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+        tl.store(dk_ptrs, zeros, mask=kv_mask, cache_modifier=".cs")
+        tl.store(dv_ptrs, zeros, mask=kv_mask, cache_modifier=".cs")
 
 
 @triton.jit
@@ -1029,7 +1037,7 @@ class TritonKernels:
         return delta
 
     def backward_step(self, q, k, v, dout, lse, delta, mask: BlockMask, scale: float,
-                      dq, dk, dv) -> None:  # fmt: skip
+                      dq, dk, dv, dkv_fresh: bool = False) -> None:  # fmt: skip
         B, H, Sq, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         q, k, v, dout = (_inner_contiguous(t) for t in (q, k, v, dout))
@@ -1067,7 +1075,7 @@ class TritonKernels:
                 *margs.kernel_args(),
                 Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
-                DQ_MODE=dq_mode, **margs.kernel_flags(),
+                DQ_MODE=dq_mode, ACCUMULATE=not dkv_fresh, **margs.kernel_flags(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
             if dq_mode == 0:
