@@ -401,8 +401,10 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
             _wait(chain_works)
             dkv += chain_incoming
         chain_incoming = torch.empty_like(dkv)
-        to, frm = (ring.peer(1), ring.peer(-1)) if s + 1 < n else (ring.peer(1 - n), ring.peer(n - 1))
-        chain_works = ring.exchange([dkv], [chain_incoming], to, frm)
+        if s + 1 < n:
+            chain_works = ring.exchange([dkv], [chain_incoming], ring.peer(1), ring.peer(-1))
+        else:  # home: the block came from rank - (n - 1)
+            chain_works = ring.exchange([dkv], [chain_incoming], ring.peer(1 - n), ring.peer(n - 1))
         comm_stats.dkv_blocks_sent += 1
     own_part(1)
     dq = dq.to(q.dtype)
