@@ -5,8 +5,9 @@ TFLOP/s count 4*B*H*S^2*D per forward (x1/2 causal) and 2.5x that for the backwa
 triton.testing.do_bench over 0.3 s (1.2 s at 32k tokens) after a warm-up of half that. SDPA gets
 K/V already expanded to the query heads (repeat_interleave, outside the timed region); ours and
 the seed read the grouped K/V. Ours' forward is forward_init + forward_step(last=True) +
-forward_finish; its backward is backward_prepare plus one backward_step into fresh zeroed fp32
-accumulators (the zeroing is timed too).
+forward_finish; its backward is backward_prepare plus one backward_step into a zeroed fp32 dQ
+(the zeroing is timed too) and fresh dK/dV it overwrites (``dkv_fresh``), as the op makes on
+one rank.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--sweep] [--only ours,cudnn,...]
     python benchmarks/bench_kernels.py --replot DIR   # the plot from DIR/bench_kernels.json
@@ -73,9 +74,9 @@ def ours_fns(q, k, v, dout, causal, kernels=None):
     def bwd(out, lse):
         delta = kernels.backward_prepare(out, dout)
         dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
-        dk = torch.zeros(k.shape, device="cuda", dtype=torch.float32)
-        dv = torch.zeros(v.shape, device="cuda", dtype=torch.float32)
-        kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)
+        dk = torch.empty(k.shape, device="cuda", dtype=torch.float32)
+        dv = torch.empty(v.shape, device="cuda", dtype=torch.float32)
+        kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv, dkv_fresh=True)
 
     def fwd_bwd():
         out, lse = fwd()

@@ -6,8 +6,10 @@ that pair's BlockMask (positions from ``make_layout(name, S, W).positions(r)``).
 blocks no query can see (``position_rule_allows`` is false) cost nothing, as the ring op skips
 them. Each (rank, step) is timed alone (median of triton.testing.do_bench, L2 flushed), forward
 (forward_step; the first step starts the state, the rank's last visible step writes the output)
-and backward (backward_step; step 0 also pays backward_prepare). No communication. Masks carry a
-``positions_key`` as the ring op's do, so tile lists come from the kernels' cache as in a ring.
+and backward (backward_step into fresh dK/dV, as the ring op calls it; step 0, the own block,
+pays backward_prepare and runs as the ring's two calls on halves of its keys, both counted at
+step 0). No communication. Masks carry a ``positions_key`` as the ring op's do, so tile lists
+come from the kernels' cache as in a ring.
 
 critical path = sum over steps of the slowest rank's time at that step;
 ideal = our monolithic causal kernel on all 65,536 tokens / W;
@@ -29,6 +31,7 @@ import triton
 from ringcompile.kernels.triton_flash import TritonForwardState, TritonKernels
 from ringcompile.layout import make_layout
 from ringcompile.masks import BlockMask, position_rule_allows
+from ringcompile.ring_op import _own_block_parts
 
 W, LOCAL, H, HKV, D = 8, 8192, 32, 8, 128
 S = W * LOCAL
@@ -57,12 +60,12 @@ def monolithic(kernels, scale):
 
     out, lse = fwd()
     dq = torch.zeros(q.shape, device="cuda")
-    dk = torch.zeros(k.shape, device="cuda")
-    dv = torch.zeros(v.shape, device="cuda")
+    dk = torch.empty(k.shape, device="cuda")
+    dv = torch.empty(v.shape, device="cuda")
 
     def bwd():
         delta = kernels.backward_prepare(out, dout)
-        kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)
+        kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv, dkv_fresh=True)
 
     t_fwd = triton.testing.do_bench(fwd, warmup=50, rep=400, return_mode="median")
     t_bwd = triton.testing.do_bench(bwd, warmup=50, rep=600, return_mode="median")
@@ -104,12 +107,17 @@ def ring(kernels, layout_name, scale):
                                            steps=0 if first else 1)  # fmt: skip
                 kernels.forward_step(state, q, k, v, mask, scale, last=last)
 
-            dk = torch.zeros(k.shape, device="cuda")
-            dv = torch.zeros(v.shape, device="cuda")
+            dk = torch.empty(k.shape, device="cuda")
+            dv = torch.empty(v.shape, device="cuda")
+            spans = _own_block_parts(LOCAL) if s == 0 else [(0, LOCAL)]
 
             def bwd():
                 delta = kernels.backward_prepare(out, dout) if first else delta_once
-                kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv)
+                for lo, hi in spans:
+                    part = mask.keys(lo, hi) if len(spans) > 1 else mask
+                    kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
+                                          part, scale, dq, dk[:, :, lo:hi], dv[:, :, lo:hi],
+                                          dkv_fresh=True)  # fmt: skip
 
             delta_once = kernels.backward_prepare(out, dout)
             fwd_t[s][r] = bench(fwd)
