@@ -64,6 +64,7 @@ def _parse():
     p.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS)
     p.add_argument("--no-peers", action="store_true", help="skip context_parallel and the seed")
     p.add_argument("--tag", default="", help="suffix of the JSON file's name (runs side by side)")
+    p.add_argument("--replot", metavar="DIR", help="only draw DIR/bench_ring.png from its JSON")
     return p.parse_args()
 
 
@@ -358,6 +359,50 @@ def report(rows, world, args, device):
     print(text, flush=True)
     with open(os.path.join(args.out, f"bench_ring_w{world}{args.tag}.json"), "w") as f:
         json.dump({"setup": head, "rows": rows}, f, indent=1)
+    try:
+        plot(args.out, args.tag)
+    except ImportError:
+        print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
+
+
+PLOTTED = ["ours striped", "ours zigzag", "ours contiguous", "torch context_parallel",
+           "seed striped"]  # fmt: skip
+
+
+def plot(directory: str, tag: str = "") -> None:
+    """``bench_ring.png`` in ``directory``: % of ideal per implementation for every ring size
+    whose ``bench_ring_w<W><tag>.json`` is there."""
+    import glob
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for path in glob.glob(os.path.join(directory, f"bench_ring_w*{tag}.json")):
+        found = re.fullmatch(rf"bench_ring_w(\d+){re.escape(tag)}\.json", os.path.basename(path))
+        if found:
+            with open(path) as f:
+                runs[int(found.group(1))] = json.load(f)
+    worlds = sorted(runs)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(PLOTTED)
+    for i, name in enumerate(PLOTTED):
+        vals = [100 * runs[w]["rows"].get(name, {}).get("efficiency", float("nan")) for w in worlds]
+        bars = ax.bar([x + (i - (len(PLOTTED) - 1) / 2) * width for x in range(len(worlds))], vals,
+                      width, label=name)  # fmt: skip
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.axhline(90, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(worlds)), [f"W = {w}" for w in worlds])
+    ax.set_ylabel("% of ideal (one GPU, whole sequence / W)")
+    ax.set_ylim(0, 118)
+    setup = re.sub(r"^W=\d+, | \(\d+ in all\)", "", runs[worlds[-1]]["setup"]) if worlds else ""
+    ax.set_title("real ring, calls back to back: " + setup.replace("; ", "\n"), fontsize=8)
+    ax.legend(fontsize=7, ncol=len(PLOTTED), loc="upper center")
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, "bench_ring.png"), dpi=120)
 
 
 def _worker(rank, world, init_file, args):
@@ -377,6 +422,9 @@ def _main(args):
 
 def main():
     args = _parse()
+    if args.replot:
+        plot(args.replot, args.tag)
+        return
     if "RANK" in os.environ:  # torchrun
         local = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
