@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import ringcompile
 from ringcompile import make_layout, ring_attention
-from ringcompile.ring_op import comm_stats, reset_comm_stats
+from ringcompile.masks import BlockMask
+from ringcompile.ring_op import _own_block_parts, comm_stats, reset_comm_stats
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
 MASKS = ["full", "causal", "window", "documents", "padding", "dense", "dense_additive"]
@@ -282,3 +283,29 @@ def test_layouts_are_permutations_with_inverses():
     assert make_layout("contiguous", 8, 2).positions(1).tolist() == [4, 5, 6, 7]
     with pytest.raises(ValueError, match="does not fit"):
         make_layout(ringcompile.StripedLayout(8, 2), 8, 4)
+
+
+def test_block_mask_keys_is_the_column_slice():
+    g = torch.Generator().manual_seed(0)
+    B, Sq, Sk = 2, 6, 10
+    mask = BlockMask(
+        q_pos=torch.randperm(16, generator=g)[:Sq], k_pos=torch.randperm(16, generator=g)[:Sk],
+        seq_len=14, causal=True, window_left=7,
+        q_doc=torch.randint(0, 2, (B, Sq), generator=g),
+        k_doc=torch.randint(0, 2, (B, Sk), generator=g),
+        k_valid=torch.rand(B, Sk, generator=g) < 0.8,
+        dense=torch.rand(B, 1, Sq, Sk, generator=g) < 0.7, positions_key=("layout", 0, 1),
+    )  # fmt: skip
+    part = mask.keys(3, 8)
+    assert torch.equal(part.allowed(), mask.allowed()[..., 3:8])
+    assert torch.equal(part.dense, mask.dense[..., 3:8])
+    # kernels cache tile lists by positions_key: each slice has its own, the same one each time
+    assert part.positions_key != mask.positions_key
+    assert mask.keys(3, 8).positions_key == part.positions_key != mask.keys(0, 3).positions_key
+
+
+def test_own_block_parts_cover_the_keys_later_half_first():
+    assert _own_block_parts(8192) == [(4096, 8192), (0, 4096)]
+    assert _own_block_parts(300) == [(128, 300), (0, 128)]  # split on a 128-key tile
+    assert _own_block_parts(9) == [(4, 9), (0, 4)]
+    assert _own_block_parts(1) == [(0, 1)]
