@@ -139,6 +139,16 @@ def test_uneven_length_is_padded_exactly(gloo, world, layout_name, mask_kind):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
 
 
+@pytest.mark.parametrize("mask_kind", ["full", "causal"])
+def test_rank_holding_only_padding(gloo, mask_kind):
+    # 9 tokens over 4 ranks, contiguous: rank 3 holds positions 9..11, all padding, so it computes
+    # no block of its own and its backward only passes accumulators on
+    assert make_layout("contiguous", 9, 4).positions(3).min() >= 9
+    errs = gloo(4).run(check_against_sdpa, "contiguous", mask_kind, 4, 2, 9, 5)
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
 def check_ring_smaller_than_world(rank, world, layout_name):
     from torch.distributed.device_mesh import init_device_mesh
 
