@@ -722,9 +722,6 @@ def _bwd_kernel(
     d_ok = offs_d < HEAD_DIM
     kv_mask = k_ok[:, None] & d_ok[None, :]
     b64 = b.to(tl.int64)
-    # This program alone owns these dk/dv rows.
-    dk_ptrs = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
-    dv_ptrs = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
     if n_full + n_part > 0:
         offs_m = tl.arange(0, BLOCK_M)
         k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks
@@ -791,18 +788,29 @@ def _bwd_kernel(
                 DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
             )  # fmt: skip
 
-        dk = dk * sm_scale
-        if ACCUMULATE:
-            # streamed once per step, like the forward's state: keep Q/dO in L2 instead
-            dk += tl.load(dk_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
-            dv += tl.load(dv_ptrs, mask=kv_mask, other=0.0, eviction_policy="evict_first")
-        tl.store(dk_ptrs, dk, mask=kv_mask, cache_modifier=".cs")
-        tl.store(dv_ptrs, dv, mask=kv_mask, cache_modifier=".cs")
+        # the pointers only now: made before the loops they would hold registers through them
+        _write_dkv(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, offs_n, offs_d,
+                   stride_dks, kv_mask, dk * sm_scale, ACCUMULATE)  # fmt: skip
+        _write_dkv(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh, offs_n, offs_d,
+                   stride_dvs, kv_mask, dv, ACCUMULATE)  # fmt: skip
     elif not ACCUMULATE:
         # no query sees these keys; an overwritten accumulator still needs its zeros
         zeros = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        tl.store(dk_ptrs, zeros, mask=kv_mask, cache_modifier=".cs")
-        tl.store(dv_ptrs, zeros, mask=kv_mask, cache_modifier=".cs")
+        _write_dkv(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, offs_n, offs_d,
+                   stride_dks, kv_mask, zeros, False)  # fmt: skip
+        _write_dkv(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh, offs_n, offs_d,
+                   stride_dvs, kv_mask, zeros, False)  # fmt: skip
+
+
+@triton.jit
+def _write_dkv(base, offs_n, offs_d, stride_s, mask, value, ACCUMULATE: tl.constexpr):
+    """Write one program's dK or dV tile (it alone owns these rows), or add it to what is there.
+    Streamed once per step, like the forward's state: loaded evict-first, stored streaming, so
+    the reused Q/dO tiles keep L2."""
+    ptrs = base + offs_n[:, None] * stride_s + offs_d[None, :]
+    if ACCUMULATE:
+        value = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first") + value
+    tl.store(ptrs, value, mask=mask, cache_modifier=".cs")
 
 
 @triton.jit
