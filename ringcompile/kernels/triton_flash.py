@@ -24,7 +24,9 @@ call, are cached (``_TileListCache``): the host launches only the attention kern
 
 Backward. One program per (key tile, batch, KV head) accumulates dk/dv in registers over the G
 query heads of its group and over the query tiles in its lists (no K/V expansion, no race on
-dk/dv), then adds them into the fp32 accumulators. dq comes in one of three ways:
+dk/dv), then adds them into the fp32 accumulators, or overwrites them (``dkv_fresh``: the ring's
+steps, whose dK/dV are new each step, so nothing is zeroed or re-read). dq comes in one of three
+ways:
 - from the same programs, each dq tile added by one bulk reduction of the tensor-copy engine
   (TMA; Hopper on): the default at head dim 128 in bf16/fp16 under causal or window masks;
 - from the same programs, added with fp32 atomics: fp32, head dims up to 64, and the fallback
