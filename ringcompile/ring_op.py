@@ -387,6 +387,7 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
         _wait(kv_works)
         blocks = kv_incoming
         kv_works, kv_incoming = exchange_blocks(s)
+        # (the previous rank's accumulator is waited for after this step's kernel is queued)
         if s in computed:
             dkv = torch.empty((2, *k.shape), dtype=acc, device=k.device)
             k_facts = blocks[2] if call.facts is not None else None
@@ -394,12 +395,16 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
             kernels.backward_step(q, blocks[0], blocks[1], dout, lse, delta, mask, scale, dq,
                                   dkv[0], dkv[1], dkv_fresh=True)
             comm_stats.steps_computed += 1
+            if s > 1:
+                _wait(chain_works)
+                dkv += chain_incoming
         else:
-            dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
             comm_stats.steps_skipped += 1
-        if s > 1:
-            _wait(chain_works)
-            dkv += chain_incoming
+            if s > 1:  # nothing to add: pass the accumulator on as it came
+                _wait(chain_works)
+                dkv = chain_incoming
+            else:
+                dkv = torch.zeros((2, *k.shape), dtype=acc, device=k.device)
         chain_incoming = torch.empty_like(dkv)
         if s + 1 < n:
             chain_works = ring.exchange([dkv], [chain_incoming], ring.peer(1), ring.peer(-1))

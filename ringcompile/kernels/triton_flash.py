@@ -724,6 +724,8 @@ def _bwd_kernel(
     d_ok = offs_d < HEAD_DIM
     kv_mask = k_ok[:, None] & d_ok[None, :]
     b64 = b.to(tl.int64)
+    dk_base = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh
+    dv_base = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh
     if n_full + n_part > 0:
         offs_m = tl.arange(0, BLOCK_M)
         k = tl.load(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_ks
@@ -790,25 +792,21 @@ def _bwd_kernel(
                 DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
             )  # fmt: skip
 
-        # the pointers only now: made before the loops they would hold registers through them
-        _write_dkv(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, offs_n, offs_d,
-                   stride_dks, kv_mask, dk * sm_scale, ACCUMULATE)  # fmt: skip
-        _write_dkv(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh, offs_n, offs_d,
-                   stride_dvs, kv_mask, dv, ACCUMULATE)  # fmt: skip
+        _write_dkv(dk_base, offs_n, offs_d, stride_dks, kv_mask, dk * sm_scale, ACCUMULATE)
+        _write_dkv(dv_base, offs_n, offs_d, stride_dvs, kv_mask, dv, ACCUMULATE)
     elif not ACCUMULATE:
         # no query sees these keys; an overwritten accumulator still needs its zeros
         zeros = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-        _write_dkv(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh, offs_n, offs_d,
-                   stride_dks, kv_mask, zeros, False)  # fmt: skip
-        _write_dkv(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh, offs_n, offs_d,
-                   stride_dvs, kv_mask, zeros, False)  # fmt: skip
+        _write_dkv(dk_base, offs_n, offs_d, stride_dks, kv_mask, zeros, False)
+        _write_dkv(dv_base, offs_n, offs_d, stride_dvs, kv_mask, zeros, False)
 
 
 @triton.jit
 def _write_dkv(base, offs_n, offs_d, stride_s, mask, value, ACCUMULATE: tl.constexpr):
     """Write one program's dK or dV tile (it alone owns these rows), or add it to what is there.
     Streamed once per step, like the forward's state: loaded evict-first, stored streaming, so
-    the reused Q/dO tiles keep L2."""
+    the reused Q/dO tiles keep L2. The tile's pointers are made here, after the loops: made
+    before, they would hold registers through them."""
     ptrs = base + offs_n[:, None] * stride_s + offs_d[None, :]
     if ACCUMULATE:
         value = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first") + value
