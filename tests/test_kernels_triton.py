@@ -334,3 +334,19 @@ def test_skipped_tiles_are_skipped(tf):
     mask = BlockMask(q_pos=k_pos, k_pos=q_pos, seq_len=128, causal=True)
     lists = tf._tile_lists(mask, True, 16, 16, True)
     assert lists.full_count.tolist() == [4] * 4 and lists.part_count.sum() == 0
+
+
+@interpreted_only
+def test_launch_chunks(tf, monkeypatch):
+    """Heads per launch chunk on a 132-SM GPU: the forward takes enough whole GQA groups for four
+    waves; the dk/dv kernel the largest power of two of KV heads within two waves."""
+    monkeypatch.setattr(tf, "_sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    fwd, bwd = tf.FwdConfig(128, 128, 8, 3), tf.BwdConfig(128, 64, 8, 2)
+    # 8k queries: 64 tiles; 528 programs need 9 heads, rounded up to groups of 4
+    assert tf._heads_per_chunk(fwd, 64, 32, 4, gpu) == 12
+    # keys 4k / 8k / 16k / 32k / 64k: 32 / 64 / 128 / 256 / 512 tiles of 128
+    chunks = [tf._kv_heads_per_chunk(bwd, n, 8, gpu) for n in (32, 64, 128, 256, 512)]
+    assert chunks == [8, 4, 2, 1, 1]
+    assert tf._kv_heads_per_chunk(bwd, 16, 6, gpu) == 6  # never more heads than there are
+    assert tf._kv_heads_per_chunk(replace(bwd, heads_per_chunk=3), 64, 8, gpu) == 3

@@ -90,7 +90,7 @@ class BwdConfig:
     # dq: None = added by the dk/dv programs; else a separate kernel with one program per query
     # tile (no atomics, but Q·K^T and dO·V^T computed twice), tiled like the forward
     dq: FwdConfig | None = None
-    heads_per_chunk: int | None = None  # of KV heads, for the dk/dv kernel (see FwdConfig)
+    heads_per_chunk: int | None = None  # of KV heads, dk/dv kernel; None: _kv_heads_per_chunk
     # with dq=None: each dq tile is added by one bulk reduction of the tensor-copy engine where the
     # GPU (Hopper on), Triton and dq's alignment allow it (_bulk_reduce_ok), else by fp32 atomics
     dq_bulk: bool = False
@@ -463,6 +463,10 @@ def _tile_and_head(n_tiles, heads_per_chunk, LAST_HEAVIEST: tl.constexpr):
 
 
 _WAVES_PER_CHUNK = 4
+# The dk/dv programs are few and long, and each streams the Q/dO of its group's query heads: two
+# waves of them per chunk, in a power of two of KV heads, were 1-2 % faster than four waves at 8k
+# keys and equal at 32k (benchmarks/RESULTS.md, sixth session).
+_KV_WAVES_PER_CHUNK = 2
 
 
 @functools.cache
@@ -471,14 +475,25 @@ def _sm_count(index: int | None) -> int:
 
 
 def _heads_per_chunk(cfg, n_tiles: int, n_heads: int, align: int, device: torch.device) -> int:
-    """Heads per launch chunk: enough for a few waves of programs over the SMs, so that heavy
-    tiles spread out, in whole groups of ``align`` heads (a GQA group shares K/V)."""
+    """Heads per launch chunk of the forward and dq kernels: enough for a few waves of programs
+    over the SMs, so that heavy tiles spread out, in whole groups of ``align`` heads (a GQA group
+    shares K/V)."""
     if cfg.heads_per_chunk is not None:
         return max(1, min(cfg.heads_per_chunk, n_heads))
     # the interpreter runs one program at a time: small chunks there exercise the chunking
     sms = _sm_count(device.index) if device.type == "cuda" else 1
     need = triton.cdiv(triton.cdiv(_WAVES_PER_CHUNK * sms, n_tiles), align) * align
     return min(need, n_heads)
+
+
+def _kv_heads_per_chunk(cfg, n_tiles: int, n_heads: int, device: torch.device) -> int:
+    """KV heads per launch chunk of the dk/dv kernel: the largest power of two whose programs fill
+    at most ``_KV_WAVES_PER_CHUNK`` waves (at least one head)."""
+    if cfg.heads_per_chunk is not None:
+        return max(1, min(cfg.heads_per_chunk, n_heads))
+    sms = _sm_count(device.index) if device.type == "cuda" else 1
+    fit = max(1, _KV_WAVES_PER_CHUNK * sms // n_tiles)
+    return min(1 << (fit.bit_length() - 1), n_heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1069,7 +1084,7 @@ class TritonKernels:
             margs = _mask_args(mask, B, H, Sq, Sk, q.device)
             lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, not margs.elementwise_only)
             n_tiles = triton.cdiv(Sk, cfg.block_n)
-            chunk = _heads_per_chunk(cfg, n_tiles, B * Hkv, 1, q.device)
+            chunk = _kv_heads_per_chunk(cfg, n_tiles, B * Hkv, q.device)
             _bwd_kernel[(n_tiles * B * Hkv,)](
                 q, k, v, dout, lse, delta, dq, dq_desc, dk, dv,
                 q.stride(0), q.stride(1), q.stride(2),
