@@ -350,3 +350,17 @@ def test_launch_chunks(tf, monkeypatch):
     assert chunks == [8, 4, 2, 1, 1]
     assert tf._kv_heads_per_chunk(bwd, 16, 6, gpu) == 6  # never more heads than there are
     assert tf._kv_heads_per_chunk(replace(bwd, heads_per_chunk=3), 64, 8, gpu) == 3
+
+
+@interpreted_only
+def test_forward_tiles_by_step(tf):
+    """At head dim 128 in bf16, ring steps that store the fp32 state take the small two-stage
+    tiles up to 16k tokens; a step that writes the output keeps the tiles tuned for it."""
+    def tiles(s, last):
+        c = tf._default_fwd_config(128, torch.bfloat16, s, s, last)
+        return c.block_m, c.block_n, c.num_warps, c.num_stages
+
+    assert [tiles(s, False) for s in (4096, 8192, 16384)] == [(128, 64, 4, 2)] * 3
+    assert tiles(32768, False) == tiles(32768, True) == (256, 64, 8, 3)
+    assert tiles(8192, True) == (128, 128, 8, 3)
+    assert tf._default_fwd_config(64, torch.bfloat16, 8192, 8192, False).block_n == 128
