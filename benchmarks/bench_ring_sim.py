@@ -17,6 +17,13 @@ efficiency = ideal / critical path.
 
     PYTHONPATH=. python benchmarks/bench_ring_sim.py [--out DIR]
     python benchmarks/bench_ring_sim.py --replot DIR   # the plot from DIR/bench_ring_sim.json
+    PYTHONPATH=. python benchmarks/bench_ring_sim.py --steps [--out DIR]
+
+--steps checks the kernels' default tiles on single ring steps instead: each forward step kind
+(first or resuming from the state; writing the state or, as the last step, the output) under
+the default tiles and the alternatives, and the dk/dv kernel under other launch chunks. The
+candidates run interleaved, a few rounds each, and the median of the middle rounds is kept;
+``ring_steps.json`` holds every reading.
 """
 
 from __future__ import annotations
@@ -24,11 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 
 import torch
 import triton
 
-from ringcompile.kernels.triton_flash import TritonForwardState, TritonKernels
+from ringcompile.kernels.triton_flash import (
+    FwdConfig,
+    TritonForwardState,
+    TritonKernels,
+    _default_bwd_config,
+    _default_fwd_config,
+)
 from ringcompile.layout import make_layout
 from ringcompile.masks import BlockMask, position_rule_allows
 from ringcompile.ring_op import _own_block_parts
@@ -148,14 +162,102 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def interleaved(fns, rounds):
+    """Median-of-the-middle-rounds time of each named function, the functions taking turns."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(triton.testing.do_bench(fn, warmup=25, rep=100,
+                                                       return_mode="median"))  # fmt: skip
+    mid = {n: sorted(t)[(rounds - 1) // 2 : rounds // 2 + 1] for n, t in times.items()}
+    return {n: sum(m) / len(m) for n, m in mid.items()}, times
+
+
+def tiles(cfg):
+    return f"F({cfg.block_m}, {cfg.block_n}, {cfg.num_warps}, {cfg.num_stages})"
+
+
+def step_block(layout_name, local, rank, src):
+    """Rank ``rank``'s queries against rank ``src``'s keys in a ring of W, ``local`` tokens each."""
+    lay = make_layout(layout_name, W * local, W)
+    return BlockMask(q_pos=lay.positions(rank, "cuda"), k_pos=lay.positions(src, "cuda"),
+                     seq_len=W * local, causal=True,
+                     positions_key=(layout_name, W, local, rank, src))  # fmt: skip
+
+
+def step_tiles(out_dir):
+    scale = D**-0.5
+    report = {"fwd": [], "bwd": []}
+    blocks = [("striped", LOCAL, 3, 2), ("zigzag", LOCAL, 3, 1), ("zigzag", LOCAL, 1, 3),
+              ("striped", LOCAL // 2, 3, 2), ("striped", 2 * LOCAL, 3, 2)]  # fmt: skip
+    alternatives = [FwdConfig(128, 128, 8, 3), FwdConfig(128, 64, 4, 2), FwdConfig(256, 64, 8, 3)]
+    print("forward, ms: default tiles and alternatives per step kind", flush=True)
+    for block in blocks:
+        mask, local = step_block(*block), block[1]
+        q, k, v = rand(1, H, local, D), rand(1, HKV, local, D), rand(1, HKV, local, D)
+        state_out = torch.zeros(q.shape, device="cuda")
+        state_lse = torch.zeros(q.shape[:3], device="cuda")
+        for first in (True, False):
+            for last in (False, True):
+                default = _default_fwd_config(D, q.dtype, local, local, last)
+                cfgs = {f"default {tiles(default)}": default}
+                cfgs.update({tiles(c): c for c in alternatives if c != default})
+
+                def fwd(cfg, first=first, last=last):
+                    kernels = TritonKernels(fwd_config=cfg)
+
+                    def run():
+                        state = TritonForwardState(q.shape, state_lse,
+                                                   None if first else state_out,
+                                                   steps=0 if first else 1)  # fmt: skip
+                        kernels.forward_step(state, q, k, v, mask, scale, last=last)
+
+                    return run
+
+                ms, times = interleaved({n: fwd(c) for n, c in cfgs.items()}, rounds=2)
+                kind = ("first" if first else "resume") + (" + last" if last else "")
+                report["fwd"].append(dict(block=block, kind=kind, ms=ms, times=times))
+                cells = " | ".join(f"{n}: {t:.3f}" for n, t in ms.items())
+                print(f"{block} {kind}: {cells}", flush=True)
+    print("dk/dv kernel, ms: KV heads per launch chunk", flush=True)
+    own = step_block("striped", LOCAL, 3, 3)
+    half = _own_block_parts(LOCAL)[0]
+    for name, mask, keys in [("striped 3<-2", step_block("striped", LOCAL, 3, 2), (0, LOCAL)),
+                             ("zigzag 3<-1", step_block("zigzag", LOCAL, 3, 1), (0, LOCAL)),
+                             ("own block, later keys", own.keys(*half), half)]:  # fmt: skip
+        lo, hi = keys
+        q, dout, out = rand(1, H, LOCAL, D), rand(1, H, LOCAL, D), rand(1, H, LOCAL, D)
+        k, v = rand(1, HKV, hi - lo, D), rand(1, HKV, hi - lo, D)
+        lse = torch.randn(1, H, LOCAL, device="cuda")
+        dq = torch.zeros(q.shape, device="cuda")
+        dk, dv = torch.empty(k.shape, device="cuda"), torch.empty(v.shape, device="cuda")
+        delta = TritonKernels().backward_prepare(out, dout)
+        base = _default_bwd_config(D, q.dtype, True, True)
+
+        def bwd(chunk):
+            kernels = TritonKernels(bwd_config=replace(base, heads_per_chunk=chunk))
+            return lambda: kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk,
+                                                 dv, dkv_fresh=True)  # fmt: skip
+
+        ms, times = interleaved({str(c or "default"): bwd(c) for c in (None, 2, 4, 8)}, rounds=4)
+        report["bwd"].append(dict(block=name, ms=ms, times=times))
+        print(f"{name}: " + " | ".join(f"{n}: {t:.3f}" for n, t in ms.items()), flush=True)
+    with open(os.path.join(out_dir, "ring_steps.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--replot", metavar="DIR")
+    ap.add_argument("--steps", action="store_true", help="check the default tiles on ring steps")
     args = ap.parse_args()
     if args.replot:
         with open(os.path.join(args.replot, "bench_ring_sim.json")) as f:
             plot(json.load(f), os.path.join(args.replot, "bench_ring_sim.png"))
+        return
+    if args.steps:
+        step_tiles(args.out)
         return
     kernels = TritonKernels()
     scale = D**-0.5
