@@ -114,12 +114,12 @@ def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype, seq_q: int, se
     if head_dim_padded <= 64:
         return FwdConfig(128, 128, 4, 3)
     if head_dim_padded <= 128:
-        # taller query tiles halve the K/V reads; they pay off once each tile sees many keys
         if not last and min(seq_q, seq_k) <= _LONG_BLOCK:
             # Steps that store the fp32 state: smaller tiles in two stages (99 KB of shared
             # memory, two programs per SM) run them 4-10 % faster from 4k to 16k tokens; steps
             # that write the final output run 1-13 % slower so (benchmarks/RESULTS.md).
             return FwdConfig(128, 64, 4, 2)
+        # taller query tiles halve the K/V reads; they pay off once each tile sees many keys
         if min(seq_q, seq_k) >= _LONG_BLOCK:
             return FwdConfig(256, 64, 8, 3)
         return FwdConfig(128, 128, 8, 3)
