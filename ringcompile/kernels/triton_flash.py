@@ -96,8 +96,9 @@ class BwdConfig:
     dq_bulk: bool = False
 
 
-# Half-precision tiles were chosen on an H100 with ``benchmarks/bench_kernels.py --sweep`` (see
-# benchmarks/RESULTS.md); fp32 tiles are only sized to fit shared memory and registers.
+# Half-precision tiles were chosen on an H100 with ``benchmarks/bench_kernels.py --sweep``, and
+# for ring steps ``benchmarks/bench_ring_sim.py --steps`` (see benchmarks/RESULTS.md); fp32 tiles
+# are only sized to fit shared memory and registers.
 # From this many queries and keys on, the forward at head dim 128 takes taller query tiles.
 _LONG_BLOCK = 16384
 
