@@ -111,15 +111,19 @@ class _Ring:
         """Start a small all-gather of every rank's ``meta``; the returned function waits for it
         (on the host) and raises on every rank if any rank's differs, instead of hanging a send.
 
-        Waiting later lets the GPU work meanwhile: the host waits for the all-gather alone (on
-        a side stream), not for the kernels queued after it."""
+        Waiting later lets the GPU work meanwhile: the host waits for the all-gather alone, not
+        for the kernels queued before or after it."""
         nccl = dist.get_backend(self.pg) == "nccl"
         mine = torch.tensor(meta, dtype=torch.int64)
-        if nccl:
-            # non_blocking: a blocking copy would wait for all queued GPU work (a host sync)
-            mine = mine.to(device, non_blocking=True)
-        table = mine.new_empty(self.size * len(meta))  # flat: gloo takes no other shape
-        work = dist.all_gather_into_tensor(table, mine, group=self.pg, async_op=True)
+        # On NCCL, issued from the side stream: NCCL orders a collective after the work queued on
+        # the issuing stream, which on the current stream is the previous call's whole backward;
+        # the host would wait for it (measured: 0.3 ms per call at W = 2).
+        side = torch.cuda.stream(_side_stream(device)) if nccl else contextlib.nullcontext()
+        with side:
+            if nccl:
+                mine = mine.to(device, non_blocking=True)
+            table = mine.new_empty(self.size * len(meta))  # flat: gloo takes no other shape
+            work = dist.all_gather_into_tensor(table, mine, group=self.pg, async_op=True)
 
         def verify() -> None:
             if nccl:

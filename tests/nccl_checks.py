@@ -7,7 +7,8 @@
    bf16 relative error to an fp64 reference on the whole sequence at most 1.5x that of SDPA's
    memory-efficient backend on the same bf16 inputs (the kernel tests' bound); fp32 (TF32 dots)
    below 5e-3.
-2. A small transformer compiled with ``backend="ring"`` (inductor) in fp32 against the same model
+2. Ranks that disagree on shapes raise on every rank, and the group works afterwards.
+3. A small transformer compiled with ``backend="ring"`` (inductor) in fp32 against the same model
    uncompiled on one GPU: logits and every parameter gradient, relative error below 5e-3.
 
 Every rank prints its worst errors; any failure exits non-zero.
@@ -99,6 +100,23 @@ def check_ring_attention(rank, world, device) -> list[str]:
     return failures
 
 
+def check_disagreement_raises(rank, world, device) -> list[str]:
+    """Ranks holding different numbers of tokens: a clear error on every rank, then the group
+    still works (the agreement all-gather runs on a side stream over NCCL)."""
+    q = torch.randn(1, 4, 128 + 128 * rank, 64, device=device, dtype=torch.bfloat16)
+    try:
+        ring_attention(q, q, q)
+        failures = [f"rank {rank}: mismatched local lengths did not raise"]
+    except ValueError as e:
+        failures = [] if "local sequence length" in str(e) else [f"rank {rank}: wrong error {e}"]
+    q = torch.randn(1, 4, 128, 64, device=device, dtype=torch.bfloat16)
+    out = ring_attention(q, q, q, is_causal=True)
+    torch.cuda.synchronize()
+    if not out.isfinite().all():
+        failures.append(f"rank {rank}: ring after the error returned non-finite values")
+    return failures
+
+
 def check_compiled_model(rank, world, device) -> list[str]:
     import torch._dynamo
 
@@ -128,7 +146,9 @@ def main():
     device = torch.device("cuda", local)
     dist.init_process_group("nccl", device_id=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    failures = check_ring_attention(rank, world, device) + check_compiled_model(rank, world, device)
+    failures = []
+    for check in (check_ring_attention, check_disagreement_raises, check_compiled_model):
+        failures += check(rank, world, device)
     for f in failures:
         print("FAIL", f, flush=True)
     flag = torch.tensor([len(failures)], device=device)
