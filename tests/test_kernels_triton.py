@@ -24,6 +24,7 @@ import torch
 from ringcompile.kernels.reference import ReferenceKernels
 from ringcompile.layout import make_layout
 from ringcompile.masks import BlockMask
+from ringcompile.ring_op import _own_block_parts
 
 pytest.importorskip("triton")
 
@@ -192,9 +193,8 @@ def _run(kernels, case: Case, q, ks, vs, dout, masks, scale: float, seed: int = 
     dks = [_accumulator(k.shape, case.dkv_fresh, gen) for k in ks]
     dvs = [_accumulator(v.shape, case.dkv_fresh, gen) for v in vs]
     for k, v, m, dk, dv in zip(ks, vs, masks, dks, dvs):
-        S = k.shape[2]
-        # halves as the ring's own block: later keys first
-        spans = [(S // 2, S), (0, S // 2)] if case.key_halves else [(0, S)]
+        # the ring's own block: two calls, later keys first
+        spans = _own_block_parts(k.shape[2]) if case.key_halves else [(0, k.shape[2])]
         for lo, hi in spans:
             kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
                                   m.keys(lo, hi) if case.key_halves else m, scale, dq,
