@@ -1,6 +1,10 @@
 """Attention kernels side by side on one GPU: ours (one rank, whole sequence) against SDPA's cuDNN,
 flash and memory-efficient backends and the seed package (ring-attention-pytorch's Triton kernel).
 
+"ours" is what the ring op runs by default (``kernels="auto"``: a plain full or causal block on
+cuDNN through the block engine, with the engine's overheads); "ours-triton" is our Triton kernel
+on the same block (``kernels="triton"``), the kernel masked blocks run on.
+
 TFLOP/s count 4*B*H*S^2*D per forward (x1/2 causal) and 2.5x that for the backward; medians of
 triton.testing.do_bench over 0.3 s (1.2 s at 32k tokens) after a warm-up of half that. SDPA gets
 K/V already expanded to the query heads (repeat_interleave, outside the timed region); ours and
@@ -10,9 +14,15 @@ forward_finish; its backward is backward_prepare plus one backward_step into a z
 one rank.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--sweep] [--only ours,cudnn,...]
+    PYTHONPATH=. python benchmarks/bench_kernels.py --masks [--out DIR]
     python benchmarks/bench_kernels.py --replot DIR   # the plot from DIR/bench_kernels.json
 
---sweep times tile configurations of ours instead (forward and backward separately). The plot
+--masks times each mask kind the ring sends to the masked kernels (documents, sliding window, key
+padding; causal, 1 x 32/8 heads x 8192 x 128): ours (Triton) against cuDNN SDPA given the same mask
+as a dense additive bias, and cuDNN's plain causal kernel, with TFLOP/s counted over the pairs each
+mask lets through (``density``), so the rows compare at the same density.
+
+--sweep times tile configurations of ours-triton instead (forward and backward separately). The plot
 needs matplotlib; where it is missing (the GPU image) the JSON is written and --replot draws it.
 """
 
@@ -27,6 +37,8 @@ from dataclasses import replace
 import torch
 import triton
 
+from ringcompile.blocks import Piece
+from ringcompile.kernels import select_kernels
 from ringcompile.kernels.triton_flash import BwdConfig, FwdConfig, TritonKernels
 from ringcompile.masks import BlockMask
 
@@ -36,7 +48,7 @@ SHAPES = [  # (B, H, Hkv, S, D)
     (4, 16, 16, 8192, 64),
 ]
 PLOT_SEQ = [2048, 4096, 8192, 16384, 32768]  # (1, 32, 8, S, 128) causal, for the plot
-IMPLS = ["ours", "cudnn", "flash", "efficient", "seed"]
+IMPLS = ["ours", "ours-triton", "cudnn", "flash", "efficient", "seed"]
 
 
 def flops(B, H, S, D, causal, mode):
@@ -59,11 +71,16 @@ def make_inputs(B, H, Hkv, S, D, dtype=torch.bfloat16):
     return r(B, H, S, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(B, H, S, D)
 
 
-def ours_fns(q, k, v, dout, causal, kernels=None):
-    kernels = kernels or TritonKernels()
+def ours_fns(q, k, v, dout, causal, kernels=None, mask=None):
+    """``kernels``: an AttentionKernels object (default: TritonKernels()) or a choice name."""
+    if kernels is None or isinstance(kernels, str):
+        kernels = select_kernels(q, kernels or "triton")
     S, D = q.shape[2], q.shape[3]
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=causal)
+    if mask is None:
+        # the block says what it is, as the ring's masks do
+        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=causal,
+                         pieces=(Piece(0, S, 0, S, causal),))  # fmt: skip
     scale = D**-0.5
 
     def fwd():
@@ -72,11 +89,11 @@ def ours_fns(q, k, v, dout, causal, kernels=None):
         return kernels.forward_finish(state, q.dtype)
 
     def bwd(out, lse):
-        delta = kernels.backward_prepare(out, dout)
+        prepared = kernels.backward_prepare(out, dout)
         dq = torch.zeros(q.shape, device="cuda", dtype=torch.float32)
         dk = torch.empty(k.shape, device="cuda", dtype=torch.float32)
         dv = torch.empty(v.shape, device="cuda", dtype=torch.float32)
-        kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dk, dv, dkv_fresh=True)
+        kernels.backward_step(q, k, v, dout, lse, prepared, mask, scale, dq, dk, dv, dkv_fresh=True)
 
     def fwd_bwd():
         out, lse = fwd()
@@ -85,7 +102,7 @@ def ours_fns(q, k, v, dout, causal, kernels=None):
     return fwd, fwd_bwd, bwd
 
 
-def sdpa_fns(q, k, v, dout, causal, backend):
+def sdpa_fns(q, k, v, dout, causal, backend, attn_mask=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     G = q.shape[1] // k.shape[1]
@@ -97,11 +114,13 @@ def sdpa_fns(q, k, v, dout, causal, backend):
 
     def fwd():
         with sdpa_kernel(sdp), torch.no_grad():
-            return torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask,
+                                                                    is_causal=causal)
 
     def fwd_bwd():
         with sdpa_kernel(sdp):
-            out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+            out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask,
+                                                                   is_causal=causal)
         torch.autograd.grad(out, (qg, kg, vg), dout)
 
     return fwd, fwd_bwd
@@ -131,7 +150,9 @@ def seed_fns(q, k, v, dout, causal):
 
 def impl_fns(name, q, k, v, dout, causal):
     if name == "ours":
-        return ours_fns(q, k, v, dout, causal)[:2]
+        return ours_fns(q, k, v, dout, causal, "auto")[:2]
+    if name == "ours-triton":
+        return ours_fns(q, k, v, dout, causal, "triton")[:2]
     if name == "seed":
         return seed_fns(q, k, v, dout, causal)
     return sdpa_fns(q, k, v, dout, causal, name)
@@ -152,6 +173,61 @@ def measure(name, shape, causal, modes=("fwd", "fwd+bwd")):
     del q, k, v, dout
     torch.cuda.empty_cache()
     return res
+
+
+def mask_kinds(S, device):
+    """(name, BlockMask, dense additive bias for SDPA) of each masked kind, causal."""
+    pos = torch.arange(S, device=device)
+    g = torch.Generator(device=device).manual_seed(1)
+    docs = torch.cumsum(torch.rand(1, S, generator=g, device=device) < 1 / 1024, 1)  # ~1k tokens
+    valid = torch.ones(1, S, dtype=torch.bool, device=device)
+    valid[:, : S // 8] = False  # left padding, an eighth of the keys
+    kinds = [
+        ("documents (~1k tokens each)", dict(q_doc=docs, k_doc=docs)),
+        ("window 1024", dict(window_left=1023)),
+        ("padding 1/8 of keys", dict(k_valid=valid)),
+    ]
+    for name, kw in kinds:
+        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True, **kw)
+        allowed = mask.allowed()[:, None]  # (1, 1, S, S)
+        bias = torch.zeros(allowed.shape, device=device, dtype=torch.bfloat16)
+        # rows that see nothing (padding) get one key so SDPA stays finite; they are few
+        unseen = ~allowed.any(-1, keepdim=True)
+        yield name, mask, bias.masked_fill(~(allowed | unseen), float("-inf")), allowed
+
+
+def masks_table(out_dir):
+    B, H, Hkv, S, D = 1, 32, 8, 8192, 128
+    q, k, v, dout = make_inputs(B, H, Hkv, S, D)
+    rows = []
+    for name, mask, bias, allowed in mask_kinds(S, "cuda"):
+        density = allowed.float().mean().item()
+        full = 4 * B * H * S * S * D * density
+        fns = {
+            "ours (triton, masked)": ours_fns(q, k, v, dout, True, "auto", mask)[:2],
+            "cudnn, same mask as bias": sdpa_fns(q, k, v, dout, False, "cudnn", bias),
+            "cudnn, plain causal": sdpa_fns(q, k, v, dout, True, "cudnn"),
+        }
+        for impl, (fwd, fwd_bwd) in fns.items():
+            row = dict(mask=name, density=density, impl=impl)
+            try:
+                for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    ms = bench(fn, 300)
+                    # the plain causal kernel does causal work (density 1/2) whatever the mask
+                    work = 4 * B * H * S * S * D * 0.5 if "plain" in impl else full
+                    row[mode] = (ms, work * (3.5 if mode == "fwd+bwd" else 1) / ms * 1e-9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(row, flush=True)
+    with open(os.path.join(out_dir, "bench_kernels_masks.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| mask (causal, 1x32/8x8192x128) | density | kernel | fwd+bwd ms | TFLOP/s (fwd+bwd, fwd) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        cells = (f"{r['fwd+bwd'][0]:.2f} | {r['fwd+bwd'][1]:.0f}, {r['fwd'][1]:.0f}"
+                 if "fwd" in r else f"{r['error']} |")
+        print(f"| {r['mask']} | {r['density']:.3f} | {r['impl']} | {cells} |")
 
 
 def sweep(out_dir):
@@ -233,6 +309,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--masks", action="store_true", help="the masked kinds beside cuDNN")
     ap.add_argument("--only", default=",".join(IMPLS))
     ap.add_argument("--replot", metavar="DIR")
     args = ap.parse_args()
@@ -247,6 +324,9 @@ def main():
           f"{torch.backends.cudnn.version()} device {torch.cuda.get_device_name()}", flush=True)  # fmt: skip
     if args.sweep:
         sweep(args.out)
+        return
+    if args.masks:
+        masks_table(args.out)
         return
     impls = args.only.split(",")
     table = []

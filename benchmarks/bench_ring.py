@@ -9,8 +9,11 @@ Llama-3-8B attention heads (32 query / 8 KV heads, head dim 128), ``--tokens-per
 script). Every measurement starts after a barrier; the table shows the slowest rank's median,
 as throughput (calls back to back) and as the time of one call from an idle GPU (see ``Timer``).
 
-- ideal: ``ringcompile``'s own kernels on the whole sequence (W x local tokens) on one GPU, / W;
-- ours, per layout: ``ring_attention`` (the whole ring: P2P overlapped with the kernels);
+- ideal: ``ring_attention`` on the whole sequence (W x local tokens) on one GPU, / W: with the
+  default kernels that is cuDNN's causal kernel (one plain block), with ``triton`` ours;
+- ours, per layout and ``--kernels`` choice: ``ring_attention`` (the whole ring: P2P overlapped
+  with the kernels); "auto" (the default: plain blocks on cuDNN) and "triton" (every block in
+  Triton);
 - ours, no communication: the same kernel calls that rank makes in the ring, on its own K/V, with
   no sends: if the ring takes about as long, the sends hid under the compute;
 - PyTorch ``context_parallel`` (its SDPA ring through DTensor, load-balanced by default, cuDNN
@@ -18,7 +21,7 @@ as throughput (calls back to back) and as the time of one call from an idle GPU 
 - the seed package (``ring-attention-pytorch`` 0.5.20, striped, ``ring_reduce_col=True``), when
   installed (``../shared/peer-seed-on-gpu.md``).
 
-efficiency = ideal / measured; the same sequence and FLOPs for every row.
+efficiency = cuDNN's ideal / measured; the same sequence and FLOPs for every row.
 
 ``--trace`` also profiles each layout's ring on the GPU (CUDA kernels only) and splits its time
 into compute kernels, communication kernels hidden under compute, exposed communication and idle
@@ -46,6 +49,8 @@ from ringcompile.kernels import select_kernels
 from ringcompile.ring_op import _Call, _own_block_parts
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
+IDEALS = {"auto": "ideal: cuDNN on one GPU, whole sequence (time / W)",
+          "triton": "ideal: our Triton kernel on one GPU, whole sequence (time / W)"}
 
 
 def _parse():
@@ -62,6 +67,8 @@ def _parse():
     p.add_argument("--trace", action="store_true", help="profile where each layout's time goes")
     p.add_argument("--nccl-high-priority", action="store_true")
     p.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS)
+    p.add_argument("--kernels", nargs="+", default=["auto", "triton"], choices=["auto", "triton"],
+                   help="block kernel choices of ring_attention to time")
     p.add_argument("--no-peers", action="store_true", help="skip context_parallel and the seed")
     p.add_argument("--tag", default="", help="suffix of the JSON file's name (runs side by side)")
     p.add_argument("--replot", metavar="DIR", help="only draw DIR/bench_ring.png from its JSON")
@@ -122,29 +129,30 @@ def fwd_bwd(fn, inputs, dout):
     return run
 
 
-def ours(layout_name, args, world, device, dtype):
+def ours(layout_name, args, world, device, dtype, kernels="auto"):
     lay = make_layout(layout_name, args.tokens_per_rank * world, world)
     q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim).requires_grad_()
     k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
     v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
     dout = rand(device, dtype, *q.shape)
     return fwd_bwd(
-        lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, layout=lay),
+        lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, layout=lay,
+                                       kernels=kernels),
         (q, k, v), dout,
     )  # fmt: skip
 
 
-def ours_without_communication(layout_name, args, world, device, dtype):
+def ours_without_communication(layout_name, args, world, device, dtype, kernels="auto"):
     """This rank's kernel calls in the ring, in the ring's order, with its own K/V and no sends."""
     q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim)
     k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     dout = rand(device, dtype, *q.shape)
     call = _Call.make(q, None, None, None, True, -1, -1, layout_name, args.tokens_per_rank * world,
-                      dist.group.WORLD.group_name)  # fmt: skip
+                      dist.group.WORLD.group_name, kernels)  # fmt: skip
     steps = call.computed_steps()
     masks = [call.block_mask(s, None, device) for s in steps]
-    kernels, scale = select_kernels(q), args.head_dim**-0.5
+    kernels, scale = select_kernels(q, kernels), args.head_dim**-0.5
     # the backward's kernel calls: the own block in its two parts around the remote blocks
     parts = _own_block_parts(k.shape[2]) if world > 1 else [(0, k.shape[2])]
     own = [(lo, hi, masks[0].keys(lo, hi)) for lo, hi in parts] if steps[0] == 0 else []
@@ -155,20 +163,20 @@ def ours_without_communication(layout_name, args, world, device, dtype):
         for i, m in enumerate(masks):
             kernels.forward_step(state, q, k, v, m, scale, last=i == len(masks) - 1)
         out, lse = kernels.forward_finish(state, q.dtype)
-        delta = kernels.backward_prepare(out, dout)
+        prepared = kernels.backward_prepare(out, dout)
         dq = torch.zeros(q.shape, device=device, dtype=lse.dtype)
         own_dkv = torch.empty((2, *k.shape), device=device, dtype=lse.dtype)
         calls = [(c, own_dkv) for c in own[:1]]
         calls += [(c, torch.empty_like(own_dkv)) for c in remote]
         calls += [(c, own_dkv) for c in own[1:]]
         for (lo, hi, m), dkv in calls:
-            kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta, m, scale, dq,
+            kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, prepared, m, scale, dq,
                                   dkv[0, :, :, lo:hi], dkv[1, :, :, lo:hi], dkv_fresh=True)
 
     return run
 
 
-def monolithic(args, world, device, dtype):
+def monolithic(args, world, device, dtype, kernels="auto"):
     """The same kernels on the whole sequence on this one device (no process group)."""
     S = args.tokens_per_rank * world
     q = rand(device, dtype, 1, args.heads, S, args.head_dim).requires_grad_()
@@ -177,7 +185,8 @@ def monolithic(args, world, device, dtype):
     dout = rand(device, dtype, *q.shape)
     alone, _ = dist.new_subgroups(group_size=1)  # collective: every rank makes its own group
     return fwd_bwd(
-        lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, group=alone),
+        lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, group=alone,
+                                       kernels=kernels),
         (q, k, v), dout,
     )  # fmt: skip
 
@@ -302,13 +311,18 @@ def measure(rank, world, args):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    record("ideal: one GPU, whole sequence (time / W)", monolithic(args, world, device, dtype))
-    for key in ("ms", "call_ms"):
-        rows["ideal: one GPU, whole sequence (time / W)"][key] /= world
-    for name in args.layouts:
-        record(f"ours {name}", ours(name, args, world, device, dtype))
-        record(f"ours {name}, no communication",
-               ours_without_communication(name, args, world, device, dtype))  # fmt: skip
+    for kern in ("auto", "triton"):
+        ideal_name = IDEALS[kern]
+        record(ideal_name, monolithic(args, world, device, dtype, kern))
+        for key in ("ms", "call_ms"):
+            if key in rows[ideal_name]:
+                rows[ideal_name][key] /= world
+    for kern in args.kernels:
+        for name in args.layouts:
+            label = f"ours {name}" + ("" if kern == "auto" else f", {kern} blocks")
+            record(label, ours(name, args, world, device, dtype, kern))
+            record(f"{label}, no communication",
+                   ours_without_communication(name, args, world, device, dtype, kern))  # fmt: skip
     if device.type == "cuda" and not args.no_peers:
         try:
             run, ctx = torch_context_parallel(args, world, device, dtype)
@@ -331,7 +345,7 @@ def measure(rank, world, args):
                     print(f"trace ours {name} rank {r}: " + ", ".join(
                         f"{k} {v:.2f}" for k, v in sp.items()), flush=True)  # fmt: skip
             rows[f"ours {name}"]["trace"] = splits
-    ideal = rows["ideal: one GPU, whole sequence (time / W)"]
+    ideal = rows[IDEALS["auto"]]
     for r in rows.values():
         if "ms" in r:
             r["efficiency"] = ideal["ms"] / r["ms"]
@@ -365,8 +379,8 @@ def report(rows, world, args, device):
         print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
 
 
-PLOTTED = ["ours striped", "ours zigzag", "ours contiguous", "torch context_parallel",
-           "seed striped"]  # fmt: skip
+PLOTTED = ["ours striped", "ours zigzag", "ours striped, triton blocks",
+           "ours zigzag, triton blocks", "torch context_parallel", "seed striped"]  # fmt: skip
 
 
 def plot(directory: str, tag: str = "") -> None:
@@ -396,11 +410,11 @@ def plot(directory: str, tag: str = "") -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.axhline(90, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(worlds)), [f"W = {w}" for w in worlds])
-    ax.set_ylabel("% of ideal (one GPU, whole sequence / W)")
+    ax.set_ylabel("% of ideal (cuDNN on one GPU, whole sequence / W)")
     ax.set_ylim(0, 118)
     setup = re.sub(r"^W=\d+, | \(\d+ in all\)", "", runs[worlds[-1]]["setup"]) if worlds else ""
     ax.set_title("real ring, calls back to back: " + setup.replace("; ", "\n"), fontsize=8)
-    ax.legend(fontsize=7, ncol=len(PLOTTED), loc="upper center")
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "bench_ring.png"), dpi=120)
 

@@ -12,10 +12,14 @@ step 0). No communication. Masks carry a ``positions_key`` as the ring op's do, 
 come from the kernels' cache as in a ring.
 
 critical path = sum over steps of the slowest rank's time at that step;
-ideal = our monolithic causal kernel on all 65,536 tokens / W;
-efficiency = ideal / critical path.
+ideal = a monolithic causal kernel on all 65,536 tokens / W: cuDNN's (SDPA, K/V expanded), and
+our Triton kernel's; efficiency = ideal / critical path.
 
-    PYTHONPATH=. python benchmarks/bench_ring_sim.py [--out DIR]
+The ring's blocks run on the kernels ``--kernels`` names (default both): "auto" is the op's
+default (plain blocks on cuDNN, masks carrying their pieces as the op's do), "triton" every
+block in Triton.
+
+    PYTHONPATH=. python benchmarks/bench_ring_sim.py [--out DIR] [--kernels auto,triton]
     python benchmarks/bench_ring_sim.py --replot DIR   # the plot from DIR/bench_ring_sim.json
     PYTHONPATH=. python benchmarks/bench_ring_sim.py --steps [--out DIR]
 
@@ -36,9 +40,10 @@ from dataclasses import replace
 import torch
 import triton
 
+from ringcompile.blocks import layout_block_pieces
+from ringcompile.kernels import ForwardState, select_kernels
 from ringcompile.kernels.triton_flash import (
     FwdConfig,
-    TritonForwardState,
     TritonKernels,
     _default_bwd_config,
     _default_fwd_config,
@@ -86,6 +91,27 @@ def monolithic(kernels, scale):
     return t_fwd, t_bwd
 
 
+def monolithic_cudnn():
+    """cuDNN SDPA on the whole sequence (K/V expanded): fwd and bwd medians (the backward's
+    gradients of the expanded K/V are not reduced to the KV heads: a little in cuDNN's favour)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = rand(1, H, S, D).requires_grad_()
+    k, v = (rand(1, HKV, S, D).repeat_interleave(H // HKV, 1).requires_grad_() for _ in range(2))
+    dout = rand(1, H, S, D)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        def fwd():
+            with torch.no_grad():
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        t_fwd = triton.testing.do_bench(fwd, warmup=50, rep=400, return_mode="median")
+        t_bwd = triton.testing.do_bench(
+            lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), warmup=50,
+            rep=600, return_mode="median")  # fmt: skip
+    return t_fwd, t_bwd
+
+
 def ring(kernels, layout_name, scale):
     lay = make_layout(layout_name, S, W)
     pos = [lay.positions(r, "cuda") for r in range(W)]
@@ -110,14 +136,15 @@ def ring(kernels, layout_name, scale):
             k, v = ks[src], vs[src]
             # keyed as the ring op keys its masks, so tile lists are cached as there
             mask = BlockMask(q_pos=pos[r], k_pos=pos[src], seq_len=S, causal=True,
-                             positions_key=(layout_name, W, r, src))  # fmt: skip
+                             positions_key=(layout_name, W, r, src),
+                             pieces=layout_block_pieces(lay, r, src, True))  # fmt: skip
             first, last = s == visible[0], s == visible[-1]
             state_out = torch.zeros(q.shape, device="cuda")
             state_lse = torch.zeros(q.shape[:3], device="cuda")
 
             def fwd():
                 # a state as the ring has it before this step
-                state = TritonForwardState(q.shape, state_lse, None if first else state_out,
+                state = ForwardState(q.shape, state_lse, None if first else state_out,
                                            steps=0 if first else 1)  # fmt: skip
                 kernels.forward_step(state, q, k, v, mask, scale, last=last)
 
@@ -145,15 +172,17 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.38
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars_of = [(kern, mode) for kern in results["kernels"] for mode in ("fwd", "fwd+bwd")]
+    width = 0.8 / len(bars_of)
     xs = range(len(LAYOUTS))
-    for i, mode in enumerate(("fwd", "fwd+bwd")):
-        vals = [100 * results[name][mode]["efficiency"] for name in LAYOUTS]
-        bars = ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=mode)
-        ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    for i, (kern, mode) in enumerate(bars_of):
+        vals = [100 * results[kern][name][mode]["vs_cudnn"] for name in LAYOUTS]
+        bars = ax.bar([x + (i - (len(bars_of) - 1) / 2) * width for x in xs], vals, width,
+                      label=f"{kern} blocks, {mode}")  # fmt: skip
+        ax.bar_label(bars, fmt="%.1f%%", fontsize=7)
     ax.set_xticks(list(xs), LAYOUTS)
-    ax.set_ylabel("efficiency: monolithic / W over critical path (%)")
+    ax.set_ylabel("cuDNN monolithic / W over critical path (%)")
     ax.set_ylim(0, 110)
     ax.set_title(f"ring of {W} virtual ranks, {LOCAL} tokens each, causal, H=32 Hkv=8 D=128 bf16",
                  fontsize=9)  # fmt: skip
@@ -207,7 +236,7 @@ def step_tiles(out_dir):
                     kernels = TritonKernels(fwd_config=cfg)
 
                     def run():
-                        state = TritonForwardState(q.shape, state_lse,
+                        state = ForwardState(q.shape, state_lse,
                                                    None if first else state_out,
                                                    steps=0 if first else 1)  # fmt: skip
                         kernels.forward_step(state, q, k, v, mask, scale, last=last)
@@ -251,6 +280,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--replot", metavar="DIR")
     ap.add_argument("--steps", action="store_true", help="check the default tiles on ring steps")
+    ap.add_argument("--kernels", default="auto,triton", help="block kernel choices to ring")
     args = ap.parse_args()
     if args.replot:
         with open(os.path.join(args.replot, "bench_ring_sim.json")) as f:
@@ -259,34 +289,37 @@ def main():
     if args.steps:
         step_tiles(args.out)
         return
-    kernels = TritonKernels()
     scale = D**-0.5
-    print(f"torch {torch.__version__} triton {triton.__version__} device "
-          f"{torch.cuda.get_device_name()}", flush=True)  # fmt: skip
-    mono_fwd, mono_bwd = monolithic(kernels, scale)
-    torch.cuda.empty_cache()
+    print(f"torch {torch.__version__} triton {triton.__version__} cudnn "
+          f"{torch.backends.cudnn.version()} device {torch.cuda.get_device_name()}", flush=True)  # fmt: skip
     flops_fwd = 4 * H * S * S * D / 2
-    print(f"monolithic S={S}: fwd {mono_fwd:.2f} ms ({flops_fwd / mono_fwd * 1e-9:.0f} TFLOP/s), "
-          f"fwd+bwd {mono_fwd + mono_bwd:.2f} ms "
-          f"({3.5 * flops_fwd / (mono_fwd + mono_bwd) * 1e-9:.0f} TFLOP/s)", flush=True)  # fmt: skip
-    results = {}
-    for name in LAYOUTS:
-        fwd_t, bwd_t = ring(kernels, name, scale)
+    ideals = {}
+    for name, (t_fwd, t_bwd) in (("cudnn", monolithic_cudnn()),
+                                 ("triton", monolithic(TritonKernels(), scale))):  # fmt: skip
         torch.cuda.empty_cache()
-        crit_fwd = sum(max(row) for row in fwd_t)
-        # the backward is a second pass around the ring: its critical path adds to the forward's
-        crit_all = crit_fwd + sum(max(row) for row in bwd_t)
-        results[name] = {
-            "fwd": {"critical_ms": crit_fwd, "efficiency": mono_fwd / W / crit_fwd},
-            "fwd+bwd": {"critical_ms": crit_all,
-                        "efficiency": (mono_fwd + mono_bwd) / W / crit_all},  # fmt: skip
-            "fwd_ms": fwd_t,
-            "bwd_ms": bwd_t,
-        }
-        print(f"{name}: fwd critical {crit_fwd:.2f} ms, efficiency "
-              f"{100 * results[name]['fwd']['efficiency']:.1f}%; fwd+bwd critical {crit_all:.2f} ms, "
-              f"efficiency {100 * results[name]['fwd+bwd']['efficiency']:.1f}%", flush=True)  # fmt: skip
-    results["monolithic"] = {"fwd_ms": mono_fwd, "bwd_ms": mono_bwd}
+        ideals[name] = {"fwd": t_fwd / W, "fwd+bwd": (t_fwd + t_bwd) / W}
+        print(f"monolithic {name} S={S}: fwd {t_fwd:.2f} ms ({flops_fwd / t_fwd * 1e-9:.0f} TFLOP/s),"
+              f" fwd+bwd {t_fwd + t_bwd:.2f} ms "
+              f"({3.5 * flops_fwd / (t_fwd + t_bwd) * 1e-9:.0f} TFLOP/s)", flush=True)  # fmt: skip
+    results = {"ideal_ms": ideals, "kernels": args.kernels.split(",")}
+    probe = rand(1, H, LOCAL, D)
+    for kern in results["kernels"]:
+        kernels = select_kernels(probe, kern)
+        results[kern] = {}
+        for name in LAYOUTS:
+            fwd_t, bwd_t = ring(kernels, name, scale)
+            torch.cuda.empty_cache()
+            crit_fwd = sum(max(row) for row in fwd_t)
+            # the backward is a second pass around the ring: its critical path adds to the forward's
+            crit_all = crit_fwd + sum(max(row) for row in bwd_t)
+            res = {"fwd_ms": fwd_t, "bwd_ms": bwd_t}
+            for mode, crit in (("fwd", crit_fwd), ("fwd+bwd", crit_all)):
+                res[mode] = {"critical_ms": crit, "vs_cudnn": ideals["cudnn"][mode] / crit,
+                             "vs_triton": ideals["triton"][mode] / crit}  # fmt: skip
+            results[kern][name] = res
+            print(f"{kern} blocks, {name}: fwd critical {crit_fwd:.2f} ms, fwd+bwd {crit_all:.2f} ms"
+                  f" ({100 * res['fwd+bwd']['vs_cudnn']:.1f}% of cuDNN's ideal, "
+                  f"{100 * res['fwd+bwd']['vs_triton']:.1f}% of Triton's)", flush=True)  # fmt: skip
     with open(os.path.join(args.out, "bench_ring_sim.json"), "w") as f:
         json.dump(results, f, indent=1)
     try:
@@ -294,12 +327,15 @@ def main():
     except ImportError:
         print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
 
-    print(f"\n| mode | ideal (mono / {W}) | " + " | ".join(LAYOUTS) + " |")
-    print("|---|---|" + "---|" * len(LAYOUTS))
-    for mode, ideal in (("fwd", mono_fwd / W), ("fwd+bwd", (mono_fwd + mono_bwd) / W)):
-        cells = [f"{100 * results[n][mode]['efficiency']:.1f}% ({results[n][mode]['critical_ms']:.1f} ms)"
-                 for n in LAYOUTS]  # fmt: skip
-        print(f"| {mode} | {ideal:.1f} ms | " + " | ".join(cells) + " |")
+    print("\n| blocks | mode | cuDNN ideal | Triton ideal | " + " | ".join(LAYOUTS) + " |")
+    print("|---|---|---|---|" + "---|" * len(LAYOUTS))
+    for kern in results["kernels"]:
+        for mode in ("fwd", "fwd+bwd"):
+            cells = [f"{results[kern][n][mode]['critical_ms']:.1f} ms "
+                     f"({100 * results[kern][n][mode]['vs_cudnn']:.1f}% / "
+                     f"{100 * results[kern][n][mode]['vs_triton']:.1f}%)" for n in LAYOUTS]
+            print(f"| {kern} | {mode} | {ideals['cudnn'][mode]:.1f} ms | "
+                  f"{ideals['triton'][mode]:.1f} ms | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from ringcompile.checks import check_gqa, check_qkv
 from ringcompile.group import group_name_of, resolve_group
+from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import Layout, make_layout
 from ringcompile.ring_op import ring_attention_op
 
@@ -34,6 +35,7 @@ def ring_attention(
     window: tuple[int, int] | None = None,
     document_ids: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    kernels: str | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over a sequence sharded across the ranks of a ring.
 
@@ -57,6 +59,9 @@ def ring_attention(
         document_ids: (B, S_local) integer document of each local token (packed sequences):
             tokens see only keys of their own document.
         key_padding_mask: (B, S_local) bool, False marks padding keys no query may see.
+        kernels: which kernels compute the ring's blocks: "auto" (plain full and causal blocks
+            on cuDNN where it runs, masked blocks on Triton), "triton" (every block in Triton)
+            or "reference" (plain PyTorch); None reads ``RINGCOMPILE_KERNELS``, else "auto".
 
     Returns:
         (B, H, S_local, D): this rank's rows of SDPA over the global sequence. Rows that see no
@@ -81,6 +86,7 @@ def ring_attention(
             "ringcompile.tree_attn_decode)"
         )
     check_gqa(H, k.shape[1], enable_gqa)
+    kernels = resolve_kernel_choice(kernels)
 
     pg = resolve_group(group, mesh_dim)
     world = pg.size() if pg is not None else 1
@@ -130,6 +136,7 @@ def ring_attention(
         layout_obj.name,
         seq_len,
         group_name_of(pg),
+        kernels,
     )
     return out
 

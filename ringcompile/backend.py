@@ -12,7 +12,9 @@ Options:
 - ``layout``: "striped" (default), "zigzag" or "contiguous";
 - ``compiler``: "inductor" (default), "aot_eager" or "eager";
 - ``gather_outputs``: True (default) returns full outputs; False leaves sequence outputs sharded
-  (each rank's tokens in layout order; gradients of such outputs are this rank's own).
+  (each rank's tokens in layout order; gradients of such outputs are this rank's own);
+- ``kernels``: which kernels compute the ring's blocks: "auto" (plain blocks on cuDNN, masked
+  blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto".
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ringcompile.group import resolve_group
+from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
 from ringcompile.passes.decode_attention import reads_sharded_cache
@@ -51,6 +54,7 @@ class RingOptions:
     layout: str = "striped"
     compiler: str = "inductor"
     gather_outputs: bool = True
+    kernels: str | None = None
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "RingOptions":
@@ -70,6 +74,11 @@ class RingOptions:
             )
         if not isinstance(opts.gather_outputs, bool):
             raise ValueError("backend='ring': gather_outputs must be True or False")
+        if opts.kernels is not None:
+            try:
+                resolve_kernel_choice(opts.kernels)
+            except ValueError as e:
+                raise ValueError(f"backend='ring': {e}") from None
         resolve_group(opts.group, opts.mesh_dim)  # fails early and clearly on a bad group
         return opts
 
@@ -110,6 +119,7 @@ def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
         group=resolve_group(opts.group, opts.mesh_dim),
         layout_name=opts.layout,
         gather_outputs=opts.gather_outputs,
+        kernels=opts.kernels,
     )
     run_passes(ctx)
     ctx.report.code = readable_code(gm)

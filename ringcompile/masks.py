@@ -23,6 +23,8 @@ from collections.abc import Hashable
 
 import torch
 
+from ringcompile.blocks import Piece, restrict_keys
+
 __all__ = ["BlockMask", "position_rule_allows"]
 
 
@@ -43,6 +45,9 @@ class BlockMask:
     # Names q_pos and k_pos: masks with equal keys have equal positions (the ring sets it from
     # its layout and ranks), so kernels may reuse what they derived from positions. None: never.
     positions_key: Hashable | None = None
+    # What the block is (``ringcompile.blocks``): its plain pieces, which kernels that know only
+    # full and causal blocks can compute; None: only the rules above say (a masked block).
+    pieces: tuple[Piece, ...] | None = None
 
     def keys(self, start: int, stop: int) -> BlockMask:
         """The same mask over keys ``[start, stop)`` of the block only."""
@@ -54,6 +59,7 @@ class BlockMask:
             k_valid=None if self.k_valid is None else self.k_valid[:, cols],
             dense=None if self.dense is None else self.dense[..., cols],
             positions_key=None if self.positions_key is None else (self.positions_key, start, stop),
+            pieces=restrict_keys(self.pieces, start, stop),
         )
 
     @property

@@ -40,6 +40,8 @@ class GraphReport:
     gathers: list[str] = field(default_factory=list)  # sharded values gathered, and why
     fallbacks: list[str] = field(default_factory=list)  # what was left unsharded, and why
     gradients: list[str] = field(default_factory=list)
+    # (the attention calls, what their queries are, a line per ring step of this rank)
+    steps: list[tuple[list[str], str, list[str]]] = field(default_factory=list)
     code: str = ""
 
     def __str__(self) -> str:
@@ -60,8 +62,18 @@ class GraphReport:
         ):
             lines.append(f"{title}: {len(items) if items else 'none'}")
             lines += [f"  - {item}" for item in items]
+            if title == "attention replaced":
+                lines += self._step_lines()
         lines += ["rewritten graph:", self.code.rstrip()]
         return "\n".join(lines)
+
+    def _step_lines(self) -> list[str]:
+        """Each attention kind's ring steps on this rank: block kind and the kernel computing it."""
+        lines = []
+        for names, head, steps in self.steps:
+            lines.append(f"ring steps of this rank ({', '.join(names)}; {head}):")
+            lines += [f"  - {s}" for s in steps]
+        return lines
 
 
 @dataclass

@@ -33,12 +33,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ringcompile.blocks import describe_block, layout_block_pieces
 from ringcompile.group import resolve_group_name
 from ringcompile.kernels import accumulation_dtype, select_kernels
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import BlockMask, position_rule_allows
 
-__all__ = ["comm_stats", "reset_comm_stats", "ring_attention_op", "StepPlan", "step_plan"]
+__all__ = ["comm_stats", "describe_steps", "reset_comm_stats", "ring_attention_op", "StepPlan",
+           "step_plan"]
 
 
 # -- bookkeeping that tests and `explain` read ---------------------------------------------------
@@ -90,6 +92,33 @@ def step_plan(layout: Layout, causal: bool, window_left: int, window_right: int)
     needed = [s for s in range(W) if any(compute[r][s] for r in range(W))]
     num_steps = needed[-1] + 1 if needed else 1
     return StepPlan(num_steps, compute)
+
+
+def describe_steps(layout: Layout, rank: int, causal: bool, window_left: int, window_right: int,
+                   masked: bool, plain_kernel: str | None, masked_kernel: str) -> list[str]:  # fmt: skip
+    """Each ring step of ``rank``: the block it computes, what kind it is and which kernel runs
+    it (``explain``'s lines; the op decides the same way per step)."""
+    plan = step_plan(layout, causal, window_left, window_right)
+    W, n = layout.world_size, layout.local_len
+    lines = []
+    for s in range(plan.num_steps):
+        src = (rank - s) % W
+        where = "own block" if s == 0 else f"keys of rank {src}"
+        if not plan.compute[rank][s]:
+            lines.append(f"step {s} ({where}): empty, skipped")
+            continue
+        pieces = _block_pieces(layout, rank, src, causal, window_left, window_right, masked)
+        kind = describe_block(pieces, n, n)
+        kernel = plain_kernel if pieces is not None and plain_kernel is not None else masked_kernel
+        lines.append(f"step {s} ({where}): {kind} -> {kernel}")
+    return lines
+
+
+def _block_pieces(layout, rank, src, causal, window_left, window_right, masked):
+    """The block's plain pieces, or None where only per-element rules describe it."""
+    if masked or window_left >= 0 or window_right >= 0:
+        return None
+    return layout_block_pieces(layout, rank, src, causal)
 
 
 # -- communication -----------------------------------------------------------------------------
@@ -211,10 +240,11 @@ class _Call:
     window_right: int
     attn_mask: torch.Tensor | None  # (B|1, H|1, S_local, seq_len): local rows, global columns
     facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity
+    kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
 
     @classmethod
     def make(cls, q, attn_mask, document_ids, key_valid, causal, wl, wr, layout_name, seq_len,
-             group_name):
+             group_name, kernels):
         pg = resolve_group_name(group_name)
         ring = _Ring(pg) if pg is not None else None
         world = ring.size if ring else 1
@@ -236,6 +266,7 @@ class _Call:
             window_right=wr,
             attn_mask=attn_mask,
             facts=facts,
+            kernels=kernels,
         )
 
     def source(self, step: int) -> int:
@@ -260,6 +291,9 @@ class _Call:
             k_valid=k_facts[1] if k_facts is not None else None,
             dense=dense,
             positions_key=(self.layout, self.rank, src),
+            pieces=_block_pieces(self.layout, self.rank, src, self.causal, self.window_left,
+                                 self.window_right, self.attn_mask is not None or
+                                 self.facts is not None),  # fmt: skip
         )
 
     def computed_steps(self) -> list[int]:
@@ -273,9 +307,9 @@ def _traveling(k, v, facts) -> list[torch.Tensor]:
 
 # -- forward -----------------------------------------------------------------------------------
 def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal, window_left,
-                  window_right, layout, seq_len, group_name):
+                  window_right, layout, seq_len, group_name, kernels):
     call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
-                      layout, seq_len, group_name)
+                      layout, seq_len, group_name, kernels)
     ring = call.ring
     verify = None
     if ring is not None:
@@ -288,7 +322,7 @@ def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
              "has document_ids/key_padding_mask"],
             q.device,
         )  # fmt: skip
-    kernels = select_kernels(q)
+    kernels = select_kernels(q, call.kernels)
     state = kernels.forward_init(q)
     computed = call.computed_steps()
     blocks = _traveling(k, v, call.facts)
@@ -342,14 +376,14 @@ def _own_block_parts(seq: int) -> list[tuple[int, int]]:
 
 
 def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, scale, is_causal,
-                   window_left, window_right, layout, seq_len, group_name):
+                   window_left, window_right, layout, seq_len, group_name, kernels):
     call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
-                      layout, seq_len, group_name)
+                      layout, seq_len, group_name, kernels)
     ring = call.ring
-    kernels = select_kernels(q)
+    kernels = select_kernels(q, call.kernels)
     acc = accumulation_dtype(q.dtype)
     dout = dout.contiguous()
-    delta = kernels.backward_prepare(out, dout)
+    prepared = kernels.backward_prepare(out, dout)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     computed = call.computed_steps()
     blocks = _traveling(k, v, call.facts)
@@ -368,7 +402,7 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
         if own_mask is None or i >= len(own_parts):
             return
         lo, hi = own_parts[i]
-        kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
+        kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, prepared,
                               own_mask.keys(lo, hi), scale, dq, own_dkv[0, :, :, lo:hi],
                               own_dkv[1, :, :, lo:hi], dkv_fresh=True)  # fmt: skip
 
@@ -397,7 +431,7 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
             dkv = torch.empty((2, *k.shape), dtype=acc, device=k.device)
             k_facts = blocks[2] if call.facts is not None else None
             mask = call.block_mask(s, k_facts, q.device)
-            kernels.backward_step(q, blocks[0], blocks[1], dout, lse, delta, mask, scale, dq,
+            kernels.backward_step(q, blocks[0], blocks[1], dout, lse, prepared, mask, scale, dq,
                                   dkv[0], dkv[1], dkv_fresh=True)
             comm_stats.steps_computed += 1
             if s > 1:
@@ -445,15 +479,16 @@ def ring_attention_op(
     layout: str,
     seq_len: int,
     group_name: str,
+    kernels: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention on local shards; returns (out, lse). Use ``ringcompile.ring_attention``."""
     return _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
-                         window_left, window_right, layout, seq_len, group_name)
+                         window_left, window_right, layout, seq_len, group_name, kernels)
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal, window_left, window_right,
-      layout, seq_len, group_name):
+      layout, seq_len, group_name, kernels):
     B, H, S, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=accumulation_dtype(q.dtype))
 
@@ -476,9 +511,11 @@ def ring_attention_backward_op(
     layout: str,
     seq_len: int,
     group_name: str,
+    kernels: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, scale,
-                          is_causal, window_left, window_right, layout, seq_len, group_name)
+                          is_causal, window_left, window_right, layout, seq_len, group_name,
+                          kernels)
 
 
 @ring_attention_backward_op.register_fake
@@ -487,7 +524,7 @@ def _(dout, q, k, v, out, lse, *rest):
 
 
 _NON_TENSOR_ARGS = ("scale", "is_causal", "window_left", "window_right", "layout", "seq_len",
-                    "group_name")
+                    "group_name", "kernels")
 
 
 def _setup_context(ctx, inputs, output):

@@ -64,11 +64,17 @@ class RingAttention(_Bound):
 
     __name__ = "ring_attention"
 
+    def __init__(self, layout: Layout, rank: int, group: dist.ProcessGroup | None,
+                 kernels: str | None = None):  # fmt: skip
+        super().__init__(layout, rank, group)
+        self.kernels = kernels
+
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, window=None, document_ids=None, key_padding_mask=None):
         return _ring_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                group=self.group, layout=self.layout, window=window,
-                               document_ids=document_ids, key_padding_mask=key_padding_mask)
+                               document_ids=document_ids, key_padding_mask=key_padding_mask,
+                               kernels=self.kernels)
 
 
 class TreeDecode:

@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node W tests/nccl_checks.py
 
-1. ``ring_attention`` (Triton kernels, P2P over NCCL) for every layout, causal GQA and a mixed
-   mask (sliding window + documents + key padding), bf16 and fp32, forward and backward. Bound:
+1. ``ring_attention`` (P2P over NCCL) for every layout, causal GQA (its plain blocks on cuDNN by
+   default, and with ``kernels="triton"``) and a mixed mask (sliding window + documents + key
+   padding: Triton), bf16 and fp32, forward and backward. Bound:
    bf16 relative error to an fp64 reference on the whole sequence at most 1.5x that of SDPA's
    memory-efficient backend on the same bf16 inputs (the kernel tests' bound); fp32 (TF32 dots)
    below 5e-3.
@@ -77,18 +78,19 @@ def check_ring_attention(rank, world, device) -> list[str]:
                 gk = gk.unflatten(1, (Hkv, G)).sum(2)
                 gv = gv.unflatten(1, (Hkv, G)).sum(2)
                 sdpa_errs = [rel(x, r) for x, r in zip((o, gq, gk, gv), (ref, *ref_grads))]
-            for name in ("contiguous", "striped", "zigzag"):
+            choices = ("auto", "triton") if kind == "causal" and dtype == torch.bfloat16 else ("auto",)
+            for name, kernels in ((n, c) for n in ("contiguous", "striped", "zigzag") for c in choices):
                 lay = make_layout(name, S, world)
                 local = [lay.shard(t, 2, rank).detach().requires_grad_() for t in (q, k, v)]
                 kw_local = dict(kw)
                 for key in ("document_ids", "key_padding_mask"):
                     if key in kw_local:
                         kw_local[key] = lay.shard(kw_local[key], 1, rank)
-                out = ring_attention(*local, enable_gqa=True, layout=lay, **kw_local)
+                out = ring_attention(*local, enable_gqa=True, layout=lay, kernels=kernels, **kw_local)
                 grads = torch.autograd.grad(out, local, lay.shard(dout, 2, rank))
                 want = [lay.shard(t, 2, rank) for t in (ref, *ref_grads)]
                 errs = [rel(x, r) for x, r in zip((out, *grads), want)]
-                tag = f"rank {rank} {kind} {name} {dtype}"
+                tag = f"rank {rank} {kind} {name} {dtype} {kernels}"
                 print(tag, " ".join(f"{n}={e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs)),
                       "" if sdpa_errs is None else
                       "sdpa " + " ".join(f"{e:.2e}" for e in sdpa_errs), flush=True)  # fmt: skip

@@ -114,6 +114,9 @@ def test_snapshot_computed_rope(gloo):
 ring graph: sequence of 16 tokens over 2 ranks, striped layout
 attention replaced: 1
   - out at ringcompile/testing_models.py:34: is_causal=True, no mask
+ring steps of this rank (out; torch.float64 on cpu, head dim 8):
+  - step 0 (own block): causal diagonal -> flash (CPU)
+  - step 1 (keys of rank 1): strictly causal -> flash (CPU)
 attention inputs recognised: none
 positions fixed: 1
   - arange (dim 0, positions) at ringcompile/testing_models.py:71
@@ -203,6 +206,9 @@ def test_snapshot_cached_rope(gloo):
 ring graph: sequence of 16 tokens over 2 ranks, striped layout
 attention replaced: 1
   - out at ringcompile/testing_models.py:34: is_causal=True, no mask
+ring steps of this rank (out; torch.float64 on cpu, head dim 8):
+  - step 0 (own block): causal diagonal -> flash (CPU)
+  - step 1 (keys of rank 1): strictly causal -> flash (CPU)
 attention inputs recognised: none
 positions fixed: 2
   - getitem_1 (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
@@ -289,6 +295,7 @@ def forward(self, *inputs):  # 15 inputs
         ({"rings": 2}, "unknown option"),
         ({"gather_outputs": "yes"}, "gather_outputs"),
         ({"group": 3}, "group must be"),
+        ({"kernels": "cudnn"}, "kernels='cudnn' is not one of"),
     ],
 )
 def test_bad_options(options, words):

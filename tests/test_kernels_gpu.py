@@ -1,4 +1,5 @@
-"""The Triton kernels on a GPU at realistic shapes, against an fp64 reference and against SDPA.
+"""The GPU kernels (Triton, and the block engine's cuDNN blocks and merge) at realistic shapes,
+against an fp64 reference and against SDPA.
 
 Criterion: for out, dq, dk and dv, ours' relative error to the fp64 ReferenceKernels result is at
 most 1.5x that of an SDPA backend in the same dtype on the same inputs. The comparator is SDPA's
@@ -98,7 +99,7 @@ def _compare(tf, q, k, v, mask, dout, scale, sdpa_backend, sdpa_causal, attn_mas
     else:
         idx = [i for i, _ in ring_steps]
         ours = _ours(tf, q, [k[:, :, i] for i in idx], [v[:, :, i] for i in idx],
-                     [m for _, m in ring_steps], dout, scale)  # fmt: skip
+                     [m for _, m in ring_steps], dout, scale, kernels)  # fmt: skip
         order = torch.cat(idx)
         ours_dk = torch.empty_like(ours[3])
         ours_dv = torch.empty_like(ours[4])
@@ -298,3 +299,143 @@ def test_other_dtypes(tf, dtype):
         assert ours[0].dtype == dtype
         err = _rel(o, r, None)
         assert err < tol, f"{name}: {err:.2e}"
+
+
+# -- the block engine: plain blocks on cuDNN, the ring's merge ----------------------------------
+
+
+def _engine():
+    from ringcompile.kernels import select_kernels
+
+    kernels = select_kernels(torch.empty(1, 1, 1, 128, device="cuda", dtype=torch.bfloat16))
+    assert type(kernels).__name__ == "BlockEngine" and kernels.plain.name == "cudnn"
+    return kernels
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
+@pytest.mark.parametrize("H,Hkv", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_engine_ring_steps_vs_sdpa(tf, layout, H, Hkv, causal):
+    """Every rank of a ring of 4 (4096 tokens): plain blocks on cuDNN merged by the ring's merge,
+    against the fp64 reference and SDPA's efficient backend on the same rows; dk/dv with the own
+    block split into the ring's two key halves and written fresh."""
+    from ringcompile.blocks import layout_block_pieces
+
+    W, S, B, D = 4, 4096, 1, 128
+    lay = make_layout(layout, S, W)
+    q_full, k, v, dout_full = _inputs(B, H, Hkv, S, D, seed=11)
+    pos = torch.arange(S, device="cuda")
+    for rank in range(W):
+        q_idx = lay.positions(rank, "cuda")
+        q, dout = q_full[:, :, q_idx].contiguous(), dout_full[:, :, q_idx].contiguous()
+        full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, causal=causal)
+        steps = []
+        for s in range(W):
+            src = (rank - s) % W
+            k_idx = lay.positions(src, "cuda")
+            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, causal=causal,
+                                           pieces=layout_block_pieces(lay, rank, src, causal))))
+        allowed = full_mask.allowed()[0].expand(q_idx.numel(), S)
+        attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
+        attn = attn.masked_fill(~allowed, float("-inf"))
+        _compare(tf, q, k, v, full_mask, dout, D**-0.5, "EFFICIENT_ATTENTION", False, attn,
+                 ring_steps=steps, kernels=_engine())  # fmt: skip
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_engine_one_block_is_cudnn(tf, D):
+    """One causal block: the engine's answer is cuDNN's own, as fast as SDPA (no merge)."""
+    from ringcompile.blocks import Piece
+
+    B, H, Hkv, S = 2, 8, 2, 1024
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=12)
+    pos = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True,
+                     pieces=(Piece(0, S, 0, S, True),))  # fmt: skip
+    _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None, kernels=_engine())
+
+
+def test_engine_mixes_masked_and_plain_steps(tf):
+    """A ring whose steps alternate between masked (Triton) and plain (cuDNN) blocks, both
+    orders, shares one state: the result is the reference's."""
+    from ringcompile.blocks import layout_block_pieces
+
+    W, S, B, H, Hkv, D = 4, 2048, 1, 8, 2, 128
+    lay = make_layout("striped", S, W)
+    q_full, k, v, dout_full = _inputs(B, H, Hkv, S, D, seed=13)
+    rank = 1
+    q_idx = lay.positions(rank, "cuda")
+    q, dout = q_full[:, :, q_idx].contiguous(), dout_full[:, :, q_idx].contiguous()
+    pos = torch.arange(S, device="cuda")
+    full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, causal=True)
+    for plain_steps in ({0, 2}, {1, 3}):
+        steps = []
+        for s in range(W):
+            src = (rank - s) % W
+            k_idx = lay.positions(src, "cuda")
+            pieces = layout_block_pieces(lay, rank, src, True) if s in plain_steps else None
+            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, causal=True,
+                                           pieces=pieces)))
+        allowed = full_mask.allowed()[0]
+        attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
+        attn = attn.masked_fill(~allowed, float("-inf"))
+        _compare(tf, q, k, v, full_mask, dout, D**-0.5, "EFFICIENT_ATTENTION", False, attn,
+                 ring_steps=steps, kernels=_engine())  # fmt: skip
+
+
+def test_engine_fresh_key_halves(tf):
+    """The own block's backward in the ring's two key halves, into fresh (NaN-poisoned) dK/dV:
+    every element written, the sum the whole block's."""
+    from ringcompile.blocks import Piece
+    from ringcompile.ring_op import _own_block_parts
+
+    B, H, Hkv, S, D = 1, 8, 2, 2048, 128
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=14)
+    pos = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True,
+                     pieces=(Piece(0, S, 0, S, True),))  # fmt: skip
+    kernels = _engine()
+    state = kernels.forward_init(q)
+    kernels.forward_step(state, q, k, v, mask, D**-0.5, last=True)
+    out, lse = kernels.forward_finish(state, q.dtype)
+    prepared = kernels.backward_prepare(out, dout)
+    results = []
+    for parts in ([(0, S)], _own_block_parts(S)):
+        dq = torch.zeros(q.shape, device="cuda")
+        dk = torch.full(k.shape, float("nan"), device="cuda")
+        dv = torch.full(v.shape, float("nan"), device="cuda")
+        for lo, hi in parts:
+            kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, prepared,
+                                  mask.keys(lo, hi), D**-0.5, dq, dk[:, :, lo:hi],
+                                  dv[:, :, lo:hi], dkv_fresh=True)  # fmt: skip
+        assert not any(t.isnan().any() for t in (dq, dk, dv))
+        results.append((dq, dk, dv))
+    ref = _reference64(q, k, v, mask, dout, D**-0.5)
+    for name, whole, halves, r in zip(("dq", "dk", "dv"), results[0], results[1], ref[2:]):
+        assert _rel(halves, r, None) <= 1.5 * _rel(whole, r, None) + 1e-6, name
+
+
+def test_merge_kernel_vs_torch():
+    """The fused (out, lse) merge against the torch formula, on row slices of the state."""
+    from ringcompile.kernels import ForwardState
+    from ringcompile.kernels.merge import merge_block
+
+    B, H, Sq, D = 2, 4, 300, 80
+    g = torch.Generator(device="cuda").manual_seed(15)
+    out = torch.randn(B, H, Sq, D, device="cuda", generator=g)
+    lse = torch.randn(B, H, Sq, device="cuda", generator=g)
+    lse[:, :, :7] = float("-inf")  # rows that have seen nothing yet
+    blk = torch.randn(B, Sq, H, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
+    blk_lse = torch.randn(B, H, Sq, 1, device="cuda", generator=g)[..., 0]
+    for start, n in ((0, Sq), (5, 200)):
+        state = ForwardState(torch.Size((B, H, Sq, D)), lse.clone(), out.clone(), steps=1)
+        merge_block(state, start, blk[:, :, :n], blk_lse[:, :, :n], first=False)
+        rows = slice(start, start + n)
+        new = torch.logaddexp(lse[:, :, rows], blk_lse[:, :, :n])
+        want = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new)[..., None]
+                + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None])
+        torch.testing.assert_close(state.out[:, :, rows], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state.lse[:, :, rows], new, rtol=1e-6, atol=1e-6)
+        untouched = torch.ones(Sq, dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.equal(state.out[:, :, untouched], out[:, :, untouched])

@@ -364,3 +364,83 @@ def test_forward_tiles_by_step(tf):
     assert tiles(32768, False) == tiles(32768, True) == (256, 64, 8, 3)
     assert tiles(8192, True) == (128, 128, 8, 3)
     assert tf._default_fwd_config(64, torch.bfloat16, 8192, 8192, False).block_n == 128
+
+
+# ---------------------------------------------------------------------------------------------
+# The block engine's pieces: the fused (out, lse) merge, and one state shared by plain pieces and
+# the Triton kernels' masked steps.
+# ---------------------------------------------------------------------------------------------
+
+
+@interpreted_only
+def test_merge_kernel(tf):
+    from ringcompile.kernels.interface import ForwardState
+    from ringcompile.kernels.merge import merge_block
+    from ringcompile.kernels.triton_merge import merge_block_cuda
+
+    g = torch.Generator().manual_seed(5)
+    B, H, Sq, D = 2, 3, 70, 24
+    out = torch.randn(B, H, Sq, D, generator=g)
+    lse = torch.randn(B, H, Sq, generator=g)
+    lse[:, :, :5] = float("-inf")  # rows that have seen nothing yet
+    blk = torch.randn(B, Sq, H, D, generator=g).transpose(1, 2)  # strided, as cuDNN returns it
+    blk_lse = torch.randn(B, H, Sq, 1, generator=g)[..., 0]
+    for start, n, first in ((0, Sq, False), (3, 40, False), (10, 50, True)):
+        states = [ForwardState(torch.Size((B, H, Sq, D)), lse.clone(), out.clone(), steps=1)
+                  for _ in range(2)]
+        merge_block(states[0], start, blk[:, :, :n], blk_lse[:, :, :n], first)  # torch ops (CPU)
+        merge_block_cuda(states[1], start, blk[:, :, :n], blk_lse[:, :, :n], first)
+        torch.testing.assert_close(states[1].out, states[0].out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(states[1].lse, states[0].lse, rtol=1e-6, atol=1e-6)
+
+
+@interpreted_only
+@pytest.mark.parametrize("layout", ["striped", "zigzag"])
+def test_engine_shares_state_with_triton_steps(tf, layout):
+    """A ring rank's steps, plain ones on the CPU flash kernel and masked ones on (interpreted)
+    Triton, in both alternations, with the own block's backward in key halves into fresh dK/dV:
+    the reference's answer."""
+    from ringcompile.blocks import layout_block_pieces
+    from ringcompile.kernels.engine import BlockEngine
+    from ringcompile.kernels.sdpa_blocks import CpuFlashBlocks
+
+    W, S, rank, B, H, Hkv, D = 4, 128, 1, 1, 4, 2, 16
+    lay = make_layout(layout, S, W)
+    g = torch.Generator().manual_seed(6)
+    n = S // W
+    q, dout = torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g)
+    ks = [torch.randn(B, Hkv, n, D, generator=g) for _ in range(W)]
+    vs = [torch.randn(B, Hkv, n, D, generator=g) for _ in range(W)]
+    q_pos = lay.positions(rank)
+    srcs = [(rank - s) % W for s in range(W)]
+
+    def run(kernels, plain_steps):
+        masks = [BlockMask(q_pos=q_pos, k_pos=lay.positions(src), seq_len=S, causal=True,
+                           pieces=layout_block_pieces(lay, rank, src, True)
+                           if s in plain_steps else None)
+                 for s, src in enumerate(srcs)]  # fmt: skip
+        state = kernels.forward_init(q)
+        for s, src in enumerate(srcs):
+            kernels.forward_step(state, q, ks[src], vs[src], masks[s], D**-0.5, last=s == W - 1)
+        out, lse = kernels.forward_finish(state, q.dtype)
+        prepared = kernels.backward_prepare(out, dout)
+        dq = torch.zeros(q.shape)
+        dkv = []
+        for s, src in enumerate(srcs):
+            dk, dv = torch.full(ks[src].shape, float("nan")), torch.full(vs[src].shape, float("nan"))
+            spans = _own_block_parts(n) if s == 0 else [(0, n)]
+            for lo, hi in spans:
+                kernels.backward_step(q, ks[src][:, :, lo:hi], vs[src][:, :, lo:hi], dout, lse,
+                                      prepared, masks[s].keys(lo, hi), D**-0.5, dq,
+                                      dk[:, :, lo:hi], dv[:, :, lo:hi], dkv_fresh=True)
+            dkv += [dk, dv]
+        return [out, lse, dq, *dkv]
+
+    want = run(ReferenceKernels(), set())
+    for plain_steps in ({0, 2}, {1, 3}, {0, 1, 2, 3}):
+        got = run(BlockEngine(CpuFlashBlocks(), tf.TritonKernels(tf.FwdConfig(16, 16, 4, 1),
+                                                                 tf.BwdConfig(16, 16, 4, 1))),
+                  plain_steps)  # fmt: skip
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert not a.isnan().any(), (plain_steps, i)
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=f"{plain_steps} {i}")

@@ -95,7 +95,8 @@ def _shard_kwargs(kw, layout, rank):
     return local
 
 
-def check_against_sdpa(rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None):
+def check_against_sdpa(rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None,
+                       kernels=None):
     """Returns this rank's relative errors (out, dq, dk, dv) against SDPA on the full sequence."""
     B, D = 2, 8
     q, k, v, w, kw, allowed = _problem(seed, B, H, Hkv, S, D, mask_kind)
@@ -106,7 +107,7 @@ def check_against_sdpa(rank, world, layout_name, mask_kind, H, Hkv, S, seed, gro
     local = [layout.shard(t, 2, ring_rank) for t in (q, k, v)]
     for t in local:
         t.requires_grad_()
-    out = ring_attention(*local, enable_gqa=H != Hkv, group=group, layout=layout,
+    out = ring_attention(*local, enable_gqa=H != Hkv, group=group, layout=layout, kernels=kernels,
                          **_shard_kwargs(kw, layout, ring_rank))
     (out * layout.shard(w, 2, ring_rank)).sum().backward()
     got = [out.detach()] + [t.grad for t in local]
@@ -137,6 +138,40 @@ def test_uneven_length_is_padded_exactly(gloo, world, layout_name, mask_kind):
     errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, 4, 2, S, 11)
     for rank, e in enumerate(errs):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("S", [24, 21])
+def test_reference_kernels_for_plain_blocks(gloo, world, layout_name, S):
+    # by default plain blocks run on the fused SDPA kernel; kernels="reference" computes them in
+    # plain PyTorch: the same answer
+    errs = gloo(world).run(check_against_sdpa, layout_name, "causal", 4, 2, S, 13, None,
+                           "reference")  # fmt: skip
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+def test_kernel_choices():
+    from ringcompile.kernels import BlockEngine, ReferenceKernels, select_kernels
+
+    q = torch.zeros(1, 2, 4, 8, dtype=torch.float64)
+    engine = select_kernels(q, "auto")
+    assert isinstance(engine, BlockEngine) and engine.plain.name == "flash (CPU)"
+    assert isinstance(select_kernels(q, "reference"), ReferenceKernels)
+    assert isinstance(select_kernels(q, "triton"), ReferenceKernels)  # no Triton on the CPU
+    with pytest.raises(ValueError, match=r"kernels='cudnn' is not one of \['auto', 'triton'"):
+        ring_attention(q, q, q, kernels="cudnn")
+
+
+def test_kernel_choice_from_environment(monkeypatch):
+    q = torch.zeros(1, 2, 4, 8, dtype=torch.float64)
+    monkeypatch.setenv("RINGCOMPILE_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="RINGCOMPILE_KERNELS='fastest'"):
+        ring_attention(q, q, q)
+    monkeypatch.setenv("RINGCOMPILE_KERNELS", "reference")
+    torch.testing.assert_close(ring_attention(q, q, q, is_causal=True),
+                               F.scaled_dot_product_attention(q, q, q, is_causal=True))
 
 
 @pytest.mark.parametrize("mask_kind", ["full", "causal"])
@@ -238,8 +273,10 @@ def opcheck_on_ring(rank, world):
     from ringcompile.group import group_name_of, resolve_group
 
     name = group_name_of(resolve_group())
-    args = (q, k, v, None, doc, None, 0.3, True, -1, -1, layout.name, S, name)
-    torch.library.opcheck(torch.ops.ringcompile.ring_attention.default, args)
+    # a masked ring (documents) and a plain one (its blocks on the fused SDPA kernel)
+    for facts in (doc, None):
+        args = (q, k, v, None, facts, None, 0.3, True, -1, -1, layout.name, S, name, "auto")
+        torch.library.opcheck(torch.ops.ringcompile.ring_attention.default, args)
     return True
 
 

@@ -265,6 +265,9 @@ ring graph: sequence of 8 tokens over 2 ranks, striped layout
 attention replaced: 2
   - out: is_causal=True, per-token mask facts
   - scaled_dot_product_attention_1: is_causal=False, dense mask (local rows x global keys)
+ring steps of this rank (out, scaled_dot_product_attention_1; torch.float64 on cpu, head dim 8):
+  - step 0 (own block): masked -> reference
+  - step 1 (keys of rank 1): masked -> reference
 attention inputs recognised: 3
   - out: K/V expanded 2x by repeat_kv; 2 KV heads travel
   - scaled_dot_product_attention_1: K/V expanded 2x by repeat_kv; 2 KV heads travel

@@ -6,21 +6,14 @@ accumulation dtype per step; the ring op calls it with local blocks only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ringcompile.kernels.interface import ForwardState, finish_forward
 from ringcompile.masks import BlockMask
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
-
-
-@dataclass
-class _ForwardState:
-    out: torch.Tensor  # (B, H, Sq, D) normalised output so far, accumulation dtype
-    lse: torch.Tensor  # (B, H, Sq) log-sum-exp so far
 
 
 def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -52,17 +45,16 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceKernels:
-    def forward_init(self, q: torch.Tensor) -> _ForwardState:
-        B, H, S, D = q.shape
-        acc = _acc(q.dtype)
-        return _ForwardState(
-            out=q.new_zeros((B, H, S, D), dtype=acc),
-            lse=q.new_full((B, H, S), float("-inf"), dtype=acc),
-        )
+    def forward_init(self, q: torch.Tensor) -> ForwardState:
+        B, H, S, _ = q.shape
+        return ForwardState(q_shape=q.shape, lse=q.new_empty((B, H, S), dtype=_acc(q.dtype)))
 
     def forward_step(self, state, q, k, v, mask, scale, last):
-        acc = state.out.dtype
+        acc = _acc(q.dtype)
         B, H, S, D = q.shape
+        if state.steps == 0:  # nothing seen yet
+            state.out = q.new_zeros((B, H, S, D), dtype=acc)
+            state.lse.fill_(float("-inf"))
         s = _scores(q, k, mask, scale, acc)
         lse_blk = torch.logsumexp(s, dim=-1)  # -inf on rows with no key
         out_blk = torch.matmul(_probs(s, lse_blk), v.to(acc)[:, :, None])
@@ -72,10 +64,11 @@ class ReferenceKernels:
         w_old = torch.exp(state.lse - lse_new).nan_to_num_(0.0)[..., None]
         w_blk = torch.exp(lse_blk - lse_new).nan_to_num_(0.0)[..., None]
         state.out = state.out * w_old + out_blk * w_blk
-        state.lse = lse_new
+        state.lse.copy_(lse_new)
+        state.steps += 1
 
     def forward_finish(self, state, dtype):
-        return state.out.to(dtype).contiguous(), state.lse.contiguous()
+        return finish_forward(state, dtype)
 
     def backward_prepare(self, out, dout):
         acc = _acc(out.dtype)

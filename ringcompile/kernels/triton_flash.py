@@ -62,6 +62,7 @@ try:  # bulk reductions through the tensor-copy engine need Triton's host-side t
 except ImportError:
     TensorDescriptor = None
 
+from ringcompile.kernels.interface import ForwardState, finish_forward
 from ringcompile.masks import BlockMask
 
 __all__ = ["TritonKernels", "FwdConfig", "BwdConfig"]
@@ -936,15 +937,6 @@ def _bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TritonForwardState:
-    q_shape: torch.Size
-    lse: torch.Tensor  # (B, H, Sq) fp32 log-sum-exp of the keys seen so far
-    out: torch.Tensor | None = None  # (B, H, Sq, D) fp32 normalised output, between steps
-    final_out: torch.Tensor | None = None  # (B, H, Sq, D) in q's dtype, written by the last step
-    steps: int = 0
-
-
 def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Every buffer a kernel must fill completely comes from here (tests poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -994,12 +986,12 @@ class TritonKernels:
         self.bwd_config = bwd_config
 
     # -- forward ---------------------------------------------------------------------------
-    def forward_init(self, q: torch.Tensor) -> TritonForwardState:
+    def forward_init(self, q: torch.Tensor) -> ForwardState:
         B, H, Sq, _ = q.shape
         lse = _empty((B, H, Sq), torch.float32, q.device)
-        return TritonForwardState(q_shape=q.shape, lse=lse)
+        return ForwardState(q_shape=q.shape, lse=lse)
 
-    def forward_step(self, state: TritonForwardState, q, k, v, mask: BlockMask, scale: float,
+    def forward_step(self, state: ForwardState, q, k, v, mask: BlockMask, scale: float,
                      last: bool) -> None:  # fmt: skip
         if state.final_out is not None:
             raise RuntimeError("forward_step after the last step")
@@ -1042,14 +1034,8 @@ class TritonKernels:
             )  # fmt: skip
         state.steps += 1
 
-    def forward_finish(self, state: TritonForwardState, dtype: torch.dtype):
-        if state.final_out is not None:
-            return state.final_out.to(dtype), state.lse
-        if state.out is not None:
-            return state.out.to(dtype), state.lse
-        # no step ran: no key was seen
-        out = state.lse.new_zeros(state.q_shape, dtype=dtype)
-        return out, state.lse.fill_(float("-inf"))
+    def forward_finish(self, state: ForwardState, dtype: torch.dtype):
+        return finish_forward(state, dtype)
 
     # -- backward --------------------------------------------------------------------------
     def backward_prepare(self, out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ class RingContext:
     group: dist.ProcessGroup | None
     layout_name: str
     gather_outputs: bool = True
+    kernels: str | None = None  # the block kernel choice (ringcompile.kernels); None: the default
     report: GraphReport = field(default_factory=GraphReport)
 
     # find_attention
@@ -90,6 +91,8 @@ class RingContext:
     gather_reasons: dict[Node, str] = field(default_factory=dict)
     # shard_sequence: local versions of each site's lifted mask tensors, for swap_attention
     site_facts_local: dict[Node, dict[str, Node]] = field(default_factory=dict)
+    # swap_attention: the sites that share one table of ring steps
+    reported_steps: dict[tuple, list[str]] = field(default_factory=dict)
 
     @property
     def site_of(self) -> dict[Node, AttentionSite]:
@@ -126,7 +129,10 @@ class RingContext:
         return self._callables[TreeDecode]
 
     def ring_attention(self) -> RingAttention:
-        return self._bound(RingAttention)
+        if RingAttention not in self._callables:
+            self._callables[RingAttention] = RingAttention(self.layout, self.rank, self.group,
+                                                           self.kernels)  # fmt: skip
+        return self._callables[RingAttention]
 
     def sum_grad_over_ring(self) -> SumGradOverRing:
         return self._bound(SumGradOverRing)

@@ -12,8 +12,11 @@ this rank's rows over all keys (its key side was never sharded), the ring op's d
 
 from __future__ import annotations
 
+from ringcompile.kernels import kernel_names, resolve_kernel_choice
 from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import example
 from ringcompile.passes.find_attention import sdpa_args, source_line
+from ringcompile.ring_op import describe_steps
 
 
 def run(ctx: RingContext) -> None:
@@ -40,5 +43,24 @@ def run(ctx: RingContext) -> None:
             mask = "no mask"
         causal = site.facts.is_causal if site.facts is not None else site.is_causal
         ctx.report.attention.append(f"{where}: is_causal={causal}, {mask}")
+        _report_steps(ctx, node, site, causal)
     # what fed the dense masks and K/V expansions that were lifted is dead now
     ctx.remove_dead_code()
+
+
+def _report_steps(ctx: RingContext, node, site, causal: bool) -> None:
+    """This rank's ring steps for the site: each block's kind and kernel (once per kind of site)."""
+    q = example(site.q)
+    window = site.facts.window if site.facts is not None and site.facts.window else (-1, -1)
+    masked = site.attn_mask is not None and site.facts is None or (
+        site.facts is not None and bool(site.facts.tensors()))
+    plain, masked_kernel = kernel_names(q.device, q.dtype, q.shape[-1],
+                                        resolve_kernel_choice(ctx.kernels))  # fmt: skip
+    lines = describe_steps(ctx.layout, ctx.rank, causal, *window, masked, plain, masked_kernel)
+    head = f"{q.dtype} on {q.device.type}, head dim {q.shape[-1]}"
+    key = (head, tuple(lines))
+    if key in ctx.reported_steps:
+        ctx.reported_steps[key].append(node.name)
+        return
+    ctx.reported_steps[key] = [node.name]
+    ctx.report.steps.append((ctx.reported_steps[key], head, lines))

@@ -1,0 +1,157 @@
+"""A transformers Llama's whole training step, side by side in one run: ``backend="ring"`` on W
+GPUs against one GPU in eager and under plain ``torch.compile``.
+
+Model: ``LlamaForCausalLM``, hidden 2048, 16 layers, 32 / 8 heads (d 128), MLP 5632, vocab 32000
+(~0.9B parameters), random bf16 weights, AdamW, batch 1; the step is the model's own loss
+(``labels=``), its backward and the optimizer step. Modes (``--modes``):
+
+- ``ring``: ``torch.compile(model, backend="ring")`` on every rank (zigzag layout, inductor
+  inside, the default block kernels: plain blocks on cuDNN);
+- ``ring-triton``: the same with ``options={"kernels": "triton"}`` (every block in Triton);
+- ``eager``: the plain model on one GPU (rank 0; SDPA picks cuDNN / flash);
+- ``compile``: ``torch.compile(model)`` (inductor) on one GPU (rank 0).
+
+Each mode starts from the same weights, runs ``--warmup`` steps (the first compiles), then the
+median of ``--steps``; lengths and modes run in the order given (the first step's loss of every
+mode is the same model's on the same tokens). Under torchrun the one-GPU modes run on rank 0 while
+the others wait.
+
+    torchrun --nproc-per-node 2 benchmarks/bench_llama_step.py --seqs 32768
+    python benchmarks/bench_llama_step.py --seqs 16384          # W = 1: all modes on one GPU
+    python benchmarks/bench_llama_step.py --tiny --seqs 64       # check the script on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
+
+MODES = ["ring", "ring-triton", "eager", "compile"]
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seqs", type=int, nargs="+", default=[16384])
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    return p.parse_args()
+
+
+def build(args, device, max_len):
+    import transformers
+
+    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256) if args.tiny else
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000))  # fmt: skip
+    cfg = transformers.LlamaConfig(max_position_embeddings=max_len, attn_implementation="sdpa",
+                                   **size)  # fmt: skip
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+
+
+def compiled_model(model, mode, group):
+    if mode in ("eager",):
+        return model
+    if mode == "compile":
+        return torch.compile(model)
+    options = {"layout": "zigzag", "group": group}
+    if mode == "ring-triton":
+        options["kernels"] = "triton"
+    return torch.compile(model, backend="ring", options=options)
+
+
+def time_steps(model, fn, S, args, device, rank):
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+        if rank == 0:
+            print(f"  S={S} step {step + 1}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.2f}s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    del opt
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return dict(step_s=sorted(times)[len(times) // 2], peak_gib=peak, losses=losses)
+
+
+def main() -> None:
+    args = _parse()
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=600))
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    else:
+        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    group = dist.group.WORLD if world > 1 else None
+    model = build(args, device, max(args.seqs))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    for S in args.seqs:
+        for mode in args.modes:
+            one_gpu = mode in ("eager", "compile")
+            row = dict(seq=S, mode=mode, gpus=1 if one_gpu else world)
+            if not one_gpu or rank == 0:
+                model.load_state_dict(weights)
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    row |= time_steps(model, compiled_model(model, mode, group), S, args, device,
+                                      rank)  # fmt: skip
+                except torch.cuda.OutOfMemoryError:
+                    row["oom"] = True
+                torch._dynamo.reset()
+            if world > 1:
+                dist.barrier()
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+    if rank == 0:
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        print(f"\nLlama {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, labels= loss, "
+              f"AdamW; {name}, torch {torch.__version__}")
+        print("| S | mode | GPUs | step s | tokens/s per GPU | peak GiB |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for r in rows:
+            if "step_s" in r:
+                tps = r["seq"] / r["step_s"] / r["gpus"]
+                print(f"| {r['seq']} | {r['mode']} | {r['gpus']} | {r['step_s']:.3f} | {tps:.0f} | "
+                      f"{r['peak_gib']:.1f} |")
+            else:
+                print(f"| {r['seq']} | {r['mode']} | {r['gpus']} | out of memory | | |")
+        with open(os.path.join(args.out, f"bench_llama_step_w{world}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

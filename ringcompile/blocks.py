@@ -1,0 +1,148 @@
+"""What a ring block is: the plain pieces a block of a position-ruled mask splits into.
+
+A ring step computes one block: this rank's queries against one rank's keys. Under the position
+rules alone (causal or not, layout padding; no window, documents, padding mask or dense mask) and
+with positions increasing along both sides (every layout: a striped rank holds ``r, r + W, ...``,
+a zigzag rank its two chunks in order), the keys a query sees are a prefix of the block's keys, of
+length ``c(i)`` that never decreases with the query row ``i``. Such a block is a few **pieces**,
+each a rectangle of rows and keys that is either full or top-left causal on a square (row ``a + t``
+sees keys ``x .. x + t``): exactly what SDPA's fused kernels compute, with their log-sum-exp.
+
+- empty: no piece (``c == 0``);
+- full: one full piece (``c == Sk``);
+- causal diagonal (a rank's own block): one causal piece, rows and keys ``[0, S)``;
+- strictly causal (a striped block from a later rank): one causal piece ``q[1:]`` x ``k[:-1]``;
+- a zigzag block from another rank: one full piece over half the rows or half the keys;
+- key halves of the above (the own block's backward parts) and padded keys: a causal piece and
+  full pieces beside it.
+
+``None`` means the block needs the per-element rules (the masked kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ringcompile.layout import Layout
+
+__all__ = ["Piece", "plain_pieces", "layout_block_pieces", "restrict_keys", "describe_block"]
+
+# More pieces than this and a block is cheaper as one masked kernel call.
+_MAX_PIECES = 4
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[row_start, row_stop)`` against keys ``[key_start, key_stop)``: every pair visible,
+    or (``causal``) a square where row ``row_start + t`` sees keys up to ``key_start + t``."""
+
+    row_start: int
+    row_stop: int
+    key_start: int
+    key_stop: int
+    causal: bool
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_stop)
+
+    @property
+    def keys(self) -> slice:
+        return slice(self.key_start, self.key_stop)
+
+
+def plain_pieces(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int, causal: bool
+                 ) -> tuple[Piece, ...] | None:  # fmt: skip
+    """The pieces of the block of queries at ``q_pos`` against keys at ``k_pos`` (CPU int64),
+    under causality by position and keys ``>= seq_len`` hidden; None if it has no such form."""
+    Sq = q_pos.numel()
+    if Sq > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
+        return None
+    if k_pos.numel() > 1 and not bool((k_pos[1:] > k_pos[:-1]).all()):
+        return None
+    nk = int((k_pos < seq_len).sum())  # increasing: the valid keys are a prefix
+    if nk == 0:
+        return ()
+    if not causal:
+        return (Piece(0, Sq, 0, nk, False),)
+    c = torch.searchsorted(k_pos[:nk].contiguous(), q_pos, right=True).tolist()
+    # Rows split into runs where c stays constant (a full piece over keys [0, c)) and runs where
+    # it grows by one per row (a causal square, beside a full piece over the keys left of it).
+    pieces: list[Piece] = []
+    i = 0
+    while i < Sq:
+        if c[i] == 0:  # sees nothing (c never decreases: only a prefix of rows)
+            i += 1
+            continue
+        j = i + 1
+        if j < Sq and c[j] == c[i] + 1:
+            while j < Sq and c[j] == c[j - 1] + 1:
+                j += 1
+            x = c[i] - 1  # row i sees keys 0 .. x
+            if x > 0:
+                pieces.append(Piece(i, j, 0, x, False))
+            pieces.append(Piece(i, j, x, x + j - i, True))
+        else:
+            while j < Sq and c[j] == c[i]:
+                j += 1
+            pieces.append(Piece(i, j, 0, c[i], False))
+        if len(pieces) > _MAX_PIECES:
+            return None
+        i = j
+    return tuple(pieces)
+
+
+@functools.lru_cache(maxsize=1024)
+def layout_block_pieces(layout: Layout, rank: int, source: int, causal: bool
+                        ) -> tuple[Piece, ...] | None:  # fmt: skip
+    """The pieces of ``rank``'s queries against ``source``'s keys (made once per ring and step)."""
+    return plain_pieces(layout.positions(rank), layout.positions(source), layout.seq_len, causal)
+
+
+def restrict_keys(pieces: tuple[Piece, ...] | None, start: int, stop: int
+                  ) -> tuple[Piece, ...] | None:  # fmt: skip
+    """The same block over its keys ``[start, stop)`` only, keys renumbered from 0."""
+    if pieces is None:
+        return None
+    out: list[Piece] = []
+    for p in pieces:
+        lo, hi = max(p.key_start, start), min(p.key_stop, stop)
+        if lo >= hi:
+            continue
+        if not p.causal:
+            out.append(Piece(p.row_start, p.row_stop, lo - start, hi - start, False))
+            continue
+        # row row_start + t sees keys key_start .. key_start + t; cut to [lo, hi)
+        n = p.row_stop - p.row_start
+        t0 = lo - p.key_start  # first row that sees key lo
+        t1 = min(n, hi - p.key_start)  # rows from t1 on see every key up to hi
+        if t0 >= n:
+            continue
+        if t0 < t1:
+            out.append(Piece(p.row_start + t0, p.row_start + t1, lo - start, lo - start + t1 - t0,
+                             True))  # fmt: skip
+        if max(t0, t1) < n:
+            out.append(Piece(p.row_start + max(t0, t1), p.row_stop, lo - start, hi - start, False))
+    return tuple(out)
+
+
+def describe_block(pieces: tuple[Piece, ...] | None, sq: int, sk: int) -> str:
+    """A block's kind in words: empty, full, causal diagonal, strictly causal, or its pieces."""
+    if pieces is None:
+        return "masked"
+    if not pieces:
+        return "empty"
+    if len(pieces) == 1:
+        p = pieces[0]
+        if (p.row_start, p.row_stop, p.key_start, p.key_stop) == (0, sq, 0, sk):
+            return "causal diagonal" if p.causal else "full"
+        if p.causal and (p.row_start, p.row_stop, p.key_start, p.key_stop) == (1, sq, 0, sk - 1):
+            return "strictly causal"
+    return " + ".join(
+        f"{'causal' if p.causal else 'full'} q[{p.row_start}:{p.row_stop}] x "
+        f"k[{p.key_start}:{p.key_stop}]"
+        for p in pieces
+    )

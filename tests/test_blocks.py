@@ -1,0 +1,101 @@
+"""Block kinds: the pieces of a ring block cover exactly the pairs the position rules allow."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ringcompile.blocks import (
+    Piece,
+    describe_block,
+    layout_block_pieces,
+    plain_pieces,
+    restrict_keys,
+)
+from ringcompile.layout import make_layout
+from ringcompile.masks import BlockMask
+
+
+def _rules(mask: BlockMask) -> torch.Tensor:
+    return mask.allowed()[0].expand(mask.q_pos.numel(), mask.k_pos.numel())
+
+
+def _dense(pieces, sq, sk) -> torch.Tensor:
+    allowed = torch.zeros(sq, sk, dtype=torch.bool)
+    for p in pieces:
+        block = torch.ones(p.row_stop - p.row_start, p.key_stop - p.key_start, dtype=torch.bool)
+        if p.causal:
+            assert block.shape[0] == block.shape[1], p  # fused kernels' causal is a square
+            block = block.tril()
+        assert not (allowed[p.rows, p.keys] & block).any(), "pieces overlap"
+        allowed[p.rows, p.keys] |= block
+    return allowed
+
+
+CASES = [(name, S, W) for name in ("contiguous", "striped", "zigzag")
+         for S, W in ((32, 4), (30, 4), (29, 3), (16, 2), (7, 2), (40, 1))]
+
+
+@pytest.mark.parametrize("name,S,W", CASES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_pieces_are_the_rules(name, S, W, causal):
+    layout = make_layout(name, S, W)
+    n = layout.local_len
+    for rank, src in itertools.product(range(W), range(W)):
+        mask = BlockMask(q_pos=layout.positions(rank), k_pos=layout.positions(src), seq_len=S,
+                         causal=causal)
+        pieces = layout_block_pieces(layout, rank, src, causal)
+        assert pieces is not None, (rank, src)
+        assert torch.equal(_dense(pieces, n, n), _rules(mask)), (rank, src, pieces)
+        # every key range, as the own block's backward parts cut it
+        for lo, hi in ((0, n // 2), (n // 2, n), (1, n - 1), (3, 5)):
+            if not 0 <= lo < hi <= n:
+                continue
+            part = restrict_keys(pieces, lo, hi)
+            assert torch.equal(_dense(part, n, hi - lo), _rules(mask.keys(lo, hi))), (
+                rank, src, lo, hi, part)
+
+
+def test_kinds_by_name():
+    S = 64
+    striped = make_layout("striped", S, 4)
+    assert describe_block(layout_block_pieces(striped, 2, 2, True), 16, 16) == "causal diagonal"
+    assert describe_block(layout_block_pieces(striped, 2, 1, True), 16, 16) == "causal diagonal"
+    assert describe_block(layout_block_pieces(striped, 1, 2, True), 16, 16) == "strictly causal"
+    assert describe_block(layout_block_pieces(striped, 1, 2, False), 16, 16) == "full"
+    zigzag = make_layout("zigzag", S, 4)
+    assert describe_block(layout_block_pieces(zigzag, 2, 1, True), 16, 16) == "full q[0:16] x k[0:8]"
+    assert describe_block(layout_block_pieces(zigzag, 1, 2, True), 16, 16) == "full q[8:16] x k[0:16]"
+    contiguous = make_layout("contiguous", S, 4)
+    assert describe_block(layout_block_pieces(contiguous, 1, 2, True), 16, 16) == "empty"
+    assert describe_block(None, 16, 16) == "masked"
+
+
+def test_unsorted_positions_are_masked():
+    q = torch.tensor([0, 2, 1, 3])
+    assert plain_pieces(q, torch.arange(4), 4, True) is None
+    assert plain_pieces(torch.arange(4), q, 4, False) is None
+
+
+def test_random_sorted_positions():
+    # any increasing positions: pieces or None, never a wrong cover
+    g = torch.Generator().manual_seed(0)
+    covered = 0
+    for _ in range(300):
+        q = torch.randperm(40, generator=g)[:12].sort().values
+        k = torch.randperm(40, generator=g)[:9].sort().values
+        seq_len = int(torch.randint(20, 41, (1,), generator=g))
+        pieces = plain_pieces(q, k, seq_len, True)
+        if pieces is None:
+            continue
+        covered += 1
+        mask = BlockMask(q_pos=q, k_pos=k, seq_len=seq_len, causal=True)
+        assert torch.equal(_dense(pieces, 12, 9), _rules(mask)), (q, k, seq_len, pieces)
+    assert covered > 30
+
+
+def test_piece_slices():
+    p = Piece(1, 5, 0, 4, True)
+    assert (p.rows, p.keys) == (slice(1, 5), slice(0, 4))
