@@ -15,12 +15,17 @@ one rank.
 
     PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--sweep] [--only ours,cudnn,...]
     PYTHONPATH=. python benchmarks/bench_kernels.py --masks [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_kernels.py --blocks [--out DIR]
     python benchmarks/bench_kernels.py --replot DIR   # the plot from DIR/bench_kernels.json
 
 --masks times each mask kind the ring sends to the masked kernels (documents, sliding window, key
 padding; causal, 1 x 32/8 heads x 8192 x 128): ours (Triton) against cuDNN SDPA given the same mask
 as a dense additive bias, and cuDNN's plain causal kernel, with TFLOP/s counted over the pairs each
 mask lets through (``density``), so the rows compare at the same density.
+
+--blocks times cuDNN on each kind of ring block (1 x 32/8 heads, 8192 tokens a rank, d 128): the
+forward, and the backward with K/V grouped as they travel or expanded to the query heads (dK/dV
+summed back), with the engine's default choice marked.
 
 --sweep times tile configurations of ours-triton instead (forward and backward separately). The plot
 needs matplotlib; where it is missing (the GPU image) the JSON is written and --replot draws it.
@@ -230,6 +235,50 @@ def masks_table(out_dir):
         print(f"| {r['mask']} | {r['density']:.3f} | {r['impl']} | {cells} |")
 
 
+def blocks_table(out_dir):
+    from ringcompile.kernels.sdpa_blocks import CudnnBlocks
+
+    B, H, Hkv, S, D = 1, 32, 8, 8192, 128
+    q, k, v, dout = make_inputs(B, H, Hkv, S, D)
+    h = S // 2
+    kinds = [  # (name, rows, keys, causal)
+        ("full", slice(0, S), slice(0, S), False),
+        ("causal diagonal", slice(0, S), slice(0, S), True),
+        ("strictly causal (striped)", slice(1, S), slice(0, S - 1), True),
+        ("zigzag: all rows x first half of keys", slice(0, S), slice(0, h), False),
+        ("zigzag: second half of rows x all keys", slice(h, S), slice(0, S), False),
+        ("own block's later keys: causal square", slice(h, S), slice(h, S), True),
+        ("own block's earlier keys: full part", slice(h, S), slice(0, h), False),
+    ]
+    rows = []
+    default = CudnnBlocks()
+    for name, r, c, causal in kinds:
+        qs, ks, vs, ds = q[:, :, r], k[:, :, c], v[:, :, c], dout[:, :, r]
+        out, lse = default.forward(qs, ks, vs, causal, D**-0.5)
+        out = out.contiguous()
+        n_q, n_k = qs.shape[2], ks.shape[2]
+        work = 4 * B * H * n_q * n_k * D * (0.5 if causal else 1.0)
+        row = dict(block=name, q=n_q, k=n_k, causal=causal)
+        row["fwd"] = bench(lambda: default.forward(qs, ks, vs, causal, D**-0.5), 200)
+        for label, eng in (("bwd grouped", CudnnBlocks(False)), ("bwd expanded", CudnnBlocks(True))):
+            row[label] = bench(lambda: eng.backward(ds, qs, ks, vs, out, lse, causal, D**-0.5), 300)
+        row["default"] = "expanded" if default.expands_kv(qs, ks) else "grouped"
+        row["tflops"] = {m: (work * (2.5 if "bwd" in m else 1)) / row[m] * 1e-9
+                         for m in ("fwd", "bwd grouped", "bwd expanded")}  # fmt: skip
+        rows.append(row)
+        print(row, flush=True)
+    with open(os.path.join(out_dir, "bench_kernels_blocks.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| cuDNN block (1x32/8 heads, d 128) | q x k | fwd ms (TFLOP/s) | bwd grouped ms | "
+          "bwd expanded ms | engine's choice |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["tflops"]
+        print(f"| {r['block']} | {r['q']} x {r['k']}{' causal' if r['causal'] else ''} | "
+              f"{r['fwd']:.3f} ({t['fwd']:.0f}) | {r['bwd grouped']:.3f} ({t['bwd grouped']:.0f}) | "
+              f"{r['bwd expanded']:.3f} ({t['bwd expanded']:.0f}) | {r['default']} |")
+
+
 def sweep(out_dir):
     """Tile configurations of ours, forward and backward timed on their own."""
     F, Bw = FwdConfig, BwdConfig
@@ -310,6 +359,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--masks", action="store_true", help="the masked kinds beside cuDNN")
+    ap.add_argument("--blocks", action="store_true", help="cuDNN on each kind of ring block")
     ap.add_argument("--only", default=",".join(IMPLS))
     ap.add_argument("--replot", metavar="DIR")
     args = ap.parse_args()
@@ -327,6 +377,9 @@ def main():
         return
     if args.masks:
         masks_table(args.out)
+        return
+    if args.blocks:
+        blocks_table(args.out)
         return
     impls = args.only.split(",")
     table = []

@@ -59,8 +59,19 @@ def _no_dropout_rng(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 class CudnnBlocks:
+    """``expand_kv``: give the backward K/V expanded to the query heads (then sum dK/dV over each
+    group) instead of grouped; None decides per block by its parallelism (see ``backward``)."""
+
     name = "cudnn"
+
+    def __init__(self, expand_kv: bool | None = None):
+        self.expand_kv = expand_kv
 
     def forward(self, q, k, v, causal, scale):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -68,13 +79,34 @@ class CudnnBlocks:
         )
         return res[0], res[1].squeeze(-1)
 
+    def expands_kv(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether ``backward`` gives cuDNN K/V expanded to the query heads for this block."""
+        B, H, Hkv, Sk = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+        if H == Hkv:
+            return False
+        if self.expand_kv is not None:
+            return self.expand_kv
+        # cuDNN's backward runs a program per (batch, KV head, 128 keys) and loops over the
+        # group's query heads inside: blocks with few keys then fill too few programs to hide the
+        # tail wave; expanded K/V give G times the programs, for one copy of K/V and one sum of
+        # dK/dV (bench_kernels.py --blocks)
+        return B * Hkv * -(-Sk // 128) < 4 * _sm_count(q.device.index or 0)
+
     def backward(self, dout, q, k, v, out, lse, causal, scale):
+        Hkv, Sk = k.shape[1], k.shape[2]
+        G = q.shape[1] // Hkv
+        expand = self.expands_kv(q, k)
+        if expand:
+            k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
         rng = _no_dropout_rng(q.device)
         # cuDNN reads the lse as a contiguous (B, H, n, 1): a row slice of the ring's is not
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), rng, rng, None, None, None,
-            q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+            q.shape[2], Sk, 0.0, causal, scale=scale,
         )  # fmt: skip
+        if expand:
+            dk, dv = (t.unflatten(1, (Hkv, G)).sum(2, dtype=torch.float32) for t in (dk, dv))
+        return dq, dk, dv
 
 
 class CpuFlashBlocks:
