@@ -439,23 +439,3 @@ def test_merge_kernel_vs_torch():
         untouched = torch.ones(Sq, dtype=torch.bool)
         untouched[rows] = False
         assert torch.equal(state.out[:, :, untouched], out[:, :, untouched])
-
-
-@pytest.mark.parametrize("expand_kv", [False, True])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cudnn_backward_grouped_and_expanded(tf, expand_kv, causal):
-    """Both ways of giving cuDNN's backward the K/V of a GQA block (as they travel, or expanded
-    to the query heads with dK/dV summed back) meet the bound."""
-    from ringcompile.blocks import Piece
-    from ringcompile.kernels.engine import BlockEngine
-    from ringcompile.kernels.sdpa_blocks import CudnnBlocks
-
-    B, H, Hkv, S, D = 2, 8, 2, 1024, 128
-    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=16)
-    pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=causal,
-                     pieces=(Piece(0, S, 0, S, causal),))  # fmt: skip
-    cudnn = CudnnBlocks(expand_kv)
-    assert cudnn.expands_kv(q, k) == expand_kv
-    _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", causal, None,
-             kernels=BlockEngine(cudnn, tf.TritonKernels()))  # fmt: skip

@@ -59,19 +59,8 @@ def _no_dropout_rng(device: torch.device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 class CudnnBlocks:
-    """``expand_kv``: give the backward K/V expanded to the query heads (then sum dK/dV over each
-    group) instead of grouped; None decides per block by its parallelism (see ``backward``)."""
-
     name = "cudnn"
-
-    def __init__(self, expand_kv: bool | None = None):
-        self.expand_kv = expand_kv
 
     def forward(self, q, k, v, causal, scale):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -93,20 +82,14 @@ class CudnnBlocks:
         return B * Hkv * -(-Sk // 128) < 4 * _sm_count(q.device.index or 0)
 
     def backward(self, dout, q, k, v, out, lse, causal, scale):
-        Hkv, Sk = k.shape[1], k.shape[2]
-        G = q.shape[1] // Hkv
-        expand = self.expands_kv(q, k)
-        if expand:
-            k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        # K/V as they travel (grouped): expanding them to the query heads gives cuDNN more
+        # programs but ran 2-11 % slower on every ring block kind (bench_kernels.py --blocks)
         rng = _no_dropout_rng(q.device)
         # cuDNN reads the lse as a contiguous (B, H, n, 1): a row slice of the ring's is not
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), rng, rng, None, None, None,
-            q.shape[2], Sk, 0.0, causal, scale=scale,
+            q.shape[2], k.shape[2], 0.0, causal, scale=scale,
         )  # fmt: skip
-        if expand:
-            dk, dv = (t.unflatten(1, (Hkv, G)).sum(2, dtype=torch.float32) for t in (dk, dv))
-        return dq, dk, dv
 
 
 class CpuFlashBlocks:
