@@ -1,8 +1,8 @@
 """A transformers Llama's whole training step, side by side in one run: ``backend="ring"`` on W
 GPUs against one GPU in eager and under plain ``torch.compile``.
 
-Model: ``LlamaForCausalLM``, hidden 2048, 16 layers, 32 / 8 heads (d 128), MLP 5632, vocab 32000
-(~0.9B parameters), random bf16 weights, AdamW, batch 1; the step is the model's own loss
+Model: ``LlamaForCausalLM``, hidden 2048, 16 layers, 32 / 8 heads of dim 128, MLP 5632, vocab
+32000 (1.02B parameters), random bf16 weights, AdamW, batch 1; the step is the model's own loss
 (``labels=``), its backward and the optimizer step. Modes (``--modes``):
 
 - ``ring``: ``torch.compile(model, backend="ring")`` on every rank (zigzag layout, inductor
@@ -55,7 +55,8 @@ def build(args, device, max_len):
     size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256) if args.tiny else
             dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000))  # fmt: skip
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 vocab_size=32000))  # fmt: skip
     cfg = transformers.LlamaConfig(max_position_embeddings=max_len, attn_implementation="sdpa",
                                    **size)  # fmt: skip
     torch.manual_seed(0)

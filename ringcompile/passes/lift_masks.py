@@ -16,6 +16,10 @@ when the documents are ``cumsum(diff(P) != 1)`` (then within a document position
 token, so comparing positions is comparing indices: causality, a sliding window);
 ``&``, ``.to``, ``expand`` and ``new_ones((), dtype=bool)``.
 
+Document ids computed from nothing but aranges (transformers derives them from position ids it
+made itself with an arange: no packing) are evaluated at compile time; one document is no rule,
+and the site keeps plain blocks the fused kernels compute.
+
     mask = (kv[None, None, None, :] <= q[None, None, :, None]) & am[b, kv]; sdpa(q, k, v, mask)
     -> facts: is_causal=True, key_padding_mask=am
 """
@@ -249,6 +253,42 @@ def lift(mask: Node, batch: int, seq_len: int, wide_padding: bool = False) -> Ma
     )
 
 
+def _constant_value(node: Node) -> torch.Tensor | None:
+    """The value of ``node`` when it is computed from constants alone (no graph input, parameter
+    or module), evaluated now; else None."""
+    order: list[Node] = []
+    seen: set[Node] = set()
+
+    def visit(n: Node) -> bool:
+        if n in seen:
+            return True
+        seen.add(n)
+        if n.op not in ("call_function", "call_method"):
+            return False
+        if not all(visit(a) for a in n.all_input_nodes):
+            return False
+        order.append(n)
+        return True
+
+    if not visit(node):
+        return None
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    for n in order:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[node])
+    try:
+        value = torch.fx.GraphModule(torch.nn.Module(), graph)()
+    except Exception:  # anything it cannot run now stays a rule
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _one_document(doc: Node) -> bool:
+    value = _constant_value(doc)
+    return value is not None and bool((value == value.reshape(-1)[0]).all())
+
+
 def run(ctx: RingContext) -> None:
     for site in ctx.sites:
         if site.attn_mask is None:
@@ -262,9 +302,14 @@ def run(ctx: RingContext) -> None:
             )
             continue
         mask_name = site.attn_mask.name
+        single = facts.document_ids is not None and _one_document(facts.document_ids)
+        if single:
+            facts = replace(facts, document_ids=None)
         site.facts, site.attn_mask = facts, None
         parts = ["causal" if facts.is_causal else "bidirectional"]
         if facts.window:
             parts.append(f"window {facts.window}")
         parts += [f"{k}={n.name}" for k, n in facts.tensors().items()]
+        if single:
+            parts.append("one document (ids computed from aranges)")
         ctx.report.lifted.append(f"{where}: mask {mask_name} -> " + ", ".join(parts))
