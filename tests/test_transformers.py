@@ -159,9 +159,11 @@ def test_matches_eager_and_lifts_masks(gloo, arch, world, seq_len, mask, use_cac
     assert [p.split(")")[0] for p in graph.positions] == [f"{want}, positions"], graph.positions
 
 
-def test_causal_without_mask(gloo):
-    """No padding, no packing: transformers passes ``is_causal`` and ``enable_gqa`` itself."""
-    results = gloo(2).run(compare_hf, "llama", S, "none", None)
+@pytest.mark.parametrize("use_cache", [None, False], ids=["cache", "nocache"])
+def test_causal_without_mask(gloo, use_cache):
+    """No padding, no packing: transformers passes ``is_causal`` and ``enable_gqa`` itself (with
+    a cache) or a causal mask with document ids of its own positions (without: training)."""
+    results = gloo(2).run(compare_hf, "llama", S, "none", use_cache)
     _assert_exact(results)
     (graph,) = results[0][1]
     # transformers versions differ: some skip the mask, others build one (lifted to causal)
@@ -170,6 +172,11 @@ def test_causal_without_mask(gloo):
         a.endswith(("is_causal=True, no mask", "is_causal=True, per-token mask facts"))
         for a in graph.attention
     ), graph.attention
+    # document ids transformers derives from positions it made itself (an arange) are one
+    # document: no rule, so every ring block stays plain (for the fused kernels)
+    assert not any("document_ids" in x for x in graph.lifted), graph.lifted
+    assert graph.steps and all("masked" not in line for _, _, lines in graph.steps
+                               for line in lines), graph.steps
 
 
 def test_inputs_embeds_gradient(gloo):
