@@ -108,7 +108,7 @@ def main() -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     else:
-        rank, world, device = 0, 1, torch.device("cuda" if cuda else "cpu")
+        rank, world, device = 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     group = dist.group.WORLD if world > 1 else None
