@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
+from bench_train_llama import build  # the same model, cut to 16 layers with heads of dim 128
 
 MODES = ["ring", "ring-triton", "eager", "compile"]
 
@@ -47,21 +48,6 @@ def _parse():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args()
-
-
-def build(args, device, max_len):
-    import transformers
-
-    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256) if args.tiny else
-            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                 vocab_size=32000))  # fmt: skip
-    cfg = transformers.LlamaConfig(max_position_embeddings=max_len, attn_implementation="sdpa",
-                                   **size)  # fmt: skip
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
 def compiled_model(model, mode, group):
@@ -112,7 +98,7 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     group = dist.group.WORLD if world > 1 else None
-    model = build(args, device, max(args.seqs))
+    model = build(args, device, max(args.seqs), layers=16, head_dim=128)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for S in args.seqs:

@@ -48,13 +48,14 @@ def _parse():
     return p.parse_args()
 
 
-def build(args, device, max_len):
+def build(args, device, max_len, layers=20, **shape):
+    """The Llama above (``layers`` deep, ``shape`` overriding config fields), or a tiny one."""
     import transformers
 
     size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256) if args.tiny else
-            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
-                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000))
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, **shape))
     cfg = transformers.LlamaConfig(max_position_embeddings=max_len, attn_implementation="sdpa",
                                    **size)
     torch.manual_seed(0)
