@@ -18,7 +18,9 @@ rank issues the same sends and receives in the same order whatever the compiler 
   travels, so no transfer waits alone at either end.
 
 Masks are per-token facts (``ringcompile.masks``): positions come from the layout, document ids and
-key validity travel with K/V. Steps the position rules prove empty on every rank (a causal or
+key validity travel with K/V. Each step's block also says what it is (``ringcompile.blocks``): under
+position rules alone it is a few plain pieces (full, or causal on a square), which the kernels
+(``ringcompile.kernels``) hand to fused SDPA kernels; otherwise it is masked. Steps the position rules prove empty on every rank (a causal or
 sliding-window ring) are neither computed nor sent: the ring runs only as many steps as the
 farthest rank needs. That plan is a function of the layout and mask options alone, so all ranks
 agree on it without talking.

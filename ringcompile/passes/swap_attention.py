@@ -52,8 +52,8 @@ def _report_steps(ctx: RingContext, node, site, causal: bool) -> None:
     """This rank's ring steps for the site: each block's kind and kernel (once per kind of site)."""
     q = example(site.q)
     window = site.facts.window if site.facts is not None and site.facts.window else (-1, -1)
-    masked = site.attn_mask is not None and site.facts is None or (
-        site.facts is not None and bool(site.facts.tensors()))
+    # a dense mask that stayed, or padding/documents among the lifted facts
+    masked = site.attn_mask is not None or (site.facts is not None and bool(site.facts.tensors()))
     plain, masked_kernel = kernel_names(q.device, q.dtype, q.shape[-1],
                                         resolve_kernel_choice(ctx.kernels))  # fmt: skip
     lines = describe_steps(ctx.layout, ctx.rank, causal, *window, masked, plain, masked_kernel)
