@@ -6,11 +6,14 @@ allocates, its shards, the K/V blocks in flight, gathered outputs, is allocated 
 so ``torch.cuda.max_memory_allocated`` is that rank's peak. Each W runs in its own process.
 
 Model: ``LlamaForCausalLM`` from a random config (``--layers``, hidden 1024, 16 heads, 4 KV heads,
-vocab 2048 so that the full logits every rank gets back stay small next to the activations),
-bf16, batch 1, ``--seq`` tokens, compiled with ``backend="ring"`` (inner compiler ``aot_eager``),
-forward with ``labels`` + backward. ``eager`` is the uncompiled model on one GPU.
+``--vocab`` tokens), bf16, batch 1, ``--seq`` tokens, compiled with ``backend="ring"`` (inner
+compiler ``aot_eager``; ``--no-gather``: ``gather_outputs=False``), forward with the model's own
+``labels`` loss (kept sharded by the ring) + backward. ``eager`` is the uncompiled model on one
+GPU. The table's bound is the target for everything that scales with the sequence:
+1.1 x (W = 1 peak - params) / W + params.
 
-    PYTHONPATH=. python benchmarks/bench_memory.py [--seq 32768] [--worlds 1 2 4 8] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_memory.py [--seq 32768] [--vocab 32000] [--no-gather]
+        [--worlds 1 2 4 8] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=int, default=32768)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--no-gather", action="store_true", help="gather_outputs=False")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "eager" or W: one run
     return p.parse_args()
 
 
-def build(layers, device, dtype):
+def build(layers, vocab, device, dtype):
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=2048, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1 << 20,
         attn_implementation="sdpa",
     )  # fmt: skip
@@ -49,8 +54,8 @@ def build(layers, device, dtype):
 def one_run(args) -> dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build(args.layers, device, dtype)
-    ids = torch.randint(0, 2048, (1, args.seq), device=device)
+    model = build(args.layers, args.vocab, device, dtype)
+    ids = torch.randint(0, args.vocab, (1, args.seq), device=device)
     if args.one != "eager":
         import torch.distributed as dist
         from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -58,7 +63,8 @@ def one_run(args) -> dict:
         import ringcompile  # noqa: F401  (registers backend="ring" in a checkout not pip-installed)
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=int(args.one))
-        model = torch.compile(model, backend="ring", options={"compiler": "aot_eager"})
+        model = torch.compile(model, backend="ring", options={
+            "compiler": "aot_eager", "gather_outputs": not args.no_gather})
     params = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     for step in range(2):  # the second step is measured: compilation is done by then
         if device.type == "cuda":
@@ -79,7 +85,8 @@ def main():
     rows = {}
     for which in ["eager"] + [str(w) for w in args.worlds]:
         cmd = [sys.executable, __file__, "--one", which, "--seq", str(args.seq),
-               "--layers", str(args.layers)]  # fmt: skip
+               "--layers", str(args.layers), "--vocab", str(args.vocab)]
+        cmd += ["--no-gather"] if args.no_gather else []
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             rows[which] = {"error": run.stderr.strip().splitlines()[-1][:300]}
@@ -87,16 +94,23 @@ def main():
             rows[which] = json.loads(run.stdout.strip().splitlines()[-1])
         print(which, rows[which], flush=True)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    head = (f"LlamaForCausalLM, {args.layers} layers, hidden 1024, 16/4 heads, vocab 2048, bf16, "
-            f"{args.seq} tokens, fwd+bwd with labels; {name}, torch {torch.__version__}")  # fmt: skip
-    lines = [head, "", "| run | peak GiB per rank | of which params | peak - params |", "|---|---|---|---|"]
+    head = (f"LlamaForCausalLM, {args.layers} layers, hidden 1024, 16/4 heads, vocab {args.vocab}, "
+            f"bf16, {args.seq} tokens, fwd+bwd with labels, gather_outputs={not args.no_gather}; "
+            f"{name}, torch {torch.__version__}")  # fmt: skip
+    lines = [head, "", "| run | peak GiB per rank | of which params | peak - params | bound |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    one = rows.get("1", {})
     for which, r in rows.items():
         label = "eager, one GPU" if which == "eager" else f"ring W={which}"
         if "error" in r:
-            lines.append(f"| {label} | {r['error']} | | |")
-        else:
-            lines.append(f"| {label} | {r['peak_gib']:.2f} | {r['params_gib']:.2f} | "
-                         f"{r['peak_gib'] - r['params_gib']:.2f} |")  # fmt: skip
+            lines.append(f"| {label} | {r['error']} | | | |")
+            continue
+        bound = ""
+        if which != "eager" and "peak_gib" in one:
+            b = 1.1 * (one["peak_gib"] - one["params_gib"]) / int(which) + one["params_gib"]
+            bound = f"{b:.2f} ({'met' if r['peak_gib'] <= b else 'missed'})"
+        lines.append(f"| {label} | {r['peak_gib']:.2f} | {r['params_gib']:.2f} | "
+                     f"{r['peak_gib'] - r['params_gib']:.2f} | {bound} |")  # fmt: skip
     print("\n".join(lines))
     with open(os.path.join(args.out, "bench_memory.json"), "w") as f:
         json.dump({"setup": head, "rows": rows}, f, indent=1)

@@ -3,9 +3,9 @@ memory, and the longest sequence that fits, per ring size.
 
 Model: transformers ``LlamaForCausalLM``, hidden 2048, 20 layers, 32 heads / 8 KV heads (d 128),
 MLP 5632, vocab 32000 (1.03B parameters), bf16 weights and AdamW, batch 1, no activation
-checkpointing. Compiled with ``backend="ring"``, zigzag layout, ``gather_outputs=False``: each rank
-gets back the logits of its own tokens and computes the loss on them (labels sharded by the same
-layout), so no rank ever holds full-sequence logits. Every length runs ``--warmup`` steps (the
+checkpointing. Compiled with ``backend="ring"``, zigzag layout, ``gather_outputs=False``; the step
+is the model's own ``labels=`` loss, which the ring keeps sharded (each rank's rows of the logits,
+one all-reduce), so no rank ever holds full-sequence logits. Every length runs ``--warmup`` steps (the
 first compiles) and times ``--steps``; lengths run in increasing order until one does not fit.
 
     torchrun --nproc-per-node W benchmarks/bench_train_llama.py --seqs 8192 16384 32768
@@ -28,11 +28,9 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
 from ringcompile.group import nccl_options
-from ringcompile.layout import make_layout
 
 
 def _parse():
@@ -67,32 +65,21 @@ def run_length(model, opt, compiled, S, args, device, rank, world) -> dict:
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(S)
     ids = torch.randint(0, V, (1, S), generator=g).to(device)
-    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
-    layout = make_layout(args.layout, S, world)
-    if layout.pad:
-        raise ValueError(f"--seqs: {S} tokens do not split evenly over {world} ranks "
-                         f"({args.layout}); the labels would be sharded with padding")
-    local_labels = layout.shard(labels, 1, rank)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        logits = compiled(input_ids=ids, use_cache=False).logits  # this rank's tokens
-        # the sum over ranks of these local sums is the loss over the whole sequence
-        loss = F.cross_entropy(logits.float().flatten(0, 1), local_labels.flatten(),
-                               ignore_index=-100, reduction="sum") / (S - 1)
+        out = compiled(input_ids=ids, labels=ids, use_cache=False)  # logits: this rank's tokens
+        loss = out.loss  # the whole sequence's, the same on every rank
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-        total = loss.detach().clone()
-        if world > 1 and not args.fake_world:
-            dist.all_reduce(total)
-        losses.append(float(total))
-        del logits, loss
+        losses.append(float(loss))
+        del out, loss
         if rank == 0:
             print(f"  S={S} step {step + 1}/{args.warmup + args.steps}: loss {losses[-1]:.4f} "
                   f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr, flush=True)
@@ -147,11 +134,11 @@ def main() -> None:
         print("|---:|---:|---:|---:|---:|")
         for r in rows:
             if r.get("oom"):
-                print(f"| {r['seq']} | {r['seq'] // world} | out of memory | | |")
+                print(f"| {r['seq']} | {-(-r['seq'] // world)} | out of memory | | |")
             else:
                 tps = "-" if fake else f"{r['tokens_per_s_per_gpu']:.0f}"
                 step = "-" if fake else f"{r['step_s']:.3f}"
-                print(f"| {r['seq']} | {r['seq'] // world} | {step} | {tps} | "
+                print(f"| {r['seq']} | {-(-r['seq'] // world)} | {step} | {tps} | "
                       f"{r['peak_gib']:.2f} |")
         tag = f"fake{world}" if fake else f"w{world}"
         with open(os.path.join(args.out, f"bench_train_llama_{tag}.json"), "w") as f:

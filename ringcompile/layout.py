@@ -74,16 +74,20 @@ class Layout:
     def pad(self) -> int:
         return self.padded_len - self.seq_len
 
+    def real(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Which of ``rank``'s local tokens are real (not padding), as a bool tensor."""
+        return self.positions(rank, device) < self.seq_len
+
     def positions(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Global positions (int64) of rank ``rank``'s local tokens, in local order."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} out of range for a ring of {self.world_size}")
         return self._positions(rank, device if device is not None else "cpu")
 
-    def shard(self, x: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
+    def shard(self, x: torch.Tensor, dim: int, rank: int, fill: float = 0) -> torch.Tensor:
         """This rank's tokens of a full tensor ``x`` whose ``dim`` is the global sequence.
 
-        Pads with zeros when ``seq_len`` does not divide; no communication.
+        Pads with ``fill`` when ``seq_len`` does not divide; no communication.
         """
         dim = dim % x.dim()
         if x.shape[dim] != self.seq_len:
@@ -94,7 +98,7 @@ class Layout:
         if self.pad:
             pad_shape = list(x.shape)
             pad_shape[dim] = self.pad
-            x = torch.cat([x, x.new_zeros(pad_shape)], dim)
+            x = torch.cat([x, x.new_full(pad_shape, fill)], dim)
         return x.index_select(dim, self.positions(rank, x.device))
 
     def unshard(self, x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ class GraphReport:
     positions: list[str] = field(default_factory=list)  # position tensors fixed
     shards: list[str] = field(default_factory=list)  # full tensors sharded where they enter
     gathers: list[str] = field(default_factory=list)  # sharded values gathered, and why
+    reductions: list[str] = field(default_factory=list)  # reductions over the sequence kept local
     fallbacks: list[str] = field(default_factory=list)  # what was left unsharded, and why
     gradients: list[str] = field(default_factory=list)
     # (the attention calls, what their queries are, a line per ring step of this rank)
@@ -57,6 +58,7 @@ class GraphReport:
             ("positions fixed", self.positions),
             ("sharded where they enter", self.shards),
             ("gathered", self.gathers),
+            ("reductions kept sharded", self.reductions),
             ("fallbacks", self.fallbacks),
             ("gradients", self.gradients),
         ):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
+import torch.nn.functional as F
 
 from ringcompile.attention import ring_attention as _ring_attention
 from ringcompile.layout import Layout
@@ -104,6 +105,58 @@ class TreeDecode:
         return tree_attn_decode(q, k, v, group=self.group, scale=scale, enable_gqa=enable_gqa,
                                 key_padding_mask=valid, q_positions=q_positions,
                                 k_positions=k_positions, is_causal=True)
+
+
+class _SumOverRing(torch.autograd.Function):
+    """The ring's sum of per-rank partials, the same full value on every rank. Its gradient on
+    each rank is the sum of the ranks' shares of the sum's gradient (the invariant above)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return fc.all_reduce(x.contiguous(), "sum", group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return fc.all_reduce(g.contiguous(), "sum", ctx.group), None
+
+
+def _sum_over_ring(x: torch.Tensor, group) -> torch.Tensor:
+    return _SumOverRing.apply(x, group) if group is not None else x
+
+
+class RingSum(_Bound):
+    """``x.sum()`` or ``x.sum(dim)`` of a full tensor, from this rank's tokens of it (sharded along
+    ``seq_dim``): the local sum over real tokens, summed over the ring."""
+
+    __name__ = "ring_sum"
+
+    def __call__(self, x: torch.Tensor, seq_dim: int, dim: int | None = None, keepdim=False):
+        real = self.layout.real(self.rank, x.device)
+        shape = [1] * x.dim()
+        shape[seq_dim] = real.numel()
+        # where, not a product: a padded token's value may be anything, inf and NaN too
+        x = torch.where(real.view(shape), x, x.new_zeros(()))
+        part = x.sum() if dim is None else x.sum(dim, keepdim=keepdim)
+        return _sum_over_ring(part, self.group)
+
+
+class RingCrossEntropy(_Bound):
+    """``F.cross_entropy(logits, target, ignore_index=, reduction="mean" | "sum")`` over the whole
+    sequence, from this rank's rows of ``logits`` (N, C) and the full ``target`` (N,): the local
+    sum over this rank's rows, summed over the ring; a mean divides by the count of targets that
+    are not ignored, read from the full target (no communication)."""
+
+    __name__ = "ring_cross_entropy"
+
+    def __call__(self, logits, target, ignore_index: int = -100, reduction: str = "mean"):
+        # padded rows get the ignored target: they add nothing
+        local = self.layout.shard(target, 0, self.rank, fill=ignore_index)
+        part = F.cross_entropy(logits, local, ignore_index=ignore_index, reduction="sum")
+        total = _sum_over_ring(part, self.group)
+        if reduction == "sum":
+            return total
+        return total / (target != ignore_index).sum()
 
 
 class _SumOverRingBackward(torch.autograd.Function):

@@ -124,6 +124,7 @@ sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
 gathered: 1
   - linear_5 (dim 1): graph output
+reductions kept sharded: none
 fallbacks: none
 gradients: 2
   - 12 input(s) requiring grad sum their gradient over the ring
@@ -217,6 +218,7 @@ sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
 gathered: 1
   - linear_5 (dim 1): graph output
+reductions kept sharded: none
 fallbacks: none
 gradients: 2
   - 12 input(s) requiring grad sum their gradient over the ring

@@ -289,6 +289,7 @@ sharded where they enter: 5
   - l_q_ (dim 2, input)
 gathered: 1
   - scaled_dot_product_attention_1 (dim 2): graph output
+reductions kept sharded: none
 fallbacks: 1
   - scaled_dot_product_attention_1: dense mask kept (this rank's rows over all keys): l_extra_ (placeholder L_extra_) is not an index rule
 gradients: none
@@ -399,3 +400,57 @@ def local_loss_matches(rank, world, layout):
 @pytest.mark.parametrize("world, layout", [(2, "zigzag"), (4, "striped")])
 def test_sharded_logits_and_per_rank_loss(gloo, world, layout):
     _assert_exact(gloo(world).run(local_loss_matches, layout))
+
+
+def labels_loss_stays_sharded(rank, world, arch, seq_len, packed, num_items, gather_outputs):
+    """Batch 1 (the logits' rows are the sequence): the model's own ``labels=`` loss against eager,
+    loss and every gradient, with ignored labels, optionally packed documents and transformers'
+    ``num_items_in_batch`` division; and what the backend gathered."""
+    torch._dynamo.reset()
+    model = _model(arch)
+    torch.manual_seed(2)
+    ids = torch.randint(0, V, (1, seq_len))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a prompt the loss ignores
+    kw = {"input_ids": ids, "labels": labels, "use_cache": False}
+    if packed:
+        cut = seq_len // 3
+        kw["position_ids"] = torch.cat([torch.arange(cut), torch.arange(seq_len - cut)])[None]
+    if num_items:
+        kw["num_items_in_batch"] = torch.tensor(seq_len + 5)
+
+    def step(m):
+        model.zero_grad()
+        out = m(**kw)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref, ref_grads = step(model)
+    reports = []
+    loss, grads = step(_compile(model, {"compiler": "aot_eager", "layout": "zigzag",
+                                        "gather_outputs": gather_outputs}, {}, reports))
+    errs = {"loss": _rel(loss, ref)}
+    errs.update({n: _rel(grads[n], g) for n, g in ref_grads.items()})
+    return errs, reports
+
+
+@pytest.mark.parametrize(
+    "arch, world, seq_len, packed, num_items, gather_outputs",
+    [("llama", 2, 16, False, False, True), ("llama", 4, 17, True, False, False),
+     ("qwen2", 2, 15, False, True, False), ("mistral", 4, 16, True, True, True)],
+)
+def test_labels_loss_stays_sharded(gloo, arch, world, seq_len, packed, num_items, gather_outputs):
+    results = gloo(world).run(labels_loss_stays_sharded, arch, seq_len, packed, num_items,
+                              gather_outputs)
+    # transformers computes its loss in float32 (``logits.float()``) even for a float64 model, and
+    # the ring adds the ranks' partial losses in another order: the loss agrees to float32
+    # rounding, the gradients (which do not depend on that order) exactly
+    for errs, _ in results:
+        assert errs.pop("loss") < 1e-6
+    _assert_exact(results)
+    (graph,) = results[0][1]
+    # the loss reads each rank's rows of the logits; only the returned logits are gathered
+    assert [r.split(" (")[0] for r in graph.reductions] == ["loss"], graph.reductions
+    assert "cross_entropy" in graph.reductions[0], graph.reductions
+    want = ["logits (dim 1): graph output"] if gather_outputs else []
+    assert graph.gathers == want, graph.gathers

@@ -13,8 +13,10 @@ what it expects and what it guarantees, with the graph before and after. They ru
                           the length) become this rank's global positions;
 6. ``shard_sequence``   — every other full tensor entering the sharded region is sharded, sizes
                           baked into views become local, and sharded values that leave are gathered;
-7. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
-8. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
+7. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
+                          become a partial per rank and one all-reduce, instead of a gather;
+8. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
+9. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ringcompile.passes import (
     fix_positions,
     lift_masks,
     plan_sequence,
+    shard_reductions,
     shard_sequence,
     swap_attention,
     sync_gradients,
@@ -40,6 +43,7 @@ PASSES = [
     plan_sequence.run,
     fix_positions.run,
     shard_sequence.run,
+    shard_reductions.run,
     swap_attention.run,
     sync_gradients.run,
 ]

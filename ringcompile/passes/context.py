@@ -12,8 +12,10 @@ from ringcompile.layout import Layout, make_layout
 from ringcompile.report import GraphReport
 from ringcompile.runtime import (
     RingAttention,
+    RingCrossEntropy,
     RingGather,
     RingShard,
+    RingSum,
     SumGradOverRing,
     TreeDecode,
 )
@@ -133,6 +135,12 @@ class RingContext:
             self._callables[RingAttention] = RingAttention(self.layout, self.rank, self.group,
                                                            self.kernels)  # fmt: skip
         return self._callables[RingAttention]
+
+    def ring_cross_entropy(self) -> RingCrossEntropy:
+        return self._bound(RingCrossEntropy)
+
+    def ring_sum(self) -> RingSum:
+        return self._bound(RingSum)
 
     def sum_grad_over_ring(self) -> SumGradOverRing:
         return self._bound(SumGradOverRing)

@@ -1,0 +1,111 @@
+"""Pass 7: reductions over the sequence read local values: a partial per rank and one all-reduce.
+
+Expects: the sharded region and its gathers (pass 6): a reduction over the sequence of a local
+value reads ``ring_gather(x, dim)``.
+Guarantees: such a reduction, when it is one of these, reads ``x`` itself instead, and the gather
+goes unless something else needs it (a graph output):
+- ``F.cross_entropy(logits, target, ignore_index=i, reduction="mean" | "sum")`` with logits' rows
+  the sequence (N, C) and a full target (N,) — how transformers' causal-LM loss reads the logits
+  after shifting its labels on the full tensor — becomes ``ring_cross_entropy``: the target is
+  sharded where it meets the logits (padding rows get ``i``), each rank sums its rows' losses, the
+  ring sums the partials, and a mean divides by the count of targets not ignored, read from the
+  full target;
+- ``sum`` or ``mean`` over all dims, or over the sequence dim alone, becomes ``ring_sum`` of the
+  local value over its real tokens (divided by the full count for a mean).
+The result is a full value, the same on every rank; its gradient follows the ring's invariant.
+
+    logits = ring_gather(logits_local, 0); loss = cross_entropy(logits, labels, ignore_index=-100)
+    -> loss = ring_cross_entropy(logits_local, labels, ignore_index=-100, reduction='mean')
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import shape_of
+from ringcompile.passes.find_attention import source_line
+
+_CROSS_ENTROPY = inspect.signature(F.cross_entropy)
+_SUMS = {torch.sum: "sum", torch.mean: "mean"}
+
+
+def _bind(node: Node) -> dict | None:
+    try:
+        bound = _CROSS_ENTROPY.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _cross_entropy(ctx: RingContext, node: Node, local: Node, dim: int) -> str | None:
+    a = _bind(node)
+    target = a and a["target"]
+    if not (isinstance(target, Node) and target not in ctx.local_only and dim == 0
+            and len(shape_of(local)) == 2 and shape_of(target) == (ctx.seq_len,)
+            and a["weight"] is None and a["size_average"] is None and a["reduce"] is None
+            and a["label_smoothing"] == 0.0 and a["reduction"] in ("mean", "sum")):
+        return None
+    node.target = ctx.ring_cross_entropy()
+    node.args = (local, target)
+    node.kwargs = {"ignore_index": a["ignore_index"], "reduction": a["reduction"]}
+    return f"cross_entropy ({a['reduction']})"
+
+
+def _sum_or_mean(ctx: RingContext, node: Node, local: Node, dim: int, full_numel: int
+                 ) -> str | None:  # fmt: skip
+    kind = _SUMS.get(node.target) if node.op == "call_function" else (
+        node.target if node.op == "call_method" and node.target in ("sum", "mean") else None)
+    if kind is None:
+        return None
+    _, *rest = node.args
+    rank = len(shape_of(local))
+    over = rest[0] if rest else node.kwargs.get("dim")
+    keepdim = rest[1] if len(rest) > 1 else node.kwargs.get("keepdim", False)
+    if isinstance(over, (list, tuple)) and len(over) == 1:
+        over = over[0]
+    if set(node.kwargs) - {"dim", "keepdim"} or len(rest) > 2:
+        return None  # a dtype, an out=: left as it is
+    if over is not None and (not isinstance(over, int) or over % rank != dim):
+        return None
+    summed = node.graph.call_function(ctx.ring_sum(), (local, dim, over, keepdim))
+    summed.meta = dict(node.meta)
+    result = summed
+    if kind == "mean":
+        count = ctx.seq_len if over is not None else full_numel
+        with node.graph.inserting_after(summed):
+            result = node.graph.call_function(operator.truediv, (summed, count))
+            result.meta = dict(node.meta)
+    node.replace_all_uses_with(result)
+    node.graph.erase_node(node)
+    return f"{kind} over {'all dims' if over is None else f'dim {over}'}"
+
+
+def run(ctx: RingContext) -> None:
+    if not ctx.sites:
+        return
+    for gather, full in ctx.gathered.items():
+        local, dim = gather.args  # ``full``'s example value has the full shape
+        for user in list(gather.users):
+            if user.op == "call_function" and user.target is F.cross_entropy:
+                what = _cross_entropy(ctx, user, local, dim)
+            else:
+                with ctx.gm.graph.inserting_before(user):
+                    what = _sum_or_mean(ctx, user, local, dim, math.prod(shape_of(full)))
+            if what is None:
+                continue
+            ctx.report.reductions.append(
+                f"{user.name} ({what}) at {source_line(user)}: each rank's rows of "
+                f"{full.name} (dim {dim}), summed over the ring"
+            )
+        if not gather.users:
+            # not a general dead-code pass: the sites' sharded mask facts have no user until
+            # swap_attention
+            ctx.gm.graph.erase_node(gather)
