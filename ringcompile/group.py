@@ -10,10 +10,15 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-__all__ = ["resolve_group", "group_name_of", "resolve_group_name", "nccl_options"]
+__all__ = ["resolve_group", "group_name_of", "resolve_group_name", "nccl_options",
+           "all_gather_single"]
 
 # The ring op's name for "no group: one process, plain attention".
 SINGLE = ""
+
+# torch 2.13 renamed all_gather_into_tensor (same arguments) and warns on the old name, which
+# older torch has alone.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def resolve_group(group=None, mesh_dim: int | str | None = None) -> dist.ProcessGroup | None:
