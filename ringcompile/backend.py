@@ -15,17 +15,23 @@ Options:
   (each rank's tokens in layout order; gradients of such outputs are this rank's own);
 - ``kernels``: which kernels compute the ring's blocks: "auto" (plain blocks on cuDNN, masked
   blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto".
+
+A bad option, or a program the backend refuses, raises ``RingCompileError`` with our message alone
+(``ringcompile.errors`` says how it passes through Dynamo): at the first call of the compiled
+model, when ``torch.compile`` hands the backend its options, and at once from ``ring_shard``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass, fields
 
 import torch
 
+from ringcompile.errors import RingCompileError
 from ringcompile.group import resolve_group
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
@@ -58,28 +64,31 @@ class RingOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "RingOptions":
+        """The options, checked: a bad one raises ``RingCompileError`` naming it and the choices."""
         options = dict(options or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"backend='ring' got unknown option(s) {unknown}; known: {sorted(known)}")
+            raise RingCompileError(
+                f"backend='ring' got unknown option(s) {unknown}; known: {sorted(known)}"
+            )
         opts = cls(**options)
         if opts.layout not in LAYOUTS:
-            raise ValueError(
+            raise RingCompileError(
                 f"backend='ring': layout={opts.layout!r} is not one of {sorted(LAYOUTS)}"
             )
         if opts.compiler not in _COMPILERS:
-            raise ValueError(
+            raise RingCompileError(
                 f"backend='ring': compiler={opts.compiler!r} is not one of {list(_COMPILERS)}"
             )
         if not isinstance(opts.gather_outputs, bool):
-            raise ValueError("backend='ring': gather_outputs must be True or False")
-        if opts.kernels is not None:
-            try:
+            raise RingCompileError("backend='ring': gather_outputs must be True or False")
+        try:
+            if opts.kernels is not None:
                 resolve_kernel_choice(opts.kernels)
-            except ValueError as e:
-                raise ValueError(f"backend='ring': {e}") from None
-        resolve_group(opts.group, opts.mesh_dim)  # fails early and clearly on a bad group
+            resolve_group(opts.group, opts.mesh_dim)  # fails early and clearly on a bad group
+        except (TypeError, ValueError) as e:
+            raise RingCompileError(f"backend='ring': {e}") from None
         return opts
 
 
@@ -108,12 +117,21 @@ def _symbolic_attention(gm: torch.fx.GraphModule) -> bool:
 def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
                  _reports: list | None = None):
     """The torch.compile backend: rewrite the graph for the ring, then compile it."""
+    try:
+        return _rewrite_and_compile(gm, example_inputs, options, _reports)
+    except RingCompileError as e:
+        # the traceback shown starts here, as Dynamo's own BackendCompilerFailed does
+        e.first_useful_frame = inspect.currentframe()
+        raise
+
+
+def _rewrite_and_compile(gm, example_inputs, options, reports):
     opts = RingOptions.from_dict(options)
     if _symbolic_attention(gm):
         # Dynamo made the sequence length symbolic (torch.compile's default after a length
         # changes); the ring needs the length to lay out the tokens: compile per length.
         log.info("ring: a graph with a symbolic sequence length is compiled per length")
-        return PerShape(gm, functools.partial(ring_backend, options=options, _reports=_reports))
+        return PerShape(gm, functools.partial(ring_backend, options=options, _reports=reports))
     ctx = RingContext(
         gm=gm,
         group=resolve_group(opts.group, opts.mesh_dim),
@@ -123,8 +141,8 @@ def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
     )
     run_passes(ctx)
     ctx.report.code = readable_code(gm)
-    if _reports is not None:
-        _reports.append(ctx.report)
+    if reports is not None:
+        reports.append(ctx.report)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
     return _inner_compiler(opts.compiler)(gm, example_inputs)

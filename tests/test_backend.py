@@ -299,10 +299,18 @@ def forward(self, *inputs):  # 15 inputs
     ],
 )
 def test_bad_options(options, words):
+    """Our error with our message alone at the first call (not Dynamo's BackendCompilerFailed and
+    its "reporting a bug to PyTorch"); ring_shard raises it at once."""
+    torch._dynamo.reset()
     model = TinyTransformer(layers=1)
     compiled = torch.compile(model, backend="ring", options=options)
-    with pytest.raises(Exception, match=words):
+    with pytest.raises(ringcompile.RingCompileError, match=words) as raised:
         compiled(torch.randint(0, 64, (1, 8)))
+    assert "PyTorch" not in str(raised.value) and "TORCHDYNAMO" not in str(raised.value)
+    # the traceback goes from the call straight to the backend, without Dynamo's frames
+    assert not any("symbolic_convert" in str(entry.path) for entry in raised.traceback)
+    with pytest.raises(ringcompile.RingCompileError, match=words):
+        ringcompile.ring_shard(model, **options)
 
 
 def test_ring_shard_forms():

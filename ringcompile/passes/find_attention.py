@@ -15,6 +15,7 @@ from collections import Counter
 
 import torch
 
+from ringcompile.errors import RingCompileError
 from ringcompile.passes.context import AttentionSite, RingContext
 from ringcompile.passes.dims import is_sdpa, shape_of
 
@@ -46,7 +47,7 @@ def run(ctx: RingContext) -> None:
         qs, ks = shape_of(a["query"]), shape_of(a["key"])
         where = f"{node.name} at {source_line(node)}"
         if any(isinstance(d, torch.SymInt) for d in qs + ks):
-            raise NotImplementedError(
+            raise RingCompileError(
                 f"backend='ring' needs static shapes, but {where} has symbolic sizes {qs}: pass "
                 "dynamic=False to torch.compile (each new sequence length then compiles once)"
             )
