@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ringcompile.errors import RingCompileError
-from ringcompile.group import resolve_group
+from ringcompile.group import resolve_group, warn_if_launched_without_group
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
@@ -132,9 +132,12 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
         # changes); the ring needs the length to lay out the tokens: compile per length.
         log.info("ring: a graph with a symbolic sequence length is compiled per length")
         return PerShape(gm, functools.partial(ring_backend, options=options, _reports=reports))
+    group = resolve_group(opts.group, opts.mesh_dim)
+    if group is None:
+        warn_if_launched_without_group()
     ctx = RingContext(
         gm=gm,
-        group=resolve_group(opts.group, opts.mesh_dim),
+        group=group,
         layout_name=opts.layout,
         gather_outputs=opts.gather_outputs,
         kernels=opts.kernels,

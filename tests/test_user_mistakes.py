@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch._dynamo
 
-from ringcompile import ring_attention
+from ringcompile import RingWarning, ring_attention
 from ringcompile.testing_models import TinyTransformer
 
 
@@ -30,3 +31,27 @@ def deprecation_warnings(rank, world):
 def test_no_deprecation_warnings(gloo):
     for messages in gloo(2).run(deprecation_warnings, timeout=120):
         assert messages == [], messages
+
+
+def test_torchrun_without_process_group_warns_once(monkeypatch):
+    """WORLD_SIZE > 1 (as torchrun sets) and no process group: each process would run alone."""
+    from ringcompile import group
+
+    group._warn_launched_without_group.cache_clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    torch._dynamo.reset()
+    model = TinyTransformer(layers=1).double()
+    compiled = torch.compile(model, backend="ring", options={"compiler": "eager"})
+    with pytest.warns(RingWarning, match=r"WORLD_SIZE=2 .* not initialised.*"
+                                         r"init_process_group\(\) on every process"):
+        compiled(torch.randint(0, 64, (1, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: a new graph does not warn again
+        compiled(torch.randint(0, 64, (1, 12)))
+    group._warn_launched_without_group.cache_clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one process launched alone: nothing to say
+        torch.compile(model, backend="ring", options={"compiler": "eager"})(
+            torch.randint(0, 64, (1, 8)))
