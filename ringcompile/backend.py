@@ -27,11 +27,12 @@ import functools
 import inspect
 import logging
 import os
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
 
-from ringcompile.errors import RingCompileError
+from ringcompile.errors import RingCompileError, RingWarning
 from ringcompile.group import resolve_group, warn_if_launched_without_group
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
@@ -143,12 +144,30 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
         kernels=opts.kernels,
     )
     run_passes(ctx)
+    _warn_if_nothing_sharded(ctx)
     ctx.report.code = readable_code(gm)
     if reports is not None:
         reports.append(ctx.report)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
     return _inner_compiler(opts.compiler)(gm, example_inputs)
+
+
+def _warn_if_nothing_sharded(ctx: RingContext) -> None:
+    """A ring of several ranks, attention in the graph (SDPA, or a softmax written by hand), and
+    none of it replaced: every rank would compute everything, and only ``explain`` would say so.
+    (A graph with no attention at all, such as a loss after a graph break, is nothing to say.)"""
+    if ctx.world_size == 1 or ctx.report.attention or not ctx.report.fallbacks:
+        return
+    found = "\n".join(f"  - {f}" for f in ctx.report.fallbacks)
+    warnings.warn(
+        f"backend='ring' shards nothing in this graph, so each of the {ctx.world_size} ranks "
+        f"computes all of it, unsharded. What it found:\n{found}\nThe ring "
+        "replaces F.scaled_dot_product_attention over the graph's sequence (queries and keys of "
+        "one length, dropout_p=0); ringcompile.explain(model, *inputs) shows what it did.",
+        RingWarning,
+        stacklevel=2,
+    )
 
 
 def _compile(target, options: dict, compile_kwargs: dict, reports: list | None = None):

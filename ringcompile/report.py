@@ -45,11 +45,11 @@ class GraphReport:
     code: str = ""
 
     def __str__(self) -> str:
+        ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
         if self.seq_len:
-            head = (f"ring graph: sequence of {self.seq_len} tokens over {self.world_size} "
-                    f"ranks, {self.layout} layout")
+            head = f"ring graph: sequence of {self.seq_len} tokens over {ranks}, {self.layout} layout"
         else:
-            head = f"ring graph: no sequence to shard, {self.world_size} ranks"
+            head = f"ring graph: no sequence to shard, {ranks}"
         lines = [head]
         for title, items in (
             ("attention replaced", self.attention),

@@ -9,7 +9,9 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 
+import ringcompile
 from ringcompile import RingWarning, ring_attention
 from ringcompile.testing_models import TinyTransformer
 
@@ -55,3 +57,50 @@ def test_torchrun_without_process_group_warns_once(monkeypatch):
         warnings.simplefilter("error")  # one process launched alone: nothing to say
         torch.compile(model, backend="ring", options={"compiler": "eager"})(
             torch.randint(0, 64, (1, 8)))
+
+
+class _AttentionByHand(torch.nn.Module):
+    def forward(self, x):  # (B, H, S, D)
+        return (x @ x.transpose(-2, -1) / x.shape[-1] ** 0.5).softmax(-1) @ x
+
+
+class _AttentionWithDropout(torch.nn.Module):
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x, x, dropout_p=0.1, is_causal=True)
+
+
+def nothing_sharded(rank, world):
+    """Each model's RingWarnings and the first line of its report, under ``explain``."""
+    x = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    cases = {
+        "by hand": (_AttentionByHand(), x),
+        "dropout": (_AttentionWithDropout(), x),
+        "no attention": (torch.nn.Linear(4, 4).double(), x),
+        "sharded": (TinyTransformer(layers=1).double(), torch.randint(0, 64, (1, 8))),
+    }
+    out = {}
+    for name, (model, inp) in cases.items():
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = ringcompile.explain(model, inp, options={"compiler": "eager"})
+        out[name] = ([str(w.message) for w in caught if issubclass(w.category, RingWarning)],
+                     str(report).splitlines()[1])
+    return out
+
+
+def test_nothing_to_shard_warns(gloo):
+    """Attention by hand, or SDPA with dropout: the model runs unsharded on every rank; a warning
+    (not only the report) says what was found and the fix, and the report gives the ring's size."""
+    for out in gloo(2).run(nothing_sharded, timeout=120):
+        (by_hand,), head = out["by hand"]
+        assert "shards nothing in this graph, so each of the 2 ranks computes all of it, unsharded" in by_hand
+        assert "a softmax, and no F.scaled_dot_product_attention" in by_hand
+        assert 'attn_implementation="sdpa"' in by_hand
+        assert head == "ring graph: no sequence to shard, 2 ranks"
+        (dropout,), head = out["dropout"]
+        assert "dropout_p=0.1 (the ring op has no dropout)" in dropout
+        assert "set the model's attention dropout to 0" in dropout
+        assert head == "ring graph: no sequence to shard, 2 ranks"
+        assert out["no attention"] == ([], "ring graph: no sequence to shard, 2 ranks")
+        assert out["sharded"][0] == []

@@ -94,6 +94,9 @@ class RingContext:
     # swap_attention: the sites that share one table of ring steps
     reported_steps: dict[tuple, list[str]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.report.world_size = self.world_size  # the ring's size, whatever the passes find
+
     @property
     def site_of(self) -> dict[Node, AttentionSite]:
         return {s.node: s for s in self.sites}

@@ -124,5 +124,4 @@ def run(ctx: RingContext) -> None:
         )
         swapped = True
     if swapped:
-        ctx.report.world_size = ctx.world_size
         ctx.remove_dead_code()  # the marks, and any repeat_kv of them
