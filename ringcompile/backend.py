@@ -31,6 +31,7 @@ import warnings
 from dataclasses import dataclass, fields
 
 import torch
+import torch.utils._pytree as pytree
 
 from ringcompile.errors import RingCompileError, RingWarning
 from ringcompile.group import resolve_group, warn_if_launched_without_group
@@ -38,8 +39,7 @@ from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
 from ringcompile.passes.decode_attention import reads_sharded_cache
-from ringcompile.passes.dims import is_sdpa, shape_of
-from ringcompile.passes.find_attention import sdpa_args
+from ringcompile.passes.dims import is_sdpa
 from ringcompile.report import ExplainReport, GraphReport, readable_code
 from ringcompile.specialize import PerShape
 
@@ -103,16 +103,20 @@ def _inner_compiler(name: str):
     return lookup_backend(name)
 
 
-def _symbolic_attention(gm: torch.fx.GraphModule) -> bool:
-    """Some SDPA over the graph's sequence has a symbolic size (Dynamo chose dynamic shapes); a
-    decode step's attention over the sharded cache needs no static sizes."""
-    for node in gm.graph.nodes:
-        if is_sdpa(node) and not reads_sharded_cache(node):
-            a = sdpa_args(node)
-            if any(isinstance(d, torch.SymInt)
-                   for d in (shape_of(a["query"]) or ()) + (shape_of(a["key"]) or ())):
-                return True
-    return False
+def _symbolic(value) -> bool:
+    return any(isinstance(leaf, torch.SymInt) or (
+        isinstance(leaf, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in leaf.shape))
+        for leaf in pytree.tree_leaves(value))
+
+
+def _needs_static_copy(gm: torch.fx.GraphModule) -> bool:
+    """Dynamo made some size symbolic (torch.compile's default after a size changes) in a graph
+    that attends over its sequence. Any node's size counts, not only the attention's: a length a
+    guard pinned to a number during tracing (transformers' ``generate()`` after a forward at
+    another length) stays symbolic in the nodes traced before the guard. A decode step's attention
+    over the sharded cache needs no static sizes."""
+    attends = any(is_sdpa(n) and not reads_sharded_cache(n) for n in gm.graph.nodes)
+    return attends and any(_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes)
 
 
 def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
@@ -128,10 +132,9 @@ def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None 
 
 def _rewrite_and_compile(gm, example_inputs, options, reports):
     opts = RingOptions.from_dict(options)
-    if _symbolic_attention(gm):
-        # Dynamo made the sequence length symbolic (torch.compile's default after a length
-        # changes); the ring needs the length to lay out the tokens: compile per length.
-        log.info("ring: a graph with a symbolic sequence length is compiled per length")
+    if _needs_static_copy(gm):
+        # the ring needs the length to lay out the tokens: compile per length
+        log.info("ring: a graph with symbolic sizes is compiled per length")
         return PerShape(gm, functools.partial(ring_backend, options=options, _reports=reports))
     group = resolve_group(opts.group, opts.mesh_dim)
     if group is None:
