@@ -14,7 +14,10 @@ Options:
 - ``gather_outputs``: True (default) returns full outputs; False leaves sequence outputs sharded
   (each rank's tokens in layout order; gradients of such outputs are this rank's own);
 - ``kernels``: which kernels compute the ring's blocks: "auto" (plain blocks on cuDNN, masked
-  blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto".
+  blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto";
+- ``check_inputs``: when to check that every rank of the ring was given the same inputs where the
+  ring shards them (``ringcompile.input_check``): "first_call" (default: each compiled graph's
+  first call), "every_call" or "never".
 
 A bad option, or a program the backend refuses, raises ``RingCompileError`` with our message alone
 (``ringcompile.errors`` says how it passes through Dynamo): at the first call of the compiled
@@ -27,6 +30,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, fields
 
@@ -35,6 +39,7 @@ import torch.utils._pytree as pytree
 
 from ringcompile.errors import RingCompileError, RingWarning
 from ringcompile.group import resolve_group, warn_if_launched_without_group
+from ringcompile.input_check import CheckedInputs
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
@@ -52,6 +57,7 @@ if os.environ.get("RINGCOMPILE_LOG"):
     log.addHandler(logging.StreamHandler())
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
+_INPUT_CHECKS = ("first_call", "every_call", "never")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class RingOptions:
     compiler: str = "inductor"
     gather_outputs: bool = True
     kernels: str | None = None
+    check_inputs: str = "first_call"
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "RingOptions":
@@ -84,6 +91,11 @@ class RingOptions:
             )
         if not isinstance(opts.gather_outputs, bool):
             raise RingCompileError("backend='ring': gather_outputs must be True or False")
+        if opts.check_inputs not in _INPUT_CHECKS:
+            raise RingCompileError(
+                f"backend='ring': check_inputs={opts.check_inputs!r} is not one of "
+                f"{list(_INPUT_CHECKS)}"
+            )
         try:
             if opts.kernels is not None:
                 resolve_kernel_choice(opts.kernels)
@@ -148,12 +160,37 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
     )
     run_passes(ctx)
     _warn_if_nothing_sharded(ctx)
+    checked = _inputs_to_check(ctx, opts.check_inputs)
+    ctx.report.input_check = opts.check_inputs.replace("_", " ")
+    ctx.report.checked_inputs = [f"{name} ({node.name})" for _, node, name in checked]
     ctx.report.code = readable_code(gm)
     if reports is not None:
         reports.append(ctx.report)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
-    return _inner_compiler(opts.compiler)(gm, example_inputs)
+    compiled = _inner_compiler(opts.compiler)(gm, example_inputs)
+    if not checked:
+        return compiled
+    return CheckedInputs(compiled, group, [(i, name) for i, _, name in checked],
+                         every_call=opts.check_inputs == "every_call")
+
+
+def _user_name(node: torch.fx.Node) -> str:
+    """What the user calls a graph input (``tokens``, ``kwargs['input_ids']``), from Dynamo's
+    record of where it came from; the graph's name where there is none."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name  # a method in older torch
+    return re.sub(r"^L\['(\w+)'\]", r"\1", name) if isinstance(name, str) else node.name
+
+
+def _inputs_to_check(ctx: RingContext, mode: str) -> list[tuple[int, torch.fx.Node, str]]:
+    """(argument index, placeholder, name) of each graph input the ring shards, where they are
+    checked."""
+    if mode == "never" or ctx.world_size == 1:
+        return []
+    index = {n: i for i, n in enumerate(ctx.gm.graph.find_nodes(op="placeholder"))}
+    return [(index[n], n, _user_name(n)) for n in ctx.sequence_inputs]
 
 
 def _warn_if_nothing_sharded(ctx: RingContext) -> None:

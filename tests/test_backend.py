@@ -94,6 +94,7 @@ def test_no_recompiles_across_steps(gloo):
 
 def rewritten_graph(rank, world, rope):
     torch._dynamo.reset()
+    torch.manual_seed(0)  # every rank of the ring is given the same tokens
     model = TinyTransformer(rope=rope, layers=1).double()
     report = ringcompile.explain(model, torch.randint(0, 64, (2, 16)),
                                  options={"compiler": "aot_eager"})
@@ -122,6 +123,8 @@ positions fixed: 1
   - arange (dim 0, positions) at ringcompile/testing_models.py:71
 sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
+inputs compared across the ring (first call): 1
+  - tokens (l_tokens_)
 gathered: 1
   - linear_5 (dim 1): graph output
 fallbacks: none
@@ -215,6 +218,8 @@ positions fixed: 2
   - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
 sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
+inputs compared across the ring (first call): 1
+  - tokens (l_tokens_)
 gathered: 1
   - linear_5 (dim 1): graph output
 fallbacks: none

@@ -12,8 +12,65 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import ringcompile
-from ringcompile import RingWarning, ring_attention
+from ringcompile import RingInputMismatchError, RingWarning, ring_attention
 from ringcompile.testing_models import TinyTransformer
+
+
+def given_inputs(rank, world, cases):
+    """For each (check_inputs, calls): each call's outcome on this rank, "ok" or the mismatch
+    error's message. A call gives every rank the same tokens ("same"), each rank its own
+    ("own"), the same but on rank 1 ("odd"), or a longer sequence on rank 1 ("longer")."""
+    outcomes = []
+    for mode, calls in cases:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = TinyTransformer(layers=1).double()
+        compiled = torch.compile(model, backend="ring", dynamic=False,
+                                 options={"compiler": "eager", "check_inputs": mode})
+        outcome = []
+        for i, kind in enumerate(calls):
+            seed = 10 * i + (rank if kind == "own" else int(kind == "odd" and rank == 1))
+            S = 16 + 4 * (kind == "longer" and rank == 1)
+            tokens = torch.randint(0, 64, (2, S), generator=torch.Generator().manual_seed(seed))
+            try:
+                compiled(tokens)
+                outcome.append("ok")
+            except RingInputMismatchError as e:
+                outcome.append(str(e))
+        outcomes.append(outcome)
+    return outcomes
+
+
+FIX = ("every rank of the ring must be given the same full inputs: feed every rank of the ring "
+       "the same batch")
+
+
+def test_ranks_given_different_inputs_raise_on_every_rank(gloo):
+    """Each rank its own batch (a DistributedSampler over the ring's ranks): every rank raises the
+    same error naming the input, which ranks differ and the fix; "never" lets it through."""
+    cases = [("first_call", ["own"]), ("first_call", ["longer"]), ("never", ["own"])]
+    results = gloo(2).run(given_inputs, cases, timeout=120)
+    assert results[0] == results[1]  # the same message on every rank
+    (own,), (longer,), unchecked = results[0]
+    assert "were given different inputs (checked on the first call)" in own
+    assert "input tokens differs in its values: rank 0 holds one tensor, rank 1 another" in own
+    assert FIX in own and "never over the ring's ranks" in own
+    assert "input tokens differs in shape or dtype: rank 0 holds one tensor, rank 1 another" in (
+        longer)
+    assert unchecked == ["ok"]
+
+
+def test_every_call_checks_every_call(gloo):
+    """By default only each compiled graph's first call is checked; every_call checks each."""
+    cases = [("every_call", ["same", "odd"]), ("first_call", ["same", "odd"])]
+    results = gloo(3).run(given_inputs, cases, timeout=120)
+    assert results[0] == results[1] == results[2]
+    (every_first, every_second), first_call = results[0]
+    assert every_first == "ok"
+    assert "(checked on every call)" in every_second
+    assert "input tokens differs in its values: ranks 0, 2 hold one tensor, rank 1 another" in (
+        every_second)
+    assert first_call == ["ok", "ok"]
 
 
 def deprecation_warnings(rank, world):
@@ -71,6 +128,7 @@ class _AttentionWithDropout(torch.nn.Module):
 
 def nothing_sharded(rank, world):
     """Each model's RingWarnings and the first line of its report, under ``explain``."""
+    torch.manual_seed(0)
     x = torch.randn(1, 2, 8, 4, dtype=torch.float64)
     cases = {
         "by hand": (_AttentionByHand(), x),
@@ -94,7 +152,7 @@ def test_nothing_to_shard_warns(gloo):
     (not only the report) says what was found and the fix, and the report gives the ring's size."""
     for out in gloo(2).run(nothing_sharded, timeout=120):
         (by_hand,), head = out["by hand"]
-        assert "shards nothing in this graph, so each of the 2 ranks computes all of it, unsharded" in by_hand
+        assert "shards nothing in this graph, so each of the 2 ranks computes all of it" in by_hand
         assert "a softmax, and no F.scaled_dot_product_attention" in by_hand
         assert 'attn_implementation="sdpa"' in by_hand
         assert head == "ring graph: no sequence to shard, 2 ranks"

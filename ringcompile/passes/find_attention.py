@@ -51,7 +51,8 @@ def run(ctx: RingContext) -> None:
         ctx.report.fallbacks += [
             f"{n.name} at {source_line(n)}: a softmax, and no F.scaled_dot_product_attention in "
             "this graph (attention written by hand?); nothing sharded — write the attention as "
-            "F.scaled_dot_product_attention (transformers: attn_implementation=\"sdpa\") to shard it"
+            "F.scaled_dot_product_attention (transformers: attn_implementation=\"sdpa\") to "
+            "shard it"
             for n in ctx.gm.graph.nodes if _is_softmax(n)
         ]
         return
