@@ -4,7 +4,11 @@ to shard, bad options; and a run of the backend prints no deprecation warnings."
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +166,34 @@ def test_nothing_to_shard_warns(gloo):
         assert head == "ring graph: no sequence to shard, 2 ranks"
         assert out["no attention"] == ([], "ring graph: no sequence to shard, 2 ranks")
         assert out["sharded"][0] == []
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run_program(rank, world, source):
+    """Run a whole program as ``torchrun`` would on this rank; its output. The world exists
+    already, so the program's init and destroy of the process group do nothing here, and the
+    backend compiles with aot_eager inside (fast on a CPU)."""
+    import torch.distributed as dist
+
+    saved = dist.init_process_group, dist.destroy_process_group, torch.compile
+    dist.init_process_group = dist.destroy_process_group = lambda *args, **kwargs: None
+    torch.compile = lambda *args, **kwargs: saved[2](*args, **kwargs,
+                                                     options={"compiler": "aot_eager"})
+    torch._dynamo.reset()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(source, "ring_train.py", "exec"), {"__name__": "__main__"})
+    finally:
+        dist.init_process_group, dist.destroy_process_group, torch.compile = saved
+    return out.getvalue()
+
+
+def test_readme_whole_program_runs(gloo):
+    source = re.search(r"```python\n(# ring_train.py\n.*?)```", README.read_text(), re.S).group(1)
+    assert "dist.init_process_group(" in source and "torch.manual_seed(" in source
+    printed = gloo(2).run(run_program, source, timeout=120)
+    assert re.fullmatch(r"(step \d: loss \d\.\d{4}\n){3}", printed[0]), printed[0]
+    assert printed[1] == ""
