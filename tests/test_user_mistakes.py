@@ -1,6 +1,7 @@
 """Every mistake a new user makes gets a clear message, on every rank, instead of wrong numbers or
 silence: ranks fed different inputs, ``torchrun`` without a process group, a model with nothing
-to shard, bad options; and a run of the backend prints no deprecation warnings."""
+to shard (bad options: ``test_backend.test_bad_options``); a run of the backend prints no
+deprecation warnings, and the README's whole program runs."""
 
 from __future__ import annotations
 
