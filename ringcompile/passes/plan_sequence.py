@@ -10,8 +10,8 @@ is computed full, as before, and sharded where it is used locally — so stoppin
 exact, and walking further only saves work. ``ctx.shard_kinds[node]`` says what each holds: an
 ``input``, ``positions`` (its sequence dim comes from aranges or position ids alone), a ``table``
 sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along it).
-``ctx.sequence_inputs`` lists, in graph order, the graph inputs whose sequence dim the shard points'
-comes from (the tokens, position ids, an attention mask): what every rank must be given alike.
+``ctx.sequence_inputs`` lists, in graph order, the graph inputs the shard points' sequence dims come
+from (the tokens, position ids, an attention mask): what every rank must be given alike.
 
     tokens -> embedding -> rms_norm -> linear -> view -> transpose -> q -> sdpa
     demand: embedding (1), rms_norm (1), linear (1), view (1), transpose (2), sdpa (2)
