@@ -8,6 +8,7 @@ autograd, behind ``attention.ring_attention``), which computes each step with th
 
 from ringcompile.attention import ring_attention
 from ringcompile.backend import explain, ring_backend, ring_shard
+from ringcompile.errors import RingCompileError, RingInputMismatchError, RingWarning
 from ringcompile.tree_decode import tree_attn_decode
 from ringcompile.layout import ContiguousLayout, Layout, StripedLayout, ZigzagLayout, make_layout
 
@@ -29,6 +30,9 @@ __all__ = [
     "ring_backend",
     "ring_shard",
     "explain",
+    "RingCompileError",
+    "RingInputMismatchError",
+    "RingWarning",
     "Layout",
     "ContiguousLayout",
     "StripedLayout",

@@ -14,25 +14,37 @@ Options:
 - ``gather_outputs``: True (default) returns full outputs; False leaves sequence outputs sharded
   (each rank's tokens in layout order; gradients of such outputs are this rank's own);
 - ``kernels``: which kernels compute the ring's blocks: "auto" (plain blocks on cuDNN, masked
-  blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto".
+  blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto";
+- ``check_inputs``: when to check that every rank of the ring was given the same inputs where the
+  ring shards them (``ringcompile.input_check``): "first_call" (default: each compiled graph's
+  first call), "every_call" or "never".
+
+A bad option, or a program the backend refuses, raises ``RingCompileError`` with our message alone
+(``ringcompile.errors`` says how it passes through Dynamo): at the first call of the compiled
+model, when ``torch.compile`` hands the backend its options, and at once from ``ring_shard``.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
+import re
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
+import torch.utils._pytree as pytree
 
-from ringcompile.group import resolve_group
+from ringcompile.errors import RingCompileError, RingWarning
+from ringcompile.group import resolve_group, warn_if_launched_without_group
+from ringcompile.input_check import CheckedInputs
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
 from ringcompile.passes.decode_attention import reads_sharded_cache
-from ringcompile.passes.dims import is_sdpa, shape_of
-from ringcompile.passes.find_attention import sdpa_args
+from ringcompile.passes.dims import is_sdpa
 from ringcompile.report import ExplainReport, GraphReport, readable_code
 from ringcompile.specialize import PerShape
 
@@ -45,6 +57,7 @@ if os.environ.get("RINGCOMPILE_LOG"):
     log.addHandler(logging.StreamHandler())
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
+_INPUT_CHECKS = ("first_call", "every_call", "never")
 
 
 @dataclass(frozen=True)
@@ -55,31 +68,40 @@ class RingOptions:
     compiler: str = "inductor"
     gather_outputs: bool = True
     kernels: str | None = None
+    check_inputs: str = "first_call"
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "RingOptions":
+        """The options, checked: a bad one raises ``RingCompileError`` naming it and the choices."""
         options = dict(options or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"backend='ring' got unknown option(s) {unknown}; known: {sorted(known)}")
+            raise RingCompileError(
+                f"backend='ring' got unknown option(s) {unknown}; known: {sorted(known)}"
+            )
         opts = cls(**options)
         if opts.layout not in LAYOUTS:
-            raise ValueError(
+            raise RingCompileError(
                 f"backend='ring': layout={opts.layout!r} is not one of {sorted(LAYOUTS)}"
             )
         if opts.compiler not in _COMPILERS:
-            raise ValueError(
+            raise RingCompileError(
                 f"backend='ring': compiler={opts.compiler!r} is not one of {list(_COMPILERS)}"
             )
         if not isinstance(opts.gather_outputs, bool):
-            raise ValueError("backend='ring': gather_outputs must be True or False")
-        if opts.kernels is not None:
-            try:
+            raise RingCompileError("backend='ring': gather_outputs must be True or False")
+        if opts.check_inputs not in _INPUT_CHECKS:
+            raise RingCompileError(
+                f"backend='ring': check_inputs={opts.check_inputs!r} is not one of "
+                f"{list(_INPUT_CHECKS)}"
+            )
+        try:
+            if opts.kernels is not None:
                 resolve_kernel_choice(opts.kernels)
-            except ValueError as e:
-                raise ValueError(f"backend='ring': {e}") from None
-        resolve_group(opts.group, opts.mesh_dim)  # fails early and clearly on a bad group
+            resolve_group(opts.group, opts.mesh_dim)  # fails early and clearly on a bad group
+        except (TypeError, ValueError) as e:
+            raise RingCompileError(f"backend='ring': {e}") from None
         return opts
 
 
@@ -93,41 +115,99 @@ def _inner_compiler(name: str):
     return lookup_backend(name)
 
 
-def _symbolic_attention(gm: torch.fx.GraphModule) -> bool:
-    """Some SDPA over the graph's sequence has a symbolic size (Dynamo chose dynamic shapes); a
-    decode step's attention over the sharded cache needs no static sizes."""
-    for node in gm.graph.nodes:
-        if is_sdpa(node) and not reads_sharded_cache(node):
-            a = sdpa_args(node)
-            if any(isinstance(d, torch.SymInt)
-                   for d in (shape_of(a["query"]) or ()) + (shape_of(a["key"]) or ())):
-                return True
-    return False
+def _symbolic(value) -> bool:
+    return any(isinstance(leaf, torch.SymInt) or (
+        isinstance(leaf, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in leaf.shape))
+        for leaf in pytree.tree_leaves(value))
+
+
+def _needs_static_copy(gm: torch.fx.GraphModule) -> bool:
+    """Dynamo made some size symbolic (torch.compile's default after a size changes) in a graph
+    that attends over its sequence. Any node's size counts, not only the attention's: a length a
+    guard pinned to a number during tracing (transformers' ``generate()`` after a forward at
+    another length) stays symbolic in the nodes traced before the guard. A decode step's attention
+    over the sharded cache needs no static sizes."""
+    attends = any(is_sdpa(n) and not reads_sharded_cache(n) for n in gm.graph.nodes)
+    return attends and any(_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes)
 
 
 def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
                  _reports: list | None = None):
     """The torch.compile backend: rewrite the graph for the ring, then compile it."""
+    try:
+        return _rewrite_and_compile(gm, example_inputs, options, _reports)
+    except RingCompileError as e:
+        # the traceback shown starts here, as Dynamo's own BackendCompilerFailed does
+        e.first_useful_frame = inspect.currentframe()
+        raise
+
+
+def _rewrite_and_compile(gm, example_inputs, options, reports):
     opts = RingOptions.from_dict(options)
-    if _symbolic_attention(gm):
-        # Dynamo made the sequence length symbolic (torch.compile's default after a length
-        # changes); the ring needs the length to lay out the tokens: compile per length.
-        log.info("ring: a graph with a symbolic sequence length is compiled per length")
-        return PerShape(gm, functools.partial(ring_backend, options=options, _reports=_reports))
+    if _needs_static_copy(gm):
+        # the ring needs the length to lay out the tokens: compile per length
+        log.info("ring: a graph with symbolic sizes is compiled per length")
+        return PerShape(gm, functools.partial(ring_backend, options=options, _reports=reports))
+    group = resolve_group(opts.group, opts.mesh_dim)
+    if group is None:
+        warn_if_launched_without_group()
     ctx = RingContext(
         gm=gm,
-        group=resolve_group(opts.group, opts.mesh_dim),
+        group=group,
         layout_name=opts.layout,
         gather_outputs=opts.gather_outputs,
         kernels=opts.kernels,
     )
     run_passes(ctx)
+    _warn_if_nothing_sharded(ctx)
+    checked = _inputs_to_check(ctx, opts.check_inputs)
+    ctx.report.input_check = opts.check_inputs.replace("_", " ")
+    ctx.report.checked_inputs = [f"{name} ({node.name})" for _, node, name in checked]
     ctx.report.code = readable_code(gm)
-    if _reports is not None:
-        _reports.append(ctx.report)
+    if reports is not None:
+        reports.append(ctx.report)
     if log.isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
-    return _inner_compiler(opts.compiler)(gm, example_inputs)
+    compiled = _inner_compiler(opts.compiler)(gm, example_inputs)
+    if not checked:
+        return compiled
+    return CheckedInputs(compiled, group, [(i, name) for i, _, name in checked],
+                         every_call=opts.check_inputs == "every_call")
+
+
+def _user_name(node: torch.fx.Node) -> str:
+    """What the user calls a graph input (``tokens``, ``kwargs['input_ids']``), from Dynamo's
+    record of where it came from; the graph's name where there is none."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name  # a method in older torch
+    return re.sub(r"^L\['(\w+)'\]", r"\1", name) if isinstance(name, str) else node.name
+
+
+def _inputs_to_check(ctx: RingContext, mode: str) -> list[tuple[int, torch.fx.Node, str]]:
+    """(argument index, placeholder, name) of each graph input the ring shards, where they are
+    checked."""
+    if mode == "never" or ctx.world_size == 1:
+        return []
+    index = {n: i for i, n in enumerate(ctx.gm.graph.find_nodes(op="placeholder"))}
+    return [(index[n], n, _user_name(n)) for n in ctx.sequence_inputs]
+
+
+def _warn_if_nothing_sharded(ctx: RingContext) -> None:
+    """A ring of several ranks, attention in the graph (SDPA, or a softmax written by hand), and
+    none of it replaced: every rank would compute everything, and only ``explain`` would say so.
+    (A graph with no attention at all, such as a loss after a graph break, is nothing to say.)"""
+    if ctx.world_size == 1 or ctx.report.attention or not ctx.report.fallbacks:
+        return
+    found = "\n".join(f"  - {f}" for f in ctx.report.fallbacks)
+    warnings.warn(
+        f"backend='ring' shards nothing in this graph, so each of the {ctx.world_size} ranks "
+        f"computes all of it, unsharded. What it found:\n{found}\nThe ring "
+        "replaces F.scaled_dot_product_attention over the graph's sequence (queries and keys of "
+        "one length, dropout_p=0); ringcompile.explain(model, *inputs) shows what it did.",
+        RingWarning,
+        stacklevel=2,
+    )
 
 
 def _compile(target, options: dict, compile_kwargs: dict, reports: list | None = None):

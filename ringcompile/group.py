@@ -7,13 +7,24 @@ custom op can carry) and resolves it back with ``resolve_group_name``.
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-__all__ = ["resolve_group", "group_name_of", "resolve_group_name", "nccl_options"]
+from ringcompile.errors import RingWarning
+
+__all__ = ["resolve_group", "group_name_of", "resolve_group_name", "nccl_options",
+           "all_gather_single", "warn_if_launched_without_group"]
 
 # The ring op's name for "no group: one process, plain attention".
 SINGLE = ""
+
+# torch 2.13 renamed all_gather_into_tensor (same arguments) and warns on the old name, which
+# older torch has alone.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def resolve_group(group=None, mesh_dim: int | str | None = None) -> dist.ProcessGroup | None:
@@ -37,6 +48,28 @@ def resolve_group(group=None, mesh_dim: int | str | None = None) -> dist.Process
         return group.get_group(mesh_dim if mesh_dim is not None else 0)
     raise TypeError(
         f"group must be None, a ProcessGroup, a DeviceMesh or (DeviceMesh, dim); got {type(group)}"
+    )
+
+
+def warn_if_launched_without_group() -> None:
+    """Warn (once per process) where the launcher started several processes (``WORLD_SIZE`` > 1,
+    as ``torchrun`` sets) but no process group exists: each process would run the whole model
+    alone, silently."""
+    world = os.environ.get("WORLD_SIZE", "")
+    if world.isdigit() and int(world) > 1 and not (dist.is_available() and dist.is_initialized()):
+        _warn_launched_without_group(int(world))
+
+
+@functools.cache  # once per process
+def _warn_launched_without_group(world: int) -> None:
+    warnings.warn(
+        f"backend='ring': WORLD_SIZE={world} says this process is one of {world}, but "
+        "torch.distributed is not initialised, so it runs the whole model alone: nothing is "
+        "sharded, every process computes every token. Call torch.distributed."
+        "init_process_group() on every process (under torchrun: dist.init_process_group(\"nccl\") "
+        "on GPUs, \"gloo\" on CPUs) before the compiled model's first call.",
+        RingWarning,
+        stacklevel=2,
     )
 
 

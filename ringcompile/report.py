@@ -37,6 +37,8 @@ class GraphReport:
     lifted: list[str] = field(default_factory=list)  # masks and K/V expansions recognised
     positions: list[str] = field(default_factory=list)  # position tensors fixed
     shards: list[str] = field(default_factory=list)  # full tensors sharded where they enter
+    input_check: str = "never"  # when every rank's inputs are compared (the check_inputs option)
+    checked_inputs: list[str] = field(default_factory=list)  # the inputs compared
     gathers: list[str] = field(default_factory=list)  # sharded values gathered, and why
     reductions: list[str] = field(default_factory=list)  # reductions over the sequence kept local
     fallbacks: list[str] = field(default_factory=list)  # what was left unsharded, and why
@@ -46,17 +48,19 @@ class GraphReport:
     code: str = ""
 
     def __str__(self) -> str:
+        ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
         if self.seq_len:
-            head = (f"ring graph: sequence of {self.seq_len} tokens over {self.world_size} "
-                    f"ranks, {self.layout} layout")
+            head = (f"ring graph: sequence of {self.seq_len} tokens over {ranks}, "
+                    f"{self.layout} layout")
         else:
-            head = f"ring graph: no sequence to shard, {self.world_size} ranks"
+            head = f"ring graph: no sequence to shard, {ranks}"
         lines = [head]
         for title, items in (
             ("attention replaced", self.attention),
             ("attention inputs recognised", self.lifted),
             ("positions fixed", self.positions),
             ("sharded where they enter", self.shards),
+            (f"inputs compared across the ring ({self.input_check})", self.checked_inputs),
             ("gathered", self.gathers),
             ("reductions kept sharded", self.reductions),
             ("fallbacks", self.fallbacks),

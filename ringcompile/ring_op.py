@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ringcompile.blocks import describe_block, layout_block_pieces
-from ringcompile.group import resolve_group_name
+from ringcompile.group import all_gather_single, resolve_group_name
 from ringcompile.kernels import accumulation_dtype, select_kernels
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import BlockMask, position_rule_allows
@@ -155,7 +155,7 @@ class _Ring:
             if nccl:
                 mine = mine.to(device, non_blocking=True)
             table = mine.new_empty(self.size * len(meta))  # flat: gloo takes no other shape
-            work = dist.all_gather_into_tensor(table, mine, group=self.pg, async_op=True)
+            work = all_gather_single(table, mine, group=self.pg, async_op=True)
 
         def verify() -> None:
             if nccl:

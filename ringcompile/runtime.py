@@ -26,6 +26,11 @@ from ringcompile.attention import ring_attention as _ring_attention
 from ringcompile.layout import Layout
 from ringcompile.tree_decode import tree_attn_decode
 
+# torch 2.13 renamed all_gather_tensor_autograd (same arguments) and warns on the old name, which
+# older torch has alone.
+_all_gather_autograd = (getattr(fc, "all_gather_single_autograd", None)
+                        or fc.all_gather_tensor_autograd)
+
 
 class _Bound:
     """A callable bound to one ring; FX names the call after ``__name__``."""
@@ -56,7 +61,7 @@ class RingGather(_Bound):
     def __call__(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.group is None:
             return self.layout.unshard(x, dim)
-        full = fc.all_gather_tensor_autograd(x.contiguous(), dim % x.dim(), self.group)
+        full = _all_gather_autograd(x.contiguous(), dim % x.dim(), self.group)
         return self.layout.unshard(full, dim)
 
 

@@ -94,6 +94,7 @@ def test_no_recompiles_across_steps(gloo):
 
 def rewritten_graph(rank, world, rope):
     torch._dynamo.reset()
+    torch.manual_seed(0)  # every rank of the ring is given the same tokens
     model = TinyTransformer(rope=rope, layers=1).double()
     report = ringcompile.explain(model, torch.randint(0, 64, (2, 16)),
                                  options={"compiler": "aot_eager"})
@@ -122,6 +123,8 @@ positions fixed: 1
   - arange (dim 0, positions) at ringcompile/testing_models.py:71
 sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
+inputs compared across the ring (first call): 1
+  - tokens (l_tokens_)
 gathered: 1
   - linear_5 (dim 1): graph output
 reductions kept sharded: none
@@ -216,6 +219,8 @@ positions fixed: 2
   - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
 sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
+inputs compared across the ring (first call): 1
+  - tokens (l_tokens_)
 gathered: 1
   - linear_5 (dim 1): graph output
 reductions kept sharded: none
@@ -301,10 +306,18 @@ def forward(self, *inputs):  # 15 inputs
     ],
 )
 def test_bad_options(options, words):
+    """Our error with our message alone at the first call (not Dynamo's BackendCompilerFailed and
+    its "reporting a bug to PyTorch"); ring_shard raises it at once."""
+    torch._dynamo.reset()
     model = TinyTransformer(layers=1)
     compiled = torch.compile(model, backend="ring", options=options)
-    with pytest.raises(Exception, match=words):
+    with pytest.raises(ringcompile.RingCompileError, match=words) as raised:
         compiled(torch.randint(0, 64, (1, 8)))
+    assert "PyTorch" not in str(raised.value) and "TORCHDYNAMO" not in str(raised.value)
+    # the traceback goes from the call straight to the backend, without Dynamo's frames
+    assert not any("symbolic_convert" in str(entry.path) for entry in raised.traceback)
+    with pytest.raises(ringcompile.RingCompileError, match=words):
+        ringcompile.ring_shard(model, **options)
 
 
 def test_ring_shard_forms():

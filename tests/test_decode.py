@@ -270,8 +270,11 @@ def hf_decode_error(rank, world, case):
     ("arbitrary mask", "cannot decode .* its mask is more than causality and key padding"),
 ])
 def test_decode_errors_name_the_problem(gloo, case, words):
-    with pytest.raises(AssertionError, match=words):
+    with pytest.raises(AssertionError, match=words) as raised:
         gloo(2).run(hf_decode_error, case)
+    if case != "window":  # the backend's refusals are its own errors, not BackendCompilerFailed
+        assert "RingCompileError" in str(raised.value), str(raised.value)[-2000:]
+        assert "BackendCompilerFailed" not in str(raised.value)
 
 
 def hf_generate(rank, world, padded):
@@ -311,3 +314,32 @@ def test_transformers_generate_equals_one_process(gloo, world, padded):
         # a prefill graph per prompt length and the decode graph(s), not one per token
         decode = [r for r in reports if "over the sharded KV cache (tree attention)" in r]
         assert decode and len(reports) <= 5, [r.splitlines()[0] for r in reports]
+
+
+def generate_after_forward(rank, world, padded):
+    """The README's ``generate()`` after the same compiled forward ran at another length (by
+    keyword, as ``generate()`` passes it): Dynamo made the length symbolic, and a guard pinned it
+    again while tracing the prefill, so only some of the graph's sizes stayed symbolic."""
+    torch._dynamo.reset()
+    model = _hf_model("llama")
+    ids = torch.randint(1, V, (2, 16), generator=torch.Generator().manual_seed(16))
+    am = torch.ones_like(ids)
+    if padded:
+        am[0, :3] = 0
+    kw = dict(attention_mask=am, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        model.forward = torch.compile(model.forward, backend="ring",
+                                      options={"compiler": "aot_eager"})
+        model(input_ids=torch.randint(0, V, (2, 24)))
+        cache = ShardedKVCache(model.config, max_length=22)
+        out = model.generate(ids, **kw, **{_cache_kw(model): cache})
+    return (bool(torch.equal(out.sequences, ref.sequences)),
+            _rel(torch.stack(out.logits), torch.stack(ref.logits)))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_after_a_forward_at_another_length(gloo, padded):
+    for same, err in gloo(2).run(generate_after_forward, padded):
+        assert same and err < TOL, (same, err)

@@ -287,6 +287,12 @@ sharded where they enter: 5
   - l_k_ (dim 2, input)
   - l_padding_ (dim 1, input)
   - l_q_ (dim 2, input)
+inputs compared across the ring (first call): 5
+  - q (l_q_)
+  - padding (l_padding_)
+  - k (l_k_)
+  - v (l_v_)
+  - extra (l_extra_)
 gathered: 1
   - scaled_dot_product_attention_1 (dim 2): graph output
 reductions kept sharded: none

@@ -83,6 +83,8 @@ class RingContext:
     # ... and full tensors sharded where they enter (sequence dim), with what they are
     shard_points: dict[Node, int] = field(default_factory=dict)
     shard_kinds: dict[Node, str] = field(default_factory=dict)
+    # ... and the graph inputs those come from, which every rank must be given alike
+    sequence_inputs: list[Node] = field(default_factory=list)
     # fix_positions / shard_sequence: local version of a node and its sequence dim
     local: dict[Node, tuple[Node, int]] = field(default_factory=dict)
     # nodes whose only value is the local one (no full version exists)
@@ -95,6 +97,9 @@ class RingContext:
     site_facts_local: dict[Node, dict[str, Node]] = field(default_factory=dict)
     # swap_attention: the sites that share one table of ring steps
     reported_steps: dict[tuple, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.report.world_size = self.world_size  # the ring's size, whatever the passes find
 
     @property
     def site_of(self) -> dict[Node, AttentionSite]:

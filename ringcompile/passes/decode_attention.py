@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 
+from ringcompile.errors import RingCompileError
 from ringcompile.kv_cache import APPEND_OPS, MARK_OPS
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import is_sdpa, shape_of
@@ -53,7 +54,7 @@ def _check_ring(ctx: RingContext) -> None:
         if node.op == "call_function" and node.target in APPEND_OPS:
             rank, world = node.args[6], node.args[7]
             if (rank, world) != (ctx.rank, ctx.world_size):
-                raise ValueError(
+                raise RingCompileError(
                     f"a ShardedKVCache made for rank {rank} of {world} is used under a ring where "
                     f"this process is rank {ctx.rank} of {ctx.world_size}: give the cache and the "
                     "backend the same group"
@@ -111,7 +112,7 @@ def run(ctx: RingContext) -> None:
         T = shape_of(a["query"])[-2]
         problem, padding = _refusal(a, mk, mv, T)
         if problem:
-            raise NotImplementedError(f"backend='ring' cannot decode {where}: {problem}")
+            raise RingCompileError(f"backend='ring' cannot decode {where}: {problem}")
         node.target = ctx.tree_decode()
         node.args = (a["query"], mk[0], mv[0])
         node.kwargs = {"q_positions": mk[2], "k_positions": mk[1], "scale": a.get("scale"),
@@ -123,5 +124,4 @@ def run(ctx: RingContext) -> None:
         )
         swapped = True
     if swapped:
-        ctx.report.world_size = ctx.world_size
         ctx.remove_dead_code()  # the marks, and any repeat_kv of them

@@ -3,7 +3,8 @@
 Expects: a Dynamo FX graph with static shapes (``example_value`` on every node).
 Guarantees: ``ctx.sites`` lists each self-attention SDPA over the graph's sequence (queries and
 keys of one length ``ctx.seq_len``, no dropout); every other SDPA is reported as a fallback and
-left as it is (exact: it sees full tensors).
+left as it is (exact: it sees full tensors). A graph without SDPA reports each softmax it has as a
+fallback: attention written by hand, which nothing shards.
 
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # q, k: (B, H, 4096, D)
     -> site(q, k, v, is_causal=True), seq_len = 4096
@@ -15,6 +16,7 @@ from collections import Counter
 
 import torch
 
+from ringcompile.errors import RingCompileError
 from ringcompile.passes.context import AttentionSite, RingContext
 from ringcompile.passes.dims import is_sdpa, shape_of
 
@@ -37,7 +39,23 @@ def sdpa_args(node) -> dict:
     return bound
 
 
+def _is_softmax(node) -> bool:
+    return node.op in ("call_function", "call_method") and (
+        getattr(node.target, "__name__", node.target) == "softmax")
+
+
 def run(ctx: RingContext) -> None:
+    if not any(is_sdpa(n) for n in ctx.gm.graph.nodes):
+        if ctx.report.attention:  # a decode step's, already tree attention
+            return
+        ctx.report.fallbacks += [
+            f"{n.name} at {source_line(n)}: a softmax, and no F.scaled_dot_product_attention in "
+            "this graph (attention written by hand?); nothing sharded — write the attention as "
+            "F.scaled_dot_product_attention (transformers: attn_implementation=\"sdpa\") to "
+            "shard it"
+            for n in ctx.gm.graph.nodes if _is_softmax(n)
+        ]
+        return
     candidates = []
     for node in ctx.gm.graph.nodes:
         if not is_sdpa(node):
@@ -46,7 +64,7 @@ def run(ctx: RingContext) -> None:
         qs, ks = shape_of(a["query"]), shape_of(a["key"])
         where = f"{node.name} at {source_line(node)}"
         if any(isinstance(d, torch.SymInt) for d in qs + ks):
-            raise NotImplementedError(
+            raise RingCompileError(
                 f"backend='ring' needs static shapes, but {where} has symbolic sizes {qs}: pass "
                 "dynamic=False to torch.compile (each new sequence length then compiles once)"
             )
@@ -86,5 +104,4 @@ def run(ctx: RingContext) -> None:
             )
         )
     ctx.report.seq_len = ctx.seq_len
-    ctx.report.world_size = ctx.world_size
     ctx.report.layout = ctx.layout_name

@@ -10,6 +10,8 @@ is computed full, as before, and sharded where it is used locally — so stoppin
 exact, and walking further only saves work. ``ctx.shard_kinds[node]`` says what each holds: an
 ``input``, ``positions`` (its sequence dim comes from aranges or position ids alone), a ``table``
 sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along it).
+``ctx.sequence_inputs`` lists, in graph order, the graph inputs the shard points' sequence dims come
+from (the tokens, position ids, an attention mask): what every rank must be given alike.
 
     tokens -> embedding -> rms_norm -> linear -> view -> transpose -> q -> sdpa
     demand: embedding (1), rms_norm (1), linear (1), view (1), transpose (2), sdpa (2)
@@ -68,6 +70,22 @@ def _kind(node: Node, dim: int, seq_len: int) -> str:
     return "positions"
 
 
+def _inputs_behind(node: Node, dim: int, seq_len: int) -> set[Node]:
+    """The graph inputs ``node``'s sequence dim comes from, walking back as ``_kind`` does."""
+    found, seen, stack = set(), set(), [(node, dim)]
+    while stack:
+        n, d = stack.pop()
+        if (n, d) in seen:
+            continue
+        seen.add((n, d))
+        if n.op == "placeholder":
+            found.add(n)
+            continue
+        stack += [(i, di) for i, m in (dim_map(n) or []) for di, o in m.items()
+                  if o == d and shape_of(i)[di] == seq_len]
+    return found
+
+
 def run(ctx: RingContext) -> None:
     S = ctx.seq_len
     work: list[tuple[Node, int]] = []
@@ -103,5 +121,8 @@ def run(ctx: RingContext) -> None:
         ctx.demand[node] = dim
         work.extend(inputs)
 
+    behind = set()
     for node, dim in ctx.shard_points.items():
         ctx.shard_kinds[node] = _kind(node, dim, S)
+        behind |= _inputs_behind(node, dim, S)
+    ctx.sequence_inputs = [n for n in ctx.gm.graph.nodes if n in behind]

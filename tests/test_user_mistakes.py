@@ -1,0 +1,200 @@
+"""Every mistake a new user makes gets a clear message, on every rank, instead of wrong numbers or
+silence: ranks fed different inputs, ``torchrun`` without a process group, a model with nothing
+to shard (bad options: ``test_backend.test_bad_options``); a run of the backend prints no
+deprecation warnings, and the README's whole program runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+import ringcompile
+from ringcompile import RingInputMismatchError, RingWarning, ring_attention
+from ringcompile.testing_models import TinyTransformer
+
+
+def given_inputs(rank, world, cases):
+    """For each (check_inputs, calls): each call's outcome on this rank, "ok" or the mismatch
+    error's message. A call gives every rank the same tokens ("same"), each rank its own
+    ("own"), the same but on rank 1 ("odd"), or a longer sequence on rank 1 ("longer")."""
+    outcomes = []
+    for mode, calls in cases:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = TinyTransformer(layers=1).double()
+        compiled = torch.compile(model, backend="ring", dynamic=False,
+                                 options={"compiler": "eager", "check_inputs": mode})
+        outcome = []
+        for i, kind in enumerate(calls):
+            seed = 10 * i + (rank if kind == "own" else int(kind == "odd" and rank == 1))
+            S = 16 + 4 * (kind == "longer" and rank == 1)
+            tokens = torch.randint(0, 64, (2, S), generator=torch.Generator().manual_seed(seed))
+            try:
+                compiled(tokens)
+                outcome.append("ok")
+            except RingInputMismatchError as e:
+                outcome.append(str(e))
+        outcomes.append(outcome)
+    return outcomes
+
+
+FIX = ("every rank of the ring must be given the same full inputs: feed every rank of the ring "
+       "the same batch")
+
+
+def test_ranks_given_different_inputs_raise_on_every_rank(gloo):
+    """Each rank its own batch (a DistributedSampler over the ring's ranks): every rank raises the
+    same error naming the input, which ranks differ and the fix; "never" lets it through."""
+    cases = [("first_call", ["own"]), ("first_call", ["longer"]), ("never", ["own"])]
+    results = gloo(2).run(given_inputs, cases, timeout=120)
+    assert results[0] == results[1]  # the same message on every rank
+    (own,), (longer,), unchecked = results[0]
+    assert "were given different inputs (checked on the first call)" in own
+    assert "input tokens differs in its values: rank 0 holds one tensor, rank 1 another" in own
+    assert FIX in own and "never over the ring's ranks" in own
+    assert "input tokens differs in shape or dtype: rank 0 holds one tensor, rank 1 another" in (
+        longer)
+    assert unchecked == ["ok"]
+
+
+def test_every_call_checks_every_call(gloo):
+    """By default only each compiled graph's first call is checked; every_call checks each."""
+    cases = [("every_call", ["same", "odd"]), ("first_call", ["same", "odd"])]
+    results = gloo(3).run(given_inputs, cases, timeout=120)
+    assert results[0] == results[1] == results[2]
+    (every_first, every_second), first_call = results[0]
+    assert every_first == "ok"
+    assert "(checked on every call)" in every_second
+    assert "input tokens differs in its values: ranks 0, 2 hold one tensor, rank 1 another" in (
+        every_second)
+    assert first_call == ["ok", "ok"]
+
+
+def deprecation_warnings(rank, world):
+    """FutureWarnings that one ring_attention call and a compiled forward and backward raise."""
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+        ring_attention(q, q, q)  # the ring's agreement all-gather
+        model = TinyTransformer(layers=1).double()
+        # eager inside: the graph's ring_gather runs the functional all-gather as written
+        compiled = torch.compile(model, backend="ring", options={"compiler": "eager"})
+        compiled(torch.randint(0, 64, (2, 8))).sum().backward()
+    return [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+
+
+def test_no_deprecation_warnings(gloo):
+    for messages in gloo(2).run(deprecation_warnings, timeout=120):
+        assert messages == [], messages
+
+
+def test_torchrun_without_process_group_warns_once(monkeypatch):
+    """WORLD_SIZE > 1 (as torchrun sets) and no process group: each process would run alone."""
+    from ringcompile import group
+
+    group._warn_launched_without_group.cache_clear()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    torch._dynamo.reset()
+    model = TinyTransformer(layers=1).double()
+    compiled = torch.compile(model, backend="ring", options={"compiler": "eager"})
+    with pytest.warns(RingWarning, match=r"WORLD_SIZE=2 .* not initialised.*"
+                                         r"init_process_group\(\) on every process"):
+        compiled(torch.randint(0, 64, (1, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: a new graph does not warn again
+        compiled(torch.randint(0, 64, (1, 12)))
+    group._warn_launched_without_group.cache_clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one process launched alone: nothing to say
+        torch.compile(model, backend="ring", options={"compiler": "eager"})(
+            torch.randint(0, 64, (1, 8)))
+
+
+class _AttentionByHand(torch.nn.Module):
+    def forward(self, x):  # (B, H, S, D)
+        return (x @ x.transpose(-2, -1) / x.shape[-1] ** 0.5).softmax(-1) @ x
+
+
+class _AttentionWithDropout(torch.nn.Module):
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x, x, dropout_p=0.1, is_causal=True)
+
+
+def nothing_sharded(rank, world):
+    """Each model's RingWarnings and the first line of its report, under ``explain``."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    cases = {
+        "by hand": (_AttentionByHand(), x),
+        "dropout": (_AttentionWithDropout(), x),
+        "no attention": (torch.nn.Linear(4, 4).double(), x),
+        "sharded": (TinyTransformer(layers=1).double(), torch.randint(0, 64, (1, 8))),
+    }
+    out = {}
+    for name, (model, inp) in cases.items():
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = ringcompile.explain(model, inp, options={"compiler": "eager"})
+        out[name] = ([str(w.message) for w in caught if issubclass(w.category, RingWarning)],
+                     str(report).splitlines()[1])
+    return out
+
+
+def test_nothing_to_shard_warns(gloo):
+    """Attention by hand, or SDPA with dropout: the model runs unsharded on every rank; a warning
+    (not only the report) says what was found and the fix, and the report gives the ring's size."""
+    for out in gloo(2).run(nothing_sharded, timeout=120):
+        (by_hand,), head = out["by hand"]
+        assert "shards nothing in this graph, so each of the 2 ranks computes all of it" in by_hand
+        assert "a softmax, and no F.scaled_dot_product_attention" in by_hand
+        assert 'attn_implementation="sdpa"' in by_hand
+        assert head == "ring graph: no sequence to shard, 2 ranks"
+        (dropout,), head = out["dropout"]
+        assert "dropout_p=0.1 (the ring op has no dropout)" in dropout
+        assert "set the model's attention dropout to 0" in dropout
+        assert head == "ring graph: no sequence to shard, 2 ranks"
+        assert out["no attention"] == ([], "ring graph: no sequence to shard, 2 ranks")
+        assert out["sharded"][0] == []
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run_program(rank, world, source):
+    """Run a whole program as ``torchrun`` would on this rank; its output. The world exists
+    already, so the program's init and destroy of the process group do nothing here, and the
+    backend compiles with aot_eager inside (fast on a CPU)."""
+    import torch.distributed as dist
+
+    saved = dist.init_process_group, dist.destroy_process_group, torch.compile
+    dist.init_process_group = dist.destroy_process_group = lambda *args, **kwargs: None
+    torch.compile = lambda *args, **kwargs: saved[2](*args, **kwargs,
+                                                     options={"compiler": "aot_eager"})
+    torch._dynamo.reset()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(source, "ring_train.py", "exec"), {"__name__": "__main__"})
+    finally:
+        dist.init_process_group, dist.destroy_process_group, torch.compile = saved
+    return out.getvalue()
+
+
+def test_readme_whole_program_runs(gloo):
+    source = re.search(r"```python\n(# ring_train.py\n.*?)```", README.read_text(), re.S).group(1)
+    assert "dist.init_process_group(" in source and "torch.manual_seed(" in source
+    printed = gloo(2).run(run_program, source, timeout=120)
+    assert re.fullmatch(r"(step \d: loss \d\.\d{4}\n){3}", printed[0]), printed[0]
+    assert printed[1] == ""
