@@ -9,6 +9,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from expecttest import assert_expected_inline
 
+from ringcompile import RingInputMismatchError
 from ringcompile.backend import _compile
 from ringcompile.testing_models import TinyTransformer
 
@@ -91,3 +92,23 @@ view_5 = shifted.view(-1)
 cross_entropy = ring_cross_entropy(view_4, view_5, ignore_index = -100, reduction = 'mean')
 scale_grad = scale_grad(cross_entropy, 0.5)
 return (scale_grad,)""")
+
+
+def labels_differ(rank, world):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = WithLoss("mean").double()
+    tokens = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[0, rank] = -100  # each rank ignores another label
+    try:
+        torch.compile(model, backend="ring", options={"compiler": "eager"})(tokens, labels)
+    except RingInputMismatchError as e:
+        return str(e)
+    return None
+
+
+def test_labels_must_agree(gloo):
+    # each rank reads its own rows of the labels: ranks given different labels all raise
+    msgs = gloo(2).run(labels_differ, timeout=120)
+    assert msgs[0] == msgs[1] and "input labels differs in its values" in msgs[0], msgs

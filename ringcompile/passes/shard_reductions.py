@@ -13,6 +13,8 @@ goes unless something else needs it (a graph output):
 - ``sum`` or ``mean`` over all dims, or over the sequence dim alone, becomes ``ring_sum`` of the
   local value over its real tokens (divided by the full count for a mean).
 The result is a full value, the same on every rank; its gradient follows the ring's invariant.
+The graph inputs a cross-entropy's target comes from (the labels) join ``ctx.sequence_inputs``:
+each rank reads its own rows of them, so every rank must be given them alike.
 
     logits = ring_gather(logits_local, 0); loss = cross_entropy(logits, labels, ignore_index=-100)
     -> loss = ring_cross_entropy(logits_local, labels, ignore_index=-100, reduction='mean')
@@ -55,8 +57,21 @@ def _cross_entropy(ctx: RingContext, node: Node, local: Node, dim: int) -> str |
         return None
     node.target = ctx.ring_cross_entropy()
     node.args = (local, target)
+    _compare_inputs_behind(ctx, target)
     node.kwargs = {"ignore_index": a["ignore_index"], "reduction": a["reduction"]}
     return f"cross_entropy ({a['reduction']})"
+
+
+def _compare_inputs_behind(ctx: RingContext, node: Node) -> None:
+    found, stack = set(ctx.sequence_inputs), [node]
+    while stack:
+        n = stack.pop()
+        if n in found:
+            continue
+        if n.op == "placeholder":
+            found.add(n)
+        stack += n.all_input_nodes
+    ctx.sequence_inputs = [n for n in ctx.gm.graph.nodes if n in found]
 
 
 def _sum_or_mean(ctx: RingContext, node: Node, local: Node, dim: int, full_numel: int
