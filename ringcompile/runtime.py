@@ -148,15 +148,18 @@ class RingSum(_Bound):
 
 class RingCrossEntropy(_Bound):
     """``F.cross_entropy(logits, target, ignore_index=, reduction="mean" | "sum")`` over the whole
-    sequence, from this rank's rows of ``logits`` (N, C) and the full ``target`` (N,): the local
-    sum over this rank's rows, summed over the ring; a mean divides by the count of targets that
-    are not ignored, read from the full target (no communication)."""
+    sequence, from this rank's rows of ``logits`` and the full ``target``: rows (N, C) and (N,),
+    or with ``batch`` (B·N, C) and (B·N,), the sequence inner. The local sum over this rank's rows,
+    summed over the ring; a mean divides by the count of targets that are not ignored, read from
+    the full target (no communication)."""
 
     __name__ = "ring_cross_entropy"
 
-    def __call__(self, logits, target, ignore_index: int = -100, reduction: str = "mean"):
+    def __call__(self, logits, target, ignore_index: int = -100, reduction: str = "mean",
+                 batch: int = 1):  # fmt: skip
         # padded rows get the ignored target: they add nothing
-        local = self.layout.shard(target, 0, self.rank, fill=ignore_index)
+        local = self.layout.shard(target.view(batch, -1), 1, self.rank, fill=ignore_index)
+        local = local.reshape(-1)
         part = F.cross_entropy(logits, local, ignore_index=ignore_index, reduction="sum")
         total = _sum_over_ring(part, self.group)
         if reduction == "sum":

@@ -37,11 +37,11 @@ class WithLoss(torch.nn.Module):
         return (logits * logits).sum(1).sum()  # the sequence dim, then the rest (a full value)
 
 
-def compare(rank, world, kind, S, layout):
+def compare(rank, world, kind, S, layout, batch=1):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = WithLoss(kind).double()
-    tokens = torch.randint(0, V, (1, S))
+    tokens = torch.randint(0, V, (batch, S))
     labels = tokens.clone()
     labels[0, :4] = -100
 
@@ -59,13 +59,14 @@ def compare(rank, world, kind, S, layout):
     return errs, reports
 
 
-CASES = [("mean", 2, 16, "zigzag"), ("sum", 3, 17, "striped"), ("mean", 4, 18, "zigzag"),
-         ("mean_all", 3, 16, "zigzag"), ("sum_seq", 2, 15, "striped")]
+CASES = [("mean", 2, 16, "zigzag", 1), ("sum", 3, 17, "striped", 1), ("mean", 4, 18, "zigzag", 1),
+         ("mean", 3, 17, "zigzag", 2), ("mean_all", 3, 16, "zigzag", 1),
+         ("sum_seq", 2, 15, "striped", 1)]
 
 
-@pytest.mark.parametrize("kind, world, S, layout", CASES)
-def test_loss_matches_one_process(gloo, kind, world, S, layout):
-    results = gloo(world).run(compare, kind, S, layout)
+@pytest.mark.parametrize("kind, world, S, layout, batch", CASES)
+def test_loss_matches_one_process(gloo, kind, world, S, layout, batch):
+    results = gloo(world).run(compare, kind, S, layout, batch)
     for rank, (errs, _) in enumerate(results):
         bad = {k: v for k, v in errs.items() if not v < TOL}
         assert not bad, f"rank {rank}: {bad}"

@@ -5,11 +5,11 @@ value reads ``ring_gather(x, dim)``.
 Guarantees: such a reduction, when it is one of these, reads ``x`` itself instead, and the gather
 goes unless something else needs it (a graph output):
 - ``F.cross_entropy(logits, target, ignore_index=i, reduction="mean" | "sum")`` with logits' rows
-  the sequence (N, C) and a full target (N,) — how transformers' causal-LM loss reads the logits
-  after shifting its labels on the full tensor — becomes ``ring_cross_entropy``: the target is
-  sharded where it meets the logits (padding rows get ``i``), each rank sums its rows' losses, the
-  ring sums the partials, and a mean divides by the count of targets not ignored, read from the
-  full target;
+  the sequence (N, C), or (B, S, C) logits flattened to rows (B·S, C), and a full target of as
+  many rows — how transformers' causal-LM loss reads the logits after shifting its labels on the
+  full tensor — becomes ``ring_cross_entropy``: the target is sharded where it meets the logits
+  (padding rows get ``i``), each rank sums its rows' losses, the ring sums the partials, and a mean
+  divides by the count of targets not ignored, read from the full target;
 - ``sum`` or ``mean`` over all dims, or over the sequence dim alone, becomes ``ring_sum`` of the
   local value over its real tokens (divided by the full count for a mean).
 The result is a full value, the same on every rank; its gradient follows the ring's invariant.
@@ -47,18 +47,21 @@ def _bind(node: Node) -> dict | None:
     return dict(bound.arguments)
 
 
-def _cross_entropy(ctx: RingContext, node: Node, local: Node, dim: int) -> str | None:
+def _cross_entropy(ctx: RingContext, node: Node, local: Node, dim: int, batch: int = 1
+                   ) -> str | None:  # fmt: skip
+    """``batch``: the logits' rows are (batch, sequence) flattened, the sequence inner."""
     a = _bind(node)
     target = a and a["target"]
     if not (isinstance(target, Node) and target not in ctx.local_only and dim == 0
-            and len(shape_of(local)) == 2 and shape_of(target) == (ctx.seq_len,)
+            and len(shape_of(local)) == 2 and shape_of(target) == (batch * ctx.seq_len,)
             and a["weight"] is None and a["size_average"] is None and a["reduce"] is None
             and a["label_smoothing"] == 0.0 and a["reduction"] in ("mean", "sum")):
         return None
     node.target = ctx.ring_cross_entropy()
     node.args = (local, target)
     _compare_inputs_behind(ctx, target)
-    node.kwargs = {"ignore_index": a["ignore_index"], "reduction": a["reduction"]}
+    kwargs = {"ignore_index": a["ignore_index"], "reduction": a["reduction"]}
+    node.kwargs = kwargs | ({"batch": batch} if batch > 1 else {})
     return f"cross_entropy ({a['reduction']})"
 
 
@@ -72,6 +75,32 @@ def _compare_inputs_behind(ctx: RingContext, node: Node) -> None:
             found.add(n)
         stack += n.all_input_nodes
     ctx.sequence_inputs = [n for n in ctx.gm.graph.nodes if n in found]
+
+
+def _flattened_rows(ctx: RingContext, view: Node, full: Node, local: Node, dim: int) -> None:
+    """(B, S, C) logits flattened to rows (B·S, C) and read by cross-entropy losses only: the
+    losses read the local logits flattened the same way."""
+    shape = shape_of(full)
+    if not (view.op == "call_method" and view.target in ("view", "reshape") and dim == 1
+            and len(shape) == 3 and shape_of(view) == (shape[0] * shape[1], shape[2])
+            and view.users and all(u.op == "call_function" and u.target is F.cross_entropy
+                                   for u in view.users)):
+        return
+    with ctx.gm.graph.inserting_before(view):
+        rows = ctx.gm.graph.call_method("reshape", (local, -1, shape[2]))
+    rows.meta = dict(view.meta)  # full-shape meta, as every local node keeps
+    for user in list(view.users):
+        what = _cross_entropy(ctx, user, rows, 0, batch=shape[0])
+        if what is not None:
+            ctx.report.reductions.append(
+                f"{user.name} ({what}) at {source_line(user)}: each rank's rows of {full.name} "
+                f"(dim 1, flattened with the batch), summed over the ring"
+            )
+    if view.users:
+        if not rows.users:
+            ctx.gm.graph.erase_node(rows)
+    else:
+        ctx.gm.graph.erase_node(view)
 
 
 def _sum_or_mean(ctx: RingContext, node: Node, local: Node, dim: int, full_numel: int
@@ -109,6 +138,9 @@ def run(ctx: RingContext) -> None:
     for gather, full in ctx.gathered.items():
         local, dim = gather.args  # ``full``'s example value has the full shape
         for user in list(gather.users):
+            if user.op == "call_method" and user.target in ("view", "reshape"):
+                _flattened_rows(ctx, user, full, local, dim)
+                continue
             if user.op == "call_function" and user.target is F.cross_entropy:
                 what = _cross_entropy(ctx, user, local, dim)
             else:
