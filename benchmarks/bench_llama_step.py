@@ -27,14 +27,12 @@ import argparse
 import datetime
 import json
 import os
-import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
-from bench_train_llama import build  # the same model, cut to 16 layers with heads of dim 128
+from bench_train_llama import build, timed_steps  # the same model: 16 layers, heads of dim 128
 
 MODES = ["ring", "ring-triton", "eager", "compile"]
 
@@ -59,31 +57,6 @@ def compiled_model(model, mode, group):
     if mode == "ring-triton":
         options["kernels"] = "triton"
     return torch.compile(model, backend="ring", options=options)
-
-
-def time_steps(model, fn, S, args, device, rank):
-    V = model.config.vocab_size
-    ids = torch.randint(0, V, (1, S), generator=torch.Generator().manual_seed(S)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-        if rank == 0:
-            print(f"  S={S} step {step + 1}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.2f}s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
-    del opt
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return dict(step_s=sorted(times)[len(times) // 2], peak_gib=peak, losses=losses)
 
 
 def main() -> None:
@@ -111,8 +84,10 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
-                    row |= time_steps(model, compiled_model(model, mode, group), S, args, device,
-                                      rank)  # fmt: skip
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+                    row |= timed_steps(model, compiled_model(model, mode, group), opt, S, args,
+                                       device, rank)  # fmt: skip
+                    del opt
                 except torch.cuda.OutOfMemoryError:
                     row["oom"] = True
                 torch._dynamo.reset()

@@ -61,17 +61,18 @@ def build(args, device, max_len, layers=20, **shape):
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def run_length(model, opt, compiled, S, args, device, rank, world) -> dict:
-    V = model.config.vocab_size
-    g = torch.Generator().manual_seed(S)
-    ids = torch.randint(0, V, (1, S), generator=g).to(device)
+def timed_steps(model, fn, opt, S, args, device, rank) -> dict:
+    """``--warmup`` then ``--steps`` training steps of ``fn`` (the model, compiled or not) on S
+    random tokens with the model's own ``labels=`` loss: the median step's seconds, the peak
+    memory and every step's loss."""
+    ids = torch.randint(0, model.config.vocab_size, (1, S),
+                        generator=torch.Generator().manual_seed(S)).to(device)  # fmt: skip
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        out = compiled(input_ids=ids, labels=ids, use_cache=False)  # logits: this rank's tokens
-        loss = out.loss  # the whole sequence's, the same on every rank
+        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss  # the same on every rank
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -79,14 +80,16 @@ def run_length(model, opt, compiled, S, args, device, rank, world) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-        del out, loss
         if rank == 0:
             print(f"  S={S} step {step + 1}/{args.warmup + args.steps}: loss {losses[-1]:.4f} "
                   f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr, flush=True)
-    step_s = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return dict(seq=S, world=world, step_s=step_s, tokens_per_s_per_gpu=S / step_s / world,
-                peak_gib=peak, losses=losses)
+    return dict(step_s=sorted(times)[len(times) // 2], peak_gib=peak, losses=losses)
+
+
+def run_length(model, opt, compiled, S, args, device, rank, world) -> dict:
+    row = timed_steps(model, compiled, opt, S, args, device, rank)
+    return dict(seq=S, world=world, tokens_per_s_per_gpu=S / row["step_s"] / world, **row)
 
 
 def main() -> None:
