@@ -137,11 +137,12 @@ class RingSum(_Bound):
     __name__ = "ring_sum"
 
     def __call__(self, x: torch.Tensor, seq_dim: int, dim: int | None = None, keepdim=False):
-        real = self.layout.real(self.rank, x.device)
-        shape = [1] * x.dim()
-        shape[seq_dim] = real.numel()
-        # where, not a product: a padded token's value may be anything, inf and NaN too
-        x = torch.where(real.view(shape), x, x.new_zeros(()))
+        if self.layout.pad:  # (no pass over x where there is no padding)
+            real = self.layout.real(self.rank, x.device)
+            shape = [1] * x.dim()
+            shape[seq_dim] = real.numel()
+            # where, not a product: a padded token's value may be anything, inf and NaN too
+            x = torch.where(real.view(shape), x, x.new_zeros(()))
         part = x.sum() if dim is None else x.sum(dim, keepdim=keepdim)
         return _sum_over_ring(part, self.group)
 
