@@ -2,7 +2,9 @@
 memory, and the longest sequence that fits, per ring size.
 
 Model: transformers ``LlamaForCausalLM``, hidden 2048, 20 layers, 32 heads / 8 KV heads (d 128),
-MLP 5632, vocab 32000 (1.03B parameters), bf16 weights and AdamW, batch 1, no activation
+MLP 5632, vocab 32000 (1.03B parameters); ``--shape 8b``: Llama-3-8B's hidden 4096, 32/8 heads,
+MLP 14336 and vocab 128256 with its 32 layers cut to ``--layers`` (default 8, to fit one GPU with
+its optimizer). bf16 weights and AdamW, batch 1, no activation
 checkpointing. Compiled with ``backend="ring"``, zigzag layout, ``gather_outputs=False``; the step
 is the model's own ``labels=`` loss, which the ring keeps sharded (each rank's rows of the logits,
 one all-reduce), so no rank ever holds full-sequence logits. Every length runs ``--warmup`` steps (the
@@ -42,18 +44,33 @@ def _parse():
     p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager"])
     p.add_argument("--fake-world", type=int, default=0)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b",
+                   help="1b: the model above; 8b: Llama-3-8B's layer and vocabulary")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers kept (default: 20 for 1b, 8 of 32 for 8b so that it fits)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args()
 
 
-def build(args, device, max_len, layers=20, **shape):
-    """The Llama above (``layers`` deep, ``shape`` overriding config fields), or a tiny one."""
+# Config fields of each --shape and its default depth; "8b" is Llama-3-8B with its layers cut.
+SHAPES = {
+    "1b": (dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=32000), 20),
+    "8b": (dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0), 8),
+}
+
+
+def build(args, device, max_len, layers=None, **shape):
+    """The Llama of ``--shape`` (``layers`` deep, ``shape`` overriding config fields), or a tiny
+    one."""
     import transformers
 
+    fields, depth = SHAPES[getattr(args, "shape", "1b")]
+    layers = layers or getattr(args, "layers", None) or depth
     size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256) if args.tiny else
-            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                 num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, **shape))
+            dict(fields, num_hidden_layers=layers, **shape))
     cfg = transformers.LlamaConfig(max_position_embeddings=max_len, attn_implementation="sdpa",
                                    **size)
     torch.manual_seed(0)
@@ -132,7 +149,8 @@ def main() -> None:
             break
     if rank == 0:
         what = f"fake ring of {world} (one rank, memory only)" if fake else f"{world} ranks"
-        print(f"Llama {n_params / 1e9:.2f}B, {what}, {args.layout}, compiler {args.compiler}")
+        print(f"Llama {n_params / 1e9:.2f}B ({args.shape} shape, "
+              f"{model.config.num_hidden_layers} layers, vocab {model.config.vocab_size}), {what}, {args.layout}, compiler {args.compiler}")
         print("| S | per rank | step s | tokens/s per GPU | peak GiB |")
         print("|---:|---:|---:|---:|---:|")
         for r in rows:
@@ -143,7 +161,7 @@ def main() -> None:
                 step = "-" if fake else f"{r['step_s']:.3f}"
                 print(f"| {r['seq']} | {-(-r['seq'] // world)} | {step} | {tps} | "
                       f"{r['peak_gib']:.2f} |")
-        tag = f"fake{world}" if fake else f"w{world}"
+        tag = (f"fake{world}" if fake else f"w{world}") + f"_{args.shape}"
         with open(os.path.join(args.out, f"bench_train_llama_{tag}.json"), "w") as f:
             json.dump(rows, f, indent=1)
     if any(r.get("oom") for r in rows) and not fake and world > 1:
