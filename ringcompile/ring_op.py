@@ -364,13 +364,17 @@ def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
         # Step 0 is this rank's own block: it computes while the agreement check completes, and
         # nothing is sent before the check has passed.
         check_first = s == 0 and verify is not None
+        # The receive buffers come before the step's kernels. The first receive runs on the side
+        # stream, ordered after the inputs only: a buffer allocated after the own block's kernels
+        # were queued could reuse memory they still use (their temporaries, freed when queued, as
+        # the caching allocator sees one stream), and NCCL would write into it under them.
+        incoming = [torch.empty_like(t) for t in blocks] if s + 1 < n else None
         if check_first:
             inputs_ready = _record_event(q)
             compute(s)
             verify()
         works = None
         if s + 1 < n:
-            incoming = [torch.empty_like(t) for t in blocks]
             # NCCL waits for the work queued on the issuing stream: issued after the own block's
             # kernel, the first send would wait for it and then run alone.
             with _issued_after(inputs_ready if check_first else None, q.device):
