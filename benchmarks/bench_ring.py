@@ -25,7 +25,8 @@ efficiency = cuDNN's ideal / measured; the same sequence and FLOPs for every row
 
 ``--trace`` also profiles each layout's ring on the GPU (CUDA kernels only) and splits its time
 into compute kernels, communication kernels hidden under compute, exposed communication and idle
-GPU time; the traces go to ``--out`` as ``trace_<layout>_rank<r>.json.gz``.
+GPU time, and lists the kernels that take the time (ms per call, by name); the traces go to
+``--out`` as ``trace_<layout>_rank<r>.json.gz``.
 ``--nccl-high-priority`` gives NCCL high-priority streams, so its kernels take SMs as soon as
 they free up instead of queueing behind a running attention kernel's programs.
 """
@@ -46,7 +47,7 @@ import torch.multiprocessing as mp
 from ringcompile import make_layout, ring_attention
 from ringcompile.group import nccl_options
 from ringcompile.kernels import select_kernels
-from ringcompile.ring_op import _Call, _own_block_parts
+from ringcompile.ring_op import _Call, _own_part_backward, _own_parts
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
 IDEALS = {"auto": "ideal: cuDNN on one GPU, whole sequence (time / W)",
@@ -153,10 +154,9 @@ def ours_without_communication(layout_name, args, world, device, dtype, kernels=
     steps = call.computed_steps()
     masks = [call.block_mask(s, None, device) for s in steps]
     kernels, scale = select_kernels(q, kernels), args.head_dim**-0.5
-    # the backward's kernel calls: the own block in its two parts around the remote blocks
-    parts = _own_block_parts(k.shape[2]) if world > 1 else [(0, k.shape[2])]
-    own = [(lo, hi, masks[0].keys(lo, hi)) for lo, hi in parts] if steps[0] == 0 else []
-    remote = [(0, k.shape[2], m) for m in (masks[1:] if own else masks)]
+    # the backward's kernel calls: the own block in the ring's two parts around the remote blocks
+    own = _own_parts(kernels, masks[0], k.shape, call.plan.num_steps) if steps[0] == 0 else []
+    remote = masks[1:] if own else masks
 
     def run():
         state = kernels.forward_init(q)
@@ -166,12 +166,15 @@ def ours_without_communication(layout_name, args, world, device, dtype, kernels=
         prepared = kernels.backward_prepare(out, dout)
         dq = torch.zeros(q.shape, device=device, dtype=lse.dtype)
         own_dkv = torch.empty((2, *k.shape), device=device, dtype=lse.dtype)
-        calls = [(c, own_dkv) for c in own[:1]]
-        calls += [(c, torch.empty_like(own_dkv)) for c in remote]
-        calls += [(c, own_dkv) for c in own[1:]]
-        for (lo, hi, m), dkv in calls:
-            kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, prepared, m, scale, dq,
-                                  dkv[0, :, :, lo:hi], dkv[1, :, :, lo:hi], dkv_fresh=True)
+        for part in own[:1] + [None] + own[1:]:  # None: the remote blocks, between the parts
+            if part is not None:
+                _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, masks[0],
+                                   scale, dq, own_dkv)  # fmt: skip
+                continue
+            for m in remote:
+                dkv = torch.empty_like(own_dkv)
+                kernels.backward_step(q, k, v, dout, lse, prepared, m, scale, dq, dkv[0], dkv[1],
+                                      dkv_fresh=True)  # fmt: skip
 
     return run
 
@@ -273,10 +276,13 @@ def where_time_goes(fn, path, iters=3) -> dict:
             fn()
         torch.cuda.synchronize()
     comm, compute = [], []
+    by_name: dict[str, float] = {}
     for e in prof.events():
         if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start:
             iv = (e.time_range.start, e.time_range.end)
             (comm if "nccl" in e.name.lower() else compute).append(iv)
+            name = e.name[:70]
+            by_name[name] = by_name.get(name, 0.0) + iv[1] - iv[0]
     comm, compute = _union(comm), _union(compute)
     busy = _union(comm + compute)
     span = busy[-1][1] - busy[0][0]
@@ -290,6 +296,8 @@ def where_time_goes(fn, path, iters=3) -> dict:
         "comm_hidden_ms": hidden / us,
         "comm_exposed_ms": (_length(comm) - hidden) / us,
         "idle_ms": (span - _length(busy)) / us,
+        # the kernels that take the time, ms per call (attention, merges, adds, copies, NCCL)
+        "kernels": {k: v / us for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]},
     }
 
 
@@ -343,7 +351,9 @@ def measure(rank, world, args):
             if rank == 0:
                 for r, sp in enumerate(splits):
                     print(f"trace ours {name} rank {r}: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in sp.items()), flush=True)  # fmt: skip
+                        f"{k} {v:.2f}" for k, v in sp.items() if k != "kernels"), flush=True)
+                    for kname, ms in sp["kernels"].items():
+                        print(f"    {ms:7.3f} ms  {kname}", flush=True)
             rows[f"ours {name}"]["trace"] = splits
     ideal = rows[IDEALS["auto"]]
     for r in rows.values():

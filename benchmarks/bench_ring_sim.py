@@ -5,10 +5,11 @@ layout, rank r at ring step s attends its queries to the key block of rank (r - 
 that pair's BlockMask (positions from ``make_layout(name, S, W).positions(r)``). Steps whose
 blocks no query can see (``position_rule_allows`` is false) cost nothing, as the ring op skips
 them. Each (rank, step) is timed alone (median of triton.testing.do_bench, L2 flushed), forward
-(forward_step; the first step starts the state, the rank's last visible step writes the output)
-and backward (backward_step into fresh dK/dV, as the ring op calls it; step 0, the own block,
-pays backward_prepare and runs as the ring's two calls on halves of its keys, both counted at
-step 0). No communication. Masks carry a ``positions_key`` as the ring op's do, so tile lists
+(forward_step; the first step starts the state, the rank's last visible step writes the output;
+the state before each step is the ring's: the second step finds the first's output unmerged where
+the engine leaves it so) and backward (backward_step into fresh dK/dV as the ring op calls it,
+the first hop's in the dtype the ring sends it in; step 0, the own block, pays backward_prepare
+and runs as the ring's two parts, both counted at step 0). No communication. Masks carry a ``positions_key`` as the ring op's do, so tile lists
 come from the kernels' cache as in a ring.
 
 critical path = sum over steps of the slowest rank's time at that step;
@@ -41,7 +42,7 @@ import torch
 import triton
 
 from ringcompile.blocks import layout_block_pieces
-from ringcompile.kernels import ForwardState, select_kernels
+from ringcompile.kernels import ForwardState, kernels_fuse_plain, select_kernels
 from ringcompile.kernels.triton_flash import (
     FwdConfig,
     TritonKernels,
@@ -50,7 +51,7 @@ from ringcompile.kernels.triton_flash import (
 )
 from ringcompile.layout import make_layout
 from ringcompile.masks import BlockMask, position_rule_allows
-from ringcompile.ring_op import _own_block_parts
+from ringcompile.ring_op import _Call, _own_block_parts, _own_part_backward, _own_parts, step_plan
 
 W, LOCAL, H, HKV, D = 8, 8192, 32, 8, 128
 S = W * LOCAL
@@ -131,6 +132,10 @@ def ring(kernels, layout_name, scale):
         out = rand(1, H, LOCAL, D)
         lse = torch.randn(1, H, LOCAL, device="cuda")
         dq = torch.zeros(q.shape, device="cuda")
+        call = _Call(ring=None, layout=lay, plan=step_plan(lay, True, -1, -1), rank=r, seq_len=S,
+                     causal=True, window_left=-1, window_right=-1, attn_mask=None, facts=None,
+                     kernels="auto")  # fmt: skip
+        left_pending = None  # the first step's output, where the engine leaves it unmerged
         for s in visible:
             src = (r - s) % W
             k, v = ks[src], vs[src]
@@ -141,24 +146,32 @@ def ring(kernels, layout_name, scale):
             first, last = s == visible[0], s == visible[-1]
             state_out = torch.zeros(q.shape, device="cuda")
             state_lse = torch.zeros(q.shape[:3], device="cuda")
+            pending = left_pending if len(visible) > 1 and s == visible[1] else None
 
             def fwd():
                 # a state as the ring has it before this step
-                state = ForwardState(q.shape, state_lse, None if first else state_out,
-                                           steps=0 if first else 1)  # fmt: skip
+                state = ForwardState(q.shape, state_lse, None if first or pending is not None
+                                     else state_out, steps=0 if first else 1, pending=pending)
                 kernels.forward_step(state, q, k, v, mask, scale, last=last)
+                return state
 
-            dk = torch.empty(k.shape, device="cuda")
-            dv = torch.empty(v.shape, device="cuda")
-            spans = _own_block_parts(LOCAL) if s == 0 else [(0, LOCAL)]
+            if first:
+                left_pending = fwd().pending
+            # dK/dV as the ring's are: the first hop's may be in the inputs' dtype
+            hop = torch.float32
+            if s == 1:
+                hop = call.first_hop_dtype(r, kernels_fuse_plain(kernels), q.dtype, torch.float32)
+            dkv = torch.empty((2, *k.shape), device="cuda", dtype=hop)
+            parts = _own_parts(kernels, mask, k.shape, W) if s == 0 else []
 
             def bwd():
                 delta = kernels.backward_prepare(out, dout) if first else delta_once
-                for lo, hi in spans:
-                    part = mask.keys(lo, hi) if len(spans) > 1 else mask
-                    kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
-                                          part, scale, dq, dk[:, :, lo:hi], dv[:, :, lo:hi],
-                                          dkv_fresh=True)  # fmt: skip
+                for part in parts:  # the own block, as the ring's two parts
+                    _own_part_backward(kernels, part, q, k, v, dout, out, lse, delta, mask, scale,
+                                       dq, dkv)  # fmt: skip
+                if not parts:
+                    kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dkv[0],
+                                          dkv[1], dkv_fresh=True)  # fmt: skip
 
             delta_once = kernels.backward_prepare(out, dout)
             fwd_t[s][r] = bench(fwd)

@@ -416,8 +416,8 @@ def test_engine_fresh_key_halves(tf):
 
 
 def test_merge_kernel_vs_torch():
-    """The fused (out, lse) merge against the torch formula, on row slices of the state."""
-    from ringcompile.kernels import ForwardState
+    """The fused (out, lse) merge against the torch formula, on row slices of the state; and from
+    a first block's bf16 output into the bf16 answer."""
     from ringcompile.kernels.merge import merge_block
 
     B, H, Sq, D = 2, 4, 300, 80
@@ -428,14 +428,21 @@ def test_merge_kernel_vs_torch():
     blk = torch.randn(B, Sq, H, D, device="cuda", generator=g).to(torch.bfloat16).transpose(1, 2)
     blk_lse = torch.randn(B, H, Sq, 1, device="cuda", generator=g)[..., 0]
     for start, n in ((0, Sq), (5, 200)):
-        state = ForwardState(torch.Size((B, H, Sq, D)), lse.clone(), out.clone(), steps=1)
-        merge_block(state, start, blk[:, :, :n], blk_lse[:, :, :n], first=False)
+        state, state_lse = out.clone(), lse.clone()
+        merge_block(state, state, state_lse, start, blk[:, :, :n], blk_lse[:, :, :n], first=False)
         rows = slice(start, start + n)
         new = torch.logaddexp(lse[:, :, rows], blk_lse[:, :, :n])
         want = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new)[..., None]
                 + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None])
-        torch.testing.assert_close(state.out[:, :, rows], want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state.lse[:, :, rows], new, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(state[:, :, rows], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state_lse[:, :, rows], new, rtol=1e-6, atol=1e-6)
         untouched = torch.ones(Sq, dtype=torch.bool)
         untouched[rows] = False
-        assert torch.equal(state.out[:, :, untouched], out[:, :, untouched])
+        assert torch.equal(state[:, :, untouched], out[:, :, untouched])
+        # a first block's bf16 output (strided) read, the bf16 answer written
+        first = out.to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+        answer, answer_lse = torch.empty_like(first).contiguous(), lse.clone()
+        merge_block(first, answer, answer_lse, start, blk[:, :, :n], blk_lse[:, :, :n], first=False)
+        want = (first[:, :, rows].float() * torch.exp(lse[:, :, rows] - new)[..., None]
+                + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None])
+        torch.testing.assert_close(answer[:, :, rows].float(), want, rtol=1e-2, atol=1e-2)

@@ -373,25 +373,43 @@ def test_forward_tiles_by_step(tf):
 
 
 @interpreted_only
-def test_merge_kernel(tf):
-    from ringcompile.kernels.interface import ForwardState
+@pytest.mark.parametrize("old_kind, dst_kind", [("state", "state"), ("first", "state"),
+                                                ("state", "answer"), ("first", "answer")])
+def test_merge_kernel(tf, old_kind, dst_kind):
+    """The fused merge against the torch ops, reading the running output from the fp32 state or
+    from a first block's output (half dtype, strided as cuDNN returns it) and writing the state or
+    the answer (half dtype)."""
     from ringcompile.kernels.merge import merge_block
     from ringcompile.kernels.triton_merge import merge_block_cuda
 
     g = torch.Generator().manual_seed(5)
     B, H, Sq, D = 2, 3, 70, 24
-    out = torch.randn(B, H, Sq, D, generator=g)
+    state = torch.randn(B, H, Sq, D, generator=g)
+    first = torch.randn(B, Sq, H, D, generator=g).to(torch.float16).transpose(1, 2)
     lse = torch.randn(B, H, Sq, generator=g)
     lse[:, :, :5] = float("-inf")  # rows that have seen nothing yet
     blk = torch.randn(B, Sq, H, D, generator=g).transpose(1, 2)  # strided, as cuDNN returns it
     blk_lse = torch.randn(B, H, Sq, 1, generator=g)[..., 0]
-    for start, n, first in ((0, Sq, False), (3, 40, False), (10, 50, True)):
-        states = [ForwardState(torch.Size((B, H, Sq, D)), lse.clone(), out.clone(), steps=1)
-                  for _ in range(2)]
-        merge_block(states[0], start, blk[:, :, :n], blk_lse[:, :, :n], first)  # torch ops (CPU)
-        merge_block_cuda(states[1], start, blk[:, :, :n], blk_lse[:, :, :n], first)
-        torch.testing.assert_close(states[1].out, states[0].out, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(states[1].lse, states[0].lse, rtol=1e-6, atol=1e-6)
+    dst_dtype = torch.float32 if dst_kind == "state" else torch.float16
+    for start, n, is_first in ((0, Sq, False), (3, 40, False), (10, 50, True)):
+        old = state if old_kind == "state" else first
+        results = []
+        for merge in (merge_block, merge_block_cuda):  # torch ops (CPU), interpreted Triton
+            dst = torch.full((B, H, Sq, D), float("nan"), dtype=dst_dtype)
+            lse_i = lse.clone()
+            merge(old, dst, lse_i, start, blk[:, :, :n], blk_lse[:, :, :n], is_first)
+            results.append((dst, lse_i))
+        (want, want_lse), (got, got_lse) = results
+        rows = slice(start, start + n)
+        tol = 1e-6 if dst_dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(got[:, :, rows], want[:, :, rows], rtol=tol, atol=tol)
+        torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+        assert got[:, :, :start].isnan().all() and got[:, :, start + n:].isnan().all()
+        new = torch.logaddexp(lse[:, :, rows], blk_lse[:, :, :n])
+        formula = blk[:, :, :n] if is_first else (
+            old[:, :, rows].float() * torch.exp(lse[:, :, rows] - new)[..., None]
+            + blk[:, :, :n] * torch.exp(blk_lse[:, :, :n] - new)[..., None])
+        torch.testing.assert_close(want[:, :, rows].float(), formula, rtol=tol, atol=tol)
 
 
 @interpreted_only

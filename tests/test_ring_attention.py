@@ -356,3 +356,67 @@ def test_own_block_parts_cover_the_keys_later_half_first():
     assert _own_block_parts(300) == [(128, 300), (0, 128)]  # split on a 128-key tile
     assert _own_block_parts(9) == [(4, 9), (0, 4)]
     assert _own_block_parts(1) == [(0, 1)]
+
+
+def _call(layout_name, S, world, causal=True, window=(-1, -1), facts=None):
+    from ringcompile.ring_op import _Call, step_plan
+
+    layout = make_layout(layout_name, S, world)
+    return _Call(ring=None, layout=layout, plan=step_plan(layout, causal, *window), rank=0,
+                 seq_len=S, causal=causal, window_left=window[0], window_right=window[1],
+                 attn_mask=None, facts=facts, kernels="auto")  # fmt: skip
+
+
+def test_first_dkv_hop_travels_in_the_inputs_dtype_where_it_holds_one_contribution():
+    from ringcompile.blocks import Piece
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    for layout_name in LAYOUTS:  # every remote block of a causal ring is one plain piece or empty
+        call = _call(layout_name, 64, 4)
+        assert [call.first_hop_dtype(r, True, bf16, f32) for r in range(4)] == [bf16] * 4
+        assert call.first_hop_dtype(1, False, bf16, f32) == f32  # masked kernels' accumulators
+        assert call.first_hop_dtype(1, True, f32, f32) == f32
+    # contiguous: rank 0's step 1 (rank 3's keys, all in its future) is skipped: zeros
+    assert not _call("contiguous", 64, 4).plan.compute[0][1]
+    # per-element rules: the block goes to the masked kernels
+    assert _call("zigzag", 64, 4, window=(5, 0)).first_hop_dtype(1, True, bf16, f32) == f32
+    facts = torch.zeros(2, 1, 16, dtype=torch.int64)
+    assert _call("zigzag", 64, 4, facts=facts).first_hop_dtype(1, True, bf16, f32) == f32
+    # pieces that share keys would add two rounded values in the half dtype
+    call = _call("zigzag", 64, 4)
+    call.block_pieces = lambda rank, src: (Piece(0, 8, 0, 16, False), Piece(8, 16, 8, 16, False))
+    assert call.first_hop_dtype(1, True, bf16, f32) == f32
+    call.block_pieces = lambda rank, src: (Piece(0, 8, 8, 16, False), Piece(8, 16, 0, 8, False))
+    assert call.first_hop_dtype(1, True, bf16, f32) == bf16
+
+
+def half_precision_errors(rank, world, layout_name, dtype):
+    """This rank's relative errors (out, dq, dk, dv) of the ring in ``dtype`` (plain blocks on
+    the CPU's fused kernel, first dK/dV hop in ``dtype``) and of SDPA in ``dtype``, both against
+    SDPA in float64."""
+    B, H, Hkv, S, D = 1, 4, 2, 16 * world, 16
+    q, k, v, w, kw, allowed = _problem(5, B, H, Hkv, S, D, "causal")
+    want = _sdpa_reference(q, k, v, w, allowed)
+    sdpa = _sdpa_reference(*(t.to(dtype) for t in (q, k, v, w)), allowed)
+    layout = make_layout(layout_name, S, world)
+    local = [layout.shard(t, 2, rank).to(dtype).requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, enable_gqa=True, layout=layout, is_causal=True)
+    (out * layout.shard(w, 2, rank).to(dtype)).sum().backward()
+    got = [out.detach()] + [t.grad for t in local]
+
+    def rel(a, b):
+        return _rel(a.double(), layout.shard(b, 2, rank))
+
+    return [rel(a, b) for a, b in zip(got, want)], [
+        _rel(layout.shard(a, 2, rank).double(), layout.shard(b, 2, rank)) for a, b in zip(sdpa, want)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("layout_name", ["striped", "zigzag"])
+def test_half_precision_ring_is_as_close_as_sdpa(gloo, world, layout_name):
+    # the first dK/dV hop carries the fused kernel's bf16 values as they are: a sender and a
+    # receiver disagreeing on its dtype would garble dk/dv (or fail the transfer)
+    for rank, (ring, sdpa) in enumerate(gloo(world).run(half_precision_errors, layout_name,
+                                                        torch.bfloat16)):  # fmt: skip
+        for name, r, s in zip(("out", "dq", "dk", "dv"), ring, sdpa):
+            assert r < 1.5 * s + 1e-3, f"rank {rank} {name}: ring {r:.2e}, SDPA {s:.2e}"

@@ -55,6 +55,7 @@ __all__ = [
     "ReferenceKernels",
     "accumulation_dtype",
     "kernel_names",
+    "kernels_fuse_plain",
     "resolve_kernel_choice",
     "select_kernels",
 ]
@@ -111,3 +112,9 @@ def select_kernels(q: torch.Tensor, choice: str = "auto") -> AttentionKernels:
         masked = ReferenceKernels()
     plain = _plain_blocks(q.device, q.dtype, q.shape[-1], choice)
     return BlockEngine(plain, masked) if plain is not None else masked
+
+
+def kernels_fuse_plain(kernels: AttentionKernels) -> bool:
+    """Whether ``kernels`` (from ``select_kernels``) hands plain pieces to a fused SDPA kernel,
+    whose backward prepares nothing per call, so a part of the heads is as cheap as the whole."""
+    return isinstance(kernels, BlockEngine)

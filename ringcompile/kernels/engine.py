@@ -5,7 +5,9 @@ pieces (full, or causal on a square) go to a fused SDPA kernel (``sdpa_blocks``:
 masked blocks (windows, documents, padding, a dense mask) go to the masked kernels (Triton on
 CUDA, the reference elsewhere). Both write the one running state (``ForwardState``), so a call
 may mix them step by step: the masked kernels merge inside their epilogue, a plain piece's
-(out, lse) is merged by ``merge_block``.
+(out, lse) is merged by ``merge_block``. A first block's output stays in the inputs' dtype until
+the next merge reads it, and a last step whose pieces hold disjoint rows writes the answer in the
+inputs' dtype: at W = 2 one merge pass is all the forward adds to its two fused calls.
 
 Backward: a plain piece's fused backward takes the final (out, lse) of its rows and returns its
 dq, dk, dv in the input dtype; they are added into the ring's accumulators (dq in fp32 here, dK/dV
@@ -43,6 +45,14 @@ class _Prepared:
         return self._delta
 
 
+def _materialize(state: ForwardState) -> None:
+    """Make the state's ``out`` hold its output in the accumulation dtype, contiguous (what the
+    masked kernels read)."""
+    if state.pending is not None:
+        state.out = state.pending.to(state.lse.dtype, memory_format=torch.contiguous_format)
+        state.pending = None
+
+
 class BlockEngine:
     """:class:`AttentionKernels` that computes plain pieces with ``plain`` and masked blocks with
     ``masked``."""
@@ -58,36 +68,69 @@ class BlockEngine:
                      last: bool) -> None:  # fmt: skip
         pieces = mask.pieces
         if pieces is None:
+            _materialize(state)
             self.masked.forward_step(state, q, k, v, mask, scale, last)
             return
         if not pieces:
             return
         Sq = q.shape[2]
-        whole_rows = (pieces[0].row_start, pieces[0].row_stop) == (0, Sq)
-        if state.steps == 0 and last and len(pieces) == 1 and whole_rows:
-            # the call's only block: the fused kernel's result is the answer
+        whole = [(p.row_start, p.row_stop) == (0, Sq) for p in pieces]
+        if state.steps == 0 and len(pieces) == 1 and whole[0]:
+            # The first block stays as the fused kernel returned it: the next merge reads it (no
+            # copy into the state first); the call's only block is the answer.
             p = pieces[0]
             out, lse = self.plain.forward(q, k[:, :, p.keys], v[:, :, p.keys], p.causal, scale)
-            state.final_out = out.contiguous()
             state.lse = lse.to(state.lse.dtype).contiguous()
             state.steps = 1
+            if last:
+                state.final_out = out.contiguous()
+            else:
+                state.pending = out
             return
-        first = False
         if state.steps == 0:
             if state.out is None:
                 state.out = torch.empty(q.shape, dtype=state.lse.dtype, device=q.device)
-            first = whole_rows  # the first piece fills every row; otherwise start from nothing
-            if not first:
+            if not whole[0]:  # the first piece fills every row; otherwise start from nothing
                 state.out.zero_()
                 state.lse.fill_(float("-inf"))
-        for p in pieces:
-            out, lse = self.plain.forward(q[:, :, p.rows], k[:, :, p.keys], v[:, :, p.keys],
-                                          p.causal, scale)  # fmt: skip
-            merge_block(state, p.row_start, out, lse, first)
-            first = False
+            for i, p in enumerate(pieces):
+                self._merge_piece(state.out, state.out, state, q, k, v, p, scale, i == 0 and whole[0])
+            state.steps = 1
+            return
+        old = state.pending if state.pending is not None else state.out
+        rows = sorted((p.row_start, p.row_stop) for p in pieces)
+        if last and all(a[1] <= b[0] for a, b in zip(rows, rows[1:])):
+            # The answer in q's dtype at once: each piece's rows merged into it, the others copied
+            # (no fp32 write and conversion pass after).
+            final = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            for p in pieces:
+                self._merge_piece(old, final, state, q, k, v, p, scale, False)
+            for lo, hi in zip([0] + [b for _, b in rows], [a for a, _ in rows] + [Sq]):
+                if lo < hi:
+                    final[:, :, lo:hi].copy_(old[:, :, lo:hi])
+            state.final_out, state.pending = final, None
+        else:
+            if state.pending is not None:
+                if state.out is None:
+                    state.out = torch.empty(q.shape, dtype=state.lse.dtype, device=q.device)
+                if not (len(pieces) == 1 and whole[0]):  # rows no merge writes need the copy
+                    state.out.copy_(state.pending)
+                    old = state.out
+                state.pending = None
+            for p in pieces:
+                self._merge_piece(old, state.out, state, q, k, v, p, scale, False)
+                old = state.out
         state.steps += 1
 
+    def _merge_piece(self, old, dst, state: ForwardState, q, k, v, p, scale: float,
+                     first: bool) -> None:  # fmt: skip
+        out, lse = self.plain.forward(q[:, :, p.rows], k[:, :, p.keys], v[:, :, p.keys], p.causal,
+                                      scale)  # fmt: skip
+        merge_block(old, dst, state.lse, p.row_start, out, lse, first)
+
     def forward_finish(self, state: ForwardState, dtype: torch.dtype):
+        if state.pending is not None:  # no merge came after the first block
+            state.final_out, state.pending = state.pending.contiguous(), None
         return self.masked.forward_finish(state, dtype)
 
     def backward_prepare(self, out: torch.Tensor, dout: torch.Tensor) -> _Prepared:

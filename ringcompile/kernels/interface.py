@@ -22,6 +22,9 @@ class ForwardState:
     out: torch.Tensor | None = None  # (B, H, Sq, D) contiguous normalised output, accumulation dtype
     final_out: torch.Tensor | None = None  # (B, H, Sq, D) in q's dtype, written by a last step
     steps: int = 0  # steps merged so far; with none, ``out`` and ``lse`` hold nothing yet
+    # (B, H, Sq, D) in q's dtype, any strides: a first block's output as a fused kernel returned
+    # it, standing for ``out`` until a merge reads it (``BlockEngine`` only)
+    pending: torch.Tensor | None = None
 
 
 def finish_forward(state: ForwardState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

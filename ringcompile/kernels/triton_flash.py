@@ -451,6 +451,16 @@ def _position_rules(q_pos, k_pos, seq_len, window_left, window_right,
 
 
 @triton.jit
+def _doc_range(doc, ok):
+    """Smallest and largest document id among a tile's tokens where ``ok`` (none: lo > hi). Two
+    tiles whose ranges do not meet hold no (query, key) pair of one document, whatever the ids'
+    order: the tile lists skip by positions only, so packed documents skip the rest here."""
+    lo = tl.min(tl.where(ok, doc, _POS_HUGE), axis=0)
+    hi = tl.max(tl.where(ok, doc, -_POS_HUGE), axis=0)
+    return lo, hi
+
+
+@triton.jit
 def _tile_and_head(n_tiles, heads_per_chunk, LAST_HEAVIEST: tl.constexpr):
     """This program's (tile, batch*head) in a flat grid: chunk after chunk of ``heads_per_chunk``
     heads, and inside a chunk tile after tile, heaviest first, heads fastest.
@@ -582,42 +592,50 @@ def _fwd_kernel(
     q_pos = tl.load(q_pos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
     if HAS_DOCS:
         q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
+        q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
     n_part = tl.load(part_count + tile)
     for i in range(n_part):
         n0 = tl.load(part_list + tile * list_stride + i) * BLOCK_N
         offs_k = n0 + offs_n
         k_ok = offs_k < Sk
         kv_rows = offs_k[:, None]
-        k = tl.load(k_base + kv_rows * stride_ks, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + kv_rows * stride_vs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
-        keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
-                               window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
+        visit = True
         if HAS_DOCS:
             k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_k * stride_kds, mask=k_ok, other=0)
-            keep = keep & (q_doc[:, None] == k_doc[None, :])
-        if HAS_KVALID:
-            k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
-            keep = keep & (k_valid[None, :] != 0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if DENSE_KIND != 0:
-            # int64: an S x S mask passes 2**31 elements beyond 46k tokens
-            m_ptrs = dense_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-            m_ptrs = m_ptrs + offs_m[:, None].to(tl.int64) * stride_mq + offs_k[None, :] * stride_mk
-            dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
-            if DENSE_KIND == 1:
-                keep = keep & (dense != 0)
-            else:
-                s = s + dense.to(tl.float32) * 1.4426950408889634
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # Rows that have seen no key yet keep max -inf; subtract 0 there instead to avoid NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            k_doc_lo, k_doc_hi = _doc_range(k_doc, k_ok)
+            visit = (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi)
+        # (a constant True without documents: the compiler drops the branch)
+        if visit:
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + kv_rows * stride_ks, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + kv_rows * stride_vs, mask=kv_mask, other=0.0)
+            k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
+            keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
+                                   window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
+            if HAS_DOCS:
+                keep = keep & (q_doc[:, None] == k_doc[None, :])
+            if HAS_KVALID:
+                k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
+                keep = keep & (k_valid[None, :] != 0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if DENSE_KIND != 0:
+                # int64: an S x S mask passes 2**31 elements beyond 46k tokens
+                m_ptrs = dense_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+                m_ptrs = m_ptrs + offs_m[:, None].to(tl.int64) * stride_mq + offs_k[None, :] * stride_mk
+                dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+                if DENSE_KIND == 1:
+                    keep = keep & (dense != 0)
+                else:
+                    s = s + dense.to(tl.float32) * 1.4426950408889634
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # Rows that have seen no key yet keep max -inf; subtract 0 there instead to avoid NaN.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_sub)
+            p = tl.exp2(s - m_sub[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -779,6 +797,7 @@ def _bwd_kernel(
         k_pos = tl.load(k_pos_ptr + offs_n, mask=k_ok, other=0).to(tl.int32)
         if HAS_DOCS:
             k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_n * stride_kds, mask=k_ok, other=0)
+            k_doc_lo, k_doc_hi = _doc_range(k_doc, k_ok)
         if HAS_KVALID:
             k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_n * stride_kvs, mask=k_ok, other=0)
         for it in range(GROUP * n_part):
@@ -786,34 +805,40 @@ def _bwd_kernel(
             m0 = tl.load(part_list + tile * list_stride + it % n_part) * BLOCK_M
             rows = m0 + offs_m
             row_ok = rows < Sq
-            bh = b64 * HKV * GROUP + h
-            q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-            keep = _position_rules(q_pos[None, :], k_pos[:, None], seq_len, window_left,
-                                   window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[:, None]  # fmt: skip
+            visit = True
             if HAS_DOCS:
                 q_doc = tl.load(q_doc_ptr + b * stride_qdb + rows * stride_qds, mask=row_ok, other=0)
-                keep = keep & (k_doc[:, None] == q_doc[None, :])
-            if HAS_KVALID:
-                keep = keep & (k_valid[:, None] != 0)
-            dense_bias = None
-            if DENSE_KIND != 0:
-                m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
-                m_ptrs = m_ptrs + rows[None, :].to(tl.int64) * stride_mq + offs_n[:, None] * stride_mk
-                dense = tl.load(m_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0)
-                if DENSE_KIND == 1:
-                    keep = keep & (dense != 0)
-                else:
-                    dense_bias = dense.to(tl.float32) * 1.4426950408889634
-            dk, dv = _bwd_block(
-                k, v, dk, dv,
-                Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
-                DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
-                LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
-                DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
-                DQ_DESC, [b, h, m0, 0], row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias,
-                CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True, DENSE_ADD=DENSE_KIND == 2,
-                DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
-            )  # fmt: skip
+                q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
+                visit = (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi)
+            # (a constant True without documents: the compiler drops the branch)
+            if visit:
+                bh = b64 * HKV * GROUP + h
+                q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=0).to(tl.int32)
+                keep = _position_rules(q_pos[None, :], k_pos[:, None], seq_len, window_left,
+                                       window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[:, None]  # fmt: skip
+                if HAS_DOCS:
+                    keep = keep & (k_doc[:, None] == q_doc[None, :])
+                if HAS_KVALID:
+                    keep = keep & (k_valid[:, None] != 0)
+                dense_bias = None
+                if DENSE_KIND != 0:
+                    m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
+                    m_ptrs = m_ptrs + rows[None, :].to(tl.int64) * stride_mq + offs_n[:, None] * stride_mk
+                    dense = tl.load(m_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0)
+                    if DENSE_KIND == 1:
+                        keep = keep & (dense != 0)
+                    else:
+                        dense_bias = dense.to(tl.float32) * 1.4426950408889634
+                dk, dv = _bwd_block(
+                    k, v, dk, dv,
+                    Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
+                    DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
+                    LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
+                    DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
+                    DQ_DESC, [b, h, m0, 0], row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias,
+                    CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True, DENSE_ADD=DENSE_KIND == 2,
+                    DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
+                )  # fmt: skip
 
         _write_dkv(dk_base, offs_n, offs_d, stride_dks, kv_mask, dk * sm_scale, ACCUMULATE)
         _write_dkv(dv_base, offs_n, offs_d, stride_dvs, kv_mask, dv, ACCUMULATE)
@@ -896,35 +921,42 @@ def _bwd_dq_kernel(
         q_pos = tl.load(q_pos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
         if HAS_DOCS:
             q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
+            q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
         for i in range(n_part):
             n0 = tl.load(part_list + tile * list_stride + i) * BLOCK_N
             offs_k = n0 + offs_n
             k_ok = offs_k < Sk
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + offs_k[:, None] * stride_ks, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_k[:, None] * stride_vs, mask=kv_mask, other=0.0)
-            k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
-            keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
-                                   window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
+            visit = True
             if HAS_DOCS:
                 k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_k * stride_kds, mask=k_ok, other=0)
-                keep = keep & (q_doc[:, None] == k_doc[None, :])
-            if HAS_KVALID:
-                k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
-                keep = keep & (k_valid[None, :] != 0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            if DENSE_KIND != 0:
-                m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
-                m_ptrs = m_ptrs + offs_m[:, None].to(tl.int64) * stride_mq + offs_k[None, :] * stride_mk
-                dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
-                if DENSE_KIND == 1:
-                    keep = keep & (dense != 0)
-                else:
-                    s = s + dense.to(tl.float32) * 1.4426950408889634
-            p = tl.exp2(tl.where(keep, s, float("-inf")) - m2[:, None])
-            dp = tl.dot(do, tl.trans(v))
-            ds = (p * (dp - delta[:, None])).to(k.dtype)
-            dq += tl.dot(ds, k)
+                k_doc_lo, k_doc_hi = _doc_range(k_doc, k_ok)
+                visit = (k_doc_lo <= q_doc_hi) & (q_doc_lo <= k_doc_hi)
+            # (a constant True without documents: the compiler drops the branch)
+            if visit:
+                kv_mask = k_ok[:, None] & d_ok[None, :]
+                k = tl.load(k_base + offs_k[:, None] * stride_ks, mask=kv_mask, other=0.0)
+                v = tl.load(v_base + offs_k[:, None] * stride_vs, mask=kv_mask, other=0.0)
+                k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
+                keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
+                                       window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
+                if HAS_DOCS:
+                    keep = keep & (q_doc[:, None] == k_doc[None, :])
+                if HAS_KVALID:
+                    k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
+                    keep = keep & (k_valid[None, :] != 0)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                if DENSE_KIND != 0:
+                    m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
+                    m_ptrs = m_ptrs + offs_m[:, None].to(tl.int64) * stride_mq + offs_k[None, :] * stride_mk
+                    dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+                    if DENSE_KIND == 1:
+                        keep = keep & (dense != 0)
+                    else:
+                        s = s + dense.to(tl.float32) * 1.4426950408889634
+                p = tl.exp2(tl.where(keep, s, float("-inf")) - m2[:, None])
+                dp = tl.dot(do, tl.trans(v))
+                ds = (p * (dp - delta[:, None])).to(k.dtype)
+                dq += tl.dot(ds, k)
 
         # One program per (query tile, head): plain read-add-write.
         dq_ptrs = DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh
