@@ -14,6 +14,8 @@ GPU. The table's bound is the target for everything that scales with the sequenc
 
     PYTHONPATH=. python benchmarks/bench_memory.py [--seq 32768] [--vocab 32000] [--no-gather]
         [--worlds 1 2 4 8] [--out DIR]
+    python benchmarks/bench_memory.py --replot A/bench_memory.json B/bench_memory.json ...
+        [--out DIR]   # DIR/bench_memory.png: peak per rank against W, one line per run
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,6 +39,7 @@ def _parse():
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "eager" or W: one run
+    p.add_argument("--replot", nargs="+", metavar="JSON", help="draw these runs' JSON files")
     return p.parse_args()
 
 
@@ -77,8 +81,48 @@ def one_run(args) -> dict:
     return {"peak_gib": peak / 2**30, "params_gib": params / 2**30}
 
 
+def plot(paths: list[str], out: str) -> None:
+    """Peak memory per rank against the ring size, log-log, one line per run; runs that went out
+    of memory at some W leave those points out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for path in paths:
+        with open(path) as f:
+            run = json.load(f)
+        rows = {int(w): r for w, r in run["rows"].items() if w != "eager" and "peak_gib" in r}
+        worlds = sorted(rows)
+        tokens = re.search(r"(\d+) tokens", run["setup"]).group(1)
+        vocab = re.search(r"vocab (\d+)", run["setup"]).group(1)
+        label = f"{int(tokens):,} tokens, vocabulary {int(vocab):,}"
+        line, = ax.plot(worlds, [rows[w]["peak_gib"] for w in worlds], "o-", label=label)
+        for w in worlds:
+            ax.annotate(f"{rows[w]['peak_gib']:.1f}", (w, rows[w]["peak_gib"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        if 1 in rows:  # everything that scales with the sequence falls as 1/W
+            base, params = rows[1]["peak_gib"], rows[1]["params_gib"]
+            ax.plot(worlds, [(base - params) / w + params for w in worlds], ":",
+                    color=line.get_color(), linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    ax.set_xlabel("ring size W (one rank each; fake process group)")
+    ax.set_ylabel("peak GiB per rank")
+    ax.set_title("Per-rank peak memory, Llama fwd+bwd with its labels= loss, gather_outputs=False\n"
+                 "dotted: (W = 1 peak - params) / W + params", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "bench_memory.png"), dpi=110)
+
+
 def main():
     args = _parse()
+    if args.replot:
+        plot(args.replot, args.out)
+        return
     if args.one is not None:
         print(json.dumps(one_run(args)))
         return
