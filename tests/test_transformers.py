@@ -29,10 +29,18 @@ def _rel(a, b):
 
 
 def _model(arch: str):
+    if arch == "falcon-mq":  # Falcon-7B's attention: one K/V head, fused qkv, parallel MLP
+        config = transformers.FalconConfig(
+            vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            multi_query=True, new_decoder_architecture=False, parallel_attn=True, alibi=False,
+            max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
+        torch.manual_seed(0)
+        return transformers.FalconForCausalLM(config).double()
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     }[arch]
     # windows shorter than S, so they really cut; Qwen2 windows layer 1 only: two masks, one graph
     extra = {"mistral": {"sliding_window": 5},
@@ -464,3 +472,28 @@ def test_labels_loss_stays_sharded(gloo, arch, world, seq_len, packed, num_items
     assert "cross_entropy" in graph.reductions[0], graph.reductions
     want = ["logits (dim 1): graph output"] if gather_outputs else []
     assert graph.gathers == want, graph.gathers
+
+
+def test_float32_norms_stay_sharded(gloo):
+    """Gemma computes its norms in float32 and casts back with ``type_as(x)``: the cast reads its
+    second argument for the dtype alone, so the norms and MLPs run on each rank's tokens (they
+    were computed full from gathered inputs). The ranks' float32 weight-gradient partials add in
+    another order than one process's: float32 rounding, not float64's."""
+    results = gloo(2).run(compare_hf, "gemma", 16, "left", False)
+    for rank, (errs, _) in enumerate(results):
+        bad = {k: v for k, v in errs.items() if not v < 1e-6}
+        assert not bad, f"rank {rank}: {bad}"
+    for graph in results[0][1]:  # (Dynamo hands the backend this graph twice; a counting backend once)
+        assert len(graph.attention) == 2 and graph.fallbacks == [], graph.fallbacks
+        assert graph.gathers == ["logits (dim 1): graph output"], graph.gathers
+
+
+def test_multi_query_falcon(gloo):
+    """Falcon-7B-style attention: K/V of one head broadcast by SDPA without ``enable_gqa`` (was
+    refused), picked out of the fused qkv with ``qkv[..., [-2], :]`` (a list index on the head
+    dim: the fused qkv was gathered in every layer). Exact, and nothing but the logits gathered."""
+    results = gloo(2).run(compare_hf, "falcon-mq", 16, "none", False)
+    _assert_exact(results)
+    for graph in results[0][1]:
+        assert len(graph.attention) == 2 and graph.fallbacks == [], graph.fallbacks
+        assert graph.gathers == ["lm_logits (dim 1): graph output"], graph.gathers

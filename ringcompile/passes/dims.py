@@ -133,9 +133,13 @@ def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> dict[int, int
 
 
 def _index_map(x_shape: tuple[int, ...], index) -> dict[int, int] | None:
-    """Basic indexing ``x[index]``: full slices keep a dim, ints drop it, None adds one."""
+    """Basic indexing ``x[index]``: full slices keep a dim, ints drop it, None adds one, one list of
+    ints picks along its dim."""
     if not isinstance(index, tuple):
         index = (index,)
+    lists = [i for i in index if isinstance(i, list)]
+    if len(lists) > 1 or not all(isinstance(j, int) for i in lists for j in i):
+        return None  # several advanced indices move their dims; tensors index by data
     n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
     m: dict[int, int] = {}
     d = o = 0
@@ -149,6 +153,11 @@ def _index_map(x_shape: tuple[int, ...], index) -> dict[int, int] | None:
             o += 1
         elif isinstance(item, int):
             d += 1
+        elif isinstance(item, list):
+            # one list of ints picks along its dim, which stays in place (Falcon's
+            # ``qkv[..., [-2], :]``): that dim is not carried, the others are
+            d += 1
+            o += 1
         elif isinstance(item, slice):
             full = item == slice(None) or (
                 item.step in (None, 1)
@@ -270,6 +279,14 @@ def dim_map(node: Node) -> DimMap | None:
             o += 1
         return [(x, m)]
     return None
+
+
+def dtype_only_inputs(node: Node) -> list[Node]:
+    """Tensor inputs the op reads for their dtype or device alone (``x.type_as(other)``,
+    ``x.to(other)``): any rows of them serve, a shard as well as the whole."""
+    if node.op == "call_method" and node.target in ("type_as", "to", "type"):
+        return [a for a in [*node.args[1:], *node.kwargs.values()] if is_tensor_node(a)]
+    return []
 
 
 def size_args(node: Node) -> tuple[str, list[int]] | None:

@@ -30,7 +30,7 @@ from torch.fx.node import map_arg
 from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import StripedLayout
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.dims import dim_map, shape_of, size_args
+from ringcompile.passes.dims import dim_map, dtype_only_inputs, shape_of, size_args
 from ringcompile.passes.find_attention import sdpa_args, source_line
 
 
@@ -78,6 +78,10 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
                 return None  # its sequence does not line up with the output's
         if len(in_dims) == 1:
             replace[inp] = ctx.shard_of(inp, in_dims[0])
+    for a in dtype_only_inputs(node):  # read for its dtype alone: its shard serves
+        unread.add(a)
+        if a in ctx.local and a not in replace:
+            replace[a] = ctx.local[a][0]
     # inputs the map does not cover (an op's non-tensor or broadcast args) must not be local-only
     if any(a in ctx.local_only and a not in replace and a not in unread
            for a in node.all_input_nodes):
