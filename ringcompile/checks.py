@@ -27,8 +27,10 @@ def check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
 
 
 def check_gqa(H: int, Hkv: int, enable_gqa: bool) -> None:
-    """SDPA's rule: Hkv < H needs enable_gqa, and H a multiple of Hkv."""
-    if H == Hkv:
+    """SDPA's rule: Hkv < H needs enable_gqa, and H a multiple of Hkv; one K/V head needs
+    neither (SDPA broadcasts it against every query head: multi-query attention as Falcon-7B
+    writes it)."""
+    if H == Hkv or Hkv == 1:
         return
     if not enable_gqa:
         raise ValueError(

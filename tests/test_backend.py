@@ -419,3 +419,30 @@ def test_dead_code_elimination_keeps_mutating_ops(monkeypatch):
     g.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutates(n))
     kept = [n for n in g.nodes if n.op in ("call_function", "call_method")]
     assert kept == [append, bump]
+
+
+def one_kv_head_broadcast(rank, world):
+    """SDPA broadcasts one K/V head against every query head without ``enable_gqa`` (Falcon-7B's
+    multi-query attention): the ring does the same, exactly, and replaces the attention."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 16, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    kv = torch.randn(1, 1, 16, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(1, 4, 16, 8, dtype=torch.float64, generator=g)
+
+    def attend(q, kv):
+        return torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+
+    ref = attend(q, kv)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, kv))
+    report = ringcompile.explain(attend, q, kv, options={"compiler": "aot_eager"})
+    out = torch.compile(attend, backend="ring", options={"compiler": "aot_eager"})(q, kv)
+    grads = torch.autograd.grad((out * w).sum(), (q, kv))
+    errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    return errs, str(report)
+
+
+def test_one_kv_head_broadcasts_without_enable_gqa(gloo):
+    for rank, (errs, report) in enumerate(gloo(2).run(one_kv_head_broadcast)):
+        assert max(errs) < TOL, f"rank {rank}: {errs}"
+        assert "attention replaced: 1" in report and "fallbacks: none" in report, report
