@@ -211,6 +211,10 @@ def dim_map(node: Node) -> DimMap | None:
             else:
                 result.append((a, {d: d for d in range(len(s)) if d != dd}))
         return result
+    if node.op == "call_function" and t is torch.addmm:
+        # bias + mat1 @ mat2 (GPT-2's Conv1D on flattened rows): mat1's rows are the output's
+        mat1 = _arg(node, 1, "mat1")
+        return [(mat1, {0: 0})] if shape_of(mat1) is not None else None
     if xs is None:
         return None
 
