@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ringcompile.checks import check_gqa, check_qkv
 from ringcompile.group import group_name_of, resolve_group
@@ -40,7 +41,8 @@ def ring_attention(
     """``F.scaled_dot_product_attention`` over a sequence sharded across the ranks of a ring.
 
     Args:
-        q: (B, H, S_local, D) this rank's queries; k, v: (B, Hkv, S_local, D) its keys/values.
+        q: (B, H, S_local, D) this rank's queries; k: (B, Hkv, S_local, D) its keys; v:
+            (B, Hkv, S_local, Dv) its values (Dv may differ from D, as in MLA).
         attn_mask: dense fallback mask whose rows are this rank's queries and whose columns are the
             *global* keys in natural order: broadcastable to (B, H, S_local, seq_len); boolean
             (True = attend) or additive float (treated as a constant: no gradient).
@@ -64,7 +66,7 @@ def ring_attention(
             or "reference" (plain PyTorch); None reads ``RINGCOMPILE_KERNELS``, else "auto".
 
     Returns:
-        (B, H, S_local, D): this rank's rows of SDPA over the global sequence. Rows that see no
+        (B, H, S_local, Dv): this rank's rows of SDPA over the global sequence. Rows that see no
         key are 0 (as SDPA's math backend gives).
     """
     if dropout_p != 0.0:
@@ -74,10 +76,10 @@ def ring_attention(
         )
     check_qkv("ring_attention", q, k, v)
     B, H, S, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
         raise ValueError(
-            f"k and v must be (B={B}, Hkv, S_local, D={D}) and equal; got k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
+            f"k must be (B={B}, Hkv, S_local, D={D}) and v (B, Hkv, S_local, Dv) with k's first "
+            f"three sizes; got k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if k.shape[2] != S:
         raise ValueError(
@@ -122,6 +124,14 @@ def ring_attention(
         raise TypeError(f"key_padding_mask must be bool (True = real token), got "
                         f"{key_padding_mask.dtype}")
 
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    Dv = v.shape[3]
+    if Dv != D:
+        # Values of another head dim (MLA) go round the ring padded with zeros to one head dim:
+        # zero dims add nothing to q . k, their output columns are zero and are cut off, and
+        # their gradients are dropped, so every kernel takes them as they are.
+        width = max(D, Dv)
+        q, k, v = (F.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
     out, _ = ring_attention_op(
         q.contiguous(),
         k.contiguous(),
@@ -129,7 +139,7 @@ def ring_attention(
         mask4,
         document_ids,
         key_padding_mask,
-        float(scale) if scale is not None else 1.0 / math.sqrt(D),
+        scale,
         bool(is_causal),
         wl,
         wr,
@@ -138,7 +148,7 @@ def ring_attention(
         group_name_of(pg),
         kernels,
     )
-    return out
+    return out[..., :Dv].contiguous() if Dv != D else out
 
 
 def _dense_mask(mask, B, H, S, seq_len, device) -> torch.Tensor | None:

@@ -446,3 +446,35 @@ def test_one_kv_head_broadcasts_without_enable_gqa(gloo):
     for rank, (errs, report) in enumerate(gloo(2).run(one_kv_head_broadcast)):
         assert max(errs) < TOL, f"rank {rank}: {errs}"
         assert "attention replaced: 1" in report and "fallbacks: none" in report, report
+
+
+def value_head_dim_differs(rank, world, dq, dv, heads):
+    """Values of another head dim than queries and keys (MLA: DeepSeek-V2/V3, Kimi-K2,
+    MiniCPM3), causal, through the backend: errors against eager and the report."""
+    torch._dynamo.reset()
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, H, 16, dq, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, Hkv, 16, dq, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, Hkv, 16, dv, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(1, H, 16, dv, dtype=torch.float64, generator=g)
+
+    def attend(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                enable_gqa=H != Hkv)
+
+    ref = attend(q, k, v)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    report = ringcompile.explain(attend, q, k, v, options={"compiler": "aot_eager"})
+    out = torch.compile(attend, backend="ring", options={"compiler": "aot_eager"})(q, k, v)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    return errs, tuple(out.shape), str(report)
+
+
+@pytest.mark.parametrize("dq, dv, heads", [(12, 6, (2, 2)), (8, 16, (4, 2))])
+def test_value_head_dim_may_differ(gloo, dq, dv, heads):
+    for rank, (errs, shape, report) in enumerate(gloo(2).run(value_head_dim_differs, dq, dv, heads)):
+        assert max(errs) < TOL, f"rank {rank}: {errs}"
+        assert shape == (1, heads[0], 16, dv)
+        assert "attention replaced: 1" in report and "fallbacks: none" in report, report
