@@ -133,7 +133,8 @@ def ring(kernels, layout_name, scale):
         lse = torch.randn(1, H, LOCAL, device="cuda")
         dq = torch.zeros(q.shape, device="cuda")
         call = _Call(ring=None, layout=lay, plan=step_plan(lay, True, -1, -1), rank=r, seq_len=S,
-                     causal=True, window_left=-1, window_right=-1, attn_mask=None, facts=None,
+                     causal=True, window_left=-1, window_right=-1, attn_mask=None,
+                     dense_offset=None, facts=None,
                      kernels="auto")  # fmt: skip
         left_pending = None  # the first step's output, where the engine leaves it unmerged
         for s in visible:

@@ -42,6 +42,12 @@ class BlockMask:
     k_doc: torch.Tensor | None = None  # (B, Sk)
     k_valid: torch.Tensor | None = None  # (B, Sk) bool, False = padding key
     dense: torch.Tensor | None = None  # (B|1, H|1, Sq, Sk) bool or additive float
+    # (B|1, H|1, Sq), with an additive ``dense`` only: subtracted from each row's scores after the
+    # mask is added, as a softmax allows. The ring gives each row its largest mask value over the
+    # keys the positions allow: a row that a mask fills with finfo.min everywhere then keeps its
+    # scores at 0, not at finfo.min, where the log-sum-exp of one block (min + log n) rounds back
+    # to min and the ring's merges would add the blocks' means instead of averaging them.
+    dense_offset: torch.Tensor | None = None
     # Names q_pos and k_pos: masks with equal keys have equal positions (the ring sets it from
     # its layout and ranks), so kernels may reuse what they derived from positions. None: never.
     positions_key: Hashable | None = None

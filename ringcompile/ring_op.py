@@ -241,6 +241,7 @@ class _Call:
     window_left: int
     window_right: int
     attn_mask: torch.Tensor | None  # (B|1, H|1, S_local, seq_len): local rows, global columns
+    dense_offset: torch.Tensor | None  # (B|1, H|1, S_local) of an additive attn_mask (BlockMask)
     facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity
     kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
 
@@ -257,16 +258,21 @@ class _Call:
             doc = document_ids if document_ids is not None else q.new_zeros((B, S), dtype=torch.int64)
             ok = key_valid if key_valid is not None else q.new_ones((B, S), dtype=torch.bool)
             facts = torch.stack([doc.to(torch.int64), ok.to(torch.int64)])
+        rank = ring.rank if ring else 0
+        offset = None
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            offset = _row_offsets(attn_mask, layout, rank, seq_len, causal, wl, wr)
         return cls(
             ring=ring,
             layout=layout,
             plan=step_plan(layout, causal, wl, wr),
-            rank=ring.rank if ring else 0,
+            rank=rank,
             seq_len=seq_len,
             causal=causal,
             window_left=wl,
             window_right=wr,
             attn_mask=attn_mask,
+            dense_offset=offset,
             facts=facts,
             kernels=kernels,
         )
@@ -292,6 +298,7 @@ class _Call:
             k_doc=k_facts[0] if k_facts is not None else None,
             k_valid=k_facts[1] if k_facts is not None else None,
             dense=dense,
+            dense_offset=self.dense_offset,
             positions_key=(self.layout, self.rank, src),
             pieces=self.block_pieces(self.rank, src),
         )
@@ -321,6 +328,17 @@ class _Call:
     def computed_steps(self) -> list[int]:
         row = self.plan.compute[self.rank]
         return [s for s in range(self.plan.num_steps) if row[s]]
+
+
+def _row_offsets(attn_mask, layout: Layout, rank: int, seq_len: int, causal: bool, wl: int,
+                 wr: int) -> torch.Tensor:  # fmt: skip
+    """Each row's largest additive mask value over the keys the position rules let it see (0
+    where it sees none, or only -inf): ``BlockMask.dense_offset``."""
+    device = attn_mask.device
+    seen = BlockMask(q_pos=_positions(layout, rank, device), k_pos=torch.arange(seq_len, device=device),
+                     seq_len=seq_len, causal=causal, window_left=wl, window_right=wr).allowed()
+    top = attn_mask.masked_fill(~seen[:, None], float("-inf")).amax(-1)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
 def _traveling(k, v, facts) -> list[torch.Tensor]:

@@ -100,7 +100,7 @@ class Case:
     window: tuple[int, int] = (-1, -1)
     docs: bool = False
     k_valid: bool = False
-    dense: str | None = None  # None | "bool" | "additive"
+    dense: str | None = None  # None | "bool" | "additive" | "additive_min" (finfo.min fills)
     dense_shape: str = "BH"  # which of B, H the dense mask has (others broadcast)
     blocks: tuple[int, int, int, int] = (16, 16, 16, 16)  # fwd m, n; bwd n, m
     dq_kernel: bool = False  # dq from its own kernel instead of atomics in the dk/dv kernel
@@ -160,7 +160,20 @@ def _build(case: Case, seed: int = 0):
             dense_of = torch.rand(*shape, generator=gen) < 0.7
         else:
             dense_of = torch.randn(*shape, generator=gen) * 2
-            dense_of[torch.rand(*shape, generator=gen) < 0.2] = float("-inf")
+            fill = float("-inf") if case.dense == "additive" else torch.finfo(torch.float32).min
+            dense_of[torch.rand(*shape, generator=gen) < 0.2] = fill
+            if case.dense == "additive_min":
+                dense_of[:, :, 1::7] = fill  # rows the mask fills everywhere (SDPA: V's mean)
+
+    offset = None
+    if case.dense == "additive_min":
+        # as the ring gives it: each row's largest mask value over the keys its positions allow
+        every_k = torch.cat(k_pos)
+        seen = BlockMask(q_pos=q_pos, k_pos=every_k, seq_len=case.seq_len, causal=case.causal,
+                         window_left=case.window[0], window_right=case.window[1]).allowed()
+        rows = dense_of[:, :, q_pos.clamp(max=total - 1)][..., every_k.clamp(max=total - 1)]
+        top = rows.masked_fill(~seen[:, None], float("-inf")).amax(-1)
+        offset = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
     masks = []
     for kp in k_pos:
@@ -172,6 +185,7 @@ def _build(case: Case, seed: int = 0):
                 k_doc=None if doc_of is None else doc_of[:, kp.clamp(max=total - 1)],
                 k_valid=None if valid_of is None else valid_of[:, kp.clamp(max=total - 1)],
                 dense=None if dense_of is None else dense_of[:, :, q_pos][:, :, :, kp],
+                dense_offset=offset,
             )
         )  # fmt: skip
     return q, ks, vs, dout, masks
@@ -249,6 +263,10 @@ CASES = {
     "dense-bool-H-causal": Case(dense="bool", dense_shape="H", causal=True, H=4, Hkv=4),
     "dense-additive-BH": Case(dense="additive", dense_shape="BH"),
     "dense-additive-window-d80": Case(dense="additive", dense_shape="", window=(12, 12), D=80, B=1),
+    "dense-finfo-min-rows-causal": Case(dense="additive_min", dense_shape="H", causal=True, H=4,
+                                        Hkv=2, steps=3, dq_kernel=True),
+    "dense-finfo-min-rows-fp16": Case(dense="additive_min", dense_shape="B", dtype=torch.float16,
+                                      steps=2),
     "combo-fp16-gqa": Case(causal=True, docs=True, k_valid=True, dense="bool", dense_shape="H",
                            dtype=torch.float16, H=4, Hkv=1, seq_len=145, layout="zigzag"),  # fmt: skip
     # 8 query heads in chunks of 3, 3, 2; 4 KV heads in chunks of 3, 1

@@ -35,6 +35,11 @@ def _scores(q, k, mask: BlockMask, scale: float, acc: torch.dtype) -> torch.Tens
             allowed = allowed & dense
         else:
             s = s + dense.to(acc)
+            if mask.dense_offset is not None:
+                off = mask.dense_offset
+                Bo, Ho = off.shape[:2]
+                off = off.reshape(Bo, hkv, Ho // hkv, -1) if Ho > 1 else off[:, :, None]
+                s = s - off.to(acc)[..., None]
     return s.masked_fill(~allowed, float("-inf"))
 
 

@@ -367,6 +367,8 @@ class _MaskArgs:
     k_valid_strides: tuple[int, int]
     dense: torch.Tensor
     dense_strides: tuple[int, int, int, int]
+    offset: torch.Tensor  # an additive dense's row offsets (BlockMask.dense_offset)
+    offset_strides: tuple[int, int, int]
     causal: bool
     has_wl: bool
     has_wr: bool
@@ -384,6 +386,7 @@ class _MaskArgs:
             self.q_doc, self.k_doc, *self.doc_strides,
             self.k_valid, *self.k_valid_strides,
             self.dense, *self.dense_strides,
+            self.offset, *self.offset_strides,
         )  # fmt: skip
 
     def kernel_flags(self) -> dict:
@@ -399,6 +402,7 @@ def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int, dev) -> _MaskA
     doc_strides = (0, 0, 0, 0)
     k_valid_strides = (0, 0)
     dense_strides = (0, 0, 0, 0)
+    offset, offset_strides = dummy, (0, 0, 0)
     has_docs = mask.q_doc is not None
     if has_docs:
         q_doc = mask.q_doc.expand(B, Sq)
@@ -419,6 +423,11 @@ def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int, dev) -> _MaskA
             dense = dense.view(torch.uint8)
         else:
             dense_kind = 2
+            offset = mask.dense_offset
+            if offset is None:
+                offset = dense.new_zeros((1, 1, Sq), dtype=torch.float32)
+            offset = offset.to(torch.float32).expand(B, H, Sq)
+            offset_strides = offset.stride()
         dense = dense.expand(B, H, Sq, Sk)
         dense_strides = dense.stride()
     # Inside tiles, positions are int32; bounds beyond int32 mean "unbounded" there.
@@ -428,7 +437,7 @@ def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int, dev) -> _MaskA
         window_left=min(mask.window_left, _INT32_MAX), window_right=min(mask.window_right, _INT32_MAX),
         q_doc=q_doc, k_doc=k_doc, doc_strides=doc_strides,
         k_valid=k_valid, k_valid_strides=k_valid_strides,
-        dense=dense, dense_strides=dense_strides,
+        dense=dense, dense_strides=dense_strides, offset=offset, offset_strides=offset_strides,
         causal=mask.causal, has_wl=mask.window_left >= 0, has_wr=mask.window_right >= 0,
         has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
     )  # fmt: skip
@@ -448,6 +457,15 @@ def _position_rules(q_pos, k_pos, seq_len, window_left, window_right,
     if HAS_WR:
         ok = ok & (-dist <= window_right)
     return ok
+
+
+@triton.jit
+def _add_mask(s, mask, offset):
+    """Scores (log2 units) plus an additive mask, less the row's offset: added in natural units,
+    as SDPA adds it, so a row the mask fills with finfo.min rounds every score to that value
+    and, less the offset (that value), to 0: one weight per key, as SDPA gives it."""
+    natural = s * 0.6931471805599453 + mask.to(tl.float32)
+    return (natural - offset) * 1.4426950408889634
 
 
 @triton.jit
@@ -531,6 +549,7 @@ def _fwd_kernel(
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    off_ptr, stride_xb, stride_xh, stride_xs,
     Sq, Sk, H, GROUP, qk_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -590,6 +609,9 @@ def _fwd_kernel(
 
     # Partial tiles: evaluate every rule per element.
     q_pos = tl.load(q_pos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
+    if DENSE_KIND == 2:
+        row_off = tl.load(off_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+                          + offs_m * stride_xs, mask=row_ok, other=0.0)  # fmt: skip
     if HAS_DOCS:
         q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
         q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
@@ -626,7 +648,7 @@ def _fwd_kernel(
                 if DENSE_KIND == 1:
                     keep = keep & (dense != 0)
                 else:
-                    s = s + dense.to(tl.float32) * 1.4426950408889634
+                    s = _add_mask(s, dense, row_off[:, None])
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             # Rows that have seen no key yet keep max -inf; subtract 0 there instead to avoid NaN.
@@ -675,7 +697,7 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stri
 @triton.jit
 def _bwd_block(
     k, v, dk, dv, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, dq_desc, dq_at, row_ok, d_ok,
-    keep, qk_scale, sm_scale, dense_bias,
+    keep, qk_scale, sm_scale, dense_bias, row_off,
     CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DENSE_ADD: tl.constexpr,
     DQ_MODE: tl.constexpr, EARLY_DP: tl.constexpr,
 ):  # fmt: skip
@@ -704,7 +726,7 @@ def _bwd_block(
     m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     s_t = tl.dot(k, tl.trans(q)) * qk_scale
     if DENSE_ADD:
-        s_t = s_t + dense_bias
+        s_t = _add_mask(s_t, dense_bias, row_off[None, :])
     if MASKED:
         s_t = tl.where(keep, s_t, float("-inf"))
     if EARLY_DP:
@@ -746,6 +768,7 @@ def _bwd_kernel(
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    off_ptr, stride_xb, stride_xh, stride_xs,
     Sq, Sk, HKV, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -789,7 +812,7 @@ def _bwd_kernel(
                 DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
                 LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
                 DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
-                DQ_DESC, [b, h, m0, 0], rows < Sq, d_ok, None, qk_scale, sm_scale, None,
+                DQ_DESC, [b, h, m0, 0], rows < Sq, d_ok, None, qk_scale, sm_scale, None, None,
                 CHECK_ROWS=False, EVEN_D=EVEN_D, MASKED=False, DENSE_ADD=False,
                 DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
             )  # fmt: skip
@@ -821,6 +844,7 @@ def _bwd_kernel(
                 if HAS_KVALID:
                     keep = keep & (k_valid[:, None] != 0)
                 dense_bias = None
+                row_off = None
                 if DENSE_KIND != 0:
                     m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
                     m_ptrs = m_ptrs + rows[None, :].to(tl.int64) * stride_mq + offs_n[:, None] * stride_mk
@@ -828,14 +852,16 @@ def _bwd_kernel(
                     if DENSE_KIND == 1:
                         keep = keep & (dense != 0)
                     else:
-                        dense_bias = dense.to(tl.float32) * 1.4426950408889634
+                        dense_bias = dense
+                        row_off = tl.load(off_ptr + b64 * stride_xb + h.to(tl.int64) * stride_xh
+                                          + rows * stride_xs, mask=row_ok, other=0.0)  # fmt: skip
                 dk, dv = _bwd_block(
                     k, v, dk, dv,
                     Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
                     DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_d[None, :],
                     LSE + bh * Sq + rows, DELTA + bh * Sq + rows,
                     DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :],
-                    DQ_DESC, [b, h, m0, 0], row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias,
+                    DQ_DESC, [b, h, m0, 0], row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias, row_off,
                     CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True, DENSE_ADD=DENSE_KIND == 2,
                     DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
                 )  # fmt: skip
@@ -874,6 +900,7 @@ def _bwd_dq_kernel(
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
+    off_ptr, stride_xb, stride_xh, stride_xs,
     Sq, Sk, H, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
@@ -922,6 +949,9 @@ def _bwd_dq_kernel(
         if HAS_DOCS:
             q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
             q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
+        if DENSE_KIND == 2:
+            row_off = tl.load(off_ptr + b64 * stride_xb + h.to(tl.int64) * stride_xh
+                              + offs_m * stride_xs, mask=row_ok, other=0.0)  # fmt: skip
         for i in range(n_part):
             n0 = tl.load(part_list + tile * list_stride + i) * BLOCK_N
             offs_k = n0 + offs_n
@@ -952,7 +982,7 @@ def _bwd_dq_kernel(
                     if DENSE_KIND == 1:
                         keep = keep & (dense != 0)
                     else:
-                        s = s + dense.to(tl.float32) * 1.4426950408889634
+                        s = _add_mask(s, dense, row_off[:, None])
                 p = tl.exp2(tl.where(keep, s, float("-inf")) - m2[:, None])
                 dp = tl.dot(do, tl.trans(v))
                 ds = (p * (dp - delta[:, None])).to(k.dtype)
