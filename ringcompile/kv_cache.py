@@ -28,9 +28,11 @@ import math
 
 import torch
 
+from ringcompile.masks import POSITION_NONE
+
 __all__ = ["EMPTY", "ShardedKV", "APPEND_OPS", "MARK_OPS"]
 
-EMPTY = 2**62
+EMPTY = POSITION_NONE
 
 
 @torch.library.custom_op("ringcompile::kv_cache_append", mutates_args=("keys", "values", "positions"))

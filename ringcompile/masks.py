@@ -25,7 +25,11 @@ import torch
 
 from ringcompile.blocks import Piece, restrict_keys
 
-__all__ = ["BlockMask", "position_rule_allows"]
+__all__ = ["BlockMask", "POSITION_NONE", "position_rule_allows"]
+
+
+# Beyond every real position (int64): "no key", "unbounded", an empty cache slot.
+POSITION_NONE = 2**62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,8 +111,8 @@ def position_rule_allows(
     k = torch.sort(k_pos[k_pos < seq_len]).values
     if q.numel() == 0 or k.numel() == 0:
         return False
-    lo = q - window_left if window_left >= 0 else torch.full_like(q, -(2**62))
-    hi = q + window_right if window_right >= 0 else torch.full_like(q, 2**62)
+    lo = q - window_left if window_left >= 0 else torch.full_like(q, -POSITION_NONE)
+    hi = q + window_right if window_right >= 0 else torch.full_like(q, POSITION_NONE)
     if causal:
         hi = torch.minimum(hi, q)
     # smallest key >= lo for each query; the pair exists if that key is <= hi

@@ -63,14 +63,17 @@ except ImportError:
     TensorDescriptor = None
 
 from ringcompile.kernels.interface import ForwardState, finish_forward
-from ringcompile.masks import BlockMask
+from ringcompile.masks import POSITION_NONE, BlockMask
 
 __all__ = ["TritonKernels", "FwdConfig", "BwdConfig"]
 
 _LOG2E = math.log2(math.e)
+# the kernels' exp2/log2 units: log2(e) and ln(2) as compile-time constants
+_LOG2E_K = tl.constexpr(_LOG2E)
+_LN2_K = tl.constexpr(math.log(2.0))
 _INT32_MAX = 2**31 - 1
 # Position bounds of tiles are int64; +-_POS_HUGE stand for "no valid token" in a tile.
-_POS_HUGE = tl.constexpr(2**62)
+_POS_HUGE = tl.constexpr(POSITION_NONE)
 
 
 @dataclass(frozen=True)
@@ -464,8 +467,8 @@ def _add_mask(s, mask, offset):
     """Scores (log2 units) plus an additive mask, less the row's offset: added in natural units,
     as SDPA adds it, so a row the mask fills with finfo.min rounds every score to that value
     and, less the offset (that value), to 0: one weight per key, as SDPA gives it."""
-    natural = s * 0.6931471805599453 + mask.to(tl.float32)
-    return (natural - offset) * 1.4426950408889634
+    natural = s * _LN2_K + mask.to(tl.float32)
+    return (natural - offset) * _LOG2E_K
 
 
 @triton.jit
@@ -579,7 +582,7 @@ def _fwd_kernel(
         acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     else:
         # Resume from the normalised state: max = lse, sum = 1, accumulator = out (exact).
-        m_i = tl.load(STATE_LSE + state_row, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        m_i = tl.load(STATE_LSE + state_row, mask=row_ok, other=float("-inf")) * _LOG2E_K
         l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
         # The state streams through once per step: evict it first, so that it does not push
         # the K/V tiles that other programs are reading out of L2 (2-4 % per step at 8k).
@@ -661,7 +664,7 @@ def _fwd_kernel(
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2_K, float("-inf"))
     tl.store(STATE_LSE + state_row, lse, mask=row_ok)
     if LAST:
         f_ptrs = FINAL_OUT + b.to(tl.int64) * stride_fb + h.to(tl.int64) * stride_fh
@@ -723,7 +726,7 @@ def _bwd_block(
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
     # Rows that saw no key (lse = -inf) get probability 0 everywhere, hence zero gradients.
-    m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    m2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_K)
     s_t = tl.dot(k, tl.trans(q)) * qk_scale
     if DENSE_ADD:
         s_t = _add_mask(s_t, dense_bias, row_off[None, :])
@@ -926,7 +929,7 @@ def _bwd_dq_kernel(
         do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dos
                      + offs_d[None, :], mask=io_mask, other=0.0)  # fmt: skip
         lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=float("inf"))
-        m2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        m2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_K)
         delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=row_ok, other=0.0)
         k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_d[None, :]
         v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_d[None, :]

@@ -21,7 +21,7 @@ from ringcompile.errors import RingCompileError
 from ringcompile.kv_cache import APPEND_OPS, MARK_OPS
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import is_sdpa, shape_of
-from ringcompile.passes.find_attention import sdpa_args, source_line
+from ringcompile.passes.fx_utils import sdpa_args, source_line
 from ringcompile.passes.lift_masks import NotLiftable, lift
 from ringcompile.passes.unexpand_kv import unexpanded
 

@@ -1,6 +1,7 @@
 """Pass 1: find the SDPA calls that become ring attention, and the sequence they attend over.
 
-Expects: a Dynamo FX graph with static shapes (``example_value`` on every node).
+Expects: a Dynamo FX graph with static shapes (``example_value`` on every node; the backend
+hands graphs with symbolic sizes to ``specialize.PerShape``, which makes them static first).
 Guarantees: ``ctx.sites`` lists each self-attention SDPA over the graph's sequence (queries and
 keys of one length ``ctx.seq_len``, no dropout); every other SDPA is reported as a fallback and
 left as it is (exact: it sees full tensors). A graph without SDPA reports each softmax it has as a
@@ -14,29 +15,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
-from ringcompile.errors import RingCompileError
 from ringcompile.passes.context import AttentionSite, RingContext
 from ringcompile.passes.dims import is_sdpa, shape_of
-
-_SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-
-
-def source_line(node) -> str:
-    """``file:line`` of the user code a node came from."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = [ln.strip() for ln in trace.splitlines() if ln.strip().startswith("File ")]
-    if not frames:
-        return node.name
-    last = frames[-1].split(",")
-    return f"{last[0][6:].strip(chr(34))}:{last[1].strip().removeprefix('line ')}"
-
-
-def sdpa_args(node) -> dict:
-    bound = dict(zip(_SIGNATURE, node.args))
-    bound.update(node.kwargs)
-    return bound
+from ringcompile.passes.fx_utils import sdpa_args, source_line
 
 
 def _is_softmax(node) -> bool:
@@ -63,11 +44,6 @@ def run(ctx: RingContext) -> None:
         a = sdpa_args(node)
         qs, ks = shape_of(a["query"]), shape_of(a["key"])
         where = f"{node.name} at {source_line(node)}"
-        if any(isinstance(d, torch.SymInt) for d in qs + ks):
-            raise RingCompileError(
-                f"backend='ring' needs static shapes, but {where} has symbolic sizes {qs}: pass "
-                "dynamic=False to torch.compile (each new sequence length then compiles once)"
-            )
         if qs[-2] != ks[-2]:
             ctx.report.fallbacks.append(
                 f"{where}: {qs[-2]} queries over {ks[-2]} keys is not self-attention over one "

@@ -17,7 +17,7 @@ needed.
 from __future__ import annotations
 
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.find_attention import source_line
+from ringcompile.passes.fx_utils import source_line
 
 POSITION_KINDS = ("positions", "table")
 

@@ -34,7 +34,7 @@ from torch.fx import Node
 
 from ringcompile.passes.context import MaskFacts, RingContext
 from ringcompile.passes.dims import shape_of
-from ringcompile.passes.find_attention import source_line
+from ringcompile.passes.fx_utils import source_line
 
 _AXES = {0: "b", 2: "q", 3: "k"}  # mask dims: (batch, head, query, key)
 

@@ -32,7 +32,7 @@ from torch.fx import Node
 
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import shape_of
-from ringcompile.passes.find_attention import source_line
+from ringcompile.passes.fx_utils import source_line
 
 _CROSS_ENTROPY = inspect.signature(F.cross_entropy)
 _SUMS = {torch.sum: "sum", torch.mean: "mean"}

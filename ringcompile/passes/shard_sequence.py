@@ -31,7 +31,7 @@ from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import StripedLayout
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import dim_map, dtype_only_inputs, shape_of, size_args
-from ringcompile.passes.find_attention import sdpa_args, source_line
+from ringcompile.passes.fx_utils import sdpa_args, source_line
 
 
 def _describe(node: Node) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ringcompile.kernels import kernel_names, resolve_kernel_choice
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
-from ringcompile.passes.find_attention import sdpa_args, source_line
+from ringcompile.passes.fx_utils import sdpa_args, source_line
 from ringcompile.ring_op import describe_steps
 
 

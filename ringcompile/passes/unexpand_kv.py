@@ -20,7 +20,7 @@ from torch.fx import Node
 
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import shape_of
-from ringcompile.passes.find_attention import source_line
+from ringcompile.passes.fx_utils import source_line
 
 
 def _is_head_unsqueeze(node: Node) -> Node | None:
