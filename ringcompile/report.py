@@ -35,6 +35,7 @@ class GraphReport:
     layout: str = ""
     attention: list[str] = field(default_factory=list)  # SDPA calls made ring attention
     lifted: list[str] = field(default_factory=list)  # masks and K/V expansions recognised
+    rows: list[str] = field(default_factory=list)  # rows flattened with the batch put back
     positions: list[str] = field(default_factory=list)  # position tensors fixed
     shards: list[str] = field(default_factory=list)  # full tensors sharded where they enter
     input_check: str = "never"  # when every rank's inputs are compared (the check_inputs option)
@@ -58,6 +59,7 @@ class GraphReport:
         for title, items in (
             ("attention replaced", self.attention),
             ("attention inputs recognised", self.lifted),
+            ("rows kept as (batch, sequence)", self.rows),
             ("positions fixed", self.positions),
             ("sharded where they enter", self.shards),
             (f"inputs compared across the ring ({self.input_check})", self.checked_inputs),

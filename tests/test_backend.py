@@ -119,6 +119,7 @@ ring steps of this rank (out; torch.float64 on cpu, head dim 8):
   - step 0 (own block): causal diagonal -> flash (CPU)
   - step 1 (keys of rank 1): strictly causal -> flash (CPU)
 attention inputs recognised: none
+rows kept as (batch, sequence): none
 positions fixed: 1
   - arange (dim 0, positions) at ringcompile/testing_models.py:71
 sharded where they enter: 1
@@ -214,6 +215,7 @@ ring steps of this rank (out; torch.float64 on cpu, head dim 8):
   - step 0 (own block): causal diagonal -> flash (CPU)
   - step 1 (keys of rank 1): strictly causal -> flash (CPU)
 attention inputs recognised: none
+rows kept as (batch, sequence): none
 positions fixed: 2
   - getitem_1 (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
   - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
@@ -478,3 +480,49 @@ def test_value_head_dim_may_differ(gloo, dq, dv, heads):
         assert max(errs) < TOL, f"rank {rank}: {errs}"
         assert shape == (1, heads[0], 16, dv)
         assert "attention replaced: 1" in report and "fallbacks: none" in report, report
+
+
+class RowsMLP(torch.nn.Module):
+    """Attention whose input comes from a block that flattens (batch, sequence) into rows and
+    back, as GPT-2's Conv1D and OPT's MLP do."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.w1 = torch.nn.Parameter(torch.randn(d, 2 * d))
+        self.b1 = torch.nn.Parameter(torch.randn(2 * d))
+        self.fc = torch.nn.Linear(2 * d, 3 * d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        rows = x.view(-1, D)
+        h = torch.addmm(self.b1, rows, self.w1)
+        h = torch.softmax(torch.nn.functional.gelu(h), dim=1) + h
+        qkv = self.fc(h).view(B, S, 3 * D)
+        q, k, v = (t.view(B, S, self.heads, D // self.heads).transpose(1, 2)
+                   for t in qkv.split(D, dim=-1))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def rows_kept_as_batch_and_sequence(rank, world):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = RowsMLP().double()
+    x = torch.randn(2, 16, 8, dtype=torch.float64)
+    w = torch.randn(2, 2, 16, 4, dtype=torch.float64)
+    ref = model(x)
+    ref_grads = torch.autograd.grad((ref * w).sum(), list(model.parameters()))
+    report = ringcompile.explain(model, x, options={"compiler": "aot_eager"}).graphs[0]
+    out = torch.compile(model, backend="ring", options={"compiler": "aot_eager"})(x)
+    grads = torch.autograd.grad((out * w).sum(), list(model.parameters()))
+    errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    return errs, report.rows, report.gathers, report.code
+
+
+def test_rows_flattened_with_the_batch_stay_sharded(gloo):
+    for rank, (errs, rows, gathers, code) in enumerate(gloo(2).run(rows_kept_as_batch_and_sequence)):
+        assert max(errs) < TOL, f"rank {rank}: {errs}"
+        assert len(rows) == 1 and rows[0].startswith("rows (batch 2): 5 row-by-row op(s)"), rows
+        assert gathers == ["scaled_dot_product_attention (dim 2): graph output"], gathers
+        # the flatten is gone, addmm became bias + matmul on (batch, local sequence, D)
+        assert "addmm" not in code and "torch.matmul" in code and ".view(-1, 8)" not in code, code

@@ -8,15 +8,17 @@ what it expects and what it guarantees, with the graph before and after. They ru
 2. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
 3. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
                           key padding, documents);
-4. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
-5. ``fix_positions``    — tensors of token positions (aranges, position ids, rotary tables sliced to
+4. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
+                          split back, stay in (batch, sequence) form;
+5. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
+6. ``fix_positions``    — tensors of token positions (aranges, position ids, rotary tables sliced to
                           the length) become this rank's global positions;
-6. ``shard_sequence``   — every other full tensor entering the sharded region is sharded, sizes
+7. ``shard_sequence``   — every other full tensor entering the sharded region is sharded, sizes
                           baked into views become local, and sharded values that leave are gathered;
-7. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
+8. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
                           become a partial per rank and one all-reduce, instead of a gather;
-8. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
-9. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
+9. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
+10. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ringcompile.passes import (
     swap_attention,
     sync_gradients,
     unexpand_kv,
+    unflatten_rows,
 )
 from ringcompile.passes.context import RingContext
 
@@ -40,6 +43,7 @@ PASSES = [
     find_attention.run,
     unexpand_kv.run,
     lift_masks.run,
+    unflatten_rows.run,
     plan_sequence.run,
     fix_positions.run,
     shard_sequence.run,

@@ -63,6 +63,7 @@ _POINTWISE_METHODS = {
     "__sub__", "__mul__", "__truediv__", "__neg__", "__invert__",
 }
 _NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
+_SOFTMAXES = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _LINEARS = {F.linear, torch._C._nn.linear}
 _MATMULS = {torch.matmul, operator.matmul, torch.bmm}
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
@@ -218,6 +219,13 @@ def dim_map(node: Node) -> DimMap | None:
     if xs is None:
         return None
 
+    if (node.op == "call_function" and t in _SOFTMAXES) or (
+        node.op == "call_method" and t in ("softmax", "log_softmax")
+    ):
+        dim = _arg(node, 1, "dim")
+        if not isinstance(dim, int):
+            return None
+        return [(x, {d: d for d in range(len(xs)) if d != dim % len(xs)})]
     if node.op == "call_function" and t in _NORMS:
         normalized = _arg(node, 1, "normalized_shape")
         keep = len(xs) - len(normalized)

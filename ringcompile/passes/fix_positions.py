@@ -1,6 +1,6 @@
-"""Pass 5: tensors of token positions become this rank's global positions.
+"""Pass 6: tensors of token positions become this rank's global positions.
 
-Expects: ``ctx.shard_points`` with their kinds (pass 4).
+Expects: ``ctx.shard_points`` with their kinds (pass 5).
 Guarantees: each shard point that holds positions — an ``arange`` over the sequence, a
 ``position_ids``/``cache_position`` input, anything whose sequence dim comes from those alone
 (cos/sin of rotary embeddings), a per-position table sliced to the length (``cos_cached[:S]``) —

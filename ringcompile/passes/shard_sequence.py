@@ -1,7 +1,7 @@
-"""Pass 6: the sharded region computes on local tokens; values that leave it are gathered.
+"""Pass 7: the sharded region computes on local tokens; values that leave it are gathered.
 
-Expects: ``ctx.demand``, ``ctx.shard_points`` (pass 4); position shard points already have local
-versions (pass 5).
+Expects: ``ctx.demand``, ``ctx.shard_points`` (pass 5); position shard points already have local
+versions (pass 6).
 Guarantees, walking the graph in order:
 - the remaining shard points (graph inputs, other full values) get ``ring_shard(x, dim)``;
 - a node in the region reads local versions of its inputs; a full input whose dim lines up with

@@ -1,0 +1,153 @@
+"""Pass 4: tokens flattened with the batch into rows are put back in (batch, sequence) form.
+
+Expects: ``ctx.seq_len`` (pass 1).
+Guarantees: where a model flattens ``x`` (B, S, ...) with B > 1 into rows (B·S, ...), computes
+on the rows one row at a time and splits them back into (B, S, ...), the flatten is gone and the
+ops in between run on (B, S, ...) directly (their example values follow), so the later passes find
+the sequence dim there and the region runs on each rank's tokens. Row-by-row ops: pointwise ops,
+``linear``, ``addmm`` (as ``bias + x @ w``), layer and RMS norms over trailing dims,
+``softmax``/``log_softmax``/``dropout`` over a trailing dim. Any other use of the rows (top-k
+routing, indexing by data, a loss over the rows) leaves that flatten as it is: exact, computed on
+the whole sequence. At B = 1 the passes follow the flatten already (a dim of size 1 dropped).
+
+    x (2, S, D) -> view(2S, D) -> addmm(b, ., w) -> view(2, S, N)        (GPT-2's Conv1D)
+    -> x (2, S, D) -> add(b, matmul(x, w)) -> view(2, S, N)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import (
+    _LINEARS,
+    _NORMS,
+    _POINTWISE_FUNCTIONS,
+    _POINTWISE_METHODS,
+    _SOFTMAXES,
+    example,
+    shape_of,
+)
+from ringcompile.passes.fx_utils import source_line
+
+_FLATTENS = {"view", "reshape", "flatten", torch.reshape, torch.flatten}
+_LAST_DIM_FUNCTIONS = _SOFTMAXES
+_LAST_DIM_METHODS = {"softmax", "log_softmax"}
+
+
+def _is_call(node: Node, targets) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _merges_batch_and_sequence(node: Node, S: int) -> int | None:
+    """B if ``node`` reshapes (B, S, ...) with B > 1 into (B·S, ...), else None."""
+    if not _is_call(node, _FLATTENS) or not node.args:
+        return None
+    src, out = shape_of(node.args[0]), shape_of(node)
+    if src is None or out is None or len(src) < 2 or src[1] != S or src[0] <= 1:
+        return None
+    return src[0] if out == (src[0] * S, *src[2:]) else None
+
+
+def _splits_rows(node: Node, B: int, S: int) -> bool:
+    """Whether ``node`` reshapes rows (B·S, ...) into (B, S, ...)."""
+    if not _is_call(node, {"view", "reshape", "unflatten", torch.reshape}):
+        return False
+    src, out = shape_of(node.args[0]), shape_of(node)
+    return src is not None and out == (B, S, *src[1:])
+
+
+def _trailing_dim(node: Node) -> bool:
+    """A softmax-like call over a dim other than the rows' (dim 0 of the rows)."""
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(dim, int) and dim != 0
+
+
+def _row_op(node: Node, rows: set[Node]) -> bool:
+    """Whether ``node`` computes each row from that row alone (its other tensors have no rows)."""
+    if _is_call(node, _POINTWISE_FUNCTIONS | _POINTWISE_METHODS):
+        out = shape_of(node)
+        others = [a for a in [*node.args, *node.kwargs.values()]
+                  if isinstance(a, Node) and shape_of(a) is not None and a not in rows]
+        # an operand without the rows dim broadcasts against them (a parameter, a scalar)
+        return out is not None and all(len(shape_of(a)) < len(out) or shape_of(a)[0] == 1
+                                       for a in others)  # fmt: skip
+    if _is_call(node, _LINEARS):
+        return node.args[0] in rows and not any(a in rows for a in node.args[1:])
+    if _is_call(node, {torch.addmm}):
+        return (len(node.args) == 3 and not node.kwargs and node.args[1] in rows
+                and node.args[0] not in rows and node.args[2] not in rows)  # fmt: skip
+    if _is_call(node, _NORMS):
+        return node.args[0] in rows
+    if _is_call(node, _LAST_DIM_FUNCTIONS | _LAST_DIM_METHODS):
+        return node.args[0] in rows and _trailing_dim(node)
+    if _is_call(node, {F.dropout}):
+        return node.args[0] in rows
+    return False
+
+
+def _region(flat: Node, B: int, S: int) -> tuple[list[Node], list[Node]] | None:
+    """The row-by-row ops fed by ``flat`` (in graph order) and the splits that end them; None if
+    the rows reach anything else."""
+    position = {n: i for i, n in enumerate(flat.graph.nodes)}
+    rows, order, exits = {flat}, [], []
+    frontier = set(flat.users)
+    while frontier:  # in graph order: a node's row inputs are judged before it
+        u = min(frontier, key=position.__getitem__)
+        frontier.remove(u)
+        if _splits_rows(u, B, S):
+            exits.append(u)
+            continue
+        if not _row_op(u, rows):
+            return None
+        rows.add(u)
+        order.append(u)
+        frontier |= set(u.users)
+    return order, exits
+
+
+def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
+    S = ctx.seq_len
+    graph = ctx.gm.graph
+    flat.replace_all_uses_with(flat.args[0])
+    for node in ops:
+        if _is_call(node, {torch.addmm}):
+            bias, x, w = node.args
+            with graph.inserting_before(node):
+                product = graph.call_function(torch.matmul, (x, w))
+                product.meta = dict(node.meta)
+                product.meta["example_value"] = example(node).unflatten(0, (B, S))
+                total = graph.call_function(torch.add, (bias, product))
+                total.meta = dict(product.meta)
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+            continue
+        if _is_call(node, _LAST_DIM_FUNCTIONS | _LAST_DIM_METHODS):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if dim > 0:  # the rows' dim 1 is dim 2 of (B, S, ...)
+                if "dim" in node.kwargs:
+                    node.kwargs = {**node.kwargs, "dim": dim + 1}
+                else:
+                    node.args = (node.args[0], dim + 1, *node.args[2:])
+        node.meta["example_value"] = example(node).unflatten(0, (B, S))
+    graph.erase_node(flat)
+
+
+def run(ctx: RingContext) -> None:
+    if not ctx.sites:
+        return
+    S = ctx.seq_len
+    for flat in list(ctx.gm.graph.nodes):
+        B = _merges_batch_and_sequence(flat, S)
+        if B is None:
+            continue
+        found = _region(flat, B, S)
+        if found is None or not found[1]:
+            continue
+        ops, _ = found
+        _unflatten(ctx, flat, B, ops)
+        ctx.report.rows.append(f"{flat.name} (batch {B}): {len(ops)} row-by-row op(s) at "
+                               f"{source_line(flat)}")
+
