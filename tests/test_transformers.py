@@ -574,3 +574,82 @@ def test_opt_mlp_rows_stay_sharded(gloo):
     (graph,) = results[0][1]
     assert len(graph.rows) == 2 and graph.fallbacks == [], (graph.rows, graph.fallbacks)
     assert graph.gathers == ["logits (dim 1): graph output"], graph.gathers
+
+
+def qwen3_next(rank, world):
+    """Qwen3-Next: gated DeltaNet linear attention in three layers of four, SDPA in the fourth,
+    experts as a loop. Plain ``aot_eager`` fails on it (transformers 5.24), so the ring's inner
+    compiler is ``eager``; Dynamo breaks it into many graphs."""
+    torch._dynamo.reset()
+    config = transformers.Qwen3NextConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_num_value_heads=2,
+        linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
+    config._experts_implementation = "eager"  # grouped mm takes no float64
+    torch.manual_seed(0)
+    model = transformers.Qwen3NextForCausalLM(config).double()
+    ids = torch.randint(0, V, (2, S))
+    w = torch.randn(2, S, V, dtype=torch.float64)
+
+    def step(m):
+        model.zero_grad()
+        out = m(input_ids=ids, labels=ids, use_cache=False)
+        (out.loss + (out.logits * w).sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = step(model)
+    reports = []
+    out, grads = step(_compile(model, {"compiler": "eager"}, {}, reports))
+    errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
+            "loss": _rel(out.loss.detach(), ref.loss.detach())}
+    errs.update({n: _rel(grads[n], g) if n in grads else float("inf") for n, g in ref_grads.items()})
+    return errs, reports
+
+
+def test_linear_attention_beside_sdpa_stays_exact(gloo):
+    """Qwen3-Next's one SDPA layer becomes ring attention; its DeltaNet layers stay as they are
+    (each rank computes them on the whole sequence, exactly: a ring for a recurrence would pass
+    each rank's final state on, README); the mask reaches that graph as an input after a graph
+    break and stays dense (issue 21)."""
+    results = gloo(2).run(qwen3_next)
+    for rank, (errs, _) in enumerate(results):  # its norms run in float32, as Gemma's
+        bad = {k: v for k, v in errs.items() if not v < 1e-6}
+        assert not bad, f"rank {rank}: {bad}"
+    replaced = [g for g in results[0][1] if g.attention]
+    assert len(replaced) == 1 and len(replaced[0].attention) == 1, [g.attention for g in replaced]
+
+
+def moe_compiles(rank, world):
+    """How many graphs plain ``aot_eager`` and the ring compile for a tiny Mixtral step (float32:
+    its grouped-mm experts take no float64), and the ring's logits error."""
+    config = transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    ids = torch.randint(0, V, (2, S))
+    calls = []
+
+    def counting(gm, example_inputs):
+        calls.append(gm)
+        return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=counting)(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    torch._dynamo.reset()
+    reports = []
+    ref = model(input_ids=ids, labels=ids, use_cache=False)
+    out = _compile(model, {"compiler": "aot_eager"}, {}, reports)(input_ids=ids, labels=ids,
+                                                                  use_cache=False)  # fmt: skip
+    out.loss.backward()
+    return len(calls), len(reports), _rel(out.logits.detach(), ref.logits.detach())
+
+
+def test_mixture_of_experts_adds_no_graphs(gloo):
+    """Issue 21: the ring compiles a mixture-of-experts model as often as plain aot_eager does."""
+    for plain, ring, err in gloo(2).run(moe_compiles):
+        assert ring == plain, (plain, ring)
+        assert err < 1e-5, err
