@@ -136,7 +136,7 @@ gradients: 2
 rewritten graph:
 def forward(self, *inputs):  # 14 inputs
     sum_grad_over_ring = sum_grad_over_ring(l_self_modules_embed_parameters_weight_)
-    ring_shard_1 = ring_shard(l_tokens_, 1)
+    ring_shard = ring_shard(l_tokens_, 1)
     sum_grad_over_ring_1 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_norm1_parameters_weight_)
     sum_grad_over_ring_2 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_q_parameters_weight_)
     sum_grad_over_ring_3 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_kv_parameters_weight_)
@@ -148,10 +148,10 @@ def forward(self, *inputs):  # 14 inputs
     sum_grad_over_ring_9 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_2_parameters_bias_)
     sum_grad_over_ring_10 = sum_grad_over_ring(l_self_modules_norm_parameters_weight_)
     sum_grad_over_ring_11 = sum_grad_over_ring(l_self_modules_head_parameters_weight_)
-    x = torch.nn.functional.embedding(ring_shard_1, sum_grad_over_ring, None, None, 2.0, False, False)
+    x = torch.nn.functional.embedding(ring_shard, sum_grad_over_ring, None, None, 2.0, False, False)
     arange = torch.arange(16, device = device(type='cpu'))
-    ring_shard = ring_shard(arange, 0)
-    pos = ring_shard.float()
+    ring_shard_1 = ring_shard(arange, 0)
+    pos = ring_shard_1.float()
     getitem = pos[(slice(None, None, None), None)]
     getitem_1 = l_self_buffers_inv_freq_[(None, slice(None, None, None))]
     freqs = getitem * getitem_1
@@ -233,7 +233,7 @@ gradients: 2
 rewritten graph:
 def forward(self, *inputs):  # 15 inputs
     sum_grad_over_ring = sum_grad_over_ring(l_self_modules_embed_parameters_weight_)
-    ring_shard_2 = ring_shard(l_tokens_, 1)
+    ring_shard = ring_shard(l_tokens_, 1)
     sum_grad_over_ring_1 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_norm1_parameters_weight_)
     sum_grad_over_ring_2 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_q_parameters_weight_)
     sum_grad_over_ring_3 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_attn_modules_kv_parameters_weight_)
@@ -245,13 +245,13 @@ def forward(self, *inputs):  # 15 inputs
     sum_grad_over_ring_9 = sum_grad_over_ring(l_self_modules_blocks_modules_0_modules_mlp_modules_2_parameters_bias_)
     sum_grad_over_ring_10 = sum_grad_over_ring(l_self_modules_norm_parameters_weight_)
     sum_grad_over_ring_11 = sum_grad_over_ring(l_self_modules_head_parameters_weight_)
-    x = torch.nn.functional.embedding(ring_shard_2, sum_grad_over_ring, None, None, 2.0, False, False)
+    x = torch.nn.functional.embedding(ring_shard, sum_grad_over_ring, None, None, 2.0, False, False)
     getitem = l_self_buffers_cos_cached_[slice(None, 16, None)]
-    ring_shard_1 = ring_shard(getitem, 0)
-    cos = ring_shard_1.to(torch.float64)
+    ring_shard_2 = ring_shard(getitem, 0)
+    cos = ring_shard_2.to(torch.float64)
     getitem_1 = l_self_buffers_sin_cached_[slice(None, 16, None)]
-    ring_shard = ring_shard(getitem_1, 0)
-    sin = ring_shard.to(torch.float64)
+    ring_shard_1 = ring_shard(getitem_1, 0)
+    sin = ring_shard_1.to(torch.float64)
     rms_norm = torch.rms_norm(x, (32,), sum_grad_over_ring_1, None)
     linear = torch._C._nn.linear(rms_norm, sum_grad_over_ring_2, None)
     view = linear.view(2, 8, 4, 8)
@@ -526,3 +526,40 @@ def test_rows_flattened_with_the_batch_stay_sharded(gloo):
         assert gathers == ["scaled_dot_product_attention (dim 2): graph output"], gathers
         # the flatten is gone, addmm became bias + matmul on (batch, local sequence, D)
         assert "addmm" not in code and "torch.matmul" in code and ".view(-1, 8)" not in code, code
+
+
+class RotaryByAnotherName(torch.nn.Module):
+    """Rotary angles from an input of positions that is not called "position...": it is
+    recognised by use (cast to floating point, multiplied by the frequencies), not by name."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, d // 2) / (d // 2)))
+
+    def forward(self, x, where):
+        B, S, D = x.shape
+        angles = where[:, :, None].float() * self.inv_freq  # (B, S, D/2)
+        cos, sin = (torch.cat([t, t], dim=-1) for t in (angles.cos(), angles.sin()))
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k = q * cos + k * sin, k * cos - q * sin
+        q, k, v = (t[:, None].to(x.dtype) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def positions_by_use(rank, world):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = RotaryByAnotherName().double()
+    x = torch.randn(2, 16, 8, dtype=torch.float64)
+    where = torch.arange(16).expand(2, 16) * 3
+    report = ringcompile.explain(model, x, where, options={"compiler": "aot_eager"}).graphs[0]
+    out = torch.compile(model, backend="ring", options={"compiler": "aot_eager"})(x, where)
+    return _rel(out, model(x, where)), report.positions, report.shards
+
+
+def test_positions_recognised_by_use_not_name(gloo):
+    for rank, (err, positions, shards) in enumerate(gloo(2).run(positions_by_use)):
+        assert err < TOL, f"rank {rank}: {err}"
+        assert [p.split(" at ")[0] for p in positions] == ["l_where_ (dim 1, positions)"], positions
+        assert [s.split(" at ")[0] for s in shards] == ["l_x_ (dim 1, input)"], shards

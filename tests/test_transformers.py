@@ -335,11 +335,11 @@ def forward(self, *inputs):  # 5 inputs
     ring_shard_4 = ring_shard(l_padding_, 1)
     ring_shard_3 = ring_shard(l_k_, 2)
     ring_shard_2 = ring_shard(l_v_, 2)
-    ring_shard_1 = ring_shard(l_extra_, 0)
+    ring_shard = ring_shard(l_extra_, 0)
     b = torch.arange(2)
     idx = torch.arange(8)
-    ring_shard = ring_shard(idx, 0)
-    q_idx = ring_shard[(None, None, slice(None, None, None), None)]
+    ring_shard_1 = ring_shard(idx, 0)
+    q_idx = ring_shard_1[(None, None, slice(None, None, None), None)]
     kv_idx = idx[(None, None, None, slice(None, None, None))]
     le = kv_idx <= q_idx
     sub = q_idx - 3
@@ -350,7 +350,7 @@ def forward(self, *inputs):  # 5 inputs
     mask = and_ & getitem_3
     mask_1 = mask.expand(2, -1, 4, 8)
     out = ring_attention(ring_shard_5, ring_shard_3, ring_shard_2, enable_gqa = True, is_causal = True, key_padding_mask = ring_shard_4, window = (2, -1))
-    and__2 = mask_1 & ring_shard_1
+    and__2 = mask_1 & ring_shard
     scaled_dot_product_attention_1 = ring_attention(out, ring_shard_3, ring_shard_2, attn_mask = and__2, enable_gqa = True)
     ring_gather = ring_gather(scaled_dot_product_attention_1, 2)
     return (ring_gather,)""")

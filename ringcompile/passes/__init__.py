@@ -11,14 +11,13 @@ what it expects and what it guarantees, with the graph before and after. They ru
 4. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
                           split back, stay in (batch, sequence) form;
 5. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
-6. ``fix_positions``    — tensors of token positions (aranges, position ids, rotary tables sliced to
-                          the length) become this rank's global positions;
-7. ``shard_sequence``   — every other full tensor entering the sharded region is sharded, sizes
-                          baked into views become local, and sharded values that leave are gathered;
-8. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
+6. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
+                          become this rank's global positions), sizes baked into views become
+                          local, and sharded values that leave are gathered;
+7. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
                           become a partial per rank and one all-reduce, instead of a gather;
-9. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
-10. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
+8. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
+9. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from __future__ import annotations
 from ringcompile.passes import (
     decode_attention,
     find_attention,
-    fix_positions,
     lift_masks,
     plan_sequence,
     shard_reductions,
@@ -45,7 +43,6 @@ PASSES = [
     lift_masks.run,
     unflatten_rows.run,
     plan_sequence.run,
-    fix_positions.run,
     shard_sequence.run,
     shard_reductions.run,
     swap_attention.run,

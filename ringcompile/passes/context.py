@@ -85,7 +85,7 @@ class RingContext:
     shard_kinds: dict[Node, str] = field(default_factory=dict)
     # ... and the graph inputs those come from, which every rank must be given alike
     sequence_inputs: list[Node] = field(default_factory=list)
-    # fix_positions / shard_sequence: local version of a node and its sequence dim
+    # shard_sequence: local version of a node and its sequence dim
     local: dict[Node, tuple[Node, int]] = field(default_factory=dict)
     # nodes whose only value is the local one (no full version exists)
     local_only: set[Node] = field(default_factory=set)

@@ -8,8 +8,10 @@ mask rows through ops that carry the sequence dim through (``dims.dim_map``);
 (``arange``), a table sliced to the length, or an op that mixes along the sequence. A shard point
 is computed full, as before, and sharded where it is used locally — so stopping early is always
 exact, and walking further only saves work. ``ctx.shard_kinds[node]`` says what each holds: an
-``input``, ``positions`` (its sequence dim comes from aranges or position ids alone), a ``table``
-sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along it).
+``input``, ``positions`` (its sequence dim comes from aranges or position inputs alone), a
+``table`` sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along
+it). An integer graph input is a position input by what it is used for, whatever its name: cast to
+floating point and multiplied by a floating tensor (rotary frequencies), or indexing a table.
 ``ctx.sequence_inputs`` lists, in graph order, the graph inputs the shard points' sequence dims come
 from (the tokens, position ids, an attention mask): what every rank must be given alike.
 
@@ -29,11 +31,69 @@ from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import dim_map, shape_of
 
 
+# ops that move an input's values without reading them as numbers
+_SHAPE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute",
+                  "contiguous", "flatten", "clone", "long", "int"}
+_FLOAT_CASTS = {"float", "double", "half", "bfloat16"}
+_PRODUCTS = {operator.matmul, operator.mul, torch.matmul, torch.mul, torch.outer, "matmul", "mul",
+             "__matmul__", "__mul__", "__rmul__"}
+
+
+def _used_as_positions(node: Node) -> bool:
+    """Whether an integer input's values are used as positions: cast to floating point (rotary
+    angles) or indexing a per-position table (``cos_cached[position_ids]``), through reshapes;
+    token ids go to an embedding, labels to a loss, a mask to comparisons instead."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op == "call_method" and (u.target in _FLOAT_CASTS or (
+                    u.target in ("to", "type") and any(
+                        isinstance(a, torch.dtype) and a.is_floating_point
+                        for a in [*u.args[1:], *u.kwargs.values()]))):  # fmt: skip
+                if _scaled_by_a_tensor(u):
+                    return True
+                continue
+            if u.op == "call_function" and u.target is operator.getitem and u.args[0] is not n:
+                index = u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],)
+                if n in index:
+                    return True
+            if (u.op == "call_method" and u.target in _SHAPE_METHODS) or (
+                    u.op == "call_function" and u.target is operator.getitem):  # fmt: skip
+                stack.append(u)
+    return False
+
+
+def _scaled_by_a_tensor(node: Node) -> bool:
+    """Whether ``node`` (through reshapes) is multiplied with another floating tensor, as rotary
+    embeddings multiply positions by their frequencies (a mask's ``(1 - m.float()) * min`` is
+    scaled by a number)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if u.op in ("call_function", "call_method") and u.target in _PRODUCTS:
+                others = [a for a in u.args if isinstance(a, Node) and a is not n]
+                if any(isinstance(a.meta.get("example_value"), torch.Tensor)
+                       and a.meta["example_value"].is_floating_point() for a in others):
+                    return True
+            if u.op == "call_method" and u.target in _SHAPE_METHODS | _FLOAT_CASTS:
+                stack.append(u)
+    return False
+
+
 def _origin(node: Node, dim: int, seq_len: int) -> str | None:
     """What a tensor holds if its sequence dim starts at ``node``; None if it comes from inputs."""
     if node.op == "placeholder":
-        name = node.name.lower()
-        return "positions" if "position" in name or "cache_pos" in name else "input"
+        value = node.meta.get("example_value")
+        integer = isinstance(value, torch.Tensor) and not value.is_floating_point()
+        return "positions" if integer and _used_as_positions(node) else "input"
     if node.op == "call_function" and node.target is torch.arange:
         return "positions"
     if node.op == "call_function" and node.target is operator.getitem:
@@ -44,7 +104,7 @@ def _origin(node: Node, dim: int, seq_len: int) -> str | None:
 
 
 def _kind(node: Node, dim: int, seq_len: int) -> str:
-    """What a shard point holds, for the report and for ``fix_positions``: its own origin, else
+    """What a shard point holds, for the report (``shard_sequence``): its own origin, else
     "positions" if its sequence dim comes from positions alone (rotary cos/sin of position ids),
     else "value" (token data, or a dim the rules do not follow back, such as a KV-cache ``cat``)."""
     own = _origin(node, dim, seq_len)

@@ -1,9 +1,13 @@
-"""Pass 7: the sharded region computes on local tokens; values that leave it are gathered.
+"""Pass 6: the sharded region computes on local tokens; values that leave it are gathered.
 
-Expects: ``ctx.demand``, ``ctx.shard_points`` (pass 5); position shard points already have local
-versions (pass 6).
+Expects: ``ctx.demand``, ``ctx.shard_points`` and their kinds (pass 5).
 Guarantees, walking the graph in order:
-- the remaining shard points (graph inputs, other full values) get ``ring_shard(x, dim)``;
+- every shard point gets ``ring_shard(x, dim)``: a graph input, a full value, or one that holds
+  positions — an ``arange`` over the sequence, an integer input used as positions, anything whose
+  sequence dim comes from those alone (rotary cos/sin), a per-position table sliced to the length
+  (``cos_cached[:S]``). The full tensor is computed as the model wrote it, in natural order (O(S)
+  per rank), so ops that mix along it (``cumsum``, ``diff``) stay right, and this rank's entries
+  of it are its tokens' global positions whatever the layout (``explain``: "positions fixed");
 - a node in the region reads local versions of its inputs; a full input whose dim lines up with
   the sequence (a (S, D) bias added to a (B, S, D) activation) is sharded at that use; a site's
   lifted mask is not read (even where another site's dense mask made it local);
@@ -32,6 +36,8 @@ from ringcompile.layout import StripedLayout
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import dim_map, dtype_only_inputs, shape_of, size_args
 from ringcompile.passes.fx_utils import sdpa_args, source_line
+
+POSITION_KINDS = ("positions", "table")  # shard points whose values are positions
 
 
 def _describe(node: Node) -> str:
@@ -132,11 +138,17 @@ def run(ctx: RingContext) -> None:
         return
     graph = ctx.gm.graph
     for node, dim in ctx.shard_points.items():
-        if node not in ctx.local:
-            ctx.local[node] = (ctx.shard_of(node, dim), dim)
-            ctx.report.shards.append(
-                f"{node.name} (dim {dim}, {ctx.shard_kinds[node]}) at {source_line(node)}"
-            )
+        if node in ctx.local:
+            continue
+        ctx.local[node] = (ctx.shard_of(node, dim), dim)
+        kind = ctx.shard_kinds[node]
+        if kind in POSITION_KINDS:
+            # this rank's entries of the full positions are its tokens' global positions,
+            # whatever the layout: no knowledge of rotary embeddings needed
+            what = "table sliced to the length" if kind == "table" else "positions"
+            ctx.report.positions.append(f"{node.name} (dim {dim}, {what}) at {source_line(node)}")
+        else:
+            ctx.report.shards.append(f"{node.name} (dim {dim}, {kind}) at {source_line(node)}")
     shard_nodes = {n for n, _ in ctx.local.values()}
 
     for node in list(graph.nodes):

@@ -1,4 +1,4 @@
-"""Pass 9: each sharded SDPA becomes the ring attention op.
+"""Pass 8: each sharded SDPA becomes the ring attention op.
 
 Expects: SDPA sites whose q, k, v (and mask rows) are local (pass 5).
 Guarantees: every such call is ``ring_attention(q, k, v, ...)`` with SDPA's arguments carried over
