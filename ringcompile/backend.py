@@ -51,10 +51,18 @@ from ringcompile.specialize import PerShape
 __all__ = ["ring_backend", "ring_shard", "explain", "RingOptions"]
 
 log = logging.getLogger("ringcompile")
-if os.environ.get("RINGCOMPILE_LOG"):
-    # the log switch: every compiled graph's report on stderr
-    log.setLevel(logging.INFO)
-    log.addHandler(logging.StreamHandler())
+_stderr_handler: logging.Handler | None = None
+
+
+def _report_log() -> logging.Logger:
+    """``log``; with ``RINGCOMPILE_LOG`` set (read at each compilation, so setting it after the
+    import works too) it gets one stderr handler at INFO: every compiled graph's report."""
+    global _stderr_handler
+    if os.environ.get("RINGCOMPILE_LOG") and _stderr_handler is None:
+        _stderr_handler = logging.StreamHandler()
+        log.addHandler(_stderr_handler)
+        log.setLevel(logging.INFO)
+    return log
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
 _INPUT_CHECKS = ("first_call", "every_call", "never")
@@ -166,7 +174,7 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
     ctx.report.code = readable_code(gm)
     if reports is not None:
         reports.append(ctx.report)
-    if log.isEnabledFor(logging.INFO):
+    if _report_log().isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
     compiled = _inner_compiler(opts.compiler)(gm, example_inputs)
     if not checked:

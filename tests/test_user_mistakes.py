@@ -198,3 +198,21 @@ def test_readme_whole_program_runs(gloo):
     printed = gloo(2).run(run_program, source, timeout=120)
     assert re.fullmatch(r"(step \d: loss \d\.\d{4}\n){3}", printed[0]), printed[0]
     assert printed[1] == ""
+
+
+def test_ringcompile_log_set_after_import_prints_reports(monkeypatch, capsys):
+    """``RINGCOMPILE_LOG`` is read when a graph compiles (no handler is attached at import):
+    set after ``import ringcompile``, every compiled graph's report goes to stderr."""
+    import ringcompile.backend as backend
+
+    monkeypatch.setenv("RINGCOMPILE_LOG", "1")
+    monkeypatch.setattr(backend, "_stderr_handler", None)
+    level = backend.log.level
+    try:
+        torch._dynamo.reset()
+        torch.compile(lambda x: (x * 2).sum(), backend="ring")(torch.ones(4))
+        assert "ring graph:" in capsys.readouterr().err
+    finally:
+        if backend._stderr_handler is not None:
+            backend.log.removeHandler(backend._stderr_handler)
+        backend.log.setLevel(level)
