@@ -39,53 +39,54 @@ _PRODUCTS = {operator.matmul, operator.mul, torch.matmul, torch.mul, torch.outer
              "__matmul__", "__mul__", "__rmul__"}
 
 
+def _reaches(node: Node, found, through) -> bool:
+    """Whether a user ``u`` of ``node`` (read as ``n``) has ``found(n, u)``, following users on
+    through the ones with ``through(n, u)``."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if found(n, u):
+                return True
+            if through(n, u):
+                stack.append(u)
+    return False
+
+
+def _is_float_cast(u: Node) -> bool:
+    return u.op == "call_method" and (u.target in _FLOAT_CASTS or (
+        u.target in ("to", "type") and any(isinstance(a, torch.dtype) and a.is_floating_point
+                                           for a in [*u.args[1:], *u.kwargs.values()])))  # fmt: skip
+
+
 def _used_as_positions(node: Node) -> bool:
-    """Whether an integer input's values are used as positions: cast to floating point (rotary
-    angles) or indexing a per-position table (``cos_cached[position_ids]``), through reshapes;
-    token ids go to an embedding, labels to a loss, a mask to comparisons instead."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if u.op == "call_method" and (u.target in _FLOAT_CASTS or (
-                    u.target in ("to", "type") and any(
-                        isinstance(a, torch.dtype) and a.is_floating_point
-                        for a in [*u.args[1:], *u.kwargs.values()]))):  # fmt: skip
-                if _scaled_by_a_tensor(u):
-                    return True
-                continue
-            if u.op == "call_function" and u.target is operator.getitem and u.args[0] is not n:
-                index = u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],)
-                if n in index:
-                    return True
-            if (u.op == "call_method" and u.target in _SHAPE_METHODS) or (
-                    u.op == "call_function" and u.target is operator.getitem):  # fmt: skip
-                stack.append(u)
-    return False
+    """Whether an integer input's values are used as positions: cast to floating point and
+    multiplied by another floating tensor (rotary frequencies; a mask's ``(1 - m.float()) * min``
+    is scaled by a number), or indexing a per-position table (``cos_cached[position_ids]``),
+    through reshapes; token ids go to an embedding, labels to a loss, a mask to comparisons."""
 
+    def reshapes(n, u):
+        return (u.op == "call_method" and u.target in _SHAPE_METHODS) or (
+            u.op == "call_function" and u.target is operator.getitem and u.args[0] is n)
 
-def _scaled_by_a_tensor(node: Node) -> bool:
-    """Whether ``node`` (through reshapes) is multiplied with another floating tensor, as rotary
-    embeddings multiply positions by their frequencies (a mask's ``(1 - m.float()) * min`` is
-    scaled by a number)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        for u in n.users:
-            if u in seen:
-                continue
-            seen.add(u)
-            if u.op in ("call_function", "call_method") and u.target in _PRODUCTS:
-                others = [a for a in u.args if isinstance(a, Node) and a is not n]
-                if any(isinstance(a.meta.get("example_value"), torch.Tensor)
-                       and a.meta["example_value"].is_floating_point() for a in others):
-                    return True
-            if u.op == "call_method" and u.target in _SHAPE_METHODS | _FLOAT_CASTS:
-                stack.append(u)
-    return False
+    def scaled(n, u):
+        return u.op in ("call_function", "call_method") and u.target in _PRODUCTS and any(
+            isinstance(a, Node) and a is not n and isinstance(a.meta.get("example_value"),
+                                                              torch.Tensor)
+            and a.meta["example_value"].is_floating_point() for a in u.args)  # fmt: skip
+
+    def found(n, u):
+        if _is_float_cast(u):
+            return _reaches(u, scaled, lambda m, w: reshapes(m, w) or _is_float_cast(w))
+        if not (u.op == "call_function" and u.target is operator.getitem) or u.args[0] is n:
+            return False
+        index = u.args[1]
+        return n in (index if isinstance(index, tuple) else (index,))
+
+    return _reaches(node, found, reshapes)
 
 
 def _origin(node: Node, dim: int, seq_len: int) -> str | None:
