@@ -28,7 +28,8 @@ import torch
 
 from ringcompile.layout import Layout
 
-__all__ = ["Piece", "plain_pieces", "layout_block_pieces", "restrict_keys", "describe_block"]
+__all__ = ["Piece", "plain_pieces", "layout_block_pieces", "restrict_keys", "describe_block",
+           "disjoint"]
 
 # More pieces than this and a block is cheaper as one masked kernel call.
 _MAX_PIECES = 4
@@ -127,6 +128,12 @@ def restrict_keys(pieces: tuple[Piece, ...] | None, start: int, stop: int
         if max(t0, t1) < n:
             out.append(Piece(p.row_start + max(t0, t1), p.row_stop, lo - start, hi - start, False))
     return tuple(out)
+
+
+def disjoint(spans) -> bool:
+    """Whether the ``(start, stop)`` ranges share no index: each element is in one at most."""
+    ordered = sorted(spans)
+    return all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))
 
 
 def describe_block(pieces: tuple[Piece, ...] | None, sq: int, sk: int) -> str:

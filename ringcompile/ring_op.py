@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ringcompile.blocks import describe_block, layout_block_pieces
+from ringcompile.blocks import describe_block, disjoint, layout_block_pieces
 from ringcompile.group import all_gather_single, resolve_group_name
 from ringcompile.kernels import accumulation_dtype, kernels_fuse_plain, select_kernels
 from ringcompile.layout import Layout, make_layout
@@ -322,8 +322,7 @@ class _Call:
         pieces = self.block_pieces(sender, (sender - 1) % self.layout.world_size)
         if pieces is None:
             return acc
-        keys = sorted((p.key_start, p.key_stop) for p in pieces)
-        return dtype if all(a[1] <= b[0] for a, b in zip(keys, keys[1:])) else acc
+        return dtype if disjoint((p.key_start, p.key_stop) for p in pieces) else acc
 
     def computed_steps(self) -> list[int]:
         row = self.plan.compute[self.rank]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ringcompile.blocks import disjoint
 from ringcompile.kernels.interface import AttentionKernels, ForwardState
 from ringcompile.kernels.merge import merge_block
 from ringcompile.kernels.sdpa_blocks import PlainBlocks
@@ -74,8 +75,8 @@ class BlockEngine:
         if not pieces:
             return
         Sq = q.shape[2]
-        whole = [(p.row_start, p.row_stop) == (0, Sq) for p in pieces]
-        if state.steps == 0 and len(pieces) == 1 and whole[0]:
+        whole = (pieces[0].row_start, pieces[0].row_stop) == (0, Sq)  # the first piece's rows
+        if state.steps == 0 and len(pieces) == 1 and whole:
             # The first block stays as the fused kernel returned it: the next merge reads it (no
             # copy into the state first); the call's only block is the answer.
             p = pieces[0]
@@ -90,16 +91,16 @@ class BlockEngine:
         if state.steps == 0:
             if state.out is None:
                 state.out = torch.empty(q.shape, dtype=state.lse.dtype, device=q.device)
-            if not whole[0]:  # the first piece fills every row; otherwise start from nothing
+            if not whole:  # the first piece fills every row; otherwise start from nothing
                 state.out.zero_()
                 state.lse.fill_(float("-inf"))
             for i, p in enumerate(pieces):
-                self._merge_piece(state.out, state.out, state, q, k, v, p, scale, i == 0 and whole[0])
+                self._merge_piece(state.out, state.out, state, q, k, v, p, scale, i == 0 and whole)
             state.steps = 1
             return
         old = state.pending if state.pending is not None else state.out
         rows = sorted((p.row_start, p.row_stop) for p in pieces)
-        if last and all(a[1] <= b[0] for a, b in zip(rows, rows[1:])):
+        if last and disjoint(rows):
             # The answer in q's dtype at once: each piece's rows merged into it, the others copied
             # (no fp32 write and conversion pass after).
             final = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -113,7 +114,7 @@ class BlockEngine:
             if state.pending is not None:
                 if state.out is None:
                     state.out = torch.empty(q.shape, dtype=state.lse.dtype, device=q.device)
-                if not (len(pieces) == 1 and whole[0]):  # rows no merge writes need the copy
+                if not (len(pieces) == 1 and whole):  # rows no merge writes need the copy
                     state.out.copy_(state.pending)
                     old = state.out
                 state.pending = None

@@ -33,8 +33,7 @@ from ringcompile.passes.dims import (
 from ringcompile.passes.fx_utils import source_line
 
 _FLATTENS = {"view", "reshape", "flatten", torch.reshape, torch.flatten}
-_LAST_DIM_FUNCTIONS = _SOFTMAXES
-_LAST_DIM_METHODS = {"softmax", "log_softmax"}
+_SOFTMAX_LIKE = _SOFTMAXES | {"softmax", "log_softmax"}
 
 
 def _is_call(node: Node, targets) -> bool:
@@ -59,10 +58,9 @@ def _splits_rows(node: Node, B: int, S: int) -> bool:
     return src is not None and out == (B, S, *src[1:])
 
 
-def _trailing_dim(node: Node) -> bool:
-    """A softmax-like call over a dim other than the rows' (dim 0 of the rows)."""
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    return isinstance(dim, int) and dim != 0
+def _softmax_dim(node: Node):
+    """The dim a softmax-like call normalises over."""
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
 
 
 def _row_op(node: Node, rows: set[Node]) -> bool:
@@ -81,8 +79,9 @@ def _row_op(node: Node, rows: set[Node]) -> bool:
                 and node.args[0] not in rows and node.args[2] not in rows)  # fmt: skip
     if _is_call(node, _NORMS):
         return node.args[0] in rows
-    if _is_call(node, _LAST_DIM_FUNCTIONS | _LAST_DIM_METHODS):
-        return node.args[0] in rows and _trailing_dim(node)
+    if _is_call(node, _SOFTMAX_LIKE):  # over a dim other than the rows'
+        dim = _softmax_dim(node)
+        return node.args[0] in rows and isinstance(dim, int) and dim != 0
     if _is_call(node, {F.dropout}):
         return node.args[0] in rows
     return False
@@ -124,8 +123,8 @@ def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
             node.replace_all_uses_with(total)
             graph.erase_node(node)
             continue
-        if _is_call(node, _LAST_DIM_FUNCTIONS | _LAST_DIM_METHODS):
-            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if _is_call(node, _SOFTMAX_LIKE):
+            dim = _softmax_dim(node)
             if dim > 0:  # the rows' dim 1 is dim 2 of (B, S, ...)
                 if "dim" in node.kwargs:
                     node.kwargs = {**node.kwargs, "dim": dim + 1}
