@@ -45,7 +45,7 @@ import triton
 from ringcompile.blocks import Piece
 from ringcompile.kernels import select_kernels
 from ringcompile.kernels.triton_flash import BwdConfig, FwdConfig, TritonKernels
-from ringcompile.masks import BlockMask
+from ringcompile.masks import BlockMask, PositionRules
 
 SHAPES = [  # (B, H, Hkv, S, D)
     (1, 32, 8, 8192, 128),
@@ -84,7 +84,7 @@ def ours_fns(q, k, v, dout, causal, kernels=None, mask=None):
     pos = torch.arange(S, device="cuda")
     if mask is None:
         # the block says what it is, as the ring's masks do
-        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=causal,
+        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(causal),
                          pieces=(Piece(0, S, 0, S, causal),))  # fmt: skip
     scale = D**-0.5
 
@@ -189,11 +189,11 @@ def mask_kinds(S, device):
     valid[:, : S // 8] = False  # left padding, an eighth of the keys
     kinds = [
         ("documents (~1k tokens each)", dict(q_doc=docs, k_doc=docs)),
-        ("window 1024", dict(window_left=1023)),
+        ("window 1024", dict(rules=PositionRules(True, window_left=1023))),
         ("padding 1/8 of keys", dict(k_valid=valid)),
     ]
     for name, kw in kinds:
-        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True, **kw)
+        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, **{"rules": PositionRules(True), **kw})
         allowed = mask.allowed()[:, None]  # (1, 1, S, S)
         bias = torch.zeros(allowed.shape, device=device, dtype=torch.bfloat16)
         # rows that see nothing (padding) get one key so SDPA stays finite; they are few

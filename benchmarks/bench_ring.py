@@ -47,6 +47,7 @@ import torch.multiprocessing as mp
 from ringcompile import make_layout, ring_attention
 from ringcompile.group import nccl_options
 from ringcompile.kernels import select_kernels
+from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring_op import _Call, _own_part_backward, _own_parts
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
@@ -149,8 +150,8 @@ def ours_without_communication(layout_name, args, world, device, dtype, kernels=
     k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     dout = rand(device, dtype, *q.shape)
-    call = _Call.make(q, None, None, None, True, -1, -1, layout_name, args.tokens_per_rank * world,
-                      dist.group.WORLD.group_name, kernels)  # fmt: skip
+    call = _Call.make(q, AttentionMask(PositionRules(causal=True)), layout_name,
+                      args.tokens_per_rank * world, dist.group.WORLD.group_name, kernels)
     steps = call.computed_steps()
     masks = [call.block_mask(s, None, device) for s in steps]
     kernels, scale = select_kernels(q, kernels), args.head_dim**-0.5

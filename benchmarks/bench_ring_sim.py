@@ -3,7 +3,7 @@
 W = 8 ranks, 8192 tokens each (65,536 in all), B=1, H=32, Hkv=8, D=128, bf16, causal. For every
 layout, rank r at ring step s attends its queries to the key block of rank (r - s) mod W, with
 that pair's BlockMask (positions from ``make_layout(name, S, W).positions(r)``). Steps whose
-blocks no query can see (``position_rule_allows`` is false) cost nothing, as the ring op skips
+blocks no query can see (``PositionRules.any_allowed`` is false) cost nothing, as the ring op skips
 them. Each (rank, step) is timed alone (median of triton.testing.do_bench, L2 flushed), forward
 (forward_step; the first step starts the state, the rank's last visible step writes the output;
 the state before each step is the ring's: the second step finds the first's output unmerged where
@@ -50,12 +50,13 @@ from ringcompile.kernels.triton_flash import (
     _default_fwd_config,
 )
 from ringcompile.layout import make_layout
-from ringcompile.masks import BlockMask, position_rule_allows
+from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring_op import _Call, _own_block_parts, _own_part_backward, _own_parts, step_plan
 
 W, LOCAL, H, HKV, D = 8, 8192, 32, 8, 128
 S = W * LOCAL
 LAYOUTS = ["contiguous", "striped", "zigzag"]
+CAUSAL = AttentionMask(PositionRules(causal=True))
 
 
 def bench(fn):
@@ -71,7 +72,7 @@ def rand(*shape):
 def monolithic(kernels, scale):
     q, k, v, dout = rand(1, H, S, D), rand(1, HKV, S, D), rand(1, HKV, S, D), rand(1, H, S, D)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
 
     def fwd():
         state = kernels.forward_init(q)
@@ -127,21 +128,19 @@ def ring(kernels, layout_name, scale):
         visible = []
         for s in range(W):
             src = (r - s) % W
-            if position_rule_allows(pos[r].cpu(), pos[src].cpu(), S, True, -1, -1):
+            if PositionRules(causal=True).any_allowed(pos[r].cpu(), pos[src].cpu(), S):
                 visible.append(s)
         out = rand(1, H, LOCAL, D)
         lse = torch.randn(1, H, LOCAL, device="cuda")
         dq = torch.zeros(q.shape, device="cuda")
-        call = _Call(ring=None, layout=lay, plan=step_plan(lay, True, -1, -1), rank=r, seq_len=S,
-                     causal=True, window_left=-1, window_right=-1, attn_mask=None,
-                     dense_offset=None, facts=None,
-                     kernels="auto")  # fmt: skip
+        call = _Call(ring=None, layout=lay, plan=step_plan(lay, CAUSAL.rules), rank=r, seq_len=S,
+                     mask=CAUSAL, dense_offset=None, facts=None, kernels="auto")  # fmt: skip
         left_pending = None  # the first step's output, where the engine leaves it unmerged
         for s in visible:
             src = (r - s) % W
             k, v = ks[src], vs[src]
             # keyed as the ring op keys its masks, so tile lists are cached as there
-            mask = BlockMask(q_pos=pos[r], k_pos=pos[src], seq_len=S, causal=True,
+            mask = BlockMask(q_pos=pos[r], k_pos=pos[src], seq_len=S, rules=PositionRules(True),
                              positions_key=(layout_name, W, r, src),
                              pieces=layout_block_pieces(lay, r, src, True))  # fmt: skip
             first, last = s == visible[0], s == visible[-1]
@@ -224,7 +223,7 @@ def step_block(layout_name, local, rank, src):
     """Rank ``rank``'s queries against rank ``src``'s keys in a ring of W, ``local`` tokens each."""
     lay = make_layout(layout_name, W * local, W)
     return BlockMask(q_pos=lay.positions(rank, "cuda"), k_pos=lay.positions(src, "cuda"),
-                     seq_len=W * local, causal=True,
+                     seq_len=W * local, rules=PositionRules(True),
                      positions_key=(layout_name, W, local, rank, src))  # fmt: skip
 
 

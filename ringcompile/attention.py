@@ -15,6 +15,7 @@ from ringcompile.checks import check_gqa, check_qkv
 from ringcompile.group import group_name_of, resolve_group
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import Layout, make_layout
+from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring_op import ring_attention_op
 
 __all__ = ["ring_attention"]
@@ -109,8 +110,7 @@ def ring_attention(
                 f"{layout_obj.granularity}; got {S}. Pass a Layout object to pad."
             )
 
-    wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
-    mask4 = _dense_mask(attn_mask, B, H, S, seq_len, q.device)
+    dense = _dense_mask(attn_mask, B, H, S, seq_len, q.device)
     for name, t in (("document_ids", document_ids), ("key_padding_mask", key_padding_mask)):
         if t is not None and (t.shape != (B, S) or t.device != q.device):
             raise ValueError(
@@ -132,22 +132,10 @@ def ring_attention(
         # their gradients are dropped, so every kernel takes them as they are.
         width = max(D, Dv)
         q, k, v = (F.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
-    out, _ = ring_attention_op(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        mask4,
-        document_ids,
-        key_padding_mask,
-        scale,
-        bool(is_causal),
-        wl,
-        wr,
-        layout_obj.name,
-        seq_len,
-        group_name_of(pg),
-        kernels,
-    )
+    mask = AttentionMask(PositionRules.of(is_causal, window), document_ids=document_ids,
+                         key_padding_mask=key_padding_mask, dense=dense)
+    out, _ = ring_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *mask.encode(),
+                               scale, layout_obj.name, seq_len, group_name_of(pg), kernels)
     return out[..., :Dv].contiguous() if Dv != D else out
 
 

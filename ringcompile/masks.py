@@ -1,11 +1,23 @@
-"""Attention masks as functions of per-token facts.
+"""Attention masks: one typed value from the passes to the kernels.
 
 Causal, sliding-window, padding and packed-document masks are all ``allowed[q, k] = f(facts[q],
 facts[k])`` with facts = (global position, document id, key validity). A ring step only needs the
 facts of its query and key tokens, a few integers per token, never an S x S tensor. A dense mask
-(``dense``) is the exact fallback for masks that are not such a function.
+is the exact fallback for masks that are not such a function.
 
-Rules (all that apply must hold for ``q`` to see ``k``):
+- :class:`PositionRules`: what a mask says about global positions alone (causal, window). It is
+  hashable: the ring's step plan and the kernels' tile lists are functions of it and the layout.
+- :class:`AttentionMask`: one attention call's whole mask, the rules plus per-token facts and a
+  dense fallback. The passes hold it over FX nodes (``lift_masks`` makes it), ``ring_attention``
+  over tensors; it crosses the custom-op boundary as one list of tensors and one list of ints
+  (:meth:`AttentionMask.encode` / :meth:`AttentionMask.decode`), nowhere else.
+- :class:`BlockMask`: one ring step's view, the rules over the block's query and key positions.
+
+The rules, all of which must hold for ``q`` to see ``k``, are written here once in Python
+(:meth:`PositionRules.allows`, :meth:`BlockMask.allowed`) and once for the Triton kernels
+(``triton_flash._token_rules``); ``tests/test_kernels_triton.py`` ties the two, the kernels' tile
+lists and :meth:`PositionRules.any_allowed` together on random facts:
+
 - ``k_pos < seq_len`` (positions past the sequence are layout padding; the outputs of queries at
   such positions are dropped, so they may be anything);
 - causal: ``k_pos <= q_pos``;
@@ -20,16 +32,119 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable
+from typing import Generic, TypeVar
 
 import torch
 
 from ringcompile.blocks import Piece, restrict_keys
 
-__all__ = ["BlockMask", "POSITION_NONE", "position_rule_allows"]
+__all__ = ["AttentionMask", "BlockMask", "POSITION_NONE", "PositionRules"]
 
 
 # Beyond every real position (int64): "no key", "unbounded", an empty cache slot.
 POSITION_NONE = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionRules:
+    """What a mask says about global positions alone."""
+
+    causal: bool = False
+    window_left: int = -1  # key >= query - window_left; -1: unbounded
+    window_right: int = -1  # key <= query + window_right; -1: unbounded
+
+    @classmethod
+    def of(cls, causal: bool, window: tuple[int, int] | None) -> PositionRules:
+        wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
+        return cls(bool(causal), wl, wr)
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """``(left, right)``, or None without a window."""
+        if self.window_left < 0 and self.window_right < 0:
+            return None
+        return self.window_left, self.window_right
+
+    def allows(self, q_pos: torch.Tensor, k_pos: torch.Tensor,
+               seq_len: int | None) -> torch.Tensor:  # fmt: skip
+        """Elementwise over broadcast ``q_pos`` and ``k_pos``: whether the query sees the key.
+        ``seq_len`` None: no layout padding."""
+        ok = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool,
+                        device=q_pos.device)  # fmt: skip
+        if seq_len is not None:
+            ok = ok & (k_pos < seq_len)
+        if self.causal:
+            ok = ok & (k_pos <= q_pos)
+        if self.window_left >= 0:
+            ok = ok & (k_pos >= q_pos - self.window_left)
+        if self.window_right >= 0:
+            ok = ok & (k_pos <= q_pos + self.window_right)
+        return ok
+
+    def any_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int) -> bool:
+        """Whether any (query, key) pair passes, in O((Sq + Sk) log Sk) instead of Sq x Sk.
+
+        Queries at padded positions are left out: their outputs are dropped."""
+        q = q_pos[q_pos < seq_len]
+        k = torch.sort(k_pos[k_pos < seq_len]).values
+        if q.numel() == 0 or k.numel() == 0:
+            return False
+        lo = q - self.window_left if self.window_left >= 0 else torch.full_like(q, -POSITION_NONE)
+        hi = q + self.window_right if self.window_right >= 0 else torch.full_like(q, POSITION_NONE)
+        if self.causal:
+            hi = torch.minimum(hi, q)
+        # smallest key >= lo for each query; the pair exists if that key is <= hi
+        idx = torch.searchsorted(k, lo)
+        has = idx < k.numel()
+        first = k[idx.clamp(max=k.numel() - 1)]
+        return bool((has & (first <= hi)).any())
+
+
+T = TypeVar("T")  # torch.Tensor at run time, torch.fx.Node in the passes
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMask(Generic[T]):
+    """One attention call's mask: position rules, per-token facts of this rank's tokens (which
+    travel with its keys) and a dense fallback (this rank's rows over all keys in natural order)."""
+
+    rules: PositionRules = PositionRules()
+    document_ids: T | None = None  # (B, S_local) integers: tokens see keys of their own document
+    key_padding_mask: T | None = None  # (B, S_local) bool: False marks a padding key no query sees
+    dense: T | None = None  # (B|1, H|1, S_local, seq_len) bool (True = keep) or additive float
+
+    # The op's encoding: these tensors in this order, then the rules as ints.
+    _TENSORS = ("dense", "document_ids", "key_padding_mask")
+
+    @property
+    def token_facts(self) -> dict[str, T]:
+        """The per-token facts present, by name."""
+        return {name: t for name in ("document_ids", "key_padding_mask")
+                if (t := getattr(self, name)) is not None}  # fmt: skip
+
+    @property
+    def masked(self) -> bool:
+        """Whether blocks need more than the position rules (the masked kernels)."""
+        return bool(self.token_facts) or self.dense is not None or self.rules.window is not None
+
+    def encode(self) -> tuple[list[torch.Tensor | None], list[int]]:
+        """The op's two mask arguments."""
+        r = self.rules
+        return ([getattr(self, name) for name in self._TENSORS],
+                [int(r.causal), r.window_left, r.window_right])  # fmt: skip
+
+    @classmethod
+    def decode(cls, tensors: list[torch.Tensor | None], ints: list[int]) -> AttentionMask:
+        causal, wl, wr = ints
+        return cls(PositionRules(bool(causal), int(wl), int(wr)), **dict(zip(cls._TENSORS, tensors)))
+
+    def agreement(self) -> list[tuple[str, int]]:
+        """What every rank of a ring must state alike, as (what, value)."""
+        r = self.rules
+        return [("is_causal", int(r.causal)), ("window_left", r.window_left),
+                ("window_right", r.window_right), ("has attn_mask", int(self.dense is not None)),
+                ("has document_ids", int(self.document_ids is not None)),
+                ("has key_padding_mask", int(self.key_padding_mask is not None))]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +154,7 @@ class BlockMask:
     q_pos: torch.Tensor  # (Sq,) int64 global positions of the queries
     k_pos: torch.Tensor  # (Sk,) int64 global positions of the keys
     seq_len: int  # keys at positions >= seq_len are padding
-    causal: bool = False
-    window_left: int = -1
-    window_right: int = -1
+    rules: PositionRules = PositionRules()
     q_doc: torch.Tensor | None = None  # (B, Sq) integer document ids
     k_doc: torch.Tensor | None = None  # (B, Sk)
     k_valid: torch.Tensor | None = None  # (B, Sk) bool, False = padding key
@@ -72,51 +185,11 @@ class BlockMask:
             pieces=restrict_keys(self.pieces, start, stop),
         )
 
-    @property
-    def has_window(self) -> bool:
-        return self.window_left >= 0 or self.window_right >= 0
-
     def allowed(self) -> torch.Tensor:
         """Boolean (B|1, Sq, Sk) from the per-token facts (the dense mask is not included)."""
-        qp = self.q_pos[:, None]
-        kp = self.k_pos[None, :]
-        ok = kp < self.seq_len
-        if self.causal:
-            ok = ok & (kp <= qp)
-        if self.window_left >= 0:
-            ok = ok & (kp >= qp - self.window_left)
-        if self.window_right >= 0:
-            ok = ok & (kp <= qp + self.window_right)
-        ok = ok[None]
+        ok = self.rules.allows(self.q_pos[:, None], self.k_pos[None, :], self.seq_len)[None]
         if self.q_doc is not None:
             ok = ok & (self.q_doc[:, :, None] == self.k_doc[:, None, :])
         if self.k_valid is not None:
             ok = ok & self.k_valid[:, None, :].bool()
         return ok
-
-
-def position_rule_allows(
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    seq_len: int,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-) -> bool:
-    """Whether any (query, key) pair passes the position rules (causal, window, padding).
-
-    Queries at padded positions are left out: their outputs are dropped. O((Sq + Sk) log Sk).
-    """
-    q = q_pos[q_pos < seq_len]
-    k = torch.sort(k_pos[k_pos < seq_len]).values
-    if q.numel() == 0 or k.numel() == 0:
-        return False
-    lo = q - window_left if window_left >= 0 else torch.full_like(q, -POSITION_NONE)
-    hi = q + window_right if window_right >= 0 else torch.full_like(q, POSITION_NONE)
-    if causal:
-        hi = torch.minimum(hi, q)
-    # smallest key >= lo for each query; the pair exists if that key is <= hi
-    idx = torch.searchsorted(k, lo)
-    has = idx < k.numel()
-    first = k[idx.clamp(max=k.numel() - 1)]
-    return bool((has & (first <= hi)).any())

@@ -17,10 +17,11 @@ rank issues the same sends and receives in the same order whatever the compiler 
   parts, one while the first remote block arrives and one while the accumulators' last hop
   travels, so no transfer waits alone at either end.
 
-Masks are per-token facts (``ringcompile.masks``): positions come from the layout, document ids and
-key validity travel with K/V. Each step's block also says what it is (``ringcompile.blocks``): under
-position rules alone it is a few plain pieces (full, or causal on a square), which the kernels
-(``ringcompile.kernels``) hand to fused SDPA kernels; otherwise it is masked. Steps the position rules prove empty on every rank (a causal or
+The mask is one ``AttentionMask`` (``ringcompile.masks``), encoded as the op's two mask arguments:
+positions come from the layout, document ids and key validity travel with K/V. Each step's block
+also says what it is (``ringcompile.blocks``): under position rules alone it is a few plain pieces
+(full, or causal on a square), which the kernels (``ringcompile.kernels``) hand to fused SDPA
+kernels; otherwise it is masked. Steps the position rules prove empty on every rank (a causal or
 sliding-window ring) are neither computed nor sent: the ring runs only as many steps as the
 farthest rank needs. That plan is a function of the layout and mask options alone, so all ranks
 agree on it without talking.
@@ -39,7 +40,7 @@ from ringcompile.blocks import describe_block, disjoint, layout_block_pieces
 from ringcompile.group import all_gather_single, resolve_group_name
 from ringcompile.kernels import accumulation_dtype, kernels_fuse_plain, select_kernels
 from ringcompile.layout import Layout, make_layout
-from ringcompile.masks import BlockMask, position_rule_allows
+from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 
 __all__ = ["comm_stats", "describe_steps", "reset_comm_stats", "ring_attention_op", "StepPlan",
            "step_plan"]
@@ -62,7 +63,6 @@ comm_stats = CommStats()
 
 
 def reset_comm_stats() -> None:
-    global comm_stats
     comm_stats.__init__()
 
 
@@ -74,19 +74,12 @@ class StepPlan:
 
 
 @functools.lru_cache(maxsize=128)
-def step_plan(layout: Layout, causal: bool, window_left: int, window_right: int) -> StepPlan:
+def step_plan(layout: Layout, rules: PositionRules) -> StepPlan:
     """Which ring steps hold any (query, key) pair the position rules allow, for every rank."""
     W = layout.world_size
     compute = tuple(
         tuple(
-            position_rule_allows(
-                layout.positions(r),
-                layout.positions((r - s) % W),
-                layout.seq_len,
-                causal,
-                window_left,
-                window_right,
-            )
+            rules.any_allowed(layout.positions(r), layout.positions((r - s) % W), layout.seq_len)
             for s in range(W)
         )
         for r in range(W)
@@ -96,11 +89,12 @@ def step_plan(layout: Layout, causal: bool, window_left: int, window_right: int)
     return StepPlan(num_steps, compute)
 
 
-def describe_steps(layout: Layout, rank: int, causal: bool, window_left: int, window_right: int,
-                   masked: bool, plain_kernel: str | None, masked_kernel: str) -> list[str]:  # fmt: skip
+def describe_steps(layout: Layout, rank: int, mask: AttentionMask, plain_kernel: str | None,
+                   masked_kernel: str) -> list[str]:  # fmt: skip
     """Each ring step of ``rank``: the block it computes, what kind it is and which kernel runs
-    it (``explain``'s lines; the op decides the same way per step)."""
-    plan = step_plan(layout, causal, window_left, window_right)
+    it (``explain``'s lines; the op decides the same way per step). Only which of ``mask``'s
+    parts are present matters, so the passes describe theirs over graph nodes."""
+    plan = step_plan(layout, mask.rules)
     W, n = layout.world_size, layout.local_len
     lines = []
     for s in range(plan.num_steps):
@@ -109,18 +103,18 @@ def describe_steps(layout: Layout, rank: int, causal: bool, window_left: int, wi
         if not plan.compute[rank][s]:
             lines.append(f"step {s} ({where}): empty, skipped")
             continue
-        pieces = _block_pieces(layout, rank, src, causal, window_left, window_right, masked)
+        pieces = _block_pieces(layout, rank, src, mask)
         kind = describe_block(pieces, n, n)
         kernel = plain_kernel if pieces is not None and plain_kernel is not None else masked_kernel
         lines.append(f"step {s} ({where}): {kind} -> {kernel}")
     return lines
 
 
-def _block_pieces(layout, rank, src, causal, window_left, window_right, masked):
+def _block_pieces(layout: Layout, rank: int, src: int, mask: AttentionMask):
     """The block's plain pieces, or None where only per-element rules describe it."""
-    if masked or window_left >= 0 or window_right >= 0:
+    if mask.masked:
         return None
-    return layout_block_pieces(layout, rank, src, causal)
+    return layout_block_pieces(layout, rank, src, mask.rules.causal)
 
 
 # -- communication -----------------------------------------------------------------------------
@@ -237,45 +231,31 @@ class _Call:
     plan: StepPlan
     rank: int
     seq_len: int
-    causal: bool
-    window_left: int
-    window_right: int
-    attn_mask: torch.Tensor | None  # (B|1, H|1, S_local, seq_len): local rows, global columns
-    dense_offset: torch.Tensor | None  # (B|1, H|1, S_local) of an additive attn_mask (BlockMask)
-    facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity
+    mask: AttentionMask
+    dense_offset: torch.Tensor | None  # (B|1, H|1, S_local) of an additive dense mask (BlockMask)
+    facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity (they travel)
     kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
 
     @classmethod
-    def make(cls, q, attn_mask, document_ids, key_valid, causal, wl, wr, layout_name, seq_len,
-             group_name, kernels):
+    def make(cls, q, mask: AttentionMask, layout_name: str, seq_len: int, group_name: str,
+             kernels: str) -> _Call:  # fmt: skip
         pg = resolve_group_name(group_name)
         ring = _Ring(pg) if pg is not None else None
         world = ring.size if ring else 1
         layout = make_layout(layout_name, seq_len, world)
         facts = None
-        if document_ids is not None or key_valid is not None:
+        if mask.token_facts:
             B, S = q.shape[0], q.shape[2]
-            doc = document_ids if document_ids is not None else q.new_zeros((B, S), dtype=torch.int64)
-            ok = key_valid if key_valid is not None else q.new_ones((B, S), dtype=torch.bool)
+            doc, ok = mask.document_ids, mask.key_padding_mask
+            doc = doc if doc is not None else q.new_zeros((B, S), dtype=torch.int64)
+            ok = ok if ok is not None else q.new_ones((B, S), dtype=torch.bool)
             facts = torch.stack([doc.to(torch.int64), ok.to(torch.int64)])
         rank = ring.rank if ring else 0
         offset = None
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            offset = _row_offsets(attn_mask, layout, rank, seq_len, causal, wl, wr)
-        return cls(
-            ring=ring,
-            layout=layout,
-            plan=step_plan(layout, causal, wl, wr),
-            rank=rank,
-            seq_len=seq_len,
-            causal=causal,
-            window_left=wl,
-            window_right=wr,
-            attn_mask=attn_mask,
-            dense_offset=offset,
-            facts=facts,
-            kernels=kernels,
-        )
+        if mask.dense is not None and mask.dense.dtype != torch.bool:
+            offset = _row_offsets(mask.dense, layout, rank, seq_len, mask.rules)
+        return cls(ring=ring, layout=layout, plan=step_plan(layout, mask.rules), rank=rank,
+                   seq_len=seq_len, mask=mask, dense_offset=offset, facts=facts, kernels=kernels)
 
     def source(self, step: int) -> int:
         return (self.rank - step) % self.layout.world_size
@@ -284,16 +264,14 @@ class _Call:
         src = self.source(step)
         k_pos = _positions(self.layout, src, torch.device(device))
         dense = None
-        if self.attn_mask is not None:
+        if self.mask.dense is not None:
             # global columns of the source rank's keys; padding keys are masked by seq_len anyway
-            dense = self.attn_mask.index_select(-1, k_pos.clamp(max=self.seq_len - 1))
+            dense = self.mask.dense.index_select(-1, k_pos.clamp(max=self.seq_len - 1))
         return BlockMask(
             q_pos=_positions(self.layout, self.rank, torch.device(device)),
             k_pos=k_pos,
             seq_len=self.seq_len,
-            causal=self.causal,
-            window_left=self.window_left,
-            window_right=self.window_right,
+            rules=self.mask.rules,
             q_doc=self.facts[0] if self.facts is not None else None,
             k_doc=k_facts[0] if k_facts is not None else None,
             k_valid=k_facts[1] if k_facts is not None else None,
@@ -305,8 +283,7 @@ class _Call:
 
     def block_pieces(self, rank: int, src: int):
         """The plain pieces of ``rank``'s block of ``src``'s keys, or None (masked)."""
-        return _block_pieces(self.layout, rank, src, self.causal, self.window_left,
-                             self.window_right, self.attn_mask is not None or self.facts is not None)
+        return _block_pieces(self.layout, rank, src, self.mask)
 
     def first_hop_dtype(self, sender: int, fused: bool, dtype: torch.dtype,
                         acc: torch.dtype) -> torch.dtype:  # fmt: skip
@@ -329,14 +306,14 @@ class _Call:
         return [s for s in range(self.plan.num_steps) if row[s]]
 
 
-def _row_offsets(attn_mask, layout: Layout, rank: int, seq_len: int, causal: bool, wl: int,
-                 wr: int) -> torch.Tensor:  # fmt: skip
+def _row_offsets(dense: torch.Tensor, layout: Layout, rank: int, seq_len: int,
+                 rules: PositionRules) -> torch.Tensor:  # fmt: skip
     """Each row's largest additive mask value over the keys the position rules let it see (0
     where it sees none, or only -inf): ``BlockMask.dense_offset``."""
-    device = attn_mask.device
-    seen = BlockMask(q_pos=_positions(layout, rank, device), k_pos=torch.arange(seq_len, device=device),
-                     seq_len=seq_len, causal=causal, window_left=wl, window_right=wr).allowed()
-    top = attn_mask.masked_fill(~seen[:, None], float("-inf")).amax(-1)
+    device = dense.device
+    q_pos = _positions(layout, rank, device)
+    seen = rules.allows(q_pos[:, None], torch.arange(seq_len, device=device)[None, :], seq_len)
+    top = dense.masked_fill(~seen, float("-inf")).amax(-1)
     return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
@@ -345,22 +322,16 @@ def _traveling(k, v, facts) -> list[torch.Tensor]:
 
 
 # -- forward -----------------------------------------------------------------------------------
-def _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal, window_left,
-                  window_right, layout, seq_len, group_name, kernels):
-    call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
-                      layout, seq_len, group_name, kernels)
+def _ring_forward(q, k, v, mask: AttentionMask, scale, layout, seq_len, group_name, kernels):
+    call = _Call.make(q, mask, layout, seq_len, group_name, kernels)
     ring = call.ring
     verify = None
     if ring is not None:
         B, H, S, D = q.shape
-        verify = ring.start_agreement(
-            [B, H, k.shape[1], S, D, _dtype_code(q.dtype), seq_len, int(is_causal), window_left,
-             window_right, attn_mask is not None, call.facts is not None],
-            ["batch", "heads", "kv_heads", "local sequence length", "head dim", "dtype",
-             "seq_len", "is_causal", "window_left", "window_right", "has attn_mask",
-             "has document_ids/key_padding_mask"],
-            q.device,
-        )  # fmt: skip
+        agree = [("batch", B), ("heads", H), ("kv_heads", k.shape[1]),
+                 ("local sequence length", S), ("head dim", D), ("dtype", _dtype_code(q.dtype)),
+                 ("seq_len", seq_len), *mask.agreement()]  # fmt: skip
+        verify = ring.start_agreement([v for _, v in agree], [w for w, _ in agree], q.device)
     kernels = select_kernels(q, call.kernels)
     state = kernels.forward_init(q)
     computed = call.computed_steps()
@@ -457,10 +428,9 @@ def _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, own_mas
                           dkv_fresh=True)  # fmt: skip
 
 
-def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, scale, is_causal,
-                   window_left, window_right, layout, seq_len, group_name, kernels):
-    call = _Call.make(q, attn_mask, document_ids, key_valid, is_causal, window_left, window_right,
-                      layout, seq_len, group_name, kernels)
+def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, seq_len,
+                   group_name, kernels):
+    call = _Call.make(q, mask, layout, seq_len, group_name, kernels)
     ring = call.ring
     kernels = select_kernels(q, call.kernels)
     acc = accumulation_dtype(q.dtype)
@@ -549,31 +519,27 @@ def _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, 
 
 
 # -- the torch.library ops ---------------------------------------------------------------------
+# The mask crosses this boundary encoded (``AttentionMask.encode``): its tensors, then its rules.
 @torch.library.custom_op("ringcompile::ring_attention", mutates_args=())
 def ring_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    document_ids: torch.Tensor | None,
-    key_valid: torch.Tensor | None,
+    mask_tensors: list[torch.Tensor | None],
+    mask_rules: list[int],
     scale: float,
-    is_causal: bool,
-    window_left: int,
-    window_right: int,
     layout: str,
     seq_len: int,
     group_name: str,
     kernels: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention on local shards; returns (out, lse). Use ``ringcompile.ring_attention``."""
-    return _ring_forward(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal,
-                         window_left, window_right, layout, seq_len, group_name, kernels)
+    return _ring_forward(q, k, v, AttentionMask.decode(mask_tensors, mask_rules), scale, layout,
+                         seq_len, group_name, kernels)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, attn_mask, document_ids, key_valid, scale, is_causal, window_left, window_right,
-      layout, seq_len, group_name, kernels):
+def _(q, k, v, *rest):
     B, H, S, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=accumulation_dtype(q.dtype))
 
@@ -586,21 +552,16 @@ def ring_attention_backward_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    document_ids: torch.Tensor | None,
-    key_valid: torch.Tensor | None,
+    mask_tensors: list[torch.Tensor | None],
+    mask_rules: list[int],
     scale: float,
-    is_causal: bool,
-    window_left: int,
-    window_right: int,
     layout: str,
     seq_len: int,
     group_name: str,
     kernels: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ring_backward(dout, q, k, v, out, lse, attn_mask, document_ids, key_valid, scale,
-                          is_causal, window_left, window_right, layout, seq_len, group_name,
-                          kernels)
+    return _ring_backward(dout, q, k, v, out, lse, AttentionMask.decode(mask_tensors, mask_rules),
+                          scale, layout, seq_len, group_name, kernels)
 
 
 @ring_attention_backward_op.register_fake
@@ -608,23 +569,19 @@ def _(dout, q, k, v, out, lse, *rest):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-_NON_TENSOR_ARGS = ("scale", "is_causal", "window_left", "window_right", "layout", "seq_len",
-                    "group_name", "kernels")
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, document_ids, key_valid, *options = inputs
+    q, k, v, mask_tensors, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, document_ids, key_valid)
+    ctx.save_for_backward(q, k, v, out, lse, *mask_tensors)
     ctx.options = options
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask, document_ids, key_valid = ctx.saved_tensors
-    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, attn_mask, document_ids,
-                                            key_valid, *ctx.options)
-    # masks and options get no gradient (an additive attn_mask is treated as a constant)
-    return (dq, dk, dv) + (None,) * (3 + len(_NON_TENSOR_ARGS))
+    q, k, v, out, lse, *mask_tensors = ctx.saved_tensors
+    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, mask_tensors, *ctx.options)
+    # the mask and options get no gradient (an additive dense mask is treated as a constant)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -39,6 +39,7 @@ import torch.distributed._functional_collectives as funcol
 
 from ringcompile.checks import check_gqa, check_qkv
 from ringcompile.group import resolve_group
+from ringcompile.masks import PositionRules
 
 __all__ = ["tree_attn_decode"]
 
@@ -126,7 +127,9 @@ def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, i
     if is_causal:
         qp = q_positions if q_positions.dim() == 2 else q_positions.unsqueeze(0)  # (B|1, T)
         kp = k_positions if k_positions.dim() == 2 else k_positions.unsqueeze(0)  # (B|1, S_r)
-        causal = kp[:, None, None, None, :] <= qp[:, None, None, :, None]  # (B|1, 1, 1, T, S_r)
+        # the cache's keys hold no layout padding (empty slots are at POSITION_NONE: not causal)
+        causal = PositionRules(causal=True).allows(qp[:, None, None, :, None],
+                                                   kp[:, None, None, None, :], None)  # fmt: skip
         allowed = causal if allowed is None else allowed & causal
     if allowed is not None:
         s = s.view(B, Hkv, G, T, S).masked_fill(~allowed, float("-inf")).view(B, Hkv, G * T, S)

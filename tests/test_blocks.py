@@ -15,7 +15,7 @@ from ringcompile.blocks import (
     restrict_keys,
 )
 from ringcompile.layout import make_layout
-from ringcompile.masks import BlockMask
+from ringcompile.masks import BlockMask, PositionRules
 
 
 def _rules(mask: BlockMask) -> torch.Tensor:
@@ -45,7 +45,7 @@ def test_pieces_are_the_rules(name, S, W, causal):
     n = layout.local_len
     for rank, src in itertools.product(range(W), range(W)):
         mask = BlockMask(q_pos=layout.positions(rank), k_pos=layout.positions(src), seq_len=S,
-                         causal=causal)
+                         rules=PositionRules(causal))
         pieces = layout_block_pieces(layout, rank, src, causal)
         assert pieces is not None, (rank, src)
         assert torch.equal(_dense(pieces, n, n), _rules(mask)), (rank, src, pieces)
@@ -91,7 +91,7 @@ def test_random_sorted_positions():
         if pieces is None:
             continue
         covered += 1
-        mask = BlockMask(q_pos=q, k_pos=k, seq_len=seq_len, causal=True)
+        mask = BlockMask(q_pos=q, k_pos=k, seq_len=seq_len, rules=PositionRules(True))
         assert torch.equal(_dense(pieces, 12, 9), _rules(mask)), (q, k, seq_len, pieces)
     assert covered > 30
 

@@ -17,7 +17,7 @@ import torch
 
 from ringcompile.kernels.reference import ReferenceKernels
 from ringcompile.layout import make_layout
-from ringcompile.masks import BlockMask
+from ringcompile.masks import BlockMask, PositionRules
 
 pytestmark = [
     pytest.mark.gpu,
@@ -146,7 +146,7 @@ def test_head_dims_vs_flash(tf, D, causal):
     B, H, Hkv, S = 2, 8, 2, 1024
     q, k, v, dout = _inputs(B, H, Hkv, S, D)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=causal)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(causal))
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", causal, None)
 
 
@@ -155,7 +155,7 @@ def test_gqa_vs_flash(tf, H, Hkv):
     B, S, D = 2, 1536, 128
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=1)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None)
 
 
@@ -165,7 +165,7 @@ def test_long_blocks_vs_flash(tf):
     assert tf._default_fwd_config(D, torch.bfloat16, S, S).block_m == 256
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=6)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None)
 
 
@@ -186,7 +186,7 @@ def test_dq_ways_vs_flash(tf, way):
     if way == "bulk" and not tf._bulk_reduce_ok(torch.zeros(q.shape, device="cuda")):
         pytest.skip("no bulk reductions on this GPU or Triton")
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None,
              kernels=_dq_way_config(tf, way))  # fmt: skip
 
@@ -196,7 +196,7 @@ def test_dq_bulk_falls_back_on_unaligned_accumulator(tf):
     B, H, Hkv, S, D = 1, 4, 2, 512, 64
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=8)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
     kernels = _dq_way_config(tf, "bulk")
     state = kernels.forward_init(q)
     kernels.forward_step(state, q, k, v, mask, D**-0.5, last=True)
@@ -215,10 +215,7 @@ def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):
     dev = "cuda"
     pos = torch.arange(S, device=dev)
     kw: dict = dict(q_pos=pos, k_pos=pos, seq_len=S)
-    if "causal" in kind:
-        kw["causal"] = True
-    if "window" in kind:
-        kw["window_left"], kw["window_right"] = 200, 64
+    kw["rules"] = PositionRules.of("causal" in kind, (200, 64) if "window" in kind else None)
     if "docs" in kind:
         starts = torch.rand(B, S, generator=gen, device=dev) < 1 / 300
         docs = torch.cumsum(starts.long(), 1)
@@ -273,11 +270,11 @@ def test_ring_steps_vs_flash(tf, layout):
     q, dout = q_full[:, :, q_idx].contiguous(), dout_full[:, :, q_idx].contiguous()
     pos = torch.arange(S, device="cuda")
     # the reference and SDPA see the whole sequence; compare on this rank's query rows
-    full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, causal=True)
+    full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, rules=PositionRules(True))
     steps = []
     for s in range(W):
         k_idx = lay.positions((rank - s) % W, "cuda")
-        steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, causal=True)))
+        steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=PositionRules(True))))
     allowed = full_mask.allowed()[0]  # (local queries, S)
     attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
     attn = attn.masked_fill(~allowed, float("-inf"))
@@ -290,7 +287,7 @@ def test_other_dtypes(tf, dtype):
     B, H, Hkv, S, D = 1, 4, 2, 1024, 128
     q, k, v, dout = _inputs(B, H, Hkv, S, D, dtype=dtype, seed=5)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
     ref = _reference64(q, k, v, mask, dout, D**-0.5)
     ours = _ours(tf, q, [k], [v], [mask], dout, D**-0.5)
     # fp16 as bf16's bounds scaled by the mantissa; fp32 runs its dots in TF32
@@ -328,12 +325,12 @@ def test_engine_ring_steps_vs_sdpa(tf, layout, H, Hkv, causal):
     for rank in range(W):
         q_idx = lay.positions(rank, "cuda")
         q, dout = q_full[:, :, q_idx].contiguous(), dout_full[:, :, q_idx].contiguous()
-        full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, causal=causal)
+        full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, rules=PositionRules(causal))
         steps = []
         for s in range(W):
             src = (rank - s) % W
             k_idx = lay.positions(src, "cuda")
-            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, causal=causal,
+            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=PositionRules(causal),
                                            pieces=layout_block_pieces(lay, rank, src, causal))))
         allowed = full_mask.allowed()[0].expand(q_idx.numel(), S)
         attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
@@ -350,7 +347,7 @@ def test_engine_one_block_is_cudnn(tf, D):
     B, H, Hkv, S = 2, 8, 2, 1024
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=12)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True,
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True),
                      pieces=(Piece(0, S, 0, S, True),))  # fmt: skip
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None, kernels=_engine())
 
@@ -367,14 +364,14 @@ def test_engine_mixes_masked_and_plain_steps(tf):
     q_idx = lay.positions(rank, "cuda")
     q, dout = q_full[:, :, q_idx].contiguous(), dout_full[:, :, q_idx].contiguous()
     pos = torch.arange(S, device="cuda")
-    full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, causal=True)
+    full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, rules=PositionRules(True))
     for plain_steps in ({0, 2}, {1, 3}):
         steps = []
         for s in range(W):
             src = (rank - s) % W
             k_idx = lay.positions(src, "cuda")
             pieces = layout_block_pieces(lay, rank, src, True) if s in plain_steps else None
-            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, causal=True,
+            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=PositionRules(True),
                                            pieces=pieces)))
         allowed = full_mask.allowed()[0]
         attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
@@ -392,7 +389,7 @@ def test_engine_fresh_key_halves(tf):
     B, H, Hkv, S, D = 1, 8, 2, 2048, 128
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=14)
     pos = torch.arange(S, device="cuda")
-    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, causal=True,
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True),
                      pieces=(Piece(0, S, 0, S, True),))  # fmt: skip
     kernels = _engine()
     state = kernels.forward_init(q)

@@ -13,6 +13,7 @@ random values, so an element left unwritten or overwritten instead of added fail
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -23,12 +24,14 @@ import torch
 
 from ringcompile.kernels.reference import ReferenceKernels
 from ringcompile.layout import make_layout
-from ringcompile.masks import BlockMask
+from ringcompile.masks import BlockMask, PositionRules
 from ringcompile.ring_op import _own_block_parts
 
 pytest.importorskip("triton")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED:  # imported here only where kernels run interpreted (see the docstring)
+    from ringcompile.kernels import triton_flash
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -169,8 +172,8 @@ def _build(case: Case, seed: int = 0):
     if case.dense == "additive_min":
         # as the ring gives it: each row's largest mask value over the keys its positions allow
         every_k = torch.cat(k_pos)
-        seen = BlockMask(q_pos=q_pos, k_pos=every_k, seq_len=case.seq_len, causal=case.causal,
-                         window_left=case.window[0], window_right=case.window[1]).allowed()
+        seen = BlockMask(q_pos=q_pos, k_pos=every_k, seq_len=case.seq_len,
+                         rules=PositionRules.of(case.causal, case.window)).allowed()
         rows = dense_of[:, :, q_pos.clamp(max=total - 1)][..., every_k.clamp(max=total - 1)]
         top = rows.masked_fill(~seen[:, None], float("-inf")).amax(-1)
         offset = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -179,8 +182,8 @@ def _build(case: Case, seed: int = 0):
     for kp in k_pos:
         masks.append(
             BlockMask(
-                q_pos=q_pos, k_pos=kp, seq_len=case.seq_len, causal=case.causal,
-                window_left=case.window[0], window_right=case.window[1],
+                q_pos=q_pos, k_pos=kp, seq_len=case.seq_len,
+                rules=PositionRules.of(case.causal, case.window),
                 q_doc=None if doc_of is None else doc_of[:, q_pos.clamp(max=total - 1)],
                 k_doc=None if doc_of is None else doc_of[:, kp.clamp(max=total - 1)],
                 k_valid=None if valid_of is None else valid_of[:, kp.clamp(max=total - 1)],
@@ -345,13 +348,105 @@ def test_tile_lists_cached_by_positions_key(tf):
 def test_skipped_tiles_are_skipped(tf):
     """A causal key block wholly in the queries' future gives empty tile lists."""
     q_pos, k_pos = torch.arange(64), torch.arange(64, 128)
-    mask = BlockMask(q_pos=q_pos, k_pos=k_pos, seq_len=128, causal=True)
+    mask = BlockMask(q_pos=q_pos, k_pos=k_pos, seq_len=128, rules=PositionRules(True))
     lists = tf._tile_lists(mask, True, 16, 16, True)
     assert lists.full_count.sum() == 0 and lists.part_count.sum() == 0
     # and a block wholly in the past is all full tiles, none partial
-    mask = BlockMask(q_pos=k_pos, k_pos=q_pos, seq_len=128, causal=True)
+    mask = BlockMask(q_pos=k_pos, k_pos=q_pos, seq_len=128, rules=PositionRules(True))
     lists = tf._tile_lists(mask, True, 16, 16, True)
     assert lists.full_count.tolist() == [4] * 4 and lists.part_count.sum() == 0
+
+
+def _rules_tile(q_pos, k_pos, seq_len, rules, q_doc, k_doc, k_valid, queries_on_rows):
+    """``triton_flash._token_rules`` over one (Sq, Sk) tile, as a boolean (Sq, Sk)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(q_pos_ptr, k_pos_ptr, q_doc_ptr, k_doc_ptr, k_valid_ptr, out_ptr, seq_len, wl, wr,
+               QR: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+               HAS_DOCS: tl.constexpr, HAS_KVALID: tl.constexpr, BQ: tl.constexpr,
+               BK: tl.constexpr):  # fmt: skip
+        qi = tl.arange(0, BQ)
+        ki = tl.arange(0, BK)
+        q_doc = None
+        k_doc = None
+        k_valid = None
+        if HAS_DOCS:
+            q_doc = tl.load(q_doc_ptr + qi)
+            k_doc = tl.load(k_doc_ptr + ki)
+        if HAS_KVALID:
+            k_valid = tl.load(k_valid_ptr + ki)
+        # (the interpreter resolves names in the module's globals, not in this closure)
+        keep = triton_flash._token_rules(
+            tl.load(q_pos_ptr + qi).to(tl.int32), tl.load(k_pos_ptr + ki).to(tl.int32), seq_len,
+            wl, wr, q_doc, k_doc, k_valid, QR, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS, HAS_KVALID)
+        if QR:
+            tl.store(out_ptr + qi[:, None] * BK + ki[None, :], keep.to(tl.int8))
+        else:
+            tl.store(out_ptr + qi[None, :] * BK + ki[:, None], keep.to(tl.int8))
+
+    out = torch.empty(q_pos.numel(), k_pos.numel(), dtype=torch.int8)
+    kernel[(1,)](q_pos, k_pos, q_doc if q_doc is not None else q_pos,
+                 k_doc if k_doc is not None else k_pos,
+                 k_valid.to(torch.int8) if k_valid is not None else k_pos, out, seq_len,
+                 rules.window_left, rules.window_right, QR=queries_on_rows, CAUSAL=rules.causal,
+                 HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
+                 HAS_DOCS=q_doc is not None, HAS_KVALID=k_valid is not None, BQ=q_pos.numel(),
+                 BK=k_pos.numel())  # fmt: skip
+    return out.bool()
+
+
+@interpreted_only
+def test_mask_rules_agree_on_random_facts(tf):
+    """The rules are written once in Python (``BlockMask.allowed``) and once for the kernels
+    (``_token_rules``); the tile lists and ``PositionRules.any_allowed`` decide from bounds. On
+    random positions (unordered, some past seq_len), documents, validity and rules: the per-element
+    rules equal ``allowed`` in both orientations, every allowed pair lies in a listed tile, every
+    pair of a full tile is allowed, and ``any_allowed`` says whether a real query sees a key."""
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        Sq, Sk, seq_len = 32, 64, 80
+        q_pos = torch.randperm(96, generator=g)[:Sq]
+        k_pos = torch.randperm(96, generator=g)[:Sk]
+        if seed % 2:  # as layouts give them: rising, so that whole tiles pass or fail
+            q_pos, k_pos = q_pos.sort().values, k_pos.sort().values
+        # windows at and next to tile sizes, where a bound is met exactly
+        r = [(-1, 0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31)[i]
+             for i in torch.randint(0, 13, (2,), generator=g).tolist()]
+        rules = PositionRules(bool(seed % 4 < 2), r[0] if seed % 3 else -1, r[1] if seed % 5 else -1)
+        docs = torch.randint(0, 3, (1, 96), generator=g)
+        facts = seed // 4 % 4
+        mask = BlockMask(q_pos=q_pos, k_pos=k_pos, seq_len=seq_len, rules=rules,
+                         q_doc=docs[:, q_pos] if facts & 1 else None,
+                         k_doc=docs[:, k_pos] if facts & 1 else None,
+                         k_valid=torch.rand(1, Sk, generator=g) < 0.8 if facts & 2 else None)
+        want = mask.allowed()[0]
+        for on_rows in (True, False):
+            got = _rules_tile(q_pos, k_pos, seq_len, rules,
+                              None if mask.q_doc is None else mask.q_doc[0],
+                              None if mask.k_doc is None else mask.k_doc[0],
+                              None if mask.k_valid is None else mask.k_valid[0], on_rows)
+            assert torch.equal(got, want), (seed, on_rows)
+
+        by_position = rules.allows(q_pos[:, None], k_pos[None, :], seq_len)
+        for rows_are_queries, (rb, cb) in itertools.product((True, False), ((16, 8), (4, 4))):
+            lists = tf._tile_lists(mask, rows_are_queries, rb, cb, True)
+            listed = torch.zeros(Sq, Sk, dtype=torch.bool)
+            full = torch.zeros(Sq, Sk, dtype=torch.bool)
+            for row in range(lists.full_count.numel()):
+                for kind, n in ((lists.full, lists.full_count), (lists.part, lists.part_count)):
+                    for col in kind[row, : n[row]].tolist():
+                        rows, cols = slice(row * rb, row * rb + rb), slice(col * cb, col * cb + cb)
+                        tile = (rows, cols) if rows_are_queries else (cols, rows)
+                        listed[tile] = True
+                        if kind is lists.full:
+                            full[tile] = True
+            assert not (by_position & ~listed).any(), (seed, rows_are_queries)
+            assert by_position[full].all(), (seed, rows_are_queries)
+
+        real = q_pos < seq_len
+        assert rules.any_allowed(q_pos, k_pos, seq_len) == bool(by_position[real].any()), seed
 
 
 @interpreted_only
@@ -451,7 +546,7 @@ def test_engine_shares_state_with_triton_steps(tf, layout):
     srcs = [(rank - s) % W for s in range(W)]
 
     def run(kernels, plain_steps):
-        masks = [BlockMask(q_pos=q_pos, k_pos=lay.positions(src), seq_len=S, causal=True,
+        masks = [BlockMask(q_pos=q_pos, k_pos=lay.positions(src), seq_len=S, rules=PositionRules(True),
                            pieces=layout_block_pieces(lay, rank, src, True)
                            if s in plain_steps else None)
                  for s, src in enumerate(srcs)]  # fmt: skip

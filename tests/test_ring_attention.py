@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringcompile
 from ringcompile import make_layout, ring_attention
-from ringcompile.masks import BlockMask
+from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring_op import _own_block_parts, comm_stats, reset_comm_stats
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
@@ -289,7 +289,8 @@ def opcheck_on_ring(rank, world):
     name = group_name_of(resolve_group())
     # a masked ring (documents) and a plain one (its blocks on the fused SDPA kernel)
     for facts in (doc, None):
-        args = (q, k, v, None, facts, None, 0.3, True, -1, -1, layout.name, S, name, "auto")
+        mask = AttentionMask(PositionRules(causal=True), document_ids=facts)
+        args = (q, k, v, *mask.encode(), 0.3, layout.name, S, name, "auto")
         torch.library.opcheck(torch.ops.ringcompile.ring_attention.default, args)
     return True
 
@@ -351,7 +352,7 @@ def test_block_mask_keys_is_the_column_slice():
     B, Sq, Sk = 2, 6, 10
     mask = BlockMask(
         q_pos=torch.randperm(16, generator=g)[:Sq], k_pos=torch.randperm(16, generator=g)[:Sk],
-        seq_len=14, causal=True, window_left=7,
+        seq_len=14, rules=PositionRules(True, window_left=7),
         q_doc=torch.randint(0, 2, (B, Sq), generator=g),
         k_doc=torch.randint(0, 2, (B, Sk), generator=g),
         k_valid=torch.rand(B, Sk, generator=g) < 0.8,
@@ -372,13 +373,15 @@ def test_own_block_parts_cover_the_keys_later_half_first():
     assert _own_block_parts(1) == [(0, 1)]
 
 
-def _call(layout_name, S, world, causal=True, window=(-1, -1), facts=None):
+def _call(layout_name, S, world, causal=True, window=None, facts=None):
     from ringcompile.ring_op import _Call, step_plan
 
     layout = make_layout(layout_name, S, world)
-    return _Call(ring=None, layout=layout, plan=step_plan(layout, causal, *window), rank=0,
-                 seq_len=S, causal=causal, window_left=window[0], window_right=window[1],
-                 attn_mask=None, dense_offset=None, facts=facts, kernels="auto")  # fmt: skip
+    # with facts, the mask has token facts (only their presence matters here)
+    mask = AttentionMask(PositionRules.of(causal, window),
+                         document_ids=None if facts is None else facts[0])
+    return _Call(ring=None, layout=layout, plan=step_plan(layout, mask.rules), rank=0, seq_len=S,
+                 mask=mask, dense_offset=None, facts=facts, kernels="auto")  # fmt: skip
 
 
 def test_first_dkv_hop_travels_in_the_inputs_dtype_where_it_holds_one_contribution():

@@ -68,19 +68,6 @@ class CudnnBlocks:
         )
         return res[0], res[1].squeeze(-1)
 
-    def expands_kv(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Whether ``backward`` gives cuDNN K/V expanded to the query heads for this block."""
-        B, H, Hkv, Sk = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
-        if H == Hkv:
-            return False
-        if self.expand_kv is not None:
-            return self.expand_kv
-        # cuDNN's backward runs a program per (batch, KV head, 128 keys) and loops over the
-        # group's query heads inside: blocks with few keys then fill too few programs to hide the
-        # tail wave; expanded K/V give G times the programs, for one copy of K/V and one sum of
-        # dK/dV (bench_kernels.py --blocks)
-        return B * Hkv * -(-Sk // 128) < 4 * _sm_count(q.device.index or 0)
-
     def backward(self, dout, q, k, v, out, lse, causal, scale):
         # K/V as they travel (grouped): expanding them to the query heads gives cuDNN more
         # programs but ran 2-11 % slower on every ring block kind (bench_kernels.py --blocks)

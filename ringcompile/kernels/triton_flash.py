@@ -280,8 +280,7 @@ class _TileListCache:
             return None
         if mask.q_pos.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # a CUDA graph's private memory must not outlive it in a cache
-        return (mask.positions_key, mask.seq_len, mask.causal, mask.window_left,
-                mask.window_right, mask.q_pos.device, *how)  # fmt: skip
+        return (mask.positions_key, mask.seq_len, mask.rules, mask.q_pos.device, *how)
 
     def get(self, key) -> _TileLists | None:
         entry = self.entries.get(key)
@@ -316,7 +315,7 @@ def _tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_blo
 
 def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_block: int,
                         full_allowed: bool) -> _TileLists:  # fmt: skip
-    q_pos, k_pos = mask.q_pos, mask.k_pos
+    q_pos, k_pos, rules = mask.q_pos, mask.k_pos, mask.rules
     # Queries at padding positions still get outputs (the reference computes them), so every
     # query is valid; keys at positions >= seq_len are never visible.
     q_limit, k_limit = _POS_HUGE.value, mask.seq_len
@@ -341,9 +340,9 @@ def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int,
         row_pos, row_pos.numel(), row_limit,
         col_lo, col_hi, col_full, n_cols,
         full, full_count, part, part_count, n_cols,
-        mask.window_left, mask.window_right,
+        rules.window_left, rules.window_right,
         ROWS_ARE_QUERIES=rows_are_queries, ROW_BLOCK=row_block, CHUNK=64,
-        CAUSAL=mask.causal, HAS_WL=mask.window_left >= 0, HAS_WR=mask.window_right >= 0,
+        CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
         FULL_ALLOWED=full_allowed,
     )  # fmt: skip
     return _TileLists(full, full_count, part, part_count)
@@ -435,30 +434,51 @@ def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int, dev) -> _MaskA
         dense_strides = dense.stride()
     # Inside tiles, positions are int32; bounds beyond int32 mean "unbounded" there.
     seq_len = min(mask.seq_len, _INT32_MAX)
+    rules = mask.rules
     return _MaskArgs(
         q_pos=mask.q_pos, k_pos=mask.k_pos, seq_len=seq_len,
-        window_left=min(mask.window_left, _INT32_MAX), window_right=min(mask.window_right, _INT32_MAX),
+        window_left=min(rules.window_left, _INT32_MAX),
+        window_right=min(rules.window_right, _INT32_MAX),
         q_doc=q_doc, k_doc=k_doc, doc_strides=doc_strides,
         k_valid=k_valid, k_valid_strides=k_valid_strides,
         dense=dense, dense_strides=dense_strides, offset=offset, offset_strides=offset_strides,
-        causal=mask.causal, has_wl=mask.window_left >= 0, has_wr=mask.window_right >= 0,
+        causal=rules.causal, has_wl=rules.window_left >= 0, has_wr=rules.window_right >= 0,
         has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
     )  # fmt: skip
 
 
 @triton.jit
-def _position_rules(q_pos, k_pos, seq_len, window_left, window_right,
-                    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):  # fmt: skip
-    """Boolean tile of the position rules; q_pos and k_pos are int32 and broadcast to the tile."""
-    ok = k_pos < seq_len
+def _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc, k_doc, k_valid,
+                 QUERIES_ON_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+                 HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_KVALID: tl.constexpr):  # fmt: skip
+    """The rules of ``ringcompile.masks`` (``BlockMask.allowed``) as a boolean tile: queries on
+    its rows (or its columns), keys on the other dim. Positions are int32 vectors; the documents
+    and key validity vectors are None where their flag is off."""
+    if QUERIES_ON_ROWS:
+        qp = q_pos[:, None]
+        kp = k_pos[None, :]
+    else:
+        qp = q_pos[None, :]
+        kp = k_pos[:, None]
+    ok = kp < seq_len
     # differences of int32 positions below 2**31 cannot overflow
-    dist = q_pos - k_pos
+    dist = qp - kp
     if CAUSAL:
         ok = ok & (dist >= 0)
     if HAS_WL:
         ok = ok & (dist <= window_left)
     if HAS_WR:
         ok = ok & (-dist <= window_right)
+    if HAS_DOCS:
+        if QUERIES_ON_ROWS:
+            ok = ok & (q_doc[:, None] == k_doc[None, :])
+        else:
+            ok = ok & (q_doc[None, :] == k_doc[:, None])
+    if HAS_KVALID:
+        if QUERIES_ON_ROWS:
+            ok = ok & (k_valid[None, :] != 0)
+        else:
+            ok = ok & (k_valid[:, None] != 0)
     return ok
 
 
@@ -615,6 +635,7 @@ def _fwd_kernel(
     if DENSE_KIND == 2:
         row_off = tl.load(off_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
                           + offs_m * stride_xs, mask=row_ok, other=0.0)  # fmt: skip
+    q_doc = None
     if HAS_DOCS:
         q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
         q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
@@ -625,6 +646,8 @@ def _fwd_kernel(
         k_ok = offs_k < Sk
         kv_rows = offs_k[:, None]
         visit = True
+        k_doc = None
+        k_valid = None
         if HAS_DOCS:
             k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_k * stride_kds, mask=k_ok, other=0)
             k_doc_lo, k_doc_hi = _doc_range(k_doc, k_ok)
@@ -635,13 +658,11 @@ def _fwd_kernel(
             k = tl.load(k_base + kv_rows * stride_ks, mask=kv_mask, other=0.0)
             v = tl.load(v_base + kv_rows * stride_vs, mask=kv_mask, other=0.0)
             k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
-            keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
-                                   window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
-            if HAS_DOCS:
-                keep = keep & (q_doc[:, None] == k_doc[None, :])
             if HAS_KVALID:
                 k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
-                keep = keep & (k_valid[None, :] != 0)
+            keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc, k_doc,
+                                k_valid, True, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS,
+                                HAS_KVALID) & k_ok[None, :]  # fmt: skip
             s = tl.dot(q, tl.trans(k)) * qk_scale
             if DENSE_KIND != 0:
                 # int64: an S x S mask passes 2**31 elements beyond 46k tokens
@@ -821,6 +842,8 @@ def _bwd_kernel(
             )  # fmt: skip
 
         k_pos = tl.load(k_pos_ptr + offs_n, mask=k_ok, other=0).to(tl.int32)
+        k_doc = None
+        k_valid = None
         if HAS_DOCS:
             k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_n * stride_kds, mask=k_ok, other=0)
             k_doc_lo, k_doc_hi = _doc_range(k_doc, k_ok)
@@ -832,6 +855,7 @@ def _bwd_kernel(
             rows = m0 + offs_m
             row_ok = rows < Sq
             visit = True
+            q_doc = None
             if HAS_DOCS:
                 q_doc = tl.load(q_doc_ptr + b * stride_qdb + rows * stride_qds, mask=row_ok, other=0)
                 q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
@@ -840,12 +864,9 @@ def _bwd_kernel(
             if visit:
                 bh = b64 * HKV * GROUP + h
                 q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-                keep = _position_rules(q_pos[None, :], k_pos[:, None], seq_len, window_left,
-                                       window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[:, None]  # fmt: skip
-                if HAS_DOCS:
-                    keep = keep & (k_doc[:, None] == q_doc[None, :])
-                if HAS_KVALID:
-                    keep = keep & (k_valid[:, None] != 0)
+                keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc,
+                                    k_doc, k_valid, False, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS,
+                                    HAS_KVALID) & k_ok[:, None]  # fmt: skip
                 dense_bias = None
                 row_off = None
                 if DENSE_KIND != 0:
@@ -949,6 +970,7 @@ def _bwd_dq_kernel(
             dq += tl.dot(ds, k)
 
         q_pos = tl.load(q_pos_ptr + offs_m, mask=row_ok, other=0).to(tl.int32)
+        q_doc = None
         if HAS_DOCS:
             q_doc = tl.load(q_doc_ptr + b * stride_qdb + offs_m * stride_qds, mask=row_ok, other=0)
             q_doc_lo, q_doc_hi = _doc_range(q_doc, row_ok)
@@ -960,6 +982,8 @@ def _bwd_dq_kernel(
             offs_k = n0 + offs_n
             k_ok = offs_k < Sk
             visit = True
+            k_doc = None
+            k_valid = None
             if HAS_DOCS:
                 k_doc = tl.load(k_doc_ptr + b * stride_kdb + offs_k * stride_kds, mask=k_ok, other=0)
                 k_doc_lo, k_doc_hi = _doc_range(k_doc, k_ok)
@@ -970,13 +994,11 @@ def _bwd_dq_kernel(
                 k = tl.load(k_base + offs_k[:, None] * stride_ks, mask=kv_mask, other=0.0)
                 v = tl.load(v_base + offs_k[:, None] * stride_vs, mask=kv_mask, other=0.0)
                 k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
-                keep = _position_rules(q_pos[:, None], k_pos[None, :], seq_len, window_left,
-                                       window_right, CAUSAL, HAS_WL, HAS_WR) & k_ok[None, :]  # fmt: skip
-                if HAS_DOCS:
-                    keep = keep & (q_doc[:, None] == k_doc[None, :])
                 if HAS_KVALID:
                     k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
-                    keep = keep & (k_valid[None, :] != 0)
+                keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc,
+                                    k_doc, k_valid, True, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS,
+                                    HAS_KVALID) & k_ok[None, :]  # fmt: skip
                 s = tl.dot(q, tl.trans(k)) * qk_scale
                 if DENSE_KIND != 0:
                     m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
@@ -1129,7 +1151,7 @@ class TritonKernels:
         lse, delta = lse.contiguous(), delta.contiguous()
         d_pad = _head_dim_padded(D)
         bulk_ok = _bulk_reduce_ok(dq)
-        cfg = self.bwd_config or _default_bwd_config(d_pad, q.dtype, mask.causal or mask.has_window,
+        cfg = self.bwd_config or _default_bwd_config(d_pad, q.dtype, mask.rules.causal or mask.rules.window is not None,
                                                      bulk_ok)  # fmt: skip
         dq_mode, dq_desc = 0, None
         if cfg.dq is None:

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.fx import GraphModule, Node
 
 from ringcompile.layout import Layout, make_layout
+from ringcompile.masks import AttentionMask
 from ringcompile.report import GraphReport
 from ringcompile.runtime import (
     RingAttention,
@@ -44,26 +45,8 @@ class AttentionSite:
     attn_mask: Node | None
     is_causal: bool
     seq_len: int
-    # set when lift_masks turns the dense mask into per-token facts
-    facts: "MaskFacts | None" = None
-
-
-@dataclass
-class MaskFacts:
-    """A dense mask recognised as per-token facts (what ``ring_attention`` takes instead)."""
-
-    is_causal: bool = False
-    window: tuple[int, int] | None = None
-    key_padding_mask: Node | None = None  # (B, S) bool, full
-    document_ids: Node | None = None  # (B, S) integers, full
-
-    def tensors(self) -> dict[str, Node]:
-        return {
-            name: n
-            for name, n in (("key_padding_mask", self.key_padding_mask),
-                            ("document_ids", self.document_ids))
-            if n is not None
-        }
+    # set when lift_masks turns the dense mask into rules and per-token facts (full (B, S) nodes)
+    lifted_mask: AttentionMask[Node] | None = None
 
 
 @dataclass

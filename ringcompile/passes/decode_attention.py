@@ -74,9 +74,9 @@ def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
         facts = lift(mask, shape_of(mask)[0], T, wide_padding=True)
     except NotLiftable:
         return None
-    if facts.window is not None or facts.document_ids is not None:
+    if facts.rules.window is not None or facts.document_ids is not None:
         return None
-    return facts.is_causal, facts.key_padding_mask
+    return facts.rules.causal, facts.key_padding_mask
 
 
 def _refusal(a: dict, mk, mv, T: int) -> tuple[str | None, Node | None]:

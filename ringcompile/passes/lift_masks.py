@@ -3,9 +3,9 @@
 Expects: ``ctx.sites`` (pass 1).
 Guarantees: a site whose ``attn_mask`` is computed, node by node, from index aranges, a key
 padding mask and packed-document ids — the way transformers builds causal, sliding-window,
-padding and packed-sequence masks — gets ``site.facts`` (causal, window, key padding, document
-ids) and no dense mask: no rank materialises S x S, and the ring skips steps and tiles the facts
-rule out. The mask is read symbolically, so the result is the same function, not a guess; anything
+padding and packed-sequence masks — gets ``site.lifted_mask`` (an ``AttentionMask``: position
+rules, key padding, document ids) and no dense mask: no rank materialises S x S, and the ring
+skips steps and tiles the facts rule out. The mask is read symbolically, so the result is the same function, not a guess; anything
 else keeps the dense mask (this rank's rows over all keys: exact) and the report says why.
 
 What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
@@ -21,7 +21,7 @@ made itself with an arange: no packing) are evaluated at compile time; one docum
 and the site keeps plain blocks the fused kernels compute.
 
     mask = (kv[None, None, None, :] <= q[None, None, :, None]) & am[b, kv]; sdpa(q, k, v, mask)
-    -> facts: is_causal=True, key_padding_mask=am
+    -> lifted_mask: causal, key_padding_mask=am
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.fx import Node
 
-from ringcompile.passes.context import MaskFacts, RingContext
+from ringcompile.masks import AttentionMask, PositionRules
+from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import shape_of
 from ringcompile.passes.fx_utils import source_line
 
@@ -216,7 +217,7 @@ class _Reader:
         return _Facts(left=left, right=right, positions=[a.tensor] if on_positions else [])
 
 
-def lift(mask: Node, batch: int, seq_len: int, wide_padding: bool = False) -> MaskFacts:
+def lift(mask: Node, batch: int, seq_len: int, wide_padding: bool = False) -> AttentionMask[Node]:
     """The per-token facts that compute ``mask`` exactly, or NotLiftable with the reason.
 
     ``wide_padding`` (decode steps): a (B, N) boolean key padding mask with N >= seq_len counts
@@ -239,17 +240,15 @@ def lift(mask: Node, batch: int, seq_len: int, wide_padding: bool = False) -> Ma
                 f"a comparison of position ids {p.name} without documents derived from them"
             )
     causal = facts.right == 0
-    window = None
-    if facts.left is not None or (facts.right is not None and facts.right > 0):
-        window = (
-            facts.left if facts.left is not None else -1,
-            -1 if causal or facts.right is None else facts.right,
-        )
-    return MaskFacts(
-        is_causal=causal,
-        window=window,
-        key_padding_mask=facts.valid[0] if facts.valid else None,
+    rules = PositionRules(
+        causal,
+        facts.left if facts.left is not None else -1,
+        -1 if causal or facts.right is None else facts.right,
+    )
+    return AttentionMask(
+        rules,
         document_ids=facts.docs[0] if facts.docs else None,
+        key_padding_mask=facts.valid[0] if facts.valid else None,
     )
 
 
@@ -305,11 +304,11 @@ def run(ctx: RingContext) -> None:
         single = facts.document_ids is not None and _one_document(facts.document_ids)
         if single:
             facts = replace(facts, document_ids=None)
-        site.facts, site.attn_mask = facts, None
-        parts = ["causal" if facts.is_causal else "bidirectional"]
-        if facts.window:
-            parts.append(f"window {facts.window}")
-        parts += [f"{k}={n.name}" for k, n in facts.tensors().items()]
+        site.lifted_mask, site.attn_mask = facts, None
+        parts = ["causal" if facts.rules.causal else "bidirectional"]
+        if facts.rules.window:
+            parts.append(f"window {facts.rules.window}")
+        parts += [f"{k}={n.name}" for k, n in facts.token_facts.items()]
         if single:
             parts.append("one document (ids computed from aranges)")
         ctx.report.lifted.append(f"{where}: mask {mask_name} -> " + ", ".join(parts))

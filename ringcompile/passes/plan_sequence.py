@@ -158,8 +158,8 @@ def run(ctx: RingContext) -> None:
             ms = shape_of(site.attn_mask)
             if ms[-2] == S:  # mask rows are the queries: shard them; columns stay global
                 work.append((site.attn_mask, len(ms) - 2))
-        if site.facts is not None:
-            work += [(t, 1) for t in site.facts.tensors().values()]  # (B, S) per-token facts
+        if site.lifted_mask is not None:
+            work += [(t, 1) for t in site.lifted_mask.token_facts.values()]  # (B, S) per-token facts
 
     while work:
         node, dim = work.pop()

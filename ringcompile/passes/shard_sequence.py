@@ -58,9 +58,9 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
         mapping = [(a[n], {len(shape_of(a[n])) - 2: 2}) for n in ("query", "key", "value")]
         if site.attn_mask is not None and shape_of(mask)[-2] == S:
             mapping.append((mask, {len(shape_of(mask)) - 2: 2}))
-        facts = site.facts.tensors() if site.facts is not None else {}
+        facts = site.lifted_mask.token_facts if site.lifted_mask is not None else {}
         mapping += [(t, {1: 2}) for t in facts.values()]
-        if site.facts is not None and mask is not None:
+        if site.lifted_mask is not None and mask is not None:
             unread.add(mask)  # lifted: swap_attention drops it, whatever else made it local
     else:
         mapping = dim_map(node)

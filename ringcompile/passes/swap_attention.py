@@ -12,7 +12,10 @@ this rank's rows over all keys (its key side was never sharded), the ring op's d
 
 from __future__ import annotations
 
+from torch.fx import Node
+
 from ringcompile.kernels import kernel_names, resolve_kernel_choice
+from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import sdpa_args, source_line
@@ -27,36 +30,32 @@ def run(ctx: RingContext) -> None:
             ctx.report.fallbacks.append(f"{where}: its queries are not sharded; left as plain SDPA")
             continue
         node.target = ctx.ring_attention()
-        if site.facts is not None:
-            f = site.facts
+        if site.lifted_mask is not None:
+            rules = site.lifted_mask.rules
             a = sdpa_args(node)
             node.args = (a.pop("query"), a.pop("key"), a.pop("value"))
             kwargs = {k: v for k, v in a.items() if k not in ("attn_mask", "is_causal")}
-            kwargs.update(is_causal=f.is_causal, **ctx.site_facts_local[node])
-            if f.window is not None:
-                kwargs["window"] = f.window
+            kwargs.update(is_causal=rules.causal, **ctx.site_facts_local[node])
+            if rules.window is not None:
+                kwargs["window"] = rules.window
             node.kwargs = kwargs
-            mask = "per-token mask facts"
-        elif site.attn_mask is not None:
-            mask = "dense mask (local rows x global keys)"
+            mask = site.lifted_mask
+            what = "per-token mask facts"
         else:
-            mask = "no mask"
-        causal = site.facts.is_causal if site.facts is not None else site.is_causal
-        ctx.report.attention.append(f"{where}: is_causal={causal}, {mask}")
-        _report_steps(ctx, node, site, causal)
+            mask = AttentionMask(PositionRules(site.is_causal), dense=site.attn_mask)
+            what = "no mask" if site.attn_mask is None else "dense mask (local rows x global keys)"
+        ctx.report.attention.append(f"{where}: is_causal={mask.rules.causal}, {what}")
+        _report_steps(ctx, node, site, mask)
     # what fed the dense masks and K/V expansions that were lifted is dead now
     ctx.remove_dead_code()
 
 
-def _report_steps(ctx: RingContext, node, site, causal: bool) -> None:
+def _report_steps(ctx: RingContext, node, site, mask: AttentionMask[Node]) -> None:
     """This rank's ring steps for the site: each block's kind and kernel (once per kind of site)."""
     q = example(site.q)
-    window = site.facts.window if site.facts is not None and site.facts.window else (-1, -1)
-    # a dense mask that stayed, or padding/documents among the lifted facts
-    masked = site.attn_mask is not None or (site.facts is not None and bool(site.facts.tensors()))
     plain, masked_kernel = kernel_names(q.device, q.dtype, q.shape[-1],
                                         resolve_kernel_choice(ctx.kernels))  # fmt: skip
-    lines = describe_steps(ctx.layout, ctx.rank, causal, *window, masked, plain, masked_kernel)
+    lines = describe_steps(ctx.layout, ctx.rank, mask, plain, masked_kernel)
     head = f"{q.dtype} on {q.device.type}, head dim {q.shape[-1]}"
     key = (head, tuple(lines))
     if key in ctx.reported_steps:
