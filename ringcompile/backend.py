@@ -43,8 +43,8 @@ from ringcompile.input_check import CheckedInputs
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
-from ringcompile.passes.decode_attention import reads_sharded_cache
-from ringcompile.passes.dims import is_sdpa
+from ringcompile.passes.fx_utils import is_sdpa
+from ringcompile.passes.patterns import reads_sharded_cache
 from ringcompile.report import ExplainReport, GraphReport, readable_code
 from ringcompile.specialize import PerShape
 

@@ -563,3 +563,22 @@ def test_positions_recognised_by_use_not_name(gloo):
         assert err < TOL, f"rank {rank}: {err}"
         assert [p.split(" at ")[0] for p in positions] == ["l_where_ (dim 1, positions)"], positions
         assert [s.split(" at ")[0] for s in shards] == ["l_x_ (dim 1, input)"], shards
+
+
+def test_passes_import_helpers_not_each_other():
+    """Each pass module imports the shared helper modules, never another pass (what two passes
+    share belongs in a helper), and nothing above the passes (the backend)."""
+    import ast
+    import importlib
+    import inspect
+
+    from ringcompile.passes import PASSES
+
+    passes = {p.__module__ for p in PASSES}
+    assert len(passes) == len(PASSES) == 10
+    for name in passes:
+        tree = ast.parse(inspect.getsource(importlib.import_module(name)))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & (passes - {name}), (name, imported & passes)
+        assert "ringcompile.backend" not in imported, name

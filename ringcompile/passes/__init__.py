@@ -18,6 +18,11 @@ what it expects and what it guarantees, with the graph before and after. They ru
                           become a partial per rank and one all-reduce, instead of a gather;
 8. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
 9. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
+
+What passes share lives in helper modules, never in another pass (a test checks): ``context``
+(``RingContext``: the graph, the ring, what each pass found), ``dims`` (how dims pass through
+ops), ``fx_utils`` (SDPA calls, source lines), ``patterns`` (model idioms: ``repeat_kv``, the
+sharded KV cache) and ``mask_reader`` (a dense mask's graph read back as an ``AttentionMask``).
 """
 
 from __future__ import annotations

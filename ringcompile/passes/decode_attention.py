@@ -18,35 +18,12 @@ from __future__ import annotations
 from torch.fx import Node
 
 from ringcompile.errors import RingCompileError
-from ringcompile.kv_cache import APPEND_OPS, MARK_OPS
+from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.dims import is_sdpa, shape_of
-from ringcompile.passes.fx_utils import sdpa_args, source_line
-from ringcompile.passes.lift_masks import NotLiftable, lift
-from ringcompile.passes.unexpand_kv import unexpanded
-
-
-def _mark(node) -> tuple[Node, Node, Node] | None:
-    """(buffer, positions, query positions) if ``node`` is a sharded-KV mark."""
-    if isinstance(node, Node) and node.op == "call_function" and node.target in MARK_OPS:
-        return tuple(node.args)
-    return None
-
-
-def _cache_kv(a: dict):
-    """The sharded-KV marks an SDPA's key and value are (each None if not), looking through a
-    ``repeat_kv`` expansion, and whether it is GQA."""
-    k, v, enable_gqa = a["key"], a["value"], bool(a.get("enable_gqa", False))
-    expanded = unexpanded(k), unexpanded(v)
-    if all(e is not None for e in expanded):
-        k, v, enable_gqa = expanded[0][0], expanded[1][0], True
-    return _mark(k), _mark(v), enable_gqa
-
-
-def reads_sharded_cache(sdpa: Node) -> bool:
-    """This SDPA reads the sharded cache (a decode step): its sizes need not be static."""
-    mk, mv, _ = _cache_kv(sdpa_args(sdpa))
-    return mk is not None or mv is not None
+from ringcompile.passes.dims import shape_of
+from ringcompile.passes.fx_utils import is_sdpa, sdpa_args, source_line
+from ringcompile.passes.mask_reader import NotLiftable, read_mask
+from ringcompile.passes.patterns import sharded_kv_marks
 
 
 def _check_ring(ctx: RingContext) -> None:
@@ -71,7 +48,7 @@ def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
     of the whole 2-D ``attention_mask`` (B, N), whose column p is the token at global position p:
     the shards are masked by that table at their keys' positions instead (``TreeDecode``)."""
     try:
-        facts = lift(mask, shape_of(mask)[0], T, wide_padding=True)
+        facts = read_mask(mask, shape_of(mask)[0], T, wide_padding=True)
     except NotLiftable:
         return None
     if facts.rules.window is not None or facts.document_ids is not None:
@@ -105,7 +82,7 @@ def run(ctx: RingContext) -> None:
         if not is_sdpa(node):
             continue
         a = sdpa_args(node)
-        mk, mv, enable_gqa = _cache_kv(a)
+        mk, mv, enable_gqa = sharded_kv_marks(a)
         if mk is None and mv is None:
             continue
         where = f"{node.name} at {source_line(node)}"

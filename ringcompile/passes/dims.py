@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from ringcompile.passes.fx_utils import SDPA_TARGETS
+
 DimMap = list[tuple[Node, dict[int, int]]]
 
 # -- shapes from Dynamo's example values --------------------------------------------------------
@@ -66,13 +68,8 @@ _NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
 _SOFTMAXES = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 _LINEARS = {F.linear, torch._C._nn.linear}
 _MATMULS = {torch.matmul, operator.matmul, torch.bmm}
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "all", "any"}
 _REDUCTION_FUNCTIONS = {getattr(torch, name) for name in _REDUCTIONS}
-
-
-def is_sdpa(node: Node) -> bool:
-    return node.op == "call_function" and node.target in _SDPA
 
 
 def _arg(node: Node, i: int, name: str, default=None):
@@ -244,7 +241,7 @@ def dim_map(node: Node) -> DimMap | None:
         mb = {d: d + off_b for d in range(len(bs) - 2) if bs[d] == out[d + off_b]}
         mb[len(bs) - 1] = len(out) - 1
         return [(x, ma), (b, mb)]
-    if node.op == "call_function" and t in _SDPA:
+    if node.op == "call_function" and t in SDPA_TARGETS:
         return [(x, {d: d for d in range(len(xs))})]  # queries' rows are the output's rows
 
     if node.op == "call_method" and t in ("transpose", "swapaxes") or (

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter
 
 from ringcompile.passes.context import AttentionSite, RingContext
-from ringcompile.passes.dims import is_sdpa, shape_of
-from ringcompile.passes.fx_utils import sdpa_args, source_line
+from ringcompile.passes.dims import shape_of
+from ringcompile.passes.fx_utils import is_sdpa, sdpa_args, source_line
 
 
 def _is_softmax(node) -> bool:

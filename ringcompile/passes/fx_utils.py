@@ -1,14 +1,19 @@
 """FX helpers every pass may use, so that passes import this module and not each other.
 
 - ``source_line(node)``: the ``file:line`` of the user code a node came from (for reports);
+- ``is_sdpa(node)``: whether a node calls ``scaled_dot_product_attention`` (``SDPA_TARGETS``);
 - ``sdpa_args(node)``: an SDPA call's arguments by name, positional or keyword.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch.fx import Node
 
-__all__ = ["sdpa_args", "source_line"]
+__all__ = ["SDPA_TARGETS", "is_sdpa", "sdpa_args", "source_line"]
+
+SDPA_TARGETS = frozenset({F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention})
 
 _SDPA_SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
@@ -21,6 +26,10 @@ def source_line(node: Node) -> str:
         return node.name
     last = frames[-1].split(",")
     return f"{last[0][6:].strip(chr(34))}:{last[1].strip().removeprefix('line ')}"
+
+
+def is_sdpa(node: Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
 def sdpa_args(node: Node) -> dict:

@@ -13,51 +13,10 @@ expansion itself is left for dead-code elimination.
 
 from __future__ import annotations
 
-import operator
-
-import torch
-from torch.fx import Node
-
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import shape_of
 from ringcompile.passes.fx_utils import source_line
-
-
-def _is_head_unsqueeze(node: Node) -> Node | None:
-    """``x[:, :, None]`` (any spelling) of a 4-D x: the input x, else None."""
-    if node.op == "call_method" and node.target == "unsqueeze" and node.args[1:] == (2,):
-        return node.args[0]
-    if node.op == "call_function" and node.target is operator.getitem:
-        idx = node.args[1]
-        full = slice(None)
-        if isinstance(idx, tuple) and idx[:3] == (full, full, None) and all(
-            i == full or i is Ellipsis for i in idx[3:]
-        ):
-            return node.args[0]
-    return None
-
-
-def unexpanded(node: Node) -> tuple[Node, int] | None:
-    """``(x, n)`` if ``node`` is ``x`` (B, Hkv, S, D) with each head repeated n times in place."""
-    if not (
-        (node.op == "call_method" and node.target in ("reshape", "view"))
-        or (node.op == "call_function" and node.target is torch.reshape)
-    ):
-        return None
-    expand = node.args[0]
-    if not (isinstance(expand, Node) and expand.op == "call_method" and expand.target == "expand"):
-        return None
-    x = _is_head_unsqueeze(expand.args[0])
-    if x is None:
-        return None
-    xs, es, out = shape_of(x), shape_of(expand), shape_of(node)
-    if xs is None or len(xs) != 4 or len(es) != 5:
-        return None
-    B, hkv, S, D = xs
-    n = es[2]
-    if es != (B, hkv, n, S, D) or out != (B, hkv * n, S, D):
-        return None
-    return x, n
+from ringcompile.passes.patterns import unexpanded
 
 
 def run(ctx: RingContext) -> None:

@@ -1,0 +1,243 @@
+"""Reading a dense boolean mask's FX graph back as rules and per-token facts.
+
+``read_mask(mask, batch, seq_len)`` follows the nodes that compute an attention mask and returns
+the ``AttentionMask`` (position rules, key padding, document ids) that computes it exactly, or
+raises ``NotLiftable`` with the reason. The mask is read symbolically, so the result is the same
+function, not a guess. Used by ``lift_masks`` (prefill) and ``decode_attention`` (decode steps).
+
+What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
+or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
+bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (documents);
+comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] > P[batch, q] - w``,
+when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
+token, so comparing positions is comparing indices: causality, a sliding window);
+``&``, ``.to``, ``expand`` and ``new_ones((), dtype=bool)``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.fx import Node
+
+from ringcompile.masks import AttentionMask, PositionRules
+from ringcompile.passes.dims import shape_of
+
+__all__ = ["NotLiftable", "read_mask"]
+
+_AXES = {0: "b", 2: "q", 3: "k"}  # mask dims: (batch, head, query, key)
+
+
+class NotLiftable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Vec:  # arange(n) + offset, not yet placed on a mask dim
+    n: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class _Index:  # an index of one mask axis, plus a constant
+    axis: str
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class _Gathered:  # T[batch, axis] + offset: a per-token value of a (B, S) tensor
+    tensor: Node
+    axis: str
+    offset: int = 0
+
+
+@dataclass
+class _Facts:
+    left: int | None = None  # key >= query - left
+    right: int | None = None  # key <= query + right
+    valid: list[Node] = field(default_factory=list)
+    docs: list[Node] = field(default_factory=list)
+    # left/right also bound these position ids P: index rules only where P rises one by one
+    positions: list[Node] = field(default_factory=list)
+
+    def __and__(self, other: "_Facts") -> "_Facts":
+        def tighter(a, b):
+            return b if a is None else a if b is None else min(a, b)
+
+        return _Facts(
+            tighter(self.left, other.left),
+            tighter(self.right, other.right),
+            self.valid + other.valid,
+            self.docs + other.docs,
+            self.positions + other.positions,
+        )
+
+
+_FLIP = {operator.le: operator.ge, operator.lt: operator.gt, operator.ge: operator.le,
+         operator.gt: operator.lt}
+
+
+# Dynamo records an operator on tensors as a call_function of ``operator.*`` in some torch versions
+# and as a call_method of its dunder in others (torch 2.11: ``x.__eq__(y)``); both read the same.
+_METHOD_OPS = {"__eq__": operator.eq, "__ne__": operator.ne, "__and__": operator.and_,
+               "__le__": operator.le, "__lt__": operator.lt, "__ge__": operator.ge,
+               "__gt__": operator.gt, "__add__": operator.add, "__sub__": operator.sub,
+               "__getitem__": operator.getitem}
+
+
+def _op(node: Node) -> tuple[str, object]:
+    """``(op, target)`` with dunder method calls read as their ``operator`` function."""
+    if node.op == "call_method" and node.target in _METHOD_OPS:
+        return "call_function", _METHOD_OPS[node.target]
+    return node.op, node.target
+
+
+def _root(node: Node) -> Node:
+    """The tensor under ``expand``/``to`` wrappers."""
+    while node.op == "call_method" and node.target in ("expand", "to"):
+        node = node.args[0]
+    return node
+
+
+def _is_document_ids_of(doc: Node, positions: Node) -> bool:
+    """``doc`` is ``cumsum(diff(P) != 1, -1)`` of the same position ids P."""
+    doc = _root(doc)
+    if not (doc.op == "call_method" and doc.target == "cumsum" and doc.args[1:] in ((-1,), (1,))):
+        return False
+    ne = doc.args[0]
+    if not (_op(ne) in (("call_function", operator.ne), ("call_function", torch.ne))
+            and ne.args[1] == 1):
+        return False
+    diff = ne.args[0]
+    return (
+        diff.op == "call_function"
+        and diff.target is torch.diff
+        and _root(diff.args[0]) is _root(positions)
+        and diff.kwargs.get("dim", -1) in (-1, 1)
+    )
+
+
+class _Reader:
+    def __init__(self, batch: int, seq_len: int, wide_padding: bool = False):
+        self.B, self.S = batch, seq_len
+        self.wide_padding = wide_padding
+        self.memo: dict[Node, object] = {}
+
+    def read(self, node) -> object:
+        if not isinstance(node, Node):
+            return node
+        if node not in self.memo:
+            self.memo[node] = self._read(node)
+        return self.memo[node]
+
+    def _read(self, n: Node) -> object:
+        op, t = _op(n)
+        if op == "call_function" and t is torch.arange:
+            if len(n.args) != 1 or n.args[0] not in (self.B, self.S):
+                raise NotLiftable(f"{n.name}: an arange other than arange(S) or arange(B)")
+            return _Vec(n.args[0])
+        if op == "call_method" and t == "new_ones" and n.args[1:] in ((()), ((),)):
+            if n.kwargs.get("dtype") is torch.bool:
+                return _Facts()
+        if op == "call_method" and t in ("to", "expand", "bool"):
+            return self.read(n.args[0])
+        if op == "call_function" and t in (operator.add, operator.sub):
+            a, c = self.read(n.args[0]), self.read(n.args[1])
+            if isinstance(a, (_Vec, _Index, _Gathered)) and isinstance(c, int):
+                return replace(a, offset=a.offset + (c if t is operator.add else -c))
+        if op == "call_function" and t is operator.getitem:
+            return self._index(n)
+        if op == "call_function" and t in (operator.and_, torch.logical_and, torch.bitwise_and):
+            a, b = self.read(n.args[0]), self.read(n.args[1])
+            if isinstance(a, _Facts) and isinstance(b, _Facts):
+                return a & b
+        if op == "call_function" and t in _FLIP:
+            return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
+        if op == "call_function" and t in (operator.eq, torch.eq):
+            a, b = self.read(n.args[0]), self.read(n.args[1])
+            if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
+                    and {a.axis, b.axis} == {"q", "k"} and a.offset == b.offset):
+                return _Facts(docs=[a.tensor])
+        raise NotLiftable(f"{n.name} ({n.op} {getattr(t, '__name__', t)}) is not an index rule")
+
+    def _index(self, n: Node) -> object:
+        src, idx = n.args
+        try:
+            base = self.read(src)
+        except NotLiftable:
+            base = None  # an ordinary tensor, indexed by token below
+        if isinstance(base, _Vec) and isinstance(idx, tuple) and len(idx) == 4:
+            placed = [d for d, i in enumerate(idx) if i == slice(None)]
+            if len(placed) == 1 and all(i is None for d, i in enumerate(idx) if d != placed[0]):
+                axis = _AXES.get(placed[0])
+                size = self.B if axis == "b" else self.S
+                if axis is not None and base.n == size:
+                    return _Index(axis, base.offset)
+        if isinstance(src, Node) and base is None and isinstance(idx, tuple) and len(idx) == 2:
+            b, tok = (self.read(i) for i in idx)
+            shape = shape_of(src)
+            is_bool = src.meta["example_value"].dtype == torch.bool
+            if (self.wide_padding and is_bool and b == _Index("b") and tok == _Index("k")
+                    and shape[0] == self.B and shape[1] >= self.S):
+                return _Facts(valid=[src])
+            if (b == _Index("b") and isinstance(tok, _Index) and tok.offset == 0
+                    and tok.axis in "qk" and shape == (self.B, self.S)):
+                if is_bool:
+                    if tok.axis != "k":
+                        raise NotLiftable(f"{n.name}: a padding mask read by query")
+                    return _Facts(valid=[src])
+                return _Gathered(src, tok.axis)
+        raise NotLiftable(f"{n.name}: indexing that is not T[batch, q or kv]")
+
+    def _compare(self, n: Node, op, a, b) -> _Facts:
+        on_indices = isinstance(a, _Index) and isinstance(b, _Index)
+        on_positions = (isinstance(a, _Gathered) and isinstance(b, _Gathered)
+                        and a.tensor is b.tensor)
+        if not ((on_indices or on_positions) and {a.axis, b.axis} == {"q", "k"}):
+            raise NotLiftable(f"{n.name}: a comparison other than key vs query position")
+        if a.axis == "q":
+            a, b, op = b, a, _FLIP[op]
+        c = b.offset - a.offset  # key  op  query + c
+        right = {operator.le: c, operator.lt: c - 1}.get(op)
+        left = {operator.ge: -c, operator.gt: -c - 1}.get(op)
+        if (right is not None and right < 0) or (left is not None and left < 0):
+            raise NotLiftable(f"{n.name}: a window that excludes the diagonal")
+        return _Facts(left=left, right=right, positions=[a.tensor] if on_positions else [])
+
+
+def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
+              ) -> AttentionMask[Node]:  # fmt: skip
+    """The per-token facts that compute ``mask`` exactly, or NotLiftable with the reason.
+
+    ``wide_padding`` (decode steps): a (B, N) boolean key padding mask with N >= seq_len counts
+    too, read at its first columns; the caller must give that reading its meaning."""
+    ms = shape_of(mask)
+    if ms is None or len(ms) != 4 or ms[2:] != (seq_len, seq_len) or ms[1] != 1:
+        raise NotLiftable(f"mask shape {ms} is not (B, 1, S, S)")
+    if mask.meta["example_value"].dtype != torch.bool:
+        raise NotLiftable("not a boolean mask")
+    facts = _Reader(batch, seq_len, wide_padding).read(mask)
+    if not isinstance(facts, _Facts):
+        raise NotLiftable("the mask is not a conjunction of index rules")
+    if len(facts.valid) > 1 or len(facts.docs) > 1:
+        raise NotLiftable("several padding masks or document ids")
+    for p in facts.positions:
+        # comparing P[kv] with P[q] is comparing kv with q only inside documents where P rises one
+        # by one
+        if not (facts.docs and _is_document_ids_of(facts.docs[0], p)):
+            raise NotLiftable(
+                f"a comparison of position ids {p.name} without documents derived from them"
+            )
+    causal = facts.right == 0
+    rules = PositionRules(
+        causal,
+        facts.left if facts.left is not None else -1,
+        -1 if causal or facts.right is None else facts.right,
+    )
+    return AttentionMask(
+        rules,
+        document_ids=facts.docs[0] if facts.docs else None,
+        key_padding_mask=facts.valid[0] if facts.valid else None,
+    )
