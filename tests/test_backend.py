@@ -575,10 +575,55 @@ def test_passes_import_helpers_not_each_other():
     from ringcompile.passes import PASSES
 
     passes = {p.__module__ for p in PASSES}
-    assert len(passes) == len(PASSES) == 10
+    assert len(passes) == len(PASSES) == 11
     for name in passes:
         tree = ast.parse(inspect.getsource(importlib.import_module(name)))
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & (passes - {name}), (name, imported & passes)
         assert "ringcompile.backend" not in imported, name
+
+
+def test_normalize_gives_one_spelling_per_op():
+    """Pass 0 alone, ops before and after: operators (dunders, torch functions, methods with two
+    operands) become ``operator`` functions, torch functions that are tensor methods become the
+    methods, and SDPA's options are bound by name; each value is unchanged."""
+    from ringcompile.passes import normalize
+    from ringcompile.passes.context import RingContext
+
+    def f(x, y, q):
+        a = torch.transpose(x, 1, 2)
+        b = torch.eq(torch.sum(a, -1), 0)
+        c = x.__eq__(y) & x.__rmul__(2.0).gt(y)
+        d = x.mul(y).add(y, alpha=2)  # add with alpha is no operator: kept
+        o = torch.nn.functional.scaled_dot_product_attention(q, q, q, None, 0.0, True)
+        return a, b, c, d, o
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    args = (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(1, 2, 8, 4))
+    torch.compile(f, backend=capture, fullgraph=True)(*args)
+    gm = graphs[0]
+    want = gm(*args)
+    normalize.run(RingContext(gm=gm, group=None, layout_name="striped"))
+    gm.recompile()
+    # (how Dynamo spells them before differs between torch versions; after, it does not)
+    code = "\n".join(ln.strip() for ln in gm.code.splitlines() if " = " in ln and " = L_" not in ln)
+    assert_expected_inline(code, """\
+a = l_x_.transpose(1, 2)
+sum_1 = a.sum(-1)
+b = sum_1 == 0;  sum_1 = None
+eq_1 = l_x_ == l_y_
+rmul = 2.0 * l_x_
+gt = rmul > l_y_;  rmul = None
+c = eq_1 & gt;  eq_1 = gt = None
+mul = l_x_ * l_y_;  l_x_ = None
+d = mul.add(l_y_, alpha = 2);  mul = l_y_ = None
+o = torch._C._nn.scaled_dot_product_attention(l_q_, l_q_, l_q_, attn_mask = None, dropout_p = 0.0, is_causal = True);  l_q_ = None""")
+    for got, ref in zip(gm(*args), want):
+        assert torch.equal(got, ref)

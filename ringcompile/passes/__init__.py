@@ -3,21 +3,23 @@
 Each pass is a function ``run(ctx: RingContext) -> None`` in its own module, whose docstring says
 what it expects and what it guarantees, with the graph before and after. They run in this order:
 
-0. ``decode_attention`` — attention over a sharded KV cache (a decode step) becomes tree attention;
-1. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
-2. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
-3. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
+0. ``normalize``        — one spelling per op (operators as ``operator`` functions, torch
+                          functions that are tensor methods as methods, SDPA's options by name);
+1. ``decode_attention`` — attention over a sharded KV cache (a decode step) becomes tree attention;
+2. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
+3. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
+4. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
                           key padding, documents);
-4. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
+5. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
                           split back, stay in (batch, sequence) form;
-5. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
-6. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
+6. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
+7. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
                           become this rank's global positions), sizes baked into views become
                           local, and sharded values that leave are gathered;
-7. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
+8. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
                           become a partial per rank and one all-reduce, instead of a gather;
-8. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
-9. ``sync_gradients``   — gradients: full outputs give 1/W shares, parameters sum over the ring.
+9. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
+10. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
 
 What passes share lives in helper modules, never in another pass (a test checks): ``context``
 (``RingContext``: the graph, the ring, what each pass found), ``dims`` (how dims pass through
@@ -31,6 +33,7 @@ from ringcompile.passes import (
     decode_attention,
     find_attention,
     lift_masks,
+    normalize,
     plan_sequence,
     shard_reductions,
     shard_sequence,
@@ -42,6 +45,7 @@ from ringcompile.passes import (
 from ringcompile.passes.context import RingContext
 
 PASSES = [
+    normalize.run,
     decode_attention.run,
     find_attention.run,
     unexpand_kv.run,

@@ -1,7 +1,8 @@
-"""Pass 0: attention over a sharded KV cache (a decode step) becomes tree attention.
+"""Pass 1: attention over a sharded KV cache (a decode step) becomes tree attention.
 
-Expects: a Dynamo FX graph; a decode step's keys and values are ``ringcompile::sharded_kv`` marks
-of a ``ShardedKVCache`` layer's buffers (``kv_cache.py``), possibly expanded by ``repeat_kv``.
+Expects: a Dynamo FX graph in one spelling (pass 0); a decode step's keys and values are
+``ringcompile::sharded_kv`` marks of a ``ShardedKVCache`` layer's buffers (``kv_cache.py``),
+possibly expanded by ``repeat_kv``.
 Guarantees: each SDPA reading such marks is ``tree_decode(q, keys, values, q_positions,
 k_positions, ...)``: the replicated queries attend over every rank's shard, causally by global
 position (which also hides empty slots), with one all-gather. The marks are gone (they raise if

@@ -8,7 +8,8 @@ out_dim})`` for the tensor inputs whose dims pass through to the output position
 never guess: a sequence dim that is not in the map is gathered (exact) or sharded afresh.
 
 The rules follow the tensors' shapes from Dynamo's example values, never integer constants, so a
-sequence length that equals another dim is no trap.
+sequence length that equals another dim is no trap. Graphs are in one spelling (pass 0,
+``normalize``): operators are ``operator`` functions, and shape ops and reductions are methods.
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ _POINTWISE_FUNCTIONS = {
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.where,
     torch.cos, torch.sin, torch.exp, torch.rsqrt, torch.sqrt, torch.tanh, torch.sigmoid,
     torch.abs, torch.clamp, torch.maximum, torch.minimum, torch.logical_and, torch.logical_or,
-    torch.logical_not, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
-    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.logical_not, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     operator.and_, operator.or_, operator.invert,
     F.silu, F.gelu, F.relu, F.dropout, F.softplus, torch.nn.functional.tanh,
     torch._C._nn.gelu, torch.relu, torch.masked_fill,
@@ -59,17 +59,14 @@ _POINTWISE_FUNCTIONS = {
 _POINTWISE_METHODS = {
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone",
     "detach", "pow", "rsqrt", "sqrt", "exp", "cos", "sin", "neg", "sigmoid", "tanh", "mul",
-    "add", "sub", "div", "masked_fill", "clamp", "abs", "long", "int", "bool", "__and__",
-    "__or__", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "where",
-    "requires_grad_", "__eq__", "__ne__", "__le__", "__lt__", "__ge__", "__gt__", "__add__",
-    "__sub__", "__mul__", "__truediv__", "__neg__", "__invert__",
+    "add", "sub", "div", "masked_fill", "clamp", "abs", "long", "int", "bool", "logical_and",
+    "logical_or", "where", "requires_grad_",
 }
 _NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
-_SOFTMAXES = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_SOFTMAXES = {F.softmax, F.log_softmax}
 _LINEARS = {F.linear, torch._C._nn.linear}
-_MATMULS = {torch.matmul, operator.matmul, torch.bmm}
+_MATMULS = {operator.matmul, torch.bmm}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "all", "any"}
-_REDUCTION_FUNCTIONS = {getattr(torch, name) for name in _REDUCTIONS}
 
 
 def _arg(node: Node, i: int, name: str, default=None):
@@ -244,36 +241,29 @@ def dim_map(node: Node) -> DimMap | None:
     if node.op == "call_function" and t in SDPA_TARGETS:
         return [(x, {d: d for d in range(len(xs))})]  # queries' rows are the output's rows
 
-    if node.op == "call_method" and t in ("transpose", "swapaxes") or (
-        node.op == "call_function" and t in (torch.transpose, torch.swapaxes)
-    ):
+    if node.op == "call_method" and t in ("transpose", "swapaxes"):
         a, b = (_arg(node, 1, "dim0") % len(xs), _arg(node, 2, "dim1") % len(xs))
         m = {d: d for d in range(len(xs))}
         m[a], m[b] = b, a
         return [(x, m)]
-    if node.op == "call_method" and t == "permute" or (
-        node.op == "call_function" and t is torch.permute
-    ):
-        dims = node.args[1:] if node.op == "call_method" else node.args[1]
+    if node.op == "call_method" and t == "permute":
+        dims = node.args[1:]
         if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
             dims = dims[0]
         return [(x, {int(src) % len(xs): o for o, src in enumerate(dims)})]
-    if t in ("view", "reshape", "expand", "unsqueeze", "squeeze", "flatten", "unflatten") or t in (
-        torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten
-    ):
+    if node.op == "call_method" and t in ("view", "reshape", "expand", "unsqueeze", "squeeze",
+                                          "flatten", "unflatten"):
         if t == "expand":
             off = len(out) - len(xs)
             return [(x, {d: d + off for d in range(len(xs)) if xs[d] == out[d + off]})]
         return [(x, _reshape_groups(xs, out))]
-    if t in ("chunk", "split", "tensor_split") or t in (torch.chunk, torch.split):
+    if node.op == "call_method" and t in ("chunk", "split", "tensor_split"):
         dim = _arg(node, 2, "dim", 0) % len(xs)
         return [(x, {d: d for d in range(len(xs)) if d != dim})]
-    if t == "unbind" or t is torch.unbind:
+    if node.op == "call_method" and t == "unbind":
         dim = _arg(node, 1, "dim", 0) % len(xs)
         return [(x, {d: d - (d > dim) for d in range(len(xs)) if d != dim})]
-    if (node.op == "call_method" and t in _REDUCTIONS) or (
-        node.op == "call_function" and t in _REDUCTION_FUNCTIONS
-    ):
+    if node.op == "call_method" and t in _REDUCTIONS:
         dims = _arg(node, 1, "dim")
         if dims is None:
             return [(x, {})]
@@ -308,6 +298,4 @@ def size_args(node: Node) -> tuple[str, list[int]] | None:
         if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
             return "tuple", list(range(len(node.args[1])))
         return "args", list(range(1, len(node.args)))
-    if node.op == "call_function" and node.target is torch.reshape:
-        return "tuple", list(range(len(node.args[1])))
     return None

@@ -1,7 +1,8 @@
-"""Pass 1: find the SDPA calls that become ring attention, and the sequence they attend over.
+"""Pass 2: find the SDPA calls that become ring attention, and the sequence they attend over.
 
-Expects: a Dynamo FX graph with static shapes (``example_value`` on every node; the backend
-hands graphs with symbolic sizes to ``specialize.PerShape``, which makes them static first).
+Expects: a Dynamo FX graph in one spelling (pass 0) with static shapes (``example_value`` on
+every node; the backend hands graphs with symbolic sizes to ``specialize.PerShape``, which makes
+them static first).
 Guarantees: ``ctx.sites`` lists each self-attention SDPA over the graph's sequence (queries and
 keys of one length ``ctx.seq_len``, no dropout); every other SDPA is reported as a fallback and
 left as it is (exact: it sees full tensors). A graph without SDPA reports each softmax it has as a

@@ -3,7 +3,8 @@
 ``read_mask(mask, batch, seq_len)`` follows the nodes that compute an attention mask and returns
 the ``AttentionMask`` (position rules, key padding, document ids) that computes it exactly, or
 raises ``NotLiftable`` with the reason. The mask is read symbolically, so the result is the same
-function, not a guess. Used by ``lift_masks`` (prefill) and ``decode_attention`` (decode steps).
+function, not a guess. Used by ``lift_masks`` (prefill) and ``decode_attention`` (decode steps),
+on graphs in one spelling (``normalize``).
 
 What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
 or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
@@ -79,21 +80,6 @@ _FLIP = {operator.le: operator.ge, operator.lt: operator.gt, operator.ge: operat
          operator.gt: operator.lt}
 
 
-# Dynamo records an operator on tensors as a call_function of ``operator.*`` in some torch versions
-# and as a call_method of its dunder in others (torch 2.11: ``x.__eq__(y)``); both read the same.
-_METHOD_OPS = {"__eq__": operator.eq, "__ne__": operator.ne, "__and__": operator.and_,
-               "__le__": operator.le, "__lt__": operator.lt, "__ge__": operator.ge,
-               "__gt__": operator.gt, "__add__": operator.add, "__sub__": operator.sub,
-               "__getitem__": operator.getitem}
-
-
-def _op(node: Node) -> tuple[str, object]:
-    """``(op, target)`` with dunder method calls read as their ``operator`` function."""
-    if node.op == "call_method" and node.target in _METHOD_OPS:
-        return "call_function", _METHOD_OPS[node.target]
-    return node.op, node.target
-
-
 def _root(node: Node) -> Node:
     """The tensor under ``expand``/``to`` wrappers."""
     while node.op == "call_method" and node.target in ("expand", "to"):
@@ -107,13 +93,12 @@ def _is_document_ids_of(doc: Node, positions: Node) -> bool:
     if not (doc.op == "call_method" and doc.target == "cumsum" and doc.args[1:] in ((-1,), (1,))):
         return False
     ne = doc.args[0]
-    if not (_op(ne) in (("call_function", operator.ne), ("call_function", torch.ne))
-            and ne.args[1] == 1):
+    if not (ne.op == "call_function" and ne.target is operator.ne and ne.args[1] == 1):
         return False
     diff = ne.args[0]
     return (
-        diff.op == "call_function"
-        and diff.target is torch.diff
+        diff.op == "call_method"
+        and diff.target == "diff"
         and _root(diff.args[0]) is _root(positions)
         and diff.kwargs.get("dim", -1) in (-1, 1)
     )
@@ -133,7 +118,7 @@ class _Reader:
         return self.memo[node]
 
     def _read(self, n: Node) -> object:
-        op, t = _op(n)
+        op, t = n.op, n.target
         if op == "call_function" and t is torch.arange:
             if len(n.args) != 1 or n.args[0] not in (self.B, self.S):
                 raise NotLiftable(f"{n.name}: an arange other than arange(S) or arange(B)")
@@ -149,13 +134,13 @@ class _Reader:
                 return replace(a, offset=a.offset + (c if t is operator.add else -c))
         if op == "call_function" and t is operator.getitem:
             return self._index(n)
-        if op == "call_function" and t in (operator.and_, torch.logical_and, torch.bitwise_and):
+        if op == "call_function" and t in (operator.and_, torch.logical_and):
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if isinstance(a, _Facts) and isinstance(b, _Facts):
                 return a & b
         if op == "call_function" and t in _FLIP:
             return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
-        if op == "call_function" and t in (operator.eq, torch.eq):
+        if op == "call_function" and t is operator.eq:
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
                     and {a.axis, b.axis} == {"q", "k"} and a.offset == b.offset):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch.fx import Node
 
 from ringcompile.kv_cache import MARK_OPS
@@ -35,10 +34,7 @@ def _is_head_unsqueeze(node: Node) -> Node | None:
 
 def unexpanded(node: Node) -> tuple[Node, int] | None:
     """``(x, n)`` if ``node`` is ``x`` (B, Hkv, S, D) with each head repeated n times in place."""
-    if not (
-        (node.op == "call_method" and node.target in ("reshape", "view"))
-        or (node.op == "call_function" and node.target is torch.reshape)
-    ):
+    if not (node.op == "call_method" and node.target in ("reshape", "view")):
         return None
     expand = node.args[0]
     if not (isinstance(expand, Node) and expand.op == "call_method" and expand.target == "expand"):

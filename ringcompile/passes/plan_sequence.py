@@ -1,6 +1,6 @@
-"""Pass 5: which nodes compute on this rank's tokens, and where full tensors enter that region.
+"""Pass 6: which nodes compute on this rank's tokens, and where full tensors enter that region.
 
-Expects: ``ctx.sites`` (passes 1–4). Changes nothing in the graph.
+Expects: ``ctx.sites`` (passes 2–5). Changes nothing in the graph.
 Guarantees: ``ctx.demand[node] = dim`` for every node that will compute on local tokens (its
 output's sequence dim), found by walking back from each site's q, k, v (dim -2) and attention
 mask rows through ops that carry the sequence dim through (``dims.dim_map``);
@@ -35,8 +35,7 @@ from ringcompile.passes.dims import dim_map, shape_of
 _SHAPE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute",
                   "contiguous", "flatten", "clone", "long", "int"}
 _FLOAT_CASTS = {"float", "double", "half", "bfloat16"}
-_PRODUCTS = {operator.matmul, operator.mul, torch.matmul, torch.mul, torch.outer, "matmul", "mul",
-             "__matmul__", "__mul__", "__rmul__"}
+_PRODUCTS = {operator.matmul, operator.mul, torch.outer, "outer"}
 
 
 def _reaches(node: Node, found, through) -> bool:

@@ -1,6 +1,6 @@
-"""Pass 7: reductions over the sequence read local values: a partial per rank and one all-reduce.
+"""Pass 8: reductions over the sequence read local values: a partial per rank and one all-reduce.
 
-Expects: the sharded region and its gathers (pass 6): a reduction over the sequence of a local
+Expects: the sharded region and its gathers (pass 7): a reduction over the sequence of a local
 value reads ``ring_gather(x, dim)``.
 Guarantees: such a reduction, when it is one of these, reads ``x`` itself instead, and the gather
 goes unless something else needs it (a graph output):
@@ -26,7 +26,6 @@ import inspect
 import math
 import operator
 
-import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
@@ -35,7 +34,6 @@ from ringcompile.passes.dims import shape_of
 from ringcompile.passes.fx_utils import source_line
 
 _CROSS_ENTROPY = inspect.signature(F.cross_entropy)
-_SUMS = {torch.sum: "sum", torch.mean: "mean"}
 
 
 def _bind(node: Node) -> dict | None:
@@ -105,8 +103,7 @@ def _flattened_rows(ctx: RingContext, view: Node, full: Node, local: Node, dim: 
 
 def _sum_or_mean(ctx: RingContext, node: Node, local: Node, dim: int, full_numel: int
                  ) -> str | None:  # fmt: skip
-    kind = _SUMS.get(node.target) if node.op == "call_function" else (
-        node.target if node.op == "call_method" and node.target in ("sum", "mean") else None)
+    kind = node.target if node.op == "call_method" and node.target in ("sum", "mean") else None
     if kind is None:
         return None
     _, *rest = node.args

@@ -1,6 +1,6 @@
-"""Pass 6: the sharded region computes on local tokens; values that leave it are gathered.
+"""Pass 7: the sharded region computes on local tokens; values that leave it are gathered.
 
-Expects: ``ctx.demand``, ``ctx.shard_points`` and their kinds (pass 5).
+Expects: ``ctx.demand``, ``ctx.shard_points`` and their kinds (pass 6).
 Guarantees, walking the graph in order:
 - every shard point gets ``ring_shard(x, dim)``: a graph input, a full value, or one that holds
   positions — an ``arange`` over the sequence, an integer input used as positions, anything whose

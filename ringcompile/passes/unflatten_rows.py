@@ -1,6 +1,6 @@
-"""Pass 4: tokens flattened with the batch into rows are put back in (batch, sequence) form.
+"""Pass 5: tokens flattened with the batch into rows are put back in (batch, sequence) form.
 
-Expects: ``ctx.seq_len`` (pass 1).
+Expects: ``ctx.seq_len`` (pass 2).
 Guarantees: where a model flattens ``x`` (B, S, ...) with B > 1 into rows (B·S, ...), computes
 on the rows one row at a time and splits them back into (B, S, ...), the flatten is gone and the
 ops in between run on (B, S, ...) directly (their example values follow), so the later passes find
@@ -15,6 +15,8 @@ the whole sequence. At B = 1 the passes follow the flatten already (a dim of siz
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from ringcompile.passes.dims import (
 )
 from ringcompile.passes.fx_utils import source_line
 
-_FLATTENS = {"view", "reshape", "flatten", torch.reshape, torch.flatten}
+_FLATTENS = {"view", "reshape", "flatten"}
 _SOFTMAX_LIKE = _SOFTMAXES | {"softmax", "log_softmax"}
 
 
@@ -52,7 +54,7 @@ def _merges_batch_and_sequence(node: Node, S: int) -> int | None:
 
 def _splits_rows(node: Node, B: int, S: int) -> bool:
     """Whether ``node`` reshapes rows (B·S, ...) into (B, S, ...)."""
-    if not _is_call(node, {"view", "reshape", "unflatten", torch.reshape}):
+    if not _is_call(node, {"view", "reshape", "unflatten"}):
         return False
     src, out = shape_of(node.args[0]), shape_of(node)
     return src is not None and out == (B, S, *src[1:])
@@ -115,10 +117,10 @@ def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
         if _is_call(node, {torch.addmm}):
             bias, x, w = node.args
             with graph.inserting_before(node):
-                product = graph.call_function(torch.matmul, (x, w))
+                product = graph.call_function(operator.matmul, (x, w))
                 product.meta = dict(node.meta)
                 product.meta["example_value"] = example(node).unflatten(0, (B, S))
-                total = graph.call_function(torch.add, (bias, product))
+                total = graph.call_function(operator.add, (bias, product))
                 total.meta = dict(product.meta)
             node.replace_all_uses_with(total)
             graph.erase_node(node)

@@ -1,0 +1,92 @@
+"""Pass 0: one spelling per op, so that every later pass matches one form.
+
+Expects: a Dynamo FX graph.
+Guarantees, for nodes whose first argument is a tensor:
+- a Python operator is a call_function of its ``operator`` function, however Dynamo recorded it
+  (``x.__eq__(y)`` on torch 2.11, ``operator.eq(x, y)`` on others) or the model wrote it
+  (``torch.eq(x, y)``, ``x.mul(y)``, ``torch.bitwise_and(m, n)``: two operands, nothing else);
+- a torch function that is also a tensor method taking the same arguments after ``self``
+  (``torch.transpose(x, 1, 2)``, ``torch.sum(x, -1)``, ``torch.reshape(x, s)``) is the method
+  call (``x.transpose(1, 2)``), the form Dynamo gives most tensor ops;
+- ``scaled_dot_product_attention`` takes q, k, v by position and every other argument by name.
+Nothing else changes, and what each node computes is the same.
+
+    eq = l.__eq__(r); t = torch.transpose(x, 1, 2); sdpa(q, k, v, None, 0.0, True)
+    -> eq = l == r; t = x.transpose(1, 2); sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Node
+
+from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import is_tensor_node
+from ringcompile.passes.fx_utils import is_sdpa, sdpa_args
+
+_DUNDERS = {
+    "__eq__": operator.eq, "__ne__": operator.ne, "__lt__": operator.lt, "__le__": operator.le,
+    "__gt__": operator.gt, "__ge__": operator.ge, "__and__": operator.and_,
+    "__or__": operator.or_, "__xor__": operator.xor, "__invert__": operator.invert,
+    "__neg__": operator.neg, "__add__": operator.add, "__sub__": operator.sub,
+    "__mul__": operator.mul, "__truediv__": operator.truediv,
+    "__floordiv__": operator.floordiv, "__mod__": operator.mod, "__pow__": operator.pow,
+    "__matmul__": operator.matmul, "__getitem__": operator.getitem,
+}  # fmt: skip
+# ``x.__rmul__(y)`` is ``y * x``
+_REFLECTED = {
+    "__radd__": operator.add, "__rsub__": operator.sub, "__rmul__": operator.mul,
+    "__rtruediv__": operator.truediv, "__rpow__": operator.pow, "__rmatmul__": operator.matmul,
+}  # fmt: skip
+
+# torch functions and methods that are a binary operator when given two operands and nothing else
+# (``torch.add(x, y, alpha=2)`` or ``torch.div(x, y, rounding_mode=...)`` are not)
+_BINARY = {
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+    "gt": operator.gt, "ge": operator.ge, "add": operator.add, "sub": operator.sub,
+    "mul": operator.mul, "div": operator.truediv, "matmul": operator.matmul,
+    "bitwise_and": operator.and_, "bitwise_or": operator.or_,
+}  # fmt: skip
+
+# torch.<name>(x, *args, **kwargs) is x.<name>(*args, **kwargs) for these
+_AS_METHODS = (
+    "transpose", "swapaxes", "permute", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten",
+    "chunk", "split", "tensor_split", "unbind", "cumsum", "diff", "sum", "mean", "amax", "amin",
+    "var", "std", "all", "any", "softmax", "log_softmax",
+)  # fmt: skip
+_FUNCTION_METHODS = {getattr(torch, name): name for name in _AS_METHODS}
+_BINARY_FUNCTIONS = {getattr(torch, name): op for name, op in _BINARY.items()}
+
+
+def normalized(node: Node) -> tuple[str, object, tuple] | None:
+    """The (op, target, args) ``node`` becomes, or None where it stays as it is."""
+    if not node.args or not is_tensor_node(node.args[0]):
+        return None
+    t, args = node.target, node.args
+    if node.op == "call_method":
+        if t in _DUNDERS:
+            return "call_function", _DUNDERS[t], args
+        if t in _REFLECTED and len(args) == 2:
+            return "call_function", _REFLECTED[t], args[::-1]
+        if t in _BINARY and len(args) == 2 and not node.kwargs:
+            return "call_function", _BINARY[t], args
+    elif node.op == "call_function":
+        if t in _BINARY_FUNCTIONS and len(args) == 2 and not node.kwargs:
+            return "call_function", _BINARY_FUNCTIONS[t], args
+        if t in _FUNCTION_METHODS and "out" not in node.kwargs:
+            return "call_method", _FUNCTION_METHODS[t], args
+    return None
+
+
+def run(ctx: RingContext) -> None:
+    for node in ctx.gm.graph.nodes:
+        if is_sdpa(node):
+            a = sdpa_args(node)
+            node.args = (a.pop("query"), a.pop("key"), a.pop("value"))
+            node.kwargs = a
+            continue
+        new = normalized(node)
+        if new is not None:
+            node.op, node.target, node.args = new
