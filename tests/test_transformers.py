@@ -514,6 +514,57 @@ def test_multi_query_falcon(gloo):
         assert graph.gathers == ["lm_logits (dim 1): graph output"], graph.gathers
 
 
+def encoder_with_padding(rank, world, arch):
+    """A bidirectional encoder with right padding: BERT's mask is ``q >= 0`` (always) and key
+    padding; ModernBERT's local layers add ``|q - kv| <= w``. Errors against eager and reports."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)  # the same weights on every rank
+    common = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=64, attn_implementation="sdpa")
+    if arch == "bert":
+        model = transformers.BertModel(transformers.BertConfig(num_hidden_layers=2, **common))
+    else:  # layers 0 and 3 global, 1 and 2 local windows of |q - kv| <= 2
+        model = transformers.ModernBertModel(transformers.ModernBertConfig(
+            num_hidden_layers=4, local_attention=4, global_attn_every_n_layers=3, pad_token_id=0,
+            **common))  # fmt: skip
+    model = model.double().eval()
+    ids = torch.randint(1, V, (2, S))
+    am = torch.ones(2, S, dtype=torch.long)
+    am[0, -5:] = 0
+    w = torch.randn(2, S, 32, dtype=torch.float64)
+
+    def step(m):
+        model.zero_grad()
+        out = m(input_ids=ids, attention_mask=am).last_hidden_state
+        (out * w).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                              if p.grad is not None}  # fmt: skip
+
+    ref, ref_grads = step(model)
+    reports = []
+    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
+    errs = {"out": _rel(out, ref)}
+    errs.update({n: _rel(grads[n], g) if n in grads else float("inf")
+                 for n, g in ref_grads.items()})  # fmt: skip
+    return errs, reports
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_encoder_masks_lift(gloo, arch):
+    """BERT and ModernBERT masks become per-token facts (key padding; ModernBERT's local layers a
+    window both ways) instead of a dense mask: exact, every attention sharded, nothing gathered
+    but the output."""
+    results = gloo(2).run(encoder_with_padding, arch)
+    _assert_exact(results)
+    lifted = [line for graph in results[0][1] for line in graph.lifted]
+    assert len(lifted) == (2 if arch == "bert" else 4), lifted
+    assert all("bidirectional" in x and "key_padding_mask=" in x for x in lifted), lifted
+    windows = [x for x in lifted if "window (2, 2)" in x]
+    assert len(windows) == (0 if arch == "bert" else 2), lifted
+    for graph in results[0][1]:
+        assert graph.fallbacks == [], graph.fallbacks
+
+
 def gpt2_rows(rank, world, batch):
     """GPT-2 (its Conv1D layers: ``addmm`` on rows flattened from (batch, S, D)): errors against
     eager and the report."""

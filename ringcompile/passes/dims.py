@@ -52,7 +52,7 @@ _POINTWISE_FUNCTIONS = {
     torch.cos, torch.sin, torch.exp, torch.rsqrt, torch.sqrt, torch.tanh, torch.sigmoid,
     torch.abs, torch.clamp, torch.maximum, torch.minimum, torch.logical_and, torch.logical_or,
     torch.logical_not, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-    operator.and_, operator.or_, operator.invert,
+    operator.and_, operator.or_, operator.invert, operator.abs,
     F.silu, F.gelu, F.relu, F.dropout, F.softplus, torch.nn.functional.tanh,
     torch._C._nn.gelu, torch.relu, torch.masked_fill,
 }

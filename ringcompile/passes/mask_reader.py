@@ -9,8 +9,9 @@ on graphs in one spelling (``normalize``).
 What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
 or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
 bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (documents);
-comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] > P[batch, q] - w``,
-when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
+``|q - kv| <= w`` (a window both ways); an index against a constant that every index passes
+(``q >= 0``: no rule); comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or
+``P[batch, kv] > P[batch, q] - w``, when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
 token, so comparing positions is comparing indices: causality, a sliding window);
 ``&``, ``.to``, ``expand`` and ``new_ones((), dtype=bool)``.
 """
@@ -52,6 +53,17 @@ class _Gathered:  # T[batch, axis] + offset: a per-token value of a (B, S) tenso
     tensor: Node
     axis: str
     offset: int = 0
+
+
+@dataclass(frozen=True)
+class _Diff:  # sign * (query index - key index) + offset
+    sign: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class _AbsDiff:  # |query index - key index|
+    pass
 
 
 @dataclass
@@ -130,8 +142,15 @@ class _Reader:
             return self.read(n.args[0])
         if op == "call_function" and t in (operator.add, operator.sub):
             a, c = self.read(n.args[0]), self.read(n.args[1])
-            if isinstance(a, (_Vec, _Index, _Gathered)) and isinstance(c, int):
+            if isinstance(a, (_Vec, _Index, _Gathered, _Diff)) and isinstance(c, int):
                 return replace(a, offset=a.offset + (c if t is operator.add else -c))
+            if (t is operator.sub and isinstance(a, _Index) and isinstance(c, _Index)
+                    and {a.axis, c.axis} == {"q", "k"}):
+                return _Diff(1 if a.axis == "q" else -1, a.offset - c.offset)
+        if op == "call_function" and t is operator.abs:
+            a = self.read(n.args[0])
+            if isinstance(a, _Diff) and a.offset == 0:
+                return _AbsDiff()
         if op == "call_function" and t is operator.getitem:
             return self._index(n)
         if op == "call_function" and t in (operator.and_, torch.logical_and):
@@ -177,6 +196,21 @@ class _Reader:
         raise NotLiftable(f"{n.name}: indexing that is not T[batch, q or kv]")
 
     def _compare(self, n: Node, op, a, b) -> _Facts:
+        if isinstance(a, int) and not isinstance(b, int):
+            a, b, op = b, a, _FLIP[op]
+        if isinstance(a, _AbsDiff) and isinstance(b, int):
+            # |q - k| <= w: a window of w on both sides
+            w = {operator.le: b, operator.lt: b - 1}.get(op)
+            if w is None or w < 0:
+                raise NotLiftable(f"{n.name}: a distance bound other than |q - kv| <= w")
+            return _Facts(left=w, right=w)
+        if isinstance(a, _Index) and isinstance(b, int):
+            # an index against a constant (``q_idx >= 0``: transformers' bidirectional mask): no
+            # rule if it holds for every index, which a monotone comparison shows at both ends
+            n_idx = self.B if a.axis == "b" else self.S
+            if all(op(i + a.offset, b) for i in (0, n_idx - 1)):
+                return _Facts()
+            raise NotLiftable(f"{n.name}: a comparison of an index with a constant that cuts it")
         on_indices = isinstance(a, _Index) and isinstance(b, _Index)
         on_positions = (isinstance(a, _Gathered) and isinstance(b, _Gathered)
                         and a.tensor is b.tensor)

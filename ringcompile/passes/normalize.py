@@ -17,6 +17,7 @@ Nothing else changes, and what each node computes is the same.
 
 from __future__ import annotations
 
+import builtins
 import operator
 
 import torch
@@ -33,8 +34,10 @@ _DUNDERS = {
     "__neg__": operator.neg, "__add__": operator.add, "__sub__": operator.sub,
     "__mul__": operator.mul, "__truediv__": operator.truediv,
     "__floordiv__": operator.floordiv, "__mod__": operator.mod, "__pow__": operator.pow,
-    "__matmul__": operator.matmul, "__getitem__": operator.getitem,
+    "__matmul__": operator.matmul, "__getitem__": operator.getitem, "__abs__": operator.abs,
 }  # fmt: skip
+# one operand and nothing else: ``abs(x)``, ``torch.abs(x)``, ``x.abs()``
+_UNARY = {builtins.abs: operator.abs, torch.abs: operator.abs, "abs": operator.abs}
 # ``x.__rmul__(y)`` is ``y * x``
 _REFLECTED = {
     "__radd__": operator.add, "__rsub__": operator.sub, "__rmul__": operator.mul,
@@ -72,7 +75,11 @@ def normalized(node: Node) -> tuple[str, object, tuple] | None:
             return "call_function", _REFLECTED[t], args[::-1]
         if t in _BINARY and len(args) == 2 and not node.kwargs:
             return "call_function", _BINARY[t], args
+        if t in _UNARY and len(args) == 1 and not node.kwargs:
+            return "call_function", _UNARY[t], args
     elif node.op == "call_function":
+        if t in _UNARY and len(args) == 1 and not node.kwargs:
+            return "call_function", _UNARY[t], args
         if t in _BINARY_FUNCTIONS and len(args) == 2 and not node.kwargs:
             return "call_function", _BINARY_FUNCTIONS[t], args
         if t in _FUNCTION_METHODS and "out" not in node.kwargs:
