@@ -190,6 +190,7 @@ def mask_kinds(S, device):
     kinds = [
         ("documents (~1k tokens each)", dict(q_doc=docs, k_doc=docs)),
         ("window 1024", dict(rules=PositionRules(True, window_left=1023))),
+        ("chunks of 1024 (Llama 4)", dict(rules=PositionRules(True, chunk=1024))),
         ("padding 1/8 of keys", dict(k_valid=valid)),
     ]
     for name, kw in kinds:

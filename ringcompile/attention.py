@@ -35,6 +35,7 @@ def ring_attention(
     mesh_dim: int | str | None = None,
     layout: str | Layout = "contiguous",
     window: tuple[int, int] | None = None,
+    chunk: int | None = None,
     document_ids: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     kernels: str | None = None,
@@ -59,6 +60,8 @@ def ring_attention(
         window: ``(left, right)`` sliding window by position: query p sees keys in
             ``[p - left, p + right]``; -1 is unbounded. A Mistral-style ``sliding_window=w`` with
             ``is_causal`` is ``(w - 1, 0)``.
+        chunk: chunked attention (Llama 4's ``attention_chunk_size``): query p sees keys in
+            its chunk of positions, ``[p // chunk * chunk, (p // chunk + 1) * chunk)``.
         document_ids: (B, S_local) integer document of each local token (packed sequences):
             tokens see only keys of their own document.
         key_padding_mask: (B, S_local) bool, False marks padding keys no query may see.
@@ -132,7 +135,9 @@ def ring_attention(
         # their gradients are dropped, so every kernel takes them as they are.
         width = max(D, Dv)
         q, k, v = (F.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
-    mask = AttentionMask(PositionRules.of(is_causal, window), document_ids=document_ids,
+    if chunk is not None and int(chunk) < 1:
+        raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
+    mask = AttentionMask(PositionRules.of(is_causal, window, chunk), document_ids=document_ids,
                          key_padding_mask=key_padding_mask, dense=dense)
     out, _ = ring_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *mask.encode(),
                                scale, layout_obj.name, seq_len, group_name_of(pg), kernels)

@@ -23,6 +23,7 @@ lists and :meth:`PositionRules.any_allowed` together on random facts:
 - causal: ``k_pos <= q_pos``;
 - window ``(left, right)``: ``q_pos - left <= k_pos <= q_pos + right``; -1 means unbounded (the
   flash-attention convention: a Mistral/HF ``sliding_window=w`` is ``left = w - 1``);
+- chunks of ``c`` (Llama 4's chunked attention): ``q_pos // c == k_pos // c``; 0 means none;
 - documents: ``q_doc == k_doc``;
 - validity: ``k_valid`` (key padding);
 - dense: boolean (True = keep) or additive float, broadcastable to (B, H, Sq, Sk).
@@ -52,11 +53,13 @@ class PositionRules:
     causal: bool = False
     window_left: int = -1  # key >= query - window_left; -1: unbounded
     window_right: int = -1  # key <= query + window_right; -1: unbounded
+    chunk: int = 0  # query and key in one chunk of this many positions; 0: no chunks
 
     @classmethod
-    def of(cls, causal: bool, window: tuple[int, int] | None) -> PositionRules:
+    def of(cls, causal: bool, window: tuple[int, int] | None, chunk: int | None = None
+           ) -> PositionRules:  # fmt: skip
         wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
-        return cls(bool(causal), wl, wr)
+        return cls(bool(causal), wl, wr, int(chunk or 0))
 
     @property
     def window(self) -> tuple[int, int] | None:
@@ -79,6 +82,9 @@ class PositionRules:
             ok = ok & (k_pos >= q_pos - self.window_left)
         if self.window_right >= 0:
             ok = ok & (k_pos <= q_pos + self.window_right)
+        if self.chunk > 0:
+            ok = ok & (torch.div(q_pos, self.chunk, rounding_mode="floor")
+                       == torch.div(k_pos, self.chunk, rounding_mode="floor"))  # fmt: skip
         return ok
 
     def any_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int) -> bool:
@@ -93,6 +99,9 @@ class PositionRules:
         hi = q + self.window_right if self.window_right >= 0 else torch.full_like(q, POSITION_NONE)
         if self.causal:
             hi = torch.minimum(hi, q)
+        if self.chunk > 0:
+            start = torch.div(q, self.chunk, rounding_mode="floor") * self.chunk
+            lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + self.chunk - 1)
         # smallest key >= lo for each query; the pair exists if that key is <= hi
         idx = torch.searchsorted(k, lo)
         has = idx < k.numel()
@@ -125,24 +134,26 @@ class AttentionMask(Generic[T]):
     @property
     def masked(self) -> bool:
         """Whether blocks need more than the position rules (the masked kernels)."""
-        return bool(self.token_facts) or self.dense is not None or self.rules.window is not None
+        r = self.rules
+        return bool(self.token_facts) or self.dense is not None or r.window is not None or r.chunk > 0
 
     def encode(self) -> tuple[list[torch.Tensor | None], list[int]]:
         """The op's two mask arguments."""
         r = self.rules
         return ([getattr(self, name) for name in self._TENSORS],
-                [int(r.causal), r.window_left, r.window_right])  # fmt: skip
+                [int(r.causal), r.window_left, r.window_right, r.chunk])  # fmt: skip
 
     @classmethod
     def decode(cls, tensors: list[torch.Tensor | None], ints: list[int]) -> AttentionMask:
-        causal, wl, wr = ints
-        return cls(PositionRules(bool(causal), int(wl), int(wr)), **dict(zip(cls._TENSORS, tensors)))
+        causal, wl, wr, chunk = ints
+        return cls(PositionRules(bool(causal), int(wl), int(wr), int(chunk)),
+                   **dict(zip(cls._TENSORS, tensors)))  # fmt: skip
 
     def agreement(self) -> list[tuple[str, int]]:
         """What every rank of a ring must state alike, as (what, value)."""
         r = self.rules
         return [("is_causal", int(r.causal)), ("window_left", r.window_left),
-                ("window_right", r.window_right), ("has attn_mask", int(self.dense is not None)),
+                ("window_right", r.window_right), ("chunk", r.chunk), ("has attn_mask", int(self.dense is not None)),
                 ("has document_ids", int(self.document_ids is not None)),
                 ("has key_padding_mask", int(self.key_padding_mask is not None))]  # fmt: skip
 

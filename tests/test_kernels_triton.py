@@ -101,6 +101,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     causal: bool = False
     window: tuple[int, int] = (-1, -1)
+    chunk: int = 0  # chunked attention: chunks of this many positions
     docs: bool = False
     k_valid: bool = False
     dense: str | None = None  # None | "bool" | "additive" | "additive_min" (finfo.min fills)
@@ -173,7 +174,7 @@ def _build(case: Case, seed: int = 0):
         # as the ring gives it: each row's largest mask value over the keys its positions allow
         every_k = torch.cat(k_pos)
         seen = BlockMask(q_pos=q_pos, k_pos=every_k, seq_len=case.seq_len,
-                         rules=PositionRules.of(case.causal, case.window)).allowed()
+                         rules=PositionRules.of(case.causal, case.window, case.chunk)).allowed()
         rows = dense_of[:, :, q_pos.clamp(max=total - 1)][..., every_k.clamp(max=total - 1)]
         top = rows.masked_fill(~seen[:, None], float("-inf")).amax(-1)
         offset = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -183,7 +184,7 @@ def _build(case: Case, seed: int = 0):
         masks.append(
             BlockMask(
                 q_pos=q_pos, k_pos=kp, seq_len=case.seq_len,
-                rules=PositionRules.of(case.causal, case.window),
+                rules=PositionRules.of(case.causal, case.window, case.chunk),
                 q_doc=None if doc_of is None else doc_of[:, q_pos.clamp(max=total - 1)],
                 k_doc=None if doc_of is None else doc_of[:, kp.clamp(max=total - 1)],
                 k_valid=None if valid_of is None else valid_of[:, kp.clamp(max=total - 1)],
@@ -259,6 +260,10 @@ CASES = {
     "window-both-zigzag": Case(layout="zigzag", window=(9, 5), steps=3),
     "window-left-causal-fp16": Case(causal=True, window=(20, -1), dtype=torch.float16, D=16),
     "window-right-only": Case(window=(-1, 6), layout="striped", H=2, Hkv=1),
+    "chunk-causal-striped": Case(causal=True, chunk=20, layout="striped", steps=3),
+    "chunk-docs-zigzag-dq-kernel": Case(chunk=33, docs=True, layout="zigzag", steps=3,
+                                        dq_kernel=True),
+    "chunk-tile-aligned-fp16": Case(causal=True, chunk=32, dtype=torch.float16, steps=2),
     "docs": Case(docs=True, steps=3),
     "docs-causal-striped": Case(docs=True, causal=True, layout="striped", H=4, Hkv=1),
     "key-validity": Case(k_valid=True, steps=2),
@@ -364,9 +369,9 @@ def _rules_tile(q_pos, k_pos, seq_len, rules, q_doc, k_doc, k_valid, queries_on_
 
     @triton.jit
     def kernel(q_pos_ptr, k_pos_ptr, q_doc_ptr, k_doc_ptr, k_valid_ptr, out_ptr, seq_len, wl, wr,
-               QR: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-               HAS_DOCS: tl.constexpr, HAS_KVALID: tl.constexpr, BQ: tl.constexpr,
-               BK: tl.constexpr):  # fmt: skip
+               chunk, QR: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+               HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_DOCS: tl.constexpr,
+               HAS_KVALID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):  # fmt: skip
         qi = tl.arange(0, BQ)
         ki = tl.arange(0, BK)
         q_doc = None
@@ -380,7 +385,8 @@ def _rules_tile(q_pos, k_pos, seq_len, rules, q_doc, k_doc, k_valid, queries_on_
         # (the interpreter resolves names in the module's globals, not in this closure)
         keep = triton_flash._token_rules(
             tl.load(q_pos_ptr + qi).to(tl.int32), tl.load(k_pos_ptr + ki).to(tl.int32), seq_len,
-            wl, wr, q_doc, k_doc, k_valid, QR, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS, HAS_KVALID)
+            wl, wr, chunk, q_doc, k_doc, k_valid, QR, CAUSAL, HAS_WL, HAS_WR, HAS_CHUNK, HAS_DOCS,
+            HAS_KVALID)
         if QR:
             tl.store(out_ptr + qi[:, None] * BK + ki[None, :], keep.to(tl.int8))
         else:
@@ -390,8 +396,9 @@ def _rules_tile(q_pos, k_pos, seq_len, rules, q_doc, k_doc, k_valid, queries_on_
     kernel[(1,)](q_pos, k_pos, q_doc if q_doc is not None else q_pos,
                  k_doc if k_doc is not None else k_pos,
                  k_valid.to(torch.int8) if k_valid is not None else k_pos, out, seq_len,
-                 rules.window_left, rules.window_right, QR=queries_on_rows, CAUSAL=rules.causal,
-                 HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
+                 rules.window_left, rules.window_right, max(rules.chunk, 1), QR=queries_on_rows,
+                 CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0,
+                 HAS_WR=rules.window_right >= 0, HAS_CHUNK=rules.chunk > 0,
                  HAS_DOCS=q_doc is not None, HAS_KVALID=k_valid is not None, BQ=q_pos.numel(),
                  BK=k_pos.numel())  # fmt: skip
     return out.bool()
@@ -414,7 +421,9 @@ def test_mask_rules_agree_on_random_facts(tf):
         # windows at and next to tile sizes, where a bound is met exactly
         r = [(-1, 0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31)[i]
              for i in torch.randint(0, 13, (2,), generator=g).tolist()]
-        rules = PositionRules(bool(seed % 4 < 2), r[0] if seed % 3 else -1, r[1] if seed % 5 else -1)
+        chunk = (0, 0, 4, 7, 8, 16, 20)[seed % 7]
+        rules = PositionRules(bool(seed % 4 < 2), r[0] if seed % 3 else -1, r[1] if seed % 5 else -1,
+                              chunk)
         docs = torch.randint(0, 3, (1, 96), generator=g)
         facts = seed // 4 % 4
         mask = BlockMask(q_pos=q_pos, k_pos=k_pos, seq_len=seq_len, rules=rules,
@@ -447,6 +456,11 @@ def test_mask_rules_agree_on_random_facts(tf):
 
         real = q_pos < seq_len
         assert rules.any_allowed(q_pos, k_pos, seq_len) == bool(by_position[real].any()), seed
+        for _ in range(20):  # and on sparse blocks, where one pair at a bound decides
+            qs, ks = (torch.randint(0, 24, (int(n),), generator=g)
+                      for n in torch.randint(1, 4, (2,), generator=g))  # fmt: skip
+            some = rules.allows(qs[:, None], ks[None, :], 20)[qs < 20].any()
+            assert rules.any_allowed(qs, ks, 20) == bool(some), (seed, qs, ks)
 
 
 @interpreted_only

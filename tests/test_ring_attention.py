@@ -21,7 +21,7 @@ from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring_op import _own_block_parts, comm_stats, reset_comm_stats
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
-MASKS = ["full", "causal", "window", "documents", "padding", "dense", "dense_additive"]
+MASKS = ["full", "causal", "window", "chunk", "documents", "padding", "dense", "dense_additive"]
 HEADS = [(4, 4), (8, 2), (4, 1)]  # (H, Hkv): MHA, GQA 4:1, MQA
 TOL = 1e-10
 
@@ -47,6 +47,12 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
     elif mask_kind == "window":
         kw.update(is_causal=True, window=(5, 0))
         allowed &= causal_tri & (pos[None, :] >= pos[:, None] - 5)
+    elif mask_kind == "chunk":  # Llama 4's chunked attention, chunks not aligned to the shards
+        kw.update(is_causal=True, chunk=5)
+        allowed &= causal_tri & (pos[None, :] // 5 == pos[:, None] // 5)
+    elif mask_kind == "chunk_bidirectional":
+        kw["chunk"] = 4
+        allowed &= pos[None, :] // 4 == pos[:, None] // 4
     elif mask_kind == "window_bidirectional":
         kw["window"] = (3, 2)
         d = pos[None, :] - pos[:, None]
@@ -144,7 +150,8 @@ def test_matches_sdpa(gloo, world, layout_name, mask_kind, heads):
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("mask_kind", ["full", "causal", "window_bidirectional", "padding"])
+@pytest.mark.parametrize("mask_kind", ["full", "causal", "window_bidirectional",
+                                       "chunk_bidirectional", "padding"])
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 def test_uneven_length_is_padded_exactly(gloo, world, layout_name, mask_kind):
     S = 21  # no W here divides it evenly into 2W chunks
@@ -245,6 +252,10 @@ def count_blocks(rank, world, layout_name, kw):
         ("contiguous", {"is_causal": True, "window": (8, 0)}, 1, 1),
         # ... and one reaching 9 back needs the one before it too
         ("contiguous", {"is_causal": True, "window": (9, 0)}, 2, 2),
+        # chunks of 8 are the ranks' own blocks: no step leaves a rank; causal chunks of 16
+        # need the previous rank's block at most
+        ("contiguous", {"is_causal": True, "chunk": 8}, 0, 0),
+        ("contiguous", {"is_causal": True, "chunk": 16}, 1, 1),
     ],
 )
 def test_blocks_sent(gloo, layout_name, kw, fwd_sends, bwd_kv_sends):

@@ -565,6 +565,49 @@ def test_encoder_masks_lift(gloo, arch):
         assert graph.fallbacks == [], graph.fallbacks
 
 
+def llama4_chunks(rank, world):
+    """Llama 4 text: three chunked-attention layers (chunks of 4 positions) and one full. Errors
+    of logits, loss and every gradient against eager, and the reports."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=64, attention_chunk_size=4, num_local_experts=2,
+        num_experts_per_tok=1, no_rope_layers=[1, 1, 1, 0], attn_implementation="sdpa")  # fmt: skip
+    config._experts_implementation = "eager"  # grouped_mm has no float64
+    model = transformers.Llama4ForCausalLM(config).double()
+    ids = torch.randint(0, V, (2, S))
+    w = torch.randn(2, S, V, dtype=torch.float64)
+
+    def step(m):
+        model.zero_grad()
+        out = m(input_ids=ids, labels=ids, use_cache=False)
+        (out.loss + (out.logits * w).sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = step(model)
+    reports = []
+    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
+    errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
+            "loss": _rel(out.loss.detach(), ref.loss.detach())}
+    errs.update({n: _rel(grads[n], g) if n in grads else float("inf")
+                 for n, g in ref_grads.items()})  # fmt: skip
+    return errs, reports
+
+
+def test_llama4_chunked_attention_lifts(gloo):
+    """Llama 4's chunked attention (``q // c == kv // c`` over position ids that are the indices)
+    becomes a position rule: exact, every attention sharded, and the ring skips the blocks no
+    chunk spans (W = 2, striped: chunks of 4 span both ranks, so both steps run)."""
+    results = gloo(2).run(llama4_chunks)
+    _assert_exact(results)
+    lifted = [line for graph in results[0][1] for line in graph.lifted]
+    assert sum("causal, chunks of 4" in x for x in lifted) == 3, lifted
+    for graph in results[0][1]:
+        assert graph.fallbacks == [], graph.fallbacks
+
+
 def gpt2_rows(rank, world, batch):
     """GPT-2 (its Conv1D layers: ``addmm`` on rows flattened from (batch, S, D)): errors against
     eager and the report."""

@@ -133,7 +133,8 @@ def _default_fwd_config(head_dim_padded: int, dtype: torch.dtype, seq_q: int, se
 
 def _default_bwd_config(head_dim_padded: int, dtype: torch.dtype, banded: bool, bulk_ok: bool
                         ) -> BwdConfig:  # fmt: skip
-    """``banded``: the mask has causal or window rules; ``bulk_ok``: dq allows bulk reductions."""
+    """``banded``: the mask has causal, window or chunk rules; ``bulk_ok``: dq allows bulk
+    reductions."""
     if dtype == torch.float32:
         if head_dim_padded <= 64:
             return BwdConfig(64, 32, 4, 2)
@@ -198,9 +199,10 @@ def _tile_lists_kernel(
     row_pos_ptr, n_row_tokens, row_limit,
     col_lo_ptr, col_hi_ptr, col_full_ptr, n_col_tiles,
     full_list_ptr, full_count_ptr, part_list_ptr, part_count_ptr, list_stride,
-    window_left, window_right,
+    window_left, window_right, chunk,
     ROWS_ARE_QUERIES: tl.constexpr, ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, FULL_ALLOWED: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    FULL_ALLOWED: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     r_lo, r_hi, r_full = _tile_bounds(
@@ -240,6 +242,10 @@ def _tile_lists_kernel(
         if HAS_WR:
             visible = visible & (k_lo <= q_hi + window_right)
             full = full & (k_hi <= q_lo + window_right)
+        if HAS_CHUNK:  # (an empty tile is not visible whatever its bounds' chunks)
+            visible = visible & (k_hi // chunk >= q_lo // chunk) & (k_lo // chunk <= q_hi // chunk)
+            # each side in one chunk; visible makes it the same one
+            full = full & (q_lo // chunk == q_hi // chunk) & (k_lo // chunk == k_hi // chunk)
         if FULL_ALLOWED:
             full = full & visible
         else:
@@ -340,9 +346,10 @@ def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int,
         row_pos, row_pos.numel(), row_limit,
         col_lo, col_hi, col_full, n_cols,
         full, full_count, part, part_count, n_cols,
-        rules.window_left, rules.window_right,
+        rules.window_left, rules.window_right, max(rules.chunk, 1),
         ROWS_ARE_QUERIES=rows_are_queries, ROW_BLOCK=row_block, CHUNK=64,
         CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
+        HAS_CHUNK=rules.chunk > 0,
         FULL_ALLOWED=full_allowed,
     )  # fmt: skip
     return _TileLists(full, full_count, part, part_count)
@@ -362,6 +369,7 @@ class _MaskArgs:
     seq_len: int
     window_left: int
     window_right: int
+    chunk: int
     q_doc: torch.Tensor
     k_doc: torch.Tensor
     doc_strides: tuple[int, int, int, int]  # q_doc (b, s), k_doc (b, s)
@@ -374,6 +382,7 @@ class _MaskArgs:
     causal: bool
     has_wl: bool
     has_wr: bool
+    has_chunk: bool
     has_docs: bool
     has_kvalid: bool
     dense_kind: int  # 0 none, 1 boolean keep-mask, 2 additive
@@ -384,7 +393,7 @@ class _MaskArgs:
 
     def kernel_args(self) -> tuple:
         return (
-            self.q_pos, self.k_pos, self.seq_len, self.window_left, self.window_right,
+            self.q_pos, self.k_pos, self.seq_len, self.window_left, self.window_right, self.chunk,
             self.q_doc, self.k_doc, *self.doc_strides,
             self.k_valid, *self.k_valid_strides,
             self.dense, *self.dense_strides,
@@ -393,7 +402,7 @@ class _MaskArgs:
 
     def kernel_flags(self) -> dict:
         return dict(
-            CAUSAL=self.causal, HAS_WL=self.has_wl, HAS_WR=self.has_wr,
+            CAUSAL=self.causal, HAS_WL=self.has_wl, HAS_WR=self.has_wr, HAS_CHUNK=self.has_chunk,
             HAS_DOCS=self.has_docs, HAS_KVALID=self.has_kvalid, DENSE_KIND=self.dense_kind,
         )  # fmt: skip
 
@@ -438,19 +447,20 @@ def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int, dev) -> _MaskA
     return _MaskArgs(
         q_pos=mask.q_pos, k_pos=mask.k_pos, seq_len=seq_len,
         window_left=min(rules.window_left, _INT32_MAX),
-        window_right=min(rules.window_right, _INT32_MAX),
+        window_right=min(rules.window_right, _INT32_MAX), chunk=max(min(rules.chunk, _INT32_MAX), 1),
         q_doc=q_doc, k_doc=k_doc, doc_strides=doc_strides,
         k_valid=k_valid, k_valid_strides=k_valid_strides,
         dense=dense, dense_strides=dense_strides, offset=offset, offset_strides=offset_strides,
         causal=rules.causal, has_wl=rules.window_left >= 0, has_wr=rules.window_right >= 0,
-        has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
+        has_chunk=rules.chunk > 0, has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
     )  # fmt: skip
 
 
 @triton.jit
-def _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc, k_doc, k_valid,
+def _token_rules(q_pos, k_pos, seq_len, window_left, window_right, chunk, q_doc, k_doc, k_valid,
                  QUERIES_ON_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
-                 HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_KVALID: tl.constexpr):  # fmt: skip
+                 HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 HAS_KVALID: tl.constexpr):  # fmt: skip
     """The rules of ``ringcompile.masks`` (``BlockMask.allowed``) as a boolean tile: queries on
     its rows (or its columns), keys on the other dim. Positions are int32 vectors; the documents
     and key validity vectors are None where their flag is off."""
@@ -469,6 +479,8 @@ def _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc, k_doc,
         ok = ok & (dist <= window_left)
     if HAS_WR:
         ok = ok & (-dist <= window_right)
+    if HAS_CHUNK:  # positions are >= 0: // floors
+        ok = ok & (qp // chunk == kp // chunk)
     if HAS_DOCS:
         if QUERIES_ON_ROWS:
             ok = ok & (q_doc[:, None] == k_doc[None, :])
@@ -568,14 +580,15 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vs,
     stride_fb, stride_fh, stride_fs,
     full_list, full_count, part_list, part_count, list_stride,
-    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right,
+    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right, chunk,
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     off_ptr, stride_xb, stride_xh, stride_xs,
     Sq, Sk, H, GROUP, qk_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
     # under causal masks later query tiles see more keys
@@ -660,9 +673,9 @@ def _fwd_kernel(
             k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
             if HAS_KVALID:
                 k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
-            keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc, k_doc,
-                                k_valid, True, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS,
-                                HAS_KVALID) & k_ok[None, :]  # fmt: skip
+            keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, chunk, q_doc,
+                                k_doc, k_valid, True, CAUSAL, HAS_WL, HAS_WR, HAS_CHUNK,
+                                HAS_DOCS, HAS_KVALID) & k_ok[None, :]  # fmt: skip
             s = tl.dot(q, tl.trans(k)) * qk_scale
             if DENSE_KIND != 0:
                 # int64: an S x S mask passes 2**31 elements beyond 46k tokens
@@ -788,14 +801,15 @@ def _bwd_kernel(
     stride_dkb, stride_dkh, stride_dks,
     stride_dvb, stride_dvh, stride_dvs,
     full_list, full_count, part_list, part_count, list_stride,
-    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right,
+    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right, chunk,
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     off_ptr, stride_xb, stride_xh, stride_xs,
     Sq, Sk, HKV, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, DQ_MODE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
@@ -864,9 +878,9 @@ def _bwd_kernel(
             if visit:
                 bh = b64 * HKV * GROUP + h
                 q_pos = tl.load(q_pos_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-                keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc,
-                                    k_doc, k_valid, False, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS,
-                                    HAS_KVALID) & k_ok[:, None]  # fmt: skip
+                keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, chunk,
+                                    q_doc, k_doc, k_valid, False, CAUSAL, HAS_WL, HAS_WR,
+                                    HAS_CHUNK, HAS_DOCS, HAS_KVALID) & k_ok[:, None]  # fmt: skip
                 dense_bias = None
                 row_off = None
                 if DENSE_KIND != 0:
@@ -920,14 +934,15 @@ def _bwd_dq_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_dqb, stride_dqh, stride_dqs,
     full_list, full_count, part_list, part_count, list_stride,
-    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right,
+    q_pos_ptr, k_pos_ptr, seq_len, window_left, window_right, chunk,
     q_doc_ptr, k_doc_ptr, stride_qdb, stride_qds, stride_kdb, stride_kds,
     k_valid_ptr, stride_kvb, stride_kvs,
     dense_ptr, stride_mb, stride_mh, stride_mq, stride_mk,
     off_ptr, stride_xb, stride_xh, stride_xs,
     Sq, Sk, H, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_DOCS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr,
 ):  # fmt: skip
     """dq of one query tile over the key tiles of its lists (the forward's loop, recomputed)."""
@@ -996,9 +1011,9 @@ def _bwd_dq_kernel(
                 k_pos = tl.load(k_pos_ptr + offs_k, mask=k_ok, other=0).to(tl.int32)
                 if HAS_KVALID:
                     k_valid = tl.load(k_valid_ptr + b * stride_kvb + offs_k * stride_kvs, mask=k_ok, other=0)
-                keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, q_doc,
-                                    k_doc, k_valid, True, CAUSAL, HAS_WL, HAS_WR, HAS_DOCS,
-                                    HAS_KVALID) & k_ok[None, :]  # fmt: skip
+                keep = _token_rules(q_pos, k_pos, seq_len, window_left, window_right, chunk,
+                                    q_doc, k_doc, k_valid, True, CAUSAL, HAS_WL, HAS_WR,
+                                    HAS_CHUNK, HAS_DOCS, HAS_KVALID) & k_ok[None, :]  # fmt: skip
                 s = tl.dot(q, tl.trans(k)) * qk_scale
                 if DENSE_KIND != 0:
                     m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
@@ -1151,8 +1166,9 @@ class TritonKernels:
         lse, delta = lse.contiguous(), delta.contiguous()
         d_pad = _head_dim_padded(D)
         bulk_ok = _bulk_reduce_ok(dq)
-        cfg = self.bwd_config or _default_bwd_config(d_pad, q.dtype, mask.rules.causal or mask.rules.window is not None,
-                                                     bulk_ok)  # fmt: skip
+        r = mask.rules
+        banded = r.causal or r.window is not None or r.chunk > 0
+        cfg = self.bwd_config or _default_bwd_config(d_pad, q.dtype, banded, bulk_ok)
         dq_mode, dq_desc = 0, None
         if cfg.dq is None:
             dq_mode = 1

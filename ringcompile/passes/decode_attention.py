@@ -52,7 +52,7 @@ def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
         facts = read_mask(mask, shape_of(mask)[0], T, wide_padding=True)
     except NotLiftable:
         return None
-    if facts.rules.window is not None or facts.document_ids is not None:
+    if facts.rules.window is not None or facts.rules.chunk or facts.document_ids is not None:
         return None
     return facts.rules.causal, facts.key_padding_mask
 
@@ -65,9 +65,9 @@ def _refusal(a: dict, mk, mv, T: int) -> tuple[str | None, Node | None]:
     if a.get("attn_mask") is not None:
         read = _mask_facts(a["attn_mask"], T)
         if read is None:
-            return ("its mask is more than causality and key padding (a sliding window, packed "
-                    "documents or an arbitrary mask), which decoding over a sharded cache does "
-                    "not support"), None
+            return ("its mask is more than causality and key padding (a sliding window, chunks, "
+                    "packed documents or an arbitrary mask), which decoding over a sharded cache "
+                    "does not support"), None
         causal, padding = read
     if T > 1 and not causal:
         return f"{T} queries that are not causal among themselves (causal decoding only)", None

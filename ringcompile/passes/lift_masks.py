@@ -21,49 +21,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-from torch.fx import Node
-
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import shape_of
 from ringcompile.passes.fx_utils import source_line
-from ringcompile.passes.mask_reader import NotLiftable, read_mask
-
-
-def _constant_value(node: Node) -> torch.Tensor | None:
-    """The value of ``node`` when it is computed from constants alone (no graph input, parameter
-    or module), evaluated now; else None."""
-    order: list[Node] = []
-    seen: set[Node] = set()
-
-    def visit(n: Node) -> bool:
-        if n in seen:
-            return True
-        seen.add(n)
-        if n.op not in ("call_function", "call_method"):
-            return False
-        if not all(visit(a) for a in n.all_input_nodes):
-            return False
-        order.append(n)
-        return True
-
-    if not visit(node):
-        return None
-    graph = torch.fx.Graph()
-    env: dict[Node, Node] = {}
-    for n in order:
-        env[n] = graph.node_copy(n, lambda a: env[a])
-    graph.output(env[node])
-    try:
-        value = torch.fx.GraphModule(torch.nn.Module(), graph)()
-    except Exception:  # anything it cannot run now stays a rule
-        return None
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _one_document(doc: Node) -> bool:
-    value = _constant_value(doc)
-    return value is not None and bool((value == value.reshape(-1)[0]).all())
+from ringcompile.passes.mask_reader import NotLiftable, one_document, read_mask
 
 
 def run(ctx: RingContext) -> None:
@@ -79,13 +40,15 @@ def run(ctx: RingContext) -> None:
             )
             continue
         mask_name = site.attn_mask.name
-        single = facts.document_ids is not None and _one_document(facts.document_ids)
+        single = facts.document_ids is not None and one_document(facts.document_ids)
         if single:
             facts = replace(facts, document_ids=None)
         site.lifted_mask, site.attn_mask = facts, None
         parts = ["causal" if facts.rules.causal else "bidirectional"]
         if facts.rules.window:
             parts.append(f"window {facts.rules.window}")
+        if facts.rules.chunk:
+            parts.append(f"chunks of {facts.rules.chunk}")
         parts += [f"{k}={n.name}" for k, n in facts.token_facts.items()]
         if single:
             parts.append("one document (ids computed from aranges)")

@@ -9,10 +9,12 @@ on graphs in one spelling (``normalize``).
 What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
 or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
 bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (documents);
-``|q - kv| <= w`` (a window both ways); an index against a constant that every index passes
-(``q >= 0``: no rule); comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or
-``P[batch, kv] > P[batch, q] - w``, when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
-token, so comparing positions is comparing indices: causality, a sliding window);
+``|q - kv| <= w`` (a window both ways); ``q // c == kv // c`` (chunks, of indices, or of position
+ids that are the indices: Llama 4); ``T[batch]`` of a constant (B,) tensor of one number; an index
+against a constant that every index passes (``q >= 0``: no rule); comparisons of position ids,
+``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] > P[batch, q] - w``, when the documents are
+``cumsum(diff(P) != 1)`` (then within a document positions rise by one per token, so comparing
+positions is comparing indices: causality, a sliding window);
 ``&``, ``.to``, ``expand`` and ``new_ones((), dtype=bool)``.
 """
 
@@ -27,7 +29,7 @@ from torch.fx import Node
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.dims import shape_of
 
-__all__ = ["NotLiftable", "read_mask"]
+__all__ = ["NotLiftable", "constant_value", "one_document", "read_mask"]
 
 _AXES = {0: "b", 2: "q", 3: "k"}  # mask dims: (batch, head, query, key)
 
@@ -66,6 +68,12 @@ class _AbsDiff:  # |query index - key index|
     pass
 
 
+@dataclass(frozen=True)
+class _Chunked:  # an _Index or _Gathered, floor-divided by a chunk size
+    base: object
+    size: int
+
+
 @dataclass
 class _Facts:
     left: int | None = None  # key >= query - left
@@ -74,10 +82,16 @@ class _Facts:
     docs: list[Node] = field(default_factory=list)
     # left/right also bound these position ids P: index rules only where P rises one by one
     positions: list[Node] = field(default_factory=list)
+    chunk: int | None = None  # query // chunk == key // chunk
+    # the chunks are of these position ids P: index chunks only where P is the index itself
+    chunk_positions: list[Node] = field(default_factory=list)
 
     def __and__(self, other: "_Facts") -> "_Facts":
         def tighter(a, b):
             return b if a is None else a if b is None else min(a, b)
+
+        if None not in (self.chunk, other.chunk) and self.chunk != other.chunk:
+            raise NotLiftable(f"chunks of {self.chunk} and of {other.chunk} at once")
 
         return _Facts(
             tighter(self.left, other.left),
@@ -85,6 +99,8 @@ class _Facts:
             self.valid + other.valid,
             self.docs + other.docs,
             self.positions + other.positions,
+            self.chunk if self.chunk is not None else other.chunk,
+            self.chunk_positions + other.chunk_positions,
         )
 
 
@@ -147,6 +163,10 @@ class _Reader:
             if (t is operator.sub and isinstance(a, _Index) and isinstance(c, _Index)
                     and {a.axis, c.axis} == {"q", "k"}):
                 return _Diff(1 if a.axis == "q" else -1, a.offset - c.offset)
+        if op == "call_function" and t is operator.floordiv:
+            a, c = self.read(n.args[0]), self.read(n.args[1])
+            if isinstance(a, (_Index, _Gathered)) and isinstance(c, int) and c > 0:
+                return _Chunked(a, c)
         if op == "call_function" and t is operator.abs:
             a = self.read(n.args[0])
             if isinstance(a, _Diff) and a.offset == 0:
@@ -161,6 +181,13 @@ class _Reader:
             return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
         if op == "call_function" and t is operator.eq:
             a, b = self.read(n.args[0]), self.read(n.args[1])
+            if (isinstance(a, _Chunked) and isinstance(b, _Chunked) and a.size == b.size
+                    and type(a.base) is type(b.base) and a.base.offset == b.base.offset == 0
+                    and {a.base.axis, b.base.axis} == {"q", "k"}):
+                if isinstance(a.base, _Index):
+                    return _Facts(chunk=a.size)
+                if a.base.tensor is b.base.tensor:
+                    return _Facts(chunk=a.size, chunk_positions=[a.base.tensor])
             if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
                     and {a.axis, b.axis} == {"q", "k"} and a.offset == b.offset):
                 return _Facts(docs=[a.tensor])
@@ -168,6 +195,13 @@ class _Reader:
 
     def _index(self, n: Node) -> object:
         src, idx = n.args
+        if isinstance(src, Node) and shape_of(src) == (self.B,) and self.read(idx) == _Index("b"):
+            # a per-batch value: one number for every row (transformers' zero left padding when
+            # there is no attention mask) is that number
+            value = constant_value(src)
+            if value is not None and bool((value == value[0]).all()):
+                return int(value[0])
+            raise NotLiftable(f"{n.name}: a per-batch value other than a constant")
         try:
             base = self.read(src)
         except NotLiftable:
@@ -249,14 +283,55 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
             raise NotLiftable(
                 f"a comparison of position ids {p.name} without documents derived from them"
             )
+    for p in facts.chunk_positions:
+        # chunks of position ids are chunks of indices where P is the index: one document
+        if not (facts.docs and _is_document_ids_of(facts.docs[0], p) and one_document(facts.docs[0])):
+            raise NotLiftable(f"chunks of position ids {p.name} over packed documents")
     causal = facts.right == 0
     rules = PositionRules(
         causal,
         facts.left if facts.left is not None else -1,
         -1 if causal or facts.right is None else facts.right,
+        facts.chunk or 0,
     )
     return AttentionMask(
         rules,
         document_ids=facts.docs[0] if facts.docs else None,
         key_padding_mask=facts.valid[0] if facts.valid else None,
     )
+
+
+def constant_value(node: Node) -> torch.Tensor | None:
+    """The value of ``node`` when it is computed from constants alone (no graph input, parameter
+    or module), evaluated now; else None."""
+    order: list[Node] = []
+    seen: set[Node] = set()
+
+    def visit(n: Node) -> bool:
+        if n in seen:
+            return True
+        seen.add(n)
+        if n.op not in ("call_function", "call_method"):
+            return False
+        if not all(visit(a) for a in n.all_input_nodes):
+            return False
+        order.append(n)
+        return True
+
+    if not visit(node):
+        return None
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    for n in order:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[node])
+    try:
+        value = torch.fx.GraphModule(torch.nn.Module(), graph)()
+    except Exception:  # anything it cannot run now stays a rule
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def one_document(doc: Node) -> bool:
+    value = constant_value(doc)
+    return value is not None and bool((value == value.reshape(-1)[0]).all())

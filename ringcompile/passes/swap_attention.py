@@ -38,6 +38,8 @@ def run(ctx: RingContext) -> None:
             kwargs.update(is_causal=rules.causal, **ctx.site_facts_local[node])
             if rules.window is not None:
                 kwargs["window"] = rules.window
+            if rules.chunk:
+                kwargs["chunk"] = rules.chunk
             node.kwargs = kwargs
             mask = site.lifted_mask
             what = "per-token mask facts"
