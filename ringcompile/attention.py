@@ -57,6 +57,9 @@ def ring_attention(
             ``(DeviceMesh, dim)`` pair: the ring. None without torch.distributed is one process.
         layout: which global positions each rank holds: a name ("contiguous", "striped",
             "zigzag"; then ``seq_len = S_local * ring size``) or a :class:`Layout` (which may pad).
+            The default is "contiguous", what ``x.chunk(W, dim)[rank]`` gives, since here the
+            caller shards; the backend, which shards for itself, defaults to "striped" for load
+            balance.
         window: ``(left, right)`` sliding window by position: query p sees keys in
             ``[p - left, p + right]``; -1 is unbounded. A Mistral-style ``sliding_window=w`` with
             ``is_causal`` is ``(w - 1, 0)``.

@@ -198,7 +198,7 @@ def _inputs_to_check(ctx: RingContext, mode: str) -> list[tuple[int, torch.fx.No
     if mode == "never" or ctx.world_size == 1:
         return []
     index = {n: i for i, n in enumerate(ctx.gm.graph.find_nodes(op="placeholder"))}
-    return [(index[n], n, _user_name(n)) for n in ctx.sequence_inputs]
+    return [(index[n], n, _user_name(n)) for n in ctx.plan.sequence_inputs]
 
 
 def _warn_if_nothing_sharded(ctx: RingContext) -> None:

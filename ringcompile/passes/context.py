@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
@@ -49,6 +51,26 @@ class AttentionSite:
     lifted_mask: AttentionMask[Node] | None = None
 
 
+@dataclass(frozen=True)
+class SequencePlan:
+    """What the analysis (``plan_sequence``) decided, read-only for the passes that rewrite."""
+
+    # nodes computed on local tokens: the sequence dim of their output
+    demand: Mapping[Node, int]
+    # full tensors sharded where they enter the local region: their sequence dim ...
+    shard_points: Mapping[Node, int]
+    # ... and what each holds ("input", "positions", ...)
+    shard_kinds: Mapping[Node, str]
+    # the graph inputs those come from, which every rank must be given alike (graph order)
+    sequence_inputs: tuple[Node, ...]
+
+    @classmethod
+    def of(cls, demand: dict, shard_points: dict, shard_kinds: dict,
+           sequence_inputs) -> SequencePlan:  # fmt: skip
+        return cls(MappingProxyType(dict(demand)), MappingProxyType(dict(shard_points)),
+                   MappingProxyType(dict(shard_kinds)), tuple(sequence_inputs))
+
+
 @dataclass
 class RingContext:
     gm: GraphModule
@@ -61,13 +83,8 @@ class RingContext:
     # find_attention
     sites: list[AttentionSite] = field(default_factory=list)
     seq_len: int = 0
-    # plan_sequence: nodes computed on local tokens (sequence dim of their output) ...
-    demand: dict[Node, int] = field(default_factory=dict)
-    # ... and full tensors sharded where they enter (sequence dim), with what they are
-    shard_points: dict[Node, int] = field(default_factory=dict)
-    shard_kinds: dict[Node, str] = field(default_factory=dict)
-    # ... and the graph inputs those come from, which every rank must be given alike
-    sequence_inputs: list[Node] = field(default_factory=list)
+    # plan_sequence (shard_reductions adds the inputs behind the losses' targets)
+    plan: SequencePlan = SequencePlan.of({}, {}, {}, ())
     # shard_sequence: local version of a node and its sequence dim
     local: dict[Node, tuple[Node, int]] = field(default_factory=dict)
     # nodes whose only value is the local one (no full version exists)

@@ -1,18 +1,18 @@
 """Pass 6: which nodes compute on this rank's tokens, and where full tensors enter that region.
 
 Expects: ``ctx.sites`` (passes 2–5). Changes nothing in the graph.
-Guarantees: ``ctx.demand[node] = dim`` for every node that will compute on local tokens (its
-output's sequence dim), found by walking back from each site's q, k, v (dim -2) and attention
+Guarantees: ``ctx.plan``, a read-only ``SequencePlan``: ``demand[node] = dim`` for every node
+that will compute on local tokens (its output's sequence dim), found by walking back from each site's q, k, v (dim -2) and attention
 mask rows through ops that carry the sequence dim through (``dims.dim_map``);
-``ctx.shard_points[node] = dim`` where that walk stops: a graph input, a buffer, a created tensor
+``shard_points[node] = dim`` where that walk stops: a graph input, a buffer, a created tensor
 (``arange``), a table sliced to the length, or an op that mixes along the sequence. A shard point
 is computed full, as before, and sharded where it is used locally — so stopping early is always
-exact, and walking further only saves work. ``ctx.shard_kinds[node]`` says what each holds: an
+exact, and walking further only saves work. ``shard_kinds[node]`` says what each holds: an
 ``input``, ``positions`` (its sequence dim comes from aranges or position inputs alone), a
 ``table`` sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along
 it). An integer graph input is a position input by what it is used for, whatever its name: cast to
 floating point and multiplied by a floating tensor (rotary frequencies), or indexing a table.
-``ctx.sequence_inputs`` lists, in graph order, the graph inputs the shard points' sequence dims come
+``sequence_inputs`` lists, in graph order, the graph inputs the shard points' sequence dims come
 from (the tokens, position ids, an attention mask): what every rank must be given alike.
 
     tokens -> embedding -> rms_norm -> linear -> view -> transpose -> q -> sdpa
@@ -27,7 +27,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from ringcompile.passes.context import RingContext
+from ringcompile.passes.context import RingContext, SequencePlan
 from ringcompile.passes.dims import dim_map, shape_of
 
 
@@ -148,9 +148,11 @@ def _inputs_behind(node: Node, dim: int, seq_len: int) -> set[Node]:
 
 def run(ctx: RingContext) -> None:
     S = ctx.seq_len
+    demand: dict[Node, int] = {}
+    shard_points: dict[Node, int] = {}
     work: list[tuple[Node, int]] = []
     for site in ctx.sites:
-        ctx.demand[site.node] = len(shape_of(site.node)) - 2
+        demand[site.node] = len(shape_of(site.node)) - 2
         for x in (site.q, site.k, site.v):
             work.append((x, len(shape_of(x)) - 2))
         if site.attn_mask is not None:
@@ -162,12 +164,12 @@ def run(ctx: RingContext) -> None:
 
     while work:
         node, dim = work.pop()
-        if node in ctx.demand or node in ctx.shard_points:
-            have = ctx.demand.get(node, ctx.shard_points.get(node))
+        if node in demand or node in shard_points:
+            have = demand.get(node, shard_points.get(node))
             if have != dim:
                 # needed along two dims: compute it full and shard each use
-                ctx.demand.pop(node, None)
-                ctx.shard_points[node] = have
+                demand.pop(node, None)
+                shard_points[node] = have
             continue
         mapping = dim_map(node)
         inputs = []
@@ -176,13 +178,12 @@ def run(ctx: RingContext) -> None:
                 s = shape_of(inp)
                 inputs += [(inp, d) for d, o in m.items() if o == dim and s[d] == S]
         if not inputs:
-            ctx.shard_points[node] = dim
+            shard_points[node] = dim
             continue
-        ctx.demand[node] = dim
+        demand[node] = dim
         work.extend(inputs)
 
-    behind = set()
-    for node, dim in ctx.shard_points.items():
-        ctx.shard_kinds[node] = _kind(node, dim, S)
-        behind |= _inputs_behind(node, dim, S)
-    ctx.sequence_inputs = [n for n in ctx.gm.graph.nodes if n in behind]
+    kinds = {node: _kind(node, dim, S) for node, dim in shard_points.items()}
+    behind = set().union(*(_inputs_behind(node, dim, S) for node, dim in shard_points.items()))
+    ctx.plan = SequencePlan.of(demand, shard_points, kinds,
+                               [n for n in ctx.gm.graph.nodes if n in behind])

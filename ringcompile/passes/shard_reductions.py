@@ -13,7 +13,7 @@ goes unless something else needs it (a graph output):
 - ``sum`` or ``mean`` over all dims, or over the sequence dim alone, becomes ``ring_sum`` of the
   local value over its real tokens (divided by the full count for a mean).
 The result is a full value, the same on every rank; its gradient follows the ring's invariant.
-The graph inputs a cross-entropy's target comes from (the labels) join ``ctx.sequence_inputs``:
+The graph inputs a cross-entropy's target comes from (the labels) join ``ctx.plan.sequence_inputs``:
 each rank reads its own rows of them, so every rank must be given them alike.
 
     logits = ring_gather(logits_local, 0); loss = cross_entropy(logits, labels, ignore_index=-100)
@@ -22,6 +22,7 @@ each rank reads its own rows of them, so every rank must be given them alike.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import operator
@@ -64,7 +65,7 @@ def _cross_entropy(ctx: RingContext, node: Node, local: Node, dim: int, batch: i
 
 
 def _compare_inputs_behind(ctx: RingContext, node: Node) -> None:
-    found, stack = set(ctx.sequence_inputs), [node]
+    found, stack = set(ctx.plan.sequence_inputs), [node]
     while stack:
         n = stack.pop()
         if n in found:
@@ -72,7 +73,8 @@ def _compare_inputs_behind(ctx: RingContext, node: Node) -> None:
         if n.op == "placeholder":
             found.add(n)
         stack += n.all_input_nodes
-    ctx.sequence_inputs = [n for n in ctx.gm.graph.nodes if n in found]
+    inputs = tuple(n for n in ctx.gm.graph.nodes if n in found)
+    ctx.plan = dataclasses.replace(ctx.plan, sequence_inputs=inputs)
 
 
 def _flattened_rows(ctx: RingContext, view: Node, full: Node, local: Node, dim: int) -> None:

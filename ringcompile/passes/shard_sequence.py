@@ -1,6 +1,6 @@
 """Pass 7: the sharded region computes on local tokens; values that leave it are gathered.
 
-Expects: ``ctx.demand``, ``ctx.shard_points`` and their kinds (pass 6).
+Expects: ``ctx.plan`` (pass 6): demand, shard points and their kinds.
 Guarantees, walking the graph in order:
 - every shard point gets ``ring_shard(x, dim)``: a graph input, a full value, or one that holds
   positions — an ``arange`` over the sequence, an integer input used as positions, anything whose
@@ -137,11 +137,11 @@ def run(ctx: RingContext) -> None:
     if not ctx.sites:
         return
     graph = ctx.gm.graph
-    for node, dim in ctx.shard_points.items():
+    for node, dim in ctx.plan.shard_points.items():
         if node in ctx.local:
             continue
         ctx.local[node] = (ctx.shard_of(node, dim), dim)
-        kind = ctx.shard_kinds[node]
+        kind = ctx.plan.shard_kinds[node]
         if kind in POSITION_KINDS:
             # this rank's entries of the full positions are its tokens' global positions,
             # whatever the layout: no knowledge of rotary embeddings needed
@@ -168,11 +168,11 @@ def run(ctx: RingContext) -> None:
         if _local_cache_append(ctx, node):
             continue
         plan = None
-        if node not in ctx.shard_points and (
-            node in ctx.demand or any(a in ctx.local_only for a in node.all_input_nodes)
+        if node not in ctx.plan.shard_points and (
+            node in ctx.plan.demand or any(a in ctx.local_only for a in node.all_input_nodes)
         ):
-            plan = _local_plan(ctx, node, ctx.demand.get(node))
-            if plan is None and node in ctx.demand:
+            plan = _local_plan(ctx, node, ctx.plan.demand.get(node))
+            if plan is None and node in ctx.plan.demand:
                 ctx.report.fallbacks.append(
                     f"{node.name} ({_describe(node)}) at {source_line(node)}: its inputs' "
                     "sequence dims do not line up; computed full from gathered inputs"
