@@ -51,6 +51,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--queries", type=int, default=1, help="T: new tokens per step")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--causal", action="store_true",
+                   help="tree: causal by global position (a striped cache, the new tokens after "
+                        "it), as the backend's decode steps run; every key stays visible")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     return p.parse_args()
@@ -96,7 +99,11 @@ def _bench(rank: int, world: int, args, device: torch.device) -> None:
         q = torch.randn(B, H, T, D, generator=g).to(device, dtype)
         k = torch.randn(B, Hkv, S // world, D).to(device, dtype)
         v = torch.randn(B, Hkv, S // world, D).to(device, dtype)
-        tree = functools.partial(tree_attn_decode, q, k, v, enable_gqa=True)
+        causal = {}
+        if args.causal:
+            causal = dict(is_causal=True, q_positions=torch.arange(S, S + T, device=device),
+                          k_positions=torch.arange(rank, S, world, device=device))
+        tree = functools.partial(tree_attn_decode, q, k, v, enable_gqa=True, **causal)
         gather = functools.partial(_allgather_kv_then_sdpa, q, k, v, world)
         with torch.no_grad():
             torch.testing.assert_close(tree(), gather(), atol=2e-2, rtol=2e-2)
@@ -108,7 +115,8 @@ def _bench(rank: int, world: int, args, device: torch.device) -> None:
         rows.append((S, S // world, t_tree, t_gather, t_gather / t_tree, tree_recv, kv_recv))
     if rank == 0:
         print(f"W={world}, {dist.get_backend()}, {device.type}, {args.dtype}, B={B} H={H} "
-              f"Hkv={Hkv} D={D} T={T}, median of {args.iters} steps (slowest rank)")
+              f"Hkv={Hkv} D={D} T={T}{', causal by position' if args.causal else ''}, median of "
+              f"{args.iters} steps (slowest rank)")
         print("| cache S | per rank | tree_attn_decode ms | allgather-KV+SDPA ms | speedup "
               "| recv/rank tree | recv/rank KV |")
         print("|---:|---:|---:|---:|---:|---:|---:|")

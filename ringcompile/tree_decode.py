@@ -7,9 +7,9 @@ results (Shyam et al., "Tree Attention", 2024), so no K/V ever moves:
 
 - each rank r computes, in the accumulation dtype (float32, float64 for float64), its normalised
   partial ``o_r = softmax(s_r) v_r`` and ``lse_r = logsumexp(s_r)`` over its keys, with
-  ``s_r = scale * q k_r^T`` masked by key padding and by global position when causal (a
-  half-precision shard on a GPU without masks goes through SDPA's flash kernel, which returns
-  both);
+  ``s_r = scale * q k_r^T`` masked by key padding and by global position when causal (on a GPU:
+  SDPA's flash kernel for a half-precision shard without masks, which returns both; a Triton
+  kernel split over the shard's keys for masked ones; plain torch ops elsewhere);
 - the global result is ``lse = logsumexp_r lse_r`` and ``o = sum_r exp(lse_r - lse) o_r``.
 
 A rank with no visible key for a row has ``lse_r = -inf`` and weight 0; a row no rank can see gives
@@ -116,6 +116,13 @@ def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, i
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             q.reshape(B, Hkv, G * T, D), k, v, 0.0, False, False, scale=scale)[:2]
         return out.to(acc).reshape(B, H, T, D), lse.reshape(B, H, T)
+    if _split_kernel_ok(q, k, v):
+        # masked (causal by position, padding) on a GPU: a Triton kernel split over the shard's
+        # keys reads K/V once in their dtype (``kernels/triton_decode.py``)
+        from ringcompile.kernels.triton_decode import decode_partial
+
+        causal = (q_positions, k_positions) if is_causal else (None, None)
+        return decode_partial(q, k, v, scale, *causal, key_padding_mask)
     # The G query heads sharing a KV head become G * T rows against it (a view: query head i is
     # row block i % G of KV head i // G). Broadcasting a group dim in matmul instead would copy
     # each KV head G times.
@@ -144,6 +151,11 @@ def _flash_ok(q, k, v, key_padding_mask, is_causal) -> bool:
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_padding_mask is None
             and not is_causal and k.shape[2] > 0 and v.shape[-1] == q.shape[-1]
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def _split_kernel_ok(q, k, v) -> bool:
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and v.shape[-1] == q.shape[-1] <= 256 and k.shape[2] > 0)
 
 
 def _merge(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:

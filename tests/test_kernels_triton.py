@@ -589,3 +589,32 @@ def test_engine_shares_state_with_triton_steps(tf, layout):
         for i, (a, b) in enumerate(zip(got, want)):
             assert not a.isnan().any(), (plain_steps, i)
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=f"{plain_steps} {i}")
+
+
+@interpreted_only
+@pytest.mark.parametrize("dtype, T, batch_positions, padding", [
+    (torch.float32, 1, False, False), (torch.float32, 3, True, True),
+    (torch.float16, 2, False, True)])  # fmt: skip
+def test_decode_split_kernel(dtype, T, batch_positions, padding):
+    """The decode partial split over the shard's keys (several splits, a ragged last tile, GQA
+    rows of several queries, empty cache slots, padding) against tree decoding's torch path."""
+    from ringcompile.kernels.triton_decode import decode_partial
+    from ringcompile.masks import POSITION_NONE
+    from ringcompile.tree_decode import _local_partial
+
+    _repair_interpreter_scalars()
+    g = torch.Generator().manual_seed(T)
+    B, H, Hkv, S, D = 2, 8, 2, 150, 32
+    q = torch.randn(B, H, T, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g).to(dtype) for _ in range(2))
+    k_pos = torch.randperm(400, generator=g)[:S].repeat(B, 1)
+    k_pos[:, -20:] = POSITION_NONE  # empty slots
+    q_pos = torch.randint(100, 400, (B, T) if batch_positions else (T,), generator=g)
+    if not batch_positions:
+        k_pos = k_pos[0]
+    valid = torch.rand(B, S, generator=g) < 0.8 if padding else None
+    got = decode_partial(q, k, v, 0.3, q_pos, k_pos, valid)
+    want = _local_partial(q.float(), k.float(), v.float(), 0.3, valid, q_pos, k_pos, True)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)

@@ -565,18 +565,10 @@ def test_encoder_masks_lift(gloo, arch):
         assert graph.fallbacks == [], graph.fallbacks
 
 
-def llama4_chunks(rank, world):
-    """Llama 4 text: three chunked-attention layers (chunks of 4 positions) and one full. Errors
-    of logits, loss and every gradient against eager, and the reports."""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    config = transformers.Llama4TextConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        max_position_embeddings=64, attention_chunk_size=4, num_local_experts=2,
-        num_experts_per_tok=1, no_rope_layers=[1, 1, 1, 0], attn_implementation="sdpa")  # fmt: skip
-    config._experts_implementation = "eager"  # grouped_mm has no float64
-    model = transformers.Llama4ForCausalLM(config).double()
+def _labels_step_errors(model, compiler: str):
+    """A causal LM's step on random tokens with its own ``labels=`` loss, eager against the ring
+    (``compiler`` inside): relative errors of the logits, the loss and every parameter gradient,
+    and the reports."""
     ids = torch.randint(0, V, (2, S))
     w = torch.randn(2, S, V, dtype=torch.float64)
 
@@ -588,12 +580,26 @@ def llama4_chunks(rank, world):
 
     ref, ref_grads = step(model)
     reports = []
-    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
+    out, grads = step(_compile(model, {"compiler": compiler}, {}, reports))
     errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
             "loss": _rel(out.loss.detach(), ref.loss.detach())}
     errs.update({n: _rel(grads[n], g) if n in grads else float("inf")
                  for n, g in ref_grads.items()})  # fmt: skip
     return errs, reports
+
+
+def llama4_chunks(rank, world):
+    """Llama 4 text: three chunked-attention layers (chunks of 4 positions) and one full. Errors
+    of logits, loss and every gradient against eager, and the reports."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=64, attention_chunk_size=4, num_local_experts=2,
+        num_experts_per_tok=1, no_rope_layers=[1, 1, 1, 0], attn_implementation="sdpa")  # fmt: skip
+    config._experts_implementation = "eager"  # grouped_mm has no float64
+    return _labels_step_errors(transformers.Llama4ForCausalLM(config).double(), "aot_eager")
 
 
 def test_llama4_chunked_attention_lifts(gloo):
@@ -683,23 +689,7 @@ def qwen3_next(rank, world):
         max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
     config._experts_implementation = "eager"  # grouped mm takes no float64
     torch.manual_seed(0)
-    model = transformers.Qwen3NextForCausalLM(config).double()
-    ids = torch.randint(0, V, (2, S))
-    w = torch.randn(2, S, V, dtype=torch.float64)
-
-    def step(m):
-        model.zero_grad()
-        out = m(input_ids=ids, labels=ids, use_cache=False)
-        (out.loss + (out.logits * w).sum()).backward()
-        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref, ref_grads = step(model)
-    reports = []
-    out, grads = step(_compile(model, {"compiler": "eager"}, {}, reports))
-    errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
-            "loss": _rel(out.loss.detach(), ref.loss.detach())}
-    errs.update({n: _rel(grads[n], g) if n in grads else float("inf") for n, g in ref_grads.items()})
-    return errs, reports
+    return _labels_step_errors(transformers.Qwen3NextForCausalLM(config).double(), "eager")
 
 
 def test_linear_attention_beside_sdpa_stays_exact(gloo):

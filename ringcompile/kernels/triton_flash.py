@@ -495,6 +495,30 @@ def _token_rules(q_pos, k_pos, seq_len, window_left, window_right, chunk, q_doc,
 
 
 @triton.jit
+def _masked_softmax_step(m_i, l_i, acc, s, v):
+    """One online-softmax step over a tile of scores ``s`` (log2 units, -inf where hidden) and
+    its values: the running max, sum and unnormalised output after it."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # rows that have seen no key yet keep max -inf; subtract 0 there instead to avoid NaN
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_result(m_i, l_i, acc):
+    """The normalised output and the log-sum-exp (natural units) of the running state; rows that
+    saw no key get 0 and -inf."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2_K, float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _add_mask(s, mask, offset):
     """Scores (log2 units) plus an additive mask, less the row's offset: added in natural units,
     as SDPA adds it, so a row the mask fills with finfo.min rounds every score to that value
@@ -686,19 +710,9 @@ def _fwd_kernel(
                     keep = keep & (dense != 0)
                 else:
                     s = _add_mask(s, dense, row_off[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # Rows that have seen no key yet keep max -inf; subtract 0 there instead to avoid NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_sub)
-            p = tl.exp2(s - m_sub[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _masked_softmax_step(m_i, l_i, acc, tl.where(keep, s, float("-inf")), v)
 
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * _LN2_K, float("-inf"))
+    out, lse = _softmax_result(m_i, l_i, acc)
     tl.store(STATE_LSE + state_row, lse, mask=row_ok)
     if LAST:
         f_ptrs = FINAL_OUT + b.to(tl.int64) * stride_fb + h.to(tl.int64) * stride_fh
