@@ -618,3 +618,5 @@ def test_decode_split_kernel(dtype, T, batch_positions, padding):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got[0], want[0], rtol=tol, atol=tol)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    if dtype == torch.float32:  # the op's fake impl and schema, as a compiled decode graph sees
+        torch.library.opcheck(decode_partial, (q, k, v, 0.3, q_pos, k_pos, valid))
