@@ -565,16 +565,20 @@ def test_encoder_masks_lift(gloo, arch):
         assert graph.fallbacks == [], graph.fallbacks
 
 
-def _labels_step_errors(model, compiler: str):
+def _labels_step_errors(model, compiler: str, left_padding: int = 0):
     """A causal LM's step on random tokens with its own ``labels=`` loss, eager against the ring
     (``compiler`` inside): relative errors of the logits, the loss and every parameter gradient,
-    and the reports."""
+    and the reports. ``left_padding``: that many padding tokens start row 0."""
     ids = torch.randint(0, V, (2, S))
     w = torch.randn(2, S, V, dtype=torch.float64)
+    kw = {}
+    if left_padding:
+        kw["attention_mask"] = torch.ones(2, S, dtype=torch.long)
+        kw["attention_mask"][0, :left_padding] = 0
 
     def step(m):
         model.zero_grad()
-        out = m(input_ids=ids, labels=ids, use_cache=False)
+        out = m(input_ids=ids, labels=ids, use_cache=False, **kw)
         (out.loss + (out.logits * w).sum()).backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -588,7 +592,7 @@ def _labels_step_errors(model, compiler: str):
     return errs, reports
 
 
-def llama4_chunks(rank, world):
+def llama4_chunks(rank, world, left_padding=0):
     """Llama 4 text: three chunked-attention layers (chunks of 4 positions) and one full. Errors
     of logits, loss and every gradient against eager, and the reports."""
     torch._dynamo.reset()
@@ -599,7 +603,8 @@ def llama4_chunks(rank, world):
         max_position_embeddings=64, attention_chunk_size=4, num_local_experts=2,
         num_experts_per_tok=1, no_rope_layers=[1, 1, 1, 0], attn_implementation="sdpa")  # fmt: skip
     config._experts_implementation = "eager"  # grouped_mm has no float64
-    return _labels_step_errors(transformers.Llama4ForCausalLM(config).double(), "aot_eager")
+    model = transformers.Llama4ForCausalLM(config).double()
+    return _labels_step_errors(model, "aot_eager", left_padding)
 
 
 def test_llama4_chunked_attention_lifts(gloo):
@@ -612,6 +617,26 @@ def test_llama4_chunked_attention_lifts(gloo):
     assert sum("causal, chunks of 4" in x for x in lifted) == 3, lifted
     for graph in results[0][1]:
         assert graph.fallbacks == [], graph.fallbacks
+        # its complex rotary (view_as_complex, polar of ones_like) runs on local tokens; what is
+        # gathered is the logits and, at batch 2, the rows its MoE flattens (issue 21, item 5)
+        allowed = ("graph output", "(call_method reshape)")
+        assert all(any(a in g for a in allowed) for g in graph.gathers), graph.gathers
+
+
+def test_llama4_chunks_under_left_padding_lift_as_documents(gloo):
+    """With left padding Llama 4's chunks start after each row's padding, ``(P - lp[b]) // c``:
+    no position rule, but a per-token fact: the chunk ids become the document ids (computed from
+    the positions and the padding, then sharded like them). Exact, nothing left dense."""
+    results = gloo(2).run(llama4_chunks, 3)
+    _assert_exact(results)
+    lifted = [line for graph in results[0][1] for line in graph.lifted]
+    chunked = [x for x in lifted if "chunks that start after each row's left padding" in x]
+    assert len(chunked) == 3 and all("document_ids=" in x for x in chunked), lifted
+    for graph in results[0][1]:
+        assert graph.fallbacks == [], graph.fallbacks
+        # (and the padding mask, whose cumsum gives each row's left padding)
+        allowed = ("graph output", "(call_method reshape)", "(call_method cumsum)")
+        assert all(any(a in g for a in allowed) for g in graph.gathers), graph.gathers
 
 
 def gpt2_rows(rank, world, batch):

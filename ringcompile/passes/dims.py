@@ -54,7 +54,8 @@ _POINTWISE_FUNCTIONS = {
     torch.logical_not, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     operator.and_, operator.or_, operator.invert, operator.abs,
     F.silu, F.gelu, F.relu, F.dropout, F.softplus, torch.nn.functional.tanh,
-    torch._C._nn.gelu, torch.relu, torch.masked_fill,
+    torch._C._nn.gelu, torch.relu, torch.masked_fill, torch.polar,
+    torch.ones_like, torch.zeros_like,  # (their values read nothing; their dims are the input's)
 }
 _POINTWISE_METHODS = {
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone",
@@ -226,6 +227,10 @@ def dim_map(node: Node) -> DimMap | None:
         return [(x, {d: d for d in range(keep)})]
     if node.op == "call_function" and t in _LINEARS:
         return [(x, {d: d for d in range(len(xs) - 1)})]
+    if node.op == "call_function" and t is torch.view_as_complex:  # (..., n, 2) -> (..., n)
+        return [(x, {d: d for d in range(len(xs) - 1)})]
+    if node.op == "call_function" and t is torch.view_as_real:  # (..., n) -> (..., n, 2)
+        return [(x, {d: d for d in range(len(xs))})]
     if node.op == "call_function" and t is F.embedding:
         return [(x, {d: d for d in range(len(xs))})]
     if node.op == "call_function" and t in _MATMULS:

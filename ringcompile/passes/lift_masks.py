@@ -19,12 +19,17 @@ and the site keeps plain blocks the fused kernels compute.
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from dataclasses import replace
 
+import torch
+from torch.fx import Node
+
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.dims import shape_of
+from ringcompile.passes.dims import example, shape_of
 from ringcompile.passes.fx_utils import source_line
-from ringcompile.passes.mask_reader import NotLiftable, one_document, read_mask
+from ringcompile.passes.mask_reader import ChunkIds, NotLiftable, one_document, read_mask
 
 
 def run(ctx: RingContext) -> None:
@@ -40,6 +45,9 @@ def run(ctx: RingContext) -> None:
             )
             continue
         mask_name = site.attn_mask.name
+        shifted = isinstance(facts.document_ids, ChunkIds)
+        if shifted:
+            facts = replace(facts, document_ids=_chunk_ids(ctx, site.node, facts.document_ids))
         single = facts.document_ids is not None and one_document(facts.document_ids)
         if single:
             facts = replace(facts, document_ids=None)
@@ -52,4 +60,32 @@ def run(ctx: RingContext) -> None:
         parts += [f"{k}={n.name}" for k, n in facts.token_facts.items()]
         if single:
             parts.append("one document (ids computed from aranges)")
+        if shifted:
+            parts.append("the documents are chunks that start after each row's left padding")
         ctx.report.lifted.append(f"{where}: mask {mask_name} -> " + ", ".join(parts))
+
+
+def _chunk_ids(ctx: RingContext, before: Node, ids: ChunkIds) -> Node:
+    """The (B, S) document ids ``(P[b, t] - shift[b]) // size`` as nodes before ``before``."""
+    graph, S = ctx.gm.graph, ctx.seq_len
+
+    def add(op, target, args, value):
+        node = getattr(graph, op)(target, args)
+        node.meta["example_value"] = value
+        return node
+
+    shift = ids.shift
+    with graph.inserting_before(before):
+        column = add("call_method", "unsqueeze", (shift, 1), example(shift).unsqueeze(1))
+        if ids.positions is None:
+            device = example(shift).device
+            positions = graph.call_function(torch.arange, (S,), {"device": device})
+            # (under the graph's fake mode, as every example value is)
+            with getattr(example(shift), "fake_mode", None) or contextlib.nullcontext():
+                positions.meta["example_value"] = torch.arange(S, device=device)
+        else:
+            positions = ids.positions
+        shifted = add("call_function", operator.sub, (positions, column),
+                      example(positions) - example(column))  # fmt: skip
+        return add("call_function", operator.floordiv, (shifted, ids.size),
+                   example(shifted) // ids.size)  # fmt: skip

@@ -29,7 +29,7 @@ from torch.fx import Node
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.dims import shape_of
 
-__all__ = ["NotLiftable", "constant_value", "one_document", "read_mask"]
+__all__ = ["ChunkIds", "NotLiftable", "constant_value", "one_document", "read_mask"]
 
 _AXES = {0: "b", 2: "q", 3: "k"}  # mask dims: (batch, head, query, key)
 
@@ -69,8 +69,30 @@ class _AbsDiff:  # |query index - key index|
 
 
 @dataclass(frozen=True)
-class _Chunked:  # an _Index or _Gathered, floor-divided by a chunk size
+class _PerBatch:  # T[batch] of a (B,) tensor: one value per batch row
+    tensor: Node
+
+
+@dataclass(frozen=True)
+class _Shifted:  # an _Index or _Gathered less a per-batch value
     base: object
+    shift: Node
+
+
+@dataclass(frozen=True)
+class _Chunked:  # an _Index, _Gathered or _Shifted, floor-divided by a chunk size
+    base: object
+    size: int
+
+
+@dataclass(frozen=True)
+class ChunkIds:
+    """Document ids that are each token's chunk, ``(P[b, t] - shift[b]) // size`` (P: the
+    ``positions`` node, or the token index where None): chunks whose boundaries move with each
+    row's left padding, as documents. Not yet in the graph: ``lift_masks`` computes them."""
+
+    positions: Node | None
+    shift: Node
     size: int
 
 
@@ -85,6 +107,7 @@ class _Facts:
     chunk: int | None = None  # query // chunk == key // chunk
     # the chunks are of these position ids P: index chunks only where P is the index itself
     chunk_positions: list[Node] = field(default_factory=list)
+    chunk_ids: list[ChunkIds] = field(default_factory=list)  # chunks shifted per row
 
     def __and__(self, other: "_Facts") -> "_Facts":
         def tighter(a, b):
@@ -101,6 +124,7 @@ class _Facts:
             self.positions + other.positions,
             self.chunk if self.chunk is not None else other.chunk,
             self.chunk_positions + other.chunk_positions,
+            self.chunk_ids + other.chunk_ids,
         )
 
 
@@ -163,9 +187,11 @@ class _Reader:
             if (t is operator.sub and isinstance(a, _Index) and isinstance(c, _Index)
                     and {a.axis, c.axis} == {"q", "k"}):
                 return _Diff(1 if a.axis == "q" else -1, a.offset - c.offset)
+            if t is operator.sub and isinstance(a, (_Index, _Gathered)) and isinstance(c, _PerBatch):
+                return _Shifted(a, c.tensor)
         if op == "call_function" and t is operator.floordiv:
             a, c = self.read(n.args[0]), self.read(n.args[1])
-            if isinstance(a, (_Index, _Gathered)) and isinstance(c, int) and c > 0:
+            if isinstance(a, (_Index, _Gathered, _Shifted)) and isinstance(c, int) and c > 0:
                 return _Chunked(a, c)
         if op == "call_function" and t is operator.abs:
             a = self.read(n.args[0])
@@ -181,6 +207,10 @@ class _Reader:
             return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
         if op == "call_function" and t is operator.eq:
             a, b = self.read(n.args[0]), self.read(n.args[1])
+            if (isinstance(a, _Chunked) and isinstance(b, _Chunked) and a.size == b.size
+                    and isinstance(a.base, _Shifted) and isinstance(b.base, _Shifted)
+                    and a.base.shift is b.base.shift):
+                return self._shifted_chunks(n, a.base.base, b.base.base, a.base.shift, a.size)
             if (isinstance(a, _Chunked) and isinstance(b, _Chunked) and a.size == b.size
                     and type(a.base) is type(b.base) and a.base.offset == b.base.offset == 0
                     and {a.base.axis, b.base.axis} == {"q", "k"}):
@@ -201,7 +231,7 @@ class _Reader:
             value = constant_value(src)
             if value is not None and bool((value == value[0]).all()):
                 return int(value[0])
-            raise NotLiftable(f"{n.name}: a per-batch value other than a constant")
+            return _PerBatch(src)
         try:
             base = self.read(src)
         except NotLiftable:
@@ -228,6 +258,15 @@ class _Reader:
                     return _Facts(valid=[src])
                 return _Gathered(src, tok.axis)
         raise NotLiftable(f"{n.name}: indexing that is not T[batch, q or kv]")
+
+    def _shifted_chunks(self, n: Node, a, b, shift: Node, size: int) -> _Facts:
+        """``(a - shift[b]) // size == (b - shift[b]) // size`` of a query and a key value."""
+        same = type(a) is type(b) and a.offset == b.offset == 0 and {a.axis, b.axis} == {"q", "k"}
+        if same and isinstance(a, _Index):
+            return _Facts(chunk_ids=[ChunkIds(None, shift, size)])
+        if same and a.tensor is b.tensor:
+            return _Facts(chunk_ids=[ChunkIds(a.tensor, shift, size)])
+        raise NotLiftable(f"{n.name}: chunks of other than one token's query and key values")
 
     def _compare(self, n: Node, op, a, b) -> _Facts:
         if isinstance(a, int) and not isinstance(b, int):
@@ -283,6 +322,9 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
             raise NotLiftable(
                 f"a comparison of position ids {p.name} without documents derived from them"
             )
+    if facts.chunk_ids:
+        if len(facts.chunk_ids) > 1 or (facts.docs and not one_document(facts.docs[0])):
+            raise NotLiftable("chunks shifted per row beside other documents")
     for p in facts.chunk_positions:
         # chunks of position ids are chunks of indices where P is the index: one document
         if not (facts.docs and _is_document_ids_of(facts.docs[0], p) and one_document(facts.docs[0])):
@@ -296,7 +338,7 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
     )
     return AttentionMask(
         rules,
-        document_ids=facts.docs[0] if facts.docs else None,
+        document_ids=(facts.chunk_ids or facts.docs or [None])[0],
         key_padding_mask=facts.valid[0] if facts.valid else None,
     )
 
