@@ -10,12 +10,13 @@ What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` 
 or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
 bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (documents);
 ``|q - kv| <= w`` (a window both ways); ``q // c == kv // c`` (chunks, of indices, or of position
-ids that are the indices: Llama 4); ``T[batch]`` of a constant (B,) tensor of one number; an index
-against a constant that every index passes (``q >= 0``: no rule); comparisons of position ids,
-``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] > P[batch, q] - w``, when the documents are
-``cumsum(diff(P) != 1)`` (then within a document positions rise by one per token, so comparing
-positions is comparing indices: causality, a sliding window);
-``&``, ``.to``, ``expand`` and ``new_ones((), dtype=bool)``.
+ids that are the indices: Llama 4; with a per-row shift, ``(P - lp[batch]) // c``, chunks that
+start after each row's padding, as document ids: ``ChunkIds``); ``T[batch]`` of a constant (B,)
+tensor of one number; an index against a constant that every index passes (``q >= 0``: no rule);
+comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] > P[batch, q] - w``,
+when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
+token, so comparing positions is comparing indices: causality, a sliding window); ``&``, ``.to``,
+``expand`` and ``new_ones((), dtype=bool)``.
 """
 
 from __future__ import annotations
