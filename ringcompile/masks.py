@@ -5,8 +5,8 @@ facts[k])`` with facts = (global position, document id, key validity). A ring st
 facts of its query and key tokens, a few integers per token, never an S x S tensor. A dense mask
 is the exact fallback for masks that are not such a function.
 
-- :class:`PositionRules`: what a mask says about global positions alone (causal, window). It is
-  hashable: the ring's step plan and the kernels' tile lists are functions of it and the layout.
+- :class:`PositionRules`: what a mask says about global positions alone (causal, window, chunks):
+  hashable, as the ring's step plan and the kernels' tile lists are functions of it and the layout.
 - :class:`AttentionMask`: one attention call's whole mask, the rules plus per-token facts and a
   dense fallback. The passes hold it over FX nodes (``lift_masks`` makes it), ``ring_attention``
   over tensors; it crosses the custom-op boundary as one list of tensors and one list of ints

@@ -423,6 +423,19 @@ def test_dead_code_elimination_keeps_mutating_ops(monkeypatch):
     assert kept == [append, bump]
 
 
+def _ring_against_eager(fn, inputs, leaves, w):
+    """``fn`` on the ring (``aot_eager`` inside) against eager: relative errors of the output and
+    of the gradients of ``(out * w).sum()`` with respect to ``leaves``, the output, and explain's
+    report."""
+    ref = fn(*inputs)
+    ref_grads = torch.autograd.grad((ref * w).sum(), leaves)
+    report = ringcompile.explain(fn, *inputs, options={"compiler": "aot_eager"})
+    out = torch.compile(fn, backend="ring", options={"compiler": "aot_eager"})(*inputs)
+    grads = torch.autograd.grad((out * w).sum(), leaves)
+    errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    return errs, out, report
+
+
 def one_kv_head_broadcast(rank, world):
     """SDPA broadcasts one K/V head against every query head without ``enable_gqa`` (Falcon-7B's
     multi-query attention): the ring does the same, exactly, and replaces the attention."""
@@ -435,12 +448,7 @@ def one_kv_head_broadcast(rank, world):
     def attend(q, kv):
         return torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True)
 
-    ref = attend(q, kv)
-    ref_grads = torch.autograd.grad((ref * w).sum(), (q, kv))
-    report = ringcompile.explain(attend, q, kv, options={"compiler": "aot_eager"})
-    out = torch.compile(attend, backend="ring", options={"compiler": "aot_eager"})(q, kv)
-    grads = torch.autograd.grad((out * w).sum(), (q, kv))
-    errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    errs, _, report = _ring_against_eager(attend, (q, kv), (q, kv), w)
     return errs, str(report)
 
 
@@ -465,12 +473,7 @@ def value_head_dim_differs(rank, world, dq, dv, heads):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                 enable_gqa=H != Hkv)
 
-    ref = attend(q, k, v)
-    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
-    report = ringcompile.explain(attend, q, k, v, options={"compiler": "aot_eager"})
-    out = torch.compile(attend, backend="ring", options={"compiler": "aot_eager"})(q, k, v)
-    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
-    errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    errs, out, report = _ring_against_eager(attend, (q, k, v), (q, k, v), w)
     return errs, tuple(out.shape), str(report)
 
 
@@ -510,12 +513,8 @@ def rows_kept_as_batch_and_sequence(rank, world):
     model = RowsMLP().double()
     x = torch.randn(2, 16, 8, dtype=torch.float64)
     w = torch.randn(2, 2, 16, 4, dtype=torch.float64)
-    ref = model(x)
-    ref_grads = torch.autograd.grad((ref * w).sum(), list(model.parameters()))
-    report = ringcompile.explain(model, x, options={"compiler": "aot_eager"}).graphs[0]
-    out = torch.compile(model, backend="ring", options={"compiler": "aot_eager"})(x)
-    grads = torch.autograd.grad((out * w).sum(), list(model.parameters()))
-    errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    errs, _, report = _ring_against_eager(model, (x,), list(model.parameters()), w)
+    report = report.graphs[0]
     return errs, report.rows, report.gathers, report.code
 
 

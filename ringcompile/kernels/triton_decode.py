@@ -17,13 +17,16 @@ rounded to V's dtype before P·V, as in the ring's forward kernel.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ringcompile.kernels.triton_flash import _LOG2E, _masked_softmax_step, _softmax_result
+from ringcompile.kernels.triton_flash import (
+    _LOG2E,
+    _masked_softmax_step,
+    _sm_count,
+    _softmax_result,
+)
 
 __all__ = ["decode_partial"]
 
@@ -84,15 +87,10 @@ def _decode_split_kernel(
     tl.store(LSE + part, lse, mask=row_ok)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" \
-        else 4  # fmt: skip
-
-
 def _splits(S: int, programs: int, device: torch.device) -> tuple[int, int]:
-    """(keys per split, number of splits): about four programs per SM, whole key tiles each."""
-    sms = _sm_count(device)
+    """(keys per split, number of splits): about four programs per SM, whole key tiles each (off
+    CUDA, the interpreter, as if there were four SMs: several splits to test)."""
+    sms = _sm_count(device.index) if device.type == "cuda" else 4
     want = max(1, min(triton.cdiv(S, _BLOCK_N), triton.cdiv(4 * sms, max(programs, 1))))
     per = triton.cdiv(triton.cdiv(S, want), _BLOCK_N) * _BLOCK_N
     return per, triton.cdiv(S, per)
