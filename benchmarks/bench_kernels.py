@@ -18,8 +18,8 @@ one rank.
     PYTHONPATH=. python benchmarks/bench_kernels.py --blocks [--out DIR]
     python benchmarks/bench_kernels.py --replot DIR   # the plot from DIR/bench_kernels.json
 
---masks times each mask kind the ring sends to the masked kernels (documents, sliding window, key
-padding; causal, 1 x 32/8 heads x 8192 x 128): ours (Triton) against cuDNN SDPA given the same mask
+--masks times each mask kind the ring sends to the masked kernels (documents, sliding window,
+chunks, key padding, ALiBi's key bias; causal, 1 x 32/8 heads x 8192 x 128): ours (Triton) against cuDNN SDPA given the same mask
 as a dense additive bias, and cuDNN's plain causal kernel, with TFLOP/s counted over the pairs each
 mask lets through (``density``), so the rows compare at the same density.
 
@@ -180,8 +180,8 @@ def measure(name, shape, causal, modes=("fwd", "fwd+bwd")):
     return res
 
 
-def mask_kinds(S, device):
-    """(name, BlockMask, dense additive bias for SDPA) of each masked kind, causal."""
+def mask_kinds(S, device, H=32, D=128):
+    """(name, BlockMask, dense additive bias for SDPA, allowed pairs) of each masked kind, causal."""
     pos = torch.arange(S, device=device)
     g = torch.Generator(device=device).manual_seed(1)
     docs = torch.cumsum(torch.rand(1, S, generator=g, device=device) < 1 / 1024, 1)  # ~1k tokens
@@ -192,11 +192,18 @@ def mask_kinds(S, device):
         ("window 1024", dict(rules=PositionRules(True, window_left=1023))),
         ("chunks of 1024 (Llama 4)", dict(rules=PositionRules(True, chunk=1024))),
         ("padding 1/8 of keys", dict(k_valid=valid)),
+        # Falcon's ALiBi: slope_h * position_k / sqrt(d), per head and key (slopes 2^(-8h/H))
+        ("ALiBi key bias", dict(dense=(2.0 ** (-8 * torch.arange(1, H + 1, device=device) / H))[
+            None, :, None, None] * pos / D**0.5)),
     ]
     for name, kw in kinds:
+        if "dense" in kw:
+            kw["dense"] = kw["dense"].to(torch.bfloat16)
         mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, **{"rules": PositionRules(True), **kw})
         allowed = mask.allowed()[:, None]  # (1, 1, S, S)
         bias = torch.zeros(allowed.shape, device=device, dtype=torch.bfloat16)
+        if mask.dense is not None:
+            bias = bias + mask.dense  # (1, H, S, S)
         # rows that see nothing (padding) get one key so SDPA stays finite; they are few
         unseen = ~allowed.any(-1, keepdim=True)
         yield name, mask, bias.masked_fill(~(allowed | unseen), float("-inf")), allowed

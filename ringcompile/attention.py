@@ -38,6 +38,8 @@ def ring_attention(
     chunk: int | None = None,
     document_ids: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    empty_rows: str = "zero",
     kernels: str | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over a sequence sharded across the ranks of a ring.
@@ -68,13 +70,20 @@ def ring_attention(
         document_ids: (B, S_local) integer document of each local token (packed sequences):
             tokens see only keys of their own document.
         key_padding_mask: (B, S_local) bool, False marks padding keys no query may see.
+        key_bias: float broadcastable to (B, H, S_local) (or (B, H, 1, S_local), an SDPA mask's
+            shape over one query): added to every score of each local key
+            (ALiBi's ``slope_h * position``: the query's share, which a softmax ignores, left
+            out); it travels with the keys, as a constant (no gradient). Not with ``attn_mask``.
+        empty_rows: what a query that sees no key gets: "zero" (SDPA's math backend under a
+            boolean mask) or "mean", the mean of every value of the sequence with SDPA's
+            gradients, what SDPA gives under an additive mask that fills hidden keys with
+            ``finfo.min`` (every score of such a row rounds to that value).
         kernels: which kernels compute the ring's blocks: "auto" (plain full and causal blocks
             on cuDNN where it runs, masked blocks on Triton), "triton" (every block in Triton)
             or "reference" (plain PyTorch); None reads ``RINGCOMPILE_KERNELS``, else "auto".
 
     Returns:
-        (B, H, S_local, Dv): this rank's rows of SDPA over the global sequence. Rows that see no
-        key are 0 (as SDPA's math backend gives).
+        (B, H, S_local, Dv): this rank's rows of SDPA over the global sequence.
     """
     if dropout_p != 0.0:
         raise NotImplementedError(
@@ -130,6 +139,23 @@ def ring_attention(
         raise TypeError(f"key_padding_mask must be bool (True = real token), got "
                         f"{key_padding_mask.dtype}")
 
+    if key_bias is not None:
+        if attn_mask is not None:
+            raise ValueError("key_bias and attn_mask at once: add the bias to attn_mask")
+        if not key_bias.dtype.is_floating_point or key_bias.device != q.device:
+            raise TypeError(f"key_bias must be floating on {q.device}, got {key_bias.dtype} on "
+                            f"{key_bias.device}")  # fmt: skip
+        bias = key_bias
+        if bias.dim() == 4 and bias.shape[2] == 1:  # an SDPA mask's shape, over one query
+            bias = bias.squeeze(2)
+        bias = bias.reshape((1,) * (3 - bias.dim()) + tuple(bias.shape))
+        if bias.dim() != 3 or bias.shape[2] != S or any(
+                a not in (1, b) for a, b in zip(bias.shape[:2], (B, H))):  # fmt: skip
+            raise ValueError(f"key_bias of shape {tuple(key_bias.shape)} does not broadcast to "
+                             f"(batch, heads, S_local) = ({B}, {H}, {S})")  # fmt: skip
+        key_bias = bias.unsqueeze(2)  # (B|1, H|1, 1, S_local): a dense mask over one query
+    if empty_rows not in ("zero", "mean"):
+        raise ValueError(f'empty_rows must be "zero" or "mean", got {empty_rows!r}')
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     Dv = v.shape[3]
     if Dv != D:
@@ -141,7 +167,8 @@ def ring_attention(
     if chunk is not None and int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
     mask = AttentionMask(PositionRules.of(is_causal, window, chunk), document_ids=document_ids,
-                         key_padding_mask=key_padding_mask, dense=dense)
+                         key_padding_mask=key_padding_mask, key_bias=key_bias, dense=dense,
+                         empty_rows_mean=empty_rows == "mean")  # fmt: skip
     out, _ = ring_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *mask.encode(),
                                scale, layout_obj.name, seq_len, group_name_of(pg), kernels)
     return out[..., :Dv].contiguous() if Dv != D else out

@@ -27,6 +27,13 @@ lists and :meth:`PositionRules.any_allowed` together on random facts:
 - documents: ``q_doc == k_doc``;
 - validity: ``k_valid`` (key padding);
 - dense: boolean (True = keep) or additive float, broadcastable to (B, H, Sq, Sk).
+
+Beside the rules, a mask may add to the scores a bias that depends on the key alone (ALiBi as
+transformers builds it: ``slope_h * position_k``, a softmax ignoring the query's share): a
+per-token fact that travels with its key, which a block sees as an additive dense mask broadcast
+over its queries. And it says what a query row that the rules leave with no key gets: 0 (SDPA's
+math backend under a boolean mask) or the mean of every value (SDPA under an additive mask that
+fills hidden keys with finfo.min: every score of such a row rounds to that one value).
 """
 
 from __future__ import annotations
@@ -120,15 +127,23 @@ class AttentionMask(Generic[T]):
     rules: PositionRules = PositionRules()
     document_ids: T | None = None  # (B, S_local) integers: tokens see keys of their own document
     key_padding_mask: T | None = None  # (B, S_local) bool: False marks a padding key no query sees
+    # (B|1, H|1, 1, S_local) float added to every score of its key; not with ``dense``
+    key_bias: T | None = None
     dense: T | None = None  # (B|1, H|1, S_local, seq_len) bool (True = keep) or additive float
+    # rows the facts leave with no key: the mean of every value (True) or 0 (False)
+    empty_rows_mean: bool = False
 
-    # The op's encoding: these tensors in this order, then the rules as ints.
-    _TENSORS = ("dense", "document_ids", "key_padding_mask")
+    # The op's encoding: these tensors in this order, then the rules and the flag as ints.
+    _TENSORS = ("dense", "document_ids", "key_padding_mask", "key_bias")
+
+    def __post_init__(self):
+        if self.key_bias is not None and self.dense is not None:
+            raise ValueError("a key bias and a dense mask at once: add the bias to the dense mask")
 
     @property
     def token_facts(self) -> dict[str, T]:
-        """The per-token facts present, by name."""
-        return {name: t for name in ("document_ids", "key_padding_mask")
+        """The per-token facts present, by name (each one's last dim is its tokens)."""
+        return {name: t for name in ("document_ids", "key_padding_mask", "key_bias")
                 if (t := getattr(self, name)) is not None}  # fmt: skip
 
     @property
@@ -141,13 +156,15 @@ class AttentionMask(Generic[T]):
         """The op's two mask arguments."""
         r = self.rules
         return ([getattr(self, name) for name in self._TENSORS],
-                [int(r.causal), r.window_left, r.window_right, r.chunk])  # fmt: skip
+                [int(r.causal), r.window_left, r.window_right, r.chunk,
+                 int(self.empty_rows_mean)])  # fmt: skip
 
     @classmethod
     def decode(cls, tensors: list[torch.Tensor | None], ints: list[int]) -> AttentionMask:
-        causal, wl, wr, chunk = ints
+        causal, wl, wr, chunk, empty_rows_mean = ints
         return cls(PositionRules(bool(causal), int(wl), int(wr), int(chunk)),
-                   **dict(zip(cls._TENSORS, tensors)))  # fmt: skip
+                   **dict(zip(cls._TENSORS, tensors)),
+                   empty_rows_mean=bool(empty_rows_mean))  # fmt: skip
 
     def agreement(self) -> list[tuple[str, int]]:
         """What every rank of a ring must state alike, as (what, value)."""
@@ -155,7 +172,9 @@ class AttentionMask(Generic[T]):
         return [("is_causal", int(r.causal)), ("window_left", r.window_left),
                 ("window_right", r.window_right), ("chunk", r.chunk), ("has attn_mask", int(self.dense is not None)),
                 ("has document_ids", int(self.document_ids is not None)),
-                ("has key_padding_mask", int(self.key_padding_mask is not None))]  # fmt: skip
+                ("has key_padding_mask", int(self.key_padding_mask is not None)),
+                ("has key_bias", int(self.key_bias is not None)),
+                ("empty rows get the mean", int(self.empty_rows_mean))]  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,6 +234,7 @@ class _Call:
     mask: AttentionMask
     dense_offset: torch.Tensor | None  # (B|1, H|1, S_local) of an additive dense mask (BlockMask)
     facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity (they travel)
+    key_bias: torch.Tensor | None  # (B|1, H|1, 1, S_local): AttentionMask.key_bias (it travels)
     kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
 
     @classmethod
@@ -244,7 +245,7 @@ class _Call:
         world = ring.size if ring else 1
         layout = make_layout(layout_name, seq_len, world)
         facts = None
-        if mask.token_facts:
+        if mask.document_ids is not None or mask.key_padding_mask is not None:
             B, S = q.shape[0], q.shape[2]
             doc, ok = mask.document_ids, mask.key_padding_mask
             doc = doc if doc is not None else q.new_zeros((B, S), dtype=torch.int64)
@@ -254,19 +255,29 @@ class _Call:
         offset = None
         if mask.dense is not None and mask.dense.dtype != torch.bool:
             offset = _row_offsets(mask.dense, layout, rank, seq_len, mask.rules)
+        bias = mask.key_bias.contiguous() if mask.key_bias is not None else None
         return cls(ring=ring, layout=layout, plan=step_plan(layout, mask.rules), rank=rank,
-                   seq_len=seq_len, mask=mask, dense_offset=offset, facts=facts, kernels=kernels)
+                   seq_len=seq_len, mask=mask, dense_offset=offset, facts=facts, key_bias=bias,
+                   kernels=kernels)
 
     def source(self, step: int) -> int:
         return (self.rank - step) % self.layout.world_size
 
-    def block_mask(self, step: int, k_facts: torch.Tensor | None, device) -> BlockMask:
+    def traveling(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """What goes round the ring: K, V and the keys' per-token facts."""
+        return [k, v] + [t for t in (self.facts, self.key_bias) if t is not None]
+
+    def block_mask(self, step: int, blocks: list[torch.Tensor], device) -> BlockMask:
+        """Step ``step``'s mask, over the keys of ``blocks`` (``traveling``'s list as it came)."""
         src = self.source(step)
         k_pos = _positions(self.layout, src, torch.device(device))
+        k_facts = blocks[2] if self.facts is not None else None
         dense = None
         if self.mask.dense is not None:
             # global columns of the source rank's keys; padding keys are masked by seq_len anyway
             dense = self.mask.dense.index_select(-1, k_pos.clamp(max=self.seq_len - 1))
+        elif self.key_bias is not None:
+            dense = blocks[-1]  # (B|1, H|1, 1, Sk): the keys' bias, the same for every query
         return BlockMask(
             q_pos=_positions(self.layout, self.rank, torch.device(device)),
             k_pos=k_pos,
@@ -317,10 +328,6 @@ def _row_offsets(dense: torch.Tensor, layout: Layout, rank: int, seq_len: int,
     return torch.where(torch.isfinite(top), top, torch.zeros_like(top))
 
 
-def _traveling(k, v, facts) -> list[torch.Tensor]:
-    return [k, v] + ([facts] if facts is not None else [])
-
-
 # -- forward -----------------------------------------------------------------------------------
 def _ring_forward(q, k, v, mask: AttentionMask, scale, layout, seq_len, group_name, kernels):
     call = _Call.make(q, mask, layout, seq_len, group_name, kernels)
@@ -335,14 +342,13 @@ def _ring_forward(q, k, v, mask: AttentionMask, scale, layout, seq_len, group_na
     kernels = select_kernels(q, call.kernels)
     state = kernels.forward_init(q)
     computed = call.computed_steps()
-    blocks = _traveling(k, v, call.facts)
+    blocks = call.traveling(k, v)
     n = call.plan.num_steps
     comm_stats.forward_calls += 1
 
     def compute(s: int) -> None:
         if s in computed:
-            k_facts = blocks[2] if call.facts is not None else None
-            mask = call.block_mask(s, k_facts, q.device)
+            mask = call.block_mask(s, blocks, q.device)
             kernels.forward_step(state, q, blocks[0], blocks[1], mask, scale, last=s == computed[-1])
             comm_stats.steps_computed += 1
         else:
@@ -373,7 +379,70 @@ def _ring_forward(q, k, v, mask: AttentionMask, scale, layout, seq_len, group_na
         if works is not None:
             _wait(works)
             blocks = incoming
-    return kernels.forward_finish(state, q.dtype)
+    out, lse = kernels.forward_finish(state, q.dtype)
+    if mask.empty_rows_mean:
+        out = _EmptyRows(call, q, k, v, lse).forward(out)
+    return out, lse
+
+
+# -- rows that see no key, under a mask that gives them the mean of every value ----------------
+class _EmptyRows:
+    """Rows the facts leave with no key, where SDPA under a mask that fills hidden keys with
+    finfo.min rounds every score of the row to that one value: uniform weights over all keys.
+
+    The ring gives such rows 0 and lse -inf; this adds what SDPA gives, from sums over every key
+    of the sequence, each one all-reduced over the ring (rows are few, so no kernel needs to know):
+    forward, the mean of V; backward, with P = 1/S and dS = P (dO . v - dO . out), as SDPA's
+    backward differentiates through the rounded add: dq = scale/S (dO V^T K - (dO . out) sum K),
+    dk_j = scale/S (sum_i (dO_i . v_j) q_i - sum_i (dO_i . out_i) q_i), dv_j = 1/S sum_i dO_i.
+    """
+
+    def __init__(self, call: _Call, q, k, v, lse):
+        self.call, self.q, self.k, self.v = call, q, k, v
+        self.acc = accumulation_dtype(q.dtype)
+        pos = _positions(call.layout, call.rank, q.device)
+        self.real = (pos < call.seq_len)[:, None].to(self.acc)  # (S_local, 1): keys (and rows) < seq_len
+        B, H, S = lse.shape
+        self.G = H // k.shape[1]
+        # (B, Hkv, G, S, 1): this rank's empty rows (layout padding rows are dropped anyway)
+        empty = torch.isneginf(lse) & (pos < call.seq_len)
+        self.empty = empty.view(B, k.shape[1], self.G, S, 1).to(self.acc)
+
+    def _sum(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each of ``parts`` summed over the ring (one all-reduce)."""
+        flat = torch.cat([p.reshape(-1) for p in parts])
+        if self.call.ring is not None:
+            dist.all_reduce(flat, group=self.call.ring.pg)
+        return list(flat.split([p.numel() for p in parts]))
+
+    def _grouped(self, t: torch.Tensor) -> torch.Tensor:
+        B, H, S, D = t.shape
+        return t.to(self.acc).view(B, H // self.G, self.G, S, D)
+
+    def forward(self, out: torch.Tensor) -> torch.Tensor:
+        v = self.v.to(self.acc) * self.real
+        (total,) = self._sum([v.sum(2)])
+        mean = total.view(v.shape[0], v.shape[1], 1, 1, v.shape[3]) / self.call.seq_len
+        filled = self._grouped(out) * (1 - self.empty) + mean * self.empty
+        return filled.view(out.shape).to(out.dtype)
+
+    def backward(self, dout, out, scale: float, dq: torch.Tensor, dkv: torch.Tensor) -> None:
+        """Adds the empty rows' gradients to ``dq`` and ``dkv`` (2, B, Hkv, S_local, D) in place."""
+        q, o = self._grouped(self.q), self._grouped(out)
+        k, v = self.k.to(self.acc) * self.real, self.v.to(self.acc) * self.real
+        do = self._grouped(dout) * self.empty
+        delta = (do * o).sum(-1, keepdim=True)  # (B, Hkv, G, S, 1)
+        vk, k_sum, q_do, dq_sum, do_sum = self._sum([
+            torch.einsum("bhsv,bhsk->bhvk", v, k), k.sum(2), torch.einsum("bhgsk,bhgsv->bhkv", q, do),
+            (delta * q).sum((2, 3)), do.sum((2, 3))])  # fmt: skip
+        B, Hkv, _, S, D = q.shape
+        vk, q_do = vk.view(B, Hkv, -1, D), q_do.view(B, Hkv, D, -1)
+        c = scale / self.call.seq_len
+        dq += (c * (torch.einsum("bhgsv,bhvk->bhgsk", do, vk)
+                    - delta * k_sum.view(B, Hkv, 1, 1, D))).view(dq.shape)  # fmt: skip
+        dkv[0] += self.real * c * (torch.einsum("bhkv,bhsv->bhsk", q_do, v)
+                                   - dq_sum.view(B, Hkv, 1, D))  # fmt: skip
+        dkv[1] += self.real * do_sum.view(B, Hkv, 1, -1) / self.call.seq_len
 
 
 # -- backward ----------------------------------------------------------------------------------
@@ -438,13 +507,13 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
     prepared = kernels.backward_prepare(out, dout)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     computed = call.computed_steps()
-    blocks = _traveling(k, v, call.facts)
+    blocks = call.traveling(k, v)
     n = call.plan.num_steps
     comm_stats.backward_calls += 1
 
     # The own block's dK/dV never travels: its contribution is computed in two parts, the first
     # before any remote block and the last after, and it receives the other ranks' sum at the end.
-    own_mask = call.block_mask(0, call.facts, q.device) if 0 in computed else None
+    own_mask = call.block_mask(0, blocks, q.device) if 0 in computed else None
     # computed blocks overwrite their dK/dV (the parts cover every key): no zeroing
     own_dkv = (torch.empty if own_mask is not None else torch.zeros)((2, *k.shape), dtype=acc,
                                                                       device=k.device)
@@ -481,8 +550,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
         # (the previous rank's accumulator is waited for after this step's kernel is queued)
         if s in computed:
             dkv = torch.empty((2, *k.shape), dtype=hop, device=k.device)
-            k_facts = blocks[2] if call.facts is not None else None
-            mask = call.block_mask(s, k_facts, q.device)
+            mask = call.block_mask(s, blocks, q.device)
             kernels.backward_step(q, blocks[0], blocks[1], dout, lse, prepared, mask, scale, dq,
                                   dkv[0], dkv[1], dkv_fresh=True)
             comm_stats.steps_computed += 1
@@ -506,16 +574,13 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
             chain_works = ring.exchange([dkv], [chain_incoming], ring.peer(1 - n), ring.peer(n - 1))
         comm_stats.dkv_blocks_sent += 1
     own_part(1)
-    dq = dq.to(q.dtype)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)  # an op's outputs may not alias each other
     if n > 1:
         _wait(chain_works)
-        torch.add(own_dkv[0], chain_incoming[0], out=dk)
-        torch.add(own_dkv[1], chain_incoming[1], out=dv)
-    else:
-        dk.copy_(own_dkv[0])
-        dv.copy_(own_dkv[1])
-    return dq, dk, dv
+        own_dkv += chain_incoming
+    if call.mask.empty_rows_mean:
+        _EmptyRows(call, q, k, v, lse).backward(dout, out, scale, dq, own_dkv)
+    # (copies: an op's outputs may not share storage)
+    return dq.to(q.dtype), own_dkv[0].to(k.dtype, copy=True), own_dkv[1].to(v.dtype, copy=True)
 
 
 # -- the torch.library ops ---------------------------------------------------------------------

@@ -77,11 +77,11 @@ class RingAttention(_Bound):
 
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, window=None, chunk=None, document_ids=None,
-                 key_padding_mask=None):  # fmt: skip
+                 key_padding_mask=None, key_bias=None, empty_rows="zero"):  # fmt: skip
         return _ring_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                group=self.group, layout=self.layout, window=window, chunk=chunk,
                                document_ids=document_ids, key_padding_mask=key_padding_mask,
-                               kernels=self.kernels)
+                               key_bias=key_bias, empty_rows=empty_rows, kernels=self.kernels)
 
 
 class TreeDecode:

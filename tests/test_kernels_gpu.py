@@ -231,6 +231,9 @@ def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):
         dense = torch.randn(1, H, S, S, generator=gen, device=dev).to(torch.bfloat16)
         dense[torch.rand(1, H, S, S, generator=gen, device=dev) < 0.3] = float("-inf")
         kw["dense"] = dense
+    if "key_bias" in kind:  # ALiBi's: slope_h * position_k, the same for every query
+        slopes = 2.0 ** (-torch.arange(1, H + 1, device=dev, dtype=torch.float32))
+        kw["dense"] = (slopes[None, :, None, None] * pos).to(torch.bfloat16)
     mask = BlockMask(**kw)
     allowed = mask.allowed()[:, None]  # (B|1, 1, S, S)
     if mask.dense is not None and mask.dense.dtype == torch.bool:
@@ -247,7 +250,7 @@ def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):
     "kind",
     ["window", "causal_window", "docs", "causal_docs", "valid", "dense_bool", "dense_add",
      "causal_docs_valid", "causal_window_dense_bool", "window_dense_add", "chunk",
-     "causal_chunk_valid"],
+     "causal_chunk_valid", "causal_key_bias_valid"],
 )  # fmt: skip
 def test_masks_vs_efficient(tf, kind):
     B, H, Hkv, S, D = 2, 8, 2, 1024, 128

@@ -104,7 +104,8 @@ class Case:
     chunk: int = 0  # chunked attention: chunks of this many positions
     docs: bool = False
     k_valid: bool = False
-    dense: str | None = None  # None | "bool" | "additive" | "additive_min" (finfo.min fills)
+    # None | "bool" | "additive" | "additive_min" (finfo.min fills) | "key_bias" (one per key)
+    dense: str | None = None
     dense_shape: str = "BH"  # which of B, H the dense mask has (others broadcast)
     blocks: tuple[int, int, int, int] = (16, 16, 16, 16)  # fwd m, n; bwd n, m
     dq_kernel: bool = False  # dq from its own kernel instead of atomics in the dk/dv kernel
@@ -159,8 +160,11 @@ def _build(case: Case, seed: int = 0):
         valid_of = torch.rand(B, total, generator=gen) < 0.8
         valid_of[0] = False  # batch 0 sees no key at all: out 0, lse -inf, zero grads
     if case.dense is not None:
-        shape = (B if "B" in case.dense_shape else 1, H if "H" in case.dense_shape else 1, total, total)
-        if case.dense == "bool":
+        shape = (B if "B" in case.dense_shape else 1, H if "H" in case.dense_shape else 1,
+                 1 if case.dense == "key_bias" else total, total)  # fmt: skip
+        if case.dense == "key_bias":  # ALiBi's way: a bias per key and head, any query
+            dense_of = torch.randn(*shape, generator=gen) * 2
+        elif case.dense == "bool":
             dense_of = torch.rand(*shape, generator=gen) < 0.7
         else:
             dense_of = torch.randn(*shape, generator=gen) * 2
@@ -188,7 +192,8 @@ def _build(case: Case, seed: int = 0):
                 q_doc=None if doc_of is None else doc_of[:, q_pos.clamp(max=total - 1)],
                 k_doc=None if doc_of is None else doc_of[:, kp.clamp(max=total - 1)],
                 k_valid=None if valid_of is None else valid_of[:, kp.clamp(max=total - 1)],
-                dense=None if dense_of is None else dense_of[:, :, q_pos][:, :, :, kp],
+                dense=None if dense_of is None else (
+                    dense_of[..., kp] if case.dense == "key_bias" else dense_of[:, :, q_pos][..., kp]),
                 dense_offset=offset,
             )
         )  # fmt: skip
@@ -275,6 +280,10 @@ CASES = {
                                         Hkv=2, steps=3, dq_kernel=True),
     "dense-finfo-min-rows-fp16": Case(dense="additive_min", dense_shape="B", dtype=torch.float16,
                                       steps=2),
+    "key-bias-causal-padding-mqa": Case(dense="key_bias", causal=True, k_valid=True, H=4, Hkv=1,
+                                        layout="striped", steps=3, dq_kernel=True),
+    "key-bias-fp16-key-halves": Case(dense="key_bias", dense_shape="H", window=(20, 0),
+                                     dtype=torch.float16, key_halves=True, dkv_fresh=True),
     "combo-fp16-gqa": Case(causal=True, docs=True, k_valid=True, dense="bool", dense_shape="H",
                            dtype=torch.float16, H=4, Hkv=1, seq_len=145, layout="zigzag"),  # fmt: skip
     # 8 query heads in chunks of 3, 3, 2; 4 KV heads in chunks of 3, 1

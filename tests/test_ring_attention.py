@@ -90,6 +90,17 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
         bias[..., 1::5, :] = low
         kw["attn_mask"] = bias
         allowed = bias
+    elif mask_kind == "key_bias":
+        # Falcon's ALiBi under left padding, lifted: a per-head bias growing with the key's
+        # position, causal, key padding; SDPA gets transformers' float mask, finfo.min where a
+        # key is hidden, so the padded rows (no key) average every value
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[0, :3] = False
+        slopes = 2.0 ** -torch.arange(1, H + 1, dtype=torch.float64)
+        bias = slopes[None, :, None] * (valid.long().cumsum(1) - 1).clamp_min(0)[:, None, :]
+        kw.update(is_causal=True, key_padding_mask=valid, key_bias=bias, empty_rows="mean")
+        keep = causal_tri & valid[:, None, None, :]
+        allowed = torch.where(keep, bias[:, :, None, :], torch.finfo(torch.float64).min)
     return q, k, v, w, kw, allowed
 
 
@@ -110,6 +121,8 @@ def _shard_kwargs(kw, layout, rank):
         local["key_padding_mask"] = layout.shard(kw["key_padding_mask"], 1, rank)
     if "attn_mask" in kw:
         local["attn_mask"] = layout.shard(kw["attn_mask"], 2, rank)  # this rank's rows, all keys
+    if "key_bias" in kw:
+        local["key_bias"] = layout.shard(kw["key_bias"], 2, rank)
     return local
 
 
@@ -120,7 +133,7 @@ def check_against_sdpa(rank, world, layout_name, mask_kind, H, Hkv, S, seed, gro
     q, k, v, w, kw, allowed = _problem(seed, B, H, Hkv, S, D, mask_kind)
     # rows a float mask fills with finfo.min everywhere: SDPA's CPU flash kernel differs from its
     # own math backend there (its backward reads an lse that lost log(n): 7x off); math is exact
-    ref = _sdpa_reference(q, k, v, w, allowed, math=mask_kind == "dense_finfo_min")
+    ref = _sdpa_reference(q, k, v, w, allowed, math=mask_kind in ("dense_finfo_min", "key_bias"))
     ring_size = group.size() if group is not None else world
     ring_rank = group.rank() if group is not None else rank
     layout = make_layout(layout_name, S, ring_size)
@@ -392,7 +405,7 @@ def _call(layout_name, S, world, causal=True, window=None, facts=None):
     mask = AttentionMask(PositionRules.of(causal, window),
                          document_ids=None if facts is None else facts[0])
     return _Call(ring=None, layout=layout, plan=step_plan(layout, mask.rules), rank=0, seq_len=S,
-                 mask=mask, dense_offset=None, facts=facts, kernels="auto")  # fmt: skip
+                 mask=mask, dense_offset=None, facts=facts, key_bias=None, kernels="auto")  # fmt: skip
 
 
 def test_first_dkv_hop_travels_in_the_inputs_dtype_where_it_holds_one_contribution():
@@ -458,5 +471,18 @@ def test_rows_a_float_mask_fills_with_finfo_min(gloo, world, layout_name, kernel
     # merges weighted every block 1 and returned the sum of their means
     errs = gloo(world).run(check_against_sdpa, layout_name, "dense_finfo_min", 4, 2, 24, 17, None,
                            kernels)  # fmt: skip
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1)])
+def test_key_bias_with_rows_that_see_no_key(gloo, world, layout_name, heads):
+    """ALiBi lifted (issue 21): a per-head bias of each key travels with it, and rows that the
+    causal and padding rules leave with no key get the mean of every value, with SDPA's gradients
+    (it differentiates through scores rounded to finfo.min), as SDPA gives under transformers'
+    float mask."""
+    errs = gloo(world).run(check_against_sdpa, layout_name, "key_bias", *heads, 24, 5)
     for rank, e in enumerate(errs):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"

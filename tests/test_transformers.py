@@ -681,13 +681,21 @@ def test_gpt2_conv1d_rows_stay_sharded(gloo, batch):
     assert len(graph.rows) == (8 if batch == 2 else 0), graph.rows
 
 
-def test_alibi_float_mask_rows_hidden_everywhere(gloo):
-    """Falcon with ALiBi builds a float mask, finfo.min where a key is hidden; under left padding
-    the padding rows are hidden everywhere, and SDPA gives them the mean of V. The ring gave the
-    sum of its blocks' means (loss off by 2e-3, logits by 29 %, gradients by 120 %): every row's
-    scores now carry its largest mask value as an offset (``BlockMask.dense_offset``). The ALiBi
-    mask itself stays dense (issue 21)."""
-    _assert_exact(gloo(2).run(compare_hf, "falcon-alibi", 16, "left", False))
+@pytest.mark.parametrize("padding", ["left", "none"])
+def test_alibi_lifts_as_a_key_bias(gloo, padding):
+    """Falcon with ALiBi adds to its causal, padded mask a bias per head and key (``slope_h *
+    position_k``), as a float mask: ``bias.masked_fill(hidden, finfo.min)``. It lifts: the rules,
+    the bias as a per-token fact that travels with the keys, and the rows that left padding hides
+    everywhere average every value with SDPA's gradients (its scores round to finfo.min). Exact;
+    nothing dense, nothing gathered but the logits. (Before, the mask stayed dense; earlier still,
+    the ring gave those rows the sum of its blocks' means: loss off by 2e-3.)"""
+    results = gloo(2).run(compare_hf, "falcon-alibi", 16, padding, False)
+    _assert_exact(results)
+    (graph,) = results[0][1]
+    facts = r"causal, (key_padding_mask=attention_mask, )?key_bias=\w+"
+    assert len(graph.lifted) == 2 and all(re.search(facts, x) for x in graph.lifted), graph.lifted
+    assert graph.fallbacks == [] and graph.gathers == ["lm_logits (dim 1): graph output"], (
+        graph.fallbacks, graph.gathers)
 
 
 def test_opt_mlp_rows_stay_sharded(gloo):

@@ -52,7 +52,8 @@ def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
         facts = read_mask(mask, shape_of(mask)[0], T, wide_padding=True)
     except NotLiftable:
         return None
-    if facts.rules.window is not None or facts.rules.chunk or facts.document_ids is not None:
+    if (facts.rules.window is not None or facts.rules.chunk or facts.document_ids is not None
+            or facts.key_bias is not None or facts.empty_rows_mean):
         return None
     return facts.rules.causal, facts.key_padding_mask
 

@@ -17,6 +17,11 @@ comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] >
 when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
 token, so comparing positions is comparing indices: causality, a sliding window); ``&``, ``.to``,
 ``expand`` and ``new_ones((), dtype=bool)``.
+
+Float masks, transformers' way: ``where(rules, 0, finfo.min)``, compared back to a boolean
+(``< -1``: hidden), and ``bias.masked_fill(hidden, finfo.min)`` of a bias that depends on the key
+alone, (B|1, H|1, 1, S) (Falcon's ALiBi): the rules, the bias as a per-token fact, and rows the
+rules leave with no key averaging every value, as SDPA gives them under a finfo.min fill.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from torch.fx import Node
 
 from ringcompile.masks import AttentionMask, PositionRules
-from ringcompile.passes.dims import shape_of
+from ringcompile.passes.dims import example, shape_of
 
 __all__ = ["ChunkIds", "NotLiftable", "constant_value", "one_document", "read_mask"]
 
@@ -84,6 +89,18 @@ class _Shifted:  # an _Index or _Gathered less a per-batch value
 class _Chunked:  # an _Index, _Gathered or _Shifted, floor-divided by a chunk size
     base: object
     size: int
+
+
+@dataclass(frozen=True)
+class _Filled:  # a float mask: 0 (or a key bias) where ``facts`` allow, ``fill`` elsewhere
+    facts: "_Facts"
+    fill: float
+    bias: Node | None = None
+
+
+@dataclass(frozen=True)
+class _Hidden:  # a boolean, True exactly where ``facts`` forbid
+    facts: "_Facts"
 
 
 @dataclass(frozen=True)
@@ -200,6 +217,20 @@ class _Reader:
                 return _AbsDiff()
         if op == "call_function" and t is operator.getitem:
             return self._index(n)
+        if op == "call_function" and t is torch.where and len(n.args) == 3:
+            cond, kept, fill = self.read(n.args[0]), _number(n.args[1]), _number(n.args[2])
+            if isinstance(cond, _Facts) and kept == 0 and fill is not None:
+                return _Filled(cond, fill)
+        if op == "call_method" and t == "masked_fill" and len(n.args) == 3:
+            bias, hidden, fill = n.args[0], self.read(n.args[1]), _number(n.args[2])
+            if isinstance(hidden, _Hidden) and fill is not None:
+                return _Filled(hidden.facts, fill, self._key_bias(n, bias))
+        if op == "call_function" and t in _FLIP:
+            a, c = self.read(n.args[0]), _number(n.args[1])
+            if isinstance(a, _Filled) and a.bias is None and c is not None:
+                # 0 where allowed, fill elsewhere: below a bound between them is "hidden"
+                if (t is operator.lt and a.fill < c <= 0) or (t is operator.le and a.fill <= c < 0):
+                    return _Hidden(a.facts)
         if op == "call_function" and t in (operator.and_, torch.logical_and):
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if isinstance(a, _Facts) and isinstance(b, _Facts):
@@ -260,6 +291,17 @@ class _Reader:
                 return _Gathered(src, tok.axis)
         raise NotLiftable(f"{n.name}: indexing that is not T[batch, q or kv]")
 
+    def _key_bias(self, n: Node, bias) -> Node:
+        """``bias`` when it is a float (B|1, H|1, 1, S) tensor without gradient: one value per
+        key and head."""
+        shape, value = shape_of(bias), example(bias)
+        if (shape is None or len(shape) != 4 or shape[2:] != (1, self.S)
+                or shape[0] not in (1, self.B) or not value.dtype.is_floating_point):
+            raise NotLiftable(f"{n.name}: a bias other than (B, H, 1, S), one value per key")
+        if value.requires_grad:
+            raise NotLiftable(f"{n.name}: a bias that requires grad")
+        return bias
+
     def _shifted_chunks(self, n: Node, a, b, shift: Node, size: int) -> _Facts:
         """``(a - shift[b]) // size == (b - shift[b]) // size`` of a query and a key value."""
         same = type(a) is type(b) and a.offset == b.offset == 0 and {a.axis, b.axis} == {"q", "k"}
@@ -307,11 +349,20 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
     ``wide_padding`` (decode steps): a (B, N) boolean key padding mask with N >= seq_len counts
     too, read at its first columns; the caller must give that reading its meaning."""
     ms = shape_of(mask)
-    if ms is None or len(ms) != 4 or ms[2:] != (seq_len, seq_len) or ms[1] != 1:
-        raise NotLiftable(f"mask shape {ms} is not (B, 1, S, S)")
-    if mask.meta["example_value"].dtype != torch.bool:
-        raise NotLiftable("not a boolean mask")
+    if ms is None or len(ms) != 4 or ms[2:] != (seq_len, seq_len):
+        raise NotLiftable(f"mask shape {ms} is not (B, H, S, S)")
+    dtype = example(mask).dtype
     facts = _Reader(batch, seq_len, wide_padding).read(mask)
+    bias, empty_rows_mean = None, False
+    if dtype.is_floating_point and isinstance(facts, _Filled):
+        if facts.fill != torch.finfo(dtype).min:
+            # (a row hidden everywhere averages every value only where its scores round to fill)
+            raise NotLiftable(f"a float mask that hides keys with {facts.fill}, not finfo.min")
+        facts, bias, empty_rows_mean = facts.facts, facts.bias, True
+    elif dtype != torch.bool:
+        raise NotLiftable("not a boolean mask, nor a float one made from one")
+    if ms[1] != 1 and (bias is None or shape_of(bias)[1] != ms[1]):
+        raise NotLiftable(f"mask shape {ms}: per-head values other than a key bias")
     if not isinstance(facts, _Facts):
         raise NotLiftable("the mask is not a conjunction of index rules")
     if len(facts.valid) > 1 or len(facts.docs) > 1:
@@ -341,6 +392,8 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
         rules,
         document_ids=(facts.chunk_ids or facts.docs or [None])[0],
         key_padding_mask=facts.valid[0] if facts.valid else None,
+        key_bias=bias,
+        empty_rows_mean=empty_rows_mean,
     )
 
 
@@ -373,6 +426,16 @@ def constant_value(node: Node) -> torch.Tensor | None:
     except Exception:  # anything it cannot run now stays a rule
         return None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _number(x) -> float | None:
+    """A Python number, or the value of a constant one-element tensor node; else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, Node) and shape_of(x) == ():
+        value = constant_value(x)
+        return float(value) if value is not None else None
+    return None
 
 
 def one_document(doc: Node) -> bool:

@@ -57,7 +57,7 @@ _BINARY = {
 _AS_METHODS = (
     "transpose", "swapaxes", "permute", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten",
     "chunk", "split", "tensor_split", "unbind", "cumsum", "diff", "sum", "mean", "amax", "amin",
-    "var", "std", "all", "any", "softmax", "log_softmax",
+    "var", "std", "all", "any", "softmax", "log_softmax", "masked_fill",
 )  # fmt: skip
 _FUNCTION_METHODS = {getattr(torch, name): name for name in _AS_METHODS}
 _BINARY_FUNCTIONS = {getattr(torch, name): op for name, op in _BINARY.items()}

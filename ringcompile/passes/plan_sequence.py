@@ -160,7 +160,8 @@ def run(ctx: RingContext) -> None:
             if ms[-2] == S:  # mask rows are the queries: shard them; columns stay global
                 work.append((site.attn_mask, len(ms) - 2))
         if site.lifted_mask is not None:
-            work += [(t, 1) for t in site.lifted_mask.token_facts.values()]  # (B, S) per-token facts
+            # per-token facts along their last dim, their tokens
+            work += [(t, len(shape_of(t)) - 1) for t in site.lifted_mask.token_facts.values()]
 
     while work:
         node, dim = work.pop()

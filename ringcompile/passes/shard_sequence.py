@@ -52,14 +52,14 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
     unread: set[Node] = set()
     if site is not None:
         # q, k, v along their sequence (-2); a mask along its rows (its columns stay global);
-        # lifted per-token facts (B, S) along their tokens
+        # lifted per-token facts along their tokens (their last dim)
         a = sdpa_args(node)
         mask = a.get("attn_mask")
         mapping = [(a[n], {len(shape_of(a[n])) - 2: 2}) for n in ("query", "key", "value")]
         if site.attn_mask is not None and shape_of(mask)[-2] == S:
             mapping.append((mask, {len(shape_of(mask)) - 2: 2}))
         facts = site.lifted_mask.token_facts if site.lifted_mask is not None else {}
-        mapping += [(t, {1: 2}) for t in facts.values()]
+        mapping += [(t, {len(shape_of(t)) - 1: 2}) for t in facts.values()]
         if site.lifted_mask is not None and mask is not None:
             unread.add(mask)  # lifted: swap_attention drops it, whatever else made it local
     else:

@@ -40,6 +40,8 @@ def run(ctx: RingContext) -> None:
                 kwargs["window"] = rules.window
             if rules.chunk:
                 kwargs["chunk"] = rules.chunk
+            if site.lifted_mask.empty_rows_mean:
+                kwargs["empty_rows"] = "mean"
             node.kwargs = kwargs
             mask = site.lifted_mask
             what = "per-token mask facts"
