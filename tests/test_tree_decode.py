@@ -87,6 +87,10 @@ class CountCollectives(TorchDispatchMode):
     """Records every collective dispatched (eager ``dist.*`` and functional collectives alike)."""
 
     _NOT_COLLECTIVES = {"wait_tensor", "_wrap_tensor_autograd"}
+    # c10d's in-place ops take the output first: where their input is
+    _INPUT_ARG = {"_allgather_base_": 1}
+    # one name per collective, whichever API issued it
+    _KIND = {"_allgather_base_": "all_gather_into_tensor"}
 
     def __init__(self):
         super().__init__()
@@ -95,8 +99,9 @@ class CountCollectives(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
         if func.namespace in ("c10d", "_c10d_functional") and name not in self._NOT_COLLECTIVES:
-            sent = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
-            self.calls.append((name, sent.numel()))
+            sent = args[self._INPUT_ARG.get(name, 0)]
+            sent = sent if isinstance(sent, torch.Tensor) else sent[0]
+            self.calls.append((self._KIND.get(name, name), sent.numel()))
         return func(*args, **(kwargs or {}))
 
 
