@@ -11,6 +11,10 @@ Options:
 - ``mesh_dim``: the mesh dimension that is the ring;
 - ``layout``: "striped" (default), "zigzag" or "contiguous";
 - ``compiler``: "inductor" (default), "aot_eager" or "eager";
+- ``mode``: inductor's mode (``torch.compile(model, backend="ring", mode="reduce-overhead")``
+  hands it over too): "reduce-overhead" runs each graph that can be one as a CUDA graph, a decode
+  step over a ``ShardedKVCache`` among them; graphs with ring attention are not (the ring's sends
+  and its agreement check are host work), inductor says so and runs them as they are;
 - ``gather_outputs``: True (default) returns full outputs; False leaves sequence outputs sharded
   (each rank's tokens in layout order; gradients of such outputs are this rank's own);
 - ``kernels``: which kernels compute the ring's blocks: "auto" (plain blocks on cuDNN, masked
@@ -65,6 +69,7 @@ def _report_log() -> logging.Logger:
     return log
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
+_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _INPUT_CHECKS = ("first_call", "every_call", "never")
 
 
@@ -74,6 +79,7 @@ class RingOptions:
     mesh_dim: int | str | None = None
     layout: str = "striped"
     compiler: str = "inductor"
+    mode: str | None = None
     gather_outputs: bool = True
     kernels: str | None = None
     check_inputs: str = "first_call"
@@ -97,6 +103,15 @@ class RingOptions:
             raise RingCompileError(
                 f"backend='ring': compiler={opts.compiler!r} is not one of {list(_COMPILERS)}"
             )
+        if opts.mode is not None and opts.mode not in _MODES:
+            raise RingCompileError(
+                f"backend='ring': mode={opts.mode!r} is not one of {list(_MODES)}"
+            )
+        if opts.mode not in (None, "default") and opts.compiler != "inductor":
+            raise RingCompileError(
+                f"backend='ring': mode={opts.mode!r} is inductor's; it needs compiler='inductor', "
+                f"not {opts.compiler!r}"
+            )
         if not isinstance(opts.gather_outputs, bool):
             raise RingCompileError("backend='ring': gather_outputs must be True or False")
         if opts.check_inputs not in _INPUT_CHECKS:
@@ -113,11 +128,13 @@ class RingOptions:
         return opts
 
 
-def _inner_compiler(name: str):
+def _inner_compiler(name: str, mode: str | None = None):
     if name == "inductor":
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx
+        patches = list_mode_options(mode) if mode not in (None, "default") else {}
+        return functools.partial(compile_fx, config_patches=patches)
     from torch._dynamo.backends.registry import lookup_backend
 
     return lookup_backend(name)
@@ -140,8 +157,11 @@ def _needs_static_copy(gm: torch.fx.GraphModule) -> bool:
 
 
 def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
-                 _reports: list | None = None):
-    """The torch.compile backend: rewrite the graph for the ring, then compile it."""
+                 _reports: list | None = None, *, mode: str | None = None):
+    """The torch.compile backend: rewrite the graph for the ring, then compile it. ``mode`` is
+    what ``torch.compile(..., mode=)`` hands a backend (it allows no options beside it)."""
+    if mode is not None:
+        options = {**(options or {}), "mode": mode}
     try:
         return _rewrite_and_compile(gm, example_inputs, options, _reports)
     except RingCompileError as e:
@@ -176,7 +196,7 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
         reports.append(ctx.report)
     if _report_log().isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
-    compiled = _inner_compiler(opts.compiler)(gm, example_inputs)
+    compiled = _inner_compiler(opts.compiler, opts.mode)(gm, example_inputs)
     if not checked:
         return compiled
     return CheckedInputs(compiled, group, [(i, name) for i, _, name in checked],

@@ -40,6 +40,9 @@ class _ShardedLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         return self.shard.update(key_states, value_states)
 
+    def reset(self) -> None:
+        self.shard.reset()
+
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("ShardedKVCache does not reorder for beam search; use greedy or "
                                   "sampling")
@@ -56,9 +59,14 @@ class _ShardedLayer(DynamicLayer):
 
 class ShardedKVCache(Cache):
     """A KV cache sharded across the ring (``group``/``mesh_dim`` as the backend's options) that
-    holds up to ``max_length`` tokens in all. Give the compiled model the same group."""
+    holds up to ``max_length`` tokens in all. Give the compiled model the same group.
 
-    def __init__(self, config, max_length: int, group=None, mesh_dim=None):
+    Given ``batch_size``, ``dtype`` and ``device``, it allocates its slots now, as static
+    addresses, so compiled decode steps can run as CUDA graphs (``torch.compile(model,
+    backend="ring", mode="reduce-overhead")``); else the prefill allocates them."""
+
+    def __init__(self, config, max_length: int, group=None, mesh_dim=None, batch_size=None,
+                 dtype=None, device=None):  # fmt: skip
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         types = getattr(text, "layer_types", None)
         sliding = (any(t != "full_attention" for t in types) if types
@@ -72,6 +80,16 @@ class ShardedKVCache(Cache):
         rank, world = (pg.rank(), pg.size()) if pg is not None else (0, 1)
         super().__init__(layers=[_ShardedLayer(ShardedKV(max_length, rank, world))
                                  for _ in range(text.num_hidden_layers)])
+        given = [x is not None for x in (batch_size, dtype, device)]
+        if any(given) and not all(given):
+            raise ValueError("ShardedKVCache allocates now given batch_size, dtype and device "
+                             "together; pass all three or none")  # fmt: skip
+        if all(given):
+            heads = text.num_attention_heads
+            kv_heads = getattr(text, "num_key_value_heads", None) or heads
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+            for layer in self.layers:
+                layer.shard.allocate(batch_size, kv_heads, head_dim, head_dim, dtype, device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()

@@ -89,10 +89,29 @@ class ShardedKV:
         self.capacity = math.ceil(max_length / world_size)
         self.rank, self.world_size = rank, world_size
         self.keys = self.values = self.positions = self.length = None
+        self.filled = False  # whether the prefill has been stored
 
-    @property
-    def filled(self) -> bool:
-        return self.keys is not None
+    def allocate(self, batch: int, kv_heads: int, head_dim: int, value_dim: int,
+                 dtype: torch.dtype, device) -> None:  # fmt: skip
+        """The slots. Called before any compiled step (``ShardedKVCache`` does, given the batch,
+        dtype and device), they are marked as static addresses, so a compiled decode step that
+        writes into them can be a CUDA graph (``mode="reduce-overhead"``); else the prefill
+        allocates them inside its graph."""
+        slots = 1 + self.capacity
+        self.keys = torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(batch, kv_heads, slots, value_dim, dtype=dtype, device=device)
+        self.positions = torch.full((batch, slots), EMPTY, dtype=torch.long, device=device)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        if not torch.compiler.is_compiling():
+            for t in (self.keys, self.values, self.positions, self.length):
+                torch._dynamo.mark_static_address(t)
+
+    def reset(self) -> None:
+        """Empty, keeping the slots (their addresses too) for the next prompt."""
+        if self.keys is not None:
+            self.positions.fill_(EMPTY)
+            self.length.zero_()
+        self.filled = False
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         B, H, T, _ = k.shape
@@ -103,11 +122,16 @@ class ShardedKV:
                     f"ShardedKVCache holds max_length={self.capacity * self.world_size} tokens; "
                     f"the prompt has {T}: make max_length at least prompt + new tokens"
                 )
-            slots = 1 + self.capacity
-            self.keys = torch.zeros(B, H, slots, k.shape[-1], dtype=k.dtype, device=k.device)
-            self.values = torch.zeros(B, H, slots, v.shape[-1], dtype=v.dtype, device=v.device)
-            self.positions = torch.full((B, slots), EMPTY, dtype=torch.long, device=k.device)
-            self.length = torch.zeros((), dtype=torch.long, device=k.device)
+            if self.keys is None:
+                self.allocate(B, H, k.shape[-1], v.shape[-1], k.dtype, k.device)
+            elif (self.keys.shape[:2], self.keys.shape[-1], self.values.shape[-1],
+                  self.keys.dtype) != ((B, H), k.shape[-1], v.shape[-1], k.dtype):  # fmt: skip
+                raise ValueError(
+                    f"the cache was allocated for K/V {tuple(self.keys.shape)} {self.keys.dtype} "
+                    f"(batch, KV heads, slots, head dim) but the model gives {tuple(k.shape)} "
+                    f"{k.dtype}"
+                )
+            self.filled = True
         positions = (self.length + torch.arange(T, device=k.device)).expand(B, T)
         self.length.add_(T)
         torch.ops.ringcompile.kv_cache_append(self.keys, self.values, self.positions, k, v,

@@ -584,8 +584,13 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
 
 
 # -- the torch.library ops ---------------------------------------------------------------------
+# Not for CUDA graphs: the ring waits on the host for its agreement check and issues its sends
+# from Python. Tagged, inductor's "reduce-overhead" leaves them out of its graphs.
+_NOT_CUDAGRAPHS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+
+
 # The mask crosses this boundary encoded (``AttentionMask.encode``): its tensors, then its rules.
-@torch.library.custom_op("ringcompile::ring_attention", mutates_args=())
+@torch.library.custom_op("ringcompile::ring_attention", mutates_args=(), tags=_NOT_CUDAGRAPHS)
 def ring_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -609,7 +614,8 @@ def _(q, k, v, *rest):
     return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=accumulation_dtype(q.dtype))
 
 
-@torch.library.custom_op("ringcompile::ring_attention_backward", mutates_args=())
+@torch.library.custom_op("ringcompile::ring_attention_backward", mutates_args=(),
+                         tags=_NOT_CUDAGRAPHS)
 def ring_attention_backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,

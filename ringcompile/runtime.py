@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ringcompile.attention import ring_attention as _ring_attention
 from ringcompile.layout import Layout
-from ringcompile.tree_decode import tree_attn_decode
+from ringcompile.tree_decode import decode_over_shards
 
 # torch 2.13 renamed all_gather_tensor_autograd (same arguments) and warns on the old name, which
 # older torch has alone.
@@ -108,9 +108,9 @@ class TreeDecode:
                 "decode: the 2-D attention_mask must cover every token so far, the new ones too",
             )
             valid = padding_by_position.gather(1, k_positions.clamp(max=N - 1)) & (k_positions < N)
-        return tree_attn_decode(q, k, v, group=self.group, scale=scale, enable_gqa=enable_gqa,
-                                key_padding_mask=valid, q_positions=q_positions,
-                                k_positions=k_positions, is_causal=True)
+        # (a compiled graph's step, traced even where this torch says it is not compiling)
+        return decode_over_shards(q, k, v, self.group, scale, enable_gqa, valid, q_positions,
+                                  k_positions, True, functional=True)
 
 
 class _SumOverRing(torch.autograd.Function):

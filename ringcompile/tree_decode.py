@@ -26,10 +26,10 @@ elsewhere. Decode-sized buffers are latency-bound, so one all-gather beats two a
 all-gather's received volume grows with W, which matters only once ``W*B*H*T*(Dv+1)`` leaves the
 latency regime.
 
-Traced by ``torch.compile`` (``fullgraph=True`` too) the collective is a functional one
-(``_c10d_functional.all_gather_into_tensor``); run eagerly it is c10d's own all-gather into a
-tensor, whose host path is a quarter of the functional one's wrapper and wait (0.06 against 0.23
-ms on two H200s). It is for inference: it has no backward.
+Traced by ``torch.compile`` (``fullgraph=True`` too, and the ``ring`` backend's decode steps) the
+collective is a functional one (``_c10d_functional.all_gather_into_tensor``); run eagerly it is
+c10d's own all-gather into a tensor, whose host path is a quarter of the functional one's wrapper
+and wait (0.06 against 0.23 ms on two H200s). It is for inference: it has no backward.
 """
 
 from __future__ import annotations
@@ -86,6 +86,16 @@ def tree_attn_decode(
         shards. Rows that see no key are 0. Exactly one collective (an all-gather) runs when the
         group has more than one rank, none otherwise.
     """
+    return decode_over_shards(q, k, v, resolve_group(group, mesh_dim), scale, enable_gqa,
+                              key_padding_mask, q_positions, k_positions, is_causal,
+                              functional=torch.compiler.is_compiling())  # fmt: skip
+
+
+def decode_over_shards(q, k, v, pg, scale, enable_gqa, key_padding_mask, q_positions,
+                       k_positions, is_causal, functional: bool) -> torch.Tensor:  # fmt: skip
+    """``tree_attn_decode`` over ``pg``; ``functional``: gather with the functional collective,
+    which graphs can hold (callers that run inside a compiled graph say so, whether or not this
+    torch reports tracing as compiling)."""
     _check(q, k, v, enable_gqa, key_padding_mask, q_positions, k_positions, is_causal)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError(
@@ -95,11 +105,10 @@ def tree_attn_decode(
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out, lse = _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions,
                               is_causal)
-    pg = resolve_group(group, mesh_dim)
     if pg is None or pg.size() == 1:
         return out.to(q.dtype)
     packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1).unsqueeze(0)  # (1, B, H, T, Dv + 1)
-    if torch.compiler.is_compiling():
+    if functional:
         # wait now: merging on the async wrapper costs a Python dispatch per op, more than the merge
         gathered = funcol.wait_tensor(_all_gather(packed, 0, pg))  # (W, B, H, T, Dv + 1)
     else:

@@ -305,6 +305,8 @@ def forward(self, *inputs):  # 15 inputs
         ({"gather_outputs": "yes"}, "gather_outputs"),
         ({"group": 3}, "group must be"),
         ({"kernels": "cudnn"}, "kernels='cudnn' is not one of"),
+        ({"mode": "fast"}, "mode='fast' is not one of"),
+        ({"mode": "reduce-overhead", "compiler": "aot_eager"}, "it needs compiler='inductor'"),
     ],
 )
 def test_bad_options(options, words):
@@ -320,6 +322,27 @@ def test_bad_options(options, words):
     assert not any("symbolic_convert" in str(entry.path) for entry in raised.traceback)
     with pytest.raises(ringcompile.RingCompileError, match=words):
         ringcompile.ring_shard(model, **options)
+
+
+def test_mode_reaches_inductor(monkeypatch):
+    """``torch.compile(model, backend="ring", mode="reduce-overhead")`` (torch allows no options
+    beside a mode) hands the mode to the backend, whose inductor gets the mode's settings: CUDA
+    graphs."""
+    import ringcompile.backend as backend
+
+    seen, real = [], backend._inner_compiler
+
+    def inner(name, mode=None):
+        seen.append((name, mode))
+        seen.append(real(name, mode).keywords)
+        return real("aot_eager")  # (the graph runs without compiling it for CUDA graphs)
+
+    monkeypatch.setattr(backend, "_inner_compiler", inner)
+    torch._dynamo.reset()
+    model = TinyTransformer(layers=1)
+    tokens = torch.randint(0, 64, (1, 8))
+    torch.compile(model, backend="ring", mode="reduce-overhead")(tokens)
+    assert seen == [("inductor", "reduce-overhead"), {"config_patches": {"triton.cudagraphs": True}}]
 
 
 def test_ring_shard_forms():
@@ -574,7 +597,7 @@ def test_passes_import_helpers_not_each_other():
     from ringcompile.passes import PASSES
 
     passes = {p.__module__ for p in PASSES}
-    assert len(passes) == len(PASSES) == 11
+    assert len(passes) == len(PASSES) == 12
     for name in passes:
         tree = ast.parse(inspect.getsource(importlib.import_module(name)))
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

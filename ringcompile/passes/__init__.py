@@ -10,21 +10,24 @@ what it expects and what it guarantees, with the graph before and after. They ru
 3. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
 4. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
                           key padding, documents);
-5. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
+5. ``outline_experts``  — a mixture-of-experts dispatch (tokens sorted by expert, grouped matmuls,
+                          the inverse permutation) becomes one op that computes each row alone;
+6. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
                           split back, stay in (batch, sequence) form;
-6. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
-7. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
+7. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
+8. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
                           become this rank's global positions), sizes baked into views become
                           local, and sharded values that leave are gathered;
-8. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
+9. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
                           become a partial per rank and one all-reduce, instead of a gather;
-9. ``swap_attention``   — each sharded SDPA becomes the ring attention op;
-10. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
+10. ``swap_attention``  — each sharded SDPA becomes the ring attention op;
+11. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
 
 What passes share lives in helper modules, never in another pass (a test checks): ``context``
 (``RingContext``: the graph, the ring, what each pass found), ``dims`` (how dims pass through
 ops), ``fx_utils`` (SDPA calls, source lines), ``patterns`` (model idioms: ``repeat_kv``, the
-sharded KV cache) and ``mask_reader`` (a dense mask's graph read back as an ``AttentionMask``).
+sharded KV cache), ``mask_reader`` (a dense mask's graph read back as an ``AttentionMask``) and
+``outlined`` (an outlined region that computes each row alone).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ringcompile.passes import (
     find_attention,
     lift_masks,
     normalize,
+    outline_experts,
     plan_sequence,
     shard_reductions,
     shard_sequence,
@@ -50,6 +54,7 @@ PASSES = [
     find_attention.run,
     unexpand_kv.run,
     lift_masks.run,
+    outline_experts.run,
     unflatten_rows.run,
     plan_sequence.run,
     shard_sequence.run,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from ringcompile.passes.fx_utils import SDPA_TARGETS
+from ringcompile.passes.outlined import rowwise_region_of
 
 DimMap = list[tuple[Node, dict[int, int]]]
 
@@ -53,15 +54,15 @@ _POINTWISE_FUNCTIONS = {
     torch.abs, torch.clamp, torch.maximum, torch.minimum, torch.logical_and, torch.logical_or,
     torch.logical_not, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     operator.and_, operator.or_, operator.invert, operator.abs,
-    F.silu, F.gelu, F.relu, F.dropout, F.softplus, torch.nn.functional.tanh,
+    F.silu, F.gelu, F.relu, F.dropout, F.softplus, F.tanh, F.sigmoid,
     torch._C._nn.gelu, torch.relu, torch.masked_fill, torch.polar,
-    torch.ones_like, torch.zeros_like,  # (their values read nothing; their dims are the input's)
+    torch.ones_like, torch.zeros_like, torch.full_like,  # (they read no values; dims are the input's)
 }
 _POINTWISE_METHODS = {
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone",
     "detach", "pow", "rsqrt", "sqrt", "exp", "cos", "sin", "neg", "sigmoid", "tanh", "mul",
     "add", "sub", "div", "masked_fill", "clamp", "abs", "long", "int", "bool", "logical_and",
-    "logical_or", "where", "requires_grad_",
+    "logical_or", "where", "requires_grad_", "add_",
 }
 _NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
 _SOFTMAXES = {F.softmax, F.log_softmax}
@@ -176,6 +177,9 @@ def _index_map(x_shape: tuple[int, ...], index) -> dict[int, int] | None:
 def dim_map(node: Node) -> DimMap | None:
     """``[(input, {in_dim: out_dim})]`` for the node's pass-through dims, or None if unknown."""
     out = shape_of(node)
+    region = rowwise_region_of(node)
+    if region is not None and out is not None:  # its rows in, the same rows out
+        return [(node.args[i], {d: d for d in range(region.lead)}) for i in region.row_inputs]
     if out is None or node.op not in ("call_function", "call_method"):
         return None
     t = node.target
@@ -221,6 +225,9 @@ def dim_map(node: Node) -> DimMap | None:
         if not isinstance(dim, int):
             return None
         return [(x, {d: d for d in range(len(xs)) if d != dim % len(xs)})]
+    if node.op == "call_function" and t is torch.topk:  # (values, indices) along one dim
+        dim = _arg(node, 2, "dim", -1)
+        return [(x, {d: d for d in range(len(xs)) if d != dim % len(xs)})]
     if node.op == "call_function" and t in _NORMS:
         normalized = _arg(node, 1, "normalized_shape")
         keep = len(xs) - len(normalized)
@@ -262,6 +269,11 @@ def dim_map(node: Node) -> DimMap | None:
             off = len(out) - len(xs)
             return [(x, {d: d + off for d in range(len(xs)) if xs[d] == out[d + off]})]
         return [(x, _reshape_groups(xs, out))]
+    if node.op == "call_method" and t in ("scatter", "scatter_"):  # x.scatter(dim, index, src)
+        dim = _arg(node, 1, "dim") % len(xs)
+        keep = {d: d for d in range(len(xs)) if d != dim}
+        return [(a, keep) for a in (x, _arg(node, 2, "index"), _arg(node, 3, "src"))
+                if shape_of(a) is not None and len(shape_of(a)) == len(xs)]
     if node.op == "call_method" and t in ("chunk", "split", "tensor_split"):
         dim = _arg(node, 2, "dim", 0) % len(xs)
         return [(x, {d: d for d in range(len(xs)) if d != dim})]

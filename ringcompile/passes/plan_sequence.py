@@ -1,4 +1,4 @@
-"""Pass 6: which nodes compute on this rank's tokens, and where full tensors enter that region.
+"""Pass 7: which nodes compute on this rank's tokens, and where full tensors enter that region.
 
 Expects: ``ctx.sites`` (passes 2–5). Changes nothing in the graph.
 Guarantees: ``ctx.plan``, a read-only ``SequencePlan``: ``demand[node] = dim`` for every node

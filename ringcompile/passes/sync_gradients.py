@@ -1,4 +1,4 @@
-"""Pass 10: gradients, so that every parameter's ``.grad`` is the one-process gradient.
+"""Pass 11: gradients, so that every parameter's ``.grad`` is the one-process gradient.
 
 Expects: the rewritten graph (passes 7–9).
 Guarantees (see ``ringcompile.runtime`` for the invariant): each graph input that requires grad

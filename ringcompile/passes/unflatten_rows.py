@@ -1,4 +1,4 @@
-"""Pass 5: tokens flattened with the batch into rows are put back in (batch, sequence) form.
+"""Pass 6: tokens flattened with the batch into rows are put back in (batch, sequence) form.
 
 Expects: ``ctx.seq_len`` (pass 2).
 Guarantees: where a model flattens ``x`` (B, S, ...) with B > 1 into rows (B·S, ...), computes
@@ -6,9 +6,11 @@ on the rows one row at a time and splits them back into (B, S, ...), the flatten
 ops in between run on (B, S, ...) directly (their example values follow), so the later passes find
 the sequence dim there and the region runs on each rank's tokens. Row-by-row ops: pointwise ops,
 ``linear``, ``addmm`` (as ``bias + x @ w``), layer and RMS norms over trailing dims,
-``softmax``/``log_softmax``/``dropout`` over a trailing dim. Any other use of the rows (top-k
-routing, indexing by data, a loss over the rows) leaves that flatten as it is: exact, computed on
-the whole sequence. At B = 1 the passes follow the flatten already (a dim of size 1 dropped).
+``softmax``/``log_softmax``/``dropout``/``topk``, reductions and ``scatter`` over a trailing dim,
+reshapes that keep the shape, and outlined experts (pass 5), which then take (B, S) rows. Any
+other use of the rows (indexing by data, a loss over the rows) leaves that flatten as it is:
+exact, computed on the whole sequence. At B = 1 the passes follow the flatten already (a dim of
+size 1 dropped).
 
     x (2, S, D) -> view(2S, D) -> addmm(b, ., w) -> view(2, S, N)        (GPT-2's Conv1D)
     -> x (2, S, D) -> add(b, matmul(x, w)) -> view(2, S, N)
@@ -28,13 +30,16 @@ from ringcompile.passes.dims import (
     _NORMS,
     _POINTWISE_FUNCTIONS,
     _POINTWISE_METHODS,
+    _REDUCTIONS,
     _SOFTMAXES,
     example,
     shape_of,
 )
 from ringcompile.passes.fx_utils import source_line
+from ringcompile.passes.outlined import rowwise_region_of
 
 _FLATTENS = {"view", "reshape", "flatten"}
+_SCATTERS = {"scatter", "scatter_"}
 _SOFTMAX_LIKE = _SOFTMAXES | {"softmax", "log_softmax"}
 
 
@@ -65,6 +70,23 @@ def _softmax_dim(node: Node):
     return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
 
 
+def _along(node: Node):
+    """The dim(s) a trailing-dim op works along (softmax, topk, a reduction, a scatter), or None."""
+    if _is_call(node, _SCATTERS):
+        return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if _is_call(node, {torch.topk}):
+        return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else -1)
+    if _is_call(node, _REDUCTIONS):
+        return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return _softmax_dim(node)
+
+
+def _trailing(dims) -> bool:
+    """Whether ``dims`` (an int or several) leave the rows' dim 0 alone."""
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return all(isinstance(d, int) and d != 0 for d in dims) and bool(dims)
+
+
 def _row_op(node: Node, rows: set[Node]) -> bool:
     """Whether ``node`` computes each row from that row alone (its other tensors have no rows)."""
     if _is_call(node, _POINTWISE_FUNCTIONS | _POINTWISE_METHODS):
@@ -86,6 +108,18 @@ def _row_op(node: Node, rows: set[Node]) -> bool:
         return node.args[0] in rows and isinstance(dim, int) and dim != 0
     if _is_call(node, {F.dropout}):
         return node.args[0] in rows
+    if _is_call(node, {torch.topk} | _REDUCTIONS):  # along a dim other than the rows'
+        return node.args[0] in rows and _trailing(_along(node))
+    if _is_call(node, _SCATTERS):  # x.scatter(dim, index, src): rows of all three line up
+        tensors = [a for a in (*node.args[2:], *node.kwargs.values()) if isinstance(a, Node)]
+        return node.args[0] in rows and all(a in rows for a in tensors) and _trailing(_along(node))
+    if node.op == "call_function" and node.target is operator.getitem:  # of a topk's pair
+        return node.args[0] in rows and isinstance(example(node.args[0]), tuple)
+    if _is_call(node, _FLATTENS) and shape_of(node) == shape_of(node.args[0]):
+        return node.args[0] in rows  # keeps the shape: nothing to do
+    region = rowwise_region_of(node)
+    if region is not None:
+        return all((a in rows) == (i in region.row_inputs) for i, a in enumerate(node.args))
     return False
 
 
@@ -109,11 +143,32 @@ def _region(flat: Node, B: int, S: int) -> tuple[list[Node], list[Node]] | None:
     return order, exits
 
 
+def _shift_dims(node: Node) -> None:
+    """The rows' dim d > 0 is dim d + 1 of (B, S, ...); negative dims stay."""
+    dims = _along(node)
+    shifted = (type(dims)(d + 1 if d > 0 else d for d in dims) if isinstance(dims, (tuple, list))
+               else dims + 1 if dims > 0 else dims)  # fmt: skip
+    at = 2 if _is_call(node, {torch.topk}) else 1  # (topk(x, k, dim); others (x, dim, ...))
+    if "dim" in node.kwargs:
+        node.kwargs = {**node.kwargs, "dim": shifted}
+    else:
+        node.args = (*node.args[:at], shifted, *node.args[at + 1:])
+
+
 def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
     S = ctx.seq_len
     graph = ctx.gm.graph
+    # (judged before the rows take their (B, S) form)
+    same_shape = {n for n in ops if _is_call(n, _FLATTENS) and shape_of(n) == shape_of(n.args[0])}
     flat.replace_all_uses_with(flat.args[0])
     for node in ops:
+        if node in same_shape:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
+        region = rowwise_region_of(node)
+        if region is not None:
+            region.lead = 2  # its rows come as (B, S)
         if _is_call(node, {torch.addmm}):
             bias, x, w = node.args
             with graph.inserting_before(node):
@@ -125,14 +180,11 @@ def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
             node.replace_all_uses_with(total)
             graph.erase_node(node)
             continue
-        if _is_call(node, _SOFTMAX_LIKE):
-            dim = _softmax_dim(node)
-            if dim > 0:  # the rows' dim 1 is dim 2 of (B, S, ...)
-                if "dim" in node.kwargs:
-                    node.kwargs = {**node.kwargs, "dim": dim + 1}
-                else:
-                    node.args = (node.args[0], dim + 1, *node.args[2:])
-        node.meta["example_value"] = example(node).unflatten(0, (B, S))
+        if _is_call(node, _SOFTMAX_LIKE | {torch.topk} | _REDUCTIONS | _SCATTERS):
+            _shift_dims(node)
+        value = example(node)
+        node.meta["example_value"] = (tuple(v.unflatten(0, (B, S)) for v in value)
+                                      if isinstance(value, tuple) else value.unflatten(0, (B, S)))
     graph.erase_node(flat)
 
 

@@ -1,0 +1,202 @@
+"""Generation after a long prompt over the ring: prefill time and per-token latency (issue 18).
+
+    torchrun --nproc-per-node W benchmarks/bench_generate.py [--prompts 32768 131072] [--new 32]
+        [--modes default reduce-overhead] [--baselines eager static] [--out DIR]
+    python benchmarks/bench_generate.py --world 2 --tiny     # CPU ranks over gloo: a smoke run
+
+A ~1B transformers Llama (16 layers, hidden 2048, 32/8 heads of 128, MLP 5632, vocab 32000; bf16,
+random weights), batch 1, greedy, the logits of the last token only (``logits_to_keep=1``):
+
+- ours: every rank runs the model compiled by ``backend="ring"`` (inductor inside) with a
+  ``ShardedKVCache`` allocated up front, in a loop of its own (``examples/generate.py``'s: the
+  prompt, then one token at a time with its position); each ``--modes`` entry is the compile
+  mode: "default", or "reduce-overhead", where the decode step runs as a CUDA graph;
+- one GPU (rank 0 alone while the others wait): "eager", the same loop on the plain model with
+  transformers' ``DynamicCache``; "static", ``generate()`` with transformers' static cache, whose
+  decode step it compiles itself with ``mode="reduce-overhead"`` (per token: (``generate()`` of
+  1 + N tokens - of 1) / N).
+
+Prefill: the prompt's forward, synchronised. Per token: N decode steps back to back, synchronised
+at the end, / N. Medians of ``--repeats`` runs after one warm-up run (compiles, CUDA graph
+records). A loop's decode steps keep their shapes (``generate()`` grows its 2-D attention mask
+every token, so each step would be a new graph to a static compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import transformers
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+from ranks import launch  # noqa: E402
+
+# (importing ringcompile registers backend="ring" without pip install)
+from ringcompile.hf_cache import ShardedKVCache  # noqa: E402
+
+
+def _config(tiny: bool):
+    if tiny:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128)
+    else:
+        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     vocab_size=32000)
+    return shape
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_kw(model) -> str:
+    # transformers renamed past_key_values to cache
+    import inspect
+
+    params = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _timed_generate(model, ids, new: int, device, **kw) -> tuple[float, torch.Tensor]:
+    """``generate()``'s seconds and tokens."""
+    _sync(device)
+    started = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+    _sync(device)
+    return time.perf_counter() - started, out
+
+
+def _loop(model, ids, new: int, device, cache, together: bool) -> tuple[float, float, list]:
+    """Greedy tokens from a loop: (prefill seconds, seconds per new token, tokens)."""
+    S = ids.shape[1]
+    kw = {_cache_kw(model): cache, "use_cache": True, "logits_to_keep": 1}
+    if together:
+        dist.barrier()
+    _sync(device)
+    started = time.perf_counter()
+    out = model(input_ids=ids, position_ids=torch.arange(S, device=device)[None], **kw)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    prefill = time.perf_counter() - started
+    tokens = [token]
+    if together:
+        dist.barrier()
+    _sync(device)
+    started = time.perf_counter()
+    positions = torch.arange(S, S + new, device=device)[None]  # (made once: no copy per step)
+    for i in range(new):
+        out = model(input_ids=tokens[-1], position_ids=positions[:, i : i + 1], **kw)
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    _sync(device)
+    return prefill, (time.perf_counter() - started) / new, torch.cat(tokens, 1)[0].tolist()
+
+
+def _median_runs(run, repeats: int) -> dict:
+    run()  # warm-up
+    results = [run() for _ in range(repeats)]
+    return {"prefill_s": statistics.median(r[0] for r in results),
+            "per_token_ms": statistics.median(r[1] for r in results) * 1e3,
+            "tokens": results[-1][2]}
+
+
+def worker(device: torch.device, args) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    config = transformers.LlamaConfig(max_position_embeddings=max(args.prompts) + args.new + 1,
+                                      attn_implementation="sdpa", **_config(args.tiny))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device, dtype).eval()
+    model.generation_config.pad_token_id = 0
+    rows = []
+
+    def report(row):
+        rows.append(row)
+        if rank == 0:
+            print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
+
+    for prompt in args.prompts:
+        ids = torch.randint(1, config.vocab_size, (1, prompt),
+                            generator=torch.Generator().manual_seed(prompt)).to(device)
+        torch._dynamo.reset()
+        if rank == 0:
+            for baseline in args.baselines:
+                if baseline == "eager":
+                    def run():
+                        return _loop(model, ids, args.new, device,
+                                     transformers.DynamicCache(config=config), together=False)
+                else:
+                    def run():
+                        p = _timed_generate(model, ids, 1, device, cache_implementation="static")
+                        t, out = _timed_generate(model, ids, 1 + args.new, device,
+                                                 cache_implementation="static")
+                        return p[0], (t - p[0]) / args.new, out[0, prompt:].tolist()
+                with torch.no_grad():
+                    report({**_median_runs(run, args.repeats), "prompt": prompt,
+                            "what": f"one GPU, {baseline}"})
+                torch._dynamo.reset()
+        dist.barrier()
+        for mode in args.modes:
+            torch._dynamo.reset()
+            options = {"layout": "striped", "compiler": "inductor"}
+            if mode != "default":
+                options["mode"] = mode
+            compiled = torch.compile(model, backend="ring", dynamic=False, options=options)
+            # one cache, emptied for each run: its slots keep their addresses (the CUDA graph's)
+            cache = ShardedKVCache(config, max_length=prompt + args.new + 1, batch_size=1,
+                                   dtype=dtype, device=device)
+
+            def ours():
+                cache.reset()
+                return _loop(compiled, ids, args.new, device, cache, together=True)
+
+            what = f"ours, W={world}, mode={mode}"
+            try:
+                with torch.no_grad():
+                    report({**_median_runs(ours, args.repeats), "prompt": prompt, "what": what})
+            except Exception as e:  # (every rank fails alike: the next mode still runs)
+                if rank == 0:
+                    print(f"{what}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        dist.barrier()
+    if rank != 0:
+        return
+    print("\n| prompt | what | prefill s | per new token ms | tokens as the first row's |")
+    print("|---:|---|---:|---:|---|")
+    for r in rows:
+        ref = next(x for x in rows if x["prompt"] == r["prompt"])
+        n = min(len(r["tokens"]), len(ref["tokens"]))
+        same = "yes" if r["tokens"][:n] == ref["tokens"][:n] else "no"
+        print(f"| {r['prompt']} | {r['what']} | {r['prefill_s']:.3f} | {r['per_token_ms']:.2f} | "
+              f"{same} |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=2, help="CPU ranks to spawn (ignored under torchrun)")
+    p.add_argument("--prompts", type=int, nargs="+", default=[32768])
+    p.add_argument("--new", type=int, default=32, help="timed new tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"],
+                   choices=["default", "reduce-overhead"])
+    p.add_argument("--baselines", nargs="*", default=["eager", "static"],
+                   choices=["eager", "static"])
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke runs)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    launch(worker, args, args.world)
+
+
+if __name__ == "__main__":
+    main()
