@@ -3,6 +3,7 @@
     torchrun --nproc-per-node W benchmarks/bench_generate.py [--prompts 32768 131072] [--new 32]
         [--modes default reduce-overhead] [--baselines eager static] [--out DIR]
     python benchmarks/bench_generate.py --world 2 --tiny     # CPU ranks over gloo: a smoke run
+    python benchmarks/bench_generate.py --replot DIR         # the plot from DIR/bench_generate.json
 
 A ~1B transformers Llama (16 layers, hidden 2048, 32/8 heads of 128, MLP 5632, vocab 32000; bf16,
 random weights), batch 1, greedy, the logits of the last token only (``logits_to_keep=1``):
@@ -180,6 +181,40 @@ def worker(device: torch.device, args) -> None:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
             json.dump(rows, f, indent=1)
+        try:
+            plot(rows, os.path.join(args.out, "bench_generate.png"))
+        except ImportError:
+            print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Per-token latency and prefill time of each row, one pair of bars per prompt length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = sorted({r["prompt"] for r in rows})
+    whats = list(dict.fromkeys(r["what"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(whats)
+    for ax, key, label in ((axes[0], "per_token_ms", "ms per new token"),
+                           (axes[1], "prefill_s", "prefill, s")):  # fmt: skip
+        for i, what in enumerate(whats):
+            ys = [next((r[key] for r in rows if r["prompt"] == p and r["what"] == what), 0)
+                  for p in prompts]  # fmt: skip
+            xs = [j + i * width for j in range(len(prompts))]
+            ax.bar(xs, ys, width, label=what)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(prompts))],
+                      [f"prompt {p:,}" for p in prompts])  # fmt: skip
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title("decode, ~1B Llama, bf16, batch 1")
+    axes[1].set_title("prefill")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(whats), fontsize=8)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -194,7 +229,12 @@ def main() -> None:
                    choices=["eager", "static"])
     p.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke runs)")
     p.add_argument("--out", default=None)
+    p.add_argument("--replot", metavar="DIR", help="draw DIR/bench_generate.json and stop")
     args = p.parse_args()
+    if args.replot:
+        with open(os.path.join(args.replot, "bench_generate.json")) as f:
+            plot(json.load(f), os.path.join(args.replot, "bench_generate.png"))
+        return
     launch(worker, args, args.world)
 
 
