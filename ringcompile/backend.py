@@ -13,8 +13,9 @@ Options:
 - ``compiler``: "inductor" (default), "aot_eager" or "eager";
 - ``mode``: inductor's mode (``torch.compile(model, backend="ring", mode="reduce-overhead")``
   hands it over too): "reduce-overhead" runs each graph that can be one as a CUDA graph, a decode
-  step over a ``ShardedKVCache`` among them; graphs with ring attention are not (the ring's sends
-  and its agreement check are host work), inductor says so and runs them as they are;
+  step over a ``ShardedKVCache`` allocated up front among them (a cache the prefill allocated
+  warns); graphs with ring attention are not (the ring's sends and its agreement check are host
+  work), inductor says so and runs them as they are;
 - ``gather_outputs``: True (default) returns full outputs; False leaves sequence outputs sharded
   (each rank's tokens in layout order; gradients of such outputs are this rank's own);
 - ``kernels``: which kernels compute the ring's blocks: "auto" (plain blocks on cuDNN, masked
@@ -45,6 +46,7 @@ from ringcompile.errors import RingCompileError, RingWarning
 from ringcompile.group import resolve_group, warn_if_launched_without_group
 from ringcompile.input_check import CheckedInputs
 from ringcompile.kernels import resolve_kernel_choice
+from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
 from ringcompile.passes.fx_utils import is_sdpa
@@ -188,6 +190,7 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
     )
     run_passes(ctx)
     _warn_if_nothing_sharded(ctx)
+    _warn_if_cache_moves(ctx, opts.mode)
     checked = _inputs_to_check(ctx, opts.check_inputs)
     ctx.report.input_check = opts.check_inputs.replace("_", " ")
     ctx.report.checked_inputs = [f"{name} ({node.name})" for _, node, name in checked]
@@ -236,6 +239,31 @@ def _warn_if_nothing_sharded(ctx: RingContext) -> None:
         RingWarning,
         stacklevel=2,
     )
+
+
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _warn_if_cache_moves(ctx: RingContext, mode: str | None) -> None:
+    """A decode step for CUDA graphs that writes cache slots the prefill allocated inside its
+    graph: inductor then does not capture the step (it copies or skips inputs that are written and
+    not static), so the mode buys nothing, and only its logs would say so."""
+    if mode not in _CUDA_GRAPH_MODES:
+        return
+    for node in ctx.gm.graph.nodes:
+        if node.op == "call_function" and node.target in APPEND_OPS:
+            slots = node.args[0]
+            static = slots.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+            if slots.op == "placeholder" and static is None:
+                warnings.warn(
+                    f"backend='ring', mode={mode!r}: this decode step writes a ShardedKVCache "
+                    "whose slots the prefill allocated inside its graph, so the step cannot run "
+                    "as a CUDA graph. Allocate them up front: ShardedKVCache(config, max_length, "
+                    "batch_size=..., dtype=..., device=...).",
+                    RingWarning,
+                    stacklevel=2,
+                )
+                return
 
 
 def _compile(target, options: dict, compile_kwargs: dict, reports: list | None = None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -256,6 +257,32 @@ def test_cache_allocated_up_front_generates_the_same(gloo):
     graphs."""
     for same, err, _, reports in gloo(2).run(generate_hf, "llama", "striped", 13, 6, True, True):
         assert same and err < TOL and len(reports) == 2, (same, err, len(reports))
+
+
+@pytest.mark.parametrize("up_front", [False, True])
+def test_cuda_graph_mode_warns_when_the_cache_moves(monkeypatch, up_front):
+    """With ``mode="reduce-overhead"`` a decode step that writes slots the prefill allocated in
+    its graph cannot be a CUDA graph: a warning names the fix (allocate up front), once; none
+    when the cache was allocated up front. (Inductor is swapped for aot_eager: only the check
+    runs here.)"""
+    import ringcompile.backend as backend
+
+    real = backend._inner_compiler
+    monkeypatch.setattr(backend, "_inner_compiler", lambda name, mode=None: real("aot_eager"))
+    torch._dynamo.reset()
+    model = _hf_model("llama")
+    given = dict(batch_size=2, dtype=torch.float64, device="cpu") if up_front else {}
+    cache = ShardedKVCache(model.config, max_length=20, **given)
+    compiled = torch.compile(model, backend="ring", dynamic=False,
+                             options={"mode": "reduce-overhead"})  # fmt: skip
+    ids = torch.randint(0, V, (2, 8))
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        greedy(compiled, ids, 3, cache)
+    moved = [w for w in caught if "cannot run as a CUDA graph" in str(w.message)]
+    assert len(moved) == (0 if up_front else 1), [str(w.message) for w in caught]
+    if moved:
+        assert "batch_size=..., dtype=..., device=..." in str(moved[0].message)
 
 
 def hf_decode_error(rank, world, case):
