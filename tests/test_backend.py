@@ -345,6 +345,49 @@ def test_mode_reaches_inductor(monkeypatch):
     assert seen == [("inductor", "reduce-overhead"), {"config_patches": {"triton.cudagraphs": True}}]
 
 
+def test_normalize_makes_unseen_in_place_changes_out_of_place():
+    """Pass 0: an in-place method on a tensor the graph made, which no view shares, becomes its
+    out-of-place form and the readers after it read the result; on a graph input, or on a tensor
+    a view shares, it stays in place. Values unchanged."""
+    from ringcompile.passes import normalize
+    from ringcompile.passes.context import RingContext
+
+    def f(x, inp):
+        a = x * 2
+        a.mul_(3)
+        b = a + 1
+        c = x * 4
+        view = c.view(-1)
+        c.sub_(1)  # the view sees this change: kept
+        inp.add_(1)  # a graph input: kept
+        return b, view, inp
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    args = (torch.randn(2, 3), torch.randn(2, 3))
+    torch.compile(f, backend=capture, fullgraph=True)(*(a.clone() for a in args))
+    gm = graphs[0]
+    want = gm(*(a.clone() for a in args))
+    normalize.run(RingContext(gm=gm, group=None, layout_name="striped"))
+    gm.recompile()
+    code = "\n".join(ln.strip() for ln in gm.code.splitlines() if " = " in ln and " = L_" not in ln)
+    assert_expected_inline(code, """\
+a = l_x_ * 2
+mul_ = a * 3;  a = None
+b = mul_ + 1;  mul_ = None
+c = l_x_ * 4;  l_x_ = None
+view = c.view(-1)
+sub_ = c.sub_(1);  c = sub_ = None
+add_ = l_inp_.add_(1);  l_inp_ = add_ = None""")
+    for got, ref in zip(gm(*(a.clone() for a in args)), want):
+        assert torch.equal(got, ref)
+
+
 def test_ring_shard_forms():
     torch.manual_seed(0)
     tokens = torch.randint(0, 64, (2, 8))
@@ -457,6 +500,31 @@ def _ring_against_eager(fn, inputs, leaves, w):
     grads = torch.autograd.grad((out * w).sum(), leaves)
     errs = [_rel(out.detach(), ref.detach())] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
     return errs, out, report
+
+
+def in_place_updates(rank, world):
+    """``x.add_(y)`` is read later through ``x``: a local ``x`` changes on this rank's tokens, a
+    full one on the full tensor (the local operand gathered); neither may change a copy."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 16, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(1, 2, 16, 8, dtype=torch.float64, generator=g)
+
+    def attend(q):
+        h = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        local = torch.zeros_like(h)
+        local.add_(h)  # h is local: so are zeros_like(h) and the update
+        total = torch.zeros(1, 2, 16, 8, dtype=torch.float64)
+        total.add_(h * 2)  # a full tensor made in the graph, changed by a local one
+        return local + total
+
+    errs, _, report = _ring_against_eager(attend, (q,), (q,), w)
+    return errs, str(report)
+
+
+def test_in_place_updates_change_the_tensor_later_reads_see(gloo):
+    for rank, (errs, report) in enumerate(gloo(2).run(in_place_updates)):
+        assert max(errs) < 1e-12, (rank, errs, report)
 
 
 def one_kv_head_broadcast(rank, world):

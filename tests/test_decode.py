@@ -66,6 +66,19 @@ def test_prompt_longer_than_the_cache_is_refused():
         s.update(torch.zeros(1, 1, 9, 4), torch.zeros(1, 1, 9, 4))
 
 
+def test_cache_allocated_up_front_refuses_other_shapes_and_resets():
+    s = ShardedKV(max_length=8, rank=0, world_size=1)
+    s.allocate(1, 2, 4, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="allocated for K/V"):
+        s.update(torch.randn(1, 2, 3, 4, dtype=torch.float64), torch.randn(1, 2, 3, 4))
+    keys = s.keys
+    s.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    assert s.filled and int(s.length) == 3
+    s.reset()
+    assert not s.filled and int(s.length) == 0 and bool((s.positions == EMPTY).all())
+    assert s.keys is keys  # the same slots, for a CUDA graph that writes them
+
+
 def test_decode_outside_the_ring_backend_raises():
     """A decode step run eagerly (or by another backend) would attend over one shard: it raises."""
     s = ShardedKV(max_length=8, rank=0, world_size=1)

@@ -313,9 +313,9 @@ class _Repeated(_Region):
         outs = [n for n in after if n.op == "call_method" and n.target == "sum"
                 and (n.args[1:] == (0,) or (n.args[1:] == () and n.kwargs.get("dim") == 0))
                 and self._per_expert_view(n.args[0])]  # fmt: skip
-        if len(outs) != 1:
-            raise _NotCandidate("the experts' copies are not summed once")
-        out = outs[0]
+        if not outs:
+            raise _NotCandidate("the experts' copies are not summed")
+        out = min(outs, key=order.__getitem__)  # this block's: later layers' come after it
         region, stack = set(), [out]
         while stack:
             n = stack.pop()

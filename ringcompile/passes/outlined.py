@@ -27,6 +27,9 @@ class RowwiseRegion(torch.nn.Module):
         self.what = what
         self.lead = 1
 
+    def extra_repr(self) -> str:
+        return f"{self.what}, rows in inputs {self.row_inputs}"
+
     def forward(self, *inputs):
         if self.lead == 1:
             return self.graph_module(*inputs)

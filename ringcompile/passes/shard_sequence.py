@@ -19,7 +19,12 @@ Guarantees, walking the graph in order:
   reads the local K/V and positions: this rank's tokens are exactly its share of the cache;
 - any other use of a local value — an op that mixes along the sequence (a shift, a ``cumsum``, a
   reduction over it), an op not understood, a graph output — reads ``ring_gather(x, dim)``: the full
-  tensor in natural order, exact. Outputs stay local only with ``gather_outputs=False``.
+  tensor in natural order, exact. Outputs stay local only with ``gather_outputs=False``;
+- an in-place method left by pass 0 (on a graph input, module state or a view) changes the tensor
+  it is given, never a shard or a gather of it: on this rank's tokens where that tensor is local,
+  on the full tensor (local operands gathered) where it is full; where neither is exact (a local
+  tensor changed by operands that do not line up, a full one this rank also took a shard of) it
+  raises ``RingCompileError``.
 
     x = embedding(tokens, w); h = linear(x.view(2, 4096, 8), w2); return h
     -> t = ring_shard(tokens, 1); x = embedding(t, w); h = linear(x.view(2, 1024, 8), w2)
@@ -31,6 +36,7 @@ from __future__ import annotations
 from torch.fx import Node
 from torch.fx.node import map_arg
 
+from ringcompile.errors import RingCompileError
 from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import StripedLayout
 from ringcompile.passes.context import RingContext
@@ -95,6 +101,44 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
     if site is not None:
         ctx.site_facts_local[node] = {name: replace[t] for name, t in facts.items() if t in replace}
     return want, replace
+
+
+def _in_place(node: Node) -> bool:
+    t = node.target
+    return (node.op == "call_method" and isinstance(t, str) and t.endswith("_")
+            and not t.endswith("__") and t != "requires_grad_")  # fmt: skip
+
+
+def _shard_in_place(ctx: RingContext, node: Node) -> None:
+    """``x.op_(...)``: on local ``x`` itself (its other operands local), or on full ``x`` with its
+    other operands gathered; never on a copy, which later readers of ``x`` would not see."""
+    x = node.args[0]
+    if x in ctx.local_only and ctx.local[x][0] is x:
+        plan = _local_plan(ctx, node, ctx.local[x][1])
+        if plan is None or plan[1].get(x, x) is not x:
+            raise RingCompileError(
+                f"backend='ring' cannot run {node.name} ({_describe(node)}) at "
+                f"{source_line(node)}: it changes {x.name} in place, which holds this rank's "
+                "tokens, with operands whose sequence does not line up with it. Write it out of "
+                "place (x = x.add(y) rather than x.add_(y))"
+            )
+        dim, replace = plan
+        node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: replace.get(a, a))
+        ctx.local[node] = (node, dim)
+        ctx.local_only.add(node)
+        return
+    if x in ctx.local:  # a shard of x was taken where x was made: the change would miss it
+        raise RingCompileError(
+            f"backend='ring' cannot run {node.name} ({_describe(node)}) at {source_line(node)}: "
+            f"it changes {x.name} in place after this rank took its tokens of it. Write it out "
+            "of place (x = x.add(y) rather than x.add_(y))"
+        )
+    node.args, node.kwargs = map_arg(
+        (node.args, node.kwargs),
+        lambda a: ctx.gather_of(
+            a, f"read by {node.name} ({_describe(node)}) at {source_line(node)}"
+        ) if a in ctx.local_only and a is not x else a,
+    )
 
 
 def _local_cache_append(ctx: RingContext, node: Node) -> bool:
@@ -166,6 +210,9 @@ def run(ctx: RingContext) -> None:
                 )
             continue
         if _local_cache_append(ctx, node):
+            continue
+        if _in_place(node):
+            _shard_in_place(ctx, node)
             continue
         plan = None
         if node not in ctx.plan.shard_points and (
