@@ -76,8 +76,9 @@ def _timed_generate(model, ids, new: int, device, **kw) -> tuple[float, torch.Te
     return time.perf_counter() - started, out
 
 
-def _loop(model, ids, new: int, device, cache, together: bool) -> tuple[float, float, list]:
-    """Greedy tokens from a loop: (prefill seconds, seconds per new token, tokens)."""
+def _loop(model, ids, new: int, device, cache, together: bool):
+    """Greedy tokens from a loop: (prefill seconds, seconds per new token, tokens, the prefill's
+    logits of the last token)."""
     S = ids.shape[1]
     kw = {_cache_kw(model): cache, "use_cache": True, "logits_to_keep": 1}
     if together:
@@ -88,6 +89,7 @@ def _loop(model, ids, new: int, device, cache, together: bool) -> tuple[float, f
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill = time.perf_counter() - started
+    first_logits = out.logits[0, -1].float().cpu()
     tokens = [token]
     if together:
         dist.barrier()
@@ -98,7 +100,8 @@ def _loop(model, ids, new: int, device, cache, together: bool) -> tuple[float, f
         out = model(input_ids=tokens[-1], position_ids=positions[:, i : i + 1], **kw)
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     _sync(device)
-    return prefill, (time.perf_counter() - started) / new, torch.cat(tokens, 1)[0].tolist()
+    per_token = (time.perf_counter() - started) / new
+    return prefill, per_token, torch.cat(tokens, 1)[0].tolist(), first_logits
 
 
 def _median_runs(run, repeats: int) -> dict:
@@ -106,7 +109,7 @@ def _median_runs(run, repeats: int) -> dict:
     results = [run() for _ in range(repeats)]
     return {"prefill_s": statistics.median(r[0] for r in results),
             "per_token_ms": statistics.median(r[1] for r in results) * 1e3,
-            "tokens": results[-1][2]}
+            "tokens": results[-1][2], "logits": results[-1][3]}
 
 
 def worker(device: torch.device, args) -> None:
@@ -122,7 +125,7 @@ def worker(device: torch.device, args) -> None:
     def report(row):
         rows.append(row)
         if rank == 0:
-            print({k: v for k, v in row.items() if k != "tokens"}, flush=True)
+            print({k: v for k, v in row.items() if k not in ("tokens", "logits")}, flush=True)
 
     for prompt in args.prompts:
         ids = torch.randint(1, config.vocab_size, (1, prompt),
@@ -138,8 +141,10 @@ def worker(device: torch.device, args) -> None:
                     def run():
                         p = _timed_generate(model, ids, 1, device, cache_implementation="static")
                         t, out = _timed_generate(model, ids, 1 + args.new, device,
-                                                 cache_implementation="static")
-                        return p[0], (t - p[0]) / args.new, out[0, prompt:].tolist()
+                                                 cache_implementation="static",
+                                                 output_logits=True, return_dict_in_generate=True)
+                        return (p[0], (t - p[0]) / args.new, out.sequences[0, prompt:].tolist(),
+                                out.logits[0][0].float().cpu())
                 with torch.no_grad():
                     report({**_median_runs(run, args.repeats), "prompt": prompt,
                             "what": f"one GPU, {baseline}"})
@@ -169,14 +174,24 @@ def worker(device: torch.device, args) -> None:
         dist.barrier()
     if rank != 0:
         return
-    print("\n| prompt | what | prefill s | per new token ms | tokens as the first row's |")
-    print("|---:|---|---:|---:|---|")
+    # Greedy tokens part where the top two logits nearly tie: each row's tokens are compared with
+    # the first row's up to the first difference, and its prefill logits by their largest
+    # difference, beside the first row's gap between its top two (a difference beyond that gap
+    # may change the token; one below it may not)
+    print("\n| prompt | what | prefill s | per new token ms | tokens as the first row's | "
+          "prefill logits: max abs diff to the first row's (its top-2 gap) |")
+    print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         ref = next(x for x in rows if x["prompt"] == r["prompt"])
         n = min(len(r["tokens"]), len(ref["tokens"]))
-        same = "yes" if r["tokens"][:n] == ref["tokens"][:n] else "no"
+        same = next((i for i in range(n) if r["tokens"][i] != ref["tokens"][i]), n)
+        top2 = ref["logits"].topk(2).values
+        diff = float((r["logits"] - ref["logits"]).abs().max())
+        r["prefill_logits_max_abs_diff"] = diff
         print(f"| {r['prompt']} | {r['what']} | {r['prefill_s']:.3f} | {r['per_token_ms']:.2f} | "
-              f"{same} |")
+              f"{same} of {n} | {diff:.3g} ({float(top2[0] - top2[1]):.3g}) |")
+    for r in rows:
+        del r["logits"]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
