@@ -3,6 +3,8 @@
     python examples/generate.py                      # spawns 4 CPU ranks over gloo
     python examples/generate.py --world 2 --prompt 1000 --new 32
     torchrun --nproc-per-node 8 examples/generate.py --prompt 131072 --dtype bfloat16   # GPUs
+    torchrun --nproc-per-node 2 examples/generate.py --prompt 32768 --dtype bfloat16 \
+        --compiler inductor --mode reduce-overhead        # decode steps as CUDA graphs
 
 A small transformers Llama with random weights (no download). Every rank builds the same model
 and feeds the same prompt. The prefill runs sharded over the ring, and each rank keeps its striped
@@ -76,9 +78,13 @@ def worker(device: torch.device, args) -> None:
     if rank == 0:
         print(f"{world} ranks ({'NCCL' if on_gpu else 'gloo'}), prompt of {args.prompt} tokens "
               f"({args.prompt // world} per rank), {args.new} new tokens")
-    compiled = torch.compile(model, backend="ring", dynamic=False,
-                             options={"layout": "striped", "compiler": args.compiler})
-    cache = ShardedKVCache(model.config, max_length=args.prompt + args.new)
+    options = {"layout": "striped", "compiler": args.compiler}
+    if args.mode != "default":
+        options["mode"] = args.mode
+    compiled = torch.compile(model, backend="ring", dynamic=False, options=options)
+    # allocated up front: static addresses, which decode steps as CUDA graphs write into
+    cache = ShardedKVCache(model.config, max_length=args.prompt + args.new, batch_size=args.batch,
+                           dtype=getattr(torch, args.dtype), device=device)
     ring = generate(compiled, prompt, args.new, cache, show=rank == 0)
     held = sum(int((layer.shard.positions[0] < args.prompt + args.new).sum())
                for layer in cache.layers) // len(cache.layers)
@@ -108,6 +114,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float64", choices=["float64", "float32", "bfloat16"],
                    help="float64 makes greedy ties between ring and one process vanishingly rare")
     p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager", "eager"])
+    p.add_argument("--mode", default="default", choices=["default", "reduce-overhead"],
+                   help="inductor's mode (--compiler inductor): reduce-overhead makes each decode "
+                   "step a CUDA graph on GPUs")
     args = p.parse_args()
     launch(worker, args, args.world)
 
