@@ -3,7 +3,8 @@
 Expects: ``ctx.sites`` (pass 2).
 Guarantees: a site whose ``attn_mask`` is computed, node by node, from index aranges, a key
 padding mask and packed-document ids — the way transformers builds causal, sliding-window,
-padding and packed-sequence masks — gets ``site.lifted_mask`` (an ``AttentionMask``: position
+padding and packed-sequence masks, and ALiBi's float mask with its bias per key — gets
+``site.lifted_mask`` (an ``AttentionMask``: position
 rules, key padding, document ids) and no dense mask: no rank materialises S x S, and the ring
 skips steps and tiles the facts rule out. The mask is read symbolically (``mask_reader``: what
 is understood), so the result is the same function, not a guess; anything else keeps the dense
@@ -62,6 +63,8 @@ def run(ctx: RingContext) -> None:
             parts.append("one document (ids computed from aranges)")
         if shifted:
             parts.append("the documents are chunks that start after each row's left padding")
+        if facts.empty_rows_mean:
+            parts.append("rows no key reaches get the mean of V (the float mask's finfo.min fill)")
         ctx.report.lifted.append(f"{where}: mask {mask_name} -> " + ", ".join(parts))
 
 
