@@ -26,7 +26,6 @@ every token, so each step would be a new graph to a static compile).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ from ranks import launch  # noqa: E402
 
 # (importing ringcompile registers backend="ring" without pip install)
 from ringcompile.hf_cache import ShardedKVCache  # noqa: E402
+from saving import replot, save_run  # noqa: E402  (benchmarks/saving.py: a script's folder is on its path)
 
 
 def _config(tiny: bool):
@@ -193,13 +193,8 @@ def worker(device: torch.device, args) -> None:
     for r in rows:
         del r["logits"]
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        try:
-            plot(rows, os.path.join(args.out, "bench_generate.png"))
-        except ImportError:
-            print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
+        save_run(args.out, "bench_generate", rows,
+                 lambda: plot(rows, os.path.join(args.out, "bench_generate.png")))
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -247,8 +242,7 @@ def main() -> None:
     p.add_argument("--replot", metavar="DIR", help="draw DIR/bench_generate.json and stop")
     args = p.parse_args()
     if args.replot:
-        with open(os.path.join(args.replot, "bench_generate.json")) as f:
-            plot(json.load(f), os.path.join(args.replot, "bench_generate.png"))
+        replot(args.replot, "bench_generate", plot)
         return
     launch(worker, args, args.world)
 

@@ -46,6 +46,7 @@ from ringcompile.blocks import Piece
 from ringcompile.kernels import select_kernels
 from ringcompile.kernels.triton_flash import BwdConfig, FwdConfig, TritonKernels
 from ringcompile.masks import BlockMask, PositionRules
+from saving import save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 SHAPES = [  # (B, H, Hkv, S, D)
     (1, 32, 8, 8192, 128),
@@ -413,13 +414,9 @@ def main():
                 points[(name, S)] = {m: hit[0][m] for m in ("fwd", "fwd+bwd") if m in hit[0]}
             else:
                 points[(name, S)] = measure(name, (1, 32, 8, S, 128), True)
-    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
-        json.dump(dict(table=table, plot={f"{n}/{S}": p for (n, S), p in points.items()}), f,
-                  indent=1)  # fmt: skip
-    try:
-        plot(points, os.path.join(args.out, "bench_kernels.png"))
-    except ImportError:
-        print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
+    save_run(args.out, "bench_kernels",
+             dict(table=table, plot={f"{n}/{S}": p for (n, S), p in points.items()}),
+             lambda: plot(points, os.path.join(args.out, "bench_kernels.png")))
 
     print("\nTFLOP/s: fwd+bwd fwd")
     print("| B,H,Hkv,S,D | causal | " + " | ".join(impls) + " |")

@@ -49,6 +49,7 @@ from ringcompile.group import nccl_options
 from ringcompile.kernels import select_kernels
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring_op import _Call, _own_part_backward, _own_parts
+from saving import save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
 IDEALS = {"auto": "ideal: cuDNN on one GPU, whole sequence (time / W)",
@@ -382,12 +383,8 @@ def report(rows, world, args, device):
             lines.append(f"| {name} | {r['error']} | | | | |")
     text = "\n".join(lines)
     print(text, flush=True)
-    with open(os.path.join(args.out, f"bench_ring_w{world}{args.tag}.json"), "w") as f:
-        json.dump({"setup": head, "rows": rows}, f, indent=1)
-    try:
-        plot(args.out, args.tag)
-    except ImportError:
-        print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
+    save_run(args.out, f"bench_ring_w{world}{args.tag}", {"setup": head, "rows": rows},
+             lambda: plot(args.out, args.tag))
 
 
 PLOTTED = ["ours striped", "ours zigzag", "ours striped, triton blocks",

@@ -52,6 +52,7 @@ from ringcompile.kernels.triton_flash import (
 from ringcompile.layout import make_layout
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring_op import _Call, _own_block_parts, _own_part_backward, _own_parts, step_plan
+from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 W, LOCAL, H, HKV, D = 8, 8192, 32, 8, 128
 S = W * LOCAL
@@ -296,8 +297,7 @@ def main():
     ap.add_argument("--kernels", default="auto,triton", help="block kernel choices to ring")
     args = ap.parse_args()
     if args.replot:
-        with open(os.path.join(args.replot, "bench_ring_sim.json")) as f:
-            plot(json.load(f), os.path.join(args.replot, "bench_ring_sim.png"))
+        replot(args.replot, "bench_ring_sim", plot)
         return
     if args.steps:
         step_tiles(args.out)
@@ -333,12 +333,8 @@ def main():
             print(f"{kern} blocks, {name}: fwd critical {crit_fwd:.2f} ms, fwd+bwd {crit_all:.2f} ms"
                   f" ({100 * res['fwd+bwd']['vs_cudnn']:.1f}% of cuDNN's ideal, "
                   f"{100 * res['fwd+bwd']['vs_triton']:.1f}% of Triton's)", flush=True)  # fmt: skip
-    with open(os.path.join(args.out, "bench_ring_sim.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    try:
-        plot(results, os.path.join(args.out, "bench_ring_sim.png"))
-    except ImportError:
-        print("matplotlib missing: no plot (draw it elsewhere with --replot)", flush=True)
+    save_run(args.out, "bench_ring_sim", results,
+             lambda: plot(results, os.path.join(args.out, "bench_ring_sim.png")))
 
     print("\n| blocks | mode | cuDNN ideal | Triton ideal | " + " | ".join(LAYOUTS) + " |")
     print("|---|---|---|---|" + "---|" * len(LAYOUTS))
