@@ -241,14 +241,13 @@ def _warn_if_nothing_sharded(ctx: RingContext) -> None:
     )
 
 
-_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
 def _warn_if_cache_moves(ctx: RingContext, mode: str | None) -> None:
     """A decode step for CUDA graphs that writes cache slots the prefill allocated inside its
     graph: inductor then does not capture the step (it copies or skips inputs that are written and
     not static), so the mode buys nothing, and only its logs would say so."""
-    if mode not in _CUDA_GRAPH_MODES:
+    from torch._inductor import list_mode_options
+
+    if mode in (None, "default") or not list_mode_options(mode).get("triton.cudagraphs"):
         return
     for node in ctx.gm.graph.nodes:
         if node.op == "call_function" and node.target in APPEND_OPS:

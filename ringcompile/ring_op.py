@@ -574,13 +574,18 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
             chain_works = ring.exchange([dkv], [chain_incoming], ring.peer(1 - n), ring.peer(n - 1))
         comm_stats.dkv_blocks_sent += 1
     own_part(1)
+    if call.mask.empty_rows_mean:  # (into the own block's dK/dV, while the last hop travels)
+        _EmptyRows(call, q, k, v, lse).backward(dout, out, scale, dq, own_dkv)
+    dq = dq.to(q.dtype)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # an op's outputs may not alias each other
     if n > 1:
         _wait(chain_works)
-        own_dkv += chain_incoming
-    if call.mask.empty_rows_mean:
-        _EmptyRows(call, q, k, v, lse).backward(dout, out, scale, dq, own_dkv)
-    # (copies: an op's outputs may not share storage)
-    return dq.to(q.dtype), own_dkv[0].to(k.dtype, copy=True), own_dkv[1].to(v.dtype, copy=True)
+        torch.add(own_dkv[0], chain_incoming[0], out=dk)
+        torch.add(own_dkv[1], chain_incoming[1], out=dv)
+    else:
+        dk.copy_(own_dkv[0])
+        dv.copy_(own_dkv[1])
+    return dq, dk, dv
 
 
 # -- the torch.library ops ---------------------------------------------------------------------

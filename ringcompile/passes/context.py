@@ -12,6 +12,7 @@ from torch.fx import GraphModule, Node
 
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import AttentionMask
+from ringcompile.passes.fx_utils import in_place_method
 from ringcompile.report import GraphReport
 from ringcompile.runtime import (
     RingAttention,
@@ -29,7 +30,7 @@ def _mutates(node: Node) -> bool:
     deems those pure too: a cache append whose result is unused would vanish)."""
     t = node.target
     if node.op == "call_method":
-        return isinstance(t, str) and t.endswith("_") and not t.endswith("__")
+        return in_place_method(node) or t == "requires_grad_"
     if node.op == "call_function":
         if isinstance(t, torch._ops.OpOverloadPacket):
             return any(getattr(t, o)._schema.is_mutable for o in t.overloads())

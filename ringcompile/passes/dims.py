@@ -62,7 +62,7 @@ _POINTWISE_METHODS = {
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone",
     "detach", "pow", "rsqrt", "sqrt", "exp", "cos", "sin", "neg", "sigmoid", "tanh", "mul",
     "add", "sub", "div", "masked_fill", "clamp", "abs", "long", "int", "bool", "logical_and",
-    "logical_or", "where", "requires_grad_", "add_",
+    "logical_or", "where", "requires_grad_",
 }
 _NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
 _SOFTMAXES = {F.softmax, F.log_softmax}
@@ -187,8 +187,8 @@ def dim_map(node: Node) -> DimMap | None:
     xs = shape_of(x)
 
     if (node.op == "call_function" and t in _POINTWISE_FUNCTIONS) or (
-        node.op == "call_method" and t in _POINTWISE_METHODS
-    ):
+        node.op == "call_method" and (t in _POINTWISE_METHODS or t.endswith("_") and t[:-1] in _POINTWISE_METHODS)
+    ):  # (``x.add_(y)`` maps its dims as ``x.add(y)`` does)
         return _pointwise(node, out)
 
     if node.op == "call_function" and t is operator.getitem:
@@ -269,7 +269,7 @@ def dim_map(node: Node) -> DimMap | None:
             off = len(out) - len(xs)
             return [(x, {d: d + off for d in range(len(xs)) if xs[d] == out[d + off]})]
         return [(x, _reshape_groups(xs, out))]
-    if node.op == "call_method" and t in ("scatter", "scatter_"):  # x.scatter(dim, index, src)
+    if node.op == "call_method" and t.removesuffix("_") == "scatter":  # x.scatter(dim, index, src)
         dim = _arg(node, 1, "dim") % len(xs)
         keep = {d: d for d in range(len(xs)) if d != dim}
         return [(a, keep) for a in (x, _arg(node, 2, "index"), _arg(node, 3, "src"))

@@ -30,7 +30,7 @@ from torch.fx import Node
 
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import is_tensor_node
-from ringcompile.passes.fx_utils import is_sdpa, sdpa_args
+from ringcompile.passes.fx_utils import in_place_method, is_sdpa, sdpa_args
 
 _DUNDERS = {
     "__eq__": operator.eq, "__ne__": operator.ne, "__lt__": operator.lt, "__le__": operator.le,
@@ -106,8 +106,7 @@ def _is_view(node: Node) -> bool:
 def _out_of_place(node: Node, position: dict[Node, int]) -> str | None:
     """The out-of-place method for an in-place ``node`` whose change nothing else can see."""
     t = node.target
-    if not (node.op == "call_method" and isinstance(t, str) and t.endswith("_")
-            and not t.endswith("__") and hasattr(torch.Tensor, t[:-1])):  # fmt: skip
+    if not (in_place_method(node) and hasattr(torch.Tensor, t[:-1])):
         return None
     x = node.args[0]
     if not isinstance(x, Node) or x.op not in ("call_function", "call_method") or _is_view(x):

@@ -77,10 +77,12 @@ class _Region:
     """What both forms share: the region's inputs as rows or not, and outlining it."""
 
     what = ""
-    label: dict[Node, str]
-    inputs: list[Node]
-    row_inputs: set[Node]
-    free_inputs: set[Node]
+
+    def __init__(self):
+        self.label: dict[Node, str] = {}
+        self.inputs: list[Node] = []  # what the region reads from outside, in first-read order
+        self.row_inputs: set[Node] = set()  # those read as rows
+        self.free_inputs: set[Node] = set()  # those read as no rows (parameters, constants)
 
     def _of(self, a, members) -> str | None:
         """An argument's order: a region node's label; None for anything else (an input)."""
@@ -132,6 +134,7 @@ class _Dispatch(_Region):
     what = "a mixture-of-experts dispatch (sorted by expert)"
 
     def __init__(self, sort: Node):
+        super().__init__()
         self.sort = sort
         ids = sort.args[0]
         if not (ids.op == "call_method" and ids.target in _RESHAPES and ids.args[1:] == (-1,)):
@@ -140,10 +143,7 @@ class _Dispatch(_Region):
         if choices is None or len(choices) != 2:
             raise _NotCandidate("the sorted ids are not (tokens, k) choices")
         self.N, self.k = choices
-        self.label: dict[Node, str] = {}
-        self.inputs: list[Node] = []  # what the region reads from outside, in first-read order
-        self.row_inputs: set[Node] = set()  # those read as rows
-        self.free_inputs: set[Node] = set()  # those read as no rows (parameters, constants)
+        self.perm: Node | None = None
         self.arange: Node | None = None
         self.view: Node | None = None
 
@@ -152,7 +152,7 @@ class _Dispatch(_Region):
         gets = list(self.sort.users)
         if len(gets) != 2 or sorted(g.args[1] for g in gets if g.target is operator.getitem) != [0, 1]:
             raise _NotCandidate("sort's results are used otherwise")
-        perm = next(g for g in gets if g.args[1] == 1)
+        perm = self.perm = next(g for g in gets if g.args[1] == 1)
         inverse = [u for u in perm.users if u.op == "call_function" and u.target is torch.empty_like]
         if len(inverse) != 1:
             raise _NotCandidate("no inverse permutation")
@@ -275,9 +275,8 @@ class _Dispatch(_Region):
 
     def _resized(self, n: Node, copy: Node, env: dict) -> None:
         if n is self.arange:  # arange(N·k): as many as the pairs
-            perm = next(g for g in self.sort.users if g.args[1] == 1)
             with copy.graph.inserting_before(copy):
-                pairs = copy.graph.call_method("size", (env[perm], 0))
+                pairs = copy.graph.call_method("size", (env[self.perm], 0))
             copy.args = (pairs,)
         if n is self.view:  # (N, k, ...): as many tokens as there are
             copy.args = (copy.args[0], -1, *shape_of(n)[1:])
@@ -290,14 +289,13 @@ class _Repeated(_Region):
     what = "a mixture-of-experts block (every token through every expert)"
 
     def __init__(self, repeat: Node):
+        super().__init__()
         self.repeat = repeat
         rows = shape_of(repeat.args[0])
         if not (len(repeat.args) == 3 and isinstance(repeat.args[1], int) and repeat.args[2] == 1
                 and rows is not None and len(rows) == 2):  # fmt: skip
             raise _NotCandidate("not rows repeated once per expert")
         self.E, self.N = repeat.args[1], rows[0]
-        self.label, self.inputs = {}, []
-        self.row_inputs, self.free_inputs = set(), set()
 
     def _per_expert_view(self, n: Node) -> bool:
         """A view as (E, N, ...), the rows' count left to -1."""

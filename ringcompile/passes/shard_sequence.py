@@ -41,7 +41,7 @@ from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import StripedLayout
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import dim_map, dtype_only_inputs, shape_of, size_args
-from ringcompile.passes.fx_utils import sdpa_args, source_line
+from ringcompile.passes.fx_utils import in_place_method, sdpa_args, source_line
 
 POSITION_KINDS = ("positions", "table")  # shard points whose values are positions
 
@@ -101,12 +101,6 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
     if site is not None:
         ctx.site_facts_local[node] = {name: replace[t] for name, t in facts.items() if t in replace}
     return want, replace
-
-
-def _in_place(node: Node) -> bool:
-    t = node.target
-    return (node.op == "call_method" and isinstance(t, str) and t.endswith("_")
-            and not t.endswith("__") and t != "requires_grad_")  # fmt: skip
 
 
 def _shard_in_place(ctx: RingContext, node: Node) -> None:
@@ -211,7 +205,7 @@ def run(ctx: RingContext) -> None:
             continue
         if _local_cache_append(ctx, node):
             continue
-        if _in_place(node):
+        if in_place_method(node):
             _shard_in_place(ctx, node)
             continue
         plan = None
