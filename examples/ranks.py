@@ -11,6 +11,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
 from ringcompile.group import nccl_options
 
@@ -28,6 +29,11 @@ def _run(rank: int, world: int, worker, args, port: int) -> None:
     try:
         worker(device, args)
     finally:
+        if device.type == "cuda":
+            # CUDA graphs that captured NCCL work (decode steps under mode="reduce-overhead") must
+            # go before the communicator does: destroying the group under them hangs at exit
+            reset_cudagraph_trees()
+            torch.cuda.synchronize(device)
         dist.destroy_process_group()
 
 
