@@ -12,10 +12,17 @@ attends over all shards with ``tree_attn_decode`` (one all-gather per layer).
 
 The cache counts its tokens in a tensor, so one compiled decode step serves every token: inside a
 compiled step ``get_seq_length`` returns that 0-d tensor (transformers adds it to an arange for the
-default position ids), between steps a Python int. Masks are sized for the new tokens alone
-(``get_mask_sizes``); the backend reads what transformers builds from them as causality plus key
-padding by global position (left-padded batches work) and refuses anything else, such as sliding
-windows, which the constructor refuses up front.
+default position ids), between steps a Python int. A mask built inside a compiled step is sized
+for the new tokens alone (``get_mask_sizes``); the backend reads it as causality plus key padding
+by global position (left-padded batches work) and refuses anything else, such as sliding windows,
+which the constructor refuses up front.
+
+Once it holds the prompt the cache says it is compileable. ``generate()`` then builds each decode
+step's mask before the step, at one size: (batch, 1, new tokens, capacity), column p for global
+position p. Without that the 2-D ``attention_mask`` that ``generate()`` grows by a column per token
+would be a new input shape, so a new graph (a new CUDA graph), every token; with it one graph
+serves every step. Before the prompt it says no, so ``generate()`` does not compile the model
+itself over the ring-compiled forward.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ class _ShardedLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.shard.reset()
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.shard.filled
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("ShardedKVCache does not reorder for beam search; use greedy or "
@@ -94,13 +105,24 @@ class ShardedKVCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length()
 
-    # transformers sizes its masks with these: the new tokens alone. It then skips the mask when
-    # nothing is padded, or builds causality and key padding that the backend's decode pass reads
-    # by global position (decode_attention.py).
-    def get_query_offset(self, layer_idx: int = 0) -> int:
+    # transformers sizes its masks with these. Inside a compiled step: the new tokens alone (it
+    # then skips the mask when nothing is padded, or builds causality and key padding that the
+    # backend's decode pass reads by global position, decode_attention.py). Outside one, after the
+    # prompt (generate() building a decode step's mask for a compileable cache): every position
+    # the cache can hold, the queries at the tokens held so far, so the mask has one shape for
+    # every step and says by global position which keys each query sees.
+    def _mask_by_position(self, layer_idx: int) -> bool:
+        return self.layers[layer_idx].shard.filled and not torch.compiler.is_compiling()
+
+    def get_query_offset(self, layer_idx: int = 0):
+        if self._mask_by_position(layer_idx):
+            return self.layers[layer_idx].shard.length  # a tensor: no host sync per step
         return 0
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        if self._mask_by_position(layer_idx):
+            shard = self.layers[layer_idx].shard
+            return shard.capacity * shard.world_size, 0
         if not isinstance(query_length, int):  # transformers 4.x passes cache_position
             query_length = query_length.shape[0]
         return query_length, 0

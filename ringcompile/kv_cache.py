@@ -19,7 +19,9 @@ The ops:
 - ``ringcompile::sharded_kv`` marks a buffer that an attention call reads in a decode step. It
   carries the buffer's positions and the queries' positions for the backend's
   ``decode_attention`` pass, which replaces that attention with ``tree_attn_decode`` over the
-  shards. Run by anything else, it raises: plain SDPA over a shard would be silently wrong.
+  shards. Run by anything else, it raises: plain SDPA over a shard would be silently wrong. Its
+  (fake) result has a row per global position the cache can hold, C * W: it stands for the keys
+  of the whole sequence, so a mask over global positions fits it while Dynamo traces the step.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def _(keys, values, positions, new_keys, new_values, new_positions, rank, world_
 
 
 @torch.library.custom_op("ringcompile::sharded_kv", mutates_args=())
-def sharded_kv(buffer: torch.Tensor, positions: torch.Tensor,
-               query_positions: torch.Tensor) -> torch.Tensor:
+def sharded_kv(buffer: torch.Tensor, positions: torch.Tensor, query_positions: torch.Tensor,
+               world_size: int) -> torch.Tensor:
     raise RuntimeError(
         "a decode step read this rank's shard of a ShardedKVCache outside the ring backend: "
         "attention over one shard is not attention over the sequence. Run the model under "
@@ -65,9 +67,9 @@ def sharded_kv(buffer: torch.Tensor, positions: torch.Tensor,
 
 
 @sharded_kv.register_fake
-def _(buffer, positions, query_positions):
-    return torch.empty_strided(buffer.shape, buffer.stride(), dtype=buffer.dtype,
-                               device=buffer.device)
+def _(buffer, positions, query_positions, world_size):
+    B, H, slots, D = buffer.shape
+    return buffer.new_empty((B, H, (slots - 1) * world_size, D))
 
 
 APPEND_OPS = (torch.ops.ringcompile.kv_cache_append, torch.ops.ringcompile.kv_cache_append.default)
@@ -138,5 +140,6 @@ class ShardedKV:
                                               positions, self.rank, self.world_size)
         if prefill:
             return k, v
-        return (torch.ops.ringcompile.sharded_kv(self.keys, self.positions, positions),
-                torch.ops.ringcompile.sharded_kv(self.values, self.positions, positions))
+        W = self.world_size
+        return (torch.ops.ringcompile.sharded_kv(self.keys, self.positions, positions, W),
+                torch.ops.ringcompile.sharded_kv(self.values, self.positions, positions, W))

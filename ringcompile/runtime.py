@@ -113,6 +113,24 @@ class TreeDecode:
                                   k_positions, True, functional=True)
 
 
+def padding_by_position(mask: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
+    """The (B|1, N) key padding by global position that a decode step's (B|1, 1, T, N) bool mask
+    holds, when its column p is global position p (what ``generate()`` builds for a compileable
+    ``ShardedKVCache``): the last query's row. Every row must be causality by position and that
+    padding; checked on the device, so a mask of another kind fails the step instead of being
+    misread."""
+    table = mask[:, 0, -1]
+    qp = q_positions if q_positions.dim() == 2 else q_positions[None]  # (B|1, T)
+    keys = torch.arange(mask.shape[-1], device=mask.device)
+    expected = (keys <= qp[..., None]) & table[:, None]  # (B|1, T, N)
+    torch._assert_async(
+        (mask[:, 0] == expected).all(),
+        "decode: the 4-D attention mask over global positions is more than causality and key "
+        "padding, which decoding over a sharded cache does not support",
+    )
+    return table
+
+
 class _SumOverRing(torch.autograd.Function):
     """The ring's sum of per-rank partials, the same full value on every rank. Its gradient on
     each rank is the sum of the ranks' shares of the sum's gradient (the invariant above)."""

@@ -133,8 +133,8 @@ def forward(self, *inputs):  # 7 inputs
     positions = add.expand(1, 1)
     add_ = l_cache_length.add_(1)
     kv_cache_append = torch.ops.ringcompile.kv_cache_append(l_cache_keys, l_cache_values, l_cache_positions, l_k_, l_v_, positions, 0, 1)
-    k = torch.ops.ringcompile.sharded_kv(l_cache_keys, l_cache_positions, positions)
-    v = torch.ops.ringcompile.sharded_kv(l_cache_values, l_cache_positions, positions)
+    k = torch.ops.ringcompile.sharded_kv(l_cache_keys, l_cache_positions, positions, 1)
+    v = torch.ops.ringcompile.sharded_kv(l_cache_values, l_cache_positions, positions, 1)
     scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, k, v, is_causal = False, enable_gqa = True)
     return (scaled_dot_product_attention,)""")
     assert_expected_inline(after, """\
@@ -368,6 +368,65 @@ def test_transformers_generate_equals_one_process(gloo, world, padded):
         # a prefill graph per prompt length and the decode graph(s), not one per token
         decode = [r for r in reports if "over the sharded KV cache (tree attention)" in r]
         assert decode and len(reports) <= 5, [r.splitlines()[0] for r in reports]
+
+
+def generate_static(rank, world, padded):
+    """``generate()`` with ``model.forward`` compiled with ``dynamic=False`` (what a CUDA graph
+    needs: one shape per graph): tokens and logits against plain ``generate()``, and the graphs
+    compiled. ``max_length`` is not a multiple of W, so the cache holds more positions than it
+    was asked for."""
+    torch._dynamo.reset()
+    model = _hf_model("llama")
+    ids = torch.randint(1, V, (2, 11), generator=torch.Generator().manual_seed(11))
+    am = torch.ones_like(ids)
+    if padded:
+        am[0, :3] = 0
+    kw = dict(attention_mask=am, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    reports = []
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        model.forward = torch.compile(model.forward, dynamic=False, backend=functools.partial(
+            ring_backend, options={"compiler": "aot_eager"}, _reports=reports))
+        cache = ShardedKVCache(model.config, max_length=11 + 8 + 1, batch_size=2,
+                               dtype=torch.float64, device="cpu")
+        out = model.generate(ids, **kw, **{_cache_kw(model): cache})
+    return (bool(torch.equal(out.sequences, ref.sequences)),
+            _rel(torch.stack(out.logits), torch.stack(ref.logits)), [str(r) for r in reports])
+
+
+@pytest.mark.parametrize("world, padded", [(2, False), (3, True)])
+def test_generate_with_static_shapes_compiles_one_decode_graph(gloo, world, padded):
+    """The 2-D attention_mask that generate() grows every token would be a new input shape, so a
+    new graph, each step; the cache makes generate() build a mask of one shape instead (over
+    every position it holds), read as key padding by global position. Two graphs: the prompt and
+    one decode step for every token."""
+    for same, err, reports in gloo(world).run(generate_static, padded):
+        assert same and err < TOL, (same, err)
+        assert len(reports) == 2, [r.splitlines()[0] for r in reports]
+        assert "over the sharded KV cache (tree attention)" in reports[1]
+
+
+def test_padding_by_position_reads_the_last_row_and_checks_the_others():
+    """A decode step's mask over global positions (B, 1, T, N) gives the key padding by position
+    of its last query, exactly when every row is causality and that padding; else it fails."""
+    from ringcompile.runtime import padding_by_position
+
+    N, q_positions = 10, torch.tensor([[6, 7], [6, 7]])
+    pad = torch.ones(2, N, dtype=torch.bool)
+    pad[1, :2] = False  # left padding
+    keys = torch.arange(N)
+    mask = ((keys <= q_positions[..., None]) & pad[:, None])[:, None]  # (2, 1, 2, N)
+    table = padding_by_position(mask, q_positions)
+    assert torch.equal(table, pad & (keys <= 7))
+    window = mask.clone()
+    window[:, :, 1, :2] = False  # a sliding window on the last query: not causality and padding
+    with pytest.raises(RuntimeError, match="more than causality and key padding"):
+        padding_by_position(window, q_positions)
+    future = mask.clone()
+    future[:, :, 0, 7] = True  # the first query sees the second: not causal
+    with pytest.raises(RuntimeError, match="more than causality and key padding"):
+        padding_by_position(future, q_positions)
 
 
 def generate_after_forward(rank, world, padded):

@@ -6,9 +6,13 @@ possibly expanded by ``repeat_kv``.
 Guarantees: each SDPA reading such marks is ``tree_decode(q, keys, values, q_positions,
 k_positions, ...)``: the replicated queries attend over every rank's shard, causally by global
 position (which also hides empty slots), with one all-gather. The marks are gone (they raise if
-run). Refused with a clear error: a mask (transformers builds one for padding or sliding windows,
-sized for a cache no shard has), ``is_causal=False`` with several queries, dropout, or a cache
-built for another ring than the backend's.
+run). A mask is read as key padding by global position: one built in the graph (transformers',
+over the new tokens alone, reading the 2-D ``attention_mask``), or a bool graph input
+(B|1, 1, T, C * W) over every position the cache holds (``generate()``'s for a compileable
+``ShardedKVCache``; its rows are checked on the device to be causality and that padding). Refused
+with a clear error: any other mask (sliding windows, chunks, documents, arbitrary),
+``is_causal=False`` with several queries, dropout, or a cache built for another ring than the
+backend's.
 
     k, v = sharded_kv(keys, pos, qpos), sharded_kv(values, pos, qpos); sdpa(q, k, v, enable_gqa=True)
     -> tree_decode(q, keys, values, qpos, pos, enable_gqa=True)
@@ -16,15 +20,17 @@ built for another ring than the backend's.
 
 from __future__ import annotations
 
+import torch
 from torch.fx import Node
 
 from ringcompile.errors import RingCompileError
 from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.dims import shape_of
+from ringcompile.passes.dims import example, shape_of
 from ringcompile.passes.fx_utils import is_sdpa, sdpa_args, source_line
 from ringcompile.passes.mask_reader import NotLiftable, read_mask
 from ringcompile.passes.patterns import sharded_kv_marks
+from ringcompile.runtime import padding_by_position
 
 
 def _check_ring(ctx: RingContext) -> None:
@@ -58,28 +64,43 @@ def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
     return facts.rules.causal, facts.key_padding_mask
 
 
-def _refusal(a: dict, mk, mv, T: int) -> tuple[str | None, Node | None]:
-    """Why this decode step cannot be swapped (None if it can), and the key padding to apply."""
+def _is_mask_by_position(mask: Node, T: int, N: int) -> bool:
+    """Whether ``mask`` is a bool graph input (B|1, 1, T, N), N the positions the cache holds:
+    a mask built outside the step, whose column p is global position p (``hf_cache.py``)."""
+    value = example(mask)
+    return (mask.op == "placeholder" and isinstance(value, torch.Tensor)
+            and value.dtype == torch.bool and value.dim() == 4
+            and tuple(value.shape[1:]) == (1, T, N))  # fmt: skip
+
+
+def _refusal(a: dict, mk, mv, T: int, N: int) -> tuple[str | None, Node | None, bool]:
+    """Why this decode step cannot be swapped (None if it can), the key padding to apply, and
+    whether that padding is a mask by position (rows to read it from) rather than a table."""
     if mk is None or mv is None:
-        return "only one of its keys and values comes from the sharded cache", None
+        return "only one of its keys and values comes from the sharded cache", None, False
     causal, padding = bool(a.get("is_causal", False)), None
-    if a.get("attn_mask") is not None:
-        read = _mask_facts(a["attn_mask"], T)
+    mask = a.get("attn_mask")
+    if mask is not None and _is_mask_by_position(mask, T, N):
+        return None, mask, True
+    if mask is not None:
+        read = _mask_facts(mask, T)
         if read is None:
             return ("its mask is more than causality and key padding (a sliding window, chunks, "
                     "packed documents or an arbitrary mask), which decoding over a sharded cache "
-                    "does not support"), None
+                    "does not support"), None, False
         causal, padding = read
     if T > 1 and not causal:
-        return f"{T} queries that are not causal among themselves (causal decoding only)", None
+        return (f"{T} queries that are not causal among themselves (causal decoding only)", None,
+                False)
     if a.get("dropout_p", 0.0) not in (0, 0.0):
-        return "dropout_p != 0 (decode in eval mode)", None
-    return None, padding
+        return "dropout_p != 0 (decode in eval mode)", None, False
+    return None, padding, False
 
 
 def run(ctx: RingContext) -> None:
     _check_ring(ctx)
     swapped = False
+    tables: dict[Node, Node] = {}  # a mask by position: its padding table, read once per graph
     for node in list(ctx.gm.graph.nodes):
         if not is_sdpa(node):
             continue
@@ -89,9 +110,16 @@ def run(ctx: RingContext) -> None:
             continue
         where = f"{node.name} at {source_line(node)}"
         T = shape_of(a["query"])[-2]
-        problem, padding = _refusal(a, mk, mv, T)
+        N = (shape_of(mk[0])[-2] - 1) * ctx.world_size if mk is not None else None
+        problem, padding, by_position = _refusal(a, mk, mv, T, N)
         if problem:
             raise RingCompileError(f"backend='ring' cannot decode {where}: {problem}")
+        if by_position:
+            if padding not in tables:
+                with ctx.gm.graph.inserting_before(node):
+                    tables[padding] = ctx.gm.graph.call_function(padding_by_position,
+                                                                 (padding, mk[2]))
+            padding = tables[padding]
         node.target = ctx.tree_decode()
         node.args = (a["query"], mk[0], mv[0])
         node.kwargs = {"q_positions": mk[2], "k_positions": mk[1], "scale": a.get("scale"),

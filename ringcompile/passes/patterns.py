@@ -55,7 +55,7 @@ def unexpanded(node: Node) -> tuple[Node, int] | None:
 def _mark(node) -> tuple[Node, Node, Node] | None:
     """(buffer, positions, query positions) if ``node`` is a sharded-KV mark."""
     if isinstance(node, Node) and node.op == "call_function" and node.target in MARK_OPS:
-        return tuple(node.args)
+        return tuple(node.args[:3])
     return None
 
 
