@@ -8,10 +8,11 @@
 A ~1B transformers Llama (16 layers, hidden 2048, 32/8 heads of 128, MLP 5632, vocab 32000; bf16,
 random weights), batch 1, greedy, the logits of the last token only (``logits_to_keep=1``):
 
-- ours: every rank runs the model compiled by ``backend="ring"`` (inductor inside) with a
-  ``ShardedKVCache`` allocated up front, in a loop of its own (``examples/generate.py``'s: the
-  prompt, then one token at a time with its position); each ``--modes`` entry is the compile
-  mode: "default", or "reduce-overhead", where the decode step runs as a CUDA graph;
+- ours: every rank runs the model compiled by ``backend="ring"`` (inductor inside, static
+  shapes) with a ``ShardedKVCache`` allocated up front, in a loop of its own
+  (``examples/generate.py``'s: the prompt, then one token at a time with its position) or through
+  transformers' ``generate()`` (``--ours``; timed as "static" below); each ``--modes`` entry is the
+  compile mode: "default", or "reduce-overhead", where the decode step runs as a CUDA graph;
 - one GPU (rank 0 alone while the others wait): "eager", the same loop on the plain model with
   transformers' ``DynamicCache``; "static", ``generate()`` with transformers' static cache, whose
   decode step it compiles itself with ``mode="reduce-overhead"`` (per token: (``generate()`` of
@@ -19,13 +20,13 @@ random weights), batch 1, greedy, the logits of the last token only (``logits_to
 
 Prefill: the prompt's forward, synchronised. Per token: N decode steps back to back, synchronised
 at the end, / N. Medians of ``--repeats`` runs after one warm-up run (compiles, CUDA graph
-records). A loop's decode steps keep their shapes (``generate()`` grows its 2-D attention mask
-every token, so each step would be a new graph to a static compile).
+records).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -104,6 +105,21 @@ def _loop(model, ids, new: int, device, cache, together: bool):
     return prefill, per_token, torch.cat(tokens, 1)[0].tolist(), first_logits
 
 
+def _generate(model, ids, new: int, device, cache):
+    """Greedy tokens from ``generate()`` over the sharded cache: (prefill seconds (``generate()``
+    of 1 token), seconds per new token, tokens, the prefill's logits of the last token)."""
+    kw = {_cache_kw(model): cache}
+    cache.reset()
+    dist.barrier()
+    prefill = _timed_generate(model, ids, 1, device, **kw)[0]
+    cache.reset()
+    dist.barrier()
+    t, out = _timed_generate(model, ids, 1 + new, device, output_logits=True,
+                             return_dict_in_generate=True, **kw)
+    return (prefill, (t - prefill) / new, out.sequences[0, ids.shape[1]:].tolist(),
+            out.logits[0][0].float().cpu())
+
+
 def _median_runs(run, repeats: int) -> dict:
     run()  # warm-up
     results = [run() for _ in range(repeats)]
@@ -120,7 +136,9 @@ def worker(device: torch.device, args) -> None:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device, dtype).eval()
     model.generation_config.pad_token_id = 0
-    rows = []
+    # the prefill's last logits in float32 on one GPU: what each bf16 row's are compared with
+    reference = (copy.deepcopy(model).float() if args.fp32_reference and rank == 0 else None)
+    rows, fp32_logits = [], {}
 
     def report(row):
         rows.append(row)
@@ -131,6 +149,9 @@ def worker(device: torch.device, args) -> None:
         ids = torch.randint(1, config.vocab_size, (1, prompt),
                             generator=torch.Generator().manual_seed(prompt)).to(device)
         torch._dynamo.reset()
+        if reference is not None:
+            with torch.no_grad():
+                fp32_logits[prompt] = reference(input_ids=ids, logits_to_keep=1).logits[0, -1].cpu()
         if rank == 0:
             for baseline in args.baselines:
                 if baseline == "eager":
@@ -151,26 +172,39 @@ def worker(device: torch.device, args) -> None:
                 torch._dynamo.reset()
         dist.barrier()
         for mode in args.modes:
-            torch._dynamo.reset()
-            options = {"layout": "striped", "compiler": "inductor"}
-            if mode != "default":
-                options["mode"] = mode
-            compiled = torch.compile(model, backend="ring", dynamic=False, options=options)
-            # one cache, emptied for each run: its slots keep their addresses (the CUDA graph's)
-            cache = ShardedKVCache(config, max_length=prompt + args.new + 1, batch_size=1,
-                                   dtype=dtype, device=device)
+            for way in args.ours:
+                torch._dynamo.reset()
+                options = {"layout": "striped", "compiler": "inductor"}
+                if mode != "default":
+                    options["mode"] = mode
+                # one cache, emptied for each run: its slots keep their addresses (the CUDA
+                # graph's)
+                cache = ShardedKVCache(config, max_length=prompt + args.new + 1, batch_size=1,
+                                       dtype=dtype, device=device)
+                if way == "loop":
+                    compiled = torch.compile(model, backend="ring", dynamic=False,
+                                             options=options)
 
-            def ours():
-                cache.reset()
-                return _loop(compiled, ids, args.new, device, cache, together=True)
+                    def ours():
+                        cache.reset()
+                        return _loop(compiled, ids, args.new, device, cache, together=True)
+                else:
+                    model.forward = torch.compile(model.forward, backend="ring", dynamic=False,
+                                                  options=options)
 
-            what = f"ours, W={world}, mode={mode}"
-            try:
-                with torch.no_grad():
-                    report({**_median_runs(ours, args.repeats), "prompt": prompt, "what": what})
-            except Exception as e:  # (every rank fails alike: the next mode still runs)
-                if rank == 0:
-                    print(f"{what}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                    def ours():
+                        return _generate(model, ids, args.new, device, cache)
+
+                what = f"ours, W={world}, mode={mode}" + (", generate()" if way == "generate" else "")
+                try:
+                    with torch.no_grad():
+                        report({**_median_runs(ours, args.repeats), "prompt": prompt,
+                                "what": what})
+                except Exception as e:  # (every rank fails alike: the next mode still runs)
+                    if rank == 0:
+                        print(f"{what}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                if way == "generate":
+                    del model.forward  # the plain forward again
         dist.barrier()
     if rank != 0:
         return
@@ -178,9 +212,11 @@ def worker(device: torch.device, args) -> None:
     # the first row's up to the first difference, and its prefill logits by their largest
     # difference, beside the first row's gap between its top two (a difference beyond that gap
     # may change the token; one below it may not)
+    # With --fp32-reference, each row's prefill logits are also compared with one GPU's in float32:
+    # a bf16 row as far from it as one GPU's bf16 eager row is as exact as bf16 allows
     print("\n| prompt | what | prefill s | per new token ms | tokens as the first row's | "
-          "prefill logits: max abs diff to the first row's (its top-2 gap) |")
-    print("|---:|---|---:|---:|---:|---:|")
+          "prefill logits: max abs diff to the first row's (its top-2 gap) | to fp32's |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ref = next(x for x in rows if x["prompt"] == r["prompt"])
         n = min(len(r["tokens"]), len(ref["tokens"]))
@@ -188,8 +224,13 @@ def worker(device: torch.device, args) -> None:
         top2 = ref["logits"].topk(2).values
         diff = float((r["logits"] - ref["logits"]).abs().max())
         r["prefill_logits_max_abs_diff"] = diff
+        to_fp32 = "-"
+        if r["prompt"] in fp32_logits:
+            r["prefill_logits_max_abs_diff_to_fp32"] = float(
+                (r["logits"] - fp32_logits[r["prompt"]]).abs().max())
+            to_fp32 = f"{r['prefill_logits_max_abs_diff_to_fp32']:.3g}"
         print(f"| {r['prompt']} | {r['what']} | {r['prefill_s']:.3f} | {r['per_token_ms']:.2f} | "
-              f"{same} of {n} | {diff:.3g} ({float(top2[0] - top2[1]):.3g}) |")
+              f"{same} of {n} | {diff:.3g} ({float(top2[0] - top2[1]):.3g}) | {to_fp32} |")
     for r in rows:
         del r["logits"]
     if args.out:
@@ -235,8 +276,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"],
                    choices=["default", "reduce-overhead"])
+    p.add_argument("--ours", nargs="+", default=["loop", "generate"], choices=["loop", "generate"],
+                   help="how ours decodes: its own loop, or transformers' generate()")
     p.add_argument("--baselines", nargs="*", default=["eager", "static"],
                    choices=["eager", "static"])
+    p.add_argument("--fp32-reference", action="store_true",
+                   help="compare every row's prefill logits with one GPU's in float32 (slow "
+                        "beyond 32k: float32 attention)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke runs)")
     p.add_argument("--out", default=None)
     p.add_argument("--replot", metavar="DIR", help="draw DIR/bench_generate.json and stop")

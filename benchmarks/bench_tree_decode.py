@@ -9,6 +9,9 @@ Each rank holds 1/W of a KV cache of S tokens and the same new query (T tokens).
 
 Every timed step starts after a barrier; a rank's latency is its median over the steps and the
 table shows the slowest rank's. Both methods are checked against each other once per length.
+With ``--cuda-graph`` each method's step is captured as a CUDA graph (collective included) and
+replayed, as the backend's decode steps run under ``mode="reduce-overhead"``: what is left is the
+GPU's time, without the host's launches.
 
 Launch with torchrun (one rank per process; NCCL and CUDA when available)::
 
@@ -54,6 +57,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--causal", action="store_true",
                    help="tree: causal by global position (a striped cache, the new tokens after "
                         "it), as the backend's decode steps run; every key stays visible")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time each step captured as a CUDA graph and replayed (CUDA only)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     return p.parse_args()
@@ -68,6 +73,22 @@ def _allgather_kv_then_sdpa(q, k, v, world):
     full = gathered.view(world, 2, B, Hkv, S_r, D).permute(1, 2, 3, 0, 4, 5)
     full = full.reshape(2, B, Hkv, world * S_r, D)
     return F.scaled_dot_product_attention(q, full[0], full[1], enable_gqa=True)
+
+
+def _captured(fn):
+    """``fn``'s step as a CUDA graph: (replay, its output). Warmed up on a side stream first, as
+    capture requires (NCCL's communicator and Triton's kernels are set up outside the graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 def _latency_ms(fn, args, device) -> float:
@@ -106,16 +127,28 @@ def _bench(rank: int, world: int, args, device: torch.device) -> None:
         tree = functools.partial(tree_attn_decode, q, k, v, enable_gqa=True, **causal)
         gather = functools.partial(_allgather_kv_then_sdpa, q, k, v, world)
         with torch.no_grad():
-            torch.testing.assert_close(tree(), gather(), atol=2e-2, rtol=2e-2)
+            expected = gather()
+            torch.testing.assert_close(tree(), expected, atol=2e-2, rtol=2e-2)
+            if args.cuda_graph:
+                # (the graphs go before the process group does: NCCL work captured in a graph
+                # that outlives its communicator hangs the exit)
+                (tree_graph, tree_out), (gather_graph, gather_out) = _captured(tree), _captured(gather)
+                tree_graph.replay()
+                gather_graph.replay()
+                torch.testing.assert_close(tree_out, expected, atol=2e-2, rtol=2e-2)
+                torch.testing.assert_close(gather_out, expected, atol=2e-2, rtol=2e-2)
+                tree, gather = tree_graph.replay, gather_graph.replay
             t_tree = _latency_ms(tree, args, device)
             t_gather = _latency_ms(gather, args, device)
+            del tree, gather
         acc_bytes = 8 if dtype == torch.float64 else 4
         tree_recv = (world - 1) * B * H * T * (D + 1) * acc_bytes
         kv_recv = (world - 1) * 2 * B * Hkv * (S // world) * D * k.element_size()
         rows.append((S, S // world, t_tree, t_gather, t_gather / t_tree, tree_recv, kv_recv))
     if rank == 0:
         print(f"W={world}, {dist.get_backend()}, {device.type}, {args.dtype}, B={B} H={H} "
-              f"Hkv={Hkv} D={D} T={T}{', causal by position' if args.causal else ''}, median of "
+              f"Hkv={Hkv} D={D} T={T}{', causal by position' if args.causal else ''}"
+              f"{', captured as CUDA graphs' if args.cuda_graph else ''}, median of "
               f"{args.iters} steps (slowest rank)")
         print("| cache S | per rank | tree_attn_decode ms | allgather-KV+SDPA ms | speedup "
               "| recv/rank tree | recv/rank KV |")
@@ -142,6 +175,8 @@ def _spawned(rank: int, world: int, init_file: str, args) -> None:
 
 def main() -> None:
     args = _parse()
+    if args.cuda_graph and not torch.cuda.is_available():
+        raise SystemExit("--cuda-graph needs CUDA GPUs")
     if "RANK" in os.environ:  # torchrun
         cuda = torch.cuda.is_available()
         dist.init_process_group("nccl" if cuda else "gloo")
