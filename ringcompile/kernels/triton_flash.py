@@ -404,6 +404,7 @@ class _MaskArgs:
         return dict(
             CAUSAL=self.causal, HAS_WL=self.has_wl, HAS_WR=self.has_wr, HAS_CHUNK=self.has_chunk,
             HAS_DOCS=self.has_docs, HAS_KVALID=self.has_kvalid, DENSE_KIND=self.dense_kind,
+            DENSE_PER_KEY=self.dense_kind != 0 and self.dense_strides[2] == 0,
         )  # fmt: skip
 
 
@@ -528,6 +529,25 @@ def _add_mask(s, mask, offset):
 
 
 @triton.jit
+def _dense_tile(base, q_offs, k_offs, q_ok, k_ok, stride_mq, stride_mk,
+                PER_KEY: tl.constexpr, KEYS_FIRST: tl.constexpr):  # fmt: skip
+    """A dense mask's tile at ``base`` (its batch and head): (queries, keys), or (keys, queries)
+    with KEYS_FIRST. A mask alike for every query (stride 0 over them: a key bias such as ALiBi's)
+    loads one vector of keys, not a tile of repeats. Out-of-range elements read 0."""
+    if PER_KEY:
+        keys = tl.load(base + k_offs * stride_mk, mask=k_ok, other=0)
+        if KEYS_FIRST:
+            return keys[:, None]
+        return keys[None, :]
+    q_offs = q_offs.to(tl.int64)  # an S x S mask passes 2**31 elements beyond 46k tokens
+    if KEYS_FIRST:
+        return tl.load(base + q_offs[None, :] * stride_mq + k_offs[:, None] * stride_mk,
+                       mask=k_ok[:, None] & q_ok[None, :], other=0)
+    return tl.load(base + q_offs[:, None] * stride_mq + k_offs[None, :] * stride_mk,
+                   mask=q_ok[:, None] & k_ok[None, :], other=0)
+
+
+@triton.jit
 def _doc_range(doc, ok):
     """Smallest and largest document id among a tile's tokens where ``ok`` (none: lo > hi). Two
     tiles whose ranges do not meet hold no (query, key) pair of one document, whatever the ids'
@@ -613,7 +633,8 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, DENSE_PER_KEY: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr,
 ):  # fmt: skip
     # under causal masks later query tiles see more keys
     tile, bh = _tile_and_head(tl.cdiv(Sq, BLOCK_M), heads_per_chunk, LAST_HEAVIEST=True)
@@ -702,10 +723,9 @@ def _fwd_kernel(
                                 HAS_DOCS, HAS_KVALID) & k_ok[None, :]  # fmt: skip
             s = tl.dot(q, tl.trans(k)) * qk_scale
             if DENSE_KIND != 0:
-                # int64: an S x S mask passes 2**31 elements beyond 46k tokens
-                m_ptrs = dense_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-                m_ptrs = m_ptrs + offs_m[:, None].to(tl.int64) * stride_mq + offs_k[None, :] * stride_mk
-                dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+                dense = _dense_tile(
+                    dense_ptr + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh,
+                    offs_m, offs_k, row_ok, k_ok, stride_mq, stride_mk, DENSE_PER_KEY, False)
                 if DENSE_KIND == 1:
                     keep = keep & (dense != 0)
                 else:
@@ -824,7 +844,8 @@ def _bwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, DQ_MODE: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, DENSE_PER_KEY: tl.constexpr,
+    DQ_MODE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     # under causal masks earlier key tiles are seen by more queries
@@ -898,9 +919,9 @@ def _bwd_kernel(
                 dense_bias = None
                 row_off = None
                 if DENSE_KIND != 0:
-                    m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
-                    m_ptrs = m_ptrs + rows[None, :].to(tl.int64) * stride_mq + offs_n[:, None] * stride_mk
-                    dense = tl.load(m_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0)
+                    dense = _dense_tile(dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh,
+                                        rows, offs_n, row_ok, k_ok, stride_mq, stride_mk,
+                                        DENSE_PER_KEY, True)  # fmt: skip
                     if DENSE_KIND == 1:
                         keep = keep & (dense != 0)
                     else:
@@ -957,7 +978,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr,
+    HAS_KVALID: tl.constexpr, DENSE_KIND: tl.constexpr, DENSE_PER_KEY: tl.constexpr,
 ):  # fmt: skip
     """dq of one query tile over the key tiles of its lists (the forward's loop, recomputed)."""
     tile, bh = _tile_and_head(tl.cdiv(Sq, BLOCK_M), heads_per_chunk, LAST_HEAVIEST=True)
@@ -1030,9 +1051,9 @@ def _bwd_dq_kernel(
                                     HAS_CHUNK, HAS_DOCS, HAS_KVALID) & k_ok[None, :]  # fmt: skip
                 s = tl.dot(q, tl.trans(k)) * qk_scale
                 if DENSE_KIND != 0:
-                    m_ptrs = dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh
-                    m_ptrs = m_ptrs + offs_m[:, None].to(tl.int64) * stride_mq + offs_k[None, :] * stride_mk
-                    dense = tl.load(m_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0)
+                    dense = _dense_tile(dense_ptr + b64 * stride_mb + h.to(tl.int64) * stride_mh,
+                                        offs_m, offs_k, row_ok, k_ok, stride_mq, stride_mk,
+                                        DENSE_PER_KEY, False)  # fmt: skip
                     if DENSE_KIND == 1:
                         keep = keep & (dense != 0)
                     else:
