@@ -5,6 +5,7 @@
     torchrun --nproc-per-node 8 examples/generate.py --prompt 131072 --dtype bfloat16   # GPUs
     torchrun --nproc-per-node 2 examples/generate.py --prompt 32768 --dtype bfloat16 \
         --compiler inductor --mode reduce-overhead        # decode steps as CUDA graphs
+    python examples/generate.py --generate           # transformers' generate() instead of a loop
 
 A small transformers Llama with random weights (no download). Every rank builds the same model
 and feeds the same prompt. The prefill runs sharded over the ring, and each rank keeps its striped
@@ -24,6 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 import transformers
+from transformers.generation.streamers import BaseStreamer
 
 from ranks import launch
 
@@ -69,6 +71,37 @@ def generate(model, prompt, new_tokens: int, cache, show: bool) -> torch.Tensor:
     return torch.cat(tokens, 1)
 
 
+class _Progress(BaseStreamer):
+    """generate()'s tokens as a progress bar: its first ``put`` is the prompt."""
+
+    def __init__(self, total: int):
+        self.total, self.step, self.started = total, -1, time.time()
+
+    def put(self, value) -> None:
+        self.step += 1
+        if self.step:
+            progress(self.step, self.total, self.started)
+
+    def end(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def hf_generate(model, prompt, new_tokens: int, cache, options, show: bool) -> torch.Tensor:
+    """Greedy tokens from transformers' generate() with the forward compiled by the backend and
+    the given cache (a compileable cache once it holds the prompt: one decode graph)."""
+    params = inspect.signature(model.forward).parameters
+    kw = {"cache" if "cache" in params else "past_key_values": cache}
+    model.forward = torch.compile(model.forward, backend="ring", dynamic=False, options=options)
+    try:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             streamer=_Progress(new_tokens) if show else None, **kw)
+    finally:
+        del model.forward  # the plain forward again
+    return out[:, prompt.shape[1]:]
+
+
 def worker(device: torch.device, args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = device.type == "cuda"
@@ -81,11 +114,14 @@ def worker(device: torch.device, args) -> None:
     options = {"layout": "striped", "compiler": args.compiler}
     if args.mode != "default":
         options["mode"] = args.mode
-    compiled = torch.compile(model, backend="ring", dynamic=False, options=options)
     # allocated up front: static addresses, which decode steps as CUDA graphs write into
     cache = ShardedKVCache(model.config, max_length=args.prompt + args.new, batch_size=args.batch,
                            dtype=getattr(torch, args.dtype), device=device)
-    ring = generate(compiled, prompt, args.new, cache, show=rank == 0)
+    if args.generate:
+        ring = hf_generate(model, prompt, args.new, cache, options, show=rank == 0)
+    else:
+        compiled = torch.compile(model, backend="ring", dynamic=False, options=options)
+        ring = generate(compiled, prompt, args.new, cache, show=rank == 0)
     held = sum(int((layer.shard.positions[0] < args.prompt + args.new).sum())
                for layer in cache.layers) // len(cache.layers)
     print(f"rank {rank}: its cache shard holds {held} of {args.prompt + args.new - 1} tokens")
@@ -114,6 +150,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float64", choices=["float64", "float32", "bfloat16"],
                    help="float64 makes greedy ties between ring and one process vanishingly rare")
     p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager", "eager"])
+    p.add_argument("--generate", action="store_true",
+                   help="decode with transformers' generate() instead of a loop of our own")
     p.add_argument("--mode", default="default", choices=["default", "reduce-overhead"],
                    help="inductor's mode (--compiler inductor): reduce-overhead makes each decode "
                    "step a CUDA graph on GPUs")
