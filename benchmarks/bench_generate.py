@@ -120,6 +120,20 @@ def _generate(model, ids, new: int, device, cache):
             out.logits[0][0].float().cpu())
 
 
+@torch.no_grad()
+def _last_logits_in_chunks(model, ids, chunk: int = 2048) -> torch.Tensor:
+    """The prompt's last logits, the prompt fed ``chunk`` tokens at a time into a DynamicCache:
+    in float32 with GQA, SDPA takes its math path, whose whole-prompt score matrix (heads x S x
+    S) would not fit."""
+    cache = transformers.DynamicCache(config=model.config)
+    for start in range(0, ids.shape[1], chunk):
+        piece = ids[:, start:start + chunk]
+        positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None]
+        out = model(input_ids=piece, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{_cache_kw(model): cache})
+    return out.logits[0, -1].float().cpu()
+
+
 def _median_runs(run, repeats: int) -> dict:
     run()  # warm-up
     results = [run() for _ in range(repeats)]
@@ -150,8 +164,7 @@ def worker(device: torch.device, args) -> None:
                             generator=torch.Generator().manual_seed(prompt)).to(device)
         torch._dynamo.reset()
         if reference is not None:
-            with torch.no_grad():
-                fp32_logits[prompt] = reference(input_ids=ids, logits_to_keep=1).logits[0, -1].cpu()
+            fp32_logits[prompt] = _last_logits_in_chunks(reference, ids)
         if rank == 0:
             for baseline in args.baselines:
                 if baseline == "eager":
