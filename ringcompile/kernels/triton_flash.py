@@ -534,17 +534,22 @@ def _dense_tile(base, q_offs, k_offs, q_ok, k_ok, stride_mq, stride_mk,
     """A dense mask's tile at ``base`` (its batch and head): (queries, keys), or (keys, queries)
     with KEYS_FIRST. A mask alike for every query (stride 0 over them: a key bias such as ALiBi's)
     loads one vector of keys, not a tile of repeats. Out-of-range elements read 0."""
+    # (one return: triton compiles the statements after an early return in a constexpr branch)
     if PER_KEY:
         keys = tl.load(base + k_offs * stride_mk, mask=k_ok, other=0)
         if KEYS_FIRST:
-            return keys[:, None]
-        return keys[None, :]
-    q_offs = q_offs.to(tl.int64)  # an S x S mask passes 2**31 elements beyond 46k tokens
-    if KEYS_FIRST:
-        return tl.load(base + q_offs[None, :] * stride_mq + k_offs[:, None] * stride_mk,
-                       mask=k_ok[:, None] & q_ok[None, :], other=0)
-    return tl.load(base + q_offs[:, None] * stride_mq + k_offs[None, :] * stride_mk,
-                   mask=q_ok[:, None] & k_ok[None, :], other=0)
+            tile = keys[:, None]
+        else:
+            tile = keys[None, :]
+    else:
+        q_offs = q_offs.to(tl.int64)  # an S x S mask passes 2**31 elements beyond 46k tokens
+        if KEYS_FIRST:
+            tile = tl.load(base + q_offs[None, :] * stride_mq + k_offs[:, None] * stride_mk,
+                           mask=k_ok[:, None] & q_ok[None, :], other=0)
+        else:
+            tile = tl.load(base + q_offs[:, None] * stride_mq + k_offs[None, :] * stride_mk,
+                           mask=q_ok[:, None] & k_ok[None, :], other=0)
+    return tile
 
 
 @triton.jit
