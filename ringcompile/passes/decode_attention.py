@@ -126,8 +126,10 @@ def run(ctx: RingContext) -> None:
                        "enable_gqa": enable_gqa}
         if padding is not None:
             node.kwargs = {**node.kwargs, "padding_by_position": padding}
+        given = ", its mask given over global positions (rows checked on the device)"
         ctx.report.attention.append(
             f"{where}: decode, {T} replicated queries over the sharded KV cache (tree attention)"
+            + (given if by_position else "")
         )
         swapped = True
     if swapped:
