@@ -18,7 +18,10 @@ rank issues the same sends and receives in the same order whatever the compiler 
   travels, so no transfer waits alone at either end.
 
 The mask is one ``AttentionMask`` (``ringcompile.masks``), encoded as the op's two mask arguments:
-positions come from the layout, document ids and key validity travel with K/V. Each step's block
+positions come from the layout, document ids and key validity travel with K/V. Key validity that
+hides no key on any rank (a tokenizer's all-ones ``attention_mask``) is dropped once the ring
+knows it (the agreement's all-gather carries each rank's answer; the backward asks again), so
+those blocks are plain and go to the fastest kernel. Each step's block
 also says what it is (``ringcompile.blocks``): under position rules alone it is a few plain pieces
 (full, or causal on a square), which the kernels (``ringcompile.kernels``) hand to fused SDPA
 kernels; otherwise it is masked. Steps the position rules prove empty on every rank (a causal or
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,7 @@ class CommStats:
     dkv_blocks_sent: int = 0  # dK/dV accumulators this rank sent
     steps_computed: int = 0
     steps_skipped: int = 0
+    idle_padding_dropped: int = 0  # calls (forward or backward) whose key validity hid nothing
 
 
 comm_stats = CommStats()
@@ -107,6 +111,9 @@ def describe_steps(layout: Layout, rank: int, mask: AttentionMask, plain_kernel:
         kind = describe_block(pieces, n, n)
         kernel = plain_kernel if pieces is not None and plain_kernel is not None else masked_kernel
         lines.append(f"step {s} ({where}): {kind} -> {kernel}")
+    if mask.key_padding_mask is not None and not replace(mask, key_padding_mask=None).masked:
+        lines.append("(key padding that hides no key on any rank is dropped at run time: the "
+                     "steps after the own block are then plain)")
     return lines
 
 
@@ -132,14 +139,19 @@ class _Ring:
         ops += [dist.P2POp(dist.irecv, t, group=self.pg, group_peer=frm) for t in recv]
         return dist.batch_isend_irecv(ops)
 
-    def start_agreement(self, meta: list[int], what: list[str], device: torch.device):
+    def start_agreement(self, meta: list[int], what: list[str], device: torch.device,
+                        extra: torch.Tensor | None = None):  # fmt: skip
         """Start a small all-gather of every rank's ``meta``; the returned function waits for it
         (on the host) and raises on every rank if any rank's differs, instead of hanging a send.
+        ``extra``: int64 values computed on the device that ranks may differ in, gathered along;
+        the function returns every rank's (W, len(extra)) on the host (None without).
 
         Waiting later lets the GPU work meanwhile: the host waits for the all-gather alone, not
-        for the kernels queued before or after it."""
+        for the kernels queued before or after it (with ``extra``, also for the work before it)."""
         nccl = dist.get_backend(self.pg) == "nccl"
         mine = torch.tensor(meta, dtype=torch.int64)
+        n_extra = 0 if extra is None else extra.numel()
+        ready = _record_event(extra) if extra is not None and nccl else None
         # On NCCL, issued from the side stream: NCCL orders a collective after the work queued on
         # the issuing stream, which on the current stream is everything queued so far (calls back
         # to back: the previous call's whole backward), and the host would wait for all of it
@@ -148,10 +160,15 @@ class _Ring:
         with side:
             if nccl:
                 mine = mine.to(device, non_blocking=True)
-            table = mine.new_empty(self.size * len(meta))  # flat: gloo takes no other shape
+            if extra is not None:
+                if ready is not None:
+                    _side_stream(device).wait_event(ready)
+                    extra.record_stream(_side_stream(device))
+                mine = torch.cat([mine, extra.reshape(-1)])
+            table = mine.new_empty(self.size * mine.numel())  # flat: gloo takes no other shape
             work = all_gather_single(table, mine, group=self.pg, async_op=True)
 
-        def verify() -> None:
+        def verify() -> torch.Tensor | None:
             if nccl:
                 # A copy, no kernel: a kernel would queue behind the attention kernel's programs.
                 with torch.cuda.stream(_side_stream(device)):
@@ -160,7 +177,9 @@ class _Ring:
             else:
                 work.wait()
                 host = table
-            self._raise_on_disagreement(host.view(self.size, len(meta)), what)
+            host = host.view(self.size, len(meta) + n_extra)
+            self._raise_on_disagreement(host[:, :len(meta)], what)
+            return host[:, len(meta):] if extra is not None else None
 
         return verify
 
@@ -236,6 +255,7 @@ class _Call:
     facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity (they travel)
     key_bias: torch.Tensor | None  # (B|1, H|1, 1, S_local): AttentionMask.key_bias (it travels)
     kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
+    idle_padding: bool = False  # key validity travels but hides nothing (drop_idle_padding)
 
     @classmethod
     def make(cls, q, mask: AttentionMask, layout_name: str, seq_len: int, group_name: str,
@@ -263,6 +283,33 @@ class _Call:
     def source(self, step: int) -> int:
         return (self.rank - step) % self.layout.world_size
 
+    def padding_hides(self) -> torch.Tensor | None:
+        """(1,) int64 on the device: whether this rank's key validity hides a key (None without
+        one)."""
+        kp = self.mask.key_padding_mask
+        if kp is None:
+            return None
+        # a layout's padding slots (past seq_len) are no keys: the rules hide them anyway
+        real = _positions(self.layout, self.rank, kp.device) < self.seq_len
+        return (~kp & real).any().to(torch.int64).reshape(1)
+
+    def drop_idle_padding(self) -> None:
+        """No rank's key validity hides a key: blocks from here on are what the other facts make
+        them (plain under position rules alone). The facts keep travelling as they started."""
+        self.mask = replace(self.mask, key_padding_mask=None)
+        self.idle_padding = True
+        comm_stats.idle_padding_dropped += 1
+
+    def settle_padding(self, hides: torch.Tensor | None) -> None:
+        """Drop the key validity if it hides no key on any rank: ``hides`` is this rank's
+        ``padding_hides()``, asked of the ring (one tiny all-gather; the host waits for it)."""
+        if hides is None:
+            return
+        if self.ring is not None:
+            hides = self.ring.start_agreement([], [], hides.device, extra=hides)()
+        if not bool(hides.any()):
+            self.drop_idle_padding()
+
     def traveling(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         """What goes round the ring: K, V and the keys' per-token facts."""
         return [k, v] + [t for t in (self.facts, self.key_bias) if t is not None]
@@ -272,6 +319,9 @@ class _Call:
         src = self.source(step)
         k_pos = _positions(self.layout, src, torch.device(device))
         k_facts = blocks[2] if self.facts is not None else None
+        q_facts = self.facts
+        if self.idle_padding and self.mask.document_ids is None:
+            q_facts = k_facts = None  # they carried the validity alone
         dense = None
         if self.mask.dense is not None:
             # global columns of the source rank's keys; padding keys are masked by seq_len anyway
@@ -283,9 +333,9 @@ class _Call:
             k_pos=k_pos,
             seq_len=self.seq_len,
             rules=self.mask.rules,
-            q_doc=self.facts[0] if self.facts is not None else None,
+            q_doc=q_facts[0] if q_facts is not None else None,
             k_doc=k_facts[0] if k_facts is not None else None,
-            k_valid=k_facts[1] if k_facts is not None else None,
+            k_valid=k_facts[1] if k_facts is not None and not self.idle_padding else None,
             dense=dense,
             dense_offset=self.dense_offset,
             positions_key=(self.layout, self.rank, src),
@@ -338,7 +388,10 @@ def _ring_forward(q, k, v, mask: AttentionMask, scale, layout, seq_len, group_na
         agree = [("batch", B), ("heads", H), ("kv_heads", k.shape[1]),
                  ("local sequence length", S), ("head dim", D), ("dtype", _dtype_code(q.dtype)),
                  ("seq_len", seq_len), *mask.agreement()]  # fmt: skip
-        verify = ring.start_agreement([v for _, v in agree], [w for w, _ in agree], q.device)
+        verify = ring.start_agreement([v for _, v in agree], [w for w, _ in agree], q.device,
+                                      extra=call.padding_hides())  # fmt: skip
+    else:
+        call.settle_padding(call.padding_hides())
     kernels = select_kernels(q, call.kernels)
     state = kernels.forward_init(q)
     computed = call.computed_steps()
@@ -366,7 +419,9 @@ def _ring_forward(q, k, v, mask: AttentionMask, scale, layout, seq_len, group_na
         if check_first:
             inputs_ready = _record_event(q)
             compute(s)
-            verify()
+            hides = verify()  # (the own block computed with the validity: correct either way)
+            if hides is not None and not bool(hides.any()):
+                call.drop_idle_padding()
         works = None
         if s + 1 < n:
             # NCCL waits for the work queued on the issuing stream: issued after the own block's
@@ -500,6 +555,7 @@ def _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, own_mas
 def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, seq_len,
                    group_name, kernels):
     call = _Call.make(q, mask, layout, seq_len, group_name, kernels)
+    call.settle_padding(call.padding_hides())  # (as the forward settled it: the same facts)
     ring = call.ring
     kernels = select_kernels(q, call.kernels)
     acc = accumulation_dtype(q.dtype)

@@ -3,8 +3,9 @@
     torchrun --nproc-per-node W tests/nccl_checks.py
 
 1. ``ring_attention`` (P2P over NCCL) for every layout, causal GQA (its plain blocks on cuDNN by
-   default, and with ``kernels="triton"``) and a mixed mask (sliding window + documents + key
-   padding: Triton), bf16 and fp32, forward and backward. Bound:
+   default, and with ``kernels="triton"``), causal with key padding that hides nothing (dropped
+   by the ring) and a mixed mask (sliding window + documents + key padding: Triton), bf16 and
+   fp32, forward and backward. Bound:
    bf16 relative error to an fp64 reference on the whole sequence at most 1.5x that of SDPA's
    memory-efficient backend on the same bf16 inputs (the kernel tests' bound); fp32 (TF32 dots)
    below 5e-3.
@@ -37,6 +38,10 @@ def mask_case(kind, B, S, device, gen):
     pos = torch.arange(S, device=device)
     if kind == "causal":
         return {"is_causal": True}, (pos[None, :] <= pos[:, None])[None, None]
+    if kind == "idle padding":  # a tokenizer's all-ones mask: the ring drops it (plain blocks)
+        valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        causal = (pos[None, :] <= pos[:, None])[None, None]
+        return {"is_causal": True, "key_padding_mask": valid}, causal
     docs = torch.cumsum(torch.rand(B, S, generator=gen, device=device) < 0.01, 1)
     valid = torch.rand(B, S, generator=gen, device=device) > 0.1
     window = (200, 0)
@@ -52,7 +57,7 @@ def check_ring_attention(rank, world, device) -> list[str]:
     B, H, Hkv, S, D = 2, 8, 2, 1024 * world, 128
     gen = torch.Generator(device=device).manual_seed(0)
     full = [torch.randn(B, n, S, D, generator=gen, device=device) for n in (H, Hkv, Hkv, H)]
-    for kind in ("causal", "mixed"):
+    for kind in ("causal", "idle padding", "mixed"):
         kw, dense = mask_case(kind, B, S, device, gen)
         # fp64 reference on the whole sequence (rows with no key are 0, as the math backend)
         q64, k64, v64 = (t.double().requires_grad_() for t in full[:3])

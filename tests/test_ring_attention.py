@@ -71,6 +71,13 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
         valid[-1, S - 4 :] = False
         kw.update(is_causal=True, key_padding_mask=valid)
         allowed &= causal_tri & valid[:, None, None, :]
+    elif mask_kind in ("padding_idle", "padding_one_key"):
+        # a tokenizer's all-ones attention_mask; or one key hidden, held by one rank
+        valid = torch.ones(B, S, dtype=torch.bool)
+        if mask_kind == "padding_one_key":
+            valid[0, S - 1] = False
+        kw.update(is_causal=True, key_padding_mask=valid)
+        allowed &= causal_tri & valid[:, None, None, :]
     elif mask_kind == "dense":
         dense = torch.rand(B, H, S, S, generator=g) < 0.6
         dense[:, :, 1] = False  # a row that sees nothing
@@ -216,6 +223,24 @@ def test_rank_holding_only_padding(gloo, mask_kind):
     errs = gloo(4).run(check_against_sdpa, "contiguous", mask_kind, 4, 2, 9, 5)
     for rank, e in enumerate(errs):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+def check_idle_padding(rank, world, mask_kind):
+    reset_comm_stats()
+    errs = check_against_sdpa(rank, world, "zigzag", mask_kind, 4, 2, 21, 3)
+    return errs, comm_stats.idle_padding_dropped
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("mask_kind", ["padding_idle", "padding_one_key"])
+def test_key_padding_that_hides_nothing_is_dropped(gloo, world, mask_kind):
+    """No rank's key validity hides a key (a tokenizer's all-ones attention_mask): every rank
+    drops it, forward and backward, so its blocks are plain (the fastest kernel). One hidden key,
+    on one rank, keeps it on every rank. Exact either way; 21 tokens pad the layout, and its
+    padding slots (hidden, but no keys) do not count."""
+    for rank, (errs, dropped) in enumerate(gloo(world).run(check_idle_padding, mask_kind)):
+        assert max(errs) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {errs}"
+        assert dropped == (2 if mask_kind == "padding_idle" else 0), (rank, dropped)
 
 
 def check_ring_smaller_than_world(rank, world, layout_name):
