@@ -331,6 +331,17 @@ def test_decode_errors_name_the_problem(gloo, case, words):
         assert "BackendCompilerFailed" not in str(raised.value)
 
 
+def _prompts(length: int, new: int, padded: bool):
+    """Two prompts of ``length`` tokens (the first left-padded by 3 if ``padded``) and
+    ``generate()``'s arguments for ``new`` greedy tokens with their logits."""
+    ids = torch.randint(1, V, (2, length), generator=torch.Generator().manual_seed(length))
+    am = torch.ones_like(ids)
+    if padded:
+        am[0, :3] = 0  # left padding, as batched prompts are
+    return ids, dict(attention_mask=am, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                     pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
 def hf_generate(rank, world, padded):
     """transformers' own ``generate()`` with ``model.forward`` compiled (torch.compile's default
     dynamic shapes) and a ``ShardedKVCache``, against plain ``generate()`` on one process: tokens
@@ -339,12 +350,7 @@ def hf_generate(rank, world, padded):
     model = _hf_model("llama")
     reports, compiled_forward, results = [], None, []
     for length in (11, 7):
-        ids = torch.randint(1, V, (2, length), generator=torch.Generator().manual_seed(length))
-        am = torch.ones_like(ids)
-        if padded:
-            am[0, :3] = 0  # left padding, as batched prompts are
-        kw = dict(attention_mask=am, max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        ids, kw = _prompts(length, 10, padded)
         with torch.no_grad():
             if compiled_forward is not None:
                 del model.forward  # the plain forward again, for the reference
@@ -377,12 +383,7 @@ def generate_static(rank, world, padded):
     was asked for."""
     torch._dynamo.reset()
     model = _hf_model("llama")
-    ids = torch.randint(1, V, (2, 11), generator=torch.Generator().manual_seed(11))
-    am = torch.ones_like(ids)
-    if padded:
-        am[0, :3] = 0
-    kw = dict(attention_mask=am, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ids, kw = _prompts(11, 8, padded)
     reports = []
     with torch.no_grad():
         ref = model.generate(ids, **kw)
@@ -435,12 +436,7 @@ def generate_after_forward(rank, world, padded):
     again while tracing the prefill, so only some of the graph's sizes stayed symbolic."""
     torch._dynamo.reset()
     model = _hf_model("llama")
-    ids = torch.randint(1, V, (2, 16), generator=torch.Generator().manual_seed(16))
-    am = torch.ones_like(ids)
-    if padded:
-        am[0, :3] = 0
-    kw = dict(attention_mask=am, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ids, kw = _prompts(16, 6, padded)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
         model.forward = torch.compile(model.forward, backend="ring",
