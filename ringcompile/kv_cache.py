@@ -62,7 +62,9 @@ def sharded_kv(buffer: torch.Tensor, positions: torch.Tensor, query_positions: t
     raise RuntimeError(
         "a decode step read this rank's shard of a ShardedKVCache outside the ring backend: "
         "attention over one shard is not attention over the sequence. Run the model under "
-        "torch.compile(model, backend='ring', dynamic=False) (with the cache's group) on every rank"
+        "torch.compile(model, backend='ring', dynamic=False) (with the cache's group) on every "
+        "rank. Calling generate() again with a cache that still holds the last prompt does this "
+        "too (transformers then compiles the model itself): call cache.reset() first"
     )
 
 
