@@ -105,15 +105,13 @@ def _loop(model, ids, new: int, device, cache, together: bool):
     return prefill, per_token, torch.cat(tokens, 1)[0].tolist(), first_logits
 
 
-def _generate(model, ids, new: int, device, cache):
-    """Greedy tokens from ``generate()`` over the sharded cache: (prefill seconds (``generate()``
-    of 1 token), seconds per new token, tokens, the prefill's logits of the last token)."""
-    kw = {_cache_kw(model): cache}
-    cache.reset()
-    dist.barrier()
+def _generate(model, ids, new: int, device, before=lambda: None, **kw):
+    """Greedy tokens from ``generate()``: (prefill seconds (``generate()`` of 1 token), seconds per
+    new token (``generate()`` of 1 + ``new`` tokens less that, / ``new``), tokens, the prefill's
+    logits of the last token). ``before`` runs before each ``generate()`` (emptying a cache)."""
+    before()
     prefill = _timed_generate(model, ids, 1, device, **kw)[0]
-    cache.reset()
-    dist.barrier()
+    before()
     t, out = _timed_generate(model, ids, 1 + new, device, output_logits=True,
                              return_dict_in_generate=True, **kw)
     return (prefill, (t - prefill) / new, out.sequences[0, ids.shape[1]:].tolist(),
@@ -173,12 +171,8 @@ def worker(device: torch.device, args) -> None:
                                      transformers.DynamicCache(config=config), together=False)
                 else:
                     def run():
-                        p = _timed_generate(model, ids, 1, device, cache_implementation="static")
-                        t, out = _timed_generate(model, ids, 1 + args.new, device,
-                                                 cache_implementation="static",
-                                                 output_logits=True, return_dict_in_generate=True)
-                        return (p[0], (t - p[0]) / args.new, out.sequences[0, prompt:].tolist(),
-                                out.logits[0][0].float().cpu())
+                        return _generate(model, ids, args.new, device,
+                                         cache_implementation="static")
                 with torch.no_grad():
                     report({**_median_runs(run, args.repeats), "prompt": prompt,
                             "what": f"one GPU, {baseline}"})
@@ -206,7 +200,9 @@ def worker(device: torch.device, args) -> None:
                                                   options=options)
 
                     def ours():
-                        return _generate(model, ids, args.new, device, cache)
+                        return _generate(model, ids, args.new, device,
+                                         before=lambda: (cache.reset(), dist.barrier()),
+                                         **{_cache_kw(model): cache})
 
                 what = f"ours, W={world}, mode={mode}" + (", generate()" if way == "generate" else "")
                 try:

@@ -255,7 +255,6 @@ class _Call:
     facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity (they travel)
     key_bias: torch.Tensor | None  # (B|1, H|1, 1, S_local): AttentionMask.key_bias (it travels)
     kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
-    idle_padding: bool = False  # key validity travels but hides nothing (drop_idle_padding)
 
     @classmethod
     def make(cls, q, mask: AttentionMask, layout_name: str, seq_len: int, group_name: str,
@@ -264,13 +263,7 @@ class _Call:
         ring = _Ring(pg) if pg is not None else None
         world = ring.size if ring else 1
         layout = make_layout(layout_name, seq_len, world)
-        facts = None
-        if mask.document_ids is not None or mask.key_padding_mask is not None:
-            B, S = q.shape[0], q.shape[2]
-            doc, ok = mask.document_ids, mask.key_padding_mask
-            doc = doc if doc is not None else q.new_zeros((B, S), dtype=torch.int64)
-            ok = ok if ok is not None else q.new_ones((B, S), dtype=torch.bool)
-            facts = torch.stack([doc.to(torch.int64), ok.to(torch.int64)])
+        facts = _token_facts(mask, q.shape[0], q.shape[2], q.device)
         rank = ring.rank if ring else 0
         offset = None
         if mask.dense is not None and mask.dense.dtype != torch.bool:
@@ -294,10 +287,11 @@ class _Call:
         return (~kp & real).any().to(torch.int64).reshape(1)
 
     def drop_idle_padding(self) -> None:
-        """No rank's key validity hides a key: blocks from here on are what the other facts make
-        them (plain under position rules alone). The facts keep travelling as they started."""
+        """No rank's key validity hides a key: the blocks are what the other facts make them
+        (plain under position rules alone), and only document ids travel, if any. Called before
+        anything travels."""
         self.mask = replace(self.mask, key_padding_mask=None)
-        self.idle_padding = True
+        self.facts = _token_facts(self.mask, *self.facts.shape[1:], self.facts.device)
         comm_stats.idle_padding_dropped += 1
 
     def settle_padding(self, every_rank: torch.Tensor | None = None) -> None:
@@ -323,9 +317,6 @@ class _Call:
         src = self.source(step)
         k_pos = _positions(self.layout, src, torch.device(device))
         k_facts = blocks[2] if self.facts is not None else None
-        q_facts = self.facts
-        if self.idle_padding and self.mask.document_ids is None:
-            q_facts = k_facts = None  # they carried the validity alone
         dense = None
         if self.mask.dense is not None:
             # global columns of the source rank's keys; padding keys are masked by seq_len anyway
@@ -337,9 +328,9 @@ class _Call:
             k_pos=k_pos,
             seq_len=self.seq_len,
             rules=self.mask.rules,
-            q_doc=q_facts[0] if q_facts is not None else None,
+            q_doc=self.facts[0] if self.facts is not None else None,
             k_doc=k_facts[0] if k_facts is not None else None,
-            k_valid=k_facts[1] if k_facts is not None and not self.idle_padding else None,
+            k_valid=k_facts[1] if k_facts is not None else None,
             dense=dense,
             dense_offset=self.dense_offset,
             positions_key=(self.layout, self.rank, src),
@@ -369,6 +360,17 @@ class _Call:
     def computed_steps(self) -> list[int]:
         row = self.plan.compute[self.rank]
         return [s for s in range(self.plan.num_steps) if row[s]]
+
+
+def _token_facts(mask: AttentionMask, B: int, S: int, device) -> torch.Tensor | None:
+    """(2, B, S_local) int64 document ids and key validity, which travel with K/V (None
+    without either)."""
+    doc, ok = mask.document_ids, mask.key_padding_mask
+    if doc is None and ok is None:
+        return None
+    doc = doc if doc is not None else torch.zeros((B, S), dtype=torch.int64, device=device)
+    ok = ok if ok is not None else torch.ones((B, S), dtype=torch.bool, device=device)
+    return torch.stack([doc.to(torch.int64), ok.to(torch.int64)])
 
 
 def _row_offsets(dense: torch.Tensor, layout: Layout, rank: int, seq_len: int,

@@ -113,7 +113,7 @@ class TreeDecode:
                                   k_positions, True, functional=True)
 
 
-def padding_by_position(mask: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
+def padding_table_of_mask(mask: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
     """The (B|1, N) key padding by global position that a decode step's (B|1, 1, T, N) bool mask
     holds, when its column p is global position p (what ``generate()`` builds for a compileable
     ``ShardedKVCache``): the last query's row. Every row must be causality by position and that

@@ -408,26 +408,26 @@ def test_generate_with_static_shapes_compiles_one_decode_graph(gloo, world, padd
         assert "its mask given over global positions" in reports[1], reports[1]
 
 
-def test_padding_by_position_reads_the_last_row_and_checks_the_others():
+def test_padding_table_of_mask_reads_the_last_row_and_checks_the_others():
     """A decode step's mask over global positions (B, 1, T, N) gives the key padding by position
     of its last query, exactly when every row is causality and that padding; else it fails."""
-    from ringcompile.runtime import padding_by_position
+    from ringcompile.runtime import padding_table_of_mask
 
     N, q_positions = 10, torch.tensor([[6, 7], [6, 7]])
     pad = torch.ones(2, N, dtype=torch.bool)
     pad[1, :2] = False  # left padding
     keys = torch.arange(N)
     mask = ((keys <= q_positions[..., None]) & pad[:, None])[:, None]  # (2, 1, 2, N)
-    table = padding_by_position(mask, q_positions)
+    table = padding_table_of_mask(mask, q_positions)
     assert torch.equal(table, pad & (keys <= 7))
     window = mask.clone()
     window[:, :, 1, :2] = False  # a sliding window on the last query: not causality and padding
     with pytest.raises(RuntimeError, match="more than causality and key padding"):
-        padding_by_position(window, q_positions)
+        padding_table_of_mask(window, q_positions)
     future = mask.clone()
     future[:, :, 0, 7] = True  # the first query sees the second: not causal
     with pytest.raises(RuntimeError, match="more than causality and key padding"):
-        padding_by_position(future, q_positions)
+        padding_table_of_mask(future, q_positions)
 
 
 def generate_after_forward(rank, world, padded):

@@ -14,7 +14,7 @@ with a clear error: any other mask (sliding windows, chunks, documents, arbitrar
 ``is_causal=False`` with several queries, dropout, or a cache built for another ring than the
 backend's.
 
-    k, v = sharded_kv(keys, pos, qpos), sharded_kv(values, pos, qpos); sdpa(q, k, v, enable_gqa=True)
+    k, v = sharded_kv(keys, pos, qpos, W), sharded_kv(values, pos, qpos, W); sdpa(q, k, v, enable_gqa=True)
     -> tree_decode(q, keys, values, qpos, pos, enable_gqa=True)
 """
 
@@ -30,7 +30,7 @@ from ringcompile.passes.dims import example, shape_of
 from ringcompile.passes.fx_utils import is_sdpa, sdpa_args, source_line
 from ringcompile.passes.mask_reader import NotLiftable, read_mask
 from ringcompile.passes.patterns import sharded_kv_marks
-from ringcompile.runtime import padding_by_position
+from ringcompile.runtime import padding_table_of_mask
 
 
 def _check_ring(ctx: RingContext) -> None:
@@ -117,7 +117,7 @@ def run(ctx: RingContext) -> None:
         if by_position:
             if padding not in tables:
                 with ctx.gm.graph.inserting_before(node):
-                    tables[padding] = ctx.gm.graph.call_function(padding_by_position,
+                    tables[padding] = ctx.gm.graph.call_function(padding_table_of_mask,
                                                                  (padding, mk[2]))
             padding = tables[padding]
         node.target = ctx.tree_decode()
