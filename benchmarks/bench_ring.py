@@ -46,9 +46,10 @@ import torch.multiprocessing as mp
 
 from ringcompile import make_layout, ring_attention
 from ringcompile.group import nccl_options
-from ringcompile.kernels import select_kernels
+from ringcompile.kernels import kernels_fuse_plain, select_kernels
+from ringcompile.kernels.grad_sum import GradSum
 from ringcompile.masks import AttentionMask, PositionRules
-from ringcompile.ring_op import _Call, _own_part_backward, _own_parts
+from ringcompile.ring_op import _Call, _dkv_sums, _own_part_backward, _own_parts
 from saving import save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
@@ -159,6 +160,9 @@ def ours_without_communication(layout_name, args, world, device, dtype, kernels=
     # the backward's kernel calls: the own block in the ring's two parts around the remote blocks
     own = _own_parts(kernels, masks[0], k.shape, call.plan.num_steps) if steps[0] == 0 else []
     remote = masks[1:] if own else masks
+    fused = kernels_fuse_plain(kernels)
+    hops = [call.first_hop_dtype(call.rank, fused, q.dtype, torch.float32)] + [torch.float32] * world
+    came = torch.zeros(k.shape, device=device)
 
     def run():
         state = kernels.forward_init(q)
@@ -166,17 +170,25 @@ def ours_without_communication(layout_name, args, world, device, dtype, kernels=
             kernels.forward_step(state, q, k, v, m, scale, last=i == len(masks) - 1)
         out, lse = kernels.forward_finish(state, q.dtype)
         prepared = kernels.backward_prepare(out, dout)
-        dq = torch.zeros(q.shape, device=device, dtype=lse.dtype)
-        own_dkv = torch.empty((2, *k.shape), device=device, dtype=lse.dtype)
+        # the ring's gradient sums, with zeros for the accumulators that would come
+        dq, own_dkv = GradSum(q.shape, lse.dtype, device), _dkv_sums(k, lse.dtype)
         for part in own[:1] + [None] + own[1:]:  # None: the remote blocks, between the parts
             if part is not None:
                 _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, masks[0],
-                                   scale, dq, own_dkv)  # fmt: skip
+                                   scale, dq, *own_dkv)  # fmt: skip
                 continue
-            for m in remote:
-                dkv = torch.empty_like(own_dkv)
-                kernels.backward_step(q, k, v, dout, lse, prepared, m, scale, dq, dkv[0], dkv[1],
-                                      dkv_fresh=True)  # fmt: skip
+            for i, m in enumerate(remote):
+                dkv = _dkv_sums(k, lse.dtype)
+                kernels.backward_step(q, k, v, dout, lse, prepared, m, scale, dq, *dkv)
+                for d in dkv:
+                    if i > 0:
+                        d.add(came)
+                    d.result(hops[i])
+        dq.result(q.dtype)
+        for d in own_dkv:
+            if remote:
+                d.add(came)
+            d.result(q.dtype)
 
     return run
 

@@ -7,10 +7,11 @@ blocks no query can see (``PositionRules.any_allowed`` is false) cost nothing, a
 them. Each (rank, step) is timed alone (median of triton.testing.do_bench, L2 flushed), forward
 (forward_step; the first step starts the state, the rank's last visible step writes the output;
 the state before each step is the ring's: the second step finds the first's output unmerged where
-the engine leaves it so) and backward (backward_step into fresh dK/dV as the ring op calls it,
-the first hop's in the dtype the ring sends it in; step 0, the own block, pays backward_prepare
-and runs as the ring's two parts, both counted at step 0). No communication. Masks carry a ``positions_key`` as the ring op's do, so tile lists
-come from the kernels' cache as in a ring.
+the engine leaves it so) and backward (backward_step into the ring's gradient sums: dq folded into
+fp32 as in the ring's steady state, dK/dV taken in the dtype the ring sends them in after adding
+the accumulators that came; step 0, the own block, pays backward_prepare, runs as the ring's two
+parts and adds the sum that comes home, all counted at step 0). No communication. Masks carry
+a ``positions_key`` as the ring op's do, so tile lists come from the kernels' cache as in a ring.
 
 critical path = sum over steps of the slowest rank's time at that step;
 ideal = a monolithic causal kernel on all 65,536 tokens / W: cuDNN's (SDPA, K/V expanded), and
@@ -51,7 +52,14 @@ from ringcompile.kernels.triton_flash import (
 )
 from ringcompile.layout import make_layout
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
-from ringcompile.ring_op import _Call, _own_block_parts, _own_part_backward, _own_parts, step_plan
+from ringcompile.kernels.grad_sum import GradSum
+from ringcompile.ring_op import (
+    _Call,
+    _dkv_sums,
+    _own_block_parts,
+    _own_part_backward,
+    _own_parts,
+)
 from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 W, LOCAL, H, HKV, D = 8, 8192, 32, 8, 128
@@ -133,9 +141,8 @@ def ring(kernels, layout_name, scale):
                 visible.append(s)
         out = rand(1, H, LOCAL, D)
         lse = torch.randn(1, H, LOCAL, device="cuda")
-        dq = torch.zeros(q.shape, device="cuda")
-        call = _Call(ring=None, layout=lay, plan=step_plan(lay, CAUSAL.rules), rank=r, seq_len=S,
-                     mask=CAUSAL, dense_offset=None, facts=None, kernels="auto")  # fmt: skip
+        dq_acc = torch.zeros(q.shape, device="cuda")
+        call = _Call.at_rank(q, CAUSAL, lay, r, "auto")
         left_pending = None  # the first step's output, where the engine leaves it unmerged
         for s in visible:
             src = (r - s) % W
@@ -158,21 +165,29 @@ def ring(kernels, layout_name, scale):
 
             if first:
                 left_pending = fwd().pending
-            # dK/dV as the ring's are: the first hop's may be in the inputs' dtype
+            # dK/dV as the ring sends them: the first hop's may be in the inputs' dtype; later
+            # steps add the accumulators that came (fp32); the own block adds the sum that comes
+            # home and gives dK/dV in the inputs' dtype
             hop = torch.float32
             if s == 1:
                 hop = call.first_hop_dtype(r, kernels_fuse_plain(kernels), q.dtype, torch.float32)
-            dkv = torch.empty((2, *k.shape), device="cuda", dtype=hop)
+            came = [torch.randn(k.shape, device="cuda") for _ in range(2)] if s != 1 else None
             parts = _own_parts(kernels, mask, k.shape, W) if s == 0 else []
 
             def bwd():
                 delta = kernels.backward_prepare(out, dout) if first else delta_once
+                # dq as in the ring's steady state: each step's contribution folded into fp32
+                dq = GradSum.over(dq_acc)
+                dkv = _dkv_sums(k, torch.float32)
                 for part in parts:  # the own block, as the ring's two parts
                     _own_part_backward(kernels, part, q, k, v, dout, out, lse, delta, mask, scale,
-                                       dq, dkv)  # fmt: skip
+                                       dq, *dkv)  # fmt: skip
                 if not parts:
-                    kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, dkv[0],
-                                          dkv[1], dkv_fresh=True)  # fmt: skip
+                    kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, *dkv)
+                dq.flush()
+                for d, c in zip(dkv, came or ()):
+                    d.add(c)
+                return [d.result(q.dtype if parts else hop) for d in dkv]
 
             delta_once = kernels.backward_prepare(out, dout)
             fwd_t[s][r] = bench(fwd)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from ringcompile.blocks import describe_block, disjoint, layout_block_pieces
 from ringcompile.group import all_gather_single, resolve_group_name
 from ringcompile.kernels import accumulation_dtype, kernels_fuse_plain, select_kernels
+from ringcompile.kernels.grad_sum import GradSum
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 
@@ -261,10 +262,16 @@ class _Call:
              kernels: str) -> _Call:  # fmt: skip
         pg = resolve_group_name(group_name)
         ring = _Ring(pg) if pg is not None else None
-        world = ring.size if ring else 1
-        layout = make_layout(layout_name, seq_len, world)
+        layout = make_layout(layout_name, seq_len, ring.size if ring else 1)
+        return cls.at_rank(q, mask, layout, ring.rank if ring else 0, kernels, ring)
+
+    @classmethod
+    def at_rank(cls, q, mask: AttentionMask, layout: Layout, rank: int, kernels: str,
+                ring: _Ring | None = None) -> _Call:  # fmt: skip
+        """``rank``'s call in ``layout``'s ring (``ring`` None: one rank's part computed alone,
+        as the benchmarks simulate it)."""
+        seq_len = layout.seq_len
         facts = _token_facts(mask, q.shape[0], q.shape[2], q.device)
-        rank = ring.rank if ring else 0
         offset = None
         if mask.dense is not None and mask.dense.dtype != torch.bool:
             offset = _row_offsets(mask.dense, layout, rank, seq_len, mask.rules)
@@ -491,8 +498,9 @@ class _EmptyRows:
         filled = self._grouped(out) * (1 - self.empty) + mean * self.empty
         return filled.view(out.shape).to(out.dtype)
 
-    def backward(self, dout, out, scale: float, dq: torch.Tensor, dkv: torch.Tensor) -> None:
-        """Adds the empty rows' gradients to ``dq`` and ``dkv`` (2, B, Hkv, S_local, D) in place."""
+    def backward(self, dout, out, scale: float, dq: torch.Tensor, dk: torch.Tensor,
+                 dv: torch.Tensor) -> None:  # fmt: skip
+        """Adds the empty rows' gradients to the accumulators ``dq``, ``dk``, ``dv`` in place."""
         q, o = self._grouped(self.q), self._grouped(out)
         k, v = self.k.to(self.acc) * self.real, self.v.to(self.acc) * self.real
         do = self._grouped(dout) * self.empty
@@ -505,9 +513,9 @@ class _EmptyRows:
         c = scale / self.call.seq_len
         dq += (c * (torch.einsum("bhgsv,bhvk->bhgsk", do, vk)
                     - delta * k_sum.view(B, Hkv, 1, 1, D))).view(dq.shape)  # fmt: skip
-        dkv[0] += self.real * c * (torch.einsum("bhkv,bhsv->bhsk", q_do, v)
-                                   - dq_sum.view(B, Hkv, 1, D))  # fmt: skip
-        dkv[1] += self.real * do_sum.view(B, Hkv, 1, -1) / self.call.seq_len
+        dk += self.real * c * (torch.einsum("bhkv,bhsv->bhsk", q_do, v)
+                               - dq_sum.view(B, Hkv, 1, D))  # fmt: skip
+        dv += self.real * do_sum.view(B, Hkv, 1, -1) / self.call.seq_len
 
 
 # -- backward ----------------------------------------------------------------------------------
@@ -545,21 +553,24 @@ def _own_parts(kernels, own_mask: BlockMask, kv_shape, n: int) -> list[tuple[int
 
 
 def _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, own_mask: BlockMask,
-                       scale: float, dq, own_dkv) -> None:  # fmt: skip
-    """One part of the own block's backward, into fresh dK/dV (``own_dkv``: (2, *k.shape))."""
+                       scale: float, dq: GradSum, own_dk: GradSum, own_dv: GradSum) -> None:  # fmt: skip
+    """One part of the own block's backward, into the sums of dq and of the own block's dK/dV."""
     kh0, kh1, lo, hi = part
     Hkv = k.shape[1]
     if (kh0, kh1) == (0, Hkv):
-        kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, prepared,
-                              own_mask.keys(lo, hi), scale, dq, own_dkv[0, :, :, lo:hi],
-                              own_dkv[1, :, :, lo:hi], dkv_fresh=True)  # fmt: skip
+        keys = (slice(None), slice(None), slice(lo, hi))
+        kernels.backward_step(q, k[keys], v[keys], dout, lse, prepared, own_mask.keys(lo, hi),
+                              scale, dq, own_dk.part(keys), own_dv.part(keys))  # fmt: skip
         return
     G = q.shape[1] // Hkv
-    qh, kvh = slice(kh0 * G, kh1 * G), slice(kh0, kh1)
-    kernels.backward_step(q[:, qh], k[:, kvh], v[:, kvh], dout[:, qh], lse[:, qh],
-                          kernels.backward_prepare(out[:, qh], dout[:, qh]), own_mask, scale,
-                          dq[:, qh], own_dkv[0, :, kvh], own_dkv[1, :, kvh],
-                          dkv_fresh=True)  # fmt: skip
+    qh, kvh = (slice(None), slice(kh0 * G, kh1 * G)), (slice(None), slice(kh0, kh1))
+    kernels.backward_step(q[qh], k[kvh], v[kvh], dout[qh], lse[qh],
+                          kernels.backward_prepare(out[qh], dout[qh]), own_mask, scale,
+                          dq.part(qh), own_dk.part(kvh), own_dv.part(kvh))  # fmt: skip
+
+
+def _dkv_sums(k: torch.Tensor, acc: torch.dtype) -> list[GradSum]:
+    return [GradSum(k.shape, acc, k.device), GradSum(k.shape, acc, k.device)]
 
 
 def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, seq_len,
@@ -571,7 +582,9 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
     acc = accumulation_dtype(q.dtype)
     dout = dout.contiguous()
     prepared = kernels.backward_prepare(out, dout)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    # Gradients are sums over steps (kernels.grad_sum): a fused kernel's contributions stay as it
+    # returned them until a sum needs a pass, so at W = 2 each element is summed in one.
+    dq = GradSum(q.shape, acc, q.device)
     computed = call.computed_steps()
     blocks = call.traveling(k, v)
     n = call.plan.num_steps
@@ -580,15 +593,13 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
     # The own block's dK/dV never travels: its contribution is computed in two parts, the first
     # before any remote block and the last after, and it receives the other ranks' sum at the end.
     own_mask = call.block_mask(0, blocks, q.device) if 0 in computed else None
-    # computed blocks overwrite their dK/dV (the parts cover every key): no zeroing
-    own_dkv = (torch.empty if own_mask is not None else torch.zeros)((2, *k.shape), dtype=acc,
-                                                                      device=k.device)
+    own_dkv = _dkv_sums(k, acc)
     own_parts = _own_parts(kernels, own_mask, k.shape, n) if own_mask is not None else []
 
     def own_part(i: int) -> None:
         if i < len(own_parts):
             _own_part_backward(kernels, own_parts[i], q, k, v, dout, out, lse, prepared, own_mask,
-                               scale, dq, own_dkv)  # fmt: skip
+                               scale, dq, *own_dkv)  # fmt: skip
 
     def exchange_blocks(s: int):
         if s + 1 >= n:
@@ -603,54 +614,48 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
         comm_stats.steps_computed += 1
     else:
         comm_stats.steps_skipped += 1
-    # The accumulator of block b starts on rank b + 1 (step 1) and gathers one contribution per
-    # step; after step n - 1 it goes home to rank b.
+    # The accumulators of block b start on rank b + 1 (step 1) and gather one contribution per
+    # step; after step n - 1 they go home to rank b.
     chain_works, chain_incoming = None, None
     fused = kernels_fuse_plain(kernels)
     for s in range(1, n):
         _wait(kv_works)
         blocks = kv_incoming
         kv_works, kv_incoming = exchange_blocks(s)
-        # the first hop's accumulator may travel in the inputs' dtype (first_hop_dtype)
-        hop = call.first_hop_dtype(call.rank, fused, q.dtype, acc) if s == 1 else acc
-        # (the previous rank's accumulator is waited for after this step's kernel is queued)
+        dkv = _dkv_sums(k, acc)
         if s in computed:
-            dkv = torch.empty((2, *k.shape), dtype=hop, device=k.device)
             mask = call.block_mask(s, blocks, q.device)
             kernels.backward_step(q, blocks[0], blocks[1], dout, lse, prepared, mask, scale, dq,
-                                  dkv[0], dkv[1], dkv_fresh=True)
+                                  *dkv)  # fmt: skip
             comm_stats.steps_computed += 1
-            if s > 1:
-                _wait(chain_works)
-                dkv += chain_incoming
         else:
             comm_stats.steps_skipped += 1
-            if s > 1:  # nothing to add: pass the accumulator on as it came (as an accumulator)
-                _wait(chain_works)
-                dkv = chain_incoming.to(acc)
-            else:
-                dkv = torch.zeros((2, *k.shape), dtype=hop, device=k.device)
-        # what arrives: the sender's first hop at step 1, an accumulator after
+        if s > 1:  # the previous rank's accumulators, waited for after this step's kernels
+            _wait(chain_works)
+            for d, came in zip(dkv, chain_incoming):
+                d.add(came)
+        # the first hop may travel in the inputs' dtype (first_hop_dtype), later ones in fp32
+        hop = call.first_hop_dtype(call.rank, fused, q.dtype, acc) if s == 1 else acc
+        send = [d.result(hop) for d in dkv]
+        # what arrives: the sender's first hop at step 1, accumulators after
         sender = ring.peer(-1) if s + 1 < n else ring.peer(n - 1)
-        chain_incoming = torch.empty((2, *k.shape), device=k.device, dtype=(
-            call.first_hop_dtype(sender, fused, q.dtype, acc) if s == 1 else acc))
+        dtype = call.first_hop_dtype(sender, fused, q.dtype, acc) if s == 1 else acc
+        chain_incoming = [torch.empty(k.shape, dtype=dtype, device=k.device) for _ in range(2)]
         if s + 1 < n:
-            chain_works = ring.exchange([dkv], [chain_incoming], ring.peer(1), ring.peer(-1))
+            chain_works = ring.exchange(send, chain_incoming, ring.peer(1), ring.peer(-1))
         else:  # home: the block came from rank - (n - 1)
-            chain_works = ring.exchange([dkv], [chain_incoming], ring.peer(1 - n), ring.peer(n - 1))
+            chain_works = ring.exchange(send, chain_incoming, ring.peer(1 - n), ring.peer(n - 1))
         comm_stats.dkv_blocks_sent += 1
     own_part(1)
     if call.mask.empty_rows_mean:  # (into the own block's dK/dV, while the last hop travels)
-        _EmptyRows(call, q, k, v, lse).backward(dout, out, scale, dq, own_dkv)
-    dq = dq.to(q.dtype)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)  # an op's outputs may not alias each other
+        _EmptyRows(call, q, k, v, lse).backward(dout, out, scale, dq.accumulator(),
+                                                *(d.accumulator() for d in own_dkv))  # fmt: skip
+    dq = dq.result(q.dtype)
     if n > 1:
         _wait(chain_works)
-        torch.add(own_dkv[0], chain_incoming[0], out=dk)
-        torch.add(own_dkv[1], chain_incoming[1], out=dv)
-    else:
-        dk.copy_(own_dkv[0])
-        dv.copy_(own_dkv[1])
+        for d, came in zip(own_dkv, chain_incoming):
+            d.add(came)
+    dk, dv = (d.result(k.dtype) for d in own_dkv)  # distinct sums: the outputs alias nothing
     return dq, dk, dv
 
 

@@ -18,8 +18,9 @@ backward::
 Shapes: q, out, dout (B, H, Sq, D); k, v (B, Hkv, Sk, D) with query head i reading KV head
 ``i // (H // Hkv)`` (SDPA's GQA grouping); lse (B, H, Sq) in the accumulation dtype (float32 for
 half types, float64 for float64); dq (B, H, Sq, D) and dk, dv (B, Hkv, Sk, D) are accumulators in
-that dtype that ``backward_step`` adds into (or overwrites, with ``dkv_fresh=True``: the ring's
-per-step dK/dV then need no zeroing). ``mask`` is a :class:`ringcompile.masks.BlockMask`. Rows
+that dtype that ``backward_step`` adds into (or overwrites, with ``dkv_fresh=True``), or the
+ring's gradient sums (``grad_sum.GradSum``), which hold a fused kernel's gradients as it returned
+them and sum them in as few passes as the contributions allow. ``mask`` is a :class:`ringcompile.masks.BlockMask`. Rows
 that see no key give out = 0, lse = -inf and zero grads (what SDPA's math backend gives).
 
 Implementations, chosen per call by ``select_kernels(q, choice)``:

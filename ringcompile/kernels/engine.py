@@ -10,8 +10,8 @@ the next merge reads it, and a last step whose pieces hold disjoint rows writes 
 inputs' dtype: at W = 2 one merge pass is all the forward adds to its two fused calls.
 
 Backward: a plain piece's fused backward takes the final (out, lse) of its rows and returns its
-dq, dk, dv in the input dtype; they are added into the ring's accumulators (dq in fp32 here, dK/dV
-in the accumulators that travel).
+dq, dk, dv in the input dtype; they go into the ring's gradient sums (``grad_sum.GradSum``) as
+they are, which sum them in fp32 with as few passes as the contributions allow.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ringcompile.blocks import disjoint
+from ringcompile.kernels.grad_sum import sums_over
 from ringcompile.kernels.interface import AttentionKernels, ForwardState
 from ringcompile.kernels.merge import merge_block
 from ringcompile.kernels.sdpa_blocks import PlainBlocks
@@ -144,23 +145,16 @@ class BlockEngine:
             self.masked.backward_step(q, k, v, dout, lse, prepared.delta, mask, scale, dq, dk, dv,
                                       dkv_fresh)  # fmt: skip
             return
-        Sk = k.shape[2]
-        # fresh dK/dV are written by the first piece when it covers every key, else zeroed
-        fresh = dkv_fresh and bool(pieces) and (pieces[0].key_start, pieces[0].key_stop) == (0, Sk)
-        if dkv_fresh and not fresh:
-            dk.zero_()
-            dv.zero_()
+        # each piece's gradients go into the sums as the fused kernel returned them
+        (dq, dk, dv), given = sums_over(dq, dk, dv, dkv_fresh)
         for p in pieces:
             rows, keys = p.rows, p.keys
             dq_p, dk_p, dv_p = self.plain.backward(
                 dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
                 prepared.out[:, :, rows], lse[:, :, rows], p.causal, scale,
             )  # fmt: skip
-            dq[:, :, rows] += dq_p
-            if fresh:
-                dk.copy_(dk_p)
-                dv.copy_(dv_p)
-                fresh = False
-            else:
-                dk[:, :, keys] += dk_p
-                dv[:, :, keys] += dv_p
+            dq.add(dq_p, (slice(None), slice(None), rows))
+            dk.add(dk_p, (slice(None), slice(None), keys))
+            dv.add(dv_p, (slice(None), slice(None), keys))
+        for s in given:
+            s.flush()

@@ -79,5 +79,7 @@ class AttentionKernels(Protocol):
         dv: torch.Tensor,
         dkv_fresh: bool = False,
     ) -> None:
-        """Add this key block's contributions into ``dq`` and ``dk``/``dv`` in place; with
-        ``dkv_fresh`` dK/dV hold nothing yet and are overwritten (so need no zeroing)."""
+        """Add this key block's contributions to ``dq`` and ``dk``/``dv``: fp32 tensors added
+        into in place (with ``dkv_fresh`` dK/dV hold nothing yet and are overwritten, so need no
+        zeroing), or the ring's ``GradSum``s (``grad_sum.py``), which take a fused kernel's
+        gradients as it returned them and give kernels that add in place their accumulators."""

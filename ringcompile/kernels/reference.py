@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ringcompile.kernels.grad_sum import accumulators
 from ringcompile.kernels.interface import ForwardState, finish_forward
 from ringcompile.masks import BlockMask
 
@@ -80,6 +81,7 @@ class ReferenceKernels:
         return (dout.to(acc) * out.to(acc)).sum(-1)
 
     def backward_step(self, q, k, v, dout, lse, delta, mask, scale, dq, dk, dv, dkv_fresh=False):
+        dq, dk, dv, dkv_fresh = accumulators(dq, dk, dv, dkv_fresh)
         acc = dq.dtype
         hkv = k.shape[1]
         s = _scores(q, k, mask, scale, acc)

@@ -62,6 +62,7 @@ try:  # bulk reductions through the tensor-copy engine need Triton's host-side t
 except ImportError:
     TensorDescriptor = None
 
+from ringcompile.kernels.grad_sum import accumulators
 from ringcompile.kernels.interface import ForwardState, finish_forward
 from ringcompile.masks import POSITION_NONE, BlockMask
 
@@ -1199,6 +1200,7 @@ class TritonKernels:
         B, H, Sq, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         q, k, v, dout = (_inner_contiguous(t) for t in (q, k, v, dout))
+        dq, dk, dv, dkv_fresh = accumulators(dq, dk, dv, dkv_fresh)
         for acc in (dq, dk, dv):
             if acc.stride(-1) != 1 or acc.dtype != torch.float32:
                 raise ValueError("gradient accumulators must be fp32 with a contiguous last dim")
