@@ -100,7 +100,8 @@ def test_kernels_compile_for_hopper():
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         compiled.add(name)
-    assert {"_fwd_kernel", "_bwd_kernel", "_bwd_dq_kernel"} <= compiled, compiled
+    assert {"_fwd_kernel", "_bwd_kernel", "_bwd_dq_kernel", "_tile_lists_kernel",
+            "_fact_ranges_kernel"} <= compiled, compiled
 
 
 def _repair_interpreter_scalars() -> None:
@@ -162,7 +163,9 @@ class Case:
     window: tuple[int, int] = (-1, -1)
     chunk: int = 0  # chunked attention: chunks of this many positions
     docs: bool = False
+    doc_rate: float = 0.08  # chance that a token starts a document (low: tiles of one document)
     k_valid: bool = False
+    left_padding: bool = False  # invalid keys are each batch row's first ones (else random)
     # None | "bool" | "additive" | "additive_min" (finfo.min fills) | "key_bias" (one per key)
     dense: str | None = None
     dense_shape: str = "BH"  # which of B, H the dense mask has (others broadcast)
@@ -213,9 +216,12 @@ def _build(case: Case, seed: int = 0):
     doc_of = valid_of = dense_of = None
     if case.docs:
         # random document boundaries per batch element
-        starts = torch.rand(B, total, generator=gen) < 0.08
+        starts = torch.rand(B, total, generator=gen) < case.doc_rate
         doc_of = torch.cumsum(starts.long(), dim=1)
-    if case.k_valid:
+    if case.k_valid and case.left_padding:
+        # whole tiles of padding, whole tiles of keys and one tile of both: each list kind
+        valid_of = torch.arange(total)[None, :] >= torch.tensor([40, 9])[:B, None]
+    elif case.k_valid:
         valid_of = torch.rand(B, total, generator=gen) < 0.8
         valid_of[0] = False  # batch 0 sees no key at all: out 0, lse -inf, zero grads
     if case.dense is not None:
@@ -331,6 +337,13 @@ CASES = {
     "docs": Case(docs=True, steps=3),
     "docs-causal-striped": Case(docs=True, causal=True, layout="striped", H=4, Hkv=1),
     "key-validity": Case(k_valid=True, steps=2),
+    # facts that make tiles full or skip them (the tile lists read them)
+    "long-docs-causal-dq-kernel": Case(docs=True, doc_rate=0.02, causal=True, steps=3,
+                                       dq_kernel=True),
+    "left-padding-zigzag-gqa": Case(k_valid=True, left_padding=True, causal=True, layout="zigzag",
+                                    H=4, Hkv=2, steps=3),
+    "long-docs-left-padding-fp16": Case(docs=True, doc_rate=0.02, k_valid=True, left_padding=True,
+                                        dtype=torch.float16, B=1, steps=2, dkv_fresh=True),
     "dense-bool-B": Case(dense="bool", dense_shape="B", steps=2),
     "dense-bool-H-causal": Case(dense="bool", dense_shape="H", causal=True, H=4, Hkv=4),
     "dense-additive-BH": Case(dense="additive", dense_shape="BH"),
@@ -418,6 +431,34 @@ def test_tile_lists_cached_by_positions_key(tf):
 
 
 @interpreted_only
+def test_token_facts_make_tiles_full_or_skip_them(tf):
+    """Documents and key validity in the tile lists: a tile pair inside one document with valid
+    keys in every batch row is full, one no batch row shares a document or a valid key over is
+    skipped, and the rest are partial, rows as queries or as keys."""
+    pos = torch.arange(64)
+    docs = (pos >= 32).long()[None]  # two documents of 32 tokens
+    valid = torch.stack([pos >= 16, pos >= 8])  # batch row 1: key tile 0 holds both kinds
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=64, rules=PositionRules(False),
+                     q_doc=docs, k_doc=docs, k_valid=valid)  # fmt: skip
+
+    def kinds(lists, n):
+        out = []
+        for r in range(n):
+            full = set(lists.full[r, : lists.full_count[r]].tolist())
+            part = set(lists.part[r, : lists.part_count[r]].tolist())
+            out.append("".join("F" if c in full else "P" if c in part else "." for c in range(n)))
+        return out
+
+    # rows: query tiles; columns: key tiles (16 tokens each)
+    assert kinds(tf._tile_lists(mask, True, 16, 16, True), 4) == ["PF..", "PF..", "..FF", "..FF"]
+    # rows: key tiles; columns: query tiles
+    assert kinds(tf._tile_lists(mask, False, 16, 16, True), 4) == ["PP..", "FF..", "..FF", "..FF"]
+    # one batch row alone: key tile 0 holds no valid key there
+    one = replace(mask, k_valid=valid[:1])
+    assert kinds(tf._tile_lists(one, True, 16, 16, True), 4)[0] == ".F.."
+
+
+@interpreted_only
 def test_skipped_tiles_are_skipped(tf):
     """A causal key block wholly in the queries' future gives empty tile lists."""
     q_pos, k_pos = torch.arange(64), torch.arange(64, 128)
@@ -478,7 +519,8 @@ def test_mask_rules_agree_on_random_facts(tf):
     (``_token_rules``); the tile lists and ``PositionRules.any_allowed`` decide from bounds. On
     random positions (unordered, some past seq_len), documents, validity and rules: the per-element
     rules equal ``allowed`` in both orientations, every allowed pair lies in a listed tile, every
-    pair of a full tile is allowed, and ``any_allowed`` says whether a real query sees a key."""
+    pair of a full tile is allowed (documents and validity included), and ``any_allowed`` says
+    whether a real query sees a key."""
     for seed in range(60):
         g = torch.Generator().manual_seed(seed)
         Sq, Sk, seq_len = 32, 64, 80
@@ -519,8 +561,9 @@ def test_mask_rules_agree_on_random_facts(tf):
                         listed[tile] = True
                         if kind is lists.full:
                             full[tile] = True
-            assert not (by_position & ~listed).any(), (seed, rows_are_queries)
-            assert by_position[full].all(), (seed, rows_are_queries)
+            # (the lists read documents and validity too: pairs they hide may be left out)
+            assert not (want & ~listed).any(), (seed, rows_are_queries)
+            assert want[full].all(), (seed, rows_are_queries)
 
         real = q_pos < seq_len
         assert rules.any_allowed(q_pos, k_pos, seq_len) == bool(by_position[real].any()), seed

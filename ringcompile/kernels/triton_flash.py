@@ -14,13 +14,17 @@ forward, key tiles in the backward) two lists of tiles of the other side: tiles 
 (every pair visible: checked with per-tile min/max of the positions, so positions need not be
 contiguous or sorted) and tiles that are *partial* (some pair may be visible). Tiles proven empty
 are in neither list and cost nothing. Full tiles run without any mask arithmetic; partial tiles
-evaluate the rules per element. Document ids, key validity and a dense mask are only checked per
-element, so with any of them present every non-empty tile is partial.
+evaluate the rules per element. Document ids and key validity enter the lists through per-tile
+ranges (``_TokenFacts``, one more small kernel each): a tile pair inside one document with only
+valid keys is full, one that shares no document or holds no valid key is skipped, so packed
+documents and padded batches run mostly full tiles; with several batch rows a tile is full or
+skipped only if it is so in every row. A dense mask is only checked per element: with one, every
+non-empty tile is partial. Lists made from facts are made each call (facts are data).
 
 Launch order. Grids are flat: chunks of a few heads, and inside a chunk tile after tile,
 heaviest first under causal masks (``_tile_and_head``), so that no heavy tile starts last and the
-programs running together share K/V in L2. The tile lists of the ring's masks, which repeat every
-call, are cached (``_TileListCache``): the host launches only the attention kernel.
+programs running together share K/V in L2. The tile lists of the ring's masks by positions, which
+repeat every call, are cached (``_TileListCache``): the host launches only the attention kernel.
 
 Backward. One program per (key tile, batch, KV head) accumulates dk/dv in registers over the G
 query heads of its group and over the query tiles in its lists (no K/V expansion, no race on
@@ -201,10 +205,16 @@ def _tile_lists_kernel(
     col_lo_ptr, col_hi_ptr, col_full_ptr, n_col_tiles,
     full_list_ptr, full_count_ptr, part_list_ptr, part_count_ptr, list_stride,
     window_left, window_right, chunk,
+    row_doc_ptr, col_doc_ptr, key_ok_ptr, n_fact_rows, n_row_tiles,
     ROWS_ARE_QUERIES: tl.constexpr, ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    FULL_ALLOWED: tl.constexpr,
+    FULL_ALLOWED: tl.constexpr, DOC_FACTS: tl.constexpr, KEY_FACTS: tl.constexpr,
 ):  # fmt: skip
+    """Each row tile's lists of column tiles: full (every pair allowed) and partial (checked per
+    element). With token facts (``_TokenFacts``: per tile and batch row, the range of document
+    ids and of key validity), a pair of tiles is full only if every batch row holds one and the
+    same document on both sides and only valid keys, and is left out if no batch row holds a
+    document on both sides and a valid key."""
     row = tl.program_id(0)
     r_lo, r_hi, r_full = _tile_bounds(
         row_pos_ptr, row * ROW_BLOCK + tl.arange(0, ROW_BLOCK), n_row_tokens, row_limit
@@ -247,6 +257,38 @@ def _tile_lists_kernel(
             visible = visible & (k_hi // chunk >= q_lo // chunk) & (k_lo // chunk <= q_hi // chunk)
             # each side in one chunk; visible makes it the same one
             full = full & (q_lo // chunk == q_hi // chunk) & (k_lo // chunk == k_hi // chunk)
+        if DOC_FACTS or KEY_FACTS:
+            any_row = cols < 0  # (all False) some batch row has a pair the facts allow
+            every_row = cols >= 0  # (all True) every batch row allows every pair
+            for f in range(n_fact_rows):
+                row_ok = cols >= 0
+                row_all = cols >= 0
+                if DOC_FACTS:
+                    # (lo, hi) document ids of the row tile and of each column tile
+                    base = row_doc_ptr + (f * n_row_tiles + row) * 2
+                    d_lo = zero + tl.load(base)
+                    d_hi = zero + tl.load(base + 1)
+                    c_base = col_doc_ptr + (f * n_col_tiles + cols) * 2
+                    e_lo = tl.load(c_base, mask=inside, other=0)
+                    e_hi = tl.load(c_base + 1, mask=inside, other=0)
+                    row_ok = row_ok & (e_lo <= d_hi) & (d_lo <= e_hi)
+                    row_all = row_all & (d_lo == d_hi) & (e_lo == e_hi) & (d_lo == e_lo)
+                if KEY_FACTS:
+                    # (lo, hi) key validity of the key tile: hi 0 none valid, lo 1 all valid
+                    if ROWS_ARE_QUERIES:
+                        k_base = key_ok_ptr + (f * n_col_tiles + cols) * 2
+                        v_lo = tl.load(k_base, mask=inside, other=0)
+                        v_hi = tl.load(k_base + 1, mask=inside, other=0)
+                    else:
+                        k_base = key_ok_ptr + (f * n_row_tiles + row) * 2
+                        v_lo = zero + tl.load(k_base)
+                        v_hi = zero + tl.load(k_base + 1)
+                    row_ok = row_ok & (v_hi != 0)
+                    row_all = row_all & (v_lo != 0)
+                any_row = any_row | row_ok
+                every_row = every_row & row_all
+            visible = visible & any_row
+            full = full & every_row
         if FULL_ALLOWED:
             full = full & visible
         else:
@@ -283,8 +325,8 @@ class _TileListCache:
 
     @staticmethod
     def key(mask: BlockMask, *how) -> tuple | None:
-        if mask.positions_key is None:
-            return None
+        if mask.positions_key is None or _TokenFacts.present(mask):
+            return None  # (token facts are data: lists made from them are made each time)
         if mask.q_pos.is_cuda and torch.cuda.is_current_stream_capturing():
             return None  # a CUDA graph's private memory must not outlive it in a cache
         return (mask.positions_key, mask.seq_len, mask.rules, mask.q_pos.device, *how)
@@ -343,17 +385,83 @@ def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int,
     part = torch.empty_like(full)
     full_count = torch.empty(n_rows, dtype=torch.int32, device=dev)
     part_count = torch.empty_like(full_count)
+    facts = _TokenFacts.of(mask, rows_are_queries, row_block, col_block)
     _tile_lists_kernel[(n_rows,)](
         row_pos, row_pos.numel(), row_limit,
         col_lo, col_hi, col_full, n_cols,
         full, full_count, part, part_count, n_cols,
         rules.window_left, rules.window_right, max(rules.chunk, 1),
+        facts.row_doc, facts.col_doc, facts.key_ok, facts.batch_rows, n_rows,
         ROWS_ARE_QUERIES=rows_are_queries, ROW_BLOCK=row_block, CHUNK=64,
         CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
         HAS_CHUNK=rules.chunk > 0,
-        FULL_ALLOWED=full_allowed,
+        FULL_ALLOWED=full_allowed, DOC_FACTS=facts.has_docs, KEY_FACTS=facts.has_key_ok,
     )  # fmt: skip
     return _TileLists(full, full_count, part, part_count)
+
+
+@triton.jit
+def _fact_ranges_kernel(x_ptr, stride_b, stride_s, n_tokens, out_ptr, n_tiles,
+                        BLOCK: tl.constexpr, NONZERO: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)  # (batch row, tile)
+    b = pid // n_tiles
+    idx = (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n_tokens
+    x = tl.load(x_ptr + b.to(tl.int64) * stride_b + idx * stride_s, mask=inside, other=0)
+    x = (x != 0).to(tl.int64) if NONZERO else x.to(tl.int64)
+    tl.store(out_ptr + pid * 2, tl.min(tl.where(inside, x, _POS_HUGE), axis=0))
+    tl.store(out_ptr + pid * 2 + 1, tl.max(tl.where(inside, x, -_POS_HUGE), axis=0))
+
+
+def _tile_ranges(x: torch.Tensor, block: int, nonzero: bool = False) -> torch.Tensor:
+    """(B, n_tiles, 2) int64: the smallest and largest value (with ``nonzero``: of x != 0) of
+    each tile of ``block`` tokens of ``x`` (B, S), one launch; a last tile's missing tokens count
+    for neither."""
+    if x.dtype == torch.bool:
+        x = x.view(torch.uint8)
+    B, S = x.shape
+    n = triton.cdiv(S, block)
+    out = torch.empty((B, n, 2), dtype=torch.int64, device=x.device)
+    _fact_ranges_kernel[(B * n,)](x, x.stride(0), x.stride(1), S, out, n, BLOCK=block,
+                                  NONZERO=nonzero)  # fmt: skip
+    return out
+
+
+@dataclass
+class _TokenFacts:
+    """Per tile and batch row, the range of document ids (rows' and columns') and of key validity
+    (the key side's), for the tile lists: a tile pair inside one document with only valid keys
+    runs as a full tile, one without a shared document or a valid key is skipped. Without facts,
+    placeholders (their flags are off)."""
+
+    row_doc: torch.Tensor
+    col_doc: torch.Tensor
+    key_ok: torch.Tensor
+    batch_rows: int
+    has_docs: bool
+    has_key_ok: bool
+
+    @staticmethod
+    def present(mask: BlockMask) -> bool:
+        return mask.q_doc is not None or mask.k_valid is not None
+
+    @classmethod
+    def of(cls, mask: BlockMask, rows_are_queries: bool, row_block: int,
+           col_block: int) -> _TokenFacts:  # fmt: skip
+        placeholder = mask.q_pos
+        if not cls.present(mask):
+            return cls(placeholder, placeholder, placeholder, 0, False, False)
+        q_block, k_block = (row_block, col_block) if rows_are_queries else (col_block, row_block)
+        batch = max(t.shape[0] for t in (mask.q_doc, mask.k_doc, mask.k_valid) if t is not None)
+        row_doc = col_doc = key_ok = placeholder
+        if mask.q_doc is not None:
+            q_doc = _tile_ranges(mask.q_doc.expand(batch, -1), q_block)
+            k_doc = _tile_ranges(mask.k_doc.expand(batch, -1), k_block)
+            row_doc, col_doc = (q_doc, k_doc) if rows_are_queries else (k_doc, q_doc)
+        if mask.k_valid is not None:
+            key_ok = _tile_ranges(mask.k_valid.expand(batch, -1), k_block, nonzero=True)
+        return cls(row_doc, col_doc, key_ok, batch, mask.q_doc is not None,
+                   mask.k_valid is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,10 +495,6 @@ class _MaskArgs:
     has_docs: bool
     has_kvalid: bool
     dense_kind: int  # 0 none, 1 boolean keep-mask, 2 additive
-
-    @property
-    def elementwise_only(self) -> bool:
-        return self.has_docs or self.has_kvalid or self.dense_kind != 0
 
     def kernel_args(self) -> tuple:
         return (
@@ -557,7 +661,7 @@ def _dense_tile(base, q_offs, k_offs, q_ok, k_ok, stride_mq, stride_mk,
 def _doc_range(doc, ok):
     """Smallest and largest document id among a tile's tokens where ``ok`` (none: lo > hi). Two
     tiles whose ranges do not meet hold no (query, key) pair of one document, whatever the ids'
-    order: the tile lists skip by positions only, so packed documents skip the rest here."""
+    order: the tile lists skip such tiles in every batch row; this skips them per batch row."""
     lo = tl.min(tl.where(ok, doc, _POS_HUGE), axis=0)
     hi = tl.max(tl.where(ok, doc, -_POS_HUGE), axis=0)
     return lo, hi
@@ -1159,7 +1263,7 @@ class TritonKernels:
         state_out = state.out if state.out is not None else final_out
         with _on_device(q):
             margs = _mask_args(mask, B, H, Sq, Sk, q.device)
-            lists = _tile_lists(mask, True, cfg.block_m, cfg.block_n, not margs.elementwise_only)
+            lists = _tile_lists(mask, True, cfg.block_m, cfg.block_n, margs.dense_kind == 0)
             n_tiles = triton.cdiv(Sq, cfg.block_m)
             chunk = _heads_per_chunk(cfg, n_tiles, B * H, H // Hkv, q.device)
             _fwd_kernel[(n_tiles * B * H,)](
@@ -1220,7 +1324,7 @@ class TritonKernels:
                                            [1, 1, cfg.block_m, d_pad])  # fmt: skip
         with _on_device(q):
             margs = _mask_args(mask, B, H, Sq, Sk, q.device)
-            lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, not margs.elementwise_only)
+            lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, margs.dense_kind == 0)
             n_tiles = triton.cdiv(Sk, cfg.block_n)
             chunk = _kv_heads_per_chunk(cfg, n_tiles, B * Hkv, q.device)
             _bwd_kernel[(n_tiles * B * Hkv,)](
@@ -1242,7 +1346,7 @@ class TritonKernels:
             if dq_mode == 0:
                 dq_cfg = cfg.dq
                 lists = _tile_lists(mask, True, dq_cfg.block_m, dq_cfg.block_n,
-                                    not margs.elementwise_only)  # fmt: skip
+                                    margs.dense_kind == 0)  # fmt: skip
                 n_tiles = triton.cdiv(Sq, dq_cfg.block_m)
                 chunk = _heads_per_chunk(dq_cfg, n_tiles, B * H, H // Hkv, q.device)
                 _bwd_dq_kernel[(n_tiles * B * H,)](
