@@ -16,7 +16,7 @@ one rank.
     PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--sweep] [--only ours,cudnn,...]
     PYTHONPATH=. python benchmarks/bench_kernels.py --masks [--out DIR]
     PYTHONPATH=. python benchmarks/bench_kernels.py --blocks [--out DIR]
-    python benchmarks/bench_kernels.py --replot DIR   # the plot from DIR/bench_kernels.json
+    python benchmarks/bench_kernels.py --replot DIR   # the plots from DIR's bench_kernels*.json
 
 --masks times each mask kind the ring sends to the masked kernels (documents, sliding window,
 chunks, key padding, ALiBi's key bias; causal, 1 x 32/8 heads x 8192 x 128): ours (Triton) against cuDNN SDPA given the same mask
@@ -46,7 +46,7 @@ from ringcompile.blocks import Piece
 from ringcompile.kernels import select_kernels
 from ringcompile.kernels.triton_flash import BwdConfig, FwdConfig, TritonKernels
 from ringcompile.masks import BlockMask, PositionRules
-from saving import save_run  # (benchmarks/saving.py: a script's folder is on its path)
+from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 SHAPES = [  # (B, H, Hkv, S, D)
     (1, 32, 8, 8192, 128),
@@ -234,14 +234,38 @@ def masks_table(out_dir):
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             print(row, flush=True)
-    with open(os.path.join(out_dir, "bench_kernels_masks.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    save_run(out_dir, "bench_kernels_masks", rows,
+             lambda: plot_masks(rows, os.path.join(out_dir, "bench_kernels_masks.png")))
     print("\n| mask (causal, 1x32/8x8192x128) | density | kernel | fwd+bwd ms | TFLOP/s (fwd+bwd, fwd) |")
     print("|---|---|---|---|---|")
     for r in rows:
         cells = (f"{r['fwd+bwd'][0]:.2f} | {r['fwd+bwd'][1]:.0f}, {r['fwd'][1]:.0f}"
                  if "fwd" in r else f"{r['error']} |")
         print(f"| {r['mask']} | {r['density']:.3f} | {r['impl']} | {cells} |")
+
+
+def plot_masks(rows, path):
+    """fwd+bwd ms of each mask kind, one bar per kernel (lower is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks = list(dict.fromkeys(r["mask"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    ms = {(r["mask"], r["impl"]): r["fwd+bwd"][0] for r in rows if "fwd+bwd" in r}
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs = [m + (i - (len(impls) - 1) / 2) * width for m in range(len(masks))]
+        bars = ax.bar(xs, [ms.get((m, impl), 0.0) for m in masks], width, label=impl)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(masks)), [m.replace(" (", "\n(") for m in masks], fontsize=8)
+    ax.set_ylabel("fwd+bwd ms (lower is better)")
+    ax.set_title("Masked kinds, causal, 1 x 32/8 heads x 8192 x 128, bf16", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def blocks_table(out_dir):
@@ -379,12 +403,15 @@ def main():
     ap.add_argument("--only", default=",".join(IMPLS))
     ap.add_argument("--replot", metavar="DIR")
     args = ap.parse_args()
-    if args.replot:
+    if args.replot and os.path.exists(os.path.join(args.replot, "bench_kernels_masks.json")):
+        replot(args.replot, "bench_kernels_masks", plot_masks)
+    if args.replot and os.path.exists(os.path.join(args.replot, "bench_kernels.json")):
         with open(os.path.join(args.replot, "bench_kernels.json")) as f:
             saved = json.load(f)["plot"]
         points = {(key.split("/")[0], int(key.split("/")[1])): {m: tuple(v) for m, v in p.items()}
                   for key, p in saved.items()}  # fmt: skip
         plot(points, os.path.join(args.replot, "bench_kernels.png"))
+    if args.replot:
         return
     print(f"torch {torch.__version__} triton {triton.__version__} cudnn "
           f"{torch.backends.cudnn.version()} device {torch.cuda.get_device_name()}", flush=True)  # fmt: skip

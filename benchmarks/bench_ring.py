@@ -23,6 +23,12 @@ as throughput (calls back to back) and as the time of one call from an idle GPU 
 
 efficiency = cuDNN's ideal / measured; the same sequence and FLOPs for every row.
 
+``--mask documents`` / ``--mask padding``: causal with packed documents (~1k tokens each) or
+with the first eighth of the keys padded, given to every row as ``ring_attention`` takes them
+(the rank's ``document_ids`` / ``key_padding_mask``); the blocks are then masked (our Triton
+kernels), the ideal is the same call on the whole sequence on one GPU / W, TFLOP/s count the
+pairs the mask allows, and the peers (causal only) are left out.
+
 ``--trace`` also profiles each layout's ring on the GPU (CUDA kernels only) and splits its time
 into compute kernels, communication kernels hidden under compute, exposed communication and idle
 GPU time, and lists the kernels that take the time (ms per call, by name); the traces go to
@@ -53,8 +59,17 @@ from ringcompile.ring_op import _Call, _dkv_sums, _own_part_backward, _own_parts
 from saving import save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
+MASKS = ["causal", "documents", "padding"]
+MASK_NAMES = {"causal": "causal", "documents": "causal, packed documents of ~1k tokens",
+              "padding": "causal, left padding of an eighth of the keys"}
 IDEALS = {"auto": "ideal: cuDNN on one GPU, whole sequence (time / W)",
           "triton": "ideal: our Triton kernel on one GPU, whole sequence (time / W)"}
+
+
+def ideal_name_of(kernels: str, mask: str) -> str:
+    if mask != "causal" and kernels == "auto":  # masked blocks run on Triton either way
+        return "ideal: the default kernels (masked: Triton) on one GPU, whole sequence (time / W)"
+    return IDEALS[kernels]
 
 
 def _parse():
@@ -75,6 +90,9 @@ def _parse():
                    help="block kernel choices of ring_attention to time")
     p.add_argument("--no-peers", action="store_true", help="skip context_parallel and the seed")
     p.add_argument("--tag", default="", help="suffix of the JSON file's name (runs side by side)")
+    p.add_argument("--mask", default="causal", choices=MASKS,
+                   help="causal; or causal with packed documents (~1k tokens) or left padding "
+                        "(an eighth of the keys): the masked kernels, no peers")  # fmt: skip
     p.add_argument("--replot", metavar="DIR", help="only draw DIR/bench_ring.png from its JSON")
     return p.parse_args()
 
@@ -133,15 +151,37 @@ def fwd_bwd(fn, inputs, dout):
     return run
 
 
+def sequence_facts(args, S: int) -> tuple[dict, int]:
+    """``--mask``'s per-token facts of the whole sequence (B = 1) as ``ring_attention`` takes
+    them, and the (query, key) pairs the mask allows."""
+    if args.mask == "documents":  # ~1k tokens each, the same draw as bench_kernels.py --masks
+        g = torch.Generator().manual_seed(1)
+        docs = torch.cumsum(torch.rand(1, S, generator=g) < 1 / 1024, 1)
+        counts = torch.bincount(docs[0])
+        return {"document_ids": docs}, int((counts * (counts + 1) // 2).sum())
+    if args.mask == "padding":  # left padding: no query sees the first eighth of the keys
+        pad = S // 8
+        return {"key_padding_mask": (torch.arange(S) >= pad)[None]}, (S - pad) * (S - pad + 1) // 2
+    return {}, S * (S + 1) // 2
+
+
+def facts_of(args, layout, rank: int, device) -> dict:
+    """This rank's share of ``--mask``'s facts (whole sequence for one rank of a ring of one)."""
+    facts, _ = sequence_facts(args, layout.seq_len)
+    pos = layout.positions(rank)
+    return {name: t[:, pos].to(device) for name, t in facts.items()}
+
+
 def ours(layout_name, args, world, device, dtype, kernels="auto"):
     lay = make_layout(layout_name, args.tokens_per_rank * world, world)
     q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim).requires_grad_()
     k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
     v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
     dout = rand(device, dtype, *q.shape)
+    facts = facts_of(args, lay, dist.get_rank(), device)
     return fwd_bwd(
         lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, layout=lay,
-                                       kernels=kernels),
+                                       kernels=kernels, **facts),
         (q, k, v), dout,
     )  # fmt: skip
 
@@ -152,10 +192,14 @@ def ours_without_communication(layout_name, args, world, device, dtype, kernels=
     k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     dout = rand(device, dtype, *q.shape)
-    call = _Call.make(q, AttentionMask(PositionRules(causal=True)), layout_name,
-                      args.tokens_per_rank * world, dist.group.WORLD.group_name, kernels)
+    lay = make_layout(layout_name, args.tokens_per_rank * world, world)
+    mask = AttentionMask(PositionRules(causal=True), **facts_of(args, lay, dist.get_rank(), device))
+    call = _Call.make(q, mask, layout_name, args.tokens_per_rank * world,
+                      dist.group.WORLD.group_name, kernels)  # fmt: skip
+    call.settle_padding()  # (as the ring does: padding that hides no key on any rank is dropped)
     steps = call.computed_steps()
-    masks = [call.block_mask(s, None, device) for s in steps]
+    # every step's keys carry this rank's own facts (the keys are its own too)
+    masks = [call.block_mask(s, call.traveling(k, v), device) for s in steps]
     kernels, scale = select_kernels(q, kernels), args.head_dim**-0.5
     # the backward's kernel calls: the own block in the ring's two parts around the remote blocks
     own = _own_parts(kernels, masks[0], k.shape, call.plan.num_steps) if steps[0] == 0 else []
@@ -201,9 +245,10 @@ def monolithic(args, world, device, dtype, kernels="auto"):
     v = rand(device, dtype, 1, args.kv_heads, S, args.head_dim).requires_grad_()
     dout = rand(device, dtype, *q.shape)
     alone, _ = dist.new_subgroups(group_size=1)  # collective: every rank makes its own group
+    facts = facts_of(args, make_layout("contiguous", S, 1), 0, device)
     return fwd_bwd(
         lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, group=alone,
-                                       kernels=kernels),
+                                       kernels=kernels, **facts),
         (q, k, v), dout,
     )  # fmt: skip
 
@@ -320,7 +365,8 @@ def measure(rank, world, args):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     timer = Timer(device, args)
     S = args.tokens_per_rank * world
-    flops = 3.5 * 4 * args.heads * S * S * args.head_dim / 2  # causal fwd + bwd (2.5x fwd)
+    _, pairs = sequence_facts(args, S)
+    flops = 3.5 * 4 * args.heads * pairs * args.head_dim  # the mask's pairs, fwd + bwd (2.5x fwd)
     rows = {}
 
     def record(name, fn):
@@ -334,7 +380,7 @@ def measure(rank, world, args):
             torch.cuda.empty_cache()
 
     for kern in ("auto", "triton"):
-        ideal_name = IDEALS[kern]
+        ideal_name = ideal_name_of(kern, args.mask)
         record(ideal_name, monolithic(args, world, device, dtype, kern))
         for key in ("ms", "call_ms"):
             if key in rows[ideal_name]:
@@ -345,7 +391,7 @@ def measure(rank, world, args):
             record(label, ours(name, args, world, device, dtype, kern))
             record(f"{label}, no communication",
                    ours_without_communication(name, args, world, device, dtype, kern))  # fmt: skip
-    if device.type == "cuda" and not args.no_peers:
+    if device.type == "cuda" and not args.no_peers and args.mask == "causal":
         try:
             run, ctx = torch_context_parallel(args, world, device, dtype)
             record("torch context_parallel", run)
@@ -369,7 +415,7 @@ def measure(rank, world, args):
                     for kname, ms in sp["kernels"].items():
                         print(f"    {ms:7.3f} ms  {kname}", flush=True)
             rows[f"ours {name}"]["trace"] = splits
-    ideal = rows[IDEALS["auto"]]
+    ideal = rows[ideal_name_of("auto", args.mask)]
     for r in rows.values():
         if "ms" in r:
             r["efficiency"] = ideal["ms"] / r["ms"]
@@ -380,7 +426,8 @@ def measure(rank, world, args):
 
 def report(rows, world, args, device):
     head = (f"W={world}, {args.tokens_per_rank} tokens per rank ({args.tokens_per_rank * world} in all), "
-            f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim}, causal, fwd+bwd")  # fmt: skip
+            f"H={args.heads} Hkv={args.kv_heads} D={args.head_dim}, {MASK_NAMES[args.mask]}, "
+            "fwd+bwd")  # fmt: skip
     if device.type == "cuda":
         head += (f"; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
                  f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")  # fmt: skip
@@ -424,10 +471,13 @@ def plot(directory: str, tag: str = "") -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4))
     width = 0.8 / len(PLOTTED)
     for i, name in enumerate(PLOTTED):
-        vals = [100 * runs[w]["rows"].get(name, {}).get("efficiency", float("nan")) for w in worlds]
+        got = [runs[w]["rows"].get(name, {}) for w in worlds]
+        vals = [100 * r.get("efficiency", float("nan")) for r in got]
         bars = ax.bar([x + (i - (len(PLOTTED) - 1) / 2) * width for x in range(len(worlds))], vals,
                       width, label=name)  # fmt: skip
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        # the ms too: the ideal moves from run to run, the ranking of the rows does not
+        ax.bar_label(bars, [f"{v:.0f}\n{r['ms']:.2f} ms" if "ms" in r else "" for v, r in
+                            zip(vals, got)], fontsize=6)  # fmt: skip
     ax.axhline(90, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(worlds)), [f"W = {w}" for w in worlds])
     ax.set_ylabel("% of ideal (cuDNN on one GPU, whole sequence / W)")

@@ -14,12 +14,12 @@ forward, key tiles in the backward) two lists of tiles of the other side: tiles 
 (every pair visible: checked with per-tile min/max of the positions, so positions need not be
 contiguous or sorted) and tiles that are *partial* (some pair may be visible). Tiles proven empty
 are in neither list and cost nothing. Full tiles run without any mask arithmetic; partial tiles
-evaluate the rules per element. Document ids and key validity enter the lists through per-tile
-ranges (``_TokenFacts``, one more small kernel each): a tile pair inside one document with only
-valid keys is full, one that shares no document or holds no valid key is skipped, so packed
-documents and padded batches run mostly full tiles; with several batch rows a tile is full or
-skipped only if it is so in every row. A dense mask is only checked per element: with one, every
-non-empty tile is partial. Lists made from facts are made each call (facts are data).
+evaluate the rules per element. Document ids and key validity enter the lists too, through each
+tile's range of them: a tile pair inside one document with only valid keys is full, one that
+shares no document or holds no valid key is skipped, so packed documents and padded batches run
+mostly full tiles; with several batch rows a tile is full or skipped only if it is so in every
+row. A dense mask is only checked per element: with one, every non-empty tile is partial. One
+kernel launch makes a mask's lists; lists made from facts are made each call (facts are data).
 
 Launch order. Grids are flat: chunks of a few heads, and inside a chunk tile after tile,
 heaviest first under causal masks (``_tile_and_head``), so that no heavy tile starts last and the
@@ -179,54 +179,49 @@ def _bulk_reduce_ok(t: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _tile_bounds(pos_ptr, idx, n, limit):
-    """min/max position of the valid tokens among ``idx`` and whether all of them are valid."""
-    inside = idx < n
-    pos = tl.load(pos_ptr + idx, mask=inside, other=0)
-    valid = inside & (pos < limit)
-    lo = tl.min(tl.where(valid, pos, _POS_HUGE), axis=0)
-    hi = tl.max(tl.where(valid, pos, -_POS_HUGE), axis=0)
-    all_valid = tl.sum(valid.to(tl.int32), axis=0) == idx.shape[0]
-    return lo, hi, all_valid
-
-
-@triton.jit
-def _col_bounds_kernel(pos_ptr, n, limit, lo_ptr, hi_ptr, full_ptr, BLOCK: tl.constexpr):
-    tile = tl.program_id(0)
-    lo, hi, all_valid = _tile_bounds(pos_ptr, tile * BLOCK + tl.arange(0, BLOCK), n, limit)
-    tl.store(lo_ptr + tile, lo)
-    tl.store(hi_ptr + tile, hi)
-    tl.store(full_ptr + tile, all_valid.to(tl.int8))
+def _range_of(x, ok, axis: tl.constexpr):
+    """Smallest and largest of ``x`` where ``ok`` along ``axis`` (none: lo > hi)."""
+    lo = tl.min(tl.where(ok, x, _POS_HUGE), axis=axis)
+    hi = tl.max(tl.where(ok, x, -_POS_HUGE), axis=axis)
+    return lo, hi
 
 
 @triton.jit
 def _tile_lists_kernel(
-    row_pos_ptr, n_row_tokens, row_limit,
-    col_lo_ptr, col_hi_ptr, col_full_ptr, n_col_tiles,
+    row_pos_ptr, n_row_tokens, row_limit, col_pos_ptr, n_col_tokens, col_limit, n_col_tiles,
     full_list_ptr, full_count_ptr, part_list_ptr, part_count_ptr, list_stride,
     window_left, window_right, chunk,
-    row_doc_ptr, col_doc_ptr, key_ok_ptr, n_fact_rows, n_row_tiles,
-    ROWS_ARE_QUERIES: tl.constexpr, ROW_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr,
-    FULL_ALLOWED: tl.constexpr, DOC_FACTS: tl.constexpr, KEY_FACTS: tl.constexpr,
+    row_doc_ptr, stride_rdb, stride_rds, col_doc_ptr, stride_cdb, stride_cds,
+    key_ok_ptr, stride_kob, stride_kos, n_fact_rows,
+    ROWS_ARE_QUERIES: tl.constexpr, ROW_BLOCK: tl.constexpr, COL_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, FULL_ALLOWED: tl.constexpr, DOC_FACTS: tl.constexpr,
+    KEY_FACTS: tl.constexpr,
 ):  # fmt: skip
     """Each row tile's lists of column tiles: full (every pair allowed) and partial (checked per
-    element). With token facts (``_TokenFacts``: per tile and batch row, the range of document
-    ids and of key validity), a pair of tiles is full only if every batch row holds one and the
-    same document on both sides and only valid keys, and is left out if no batch row holds a
-    document on both sides and a valid key."""
+    element), from the tiles' position bounds and, with token facts, their ranges of document ids
+    and of key validity (keys on the columns, or on the rows with ROWS_ARE_QUERIES off): a pair
+    of tiles is full only if every batch row holds one and the same document on both sides and
+    only valid keys, and is left out if no batch row holds a document on both sides and a valid
+    key. One program per row tile; it reads the column tiles' tokens itself (one launch)."""
     row = tl.program_id(0)
-    r_lo, r_hi, r_full = _tile_bounds(
-        row_pos_ptr, row * ROW_BLOCK + tl.arange(0, ROW_BLOCK), n_row_tokens, row_limit
-    )
+    r_idx = row * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
+    r_in = r_idx < n_row_tokens
+    r_pos = tl.load(row_pos_ptr + r_idx, mask=r_in, other=0)
+    r_valid = r_in & (r_pos < row_limit)
+    r_lo, r_hi = _range_of(r_pos, r_valid, 0)
+    r_full = tl.sum(r_valid.to(tl.int32), axis=0) == ROW_BLOCK
     n_full = tl.zeros([], tl.int32)
     n_part = tl.zeros([], tl.int32)
     for c0 in range(0, n_col_tiles, CHUNK):
         cols = c0 + tl.arange(0, CHUNK)
         inside = cols < n_col_tiles
-        c_lo = tl.load(col_lo_ptr + cols, mask=inside, other=_POS_HUGE)
-        c_hi = tl.load(col_hi_ptr + cols, mask=inside, other=-_POS_HUGE)
-        c_full = tl.load(col_full_ptr + cols, mask=inside, other=0)
+        c_idx = cols[:, None] * COL_BLOCK + tl.arange(0, COL_BLOCK)[None, :]  # (CHUNK, COL_BLOCK)
+        c_in = c_idx < n_col_tokens
+        c_pos = tl.load(col_pos_ptr + c_idx, mask=c_in, other=0)
+        c_valid = c_in & (c_pos < col_limit)
+        c_lo, c_hi = _range_of(c_pos, c_valid, 1)
+        c_full = tl.sum(c_valid.to(tl.int32), axis=1) == COL_BLOCK
         # the row's scalars as vectors: combining a scalar and a vector boolean with & gives an
         # int32 vector in some Triton interpreters, which then refuse it as a mask
         zero = tl.zeros([CHUNK], tl.int64)
@@ -243,7 +238,7 @@ def _tile_lists_kernel(
         # A tile pair is skipped when one rule fails for every pair (necessary, not sufficient,
         # for emptiness when rules combine: such pairs go to the masked path, which is exact).
         visible = inside & (k_lo <= k_hi) & (q_lo <= q_hi)
-        full = (c_full.to(tl.int32) + r_full.to(tl.int32)) == 2
+        full = (c_full.to(tl.int32) + (zero + r_full.to(tl.int64)).to(tl.int32)) == 2
         if CAUSAL:
             visible = visible & (k_lo <= q_hi)
             full = full & (k_hi <= q_lo)
@@ -264,25 +259,23 @@ def _tile_lists_kernel(
                 row_ok = cols >= 0
                 row_all = cols >= 0
                 if DOC_FACTS:
-                    # (lo, hi) document ids of the row tile and of each column tile
-                    base = row_doc_ptr + (f * n_row_tiles + row) * 2
-                    d_lo = zero + tl.load(base)
-                    d_hi = zero + tl.load(base + 1)
-                    c_base = col_doc_ptr + (f * n_col_tiles + cols) * 2
-                    e_lo = tl.load(c_base, mask=inside, other=0)
-                    e_hi = tl.load(c_base + 1, mask=inside, other=0)
+                    d = tl.load(row_doc_ptr + f * stride_rdb + r_idx * stride_rds, mask=r_in, other=0)
+                    d_lo, d_hi = _range_of(d.to(tl.int64), r_in, 0)
+                    e = tl.load(col_doc_ptr + f * stride_cdb + c_idx * stride_cds, mask=c_in, other=0)
+                    e_lo, e_hi = _range_of(e.to(tl.int64), c_in, 1)
+                    d_lo = zero + d_lo
+                    d_hi = zero + d_hi
                     row_ok = row_ok & (e_lo <= d_hi) & (d_lo <= e_hi)
                     row_all = row_all & (d_lo == d_hi) & (e_lo == e_hi) & (d_lo == e_lo)
-                if KEY_FACTS:
-                    # (lo, hi) key validity of the key tile: hi 0 none valid, lo 1 all valid
+                if KEY_FACTS:  # validity's range: hi 0 none valid, lo 1 all valid
                     if ROWS_ARE_QUERIES:
-                        k_base = key_ok_ptr + (f * n_col_tiles + cols) * 2
-                        v_lo = tl.load(k_base, mask=inside, other=0)
-                        v_hi = tl.load(k_base + 1, mask=inside, other=0)
+                        ok = tl.load(key_ok_ptr + f * stride_kob + c_idx * stride_kos, mask=c_in, other=0)
+                        v_lo, v_hi = _range_of((ok != 0).to(tl.int64), c_in, 1)
                     else:
-                        k_base = key_ok_ptr + (f * n_row_tiles + row) * 2
-                        v_lo = zero + tl.load(k_base)
-                        v_hi = zero + tl.load(k_base + 1)
+                        ok = tl.load(key_ok_ptr + f * stride_kob + r_idx * stride_kos, mask=r_in, other=0)
+                        v_lo, v_hi = _range_of((ok != 0).to(tl.int64), r_in, 0)
+                        v_lo = zero + v_lo
+                        v_hi = zero + v_hi
                     row_ok = row_ok & (v_hi != 0)
                     row_all = row_all & (v_lo != 0)
                 any_row = any_row | row_ok
@@ -375,24 +368,19 @@ def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int,
     n_rows = triton.cdiv(row_pos.numel(), row_block)
     n_cols = triton.cdiv(col_pos.numel(), col_block)
     dev = row_pos.device
-    col_lo = torch.empty(n_cols, dtype=torch.int64, device=dev)
-    col_hi = torch.empty_like(col_lo)
-    col_full = torch.empty(n_cols, dtype=torch.int8, device=dev)
-    _col_bounds_kernel[(n_cols,)](
-        col_pos, col_pos.numel(), col_limit, col_lo, col_hi, col_full, BLOCK=col_block
-    )
     full = torch.empty((n_rows, n_cols), dtype=torch.int32, device=dev)
     part = torch.empty_like(full)
     full_count = torch.empty(n_rows, dtype=torch.int32, device=dev)
     part_count = torch.empty_like(full_count)
-    facts = _TokenFacts.of(mask, rows_are_queries, row_block, col_block)
+    facts = _TokenFacts.of(mask, rows_are_queries)
     _tile_lists_kernel[(n_rows,)](
-        row_pos, row_pos.numel(), row_limit,
-        col_lo, col_hi, col_full, n_cols,
+        row_pos, row_pos.numel(), row_limit, col_pos, col_pos.numel(), col_limit, n_cols,
         full, full_count, part, part_count, n_cols,
         rules.window_left, rules.window_right, max(rules.chunk, 1),
-        facts.row_doc, facts.col_doc, facts.key_ok, facts.batch_rows, n_rows,
-        ROWS_ARE_QUERIES=rows_are_queries, ROW_BLOCK=row_block, CHUNK=64,
+        *facts.kernel_args(),
+        ROWS_ARE_QUERIES=rows_are_queries, ROW_BLOCK=row_block, COL_BLOCK=col_block,
+        # (CHUNK x COL_BLOCK tokens per loop iteration)
+        CHUNK=max(1, min(64, 4096 // col_block)),
         CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
         HAS_CHUNK=rules.chunk > 0,
         FULL_ALLOWED=full_allowed, DOC_FACTS=facts.has_docs, KEY_FACTS=facts.has_key_ok,
@@ -400,39 +388,11 @@ def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int,
     return _TileLists(full, full_count, part, part_count)
 
 
-@triton.jit
-def _fact_ranges_kernel(x_ptr, stride_b, stride_s, n_tokens, out_ptr, n_tiles,
-                        BLOCK: tl.constexpr, NONZERO: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)  # (batch row, tile)
-    b = pid // n_tiles
-    idx = (pid % n_tiles) * BLOCK + tl.arange(0, BLOCK)
-    inside = idx < n_tokens
-    x = tl.load(x_ptr + b.to(tl.int64) * stride_b + idx * stride_s, mask=inside, other=0)
-    x = (x != 0).to(tl.int64) if NONZERO else x.to(tl.int64)
-    tl.store(out_ptr + pid * 2, tl.min(tl.where(inside, x, _POS_HUGE), axis=0))
-    tl.store(out_ptr + pid * 2 + 1, tl.max(tl.where(inside, x, -_POS_HUGE), axis=0))
-
-
-def _tile_ranges(x: torch.Tensor, block: int, nonzero: bool = False) -> torch.Tensor:
-    """(B, n_tiles, 2) int64: the smallest and largest value (with ``nonzero``: of x != 0) of
-    each tile of ``block`` tokens of ``x`` (B, S), one launch; a last tile's missing tokens count
-    for neither."""
-    if x.dtype == torch.bool:
-        x = x.view(torch.uint8)
-    B, S = x.shape
-    n = triton.cdiv(S, block)
-    out = torch.empty((B, n, 2), dtype=torch.int64, device=x.device)
-    _fact_ranges_kernel[(B * n,)](x, x.stride(0), x.stride(1), S, out, n, BLOCK=block,
-                                  NONZERO=nonzero)  # fmt: skip
-    return out
-
-
 @dataclass
 class _TokenFacts:
-    """Per tile and batch row, the range of document ids (rows' and columns') and of key validity
-    (the key side's), for the tile lists: a tile pair inside one document with only valid keys
-    runs as a full tile, one without a shared document or a valid key is skipped. Without facts,
-    placeholders (their flags are off)."""
+    """The token facts the tile lists read: document ids of the row and column tokens and the
+    keys' validity, each (batch, tokens) with its strides (placeholders where absent: their
+    flags are off)."""
 
     row_doc: torch.Tensor
     col_doc: torch.Tensor
@@ -446,22 +406,25 @@ class _TokenFacts:
         return mask.q_doc is not None or mask.k_valid is not None
 
     @classmethod
-    def of(cls, mask: BlockMask, rows_are_queries: bool, row_block: int,
-           col_block: int) -> _TokenFacts:  # fmt: skip
-        placeholder = mask.q_pos
+    def of(cls, mask: BlockMask, rows_are_queries: bool) -> _TokenFacts:
+        placeholder = mask.q_pos[None]
         if not cls.present(mask):
             return cls(placeholder, placeholder, placeholder, 0, False, False)
-        q_block, k_block = (row_block, col_block) if rows_are_queries else (col_block, row_block)
         batch = max(t.shape[0] for t in (mask.q_doc, mask.k_doc, mask.k_valid) if t is not None)
         row_doc = col_doc = key_ok = placeholder
         if mask.q_doc is not None:
-            q_doc = _tile_ranges(mask.q_doc.expand(batch, -1), q_block)
-            k_doc = _tile_ranges(mask.k_doc.expand(batch, -1), k_block)
+            q_doc, k_doc = mask.q_doc.expand(batch, -1), mask.k_doc.expand(batch, -1)
             row_doc, col_doc = (q_doc, k_doc) if rows_are_queries else (k_doc, q_doc)
         if mask.k_valid is not None:
-            key_ok = _tile_ranges(mask.k_valid.expand(batch, -1), k_block, nonzero=True)
+            key_ok = mask.k_valid.expand(batch, -1)
+            if key_ok.dtype == torch.bool:
+                key_ok = key_ok.view(torch.uint8)
         return cls(row_doc, col_doc, key_ok, batch, mask.q_doc is not None,
                    mask.k_valid is not None)
+
+    def kernel_args(self) -> tuple:
+        return (self.row_doc, *self.row_doc.stride(), self.col_doc, *self.col_doc.stride(),
+                self.key_ok, *self.key_ok.stride(), self.batch_rows)
 
 
 # ---------------------------------------------------------------------------------------------
