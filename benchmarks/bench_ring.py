@@ -215,14 +215,14 @@ def ours_without_communication(layout_name, args, world, device, dtype, kernels=
         out, lse = kernels.forward_finish(state, q.dtype)
         prepared = kernels.backward_prepare(out, dout)
         # the ring's gradient sums, with zeros for the accumulators that would come
-        dq, own_dkv = GradSum(q.shape, lse.dtype, device), _dkv_sums(k, lse.dtype)
+        dq, own_dkv = GradSum(q.shape, lse.dtype, device), _dkv_sums(k, v, lse.dtype)
         for part in own[:1] + [None] + own[1:]:  # None: the remote blocks, between the parts
             if part is not None:
                 _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, masks[0],
                                    scale, dq, *own_dkv)  # fmt: skip
                 continue
             for i, m in enumerate(remote):
-                dkv = _dkv_sums(k, lse.dtype)
+                dkv = _dkv_sums(k, v, lse.dtype)
                 kernels.backward_step(q, k, v, dout, lse, prepared, m, scale, dq, *dkv)
                 for d in dkv:
                     if i > 0:

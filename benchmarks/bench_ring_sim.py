@@ -178,7 +178,7 @@ def ring(kernels, layout_name, scale):
                 delta = kernels.backward_prepare(out, dout) if first else delta_once
                 # dq as in the ring's steady state: each step's contribution folded into fp32
                 dq = GradSum.over(dq_acc)
-                dkv = _dkv_sums(k, torch.float32)
+                dkv = _dkv_sums(k, v, torch.float32)
                 for part in parts:  # the own block, as the ring's two parts
                     _own_part_backward(kernels, part, q, k, v, dout, out, lse, delta, mask, scale,
                                        dq, *dkv)  # fmt: skip

@@ -569,8 +569,8 @@ def _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, own_mas
                           dq.part(qh), own_dk.part(kvh), own_dv.part(kvh))  # fmt: skip
 
 
-def _dkv_sums(k: torch.Tensor, acc: torch.dtype) -> list[GradSum]:
-    return [GradSum(k.shape, acc, k.device), GradSum(k.shape, acc, k.device)]
+def _dkv_sums(k: torch.Tensor, v: torch.Tensor, acc: torch.dtype) -> list[GradSum]:
+    return [GradSum(k.shape, acc, k.device), GradSum(v.shape, acc, v.device)]
 
 
 def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, seq_len,
@@ -593,7 +593,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
     # The own block's dK/dV never travels: its contribution is computed in two parts, the first
     # before any remote block and the last after, and it receives the other ranks' sum at the end.
     own_mask = call.block_mask(0, blocks, q.device) if 0 in computed else None
-    own_dkv = _dkv_sums(k, acc)
+    own_dkv = _dkv_sums(k, v, acc)
     own_parts = _own_parts(kernels, own_mask, k.shape, n) if own_mask is not None else []
 
     def own_part(i: int) -> None:
@@ -622,7 +622,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
         _wait(kv_works)
         blocks = kv_incoming
         kv_works, kv_incoming = exchange_blocks(s)
-        dkv = _dkv_sums(k, acc)
+        dkv = _dkv_sums(k, v, acc)
         if s in computed:
             mask = call.block_mask(s, blocks, q.device)
             kernels.backward_step(q, blocks[0], blocks[1], dout, lse, prepared, mask, scale, dq,
@@ -640,7 +640,7 @@ def _ring_backward(dout, q, k, v, out, lse, mask: AttentionMask, scale, layout, 
         # what arrives: the sender's first hop at step 1, accumulators after
         sender = ring.peer(-1) if s + 1 < n else ring.peer(n - 1)
         dtype = call.first_hop_dtype(sender, fused, q.dtype, acc) if s == 1 else acc
-        chain_incoming = [torch.empty(k.shape, dtype=dtype, device=k.device) for _ in range(2)]
+        chain_incoming = [torch.empty(t.shape, dtype=dtype, device=t.device) for t in (k, v)]
         if s + 1 < n:
             chain_works = ring.exchange(send, chain_incoming, ring.peer(1), ring.peer(-1))
         else:  # home: the block came from rank - (n - 1)
