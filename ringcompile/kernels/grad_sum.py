@@ -169,15 +169,20 @@ class GradSum:
         if not self.held and self.valid == [self.whole]:
             return
         if self.acc is None:
-            use_dest = self.dest is not None and self.dest.dtype == self.dtype
-            self.acc = self.dest if use_dest else torch.empty(self.shape, dtype=self.dtype,
-                                                              device=self.device)  # fmt: skip
+            self._allocate()
         for cell in _cells(self._boxes(), self.whole):
             items = self._items(cell)
             if len(items) == 1 and any(_inside(cell, b) for b in self.valid):
                 continue  # the accumulator alone: already the sum
             _sum_into(_view(self.acc, self.whole, cell), items)
         self.valid, self.held = [self.whole], []
+
+    def _allocate(self) -> None:
+        """The accumulator, valid nowhere yet: the tensor given to ``over`` where it can be."""
+        if self.dest is not None and self.dest.dtype == self.dtype:
+            self.acc = self.dest
+        else:
+            self.acc = torch.empty(self.shape, dtype=self.dtype, device=self.device)
 
     def _empty(self, box: Box) -> bool:
         return not any(_meets(box, b) for b in self._boxes())
@@ -188,9 +193,7 @@ class GradSum:
             if not self._empty(box):
                 raise ValueError("GradSum: overwriting a region that holds contributions")
             if self.acc is None:
-                use_dest = self.dest is not None and self.dest.dtype == self.dtype
-                self.acc = self.dest if use_dest else torch.empty(self.shape, dtype=self.dtype,
-                                                                  device=self.device)  # fmt: skip
+                self._allocate()
             self.valid.append(box)
             return self.acc[region]
         self._fold()
@@ -205,15 +208,15 @@ class _Part:
         self.shape = torch.Size(b1 - b0 for b0, b1 in box)
         self.dtype = whole.dtype
 
-    def part(self, index: tuple) -> _Part:
+    def _within(self, index: tuple) -> Box:
         inner = _box(index, self.shape)
-        return _Part(self.whole, tuple((b0 + i0, b0 + i1) for (b0, _), (i0, i1) in zip(self.box, inner)))
+        return tuple((b0 + i0, b0 + i1) for (b0, _), (i0, i1) in zip(self.box, inner))
+
+    def part(self, index: tuple) -> _Part:
+        return _Part(self.whole, self._within(index))
 
     def add(self, t: torch.Tensor, index: tuple = ()) -> None:
-        self.part(index)._add_here(t)
-
-    def _add_here(self, t: torch.Tensor) -> None:
-        self.whole._add(t, self.box)
+        self.whole._add(t, self._within(index))
 
     def accumulator(self, overwrite: bool = False) -> torch.Tensor:
         return self.whole._accumulator(self.box, overwrite)
