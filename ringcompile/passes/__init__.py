@@ -25,7 +25,8 @@ what it expects and what it guarantees, with the graph before and after. They ru
 
 What passes share lives in helper modules, never in another pass (a test checks): ``context``
 (``RingContext``: the graph, the ring, what each pass found), ``dims`` (how dims pass through
-ops), ``fx_utils`` (SDPA calls, source lines), ``patterns`` (model idioms: ``repeat_kv``, the
+ops), ``aliases`` (which nodes share memory and which change it in place), ``fx_utils`` (SDPA
+calls, source lines), ``patterns`` (model idioms: ``repeat_kv``, the
 sharded KV cache), ``mask_reader`` (a dense mask's graph read back as an ``AttentionMask``) and
 ``outlined`` (an outlined region that computes each row alone).
 """

@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import AttentionMask
-from ringcompile.passes.fx_utils import in_place_method
+from ringcompile.passes.aliases import written_tensors
 from ringcompile.report import GraphReport
 from ringcompile.runtime import (
     RingAttention,
@@ -26,11 +26,14 @@ from ringcompile.runtime import (
 
 
 def _mutates(node: Node) -> bool:
-    """In-place tensor methods, and ops whose schema mutates an argument (FX on torch 2.11
-    deems those pure too: a cache append whose result is unused would vanish)."""
+    """In-place changes (``x.add_(y)``, ``x[i] = v``, ``x += y``, ``out=``), and ops whose schema
+    mutates an argument (FX on torch 2.11 deems those pure too: a cache append or an ``out=``
+    whose result is unused would vanish)."""
     t = node.target
+    if written_tensors(node):
+        return True
     if node.op == "call_method":
-        return in_place_method(node) or t == "requires_grad_"
+        return t == "requires_grad_"
     if node.op == "call_function":
         if isinstance(t, torch._ops.OpOverloadPacket):
             return any(getattr(t, o)._schema.is_mutable for o in t.overloads())
@@ -90,8 +93,9 @@ class RingContext:
     local: dict[Node, tuple[Node, int]] = field(default_factory=dict)
     # nodes whose only value is the local one (no full version exists)
     local_only: set[Node] = field(default_factory=set)
-    _shards: dict[tuple[Node, int], Node] = field(default_factory=dict)
-    _gathers: dict[Node, Node] = field(default_factory=dict)
+    # keyed by the last in-place change of the memory they read (None: as it was made)
+    _shards: dict[tuple[Node, int, Node | None], Node] = field(default_factory=dict)
+    _gathers: dict[tuple[Node, Node | None], Node] = field(default_factory=dict)
     _callables: dict[type, object] = field(default_factory=dict)
     gather_reasons: dict[Node, str] = field(default_factory=dict)
     # shard_sequence: local versions of each site's lifted mask tensors, for swap_attention
@@ -109,7 +113,7 @@ class RingContext:
     @property
     def gathered(self) -> dict[Node, Node]:
         """``{gather node: the local node it gathers}``."""
-        return {g: src for src, g in self._gathers.items()}
+        return {g: src for (src, _), g in self._gathers.items()}
 
     # -- the ring -------------------------------------------------------------------------------
     @property
@@ -157,23 +161,26 @@ class RingContext:
         as a call_method, which FX deems pure, so a counter bumped in a forward would vanish."""
         self.gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutates(n))
 
-    def shard_of(self, node: Node, dim: int) -> Node:
-        """``ring_shard(node, dim)``, inserted once right after ``node``."""
-        key = (node, dim)
+    def shard_of(self, node: Node, dim: int, after: Node | None = None) -> Node:
+        """``ring_shard(node, dim)``, inserted once right after ``node``, or after ``after``: the
+        last in-place change of ``node``'s memory that its reader sees (``aliases.Writes``)."""
+        key = (node, dim, after)
         if key not in self._shards:
-            with self.gm.graph.inserting_after(node):
+            with self.gm.graph.inserting_after(after or node):
                 self._shards[key] = self.gm.graph.call_function(
                     self._bound(RingShard), (node, dim)
                 )
         return self._shards[key]
 
-    def gather_of(self, node: Node, reason: str) -> Node:
-        """``ring_gather(local, dim)`` of a local-only node, inserted once right after it."""
-        if node not in self._gathers:
+    def gather_of(self, node: Node, reason: str, after: Node | None = None) -> Node:
+        """``ring_gather(local, dim)`` of a local-only node, inserted once right after it, or
+        after ``after``: the last in-place change of its memory that its reader sees."""
+        key = (node, after)
+        if key not in self._gathers:
             local, dim = self.local[node]
-            with self.gm.graph.inserting_after(local):
-                self._gathers[node] = self.gm.graph.call_function(
+            with self.gm.graph.inserting_after(after or local):
+                self._gathers[key] = self.gm.graph.call_function(
                     self._bound(RingGather), (local, dim)
                 )
-            self.gather_reasons[self._gathers[node]] = f"{node.name} (dim {dim}): {reason}"
-        return self._gathers[node]
+            self.gather_reasons[self._gathers[key]] = f"{node.name} (dim {dim}): {reason}"
+        return self._gathers[key]

@@ -174,8 +174,32 @@ def _index_map(x_shape: tuple[int, ...], index) -> dict[int, int] | None:
     return m
 
 
+def _setitem_map(node: Node) -> DimMap | None:
+    """``x[index] = v`` changes ``x``: the dims the index keeps whole pass through ``x`` (a dim
+    it slices or picks does not, so a sequence there is never written row by row), and ``v``'s
+    dims line up, right-aligned, with the view ``x[index]``'s."""
+    x, index, v = node.args
+    xs = shape_of(x)
+    m = _index_map(xs, index) if xs is not None else None
+    if m is None:
+        return None
+    result = [(x, {d: d for d in m})]
+    vs = shape_of(v)
+    if vs is not None:
+        items = index if isinstance(index, tuple) else (index,)
+        n_view = (len(xs) - sum(isinstance(i, int) for i in items)
+                  + sum(i is None for i in items))  # fmt: skip
+        of_view = {o: d for d, o in m.items()}
+        off = n_view - len(vs)
+        result.append((v, {d: of_view[d + off] for d in range(len(vs))
+                           if d + off in of_view and vs[d] == xs[of_view[d + off]]}))
+    return result
+
+
 def dim_map(node: Node) -> DimMap | None:
     """``[(input, {in_dim: out_dim})]`` for the node's pass-through dims, or None if unknown."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return _setitem_map(node)
     out = shape_of(node)
     region = rowwise_region_of(node)
     if region is not None and out is not None:  # its rows in, the same rows out

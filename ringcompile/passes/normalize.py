@@ -9,11 +9,12 @@ Guarantees, for nodes whose first argument is a tensor:
   (``torch.transpose(x, 1, 2)``, ``torch.sum(x, -1)``, ``torch.reshape(x, s)``) is the method
   call (``x.transpose(1, 2)``), the form Dynamo gives most tensor ops;
 - ``scaled_dot_product_attention`` takes q, k, v by position and every other argument by name;
-- an in-place method on a tensor the graph made itself, which no view shares (``out.add_(y)``,
-  ``s.scatter_(1, i, v)``), is its out-of-place form, and the readers after it read its result:
+- an in-place method or operator on a tensor the graph made itself, which no view shares
+  (``out.add_(y)``, ``s.scatter_(1, i, v)``, ``h += r``), is its out-of-place form, and the readers after it read its result:
   FX records no edge from the change to them, so a later pass that shards or gathers the tensor
   would hand them a copy the change never reached. Graph inputs, module state and views keep
-  their in-place changes (``shard_sequence`` refuses to move those).
+  their in-place changes (``shard_sequence`` shards and gathers their memory after the changes
+  each reader sees).
 Nothing else changes, and what each node computes is the same.
 
     eq = l.__eq__(r); t = torch.transpose(x, 1, 2); sdpa(q, k, v, None, 0.0, True)
@@ -28,6 +29,7 @@ import operator
 import torch
 from torch.fx import Node
 
+from ringcompile.passes.aliases import IN_PLACE_OPERATORS, is_view
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import is_tensor_node
 from ringcompile.passes.fx_utils import in_place_method, is_sdpa, sdpa_args
@@ -92,40 +94,34 @@ def normalized(node: Node) -> tuple[str, object, tuple] | None:
     return None
 
 
-# ops whose result shares its input's memory: a change through one is a change through the other
-_VIEWS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "flatten",
-          "unflatten", "t", "narrow", "select", "as_strided", "detach", "view_as", "expand_as",
-          "chunk", "split", "unbind", "swapaxes", "movedim", "diagonal", "contiguous"}  # fmt: skip
-
-
-def _is_view(node: Node) -> bool:
-    return ((node.op == "call_method" and node.target in _VIEWS)
-            or (node.op == "call_function" and node.target is operator.getitem))  # fmt: skip
-
-
-def _out_of_place(node: Node, position: dict[Node, int]) -> str | None:
-    """The out-of-place method for an in-place ``node`` whose change nothing else can see."""
+def _out_of_place(node: Node, position: dict[Node, int]) -> tuple[str, object] | None:
+    """The out-of-place (op, target) for an in-place ``node`` whose change nothing else can see."""
     t = node.target
-    if not (in_place_method(node) and hasattr(torch.Tensor, t[:-1])):
+    if in_place_method(node) and hasattr(torch.Tensor, t[:-1]):
+        new = ("call_method", t[:-1])
+    elif node.op == "call_function" and t in IN_PLACE_OPERATORS:
+        new = ("call_function", IN_PLACE_OPERATORS[t])
+    else:
         return None
     x = node.args[0]
-    if not isinstance(x, Node) or x.op not in ("call_function", "call_method") or _is_view(x):
+    if (not isinstance(x, Node) or not is_tensor_node(x)
+            or x.op not in ("call_function", "call_method") or is_view(x)):
         return None  # a graph input, module state or a view: the change must stay visible
     here = position[node]
     for u in x.users:
-        if position[u] < here and _is_view(u):
+        if position[u] < here and is_view(u):
             return None  # a view made before the change would see it
-    return t[:-1]
+    return new
 
 
 def _functionalize(graph) -> None:
     position = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        method = _out_of_place(node, position)
-        if method is None:
+        new = _out_of_place(node, position)
+        if new is None:
             continue
         x = node.args[0]
-        node.target = method
+        node.op, node.target = new
         later = [u for u in x.users if u is not node and position[u] > position[node]]
         for u in later:
             u.replace_input_with(x, node)

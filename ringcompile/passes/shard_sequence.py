@@ -20,11 +20,15 @@ Guarantees, walking the graph in order:
 - any other use of a local value — an op that mixes along the sequence (a shift, a ``cumsum``, a
   reduction over it), an op not understood, a graph output — reads ``ring_gather(x, dim)``: the full
   tensor in natural order, exact. Outputs stay local only with ``gather_outputs=False``;
-- an in-place method left by pass 0 (on a graph input, module state or a view) changes the tensor
-  it is given, never a shard or a gather of it: on this rank's tokens where that tensor is local,
-  on the full tensor (local operands gathered) where it is full; where neither is exact (a local
-  tensor changed by operands that do not line up, a full one this rank also took a shard of) it
-  raises ``RingCompileError``.
+- an in-place change left by pass 0 (``x.add_(y)``, ``x[i] = v``, ``x += y``, ``out=x`` on a graph
+  input, module state or a view) changes the tensor it is given, never a shard or a gather of it:
+  on this rank's tokens where that tensor is local, on the full tensor (local operands gathered)
+  where it is full; where neither is exact (a local tensor changed by operands that do not line
+  up or by an op whose dims the passes do not follow; a view of local values taken through a
+  gather, whose change would reach only the copy) it raises ``RingCompileError``;
+- every shard and gather reads the memory as its reader sees it: it is taken after the last
+  in-place change of that memory (through any view of it) before the reader (``aliases.Writes``),
+  so ``b = x.new_empty(s); b[..., :6].copy_(k); sdpa(q, b, v)`` reads ``b`` written.
 
     x = embedding(tokens, w); h = linear(x.view(2, 4096, 8), w2); return h
     -> t = ring_shard(tokens, 1); x = embedding(t, w); h = linear(x.view(2, 1024, 8), w2)
@@ -39,9 +43,10 @@ from torch.fx.node import map_arg
 from ringcompile.errors import RingCompileError
 from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import StripedLayout
+from ringcompile.passes.aliases import Writes, storage_root, written_tensors
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import dim_map, dtype_only_inputs, shape_of, size_args
-from ringcompile.passes.fx_utils import in_place_method, sdpa_args, source_line
+from ringcompile.passes.fx_utils import sdpa_args, source_line
 
 POSITION_KINDS = ("positions", "table")  # shard points whose values are positions
 
@@ -51,7 +56,7 @@ def _describe(node: Node) -> str:
     return f"{node.op} {target}"
 
 
-def _local_plan(ctx: RingContext, node: Node, want: int | None):
+def _local_plan(ctx: RingContext, node: Node, want: int | None, writes: Writes):
     """How ``node`` runs on local tokens: (out_dim, {input: local replacement}) or None."""
     S = ctx.seq_len
     site = ctx.site_of.get(node)
@@ -84,12 +89,13 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
         if inp in ctx.local:
             local, ldim = ctx.local[inp]
             if in_dims == [ldim]:
-                replace[inp] = local
+                replace[inp] = local if inp in ctx.local_only else ctx.shard_of(
+                    inp, ldim, writes.last_before(inp, node))
                 continue
             if inp in ctx.local_only:
                 return None  # its sequence does not line up with the output's
         if len(in_dims) == 1:
-            replace[inp] = ctx.shard_of(inp, in_dims[0])
+            replace[inp] = ctx.shard_of(inp, in_dims[0], writes.last_before(inp, node))
     for a in dtype_only_inputs(node):  # read for its dtype alone: its shard serves
         unread.add(a)
         if a in ctx.local and a not in replace:
@@ -103,39 +109,54 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None):
     return want, replace
 
 
-def _shard_in_place(ctx: RingContext, node: Node) -> None:
-    """``x.op_(...)``: on local ``x`` itself (its other operands local), or on full ``x`` with its
-    other operands gathered; never on a copy, which later readers of ``x`` would not see."""
-    x = node.args[0]
-    if x in ctx.local_only and ctx.local[x][0] is x:
-        plan = _local_plan(ctx, node, ctx.local[x][1])
+def _gather_locals(ctx: RingContext, node: Node, writes: Writes, keep: Node | None = None) -> None:
+    """``node`` computes on full tensors: each local-only input (but ``keep``) reads its gather,
+    taken after the in-place changes ``node`` sees."""
+    node.args, node.kwargs = map_arg(
+        (node.args, node.kwargs),
+        lambda a: ctx.gather_of(
+            a, f"read by {node.name} ({_describe(node)}) at {source_line(node)}",
+            writes.last_before(a, node),
+        ) if a in ctx.local_only and a is not keep else a,
+    )
+
+
+def _shard_write(ctx: RingContext, node: Node, writes: Writes) -> None:
+    """``x.op_(...)``, ``x[i] = v``, ``x += y``, ``op(..., out=x)``: on local ``x`` itself (its
+    other operands local), or on full ``x`` with its other operands gathered; never on a copy,
+    which later readers of ``x`` would not see."""
+    targets = written_tensors(node)
+    x = targets[0]
+    fix = ("Write it out of place (x = x.add(y) rather than x.add_(y), torch.cat rather than "
+           "writes into slices of one buffer)")
+    if len(targets) == 1 and x in ctx.local_only and ctx.local[x][0] is x:
+        plan = _local_plan(ctx, node, ctx.local[x][1], writes)
         if plan is None or plan[1].get(x, x) is not x:
             raise RingCompileError(
                 f"backend='ring' cannot run {node.name} ({_describe(node)}) at "
                 f"{source_line(node)}: it changes {x.name} in place, which holds this rank's "
-                "tokens, with operands whose sequence does not line up with it. Write it out of "
-                "place (x = x.add(y) rather than x.add_(y))"
+                "tokens, with operands whose sequence does not line up with it or by an op whose "
+                f"dims the passes do not follow. {fix}"
             )
         dim, replace = plan
         node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: replace.get(a, a))
         ctx.local[node] = (node, dim)
         ctx.local_only.add(node)
         return
-    if x in ctx.local:  # a shard of x was taken where x was made: the change would miss it
-        raise RingCompileError(
-            f"backend='ring' cannot run {node.name} ({_describe(node)}) at {source_line(node)}: "
-            f"it changes {x.name} in place after this rank took its tokens of it. Write it out "
-            "of place (x = x.add(y) rather than x.add_(y))"
-        )
-    node.args, node.kwargs = map_arg(
-        (node.args, node.kwargs),
-        lambda a: ctx.gather_of(
-            a, f"read by {node.name} ({_describe(node)}) at {source_line(node)}"
-        ) if a in ctx.local_only and a is not x else a,
-    )
+    for t in targets:
+        root = storage_root(t)  # as rewritten: a view of local values reads their gather
+        if t in ctx.local_only or root in ctx.gathered:
+            held = ctx.gathered.get(root, t)
+            raise RingCompileError(
+                f"backend='ring' cannot run {node.name} ({_describe(node)}) at "
+                f"{source_line(node)}: it changes {t.name} in place, a view of {held.name}, "
+                "which holds this rank's tokens, taken where the passes need its whole "
+                f"sequence: the change would reach a gathered copy, not {held.name}. {fix}"
+            )
+    _gather_locals(ctx, node, writes, keep=x)
 
 
-def _local_cache_append(ctx: RingContext, node: Node) -> bool:
+def _local_cache_append(ctx: RingContext, node: Node, writes: Writes) -> bool:
     """Feed a prefill's cache append its local tokens where they are exactly this rank's share of
     the striped cache (the layout is striped and unpadded); otherwise it reads gathered K/V."""
     if not (node.op == "call_function" and node.target in APPEND_OPS):
@@ -147,7 +168,7 @@ def _local_cache_append(ctx: RingContext, node: Node) -> bool:
             and pos not in ctx.local_only and shape_of(pos)[1] == ctx.seq_len):
         return False
     node.args = (keys, values, positions, ctx.local[k][0], ctx.local[v][0],
-                 ctx.shard_of(pos, 1), *rest)
+                 ctx.shard_of(pos, 1, writes.last_before(pos, node)), *rest)
     ctx.report.shards.append(f"{node.name}: this rank's tokens are its share of the KV cache "
                              f"(striped), stored without a gather")
     return True
@@ -175,6 +196,7 @@ def run(ctx: RingContext) -> None:
     if not ctx.sites:
         return
     graph = ctx.gm.graph
+    writes = Writes(graph)
     for node, dim in ctx.plan.shard_points.items():
         if node in ctx.local:
             continue
@@ -196,36 +218,31 @@ def run(ctx: RingContext) -> None:
             if ctx.gather_outputs:
                 node.args = map_arg(
                     node.args,
-                    lambda a: ctx.gather_of(a, "graph output") if a in ctx.local_only else a,
+                    lambda a: ctx.gather_of(a, "graph output", writes.last_before(a, node))
+                    if a in ctx.local_only else a,
                 )
             else:
                 node.args = map_arg(
                     node.args, lambda a: ctx.local[a][0] if a in ctx.local_only else a
                 )
             continue
-        if _local_cache_append(ctx, node):
+        if _local_cache_append(ctx, node, writes):
             continue
-        if in_place_method(node):
-            _shard_in_place(ctx, node)
+        if written_tensors(node):
+            _shard_write(ctx, node, writes)
             continue
         plan = None
         if node not in ctx.plan.shard_points and (
             node in ctx.plan.demand or any(a in ctx.local_only for a in node.all_input_nodes)
         ):
-            plan = _local_plan(ctx, node, ctx.plan.demand.get(node))
+            plan = _local_plan(ctx, node, ctx.plan.demand.get(node), writes)
             if plan is None and node in ctx.plan.demand:
                 ctx.report.fallbacks.append(
                     f"{node.name} ({_describe(node)}) at {source_line(node)}: its inputs' "
                     "sequence dims do not line up; computed full from gathered inputs"
                 )
         if plan is None:
-            # full: read the full version of every local-only input
-            node.args, node.kwargs = map_arg(
-                (node.args, node.kwargs),
-                lambda a: ctx.gather_of(
-                    a, f"read by {node.name} ({_describe(node)}) at {source_line(node)}"
-                ) if a in ctx.local_only else a,
-            )
+            _gather_locals(ctx, node, writes)  # full: read the full version of every local input
             continue
         dim, replace = plan
         node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: replace.get(a, a))
