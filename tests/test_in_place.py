@@ -10,6 +10,8 @@ output and gradients, or raise ``RingCompileError`` naming the write.
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch._dynamo
@@ -143,3 +145,39 @@ def test_writes_the_passes_cannot_follow_are_refused(gloo, fn, op):
         assert what == "refused", (rank, message)
         assert f"cannot run {op}" in message and "in place" in message and " k" in message, message
         assert "Write it out of place" in message, message
+
+
+def test_writes_know_views_and_the_last_change_a_reader_sees():
+    """``aliases``: views lead back to the buffer (an advanced index copies: no view), and the
+    last change before a reader is the one its shard must follow."""
+    from ringcompile.passes.aliases import Writes, is_view, storage_root
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    def f(q, idx):
+        k = q.new_empty(q.shape)
+        k[..., :4].copy_(q[..., :4])
+        early = k * 1
+        k[..., 4:].copy_(q[..., 4:])
+        picked = q[:, :, idx]  # advanced indexing: a copy
+        picked.zero_()
+        return early, F.scaled_dot_product_attention(q, k, q), picked
+
+    torch._dynamo.reset()
+    torch.compile(f, backend=capture)(torch.randn(1, 2, S, 8), torch.tensor([0, 3]))
+    (gm,) = graphs
+    nodes = list(gm.graph.nodes)
+    k = next(n for n in nodes if n.target == "new_empty")
+    copies = [n for n in nodes if n.target == "copy_"]
+    early = next(n for n in nodes if n.target is operator.mul)
+    sdpa = next(n for n in nodes if n.target is F.scaled_dot_product_attention)
+    picked = next(n for n in nodes if n.target == "zero_").args[0]
+    writes = Writes(gm.graph)
+    assert [storage_root(c.args[0]) for c in copies] == [k, k]
+    assert writes.last_before(k, early) is copies[0] and writes.last_before(k, sdpa) is copies[1]
+    assert writes.last_before(k, None) is None
+    assert not is_view(picked) and storage_root(picked) is picked

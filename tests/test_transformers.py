@@ -823,25 +823,31 @@ def test_mixture_of_experts_adds_no_graphs(gloo):
         assert err < 1e-5, err
 
 
-def deepseek_v3(rank, world, experts, left_padding):
-    """A tiny DeepSeek-V3 at batch 2: MLA (low-rank q and kv with their norms, q/k head dim 6 + 4
-    of rotary against v's 4; its keys built as ``new_empty`` and two slice ``copy_``s), routed
-    and shared experts, its router in float32. ``experts``: "grouped" (transformers' grouped
-    matmuls, on its own loop of matmuls: one graph) or "eager" (a Python loop over the experts:
-    the graph breaks)."""
+def latent_attention(rank, world, arch, experts, left_padding):
+    """A tiny model with multi-head latent attention (MLA) at batch 2: low-rank q and kv with
+    their norms, q/k head dim 6 + 4 of rotary against v's 4, its keys built as ``new_empty`` and
+    two slice ``copy_``s. DeepSeek-V2 and V3 add routed and shared experts (V3's router in
+    float32): ``experts`` "grouped" (transformers' grouped matmuls, on its own loop of matmuls:
+    one graph) or "eager" (a Python loop over the experts: the graph breaks)."""
     import transformers.integrations.moe as moe
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    config = transformers.DeepseekV3Config(
-        vocab_size=V, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=8,
-        kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=4,
-        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
-        n_shared_experts=1, max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
+    shape = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=8, kv_lora_rank=8,
+                 qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=4, max_position_embeddings=64,
+                 attn_implementation="sdpa")  # fmt: skip
+    moe_shape = dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                     n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1)
+    config_cls, model_cls = {
+        "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+        "minicpm3": (transformers.MiniCPM3Config, transformers.MiniCPM3ForCausalLM),
+    }[arch]
+    config = config_cls(**shape, **({} if arch == "minicpm3" else moe_shape))
     if experts == "eager":
         config._experts_implementation = "eager"
-    model = transformers.DeepseekV3ForCausalLM(config).double()
+    model = model_cls(config).double()
     usable = moe._can_use_grouped_mm
     moe._can_use_grouped_mm = lambda *args, **kwargs: False
     try:
@@ -850,16 +856,23 @@ def deepseek_v3(rank, world, experts, left_padding):
         moe._can_use_grouped_mm = usable
 
 
-@pytest.mark.parametrize("experts, left_padding", [("grouped", 0), ("grouped", 3), ("eager", 3)])
-def test_deepseek_v3_keys_written_in_place(gloo, experts, left_padding):
-    """DeepSeek-V3 writes its keys into a ``new_empty`` buffer through two slice ``copy_``s; the
-    ring attention reads them sharded after both writes (before, its shard was taken as the buffer
-    was made, uninitialised: gradients 1.1-1.7 off). Exact: logits, loss and every gradient but
-    the router's weight, which the model computes in float32 (rounding: 1e-7)."""
-    results = gloo(2).run(deepseek_v3, experts, left_padding)
+@pytest.mark.parametrize("arch, experts, left_padding", [
+    ("deepseek_v3", "grouped", 0), ("deepseek_v3", "grouped", 3), ("deepseek_v3", "eager", 3),
+    ("deepseek_v2", "grouped", 3), ("minicpm3", None, 3),
+])  # fmt: skip
+def test_latent_attention_keys_written_in_place(gloo, arch, experts, left_padding):
+    """DeepSeek-V2/V3 and MiniCPM3 write their keys into a ``new_empty`` buffer through two
+    slice ``copy_``s. The buffer is made on this rank's tokens and written there, and the ring
+    attention reads it after both writes (before, a shard was taken as the buffer was made,
+    uninitialised: DeepSeek-V3's gradients were 1.1-1.7 off). Exact: logits, loss and every
+    gradient but the router's weight, which DeepSeek computes in float32 (rounding: 1e-7)."""
+    results = gloo(2).run(latent_attention, arch, experts, left_padding)
     for rank, (errs, _) in enumerate(results):
         float32 = {"loss"} | {n for n in errs if n.endswith("mlp.gate.weight")}
         bad = {k: v for k, v in errs.items() if not v < (LOSS_TOL if k in float32 else TOL)}
         assert not bad, f"rank {rank}: {bad}"
-    replaced = [a for graph in results[0][1] for a in graph.attention]
-    assert len(replaced) == 2, replaced
+    graphs = results[0][1]
+    assert sum(len(graph.attention) for graph in graphs) == 2, [g.attention for g in graphs]
+    # the keys' buffer and what is copied into it stay on this rank's tokens
+    gathers = [g for graph in graphs for g in graph.gathers]
+    assert not any("new_empty" in g or "copy_" in g for g in gathers), gathers

@@ -73,7 +73,8 @@ def storage_root(node: Node) -> Node:
 
 
 def written_tensors(node: Node) -> list[Node]:
-    """The tensors whose memory ``node`` changes."""
+    """The tensors whose memory ``node`` changes (a node without Dynamo's example values counts
+    as a tensor: only ``x += 1`` on a number is known to change none)."""
     if in_place_method(node):
         targets = [node.args[0]]
     elif node.op == "call_function" and (node.target in IN_PLACE_OPERATORS
@@ -84,7 +85,8 @@ def written_tensors(node: Node) -> list[Node]:
         targets = list(out) if isinstance(out, (tuple, list)) else [out]
     else:
         return []
-    return [t for t in targets if isinstance(t, Node) and is_tensor_node(t)]
+    return [t for t in targets if isinstance(t, Node)
+            and (is_tensor_node(t) or example(t) is None)]
 
 
 class Writes:

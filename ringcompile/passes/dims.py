@@ -63,7 +63,10 @@ _POINTWISE_METHODS = {
     "detach", "pow", "rsqrt", "sqrt", "exp", "cos", "sin", "neg", "sigmoid", "tanh", "mul",
     "add", "sub", "div", "masked_fill", "clamp", "abs", "long", "int", "bool", "logical_and",
     "logical_or", "where", "requires_grad_",
+    "copy",  # (``x.copy_(src)``: src broadcast to x)
 }
+# ``x.new_empty(sizes)``: a tensor made from its sizes; ``x`` is read for its dtype and device
+_CREATIONS = {"new_empty", "new_zeros", "new_ones", "new_full"}
 _NORMS = {torch.rms_norm, F.rms_norm, F.layer_norm, torch.layer_norm}
 _SOFTMAXES = {F.softmax, F.log_softmax}
 _LINEARS = {F.linear, torch._C._nn.linear}
@@ -277,6 +280,21 @@ def dim_map(node: Node) -> DimMap | None:
     if node.op == "call_function" and t in SDPA_TARGETS:
         return [(x, {d: d for d in range(len(xs))})]  # queries' rows are the output's rows
 
+    if node.op == "call_method" and t.removesuffix("_") == "index_put":
+        # x.index_put(indices, values): the dims no index tensor picks along pass through x,
+        # and values' trailing dims line up with them (right-aligned, as they broadcast)
+        indices, values = _arg(node, 1, "indices"), _arg(node, 2, "values")
+        picked = {d for d, i in enumerate(indices) if i is not None}
+        keep = {d: d for d in range(len(xs)) if d not in picked}
+        result = [(x, keep)]
+        vs = shape_of(values)
+        if vs is not None:
+            off = len(xs) - len(vs)
+            result.append((values, {d: d + off for d in range(len(vs)) if d + off in keep
+                                    and d + off >= len(indices) and vs[d] == xs[d + off]}))
+        return result
+    if node.op == "call_method" and t in _CREATIONS:
+        return []  # no input's dims: its sizes say its shape (``size_args``)
     if node.op == "call_method" and t in ("transpose", "swapaxes"):
         a, b = (_arg(node, 1, "dim0") % len(xs), _arg(node, 2, "dim1") % len(xs))
         m = {d: d for d in range(len(xs))}
@@ -326,7 +344,15 @@ def dtype_only_inputs(node: Node) -> list[Node]:
     ``x.to(other)``): any rows of them serve, a shard as well as the whole."""
     if node.op == "call_method" and node.target in ("type_as", "to", "type"):
         return [a for a in [*node.args[1:], *node.kwargs.values()] if is_tensor_node(a)]
+    if node.op == "call_method" and node.target in _CREATIONS:
+        return [node.args[0]]
     return []
+
+
+def made_from_sizes(node: Node) -> bool:
+    """Whether ``node`` makes a tensor from its sizes alone (``x.new_empty(2, 4, S, 10)``): made
+    on this rank's tokens, it takes the local length at its sequence dim (``size_args``)."""
+    return node.op == "call_method" and node.target in _CREATIONS and size_args(node) is not None
 
 
 def size_args(node: Node) -> tuple[str, list[int]] | None:
@@ -335,8 +361,13 @@ def size_args(node: Node) -> tuple[str, list[int]] | None:
     Returns ("args", positions) with each output dim's position in ``node.args``, or
     ("tuple", positions) when the sizes come as one tuple argument at ``node.args[1]``.
     """
-    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand", "new_empty",
+                                                    "new_zeros", "new_ones"):
         if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
             return "tuple", list(range(len(node.args[1])))
-        return "args", list(range(1, len(node.args)))
+        if len(node.args) > 1:
+            return "args", list(range(1, len(node.args)))
+        return None  # (sizes given by keyword)
+    if node.op == "call_method" and node.target == "new_full" and len(node.args) > 1:
+        return "tuple", list(range(len(node.args[1])))
     return None

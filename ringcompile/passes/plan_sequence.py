@@ -7,7 +7,8 @@ mask rows through ops that carry the sequence dim through (``dims.dim_map``);
 ``shard_points[node] = dim`` where that walk stops: a graph input, a buffer, a created tensor
 (``arange``), a table sliced to the length, or an op that mixes along the sequence. A shard point
 is computed full, as before, and sharded where it is used locally — so stopping early is always
-exact, and walking further only saves work. ``shard_kinds[node]`` says what each holds: an
+exact, and walking further only saves work. A tensor made from its sizes alone
+(``x.new_empty(B, H, S, D)``, ``dims.made_from_sizes``) is in ``demand``: made at the local length. ``shard_kinds[node]`` says what each holds: an
 ``input``, ``positions`` (its sequence dim comes from aranges or position inputs alone), a
 ``table`` sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along
 it). An integer graph input is a position input by what it is used for, whatever its name: cast to
@@ -28,7 +29,7 @@ import torch
 from torch.fx import Node
 
 from ringcompile.passes.context import RingContext, SequencePlan
-from ringcompile.passes.dims import dim_map, shape_of
+from ringcompile.passes.dims import dim_map, made_from_sizes, shape_of
 
 
 # ops that move an input's values without reading them as numbers
@@ -178,7 +179,7 @@ def run(ctx: RingContext) -> None:
             for inp, m in mapping:
                 s = shape_of(inp)
                 inputs += [(inp, d) for d, o in m.items() if o == dim and s[d] == S]
-        if not inputs:
+        if not inputs and not made_from_sizes(node):
             shard_points[node] = dim
             continue
         demand[node] = dim
