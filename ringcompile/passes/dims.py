@@ -284,6 +284,8 @@ def dim_map(node: Node) -> DimMap | None:
         # x.index_put(indices, values): the dims no index tensor picks along pass through x,
         # and values' trailing dims line up with them (right-aligned, as they broadcast)
         indices, values = _arg(node, 1, "indices"), _arg(node, 2, "values")
+        if not isinstance(indices, (tuple, list)):
+            return None
         picked = {d for d, i in enumerate(indices) if i is not None}
         keep = {d: d for d in range(len(xs)) if d not in picked}
         result = [(x, keep)]

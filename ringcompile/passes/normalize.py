@@ -10,11 +10,11 @@ Guarantees, for nodes whose first argument is a tensor:
   call (``x.transpose(1, 2)``), the form Dynamo gives most tensor ops;
 - ``scaled_dot_product_attention`` takes q, k, v by position and every other argument by name;
 - an in-place method or operator on a tensor the graph made itself, which no view shares
-  (``out.add_(y)``, ``s.scatter_(1, i, v)``, ``h += r``), is its out-of-place form, and the readers after it read its result:
-  FX records no edge from the change to them, so a later pass that shards or gathers the tensor
-  would hand them a copy the change never reached. Graph inputs, module state and views keep
-  their in-place changes (``shard_sequence`` shards and gathers their memory after the changes
-  each reader sees).
+  (``out.add_(y)``, ``s.scatter_(1, i, v)``, ``h += r``), is its out-of-place form, and the
+  readers after it read its result: FX records no edge from the change to them, so a later
+  pass that shards or gathers the tensor would hand them a copy the change never reached. Graph
+  inputs, module state and views keep their in-place changes (``shard_sequence`` shards and
+  gathers their memory after the changes each reader sees).
 Nothing else changes, and what each node computes is the same.
 
     eq = l.__eq__(r); t = torch.transpose(x, 1, 2); sdpa(q, k, v, None, 0.0, True)
