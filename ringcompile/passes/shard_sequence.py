@@ -145,14 +145,17 @@ def _shard_write(ctx: RingContext, node: Node, writes: Writes) -> None:
         return
     for t in targets:
         root = storage_root(t)  # as rewritten: a view of local values reads their gather
-        if t in ctx.local_only or root in ctx.gathered:
-            held = ctx.gathered.get(root, t)
-            raise RingCompileError(
-                f"backend='ring' cannot run {node.name} ({_describe(node)}) at "
-                f"{source_line(node)}: it changes {t.name} in place, a view of {held.name}, "
-                "which holds this rank's tokens, taken where the passes need its whole "
-                f"sequence: the change would reach a gathered copy, not {held.name}. {fix}"
-            )
+        if root in ctx.gathered:
+            held = ctx.gathered[root]
+            why = (f"a view of {held.name}, which holds this rank's tokens, taken where the "
+                   f"passes need its whole sequence: the change would reach a gathered copy, "
+                   f"not {held.name}")
+        elif t in ctx.local_only:  # (one of several tensors an out= writes)
+            why = "which holds this rank's tokens, beside other tensors the op writes"
+        else:
+            continue
+        raise RingCompileError(f"backend='ring' cannot run {node.name} ({_describe(node)}) at "
+                               f"{source_line(node)}: it changes {t.name} in place, {why}. {fix}")
     _gather_locals(ctx, node, writes, keep=x)
 
 
