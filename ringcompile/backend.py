@@ -193,7 +193,9 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
     _warn_if_cache_moves(ctx, opts.mode)
     checked = _inputs_to_check(ctx, opts.check_inputs)
     ctx.report.input_check = opts.check_inputs.replace("_", " ")
-    ctx.report.checked_inputs = [f"{name} ({node.name})" for _, node, name in checked]
+    states = _states(gm) if checked else []
+    ctx.report.checked_inputs = [f"{name} ({node.name})" for _, node, name in checked] + (
+        [f"the model's {len(states)} parameters and buffers (on the first call)"] if states else [])
     ctx.report.code = readable_code(gm)
     if reports is not None:
         reports.append(ctx.report)
@@ -202,17 +204,38 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
     compiled = _inner_compiler(opts.compiler, opts.mode)(gm, example_inputs)
     if not checked:
         return compiled
-    return CheckedInputs(compiled, group, [(i, name) for i, _, name in checked],
+    return CheckedInputs(compiled, group, [(i, name) for i, _, name in checked], states,
                          every_call=opts.check_inputs == "every_call")
+
+
+def _source_name(node: torch.fx.Node) -> str | None:
+    """Dynamo's record of where a graph input came from (``L['tokens']``,
+    ``self._modules['norm']._parameters['weight']``), or None."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name  # a method in older torch
+    return name if isinstance(name, str) else None
 
 
 def _user_name(node: torch.fx.Node) -> str:
     """What the user calls a graph input (``tokens``, ``kwargs['input_ids']``), from Dynamo's
     record of where it came from; the graph's name where there is none."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", None)
-    name = name() if callable(name) else name  # a method in older torch
-    return re.sub(r"^L\['(\w+)'\]", r"\1", name) if isinstance(name, str) else node.name
+    name = _source_name(node)
+    return re.sub(r"^L\['(\w+)'\]", r"\1", name) if name is not None else node.name
+
+
+_MODULE_PATH = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
+
+
+def _states(gm: torch.fx.GraphModule) -> list[tuple[int, str]]:
+    """(argument index, dotted name: ``blocks.0.norm1.weight``) of each graph input that is a
+    module's parameter or buffer."""
+    found = []
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        name = _source_name(node)
+        if name is not None and re.search(r"\._(?:parameters|buffers)\[", name):
+            found.append((i, ".".join(_MODULE_PATH.findall(name))))
+    return found
 
 
 def _inputs_to_check(ctx: RingContext, mode: str) -> list[tuple[int, torch.fx.Node, str]]:

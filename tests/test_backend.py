@@ -124,8 +124,9 @@ positions fixed: 1
   - arange (dim 0, positions) at ringcompile/testing_models.py:71
 sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
-inputs compared across the ring (first call): 1
+inputs compared across the ring (first call): 2
   - tokens (l_tokens_)
+  - the model's 13 parameters and buffers (on the first call)
 gathered: 1
   - linear_5 (dim 1): graph output
 reductions kept sharded: none
@@ -221,8 +222,9 @@ positions fixed: 2
   - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
 sharded where they enter: 1
   - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
-inputs compared across the ring (first call): 1
+inputs compared across the ring (first call): 2
   - tokens (l_tokens_)
+  - the model's 14 parameters and buffers (on the first call)
 gathered: 1
   - linear_5 (dim 1): graph output
 reductions kept sharded: none

@@ -78,6 +78,41 @@ def test_every_call_checks_every_call(gloo):
     assert first_call == ["ok", "ok"]
 
 
+def built_with_seed_of_rank(rank, world, changed: str):
+    """A model built after ``torch.manual_seed(rank)`` ("all": every weight differs), or the same
+    model with one buffer changed on rank 1 ("buffer"): the error each rank raises, or "ok"."""
+    torch._dynamo.reset()
+    torch.manual_seed(rank if changed == "all" else 0)
+    model = TinyTransformer(layers=1).double()
+    if changed == "buffer" and rank == 1:
+        model.inv_freq.mul_(1.5)
+    compiled = torch.compile(model, backend="ring", options={"compiler": "eager"})
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        compiled(tokens)
+        compiled(tokens)  # a second call is not checked again, and runs
+    except RingInputMismatchError as e:
+        return str(e)
+    return "ok"
+
+
+def test_ranks_holding_different_weights_raise_on_every_rank(gloo):
+    """Each rank built its model from its own seed: every rank raises the same error naming the
+    parameters that differ and the fix (before, outputs were off by up to 3.25, silently)."""
+    for changed in ("all", "buffer"):
+        results = gloo(2).run(built_with_seed_of_rank, changed, timeout=120)
+        assert results[0] == results[1], results  # the same message on every rank
+        message = results[0]
+        assert "hold different parameters or buffers (checked on the first call)" in message
+        assert "the same torch.manual_seed before building it" in message
+        if changed == "all":
+            assert ("parameter or buffer embed.weight differs in its values: rank 0 holds one "
+                    "tensor, rank 1 another") in message
+            assert re.search(r"and \d+ more", message), message
+        else:
+            assert message.count("differs") == 1 and "buffer inv_freq differs" in message
+
+
 def deprecation_warnings(rank, world):
     """FutureWarnings that one ring_attention call and a compiled forward and backward raise."""
     torch._dynamo.reset()
