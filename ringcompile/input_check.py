@@ -35,8 +35,6 @@ _WIDTH = 5  # int64s per fingerprint
 _PER_GATHER = 8  # fingerprints per all-gather: one collective for all but unusual graphs
 _SHOWN = 8  # differing parameters or buffers named in the error
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 _CHUNK = 1 << 24  # elements summed at a time: a large weight needs no int64 copy of its size
 
 
@@ -70,7 +68,7 @@ def _difference(name: str, rows: torch.Tensor) -> str | None:
     groups = list(holders.values())
     held = [f"{_ranks(groups[0])} {'hold' if len(groups[0]) > 1 else 'holds'} one tensor"]
     held += [f"{_ranks(g)} another" for g in groups[1:]]
-    return f"input {name} differs {what}: {', '.join(held)}"
+    return f"{name} differs {what}: {', '.join(held)}"
 
 
 def _gather_rows(rows: list[torch.Tensor], head: list[int], group: dist.ProcessGroup,

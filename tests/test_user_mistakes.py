@@ -58,7 +58,7 @@ def test_ranks_given_different_inputs_raise_on_every_rank(gloo):
     assert results[0] == results[1]  # the same message on every rank
     (own,), (longer,), unchecked = results[0]
     assert "were given different inputs (checked on the first call)" in own
-    assert "input tokens differs in its values: rank 0 holds one tensor, rank 1 another" in own
+    assert "\n  - input tokens differs in its values: rank 0 holds one tensor, rank 1 another" in own
     assert FIX in own and "never over the ring's ranks" in own
     assert "input tokens differs in shape or dtype: rank 0 holds one tensor, rank 1 another" in (
         longer)
@@ -106,11 +106,12 @@ def test_ranks_holding_different_weights_raise_on_every_rank(gloo):
         assert "hold different parameters or buffers (checked on the first call)" in message
         assert "the same torch.manual_seed before building it" in message
         if changed == "all":
-            assert ("parameter or buffer embed.weight differs in its values: rank 0 holds one "
-                    "tensor, rank 1 another") in message
+            assert ("\n  - parameter or buffer embed.weight differs in its values: rank 0 holds "
+                    "one tensor, rank 1 another") in message
             assert re.search(r"and \d+ more", message), message
         else:
-            assert message.count("differs") == 1 and "buffer inv_freq differs" in message
+            assert message.count("differs") == 1, message
+            assert "\n  - parameter or buffer inv_freq differs" in message, message
 
 
 def deprecation_warnings(rank, world):
