@@ -37,21 +37,34 @@ import torch.distributed as dist
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
-from ranks import launch  # noqa: E402
+from _launch import launch  # noqa: E402
+from saving import replot, save_run  # noqa: E402  (benchmarks/saving.py: a script's folder is on its path)
 
 # (importing ringcompile registers backend="ring" without pip install)
 from ringcompile.hf_cache import ShardedKVCache  # noqa: E402
-from saving import replot, save_run  # noqa: E402  (benchmarks/saving.py: a script's folder is on its path)
 
 
 def _config(tiny: bool):
     if tiny:
-        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128)
+        shape = dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=128,
+        )
     else:
-        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                     vocab_size=32000)
+        shape = dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=32000,
+        )
     return shape
 
 
@@ -112,10 +125,15 @@ def _generate(model, ids, new: int, device, before=lambda: None, **kw):
     before()
     prefill = _timed_generate(model, ids, 1, device, **kw)[0]
     before()
-    t, out = _timed_generate(model, ids, 1 + new, device, output_logits=True,
-                             return_dict_in_generate=True, **kw)
-    return (prefill, (t - prefill) / new, out.sequences[0, ids.shape[1]:].tolist(),
-            out.logits[0][0].float().cpu())
+    t, out = _timed_generate(
+        model, ids, 1 + new, device, output_logits=True, return_dict_in_generate=True, **kw
+    )
+    return (
+        prefill,
+        (t - prefill) / new,
+        out.sequences[0, ids.shape[1] :].tolist(),
+        out.logits[0][0].float().cpu(),
+    )
 
 
 @torch.no_grad()
@@ -125,31 +143,42 @@ def _last_logits_in_chunks(model, ids, chunk: int = 2048) -> torch.Tensor:
     S) would not fit."""
     cache = transformers.DynamicCache(config=model.config)
     for start in range(0, ids.shape[1], chunk):
-        piece = ids[:, start:start + chunk]
+        piece = ids[:, start : start + chunk]
         positions = torch.arange(start, start + piece.shape[1], device=ids.device)[None]
-        out = model(input_ids=piece, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{_cache_kw(model): cache})
+        out = model(
+            input_ids=piece,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{_cache_kw(model): cache},
+        )
     return out.logits[0, -1].float().cpu()
 
 
 def _median_runs(run, repeats: int) -> dict:
     run()  # warm-up
     results = [run() for _ in range(repeats)]
-    return {"prefill_s": statistics.median(r[0] for r in results),
-            "per_token_ms": statistics.median(r[1] for r in results) * 1e3,
-            "tokens": results[-1][2], "logits": results[-1][3]}
+    return {
+        "prefill_s": statistics.median(r[0] for r in results),
+        "per_token_ms": statistics.median(r[1] for r in results) * 1e3,
+        "tokens": results[-1][2],
+        "logits": results[-1][3],
+    }
 
 
 def worker(device: torch.device, args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    config = transformers.LlamaConfig(max_position_embeddings=max(args.prompts) + args.new + 1,
-                                      attn_implementation="sdpa", **_config(args.tiny))
+    config = transformers.LlamaConfig(
+        max_position_embeddings=max(args.prompts) + args.new + 1,
+        attn_implementation="sdpa",
+        **_config(args.tiny),
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device, dtype).eval()
     model.generation_config.pad_token_id = 0
     # the prefill's last logits in float32 on one GPU: what each bf16 row's are compared with
-    reference = (copy.deepcopy(model).float() if args.fp32_reference and rank == 0 else None)
+    reference = copy.deepcopy(model).float() if args.fp32_reference and rank == 0 else None
     rows, fp32_logits = [], {}
 
     def report(row):
@@ -158,24 +187,40 @@ def worker(device: torch.device, args) -> None:
             print({k: v for k, v in row.items() if k not in ("tokens", "logits")}, flush=True)
 
     for prompt in args.prompts:
-        ids = torch.randint(1, config.vocab_size, (1, prompt),
-                            generator=torch.Generator().manual_seed(prompt)).to(device)
+        ids = torch.randint(
+            1, config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(prompt)
+        ).to(device)
         torch._dynamo.reset()
         if reference is not None:
             fp32_logits[prompt] = _last_logits_in_chunks(reference, ids)
         if rank == 0:
             for baseline in args.baselines:
                 if baseline == "eager":
+
                     def run():
-                        return _loop(model, ids, args.new, device,
-                                     transformers.DynamicCache(config=config), together=False)
+                        return _loop(
+                            model,
+                            ids,
+                            args.new,
+                            device,
+                            transformers.DynamicCache(config=config),
+                            together=False,
+                        )
                 else:
+
                     def run():
-                        return _generate(model, ids, args.new, device,
-                                         cache_implementation="static")
+                        return _generate(
+                            model, ids, args.new, device, cache_implementation="static"
+                        )
+
                 with torch.no_grad():
-                    report({**_median_runs(run, args.repeats), "prompt": prompt,
-                            "what": f"one GPU, {baseline}"})
+                    report(
+                        {
+                            **_median_runs(run, args.repeats),
+                            "prompt": prompt,
+                            "what": f"one GPU, {baseline}",
+                        }
+                    )
                 torch._dynamo.reset()
         dist.barrier()
         for mode in args.modes:
@@ -186,29 +231,40 @@ def worker(device: torch.device, args) -> None:
                     options["mode"] = mode
                 # one cache, emptied for each run: its slots keep their addresses (the CUDA
                 # graph's)
-                cache = ShardedKVCache(config, max_length=prompt + args.new + 1, batch_size=1,
-                                       dtype=dtype, device=device)
+                cache = ShardedKVCache(
+                    config,
+                    max_length=prompt + args.new + 1,
+                    batch_size=1,
+                    dtype=dtype,
+                    device=device,
+                )
                 if way == "loop":
-                    compiled = torch.compile(model, backend="ring", dynamic=False,
-                                             options=options)
+                    compiled = torch.compile(model, backend="ring", dynamic=False, options=options)
 
                     def ours():
                         cache.reset()
                         return _loop(compiled, ids, args.new, device, cache, together=True)
                 else:
-                    model.forward = torch.compile(model.forward, backend="ring", dynamic=False,
-                                                  options=options)
+                    model.forward = torch.compile(
+                        model.forward, backend="ring", dynamic=False, options=options
+                    )
 
                     def ours():
-                        return _generate(model, ids, args.new, device,
-                                         before=lambda: (cache.reset(), dist.barrier()),
-                                         **{_cache_kw(model): cache})
+                        return _generate(
+                            model,
+                            ids,
+                            args.new,
+                            device,
+                            before=lambda: (cache.reset(), dist.barrier()),
+                            **{_cache_kw(model): cache},
+                        )
 
-                what = f"ours, W={world}, mode={mode}" + (", generate()" if way == "generate" else "")
+                what = f"ours, W={world}, mode={mode}" + (
+                    ", generate()" if way == "generate" else ""
+                )
                 try:
                     with torch.no_grad():
-                        report({**_median_runs(ours, args.repeats), "prompt": prompt,
-                                "what": what})
+                        report({**_median_runs(ours, args.repeats), "prompt": prompt, "what": what})
                 except Exception as e:  # (every rank fails alike: the next mode still runs)
                     if rank == 0:
                         print(f"{what}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
@@ -223,8 +279,10 @@ def worker(device: torch.device, args) -> None:
     # may change the token; one below it may not)
     # With --fp32-reference, each row's prefill logits are also compared with one GPU's in float32:
     # a bf16 row as far from it as one GPU's bf16 eager row is as exact as bf16 allows
-    print("\n| prompt | what | prefill s | per new token ms | tokens as the first row's | "
-          "prefill logits: max abs diff to the first row's (its top-2 gap) | to fp32's |")
+    print(
+        "\n| prompt | what | prefill s | per new token ms | tokens as the first row's | "
+        "prefill logits: max abs diff to the first row's (its top-2 gap) | to fp32's |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ref = next(x for x in rows if x["prompt"] == r["prompt"])
@@ -236,15 +294,22 @@ def worker(device: torch.device, args) -> None:
         to_fp32 = "-"
         if r["prompt"] in fp32_logits:
             r["prefill_logits_max_abs_diff_to_fp32"] = float(
-                (r["logits"] - fp32_logits[r["prompt"]]).abs().max())
+                (r["logits"] - fp32_logits[r["prompt"]]).abs().max()
+            )
             to_fp32 = f"{r['prefill_logits_max_abs_diff_to_fp32']:.3g}"
-        print(f"| {r['prompt']} | {r['what']} | {r['prefill_s']:.3f} | {r['per_token_ms']:.2f} | "
-              f"{same} of {n} | {diff:.3g} ({float(top2[0] - top2[1]):.3g}) | {to_fp32} |")
+        print(
+            f"| {r['prompt']} | {r['what']} | {r['prefill_s']:.3f} | {r['per_token_ms']:.2f} | "
+            f"{same} of {n} | {diff:.3g} ({float(top2[0] - top2[1]):.3g}) | {to_fp32} |"
+        )
     for r in rows:
         del r["logits"]
     if args.out:
-        save_run(args.out, "bench_generate", rows,
-                 lambda: plot(rows, os.path.join(args.out, "bench_generate.png")))
+        save_run(
+            args.out,
+            "bench_generate",
+            rows,
+            lambda: plot(rows, os.path.join(args.out, "bench_generate.png")),
+        )
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -279,19 +344,34 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=2, help="CPU ranks to spawn (ignored under torchrun)")
+    p.add_argument(
+        "--world", type=int, default=2, help="CPU ranks to spawn (ignored under torchrun)"
+    )
     p.add_argument("--prompts", type=int, nargs="+", default=[32768])
     p.add_argument("--new", type=int, default=32, help="timed new tokens")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"],
-                   choices=["default", "reduce-overhead"])
-    p.add_argument("--ours", nargs="+", default=["loop", "generate"], choices=["loop", "generate"],
-                   help="how ours decodes: its own loop, or transformers' generate()")
-    p.add_argument("--baselines", nargs="*", default=["eager", "static"],
-                   choices=["eager", "static"])
-    p.add_argument("--fp32-reference", action="store_true",
-                   help="compare every row's prefill logits with one GPU's in float32 (slow "
-                        "beyond 32k: float32 attention)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["default", "reduce-overhead"],
+        choices=["default", "reduce-overhead"],
+    )
+    p.add_argument(
+        "--ours",
+        nargs="+",
+        default=["loop", "generate"],
+        choices=["loop", "generate"],
+        help="how ours decodes: its own loop, or transformers' generate()",
+    )
+    p.add_argument(
+        "--baselines", nargs="*", default=["eager", "static"], choices=["eager", "static"]
+    )
+    p.add_argument(
+        "--fp32-reference",
+        action="store_true",
+        help="compare every row's prefill logits with one GPU's in float32 (slow "
+        "beyond 32k: float32 attention)",
+    )
     p.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke runs)")
     p.add_argument("--out", default=None)
     p.add_argument("--replot", metavar="DIR", help="draw DIR/bench_generate.json and stop")

@@ -34,6 +34,7 @@ needs matplotlib; where it is missing (the GPU image) the JSON is written and --
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -41,12 +42,12 @@ from dataclasses import replace
 
 import torch
 import triton
+from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 from ringcompile.blocks import Piece
 from ringcompile.kernels import select_kernels
-from ringcompile.kernels.triton_flash import BwdConfig, FwdConfig, TritonKernels
+from ringcompile.kernels.triton import BwdConfig, FwdConfig, TritonKernels
 from ringcompile.masks import BlockMask, PositionRules
-from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 SHAPES = [  # (B, H, Hkv, S, D)
     (1, 32, 8, 8192, 128),
@@ -65,7 +66,9 @@ def flops(B, H, S, D, causal, mode):
 def bench(fn, rep_ms):
     # warm-up of half the timed span: at 32k one fwd+bwd takes ~80 ms, and a 100 ms warm-up (one
     # or two calls) left the clocks and caches cold enough to read 1-2 % low
-    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 2), rep=rep_ms, return_mode="median")
+    return triton.testing.do_bench(
+        fn, warmup=max(25, rep_ms // 2), rep=rep_ms, return_mode="median"
+    )
 
 
 def make_inputs(B, H, Hkv, S, D, dtype=torch.bfloat16):
@@ -120,13 +123,15 @@ def sdpa_fns(q, k, v, dout, causal, backend, attn_mask=None):
 
     def fwd():
         with sdpa_kernel(sdp), torch.no_grad():
-            return torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask,
-                                                                    is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask, is_causal=causal
+            )
 
     def fwd_bwd():
         with sdpa_kernel(sdp):
-            out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask,
-                                                                   is_causal=causal)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask, is_causal=causal
+            )
         torch.autograd.grad(out, (qg, kg, vg), dout)
 
     return fwd, fwd_bwd
@@ -194,8 +199,14 @@ def mask_kinds(S, device, H=32, D=128):
         ("chunks of 1024 (Llama 4)", dict(rules=PositionRules(True, chunk=1024))),
         ("padding 1/8 of keys", dict(k_valid=valid)),
         # Falcon's ALiBi: slope_h * position_k / sqrt(d), per head and key (slopes 2^(-8h/H))
-        ("ALiBi key bias", dict(dense=(2.0 ** (-8 * torch.arange(1, H + 1, device=device) / H))[
-            None, :, None, None] * pos / D**0.5)),
+        (
+            "ALiBi key bias",
+            dict(
+                dense=(2.0 ** (-8 * torch.arange(1, H + 1, device=device) / H))[None, :, None, None]
+                * pos
+                / D**0.5
+            ),
+        ),
     ]
     for name, kw in kinds:
         if "dense" in kw:
@@ -234,13 +245,22 @@ def masks_table(out_dir):
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             print(row, flush=True)
-    save_run(out_dir, "bench_kernels_masks", rows,
-             lambda: plot_masks(rows, os.path.join(out_dir, "bench_kernels_masks.png")))
-    print("\n| mask (causal, 1x32/8x8192x128) | density | kernel | fwd+bwd ms | TFLOP/s (fwd+bwd, fwd) |")
+    save_run(
+        out_dir,
+        "bench_kernels_masks",
+        rows,
+        lambda: plot_masks(rows, os.path.join(out_dir, "bench_kernels_masks.png")),
+    )
+    print(
+        "\n| mask (causal, 1x32/8x8192x128) | density | kernel | fwd+bwd ms | TFLOP/s (fwd+bwd, fwd) |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
-        cells = (f"{r['fwd+bwd'][0]:.2f} | {r['fwd+bwd'][1]:.0f}, {r['fwd'][1]:.0f}"
-                 if "fwd" in r else f"{r['error']} |")
+        cells = (
+            f"{r['fwd+bwd'][0]:.2f} | {r['fwd+bwd'][1]:.0f}, {r['fwd'][1]:.0f}"
+            if "fwd" in r
+            else f"{r['error']} |"
+        )
         print(f"| {r['mask']} | {r['density']:.3f} | {r['impl']} | {cells} |")
 
 
@@ -296,8 +316,16 @@ def blocks_table(out_dir):
         G = H // Hkv
 
         def expanded():
-            dq, dk, dv = default.backward(ds, qs, ks.repeat_interleave(G, 1),
-                                          vs.repeat_interleave(G, 1), out, lse, causal, D**-0.5)
+            dq, dk, dv = default.backward(
+                ds,
+                qs,
+                ks.repeat_interleave(G, 1),
+                vs.repeat_interleave(G, 1),
+                out,
+                lse,
+                causal,
+                D**-0.5,
+            )
             return dq, dk.unflatten(1, (Hkv, G)).sum(2), dv.unflatten(1, (Hkv, G)).sum(2)
 
         row["bwd grouped"] = bench(lambda: default.backward(ds, qs, ks, vs, out, lse, causal,
@@ -309,19 +337,24 @@ def blocks_table(out_dir):
         print(row, flush=True)
     with open(os.path.join(out_dir, "bench_kernels_blocks.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    print("\n| cuDNN block (1x32/8 heads, d 128) | q x k | fwd ms (TFLOP/s) | bwd grouped ms | "
-          "bwd expanded ms |")
+    print(
+        "\n| cuDNN block (1x32/8 heads, d 128) | q x k | fwd ms (TFLOP/s) | bwd grouped ms | "
+        "bwd expanded ms |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         t = r["tflops"]
-        print(f"| {r['block']} | {r['q']} x {r['k']}{' causal' if r['causal'] else ''} | "
-              f"{r['fwd']:.3f} ({t['fwd']:.0f}) | {r['bwd grouped']:.3f} ({t['bwd grouped']:.0f}) | "
-              f"{r['bwd expanded']:.3f} ({t['bwd expanded']:.0f}) |")
+        print(
+            f"| {r['block']} | {r['q']} x {r['k']}{' causal' if r['causal'] else ''} | "
+            f"{r['fwd']:.3f} ({t['fwd']:.0f}) | {r['bwd grouped']:.3f} ({t['bwd grouped']:.0f}) | "
+            f"{r['bwd expanded']:.3f} ({t['bwd expanded']:.0f}) |"
+        )
 
 
 def sweep(out_dir):
     """Tile configurations of ours, forward and backward timed on their own."""
     F, Bw = FwdConfig, BwdConfig
+
     # candidates around the winners of the previous sweeps (benchmarks/RESULTS.md), and launch
     # orders: chunks of 1 head (one head's tiles after another's) up to all heads
     def orders(cfg, chunks):
@@ -331,7 +364,7 @@ def sweep(out_dir):
         return [replace(cfg, heads_per_chunk=a, dq=cfg.dq and replace(cfg.dq, heads_per_chunk=b))
                 for a, b in chunks]  # fmt: skip
 
-    # the ways of adding dq (see triton_flash's docstring)
+    # the ways of adding dq (see ringcompile.kernels.triton.backward)
     bwd128 = [Bw(128, 64, 8, 2, dq=F(128, 128, 8, 3)), Bw(128, 64, 8, 2, dq_bulk=True),
               Bw(128, 64, 8, 2), Bw(128, 64, 8, 3, dq_bulk=True)]  # fmt: skip
     plan = [
@@ -351,7 +384,9 @@ def sweep(out_dir):
             try:
                 fwd, _, _ = ours_fns(q, k, v, dout, True, TritonKernels(fwd_config=cfg))
                 ms = bench(fwd, 200)
-                rows.append(dict(shape=shape, kind="fwd", cfg=str(cfg), ms=ms, tflops=ff / ms * 1e-9))
+                rows.append(
+                    dict(shape=shape, kind="fwd", cfg=str(cfg), ms=ms, tflops=ff / ms * 1e-9)
+                )
             except Exception as e:
                 rows.append(dict(shape=shape, kind="fwd", cfg=str(cfg), error=str(e)[:200]))
             print(rows[-1], flush=True)
@@ -359,7 +394,7 @@ def sweep(out_dir):
         for cfg in bwd_cfgs:
             try:
                 _, _, bwd = ours_fns(q, k, v, dout, True, TritonKernels(bwd_config=cfg))
-                ms = bench(lambda: bwd(out, lse), 300)
+                ms = bench(functools.partial(bwd, out, lse), 300)
                 rows.append(dict(shape=shape, kind="bwd", cfg=str(cfg), ms=ms,
                                  tflops=2.5 * ff / ms * 1e-9))  # fmt: skip
             except Exception as e:
@@ -441,9 +476,12 @@ def main():
                 points[(name, S)] = {m: hit[0][m] for m in ("fwd", "fwd+bwd") if m in hit[0]}
             else:
                 points[(name, S)] = measure(name, (1, 32, 8, S, 128), True)
-    save_run(args.out, "bench_kernels",
-             dict(table=table, plot={f"{n}/{S}": p for (n, S), p in points.items()}),
-             lambda: plot(points, os.path.join(args.out, "bench_kernels.png")))
+    save_run(
+        args.out,
+        "bench_kernels",
+        dict(table=table, plot={f"{n}/{S}": p for (n, S), p in points.items()}),
+        lambda: plot(points, os.path.join(args.out, "bench_kernels.png")),
+    )
 
     print("\nTFLOP/s: fwd+bwd fwd")
     print("| B,H,Hkv,S,D | causal | " + " | ".join(impls) + " |")
@@ -454,7 +492,9 @@ def main():
             for name in impls:
                 r = [t for t in table if t["impl"] == name and t["shape"] == shape
                      and t["causal"] == causal][0]  # fmt: skip
-                cells.append(" ".join(f"{r[m][1]:.0f}" if m in r else "n/a" for m in ("fwd+bwd", "fwd")))
+                cells.append(
+                    " ".join(f"{r[m][1]:.0f}" if m in r else "n/a" for m in ("fwd+bwd", "fwd"))
+                )
             print(f"| {','.join(map(str, shape))} | {'yes' if causal else 'no'} | "
                   + " | ".join(cells) + " |")  # fmt: skip
 

@@ -30,9 +30,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from bench_train_llama import build, timed_steps  # the same model: 16 layers, heads of dim 128
 
 import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
-from bench_train_llama import build, timed_steps  # the same model: 16 layers, heads of dim 128
 
 MODES = ["ring", "ring-triton", "eager", "compile"]
 
@@ -65,7 +65,9 @@ def main() -> None:
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=600))
         rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        device = (
+            torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        )
     else:
         rank, world, device = 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
@@ -98,15 +100,19 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     if rank == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
-        print(f"\nLlama {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, labels= loss, "
-              f"AdamW; {name}, torch {torch.__version__}")
+        print(
+            f"\nLlama {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, labels= loss, "
+            f"AdamW; {name}, torch {torch.__version__}"
+        )
         print("| S | mode | GPUs | step s | tokens/s per GPU | peak GiB |")
         print("|---:|---|---:|---:|---:|---:|")
         for r in rows:
             if "step_s" in r:
                 tps = r["seq"] / r["step_s"] / r["gpus"]
-                print(f"| {r['seq']} | {r['mode']} | {r['gpus']} | {r['step_s']:.3f} | {tps:.0f} | "
-                      f"{r['peak_gib']:.1f} |")
+                print(
+                    f"| {r['seq']} | {r['mode']} | {r['gpus']} | {r['step_s']:.3f} | {tps:.0f} | "
+                    f"{r['peak_gib']:.1f} |"
+                )
             else:
                 print(f"| {r['seq']} | {r['mode']} | {r['gpus']} | out of memory | | |")
         with open(os.path.join(args.out, f"bench_llama_step_w{world}.json"), "w") as f:

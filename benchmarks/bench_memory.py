@@ -67,10 +67,13 @@ def one_run(args) -> dict:
         import ringcompile  # noqa: F401  (registers backend="ring" in a checkout not pip-installed)
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=int(args.one))
-        model = torch.compile(model, backend="ring", options={
-            "compiler": "aot_eager", "gather_outputs": not args.no_gather})
+        model = torch.compile(
+            model,
+            backend="ring",
+            options={"compiler": "aot_eager", "gather_outputs": not args.no_gather},
+        )
     params = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    for step in range(2):  # the second step is measured: compilation is done by then
+    for _ in range(2):  # the second step is measured: compilation is done by then
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         out = model(input_ids=ids, labels=ids, use_cache=False)
@@ -98,21 +101,34 @@ def plot(paths: list[str], out: str) -> None:
         tokens = re.search(r"(\d+) tokens", run["setup"]).group(1)
         vocab = re.search(r"vocab (\d+)", run["setup"]).group(1)
         label = f"{int(tokens):,} tokens, vocabulary {int(vocab):,}"
-        line, = ax.plot(worlds, [rows[w]["peak_gib"] for w in worlds], "o-", label=label)
+        (line,) = ax.plot(worlds, [rows[w]["peak_gib"] for w in worlds], "o-", label=label)
         for w in worlds:
-            ax.annotate(f"{rows[w]['peak_gib']:.1f}", (w, rows[w]["peak_gib"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
+            ax.annotate(
+                f"{rows[w]['peak_gib']:.1f}",
+                (w, rows[w]["peak_gib"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
         if 1 in rows:  # everything that scales with the sequence falls as 1/W
             base, params = rows[1]["peak_gib"], rows[1]["params_gib"]
-            ax.plot(worlds, [(base - params) / w + params for w in worlds], ":",
-                    color=line.get_color(), linewidth=1)
+            ax.plot(
+                worlds,
+                [(base - params) / w + params for w in worlds],
+                ":",
+                color=line.get_color(),
+                linewidth=1,
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     ax.set_xlabel("ring size W (one rank each; fake process group)")
     ax.set_ylabel("peak GiB per rank")
-    ax.set_title("Per-rank peak memory, Llama fwd+bwd with its labels= loss, gather_outputs=False\n"
-                 "dotted: (W = 1 peak - params) / W + params", fontsize=9)
+    ax.set_title(
+        "Per-rank peak memory, Llama fwd+bwd with its labels= loss, gather_outputs=False\n"
+        "dotted: (W = 1 peak - params) / W + params",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "bench_memory.png"), dpi=110)
@@ -128,8 +144,18 @@ def main():
         return
     rows = {}
     for which in ["eager"] + [str(w) for w in args.worlds]:
-        cmd = [sys.executable, __file__, "--one", which, "--seq", str(args.seq),
-               "--layers", str(args.layers), "--vocab", str(args.vocab)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            which,
+            "--seq",
+            str(args.seq),
+            "--layers",
+            str(args.layers),
+            "--vocab",
+            str(args.vocab),
+        ]
         cmd += ["--no-gather"] if args.no_gather else []
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:

@@ -14,8 +14,8 @@ as throughput (calls back to back) and as the time of one call from an idle GPU 
 - ours, per layout and ``--kernels`` choice: ``ring_attention`` (the whole ring: P2P overlapped
   with the kernels); "auto" (the default: plain blocks on cuDNN) and "triton" (every block in
   Triton);
-- ours, no communication: the same kernel calls that rank makes in the ring, on its own K/V, with
-  no sends: if the ring takes about as long, the sends hid under the compute;
+- ours, no communication: that rank's part of the ring on a ring that sends nothing (its schedule
+  and kernels, on its own K/V): if the ring takes about as long, the sends hid under the compute;
 - PyTorch ``context_parallel`` (its SDPA ring through DTensor, load-balanced by default, cuDNN
   blocks; K/V expanded to 32 heads, since its fused kernels need equal head counts);
 - the seed package (``ring-attention-pytorch`` 0.5.20, striped, ``ring_reduce_col=True``), when
@@ -49,21 +49,26 @@ import tempfile
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from saving import save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 from ringcompile import make_layout, ring_attention
 from ringcompile.group import nccl_options
-from ringcompile.kernels import kernels_fuse_plain, select_kernels
-from ringcompile.kernels.grad_sum import GradSum
 from ringcompile.masks import AttentionMask, PositionRules
-from ringcompile.ring_op import _Call, _dkv_sums, _own_part_backward, _own_parts
-from saving import save_run  # (benchmarks/saving.py: a script's folder is on its path)
+from ringcompile.ring import LocalRing, RankCall
+from ringcompile.ring.backward import ring_backward
+from ringcompile.ring.forward import ring_forward
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
 MASKS = ["causal", "documents", "padding"]
-MASK_NAMES = {"causal": "causal", "documents": "causal, packed documents of ~1k tokens",
-              "padding": "causal, left padding of an eighth of the keys"}
-IDEALS = {"auto": "ideal: cuDNN on one GPU, whole sequence (time / W)",
-          "triton": "ideal: our Triton kernel on one GPU, whole sequence (time / W)"}
+MASK_NAMES = {
+    "causal": "causal",
+    "documents": "causal, packed documents of ~1k tokens",
+    "padding": "causal, left padding of an eighth of the keys",
+}
+IDEALS = {
+    "auto": "ideal: cuDNN on one GPU, whole sequence (time / W)",
+    "triton": "ideal: our Triton kernel on one GPU, whole sequence (time / W)",
+}
 
 
 def ideal_name_of(kernels: str, mask: str) -> str:
@@ -86,8 +91,13 @@ def _parse():
     p.add_argument("--trace", action="store_true", help="profile where each layout's time goes")
     p.add_argument("--nccl-high-priority", action="store_true")
     p.add_argument("--layouts", nargs="+", default=LAYOUTS, choices=LAYOUTS)
-    p.add_argument("--kernels", nargs="+", default=["auto", "triton"], choices=["auto", "triton"],
-                   help="block kernel choices of ring_attention to time")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto", "triton"],
+        choices=["auto", "triton"],
+        help="block kernel choices of ring_attention to time",
+    )
     p.add_argument("--no-peers", action="store_true", help="skip context_parallel and the seed")
     p.add_argument("--tag", default="", help="suffix of the JSON file's name (runs side by side)")
     p.add_argument("--mask", default="causal", choices=MASKS,
@@ -187,52 +197,23 @@ def ours(layout_name, args, world, device, dtype, kernels="auto"):
 
 
 def ours_without_communication(layout_name, args, world, device, dtype, kernels="auto"):
-    """This rank's kernel calls in the ring, in the ring's order, with its own K/V and no sends."""
+    """This rank's part of the ring, its schedule and kernels, on a ring that sends nothing
+    (``LocalRing``: each step's keys are its own, with their facts; the agreement is the real
+    ring's, so idle padding is dropped as there)."""
     q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim)
     k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim)
     dout = rand(device, dtype, *q.shape)
     lay = make_layout(layout_name, args.tokens_per_rank * world, world)
     mask = AttentionMask(PositionRules(causal=True), **facts_of(args, lay, dist.get_rank(), device))
-    call = _Call.make(q, mask, layout_name, args.tokens_per_rank * world,
-                      dist.group.WORLD.group_name, kernels)  # fmt: skip
-    call.settle_padding()  # (as the ring does: padding that hides no key on any rank is dropped)
-    steps = call.computed_steps()
-    # every step's keys carry this rank's own facts (the keys are its own too)
-    masks = [call.block_mask(s, call.traveling(k, v), device) for s in steps]
-    kernels, scale = select_kernels(q, kernels), args.head_dim**-0.5
-    # the backward's kernel calls: the own block in the ring's two parts around the remote blocks
-    own = _own_parts(kernels, masks[0], k.shape, call.plan.num_steps) if steps[0] == 0 else []
-    remote = masks[1:] if own else masks
-    fused = kernels_fuse_plain(kernels)
-    hops = [call.first_hop_dtype(call.rank, fused, q.dtype, torch.float32)] + [torch.float32] * world
-    came = torch.zeros(k.shape, device=device)
+    ring, scale = (
+        LocalRing(dist.get_rank(), world, agree_over=dist.group.WORLD),
+        args.head_dim**-0.5,
+    )
 
     def run():
-        state = kernels.forward_init(q)
-        for i, m in enumerate(masks):
-            kernels.forward_step(state, q, k, v, m, scale, last=i == len(masks) - 1)
-        out, lse = kernels.forward_finish(state, q.dtype)
-        prepared = kernels.backward_prepare(out, dout)
-        # the ring's gradient sums, with zeros for the accumulators that would come
-        dq, own_dkv = GradSum(q.shape, lse.dtype, device), _dkv_sums(k, v, lse.dtype)
-        for part in own[:1] + [None] + own[1:]:  # None: the remote blocks, between the parts
-            if part is not None:
-                _own_part_backward(kernels, part, q, k, v, dout, out, lse, prepared, masks[0],
-                                   scale, dq, *own_dkv)  # fmt: skip
-                continue
-            for i, m in enumerate(remote):
-                dkv = _dkv_sums(k, v, lse.dtype)
-                kernels.backward_step(q, k, v, dout, lse, prepared, m, scale, dq, *dkv)
-                for d in dkv:
-                    if i > 0:
-                        d.add(came)
-                    d.result(hops[i])
-        dq.result(q.dtype)
-        for d in own_dkv:
-            if remote:
-                d.add(came)
-            d.result(q.dtype)
+        out, lse = ring_forward(RankCall.on(ring, q, mask, lay, kernels), q, k, v, scale)
+        ring_backward(RankCall.on(ring, q, mask, lay, kernels), dout, q, k, v, out, lse, scale)
 
     return run
 
@@ -410,8 +391,11 @@ def measure(rank, world, args):
             dist.all_gather_object(splits, split)
             if rank == 0:
                 for r, sp in enumerate(splits):
-                    print(f"trace ours {name} rank {r}: " + ", ".join(
-                        f"{k} {v:.2f}" for k, v in sp.items() if k != "kernels"), flush=True)
+                    print(
+                        f"trace ours {name} rank {r}: "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in sp.items() if k != "kernels"),
+                        flush=True,
+                    )
                     for kname, ms in sp["kernels"].items():
                         print(f"    {ms:7.3f} ms  {kname}", flush=True)
             rows[f"ours {name}"]["trace"] = splits
@@ -431,19 +415,30 @@ def report(rows, world, args, device):
     if device.type == "cuda":
         head += (f"; {torch.cuda.get_device_name()}, torch {torch.__version__}, "
                  f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}")  # fmt: skip
-    lines = [head, "", "| implementation | ms (slowest rank) | TFLOP/s per rank | % of ideal "
-             "| one call from idle: ms | % of ideal |", "|---|---|---|---|---|---|"]
+    lines = [
+        head,
+        "",
+        "| implementation | ms (slowest rank) | TFLOP/s per rank | % of ideal "
+        "| one call from idle: ms | % of ideal |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         if "ms" in r:
-            lines.append(f"| {name} | {r['ms']:.2f} | {r['tflops_per_rank']:.0f} | "
-                         f"{100 * r['efficiency']:.1f} % | {r['call_ms']:.2f} | "
-                         f"{100 * r['call_efficiency']:.1f} % |")
+            lines.append(
+                f"| {name} | {r['ms']:.2f} | {r['tflops_per_rank']:.0f} | "
+                f"{100 * r['efficiency']:.1f} % | {r['call_ms']:.2f} | "
+                f"{100 * r['call_efficiency']:.1f} % |"
+            )
         else:
             lines.append(f"| {name} | {r['error']} | | | | |")
     text = "\n".join(lines)
     print(text, flush=True)
-    save_run(args.out, f"bench_ring_w{world}{args.tag}", {"setup": head, "rows": rows},
-             lambda: plot(args.out, args.tag))
+    save_run(
+        args.out,
+        f"bench_ring_w{world}{args.tag}",
+        {"setup": head, "rows": rows},
+        lambda: plot(args.out, args.tag),
+    )
 
 
 PLOTTED = ["ours striped", "ours zigzag", "ours striped, triton blocks",
@@ -513,8 +508,11 @@ def main():
         local = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local),
-                                    pg_options=nccl_options(args.nccl_high_priority))
+            dist.init_process_group(
+                "nccl",
+                device_id=torch.device("cuda", local),
+                pg_options=nccl_options(args.nccl_high_priority),
+            )
         else:
             dist.init_process_group("gloo")
         _main(args)

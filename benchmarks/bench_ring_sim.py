@@ -41,26 +41,17 @@ from dataclasses import replace
 
 import torch
 import triton
+from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 from ringcompile.blocks import layout_block_pieces
-from ringcompile.kernels import ForwardState, kernels_fuse_plain, select_kernels
-from ringcompile.kernels.triton_flash import (
-    FwdConfig,
-    TritonKernels,
-    _default_bwd_config,
-    _default_fwd_config,
-)
+from ringcompile.kernels import ForwardState, select_kernels
+from ringcompile.kernels.grad_sum import GradSum
+from ringcompile.kernels.triton import FwdConfig, TritonKernels
+from ringcompile.kernels.triton.configs import default_bwd_config, default_fwd_config
 from ringcompile.layout import make_layout
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
-from ringcompile.kernels.grad_sum import GradSum
-from ringcompile.ring_op import (
-    _Call,
-    _dkv_sums,
-    _own_block_parts,
-    _own_part_backward,
-    _own_parts,
-)
-from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
+from ringcompile.ring import LocalRing, RankCall
+from ringcompile.ring.backward import dkv_sums, own_block_key_parts, own_part_backward, own_parts
 
 W, LOCAL, H, HKV, D = 8, 8192, 32, 8, 128
 S = W * LOCAL
@@ -111,6 +102,7 @@ def monolithic_cudnn():
     k, v = (rand(1, HKV, S, D).repeat_interleave(H // HKV, 1).requires_grad_() for _ in range(2))
     dout = rand(1, H, S, D)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+
         def fwd():
             with torch.no_grad():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -142,7 +134,7 @@ def ring(kernels, layout_name, scale):
         out = rand(1, H, LOCAL, D)
         lse = torch.randn(1, H, LOCAL, device="cuda")
         dq_acc = torch.zeros(q.shape, device="cuda")
-        call = _Call.at_rank(q, CAUSAL, lay, r, "auto")
+        call = RankCall.on(LocalRing(r, W), q, CAUSAL, lay, "auto")
         left_pending = None  # the first step's output, where the engine leaves it unmerged
         for s in visible:
             src = (r - s) % W
@@ -158,8 +150,13 @@ def ring(kernels, layout_name, scale):
 
             def fwd():
                 # a state as the ring has it before this step
-                state = ForwardState(q.shape, state_lse, None if first or pending is not None
-                                     else state_out, steps=0 if first else 1, pending=pending)
+                state = ForwardState(
+                    q.shape,
+                    state_lse,
+                    None if first or pending is not None else state_out,
+                    steps=0 if first else 1,
+                    pending=pending,
+                )
                 kernels.forward_step(state, q, k, v, mask, scale, last=last)
                 return state
 
@@ -170,18 +167,18 @@ def ring(kernels, layout_name, scale):
             # home and gives dK/dV in the inputs' dtype
             hop = torch.float32
             if s == 1:
-                hop = call.first_hop_dtype(r, kernels_fuse_plain(kernels), q.dtype, torch.float32)
+                hop = call.first_hop_dtype(r, kernels.fused_plain, q.dtype, torch.float32)
             came = [torch.randn(k.shape, device="cuda") for _ in range(2)] if s != 1 else None
-            parts = _own_parts(kernels, mask, k.shape, W) if s == 0 else []
+            parts = own_parts(kernels, mask, k.shape, W) if s == 0 else []
 
             def bwd():
                 delta = kernels.backward_prepare(out, dout) if first else delta_once
                 # dq as in the ring's steady state: each step's contribution folded into fp32
                 dq = GradSum.over(dq_acc)
-                dkv = _dkv_sums(k, v, torch.float32)
+                dkv = dkv_sums(k, v, torch.float32)
                 for part in parts:  # the own block, as the ring's two parts
-                    _own_part_backward(kernels, part, q, k, v, dout, out, lse, delta, mask, scale,
-                                       dq, *dkv)  # fmt: skip
+                    own_part_backward(kernels, part, q, k, v, dout, out, lse, delta, mask, scale,
+                                      dq, *dkv)  # fmt: skip
                 if not parts:
                     kernels.backward_step(q, k, v, dout, lse, delta, mask, scale, dq, *dkv)
                 dq.flush()
@@ -257,7 +254,7 @@ def step_tiles(out_dir):
         state_lse = torch.zeros(q.shape[:3], device="cuda")
         for first in (True, False):
             for last in (False, True):
-                default = _default_fwd_config(D, q.dtype, local, local, last)
+                default = default_fwd_config(D, q.dtype, local, local, last)
                 cfgs = {f"default {tiles(default)}": default}
                 cfgs.update({tiles(c): c for c in alternatives if c != default})
 
@@ -279,7 +276,7 @@ def step_tiles(out_dir):
                 print(f"{block} {kind}: {cells}", flush=True)
     print("dk/dv kernel, ms: KV heads per launch chunk", flush=True)
     own = step_block("striped", LOCAL, 3, 3)
-    half = _own_block_parts(LOCAL)[0]
+    half = own_block_key_parts(LOCAL)[0]
     for name, mask, keys in [("striped 3<-2", step_block("striped", LOCAL, 3, 2), (0, LOCAL)),
                              ("zigzag 3<-1", step_block("zigzag", LOCAL, 3, 1), (0, LOCAL)),
                              ("own block, later keys", own.keys(*half), half)]:  # fmt: skip
@@ -290,7 +287,7 @@ def step_tiles(out_dir):
         dq = torch.zeros(q.shape, device="cuda")
         dk, dv = torch.empty(k.shape, device="cuda"), torch.empty(v.shape, device="cuda")
         delta = TritonKernels().backward_prepare(out, dout)
-        base = _default_bwd_config(D, q.dtype, True, True)
+        base = default_bwd_config(D, q.dtype, True, True)
 
         def bwd(chunk):
             kernels = TritonKernels(bwd_config=replace(base, heads_per_chunk=chunk))
@@ -348,18 +345,27 @@ def main():
             print(f"{kern} blocks, {name}: fwd critical {crit_fwd:.2f} ms, fwd+bwd {crit_all:.2f} ms"
                   f" ({100 * res['fwd+bwd']['vs_cudnn']:.1f}% of cuDNN's ideal, "
                   f"{100 * res['fwd+bwd']['vs_triton']:.1f}% of Triton's)", flush=True)  # fmt: skip
-    save_run(args.out, "bench_ring_sim", results,
-             lambda: plot(results, os.path.join(args.out, "bench_ring_sim.png")))
+    save_run(
+        args.out,
+        "bench_ring_sim",
+        results,
+        lambda: plot(results, os.path.join(args.out, "bench_ring_sim.png")),
+    )
 
     print("\n| blocks | mode | cuDNN ideal | Triton ideal | " + " | ".join(LAYOUTS) + " |")
     print("|---|---|---|---|" + "---|" * len(LAYOUTS))
     for kern in results["kernels"]:
         for mode in ("fwd", "fwd+bwd"):
-            cells = [f"{results[kern][n][mode]['critical_ms']:.1f} ms "
-                     f"({100 * results[kern][n][mode]['vs_cudnn']:.1f}% / "
-                     f"{100 * results[kern][n][mode]['vs_triton']:.1f}%)" for n in LAYOUTS]
-            print(f"| {kern} | {mode} | {ideals['cudnn'][mode]:.1f} ms | "
-                  f"{ideals['triton'][mode]:.1f} ms | " + " | ".join(cells) + " |")
+            cells = [
+                f"{results[kern][n][mode]['critical_ms']:.1f} ms "
+                f"({100 * results[kern][n][mode]['vs_cudnn']:.1f}% / "
+                f"{100 * results[kern][n][mode]['vs_triton']:.1f}%)"
+                for n in LAYOUTS
+            ]
+            print(
+                f"| {kern} | {mode} | {ideals['cudnn'][mode]:.1f} ms | "
+                f"{ideals['triton'][mode]:.1f} ms | " + " | ".join(cells) + " |"
+            )
 
 
 if __name__ == "__main__":

@@ -44,20 +44,45 @@ def _parse():
     p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager"])
     p.add_argument("--fake-world", type=int, default=0)
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="1b",
-                   help="1b: the model above; 8b: Llama-3-8B's layer and vocabulary")
-    p.add_argument("--layers", type=int, default=None,
-                   help="layers kept (default: 20 for 1b, 8 of 32 for 8b so that it fits)")
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="1b",
+        help="1b: the model above; 8b: Llama-3-8B's layer and vocabulary",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="layers kept (default: 20 for 1b, 8 of 32 for 8b so that it fits)",
+    )
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args()
 
 
 # Config fields of each --shape and its default depth; "8b" is Llama-3-8B with its layers cut.
 SHAPES = {
-    "1b": (dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=32000), 20),
-    "8b": (dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0), 8),
+    "1b": (
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        ),
+        20,
+    ),
+    "8b": (
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+        ),
+        8,
+    ),
 }
 
 
@@ -68,11 +93,21 @@ def build(args, device, max_len, layers=None, **shape):
 
     fields, depth = SHAPES[getattr(args, "shape", "1b")]
     layers = layers or getattr(args, "layers", None) or depth
-    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256) if args.tiny else
-            dict(fields, num_hidden_layers=layers, **shape))
-    cfg = transformers.LlamaConfig(max_position_embeddings=max_len, attn_implementation="sdpa",
-                                   **size)
+    size = (
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        )
+        if args.tiny
+        else dict(fields, num_hidden_layers=layers, **shape)
+    )
+    cfg = transformers.LlamaConfig(
+        max_position_embeddings=max_len, attn_implementation="sdpa", **size
+    )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
@@ -98,8 +133,12 @@ def timed_steps(model, fn, opt, S, args, device, rank) -> dict:
             times.append(time.perf_counter() - t0)
         losses.append(float(loss))
         if rank == 0:
-            print(f"  S={S} step {step + 1}/{args.warmup + args.steps}: loss {losses[-1]:.4f} "
-                  f"({time.perf_counter() - t0:.2f}s)", file=sys.stderr, flush=True)
+            print(
+                f"  S={S} step {step + 1}/{args.warmup + args.steps}: loss {losses[-1]:.4f} "
+                f"({time.perf_counter() - t0:.2f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     return dict(step_s=sorted(times)[len(times) // 2], peak_gib=peak, losses=losses)
 
@@ -117,21 +156,30 @@ def main() -> None:
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=args.fake_world)
-        device = torch.device("cuda", 0) if cuda else torch.device("cpu")  # set_device wants an index
+        device = (
+            torch.device("cuda", 0) if cuda else torch.device("cpu")
+        )  # set_device wants an index
     else:
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                pg_options=nccl_options() if cuda else None,
-                                timeout=datetime.timedelta(seconds=120))
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            pg_options=nccl_options() if cuda else None,
+            timeout=datetime.timedelta(seconds=120),
+        )
+        device = (
+            torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+        )
     if cuda:
         torch.cuda.set_device(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(args, device, max(args.seqs))
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    compiled = torch.compile(model, backend="ring", dynamic=False,
-                             options={"layout": args.layout, "compiler": args.compiler,
-                                      "gather_outputs": False})
+    compiled = torch.compile(
+        model,
+        backend="ring",
+        dynamic=False,
+        options={"layout": args.layout, "compiler": args.compiler, "gather_outputs": False},
+    )
     rows = []
     for S in sorted(args.seqs):
         if cuda:
@@ -149,8 +197,10 @@ def main() -> None:
             break
     if rank == 0:
         what = f"fake ring of {world} (one rank, memory only)" if fake else f"{world} ranks"
-        print(f"Llama {n_params / 1e9:.2f}B ({args.shape} shape, "
-              f"{model.config.num_hidden_layers} layers, vocab {model.config.vocab_size}), {what}, {args.layout}, compiler {args.compiler}")
+        print(
+            f"Llama {n_params / 1e9:.2f}B ({args.shape} shape, "
+            f"{model.config.num_hidden_layers} layers, vocab {model.config.vocab_size}), {what}, {args.layout}, compiler {args.compiler}"
+        )
         print("| S | per rank | step s | tokens/s per GPU | peak GiB |")
         print("|---:|---:|---:|---:|---:|")
         for r in rows:
@@ -159,8 +209,10 @@ def main() -> None:
             else:
                 tps = "-" if fake else f"{r['tokens_per_s_per_gpu']:.0f}"
                 step = "-" if fake else f"{r['step_s']:.3f}"
-                print(f"| {r['seq']} | {-(-r['seq'] // world)} | {step} | {tps} | "
-                      f"{r['peak_gib']:.2f} |")
+                print(
+                    f"| {r['seq']} | {-(-r['seq'] // world)} | {step} | {tps} | "
+                    f"{r['peak_gib']:.2f} |"
+                )
         tag = (f"fake{world}" if fake else f"w{world}") + f"_{args.shape}"
         with open(os.path.join(args.out, f"bench_train_llama_{tag}.json"), "w") as f:
             json.dump(rows, f, indent=1)

@@ -39,26 +39,36 @@ import torch.nn.functional as F
 from ringcompile.tree_decode import tree_attn_decode
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single and deprecated the old name
-_all_gather_into_tensor = (getattr(dist, "all_gather_single", None)
-                           or dist.all_gather_into_tensor)
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world-size", type=int, default=2, help="gloo ranks to spawn without torchrun")
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384],
-                   help="total cache lengths S (each rank holds S / W)")
+    p.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=[1024, 4096, 16384],
+        help="total cache lengths S (each rank holds S / W)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--queries", type=int, default=1, help="T: new tokens per step")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--causal", action="store_true",
-                   help="tree: causal by global position (a striped cache, the new tokens after "
-                        "it), as the backend's decode steps run; every key stays visible")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="time each step captured as a CUDA graph and replayed (CUDA only)")
+    p.add_argument(
+        "--causal",
+        action="store_true",
+        help="tree: causal by global position (a striped cache, the new tokens after "
+        "it), as the backend's decode steps run; every key stays visible",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time each step captured as a CUDA graph and replayed (CUDA only)",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     return p.parse_args()
@@ -122,8 +132,11 @@ def _bench(rank: int, world: int, args, device: torch.device) -> None:
         v = torch.randn(B, Hkv, S // world, D).to(device, dtype)
         causal = {}
         if args.causal:
-            causal = dict(is_causal=True, q_positions=torch.arange(S, S + T, device=device),
-                          k_positions=torch.arange(rank, S, world, device=device))
+            causal = dict(
+                is_causal=True,
+                q_positions=torch.arange(S, S + T, device=device),
+                k_positions=torch.arange(rank, S, world, device=device),
+            )
         tree = functools.partial(tree_attn_decode, q, k, v, enable_gqa=True, **causal)
         gather = functools.partial(_allgather_kv_then_sdpa, q, k, v, world)
         with torch.no_grad():
@@ -132,7 +145,10 @@ def _bench(rank: int, world: int, args, device: torch.device) -> None:
             if args.cuda_graph:
                 # (the graphs go before the process group does: NCCL work captured in a graph
                 # that outlives its communicator hangs the exit)
-                (tree_graph, tree_out), (gather_graph, gather_out) = _captured(tree), _captured(gather)
+                (tree_graph, tree_out), (gather_graph, gather_out) = (
+                    _captured(tree),
+                    _captured(gather),
+                )
                 tree_graph.replay()
                 gather_graph.replay()
                 torch.testing.assert_close(tree_out, expected, atol=2e-2, rtol=2e-2)
@@ -146,12 +162,16 @@ def _bench(rank: int, world: int, args, device: torch.device) -> None:
         kv_recv = (world - 1) * 2 * B * Hkv * (S // world) * D * k.element_size()
         rows.append((S, S // world, t_tree, t_gather, t_gather / t_tree, tree_recv, kv_recv))
     if rank == 0:
-        print(f"W={world}, {dist.get_backend()}, {device.type}, {args.dtype}, B={B} H={H} "
-              f"Hkv={Hkv} D={D} T={T}{', causal by position' if args.causal else ''}"
-              f"{', captured as CUDA graphs' if args.cuda_graph else ''}, median of "
-              f"{args.iters} steps (slowest rank)")
-        print("| cache S | per rank | tree_attn_decode ms | allgather-KV+SDPA ms | speedup "
-              "| recv/rank tree | recv/rank KV |")
+        print(
+            f"W={world}, {dist.get_backend()}, {device.type}, {args.dtype}, B={B} H={H} "
+            f"Hkv={Hkv} D={D} T={T}{', causal by position' if args.causal else ''}"
+            f"{', captured as CUDA graphs' if args.cuda_graph else ''}, median of "
+            f"{args.iters} steps (slowest rank)"
+        )
+        print(
+            "| cache S | per rank | tree_attn_decode ms | allgather-KV+SDPA ms | speedup "
+            "| recv/rank tree | recv/rank KV |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for S, S_r, tt, tg, sp, rt, rk in rows:
             print(f"| {S} | {S_r} | {tt:.3f} | {tg:.3f} | {sp:.1f}x | {_size(rt)} | {_size(rk)} |")
@@ -165,8 +185,7 @@ def _size(n: int) -> str:
 
 def _spawned(rank: int, world: int, init_file: str, args) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         _bench(rank, world, args, torch.device("cpu"))
     finally:
@@ -190,8 +209,11 @@ def main() -> None:
             dist.destroy_process_group()
         return
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_spawned, args=(args.world_size, os.path.join(tmp, "store"), args),
-                 nprocs=args.world_size)
+        mp.spawn(
+            _spawned,
+            args=(args.world_size, os.path.join(tmp, "store"), args),
+            nprocs=args.world_size,
+        )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 import transformers
+from _launch import launch
 from transformers.generation.streamers import BaseStreamer
-
-from ranks import launch
 
 import ringcompile  # noqa: F401  (registers backend="ring" without pip install)
 from ringcompile.hf_cache import ShardedKVCache
@@ -35,8 +34,9 @@ from ringcompile.hf_cache import ShardedKVCache
 
 def progress(step: int, total: int, started: float) -> None:
     done = int(30 * step / total)
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] token {step}/{total} "
-                     f"({time.time() - started:.1f}s)")
+    sys.stderr.write(
+        f"\r[{'#' * done}{'.' * (30 - done)}] token {step}/{total} ({time.time() - started:.1f}s)"
+    )
     if step == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
@@ -44,10 +44,15 @@ def progress(step: int, total: int, started: float) -> None:
 
 def make_model(args, device):
     config = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=2 * args.dim,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, max_position_embeddings=args.prompt + args.new,
-        attn_implementation="sdpa")
+        vocab_size=args.vocab,
+        hidden_size=args.dim,
+        intermediate_size=2 * args.dim,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.prompt + args.new,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to(device, getattr(torch, args.dtype)).eval()
 
@@ -94,40 +99,56 @@ def hf_generate(model, prompt, new_tokens: int, cache, options, show: bool) -> t
     kw = {"cache" if "cache" in params else "past_key_values": cache}
     model.forward = torch.compile(model.forward, backend="ring", dynamic=False, options=options)
     try:
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             streamer=_Progress(new_tokens) if show else None, **kw)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            streamer=_Progress(new_tokens) if show else None,
+            **kw,
+        )
     finally:
         del model.forward  # the plain forward again
-    return out[:, prompt.shape[1]:]
+    return out[:, prompt.shape[1] :]
 
 
 def worker(device: torch.device, args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = device.type == "cuda"
     model = make_model(args, device)
-    prompt = torch.randint(0, args.vocab, (args.batch, args.prompt),
-                           generator=torch.Generator().manual_seed(1)).to(device)
+    prompt = torch.randint(
+        0, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1)
+    ).to(device)
     if rank == 0:
-        print(f"{world} ranks ({'NCCL' if on_gpu else 'gloo'}), prompt of {args.prompt} tokens "
-              f"({args.prompt // world} per rank), {args.new} new tokens")
+        print(
+            f"{world} ranks ({'NCCL' if on_gpu else 'gloo'}), prompt of {args.prompt} tokens "
+            f"({args.prompt // world} per rank), {args.new} new tokens"
+        )
     options = {"layout": "striped", "compiler": args.compiler}
     if args.mode != "default":
         options["mode"] = args.mode
     # allocated up front: static addresses, which decode steps as CUDA graphs write into
-    cache = ShardedKVCache(model.config, max_length=args.prompt + args.new, batch_size=args.batch,
-                           dtype=getattr(torch, args.dtype), device=device)
+    cache = ShardedKVCache(
+        model.config,
+        max_length=args.prompt + args.new,
+        batch_size=args.batch,
+        dtype=getattr(torch, args.dtype),
+        device=device,
+    )
     if args.generate:
         ring = hf_generate(model, prompt, args.new, cache, options, show=rank == 0)
     else:
         compiled = torch.compile(model, backend="ring", dynamic=False, options=options)
         ring = generate(compiled, prompt, args.new, cache, show=rank == 0)
-    held = sum(int((layer.shard.positions[0] < args.prompt + args.new).sum())
-               for layer in cache.layers) // len(cache.layers)
+    held = sum(
+        int((layer.shard.positions[0] < args.prompt + args.new).sum()) for layer in cache.layers
+    ) // len(cache.layers)
     print(f"rank {rank}: its cache shard holds {held} of {args.prompt + args.new - 1} tokens")
     if rank == 0:
-        alone = generate(model, prompt, args.new, transformers.DynamicCache(config=model.config),
-                         show=False)
+        alone = generate(
+            model, prompt, args.new, transformers.DynamicCache(config=model.config), show=False
+        )
         print(f"ring:        {ring[0].tolist()}")
         print(f"one process: {alone[0].tolist()}")
         same = torch.equal(ring, alone)
@@ -138,7 +159,9 @@ def worker(device: torch.device, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=4, help="CPU ranks to spawn (ignored under torchrun)")
+    p.add_argument(
+        "--world", type=int, default=4, help="CPU ranks to spawn (ignored under torchrun)"
+    )
     p.add_argument("--prompt", type=int, default=256, help="prompt length in tokens")
     p.add_argument("--new", type=int, default=16, help="tokens to generate")
     p.add_argument("--batch", type=int, default=2)
@@ -147,14 +170,25 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--dtype", default="float64", choices=["float64", "float32", "bfloat16"],
-                   help="float64 makes greedy ties between ring and one process vanishingly rare")
+    p.add_argument(
+        "--dtype",
+        default="float64",
+        choices=["float64", "float32", "bfloat16"],
+        help="float64 makes greedy ties between ring and one process vanishingly rare",
+    )
     p.add_argument("--compiler", default="aot_eager", choices=["inductor", "aot_eager", "eager"])
-    p.add_argument("--generate", action="store_true",
-                   help="decode with transformers' generate() instead of a loop of our own")
-    p.add_argument("--mode", default="default", choices=["default", "reduce-overhead"],
-                   help="inductor's mode (--compiler inductor): reduce-overhead makes each decode "
-                   "step a CUDA graph on GPUs")
+    p.add_argument(
+        "--generate",
+        action="store_true",
+        help="decode with transformers' generate() instead of a loop of our own",
+    )
+    p.add_argument(
+        "--mode",
+        default="default",
+        choices=["default", "reduce-overhead"],
+        help="inductor's mode (--compiler inductor): reduce-overhead makes each decode "
+        "step a CUDA graph on GPUs",
+    )
     args = p.parse_args()
     launch(worker, args, args.world)
 

@@ -1,6 +1,6 @@
 """Print what the ``ring`` backend does to a small transformer: ``ringcompile.explain``.
 
-    python examples/inspect_graph.py            # two CPU ranks over gloo; rank 0 prints
+python examples/inspect_graph.py            # two CPU ranks over gloo; rank 0 prints
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from ringcompile.testing_models import TinyTransformer
 
 
 def worker(rank: int, world: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     torch.manual_seed(0)
     model = TinyTransformer(layers=1, rope="cached")
-    report = ringcompile.explain(model, torch.randint(0, 64, (2, 32)),
-                                 options={"layout": "zigzag", "compiler": "aot_eager"})
+    report = ringcompile.explain(
+        model, torch.randint(0, 64, (2, 32)), options={"layout": "zigzag", "compiler": "aot_eager"}
+    )
     if rank == 0:
         print(report)
     dist.destroy_process_group()

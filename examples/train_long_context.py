@@ -18,8 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-from ranks import launch
+from _launch import launch
 
 from ringcompile.testing_models import TinyTransformer
 
@@ -37,11 +36,13 @@ def progress(step: int, total: int, loss: float, started: float) -> None:
 
 def train(args, device, compiled: bool, show: bool) -> list[float]:
     torch.manual_seed(0)
-    model = TinyTransformer(vocab=args.vocab, dim=args.dim, layers=args.layers,
-                            max_len=args.seq).to(device)
+    model = TinyTransformer(
+        vocab=args.vocab, dim=args.dim, layers=args.layers, max_len=args.seq
+    ).to(device)
     if compiled:
-        model = torch.compile(model, backend="ring",
-                              options={"layout": args.layout, "compiler": args.compiler})
+        model = torch.compile(
+            model, backend="ring", options={"layout": args.layout, "compiler": args.compiler}
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = torch.Generator().manual_seed(1)
     losses, started = [], time.time()
@@ -62,8 +63,10 @@ def worker(device: torch.device, args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     on_gpu = device.type == "cuda"
     if rank == 0:
-        print(f"{world} ranks ({'NCCL' if on_gpu else 'gloo'}), {args.seq} tokens, "
-              f"{args.layout} layout: {args.seq // world} tokens per rank")
+        print(
+            f"{world} ranks ({'NCCL' if on_gpu else 'gloo'}), {args.seq} tokens, "
+            f"{args.layout} layout: {args.seq // world} tokens per rank"
+        )
     ring = train(args, device, compiled=True, show=rank == 0)
     if rank == 0:
         alone = train(args, device, compiled=False, show=False)
@@ -77,7 +80,9 @@ def worker(device: torch.device, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world", type=int, default=4, help="CPU ranks to spawn (ignored under torchrun)")
+    p.add_argument(
+        "--world", type=int, default=4, help="CPU ranks to spawn (ignored under torchrun)"
+    )
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--vocab", type=int, default=128)

@@ -1,16 +1,17 @@
 """ringcompile: context parallelism as a torch.compile backend.
 
 The story, top to bottom: ``backend`` (``torch.compile(model, backend="ring")``) runs the FX
-``passes`` in order, which swap each SDPA for the ring op (``ring_op``: the ring loop and its
-autograd, behind ``attention.ring_attention``), which computes each step with the block
-``kernels`` (Triton on CUDA, a PyTorch reference elsewhere).
+``passes`` in order, which swap each SDPA for the ring op (``ring``: the ring's plan, schedules
+and autograd, behind ``attention.ring_attention``), which computes each step with the block
+``kernels`` (each kind of block on the kernel declared for it: cuDNN, Triton, a PyTorch
+reference).
 """
 
 from ringcompile.attention import ring_attention
 from ringcompile.backend import explain, ring_backend, ring_shard
 from ringcompile.errors import RingCompileError, RingInputMismatchError, RingWarning
-from ringcompile.tree_decode import tree_attn_decode
 from ringcompile.layout import ContiguousLayout, Layout, StripedLayout, ZigzagLayout, make_layout
+from ringcompile.tree_decode import tree_attn_decode
 
 
 def _register_backend() -> None:

@@ -16,7 +16,7 @@ from ringcompile.group import group_name_of, resolve_group
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import AttentionMask, PositionRules
-from ringcompile.ring_op import ring_attention_op
+from ringcompile.ring import ring_attention_op
 
 __all__ = ["ring_attention"]
 
@@ -90,13 +90,8 @@ def ring_attention(
             f"ring_attention does not support dropout (got dropout_p={dropout_p}): pass "
             "dropout_p=0.0 (model.eval(), or set the model's attention dropout to 0)"
         )
-    check_qkv("ring_attention", q, k, v)
+    check_qkv("ring_attention", q, k, v, "S_local")
     B, H, S, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"k must be (B={B}, Hkv, S_local, D={D}) and v (B, Hkv, S_local, Dv) with k's first "
-            f"three sizes; got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
     if k.shape[2] != S:
         raise ValueError(
             f"ring_attention is self-attention over one sharded sequence: q has {S} local tokens "
@@ -132,12 +127,14 @@ def ring_attention(
                 f"{name} must be (batch, S_local) = ({B}, {S}) on {q.device}; got "
                 f"{tuple(t.shape)} on {t.device}"
             )
-    if document_ids is not None and (document_ids.dtype.is_floating_point or
-                                     document_ids.dtype == torch.bool):
+    if document_ids is not None and (
+        document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool
+    ):
         raise TypeError(f"document_ids must be integers, got {document_ids.dtype}")
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be bool (True = real token), got "
-                        f"{key_padding_mask.dtype}")
+        raise TypeError(
+            f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}"
+        )
 
     if key_bias is not None:
         if attn_mask is not None:
@@ -169,8 +166,17 @@ def ring_attention(
     mask = AttentionMask(PositionRules.of(is_causal, window, chunk), document_ids=document_ids,
                          key_padding_mask=key_padding_mask, key_bias=key_bias, dense=dense,
                          empty_rows_mean=empty_rows == "mean")  # fmt: skip
-    out, _ = ring_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), *mask.encode(),
-                               scale, layout_obj.name, seq_len, group_name_of(pg), kernels)
+    out, _ = ring_attention_op(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        *mask.encode(),
+        scale,
+        layout_obj.name,
+        seq_len,
+        group_name_of(pg),
+        kernels,
+    )
     return out[..., :Dv].contiguous() if Dv != D else out
 
 

@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import warnings
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,8 +50,8 @@ from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import LAYOUTS
 from ringcompile.passes import RingContext, run_passes
-from ringcompile.passes.fx_utils import is_sdpa
-from ringcompile.passes.patterns import reads_sharded_cache
+from ringcompile.passes.fx_utils import input_source, is_module_state, is_sdpa
+from ringcompile.passes.idioms import reads_sharded_cache
 from ringcompile.report import ExplainReport, GraphReport, readable_code
 from ringcompile.specialize import PerShape
 
@@ -70,6 +71,7 @@ def _report_log() -> logging.Logger:
         log.setLevel(logging.INFO)
     return log
 
+
 _COMPILERS = ("inductor", "aot_eager", "eager")
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _INPUT_CHECKS = ("first_call", "every_call", "never")
@@ -87,7 +89,7 @@ class RingOptions:
     check_inputs: str = "first_call"
 
     @classmethod
-    def from_dict(cls, options: dict | None) -> "RingOptions":
+    def from_dict(cls, options: dict | None) -> RingOptions:
         """The options, checked: a bad one raises ``RingCompileError`` naming it and the choices."""
         options = dict(options or {})
         known = {f.name for f in fields(cls)}
@@ -143,9 +145,11 @@ def _inner_compiler(name: str, mode: str | None = None):
 
 
 def _symbolic(value) -> bool:
-    return any(isinstance(leaf, torch.SymInt) or (
-        isinstance(leaf, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in leaf.shape))
-        for leaf in pytree.tree_leaves(value))
+    return any(
+        isinstance(leaf, torch.SymInt)
+        or (isinstance(leaf, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in leaf.shape))
+        for leaf in pytree.tree_leaves(value)
+    )
 
 
 def _needs_static_copy(gm: torch.fx.GraphModule) -> bool:
@@ -158,8 +162,14 @@ def _needs_static_copy(gm: torch.fx.GraphModule) -> bool:
     return attends and any(_symbolic(n.meta.get("example_value")) for n in gm.graph.nodes)
 
 
-def ring_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None,
-                 _reports: list | None = None, *, mode: str | None = None):
+def ring_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs,
+    options: dict | None = None,
+    _reports: list | None = None,
+    *,
+    mode: str | None = None,
+):
     """The torch.compile backend: rewrite the graph for the ring, then compile it. ``mode`` is
     what ``torch.compile(..., mode=)`` hands a backend (it allows no options beside it)."""
     if mode is not None:
@@ -195,32 +205,47 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
     ctx.report.input_check = opts.check_inputs.replace("_", " ")
     states = _states(gm) if checked else []
     ctx.report.checked_inputs = [f"{name} ({node.name})" for _, node, name in checked] + (
-        [f"the model's {len(states)} parameters and buffers (on the first call)"] if states else [])
+        [f"the model's {len(states)} parameters and buffers (on the first call)"] if states else []
+    )
     ctx.report.code = readable_code(gm)
     if reports is not None:
         reports.append(ctx.report)
     if _report_log().isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
     compiled = _inner_compiler(opts.compiler, opts.mode)(gm, example_inputs)
-    if not checked:
+    if opts.check_inputs == "never" or ctx.world_size == 1 or not ctx.communicates:
         return compiled
-    return CheckedInputs(compiled, group, [(i, name) for i, _, name in checked], states,
-                         every_call=opts.check_inputs == "every_call")
+    return CheckedInputs(
+        compiled,
+        group,
+        [(i, name) for i, _, name in checked],
+        states,
+        every_call=opts.check_inputs == "every_call",
+        signature=_collectives_signature(ctx, example_inputs),
+    )
 
 
-def _source_name(node: torch.fx.Node) -> str | None:
-    """Dynamo's record of where a graph input came from (``L['tokens']``,
-    ``self._modules['norm']._parameters['weight']``), or None."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", None)
-    name = name() if callable(name) else name  # a method in older torch
-    return name if isinstance(name, str) else None
+def _collectives_signature(ctx: RingContext, example_inputs) -> int:
+    """A number that two ranks' graphs share when they issue the same collectives: the inputs'
+    shapes and, in graph order, each call that talks to the other ranks with its arguments' shapes
+    as traced. (Not the code: a graph Dynamo traced with symbolic sizes, compiled for one length,
+    issues what the static graph of that length does in other words.)"""
+
+    def shape(a):
+        val = a.meta.get("val", a.meta.get("example_value")) if isinstance(a, torch.fx.Node) else a
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else repr(val)
+
+    calls = [(n.target.__name__, [shape(a) for a in pytree.tree_leaves((n.args, n.kwargs))])
+             for n in ctx.gm.graph.nodes if ctx.talks(n)]  # fmt: skip
+    # (tensors only: a graph traced with symbolic sizes also takes the sizes)
+    inputs = [tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)]
+    return zlib.crc32(repr((inputs, calls)).encode()) & 0x7FFFFFFF
 
 
 def _user_name(node: torch.fx.Node) -> str:
     """What the user calls a graph input (``tokens``, ``kwargs['input_ids']``), from Dynamo's
     record of where it came from; the graph's name where there is none."""
-    name = _source_name(node)
+    name = input_source(node)
     return re.sub(r"^L\['(\w+)'\]", r"\1", name) if name is not None else node.name
 
 
@@ -232,8 +257,8 @@ def _states(gm: torch.fx.GraphModule) -> list[tuple[int, str]]:
     module's parameter or buffer."""
     found = []
     for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
-        name = _source_name(node)
-        if name is not None and re.search(r"\._(?:parameters|buffers)\[", name):
+        name = input_source(node)
+        if is_module_state(node):
             found.append((i, ".".join(_MODULE_PATH.findall(name))))
     return found
 
@@ -244,7 +269,7 @@ def _inputs_to_check(ctx: RingContext, mode: str) -> list[tuple[int, torch.fx.No
     if mode == "never" or ctx.world_size == 1:
         return []
     index = {n: i for i, n in enumerate(ctx.gm.graph.find_nodes(op="placeholder"))}
-    return [(index[n], n, _user_name(n)) for n in ctx.plan.sequence_inputs]
+    return [(index[n], n, _user_name(n)) for n in ctx.sequence_inputs()]
 
 
 def _warn_if_nothing_sharded(ctx: RingContext) -> None:

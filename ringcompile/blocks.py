@@ -28,8 +28,14 @@ import torch
 
 from ringcompile.layout import Layout
 
-__all__ = ["Piece", "plain_pieces", "layout_block_pieces", "restrict_keys", "describe_block",
-           "disjoint"]
+__all__ = [
+    "Piece",
+    "plain_pieces",
+    "layout_block_pieces",
+    "restrict_keys",
+    "describe_block",
+    "disjoint",
+]
 
 # More pieces than this and a block is cheaper as one masked kernel call.
 _MAX_PIECES = 4

@@ -8,8 +8,9 @@ import torch
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """4-D q, k, v of one floating dtype on one device."""
+def check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: str) -> None:
+    """4-D q, k, v of one floating dtype on one device; k (B, Hkv, ``keys``, D) with q's batch and
+    head dim, v with k's first three sizes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(
@@ -24,6 +25,12 @@ def check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Non
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if q.dtype not in _FLOATS:
         raise TypeError(f"{fn} supports floating dtypes, got {q.dtype}")
+    B, D = q.shape[0], q.shape[3]
+    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"k must be (B={B}, Hkv, {keys}, D={D}) and v (B, Hkv, {keys}, Dv) with k's first "
+            f"three sizes; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
 
 
 def check_gqa(H: int, Hkv: int, enable_gqa: bool) -> None:

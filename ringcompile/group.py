@@ -16,8 +16,14 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from ringcompile.errors import RingWarning
 
-__all__ = ["resolve_group", "group_name_of", "resolve_group_name", "nccl_options",
-           "all_gather_single", "warn_if_launched_without_group"]
+__all__ = [
+    "resolve_group",
+    "group_name_of",
+    "resolve_group_name",
+    "nccl_options",
+    "all_gather_single",
+    "warn_if_launched_without_group",
+]
 
 # The ring op's name for "no group: one process, plain attention".
 SINGLE = ""
@@ -66,8 +72,8 @@ def _warn_launched_without_group(world: int) -> None:
         f"backend='ring': WORLD_SIZE={world} says this process is one of {world}, but "
         "torch.distributed is not initialised, so it runs the whole model alone: nothing is "
         "sharded, every process computes every token. Call torch.distributed."
-        "init_process_group() on every process (under torchrun: dist.init_process_group(\"nccl\") "
-        "on GPUs, \"gloo\" on CPUs) before the compiled model's first call.",
+        'init_process_group() on every process (under torchrun: dist.init_process_group("nccl") '
+        'on GPUs, "gloo" on CPUs) before the compiled model\'s first call.',
         RingWarning,
         stacklevel=2,
     )

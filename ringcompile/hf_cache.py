@@ -55,8 +55,9 @@ class _ShardedLayer(DynamicLayer):
         return self.shard.filled
 
     def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("ShardedKVCache does not reorder for beam search; use greedy or "
-                                  "sampling")
+        raise NotImplementedError(
+            "ShardedKVCache does not reorder for beam search; use greedy or sampling"
+        )
 
     def get_seq_length(self):
         if not self.shard.filled:
@@ -80,8 +81,11 @@ class ShardedKVCache(Cache):
                  dtype=None, device=None):  # fmt: skip
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         types = getattr(text, "layer_types", None)
-        sliding = (any(t != "full_attention" for t in types) if types
-                   else getattr(text, "sliding_window", None) is not None)
+        sliding = (
+            any(t != "full_attention" for t in types)
+            if types
+            else getattr(text, "sliding_window", None) is not None
+        )
         if sliding:
             raise NotImplementedError(
                 "ShardedKVCache decodes full-attention layers only; this model has sliding-window "
@@ -89,8 +93,12 @@ class ShardedKVCache(Cache):
             )
         pg = resolve_group(group, mesh_dim)
         rank, world = (pg.rank(), pg.size()) if pg is not None else (0, 1)
-        super().__init__(layers=[_ShardedLayer(ShardedKV(max_length, rank, world))
-                                 for _ in range(text.num_hidden_layers)])
+        super().__init__(
+            layers=[
+                _ShardedLayer(ShardedKV(max_length, rank, world))
+                for _ in range(text.num_hidden_layers)
+            ]
+        )
         given = [x is not None for x in (batch_size, dtype, device)]
         if any(given) and not all(given):
             raise ValueError("ShardedKVCache allocates now given batch_size, dtype and device "

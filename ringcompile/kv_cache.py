@@ -37,10 +37,19 @@ __all__ = ["EMPTY", "ShardedKV", "APPEND_OPS", "MARK_OPS"]
 EMPTY = POSITION_NONE
 
 
-@torch.library.custom_op("ringcompile::kv_cache_append", mutates_args=("keys", "values", "positions"))
-def kv_cache_append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                    new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor,
-                    rank: int, world_size: int) -> None:
+@torch.library.custom_op(
+    "ringcompile::kv_cache_append", mutates_args=("keys", "values", "positions")
+)
+def kv_cache_append(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    new_positions: torch.Tensor,
+    rank: int,
+    world_size: int,
+) -> None:
     """Write the new tokens (B, Hkv, T, D) at global positions ``new_positions`` (B, T) that this
     rank keeps into their slots; the others go to the scratch slot 0."""
     owned = new_positions % world_size == rank
@@ -57,8 +66,9 @@ def _(keys, values, positions, new_keys, new_values, new_positions, rank, world_
 
 
 @torch.library.custom_op("ringcompile::sharded_kv", mutates_args=())
-def sharded_kv(buffer: torch.Tensor, positions: torch.Tensor, query_positions: torch.Tensor,
-               world_size: int) -> torch.Tensor:
+def sharded_kv(
+    buffer: torch.Tensor, positions: torch.Tensor, query_positions: torch.Tensor, world_size: int
+) -> torch.Tensor:
     raise RuntimeError(
         "a decode step read this rank's shard of a ShardedKVCache outside the ring backend: "
         "attention over one shard is not attention over the sequence. Run the model under "
@@ -138,10 +148,13 @@ class ShardedKV:
             self.filled = True
         positions = (self.length + torch.arange(T, device=k.device)).expand(B, T)
         self.length.add_(T)
-        torch.ops.ringcompile.kv_cache_append(self.keys, self.values, self.positions, k, v,
-                                              positions, self.rank, self.world_size)
+        torch.ops.ringcompile.kv_cache_append(
+            self.keys, self.values, self.positions, k, v, positions, self.rank, self.world_size
+        )
         if prefill:
             return k, v
         W = self.world_size
-        return (torch.ops.ringcompile.sharded_kv(self.keys, self.positions, positions, W),
-                torch.ops.ringcompile.sharded_kv(self.values, self.positions, positions, W))
+        return (
+            torch.ops.ringcompile.sharded_kv(self.keys, self.positions, positions, W),
+            torch.ops.ringcompile.sharded_kv(self.values, self.positions, positions, W),
+        )

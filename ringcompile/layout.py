@@ -182,7 +182,5 @@ def make_layout(layout: str | Layout, seq_len: int, world_size: int) -> Layout:
     try:
         cls = LAYOUTS[layout]
     except KeyError:
-        raise ValueError(
-            f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}"
-        ) from None
+        raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}") from None
     return cls(seq_len, world_size)

@@ -15,7 +15,7 @@ is the exact fallback for masks that are not such a function.
 
 The rules, all of which must hold for ``q`` to see ``k``, are written here once in Python
 (:meth:`PositionRules.allows`, :meth:`BlockMask.allowed`) and once for the Triton kernels
-(``triton_flash._token_rules``); ``tests/test_kernels_triton.py`` ties the two, the kernels' tile
+(``kernels/triton/mask_args._token_rules``); ``tests/test_kernels_triton.py`` ties the two, the kernels' tile
 lists and :meth:`PositionRules.any_allowed` together on random facts:
 
 - ``k_pos < seq_len`` (positions past the sequence are layout padding; the outputs of queries at
@@ -150,7 +150,9 @@ class AttentionMask(Generic[T]):
     def masked(self) -> bool:
         """Whether blocks need more than the position rules (the masked kernels)."""
         r = self.rules
-        return bool(self.token_facts) or self.dense is not None or r.window is not None or r.chunk > 0
+        return (
+            bool(self.token_facts) or self.dense is not None or r.window is not None or r.chunk > 0
+        )
 
     def encode(self) -> tuple[list[torch.Tensor | None], list[int]]:
         """The op's two mask arguments."""

@@ -51,8 +51,9 @@ class GraphReport:
     def __str__(self) -> str:
         ranks = f"{self.world_size} rank{'s' if self.world_size != 1 else ''}"
         if self.seq_len:
-            head = (f"ring graph: sequence of {self.seq_len} tokens over {ranks}, "
-                    f"{self.layout} layout")
+            head = (
+                f"ring graph: sequence of {self.seq_len} tokens over {ranks}, {self.layout} layout"
+            )
         else:
             head = f"ring graph: no sequence to shard, {ranks}"
         lines = [head]

@@ -28,8 +28,9 @@ from ringcompile.tree_decode import decode_over_shards
 
 # torch 2.13 renamed all_gather_tensor_autograd (same arguments) and warns on the old name, which
 # older torch has alone.
-_all_gather_autograd = (getattr(fc, "all_gather_single_autograd", None)
-                        or fc.all_gather_tensor_autograd)
+_all_gather_autograd = (
+    getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+)
 
 
 class _Bound:
@@ -65,7 +66,7 @@ class RingGather(_Bound):
         return self.layout.unshard(full, dim)
 
 
-class RingAttention(_Bound):
+class SdpaOnRing(_Bound):
     """``F.scaled_dot_product_attention``'s signature, computed by the ring op on local rows."""
 
     __name__ = "ring_attention"
@@ -78,10 +79,25 @@ class RingAttention(_Bound):
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, window=None, chunk=None, document_ids=None,
                  key_padding_mask=None, key_bias=None, empty_rows="zero"):  # fmt: skip
-        return _ring_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                               group=self.group, layout=self.layout, window=window, chunk=chunk,
-                               document_ids=document_ids, key_padding_mask=key_padding_mask,
-                               key_bias=key_bias, empty_rows=empty_rows, kernels=self.kernels)
+        return _ring_attention(
+            q,
+            k,
+            v,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            group=self.group,
+            layout=self.layout,
+            window=window,
+            chunk=chunk,
+            document_ids=document_ids,
+            key_padding_mask=key_padding_mask,
+            key_bias=key_bias,
+            empty_rows=empty_rows,
+            kernels=self.kernels,
+        )
 
 
 class TreeDecode:
@@ -96,8 +112,17 @@ class TreeDecode:
     def __repr__(self) -> str:
         return "tree_decode()"
 
-    def __call__(self, q, k, v, q_positions, k_positions, scale=None, enable_gqa=False,
-                 padding_by_position=None):
+    def __call__(
+        self,
+        q,
+        k,
+        v,
+        q_positions,
+        k_positions,
+        scale=None,
+        enable_gqa=False,
+        padding_by_position=None,
+    ):
         valid = None
         if padding_by_position is not None:
             # (B, N) keep-mask whose column p is global position p (transformers' 2-D
@@ -109,8 +134,19 @@ class TreeDecode:
             )
             valid = padding_by_position.gather(1, k_positions.clamp(max=N - 1)) & (k_positions < N)
         # (a compiled graph's step, traced even where this torch says it is not compiling)
-        return decode_over_shards(q, k, v, self.group, scale, enable_gqa, valid, q_positions,
-                                  k_positions, True, functional=True)
+        return decode_over_shards(
+            q,
+            k,
+            v,
+            self.group,
+            scale,
+            enable_gqa,
+            valid,
+            q_positions,
+            k_positions,
+            True,
+            functional=True,
+        )
 
 
 def padding_table_of_mask(mask: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
@@ -187,15 +223,17 @@ class RingCrossEntropy(_Bound):
         return total / (target != ignore_index).sum()
 
 
-class _SumOverRingBackward(torch.autograd.Function):
+class _OnBackward(torch.autograd.Function):
+    """Identity forward; the backward applies ``fn`` to the gradient."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, fn):
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return fc.all_reduce(g.contiguous(), "sum", ctx.group), None
+        return ctx.fn(g), None
 
 
 class SumGradOverRing(_Bound):
@@ -204,20 +242,10 @@ class SumGradOverRing(_Bound):
     __name__ = "sum_grad_over_ring"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _SumOverRingBackward.apply(x, self.group)
-
-
-class _ScaleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.factor, None
+        group = self.group
+        return _OnBackward.apply(x, lambda g: fc.all_reduce(g.contiguous(), "sum", group))
 
 
 def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity forward; multiplies the gradient by ``factor`` (a full output's share: 1/W)."""
-    return _ScaleBackward.apply(x, factor)
+    return _OnBackward.apply(x, lambda g: g * factor)

@@ -16,6 +16,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import GraphModule, Interpreter
 
+from ringcompile.passes.fx_utils import remember_input_sources
+
 __all__ = ["PerShape"]
 
 
@@ -29,8 +31,11 @@ class _RecordExamples(Interpreter):
 def static_copy(gm: GraphModule, args) -> GraphModule:
     """A copy of ``gm`` whose example values have the sizes of ``args``."""
     graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
+    copied: dict = {}
+    out = graph.graph_copy(gm.graph, copied)
     graph.output(out)
+    for old, new in copied.items():  # Dynamo's records too (where each input came from)
+        new.meta = {**old.meta, **new.meta}
     copy = GraphModule(gm, graph)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
@@ -51,6 +56,7 @@ class PerShape:
     """``compile_static(static_gm, args)`` per distinct set of argument sizes."""
 
     def __init__(self, gm: GraphModule, compile_static):
+        remember_input_sources(gm.graph)  # (the names the checks use, before Dynamo drops them)
         self.gm, self.compile_static = gm, compile_static
         self.compiled: dict[tuple, object] = {}
 

@@ -48,8 +48,9 @@ class Block(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    def __init__(self, vocab=64, dim=32, heads=4, kv_heads=2, layers=2, max_len=256,
-                 rope="computed"):
+    def __init__(
+        self, vocab=64, dim=32, heads=4, kv_heads=2, layers=2, max_len=256, rope="computed"
+    ):
         super().__init__()
         self.rope = rope
         self.embed = nn.Embedding(vocab, dim)

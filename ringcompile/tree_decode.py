@@ -28,8 +28,8 @@ latency regime.
 
 Traced by ``torch.compile`` (``fullgraph=True`` too, and the ``ring`` backend's decode steps) the
 collective is a functional one (``_c10d_functional.all_gather_into_tensor``); run eagerly it is
-c10d's own all-gather into a tensor, whose host path is a quarter of the functional one's wrapper
-and wait (0.06 against 0.23 ms on two H200s). It is for inference: it has no backward.
+c10d's own all-gather into a tensor, whose host path is far shorter than the functional one's
+wrapper and wait (benchmarks/RESULTS.md). It is for inference: it has no backward.
 """
 
 from __future__ import annotations
@@ -103,8 +103,7 @@ def decode_over_shards(q, k, v, pg, scale, enable_gqa, key_padding_mask, q_posit
             "torch.no_grad() or torch.inference_mode()"
         )
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out, lse = _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions,
-                              is_causal)
+    out, lse = _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, is_causal)
     if pg is None or pg.size() == 1:
         return out.to(q.dtype)
     packed = torch.cat([out, lse.unsqueeze(-1)], dim=-1).unsqueeze(0)  # (1, B, H, T, Dv + 1)
@@ -126,10 +125,11 @@ def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, i
     G = H // Hkv
     if _flash_ok(q, k, v, key_padding_mask, is_causal):
         # A half-precision shard without masks: flash attention reads it in place (split over
-        # the keys for a few query rows), ~27x faster than the fp32 matmuls below at 512k keys.
+        # the keys for a few query rows), far faster than the fp32 matmuls below on long caches.
         # Its output is rounded to q's dtype before the fp32 merge, as SDPA's own output is.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.reshape(B, Hkv, G * T, D), k, v, 0.0, False, False, scale=scale)[:2]
+            q.reshape(B, Hkv, G * T, D), k, v, 0.0, False, False, scale=scale
+        )[:2]
         return out.to(acc).reshape(B, H, T, D), lse.reshape(B, H, T)
     if _split_kernel_ok(q, k, v):
         # masked (causal by position, padding) on a GPU: a Triton kernel split over the shard's
@@ -163,14 +163,25 @@ def _local_partial(q, k, v, scale, key_padding_mask, q_positions, k_positions, i
 
 
 def _flash_ok(q, k, v, key_padding_mask, is_causal) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_padding_mask is None
-            and not is_causal and k.shape[2] > 0 and v.shape[-1] == q.shape[-1]
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and key_padding_mask is None
+        and not is_causal
+        and k.shape[2] > 0
+        and v.shape[-1] == q.shape[-1]
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+    )
 
 
 def _split_kernel_ok(q, k, v) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and v.shape[-1] == q.shape[-1] <= 256 and k.shape[2] > 0)
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and v.shape[-1] == q.shape[-1] <= 256
+        and k.shape[2] > 0
+    )
 
 
 def _merge(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
@@ -182,19 +193,15 @@ def _merge(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
 
 
 def _check(q, k, v, enable_gqa, key_padding_mask, q_positions, k_positions, is_causal) -> None:
-    check_qkv("tree_attn_decode", q, k, v)
+    check_qkv("tree_attn_decode", q, k, v, "S_shard")
     B, H, T, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"k must be (B={B}, Hkv, S_shard, D={D}) and v (B, Hkv, S_shard, Dv) with k's first "
-            f"three dims; got k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
     check_gqa(H, k.shape[1], enable_gqa)
     S = k.shape[2]
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be bool (True = real token), got "
-                            f"{key_padding_mask.dtype}")
+            raise TypeError(
+                f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}"
+            )
         if key_padding_mask.shape != (B, S) or key_padding_mask.device != q.device:
             raise ValueError(
                 f"key_padding_mask must be (batch, S_shard) = ({B}, {S}) on {q.device}; got "

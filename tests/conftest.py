@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from gloo_world import GlooWorld
 
 

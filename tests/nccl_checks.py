@@ -72,8 +72,10 @@ def check_ring_attention(rank, world, device) -> list[str]:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
                 G = H // Hkv
-                qs, ks, vs = (t.detach().requires_grad_() for t in (q, k.repeat_interleave(G, 1),
-                                                                     v.repeat_interleave(G, 1)))
+                qs, ks, vs = (
+                    t.detach().requires_grad_()
+                    for t in (q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1))
+                )
                 bias = torch.zeros(dense.shape, device=device, dtype=dtype)
                 bias = bias.masked_fill(~(dense | ~seen), float("-inf")).expand(B, H, S, S)
                 with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
@@ -83,15 +85,21 @@ def check_ring_attention(rank, world, device) -> list[str]:
                 gk = gk.unflatten(1, (Hkv, G)).sum(2)
                 gv = gv.unflatten(1, (Hkv, G)).sum(2)
                 sdpa_errs = [rel(x, r) for x, r in zip((o, gq, gk, gv), (ref, *ref_grads))]
-            choices = ("auto", "triton") if kind == "causal" and dtype == torch.bfloat16 else ("auto",)
-            for name, kernels in ((n, c) for n in ("contiguous", "striped", "zigzag") for c in choices):
+            choices = (
+                ("auto", "triton") if kind == "causal" and dtype == torch.bfloat16 else ("auto",)
+            )
+            for name, kernels in (
+                (n, c) for n in ("contiguous", "striped", "zigzag") for c in choices
+            ):
                 lay = make_layout(name, S, world)
                 local = [lay.shard(t, 2, rank).detach().requires_grad_() for t in (q, k, v)]
                 kw_local = dict(kw)
                 for key in ("document_ids", "key_padding_mask"):
                     if key in kw_local:
                         kw_local[key] = lay.shard(kw_local[key], 1, rank)
-                out = ring_attention(*local, enable_gqa=True, layout=lay, kernels=kernels, **kw_local)
+                out = ring_attention(
+                    *local, enable_gqa=True, layout=lay, kernels=kernels, **kw_local
+                )
                 grads = torch.autograd.grad(out, local, lay.shard(dout, 2, rank))
                 want = [lay.shard(t, 2, rank) for t in (ref, *ref_grads)]
                 errs = [rel(x, r) for x, r in zip((out, *grads), want)]
@@ -129,8 +137,9 @@ def check_compiled_model(rank, world, device) -> list[str]:
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = TinyTransformer(vocab=256, dim=256, heads=8, kv_heads=2, layers=2,
-                            max_len=4096).to(device)
+    model = TinyTransformer(vocab=256, dim=256, heads=8, kv_heads=2, layers=2, max_len=4096).to(
+        device
+    )
     tokens = torch.randint(0, 256, (2, 512 * world), device=device)
     w = torch.randn(2, 512 * world, 256, device=device)
     ref = model(tokens)

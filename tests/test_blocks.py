@@ -34,8 +34,11 @@ def _dense(pieces, sq, sk) -> torch.Tensor:
     return allowed
 
 
-CASES = [(name, S, W) for name in ("contiguous", "striped", "zigzag")
-         for S, W in ((32, 4), (30, 4), (29, 3), (16, 2), (7, 2), (40, 1))]
+CASES = [
+    (name, S, W)
+    for name in ("contiguous", "striped", "zigzag")
+    for S, W in ((32, 4), (30, 4), (29, 3), (16, 2), (7, 2), (40, 1))
+]
 
 
 @pytest.mark.parametrize("name,S,W", CASES)
@@ -44,8 +47,12 @@ def test_pieces_are_the_rules(name, S, W, causal):
     layout = make_layout(name, S, W)
     n = layout.local_len
     for rank, src in itertools.product(range(W), range(W)):
-        mask = BlockMask(q_pos=layout.positions(rank), k_pos=layout.positions(src), seq_len=S,
-                         rules=PositionRules(causal))
+        mask = BlockMask(
+            q_pos=layout.positions(rank),
+            k_pos=layout.positions(src),
+            seq_len=S,
+            rules=PositionRules(causal),
+        )
         pieces = layout_block_pieces(layout, rank, src, causal)
         assert pieces is not None, (rank, src)
         assert torch.equal(_dense(pieces, n, n), _rules(mask)), (rank, src, pieces)
@@ -55,7 +62,12 @@ def test_pieces_are_the_rules(name, S, W, causal):
                 continue
             part = restrict_keys(pieces, lo, hi)
             assert torch.equal(_dense(part, n, hi - lo), _rules(mask.keys(lo, hi))), (
-                rank, src, lo, hi, part)
+                rank,
+                src,
+                lo,
+                hi,
+                part,
+            )
 
 
 def test_kinds_by_name():
@@ -66,8 +78,12 @@ def test_kinds_by_name():
     assert describe_block(layout_block_pieces(striped, 1, 2, True), 16, 16) == "strictly causal"
     assert describe_block(layout_block_pieces(striped, 1, 2, False), 16, 16) == "full"
     zigzag = make_layout("zigzag", S, 4)
-    assert describe_block(layout_block_pieces(zigzag, 2, 1, True), 16, 16) == "full q[0:16] x k[0:8]"
-    assert describe_block(layout_block_pieces(zigzag, 1, 2, True), 16, 16) == "full q[8:16] x k[0:16]"
+    assert (
+        describe_block(layout_block_pieces(zigzag, 2, 1, True), 16, 16) == "full q[0:16] x k[0:8]"
+    )
+    assert (
+        describe_block(layout_block_pieces(zigzag, 1, 2, True), 16, 16) == "full q[8:16] x k[0:16]"
+    )
     contiguous = make_layout("contiguous", S, 4)
     assert describe_block(layout_block_pieces(contiguous, 1, 2, True), 16, 16) == "empty"
     assert describe_block(None, 16, 16) == "masked"

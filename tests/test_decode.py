@@ -25,8 +25,9 @@ from ringcompile.passes import RingContext, decode_attention
 from ringcompile.report import readable_code
 
 transformers = pytest.importorskip("transformers")
-from ringcompile.hf_cache import ShardedKVCache  # noqa: E402  (needs transformers)
 from test_transformers import _model  # noqa: E402
+
+from ringcompile.hf_cache import ShardedKVCache  # noqa: E402  (needs transformers)
 
 TOL = 1e-10
 V = 64
@@ -38,6 +39,7 @@ def _rel(a, b):
 
 # -- the storage -------------------------------------------------------------------------------
 
+
 def test_shards_are_striped_and_balanced():
     """Every rank's shard after a prefill of 7 and 5 appends of one token: slot 1 + p // W holds p.
     (A decode step's update also marks the shards for attention, which only the backend runs.)"""
@@ -47,17 +49,18 @@ def test_shards_are_striped_and_balanced():
     for s in shards:
         s.update(full[:, :, :7], full[:, :, :7] * 2)
         for p in range(7, 12):
-            new = full[:, :, p:p + 1]
-            torch.ops.ringcompile.kv_cache_append(s.keys, s.values, s.positions, new, new * 2,
-                                                  torch.tensor([[p], [p]]), s.rank, W)
+            new = full[:, :, p : p + 1]
+            torch.ops.ringcompile.kv_cache_append(
+                s.keys, s.values, s.positions, new, new * 2, torch.tensor([[p], [p]]), s.rank, W
+            )
     for r, s in enumerate(shards):
         mine = torch.arange(r, 12, W)
         assert s.positions.shape == (B, 1 + 4)
         assert s.positions[0, 0] == EMPTY  # the scratch slot never holds a token
-        assert torch.equal(s.positions[:, 1:1 + len(mine)], mine.expand(B, -1))
-        assert (s.positions[:, 1 + len(mine):] == EMPTY).all()
-        assert torch.equal(s.keys[:, :, 1:1 + len(mine)], full[:, :, mine])
-        assert torch.equal(s.values[:, :, 1:1 + len(mine)], 2 * full[:, :, mine])
+        assert torch.equal(s.positions[:, 1 : 1 + len(mine)], mine.expand(B, -1))
+        assert (s.positions[:, 1 + len(mine) :] == EMPTY).all()
+        assert torch.equal(s.keys[:, :, 1 : 1 + len(mine)], full[:, :, mine])
+        assert torch.equal(s.values[:, :, 1 : 1 + len(mine)], 2 * full[:, :, mine])
 
 
 def test_prompt_longer_than_the_cache_is_refused():
@@ -92,8 +95,9 @@ def test_ops_opcheck():
     keys, values = torch.zeros(2, 2, 5, 4), torch.zeros(2, 2, 5, 3)
     positions = torch.full((2, 5), EMPTY)
     new = (torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 3), torch.tensor([[4, 5], [4, 5]]))
-    torch.library.opcheck(torch.ops.ringcompile.kv_cache_append.default,
-                          (keys, values, positions, *new, 1, 2))
+    torch.library.opcheck(
+        torch.ops.ringcompile.kv_cache_append.default, (keys, values, positions, *new, 1, 2)
+    )
     torch.ops.ringcompile.kv_cache_append(keys, values, positions, *new, 1, 2)
     # p = 5 is rank 1's (slot 1 + 5 // 2); p = 4 went to the scratch slot, which stays empty
     assert positions.tolist() == [[EMPTY, EMPTY, EMPTY, 5, EMPTY]] * 2
@@ -101,6 +105,7 @@ def test_ops_opcheck():
 
 
 # -- the pass ----------------------------------------------------------------------------------
+
 
 def _attend_with_cache(q, k, v, cache: ShardedKV):
     k, v = cache.update(k, v)
@@ -126,7 +131,9 @@ def test_decode_pass_snapshot():
     with torch.no_grad():
         torch.compile(_attend_with_cache, backend=backend, fullgraph=True)(q, k, v, cache)
     before, after, attention = graphs[0]
-    assert_expected_inline(before, """\
+    assert_expected_inline(
+        before,
+        """\
 def forward(self, *inputs):  # 7 inputs
     arange = torch.arange(1, device = device(type='cpu'))
     add = l_cache_length + arange
@@ -136,8 +143,11 @@ def forward(self, *inputs):  # 7 inputs
     k = torch.ops.ringcompile.sharded_kv(l_cache_keys, l_cache_positions, positions, 1)
     v = torch.ops.ringcompile.sharded_kv(l_cache_values, l_cache_positions, positions, 1)
     scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, k, v, is_causal = False, enable_gqa = True)
-    return (scaled_dot_product_attention,)""")
-    assert_expected_inline(after, """\
+    return (scaled_dot_product_attention,)""",
+    )
+    assert_expected_inline(
+        after,
+        """\
 def forward(self, *inputs):  # 7 inputs
     arange = torch.arange(1, device = device(type='cpu'))
     add = l_cache_length + arange
@@ -145,7 +155,8 @@ def forward(self, *inputs):  # 7 inputs
     add_ = l_cache_length.add_(1)
     kv_cache_append = torch.ops.ringcompile.kv_cache_append(l_cache_keys, l_cache_values, l_cache_positions, l_k_, l_v_, positions, 0, 1)
     scaled_dot_product_attention = tree_decode(l_q_, l_cache_keys, l_cache_values, q_positions = positions, k_positions = l_cache_positions, scale = None, enable_gqa = True)
-    return (scaled_dot_product_attention,)""")
+    return (scaled_dot_product_attention,)""",
+    )
     assert len(attention) == 1 and "decode, 1 replicated queries" in attention[0]
 
 
@@ -176,22 +187,33 @@ def test_speculative_decode_matches_sdpa(gloo, world):
 
 # -- transformers: greedy generation ------------------------------------------------------------
 
+
 def _hf_model(arch: str):
     """Tiny random models; unlike test_transformers' Qwen2 this one has no sliding window (the
     sharded cache decodes full attention only), and Mistral keeps its window for the refusal."""
     if arch != "qwen2":
         return _model(arch).eval()
-    config = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64,
-                                      attn_implementation="sdpa")
+    config = transformers.Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return transformers.Qwen2ForCausalLM(config).double().eval()
 
 
 def _cache_kw(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x)."""
-    return "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    return (
+        "cache"
+        if "cache" in inspect.signature(model.model.forward).parameters
+        else "past_key_values"
+    )
 
 
 def greedy(model, ids, steps, cache, positions=True):
@@ -223,33 +245,50 @@ def generate_hf(rank, world, arch, layout, S, steps, positions=True, allocate=Fa
     ids = torch.randint(0, V, (2, S), generator=torch.Generator().manual_seed(1))
     reports = []
     with torch.no_grad():
-        ref_tokens, ref_logits = greedy(model, ids, steps, transformers.DynamicCache(config=model.config))
+        ref_tokens, ref_logits = greedy(
+            model, ids, steps, transformers.DynamicCache(config=model.config)
+        )
         given = dict(batch_size=2, dtype=torch.float64, device="cpu") if allocate else {}
         cache = ShardedKVCache(model.config, max_length=S + steps, **given)
         if allocate:
             shard = cache.layers[0].shard
-            assert all(getattr(t, "_dynamo_static_input_type", None) for t in
-                       (shard.keys, shard.values, shard.positions, shard.length))
+            assert all(
+                getattr(t, "_dynamo_static_input_type", None)
+                for t in (shard.keys, shard.values, shard.positions, shard.length)
+            )
         compiled = _compile(model, {"compiler": "aot_eager", "layout": layout}, {}, reports)
         tokens, logits = greedy(compiled, ids, steps, cache, positions)
     held = [int((layer.shard.positions[0] != EMPTY).sum()) for layer in cache.layers]
-    return (bool(torch.equal(tokens, ref_tokens)), _rel(logits, ref_logits), held,
-            [str(r) for r in reports])
+    return (
+        bool(torch.equal(tokens, ref_tokens)),
+        _rel(logits, ref_logits),
+        held,
+        [str(r) for r in reports],
+    )
 
 
-GENERATE = [("llama", 1, "striped", 13, True), ("llama", 2, "striped", 13, True),
-            ("llama", 3, "zigzag", 16, True), ("llama", 4, "striped", 16, False),
-            ("qwen2", 2, "zigzag", 13, False), ("qwen2", 4, "contiguous", 13, True)]
+GENERATE = [
+    ("llama", 1, "striped", 13, True),
+    ("llama", 2, "striped", 13, True),
+    ("llama", 3, "zigzag", 16, True),
+    ("llama", 4, "striped", 16, False),
+    ("qwen2", 2, "zigzag", 13, False),
+    ("qwen2", 4, "contiguous", 13, True),
+]
 
 
 @pytest.mark.parametrize(
-    "arch, world, layout, S, positions", GENERATE,
-    ids=[f"{a}-W{w}-{lay}-S{s}-{'positions' if p else 'default positions'}"
-         for a, w, lay, s, p in GENERATE])
+    "arch, world, layout, S, positions",
+    GENERATE,
+    ids=[
+        f"{a}-W{w}-{lay}-S{s}-{'positions' if p else 'default positions'}"
+        for a, w, lay, s, p in GENERATE
+    ],
+)
 def test_greedy_generation_equals_one_process(gloo, arch, world, layout, S, positions):
     steps = 6
     results = gloo(world).run(generate_hf, arch, layout, S, steps, positions)
-    for rank, (same, err, held, reports) in enumerate(results):
+    for rank, (same, err, _held, reports) in enumerate(results):
         assert same and err < TOL, (rank, same, err)
         # two graphs for the whole generation: the prefill and one decode step reused
         assert len(reports) == 2, reports
@@ -314,15 +353,22 @@ def hf_decode_error(rank, world, case):
     with torch.no_grad():
         compiled(input_ids=ids, position_ids=torch.arange(8)[None], **kw)
         # a 4-D mask of the caller's (transformers passes it through): nothing to read it by
-        compiled(input_ids=ids[:, :1], position_ids=torch.tensor([[8]]),
-                 attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool), **kw)
+        compiled(
+            input_ids=ids[:, :1],
+            position_ids=torch.tensor([[8]]),
+            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool),
+            **kw,
+        )
 
 
-@pytest.mark.parametrize("case, words", [
-    ("window", "sliding-window layers"),
-    ("group", "rank 0 of 1 is used under a ring where this process is rank"),
-    ("arbitrary mask", "cannot decode .* its mask is more than causality and key padding"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("window", "sliding-window layers"),
+        ("group", "rank 0 of 1 is used under a ring where this process is rank"),
+        ("arbitrary mask", "cannot decode .* its mask is more than causality and key padding"),
+    ],
+)
 def test_decode_errors_name_the_problem(gloo, case, words):
     with pytest.raises(AssertionError, match=words) as raised:
         gloo(2).run(hf_decode_error, case)
@@ -338,8 +384,15 @@ def _prompts(length: int, new: int, padded: bool):
     am = torch.ones_like(ids)
     if padded:
         am[0, :3] = 0  # left padding, as batched prompts are
-    return ids, dict(attention_mask=am, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                     pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    return ids, dict(
+        attention_mask=am,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
 
 
 def hf_generate(rank, world, padded):
@@ -357,13 +410,20 @@ def hf_generate(rank, world, padded):
             ref = model.generate(ids, **kw)
             if compiled_forward is None:
                 compiled_forward = torch.compile(
-                    model.forward, backend=functools.partial(
-                        ring_backend, options={"compiler": "aot_eager"}, _reports=reports))
+                    model.forward,
+                    backend=functools.partial(
+                        ring_backend, options={"compiler": "aot_eager"}, _reports=reports
+                    ),
+                )
             model.forward = compiled_forward
             cache = ShardedKVCache(model.config, max_length=length + 10)
             out = model.generate(ids, **kw, **{_cache_kw(model): cache})
-        results.append((bool(torch.equal(out.sequences, ref.sequences)),
-                        _rel(torch.stack(out.logits), torch.stack(ref.logits))))
+        results.append(
+            (
+                bool(torch.equal(out.sequences, ref.sequences)),
+                _rel(torch.stack(out.logits), torch.stack(ref.logits)),
+            )
+        )
     return results, [str(r) for r in reports]
 
 
@@ -387,13 +447,22 @@ def generate_static(rank, world, padded):
     reports = []
     with torch.no_grad():
         ref = model.generate(ids, **kw)
-        model.forward = torch.compile(model.forward, dynamic=False, backend=functools.partial(
-            ring_backend, options={"compiler": "aot_eager"}, _reports=reports))
-        cache = ShardedKVCache(model.config, max_length=11 + 8 + 1, batch_size=2,
-                               dtype=torch.float64, device="cpu")
+        model.forward = torch.compile(
+            model.forward,
+            dynamic=False,
+            backend=functools.partial(
+                ring_backend, options={"compiler": "aot_eager"}, _reports=reports
+            ),
+        )
+        cache = ShardedKVCache(
+            model.config, max_length=11 + 8 + 1, batch_size=2, dtype=torch.float64, device="cpu"
+        )
         out = model.generate(ids, **kw, **{_cache_kw(model): cache})
-    return (bool(torch.equal(out.sequences, ref.sequences)),
-            _rel(torch.stack(out.logits), torch.stack(ref.logits)), [str(r) for r in reports])
+    return (
+        bool(torch.equal(out.sequences, ref.sequences)),
+        _rel(torch.stack(out.logits), torch.stack(ref.logits)),
+        [str(r) for r in reports],
+    )
 
 
 @pytest.mark.parametrize("world, padded", [(2, False), (3, True)])
@@ -439,13 +508,16 @@ def generate_after_forward(rank, world, padded):
     ids, kw = _prompts(16, 6, padded)
     with torch.no_grad():
         ref = model.generate(ids, **kw)
-        model.forward = torch.compile(model.forward, backend="ring",
-                                      options={"compiler": "aot_eager"})
+        model.forward = torch.compile(
+            model.forward, backend="ring", options={"compiler": "aot_eager"}
+        )
         model(input_ids=torch.randint(0, V, (2, 24)))
         cache = ShardedKVCache(model.config, max_length=22)
         out = model.generate(ids, **kw, **{_cache_kw(model): cache})
-    return (bool(torch.equal(out.sequences, ref.sequences)),
-            _rel(torch.stack(out.logits), torch.stack(ref.logits)))
+    return (
+        bool(torch.equal(out.sequences, ref.sequences)),
+        _rel(torch.stack(out.logits), torch.stack(ref.logits)),
+    )
 
 
 @pytest.mark.parametrize("padded", [False, True])

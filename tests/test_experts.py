@@ -16,7 +16,7 @@ from expecttest import assert_expected_inline
 from ringcompile.backend import _compile
 from ringcompile.passes import find_attention, normalize, outline_experts
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.outlined import RowwiseRegion
+from ringcompile.passes.rowwise_region import RowwiseRegion
 
 transformers = pytest.importorskip("transformers")
 grouped_mm = pytest.importorskip("transformers.integrations.moe")  # registers its fallback op
@@ -60,7 +60,9 @@ class MoELayer(torch.nn.Module):
     def forward(self, x):
         B, S, _ = x.shape
         q, k, v = F.linear(x, self.qkv).view(B, S, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
-        h = x + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D)
+        h = x + F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(
+            B, S, D
+        )
         rows = h.view(-1, D)
         probs = F.softmax(F.linear(rows, self.router), dim=-1)
         top_w, top_i = torch.topk(probs, K, dim=-1)
@@ -94,9 +96,12 @@ def test_dispatch_becomes_one_op_that_computes_each_row_alone():
         p.run(ctx)
     gm.recompile()
     code = "\n".join(ln.strip() for ln in gm.code.splitlines() if "experts_" in ln)
-    assert_expected_inline(code, """\
+    assert_expected_inline(
+        code,
+        """\
 experts_0 = self.experts_0(top_i, top_w_1, rows, l_self_parameters_w_up_, l_self_parameters_w_down_);  top_i = top_w_1 = rows = l_self_parameters_w_up_ = l_self_parameters_w_down_ = None
-view_3 = experts_0.view(2, 8, 8);  experts_0 = None""")
+view_3 = experts_0.view(2, 8, 8);  experts_0 = None""",
+    )
     assert ctx.report.rows == [ctx.report.rows[0]] and "over 16 rows" in ctx.report.rows[0]
     assert torch.equal(gm(*args)[0], want)
     region = gm.experts_0
@@ -124,8 +129,10 @@ def test_rows_in_two_orders_are_not_outlined():
         p.run(ctx)
     assert not any(isinstance(m, RowwiseRegion) for m in gm.modules())
     assert ctx.report.rows == []
-    assert any("not outlined as a mixture-of-experts dispatch" in f and "is not understood" in f
-               for f in ctx.report.fallbacks), ctx.report.fallbacks
+    assert any(
+        "not outlined as a mixture-of-experts dispatch" in f and "is not understood" in f
+        for f in ctx.report.fallbacks
+    ), ctx.report.fallbacks
 
 
 def moe_layer_errors(rank, world, batch, pairs_in_token_order):

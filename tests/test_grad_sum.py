@@ -110,14 +110,19 @@ def test_a_third_contribution_folds_into_fp32():
     for t in ts:
         s.add(t)
     assert s.acc is not None and s.acc.dtype == torch.float32 and len(s.held) == 1
-    assert torch.equal(s.result(torch.bfloat16),
-                       ((ts[0].float() + ts[1].float()) + ts[2].float()).bfloat16())
+    assert torch.equal(
+        s.result(torch.bfloat16), ((ts[0].float() + ts[1].float()) + ts[2].float()).bfloat16()
+    )
 
 
 def test_kernels_that_add_in_place_get_the_accumulator():
     s = GradSum(SHAPE, torch.float32, torch.device("cpu"))
-    dq, dk, dv, fresh = accumulators(s, GradSum(SHAPE, torch.float32, torch.device("cpu")),
-                                     GradSum(SHAPE, torch.float32, torch.device("cpu")), False)
+    dq, dk, dv, fresh = accumulators(
+        s,
+        GradSum(SHAPE, torch.float32, torch.device("cpu")),
+        GradSum(SHAPE, torch.float32, torch.device("cpu")),
+        False,
+    )
     assert fresh and dq.dtype == torch.float32 and torch.equal(dq, torch.zeros(SHAPE))
     with pytest.raises(ValueError, match="overwriting a region that holds"):
         s.accumulator(overwrite=True)

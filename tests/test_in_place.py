@@ -79,8 +79,9 @@ def changed_after_a_read(q):
     k[..., :8].copy_(q.detach().cos())
     before = k + q
     k[..., :4].mul_(3.0)
-    return (F.scaled_dot_product_attention(q, before, q, is_causal=True)
-            + F.scaled_dot_product_attention(q, k + q, q, is_causal=True))
+    return F.scaled_dot_product_attention(
+        q, before, q, is_causal=True
+    ) + F.scaled_dot_product_attention(q, k + q, q, is_causal=True)
 
 
 def in_place_operator_on_a_local_view(q):

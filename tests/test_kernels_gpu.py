@@ -27,15 +27,24 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def tf():
-    """triton_flash with every buffer the kernels must fill poisoned with NaN."""
-    from ringcompile.kernels import triton_flash
+    """The Triton kernels' package with every buffer the kernels must fill poisoned with NaN."""
+    import ringcompile.kernels.triton as tf
+    from ringcompile.kernels.triton import host
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(triton_flash, "_empty", poisoned)
-        yield triton_flash
+        mp.setattr(host, "_empty", poisoned)
+        yield tf
+
+
+@pytest.fixture(scope="module")
+def configs():
+    """The Triton kernels' launch configurations."""
+    from ringcompile.kernels.triton import configs
+
+    return configs
 
 
 def _rel(err_of: torch.Tensor, ref: torch.Tensor, keep: torch.Tensor | None) -> float:
@@ -159,10 +168,10 @@ def test_gqa_vs_flash(tf, H, Hkv):
     _compare(tf, q, k, v, mask, dout, D**-0.5, "FLASH_ATTENTION", True, None)
 
 
-def test_long_blocks_vs_flash(tf):
-    """16k queries and keys: the forward takes its tall query tiles (see _default_fwd_config)."""
-    B, H, Hkv, S, D = 1, 2, 1, tf._LONG_BLOCK, 128
-    assert tf._default_fwd_config(D, torch.bfloat16, S, S).block_m == 256
+def test_long_blocks_vs_flash(tf, configs):
+    """16k queries and keys: the forward takes its tall query tiles (see default_fwd_config)."""
+    B, H, Hkv, S, D = 1, 2, 1, configs._LONG_BLOCK, 128
+    assert configs.default_fwd_config(D, torch.bfloat16, S, S).block_m == 256
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=6)
     pos = torch.arange(S, device="cuda")
     mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
@@ -179,11 +188,11 @@ def _dq_way_config(tf, way: str):
 
 
 @pytest.mark.parametrize("way", ["bulk", "atomic", "kernel"])
-def test_dq_ways_vs_flash(tf, way):
+def test_dq_ways_vs_flash(tf, configs, way):
     """Each way of adding dq, at a ragged length, with GQA and a padded head dim."""
     B, H, Hkv, S, D = 2, 8, 2, 1000, 80
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=7)
-    if way == "bulk" and not tf._bulk_reduce_ok(torch.zeros(q.shape, device="cuda")):
+    if way == "bulk" and not configs._bulk_reduce_ok(torch.zeros(q.shape, device="cuda")):
         pytest.skip("no bulk reductions on this GPU or Triton")
     pos = torch.arange(S, device="cuda")
     mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, rules=PositionRules(True))
@@ -191,7 +200,7 @@ def test_dq_ways_vs_flash(tf, way):
              kernels=_dq_way_config(tf, way))  # fmt: skip
 
 
-def test_dq_bulk_falls_back_on_unaligned_accumulator(tf):
+def test_dq_bulk_falls_back_on_unaligned_accumulator(tf, configs):
     """A dq whose rows are not 16-byte aligned cannot take bulk reductions: atomics add it."""
     B, H, Hkv, S, D = 1, 4, 2, 512, 64
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=8)
@@ -203,7 +212,7 @@ def test_dq_bulk_falls_back_on_unaligned_accumulator(tf):
     out, lse = kernels.forward_finish(state, q.dtype)
     delta = kernels.backward_prepare(out, dout)
     dqs = [torch.zeros(q.shape, device="cuda"), torch.zeros(B, H, S, D + 1, device="cuda")[..., 1:]]
-    assert not tf._bulk_reduce_ok(dqs[1])
+    assert not configs._bulk_reduce_ok(dqs[1])
     for dq in dqs:
         dk, dv = torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
         kernels.backward_step(q, k, v, dout, lse, delta, mask, D**-0.5, dq, dk, dv)
@@ -215,8 +224,9 @@ def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):
     dev = "cuda"
     pos = torch.arange(S, device=dev)
     kw: dict = dict(q_pos=pos, k_pos=pos, seq_len=S)
-    kw["rules"] = PositionRules.of("causal" in kind, (200, 64) if "window" in kind else None,
-                                   300 if "chunk" in kind else None)
+    kw["rules"] = PositionRules.of(
+        "causal" in kind, (200, 64) if "window" in kind else None, 300 if "chunk" in kind else None
+    )
     if "docs" in kind:
         starts = torch.rand(B, S, generator=gen, device=dev) < 1 / 300
         docs = torch.cumsum(starts.long(), 1)
@@ -279,7 +289,9 @@ def test_ring_steps_vs_flash(tf, layout):
     steps = []
     for s in range(W):
         k_idx = lay.positions((rank - s) % W, "cuda")
-        steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=PositionRules(True))))
+        steps.append(
+            (k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=PositionRules(True)))
+        )
     allowed = full_mask.allowed()[0]  # (local queries, S)
     attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
     attn = attn.masked_fill(~allowed, float("-inf"))
@@ -335,8 +347,18 @@ def test_engine_ring_steps_vs_sdpa(tf, layout, H, Hkv, causal):
         for s in range(W):
             src = (rank - s) % W
             k_idx = lay.positions(src, "cuda")
-            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=PositionRules(causal),
-                                           pieces=layout_block_pieces(lay, rank, src, causal))))
+            steps.append(
+                (
+                    k_idx,
+                    BlockMask(
+                        q_pos=q_idx,
+                        k_pos=k_idx,
+                        seq_len=S,
+                        rules=PositionRules(causal),
+                        pieces=layout_block_pieces(lay, rank, src, causal),
+                    ),
+                )
+            )
         allowed = full_mask.allowed()[0].expand(q_idx.numel(), S)
         attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
         attn = attn.masked_fill(~allowed, float("-inf"))
@@ -376,8 +398,18 @@ def test_engine_mixes_masked_and_plain_steps(tf):
             src = (rank - s) % W
             k_idx = lay.positions(src, "cuda")
             pieces = layout_block_pieces(lay, rank, src, True) if s in plain_steps else None
-            steps.append((k_idx, BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=PositionRules(True),
-                                           pieces=pieces)))
+            steps.append(
+                (
+                    k_idx,
+                    BlockMask(
+                        q_pos=q_idx,
+                        k_pos=k_idx,
+                        seq_len=S,
+                        rules=PositionRules(True),
+                        pieces=pieces,
+                    ),
+                )
+            )
         allowed = full_mask.allowed()[0]
         attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
         attn = attn.masked_fill(~allowed, float("-inf"))
@@ -389,7 +421,7 @@ def test_engine_fresh_key_halves(tf):
     """The own block's backward in the ring's two key halves, into fresh (NaN-poisoned) dK/dV:
     every element written, the sum the whole block's."""
     from ringcompile.blocks import Piece
-    from ringcompile.ring_op import _own_block_parts
+    from ringcompile.ring.backward import own_block_key_parts
 
     B, H, Hkv, S, D = 1, 8, 2, 2048, 128
     q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=14)
@@ -402,7 +434,7 @@ def test_engine_fresh_key_halves(tf):
     out, lse = kernels.forward_finish(state, q.dtype)
     prepared = kernels.backward_prepare(out, dout)
     results = []
-    for parts in ([(0, S)], _own_block_parts(S)):
+    for parts in ([(0, S)], own_block_key_parts(S)):
         dq = torch.zeros(q.shape, device="cuda")
         dk = torch.full(k.shape, float("nan"), device="cuda")
         dv = torch.full(v.shape, float("nan"), device="cuda")
@@ -434,8 +466,10 @@ def test_merge_kernel_vs_torch():
         merge_block(state, state, state_lse, start, blk[:, :, :n], blk_lse[:, :, :n], first=False)
         rows = slice(start, start + n)
         new = torch.logaddexp(lse[:, :, rows], blk_lse[:, :, :n])
-        want = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new)[..., None]
-                + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None])
+        want = (
+            out[:, :, rows] * torch.exp(lse[:, :, rows] - new)[..., None]
+            + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None]
+        )
         torch.testing.assert_close(state[:, :, rows], want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state_lse[:, :, rows], new, rtol=1e-6, atol=1e-6)
         untouched = torch.ones(Sq, dtype=torch.bool)
@@ -445,6 +479,8 @@ def test_merge_kernel_vs_torch():
         first = out.to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
         answer, answer_lse = torch.empty_like(first).contiguous(), lse.clone()
         merge_block(first, answer, answer_lse, start, blk[:, :, :n], blk_lse[:, :, :n], first=False)
-        want = (first[:, :, rows].float() * torch.exp(lse[:, :, rows] - new)[..., None]
-                + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None])
+        want = (
+            first[:, :, rows].float() * torch.exp(lse[:, :, rows] - new)[..., None]
+            + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None]
+        )
         torch.testing.assert_close(answer[:, :, rows].float(), want, rtol=1e-2, atol=1e-2)

@@ -25,13 +25,13 @@ import torch
 from ringcompile.kernels.reference import ReferenceKernels
 from ringcompile.layout import make_layout
 from ringcompile.masks import BlockMask, PositionRules
-from ringcompile.ring_op import _own_block_parts
+from ringcompile.ring.backward import own_block_key_parts
 
 pytest.importorskip("triton")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRETED:  # imported here only where kernels run interpreted (see the docstring)
-    from ringcompile.kernels import triton_flash
+    from ringcompile.kernels.triton import configs, mask_args, tiles
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,7 +39,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_interpreted_kernels_in_child_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        os.path.abspath(__file__),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
 
@@ -59,7 +67,8 @@ def test_kernels_compile_for_hopper():
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction, mangle_type
 
-    from ringcompile.kernels import triton_flash as tf
+    import ringcompile.kernels.triton as tf
+    from ringcompile.kernels.triton import host, tiles
 
     launches = []
 
@@ -70,11 +79,12 @@ def test_kernels_compile_for_hopper():
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.kernel, args, kwargs))
 
-    names = [n for n, f in vars(tf).items() if isinstance(f, JITFunction) and n.endswith("_kernel")]
     mp = pytest.MonkeyPatch()
     try:
-        for name in names:
-            mp.setattr(tf, name, Recorder(getattr(tf, name)))
+        for module in (host, tiles):  # where the kernels are launched from
+            for name, f in list(vars(module).items()):
+                if isinstance(f, JITFunction) and name.endswith("_kernel"):
+                    mp.setattr(module, name, Recorder(f))
         for name in COMPILED_CASES:
             case = replace(CASES[name], dtype=torch.bfloat16)
             # (the default configurations; with a separate dq kernel where the case has one)
@@ -92,15 +102,23 @@ def test_kernels_compile_for_hopper():
                       if p.is_constexpr or values[p.name] is None}  # fmt: skip
         signature = {p.name: "constexpr" if p.name in constexprs else mangle_type(values[p.name])
                      for p in kernel.params}  # fmt: skip
+        # tuple arguments (flat): elements that specialise to constants (ints equal to 1)
+        for i, p in enumerate(kernel.params):
+            if isinstance(signature[p.name], tuple):
+                for j, (kind, x) in enumerate(zip(signature[p.name], values[p.name])):
+                    if kind == "constexpr":
+                        constexprs[(i, j)] = x
         key = (kernel.fn.__name__, repr(sorted(signature.items())),
-               repr(sorted(constexprs.items())), repr(sorted(options.items())))  # fmt: skip
+               repr(sorted(constexprs.items(), key=str)), repr(sorted(options.items())))  # fmt: skip
         programs[key] = (kernel, signature, constexprs, options)
     compiled = set()
     for (name, *_), (kernel, signature, constexprs, options) in programs.items():
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
         compiled.add(name)
-    assert {"_fwd_kernel", "_bwd_kernel", "_bwd_dq_kernel", "_tile_lists_kernel"} <= compiled, compiled
+    assert {"_fwd_kernel", "_bwd_kernel", "_bwd_dq_kernel", "_tile_lists_kernel"} <= compiled, (
+        compiled
+    )
 
 
 def _repair_interpreter_scalars() -> None:
@@ -126,17 +144,18 @@ def _repair_interpreter_scalars() -> None:
 
 @pytest.fixture(scope="module")
 def tf():
-    """The triton_flash module, kernels interpreted, with NaN-poisoned output buffers."""
+    """The Triton kernels' package, kernels interpreted, with NaN-poisoned output buffers."""
     _repair_interpreter_scalars()
-    from ringcompile.kernels import triton_flash
+    import ringcompile.kernels.triton as tf
+    from ringcompile.kernels.triton import host
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(triton_flash, "_empty", poisoned)
+        mp.setattr(host, "_empty", poisoned)
         torch.set_num_threads(min(2, torch.get_num_threads()))
-        yield triton_flash
+        yield tf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +260,12 @@ def _build(case: Case, seed: int = 0):
     if case.dense == "additive_min":
         # as the ring gives it: each row's largest mask value over the keys its positions allow
         every_k = torch.cat(k_pos)
-        seen = BlockMask(q_pos=q_pos, k_pos=every_k, seq_len=case.seq_len,
-                         rules=PositionRules.of(case.causal, case.window, case.chunk)).allowed()
+        seen = BlockMask(
+            q_pos=q_pos,
+            k_pos=every_k,
+            seq_len=case.seq_len,
+            rules=PositionRules.of(case.causal, case.window, case.chunk),
+        ).allowed()
         rows = dense_of[:, :, q_pos.clamp(max=total - 1)][..., every_k.clamp(max=total - 1)]
         top = rows.masked_fill(~seen[:, None], float("-inf")).amax(-1)
         offset = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
@@ -281,11 +304,22 @@ def _run(kernels, case: Case, q, ks, vs, dout, masks, scale: float, seed: int = 
     dvs = [_accumulator(v.shape, case.dkv_fresh, gen) for v in vs]
     for k, v, m, dk, dv in zip(ks, vs, masks, dks, dvs):
         # the ring's own block: two calls, later keys first
-        spans = _own_block_parts(k.shape[2]) if case.key_halves else [(0, k.shape[2])]
+        spans = own_block_key_parts(k.shape[2]) if case.key_halves else [(0, k.shape[2])]
         for lo, hi in spans:
-            kernels.backward_step(q, k[:, :, lo:hi], v[:, :, lo:hi], dout, lse, delta,
-                                  m.keys(lo, hi) if case.key_halves else m, scale, dq,
-                                  dk[:, :, lo:hi], dv[:, :, lo:hi], dkv_fresh=case.dkv_fresh)
+            kernels.backward_step(
+                q,
+                k[:, :, lo:hi],
+                v[:, :, lo:hi],
+                dout,
+                lse,
+                delta,
+                m.keys(lo, hi) if case.key_halves else m,
+                scale,
+                dq,
+                dk[:, :, lo:hi],
+                dv[:, :, lo:hi],
+                dkv_fresh=case.dkv_fresh,
+            )
     return dict(out=out, lse=lse, delta=delta, dq=dq, dk=torch.cat(dks, 2), dv=torch.cat(dvs, 2))
 
 
@@ -330,33 +364,70 @@ CASES = {
     "window-left-causal-fp16": Case(causal=True, window=(20, -1), dtype=torch.float16, D=16),
     "window-right-only": Case(window=(-1, 6), layout="striped", H=2, Hkv=1),
     "chunk-causal-striped": Case(causal=True, chunk=20, layout="striped", steps=3),
-    "chunk-docs-zigzag-dq-kernel": Case(chunk=33, docs=True, layout="zigzag", steps=3,
-                                        dq_kernel=True),
+    "chunk-docs-zigzag-dq-kernel": Case(
+        chunk=33, docs=True, layout="zigzag", steps=3, dq_kernel=True
+    ),
     "chunk-tile-aligned-fp16": Case(causal=True, chunk=32, dtype=torch.float16, steps=2),
     "docs": Case(docs=True, steps=3),
     "docs-causal-striped": Case(docs=True, causal=True, layout="striped", H=4, Hkv=1),
     "key-validity": Case(k_valid=True, steps=2),
     # facts that make tiles full or skip them (the tile lists read them)
-    "long-docs-causal-dq-kernel": Case(docs=True, doc_rate=0.02, causal=True, steps=3,
-                                       dq_kernel=True),
-    "left-padding-zigzag-gqa": Case(k_valid=True, left_padding=True, causal=True, layout="zigzag",
-                                    H=4, Hkv=2, steps=3),
-    "long-docs-left-padding-fp16": Case(docs=True, doc_rate=0.02, k_valid=True, left_padding=True,
-                                        dtype=torch.float16, B=1, steps=2, dkv_fresh=True),
+    "long-docs-causal-dq-kernel": Case(
+        docs=True, doc_rate=0.02, causal=True, steps=3, dq_kernel=True
+    ),
+    "left-padding-zigzag-gqa": Case(
+        k_valid=True, left_padding=True, causal=True, layout="zigzag", H=4, Hkv=2, steps=3
+    ),
+    "long-docs-left-padding-fp16": Case(
+        docs=True,
+        doc_rate=0.02,
+        k_valid=True,
+        left_padding=True,
+        dtype=torch.float16,
+        B=1,
+        steps=2,
+        dkv_fresh=True,
+    ),
     "dense-bool-B": Case(dense="bool", dense_shape="B", steps=2),
     "dense-bool-H-causal": Case(dense="bool", dense_shape="H", causal=True, H=4, Hkv=4),
     "dense-additive-BH": Case(dense="additive", dense_shape="BH"),
     "dense-additive-window-d80": Case(dense="additive", dense_shape="", window=(12, 12), D=80, B=1),
-    "dense-finfo-min-rows-causal": Case(dense="additive_min", dense_shape="H", causal=True, H=4,
-                                        Hkv=2, steps=3, dq_kernel=True),
-    "dense-finfo-min-rows-fp16": Case(dense="additive_min", dense_shape="B", dtype=torch.float16,
-                                      steps=2),
-    "key-bias-causal-padding-mqa": Case(dense="key_bias", causal=True, k_valid=True, H=4, Hkv=1,
-                                        layout="striped", steps=3, dq_kernel=True),
-    "key-bias-fp16-key-halves": Case(dense="key_bias", dense_shape="H", window=(20, 0),
-                                     dtype=torch.float16, key_halves=True, dkv_fresh=True),
-    "combo-fp16-gqa": Case(causal=True, docs=True, k_valid=True, dense="bool", dense_shape="H",
-                           dtype=torch.float16, H=4, Hkv=1, seq_len=145, layout="zigzag"),  # fmt: skip
+    "dense-finfo-min-rows-causal": Case(
+        dense="additive_min", dense_shape="H", causal=True, H=4, Hkv=2, steps=3, dq_kernel=True
+    ),
+    "dense-finfo-min-rows-fp16": Case(
+        dense="additive_min", dense_shape="B", dtype=torch.float16, steps=2
+    ),
+    "key-bias-causal-padding-mqa": Case(
+        dense="key_bias",
+        causal=True,
+        k_valid=True,
+        H=4,
+        Hkv=1,
+        layout="striped",
+        steps=3,
+        dq_kernel=True,
+    ),
+    "key-bias-fp16-key-halves": Case(
+        dense="key_bias",
+        dense_shape="H",
+        window=(20, 0),
+        dtype=torch.float16,
+        key_halves=True,
+        dkv_fresh=True,
+    ),
+    "combo-fp16-gqa": Case(
+        causal=True,
+        docs=True,
+        k_valid=True,
+        dense="bool",
+        dense_shape="H",
+        dtype=torch.float16,
+        H=4,
+        Hkv=1,
+        seq_len=145,
+        layout="zigzag",
+    ),  # fmt: skip
     # 8 query heads in chunks of 3, 3, 2; 4 KV heads in chunks of 3, 1
     "ragged-head-chunks": Case(causal=True, layout="zigzag", heads_per_chunk=3, dq_kernel=True),
     "unequal-tiles": Case(causal=True, blocks=(32, 16, 32, 16), steps=2),
@@ -365,15 +436,40 @@ CASES = {
     "no-last-flag": Case(causal=True, flag_last=False, steps=3, layout="zigzag"),
     "negative-scale": Case(causal=True, scale=-0.2, steps=2),
     "dq-bulk-falls-back": Case(causal=True, layout="zigzag", dq_bulk=True, D=80, B=1),
-    "dq-kernel-causal-striped": Case(causal=True, layout="striped", dq_kernel=True, steps=3,
-                                     blocks=(32, 16, 16, 16)),  # fmt: skip
+    "dq-kernel-causal-striped": Case(
+        causal=True, layout="striped", dq_kernel=True, steps=3, blocks=(32, 16, 16, 16)
+    ),  # fmt: skip
     "dkv-fresh-window-zigzag": Case(layout="zigzag", window=(9, 5), steps=3, dkv_fresh=True),
-    "dkv-fresh-key-halves-combo": Case(causal=True, docs=True, k_valid=True, dense="bool",
-                                       layout="zigzag", steps=3, dkv_fresh=True, key_halves=True),
-    "key-halves-accumulate-additive": Case(causal=True, dense="additive", dense_shape="H",
-                                           layout="striped", key_halves=True, H=4, Hkv=4),
-    "dq-kernel-combo-d80": Case(window=(30, 2), docs=True, k_valid=True, dense="additive", D=80,
-                                dq_kernel=True, B=1, H=4, Hkv=1),  # fmt: skip
+    "dkv-fresh-key-halves-combo": Case(
+        causal=True,
+        docs=True,
+        k_valid=True,
+        dense="bool",
+        layout="zigzag",
+        steps=3,
+        dkv_fresh=True,
+        key_halves=True,
+    ),
+    "key-halves-accumulate-additive": Case(
+        causal=True,
+        dense="additive",
+        dense_shape="H",
+        layout="striped",
+        key_halves=True,
+        H=4,
+        Hkv=4,
+    ),
+    "dq-kernel-combo-d80": Case(
+        window=(30, 2),
+        docs=True,
+        k_valid=True,
+        dense="additive",
+        D=80,
+        dq_kernel=True,
+        B=1,
+        H=4,
+        Hkv=1,
+    ),  # fmt: skip
 }
 
 
@@ -413,13 +509,13 @@ def test_tile_lists_cached_by_positions_key(tf):
     case = Case(causal=True, layout="zigzag", steps=3)
     q, ks, vs, dout, masks = _build(case)
     keyed = [replace(m, positions_key=("test", i)) for i, m in enumerate(masks)]
-    lists = tf._tile_lists(keyed[0], True, 16, 16, True)
-    assert tf._tile_lists(keyed[0], True, 16, 16, True) is lists
-    assert tf._tile_lists(keyed[0], False, 16, 16, True) is not lists
-    assert tf._tile_lists(replace(keyed[0], seq_len=keyed[0].seq_len - 7), True, 16, 16,
-                          True) is not lists  # fmt: skip
-    assert tf._tile_lists(masks[0], True, 16, 16, True) is not tf._tile_lists(masks[0], True, 16,
-                                                                             16, True)  # fmt: skip
+    lists = tiles._tile_lists(keyed[0], True, 16, 16, True)
+    assert tiles._tile_lists(keyed[0], True, 16, 16, True) is lists
+    assert tiles._tile_lists(keyed[0], False, 16, 16, True) is not lists
+    assert tiles._tile_lists(replace(keyed[0], seq_len=keyed[0].seq_len - 7), True, 16, 16,
+                             True) is not lists  # fmt: skip
+    unkeyed = tiles._tile_lists(masks[0], True, 16, 16, True)
+    assert tiles._tile_lists(masks[0], True, 16, 16, True) is not unkeyed
     kernels = tf.TritonKernels(tf.FwdConfig(16, 16, 4, 1), tf.BwdConfig(16, 16, 4, 1))
     scale = case.D**-0.5
     fresh = _run(kernels, case, q, ks, vs, dout, masks, scale)
@@ -449,12 +545,17 @@ def test_token_facts_make_tiles_full_or_skip_them(tf):
         return out
 
     # rows: query tiles; columns: key tiles (16 tokens each)
-    assert kinds(tf._tile_lists(mask, True, 16, 16, True), 4) == ["PF..", "PF..", "..FF", "..FF"]
+    assert kinds(tiles._tile_lists(mask, True, 16, 16, True), 4) == ["PF..", "PF..", "..FF", "..FF"]
     # rows: key tiles; columns: query tiles
-    assert kinds(tf._tile_lists(mask, False, 16, 16, True), 4) == ["PP..", "FF..", "..FF", "..FF"]
+    assert kinds(tiles._tile_lists(mask, False, 16, 16, True), 4) == [
+        "PP..",
+        "FF..",
+        "..FF",
+        "..FF",
+    ]
     # one batch row alone: key tile 0 holds no valid key there
     one = replace(mask, k_valid=valid[:1])
-    assert kinds(tf._tile_lists(one, True, 16, 16, True), 4)[0] == ".F.."
+    assert kinds(tiles._tile_lists(one, True, 16, 16, True), 4)[0] == ".F.."
 
 
 @interpreted_only
@@ -462,53 +563,53 @@ def test_skipped_tiles_are_skipped(tf):
     """A causal key block wholly in the queries' future gives empty tile lists."""
     q_pos, k_pos = torch.arange(64), torch.arange(64, 128)
     mask = BlockMask(q_pos=q_pos, k_pos=k_pos, seq_len=128, rules=PositionRules(True))
-    lists = tf._tile_lists(mask, True, 16, 16, True)
+    lists = tiles._tile_lists(mask, True, 16, 16, True)
     assert lists.full_count.sum() == 0 and lists.part_count.sum() == 0
     # and a block wholly in the past is all full tiles, none partial
     mask = BlockMask(q_pos=k_pos, k_pos=q_pos, seq_len=128, rules=PositionRules(True))
-    lists = tf._tile_lists(mask, True, 16, 16, True)
+    lists = tiles._tile_lists(mask, True, 16, 16, True)
     assert lists.full_count.tolist() == [4] * 4 and lists.part_count.sum() == 0
 
 
-def _rules_tile(q_pos, k_pos, seq_len, rules, q_doc, k_doc, k_valid, queries_on_rows):
-    """``triton_flash._token_rules`` over one (Sq, Sk) tile, as a boolean (Sq, Sk)."""
+def _rules_tile(mask: BlockMask, queries_on_rows: bool):
+    """``mask_args._token_rules`` over one (Sq, Sk) tile of a one-row mask, from the arguments
+    ``_mask_args`` makes of it, as a boolean (Sq, Sk)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def kernel(q_pos_ptr, k_pos_ptr, q_doc_ptr, k_doc_ptr, k_valid_ptr, out_ptr, seq_len, wl, wr,
-               chunk, QR: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
-               HAS_WR: tl.constexpr, HAS_CHUNK: tl.constexpr, HAS_DOCS: tl.constexpr,
-               HAS_KVALID: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    def kernel(margs, out_ptr, QR: tl.constexpr, MASK: tl.constexpr, BQ: tl.constexpr,
+               BK: tl.constexpr):  # fmt: skip
         qi = tl.arange(0, BQ)
         ki = tl.arange(0, BK)
         q_doc = None
         k_doc = None
         k_valid = None
-        if HAS_DOCS:
-            q_doc = tl.load(q_doc_ptr + qi)
-            k_doc = tl.load(k_doc_ptr + ki)
-        if HAS_KVALID:
-            k_valid = tl.load(k_valid_ptr + ki)
+        if MASK.has_docs:
+            q_doc = tl.load(margs.q_doc + qi * margs.q_doc_s)
+            k_doc = tl.load(margs.k_doc + ki * margs.k_doc_s)
+        if MASK.has_kvalid:
+            k_valid = tl.load(margs.k_valid + ki * margs.k_valid_s)
         # (the interpreter resolves names in the module's globals, not in this closure)
-        keep = triton_flash._token_rules(
-            tl.load(q_pos_ptr + qi).to(tl.int32), tl.load(k_pos_ptr + ki).to(tl.int32), seq_len,
-            wl, wr, chunk, q_doc, k_doc, k_valid, QR, CAUSAL, HAS_WL, HAS_WR, HAS_CHUNK, HAS_DOCS,
-            HAS_KVALID)
+        keep = mask_args._token_rules(
+            tl.load(margs.q_pos + qi).to(tl.int32),
+            tl.load(margs.k_pos + ki).to(tl.int32),
+            margs,
+            q_doc,
+            k_doc,
+            k_valid,
+            QR,
+            MASK,
+        )
         if QR:
             tl.store(out_ptr + qi[:, None] * BK + ki[None, :], keep.to(tl.int8))
         else:
             tl.store(out_ptr + qi[None, :] * BK + ki[:, None], keep.to(tl.int8))
 
-    out = torch.empty(q_pos.numel(), k_pos.numel(), dtype=torch.int8)
-    kernel[(1,)](q_pos, k_pos, q_doc if q_doc is not None else q_pos,
-                 k_doc if k_doc is not None else k_pos,
-                 k_valid.to(torch.int8) if k_valid is not None else k_pos, out, seq_len,
-                 rules.window_left, rules.window_right, max(rules.chunk, 1), QR=queries_on_rows,
-                 CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0,
-                 HAS_WR=rules.window_right >= 0, HAS_CHUNK=rules.chunk > 0,
-                 HAS_DOCS=q_doc is not None, HAS_KVALID=k_valid is not None, BQ=q_pos.numel(),
-                 BK=k_pos.numel())  # fmt: skip
+    Sq, Sk = mask.q_pos.numel(), mask.k_pos.numel()
+    margs, flags = mask_args._mask_args(mask, 1, 1, Sq, Sk)
+    out = torch.empty(Sq, Sk, dtype=torch.int8)
+    kernel[(1,)](margs, out, QR=queries_on_rows, MASK=flags, BQ=Sq, BK=Sk)
     return out.bool()
 
 
@@ -528,28 +629,32 @@ def test_mask_rules_agree_on_random_facts(tf):
         if seed % 2:  # as layouts give them: rising, so that whole tiles pass or fail
             q_pos, k_pos = q_pos.sort().values, k_pos.sort().values
         # windows at and next to tile sizes, where a bound is met exactly
-        r = [(-1, 0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31)[i]
-             for i in torch.randint(0, 13, (2,), generator=g).tolist()]
+        r = [
+            (-1, 0, 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31)[i]
+            for i in torch.randint(0, 13, (2,), generator=g).tolist()
+        ]
         chunk = (0, 0, 4, 7, 8, 16, 20)[seed % 7]
-        rules = PositionRules(bool(seed % 4 < 2), r[0] if seed % 3 else -1, r[1] if seed % 5 else -1,
-                              chunk)
+        rules = PositionRules(
+            bool(seed % 4 < 2), r[0] if seed % 3 else -1, r[1] if seed % 5 else -1, chunk
+        )
         docs = torch.randint(0, 3, (1, 96), generator=g)
         facts = seed // 4 % 4
-        mask = BlockMask(q_pos=q_pos, k_pos=k_pos, seq_len=seq_len, rules=rules,
-                         q_doc=docs[:, q_pos] if facts & 1 else None,
-                         k_doc=docs[:, k_pos] if facts & 1 else None,
-                         k_valid=torch.rand(1, Sk, generator=g) < 0.8 if facts & 2 else None)
+        mask = BlockMask(
+            q_pos=q_pos,
+            k_pos=k_pos,
+            seq_len=seq_len,
+            rules=rules,
+            q_doc=docs[:, q_pos] if facts & 1 else None,
+            k_doc=docs[:, k_pos] if facts & 1 else None,
+            k_valid=torch.rand(1, Sk, generator=g) < 0.8 if facts & 2 else None,
+        )
         want = mask.allowed()[0]
         for on_rows in (True, False):
-            got = _rules_tile(q_pos, k_pos, seq_len, rules,
-                              None if mask.q_doc is None else mask.q_doc[0],
-                              None if mask.k_doc is None else mask.k_doc[0],
-                              None if mask.k_valid is None else mask.k_valid[0], on_rows)
-            assert torch.equal(got, want), (seed, on_rows)
+            assert torch.equal(_rules_tile(mask, on_rows), want), (seed, on_rows)
 
         by_position = rules.allows(q_pos[:, None], k_pos[None, :], seq_len)
         for rows_are_queries, (rb, cb) in itertools.product((True, False), ((16, 8), (4, 4))):
-            lists = tf._tile_lists(mask, rows_are_queries, rb, cb, True)
+            lists = tiles._tile_lists(mask, rows_are_queries, rb, cb, True)
             listed = torch.zeros(Sq, Sk, dtype=torch.bool)
             full = torch.zeros(Sq, Sk, dtype=torch.bool)
             for row in range(lists.full_count.numel()):
@@ -577,30 +682,31 @@ def test_mask_rules_agree_on_random_facts(tf):
 def test_launch_chunks(tf, monkeypatch):
     """Heads per launch chunk on a 132-SM GPU: the forward takes enough whole GQA groups for four
     waves; the dk/dv kernel the largest power of two of KV heads within two waves."""
-    monkeypatch.setattr(tf, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(configs, "_sm_count", lambda index: 132)
     gpu = torch.device("cuda", 0)
     fwd, bwd = tf.FwdConfig(128, 128, 8, 3), tf.BwdConfig(128, 64, 8, 2)
     # 8k queries: 64 tiles; 528 programs need 9 heads, rounded up to groups of 4
-    assert tf._heads_per_chunk(fwd, 64, 32, 4, gpu) == 12
+    assert configs._heads_per_chunk(fwd, 64, 32, 4, gpu) == 12
     # keys 4k / 8k / 16k / 32k / 64k: 32 / 64 / 128 / 256 / 512 tiles of 128
-    chunks = [tf._kv_heads_per_chunk(bwd, n, 8, gpu) for n in (32, 64, 128, 256, 512)]
+    chunks = [configs._kv_heads_per_chunk(bwd, n, 8, gpu) for n in (32, 64, 128, 256, 512)]
     assert chunks == [8, 4, 2, 1, 1]
-    assert tf._kv_heads_per_chunk(bwd, 16, 6, gpu) == 6  # never more heads than there are
-    assert tf._kv_heads_per_chunk(replace(bwd, heads_per_chunk=3), 64, 8, gpu) == 3
+    assert configs._kv_heads_per_chunk(bwd, 16, 6, gpu) == 6  # never more heads than there are
+    assert configs._kv_heads_per_chunk(replace(bwd, heads_per_chunk=3), 64, 8, gpu) == 3
 
 
 @interpreted_only
 def test_forward_tiles_by_step(tf):
     """At head dim 128 in bf16, ring steps that store the fp32 state take the small two-stage
     tiles up to 16k tokens; a step that writes the output keeps the tiles tuned for it."""
+
     def tiles(s, last):
-        c = tf._default_fwd_config(128, torch.bfloat16, s, s, last)
+        c = configs.default_fwd_config(128, torch.bfloat16, s, s, last)
         return c.block_m, c.block_n, c.num_warps, c.num_stages
 
     assert [tiles(s, False) for s in (4096, 8192, 16384)] == [(128, 64, 4, 2)] * 3
     assert tiles(32768, False) == tiles(32768, True) == (256, 64, 8, 3)
     assert tiles(8192, True) == (128, 128, 8, 3)
-    assert tf._default_fwd_config(64, torch.bfloat16, 8192, 8192, False).block_n == 128
+    assert configs.default_fwd_config(64, torch.bfloat16, 8192, 8192, False).block_n == 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,8 +716,10 @@ def test_forward_tiles_by_step(tf):
 
 
 @interpreted_only
-@pytest.mark.parametrize("old_kind, dst_kind", [("state", "state"), ("first", "state"),
-                                                ("state", "answer"), ("first", "answer")])
+@pytest.mark.parametrize(
+    "old_kind, dst_kind",
+    [("state", "state"), ("first", "state"), ("state", "answer"), ("first", "answer")],
+)
 def test_merge_kernel(tf, old_kind, dst_kind):
     """The fused merge against the torch ops, reading the running output from the fp32 state or
     from a first block's output (half dtype, strided as cuDNN returns it) and writing the state or
@@ -641,11 +749,16 @@ def test_merge_kernel(tf, old_kind, dst_kind):
         tol = 1e-6 if dst_dtype == torch.float32 else 1e-3
         torch.testing.assert_close(got[:, :, rows], want[:, :, rows], rtol=tol, atol=tol)
         torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
-        assert got[:, :, :start].isnan().all() and got[:, :, start + n:].isnan().all()
+        assert got[:, :, :start].isnan().all() and got[:, :, start + n :].isnan().all()
         new = torch.logaddexp(lse[:, :, rows], blk_lse[:, :, :n])
-        formula = blk[:, :, :n] if is_first else (
-            old[:, :, rows].float() * torch.exp(lse[:, :, rows] - new)[..., None]
-            + blk[:, :, :n] * torch.exp(blk_lse[:, :, :n] - new)[..., None])
+        formula = (
+            blk[:, :, :n]
+            if is_first
+            else (
+                old[:, :, rows].float() * torch.exp(lse[:, :, rows] - new)[..., None]
+                + blk[:, :, :n] * torch.exp(blk_lse[:, :, :n] - new)[..., None]
+            )
+        )
         torch.testing.assert_close(want[:, :, rows].float(), formula, rtol=tol, atol=tol)
 
 
@@ -657,7 +770,7 @@ def test_engine_shares_state_with_triton_steps(tf, layout):
     the reference's answer."""
     from ringcompile.blocks import layout_block_pieces
     from ringcompile.kernels.engine import BlockEngine
-    from ringcompile.kernels.sdpa_blocks import CpuFlashBlocks
+    from ringcompile.kernels.registry import KERNELS, KernelPlan
 
     W, S, rank, B, H, Hkv, D = 4, 128, 1, 1, 4, 2, 16
     lay = make_layout(layout, S, W)
@@ -682,20 +795,39 @@ def test_engine_shares_state_with_triton_steps(tf, layout):
         dq = torch.zeros(q.shape)
         dkv = []
         for s, src in enumerate(srcs):
-            dk, dv = torch.full(ks[src].shape, float("nan")), torch.full(vs[src].shape, float("nan"))
-            spans = _own_block_parts(n) if s == 0 else [(0, n)]
+            dk, dv = (
+                torch.full(ks[src].shape, float("nan")),
+                torch.full(vs[src].shape, float("nan")),
+            )
+            spans = own_block_key_parts(n) if s == 0 else [(0, n)]
             for lo, hi in spans:
-                kernels.backward_step(q, ks[src][:, :, lo:hi], vs[src][:, :, lo:hi], dout, lse,
-                                      prepared, masks[s].keys(lo, hi), D**-0.5, dq,
-                                      dk[:, :, lo:hi], dv[:, :, lo:hi], dkv_fresh=True)
+                kernels.backward_step(
+                    q,
+                    ks[src][:, :, lo:hi],
+                    vs[src][:, :, lo:hi],
+                    dout,
+                    lse,
+                    prepared,
+                    masks[s].keys(lo, hi),
+                    D**-0.5,
+                    dq,
+                    dk[:, :, lo:hi],
+                    dv[:, :, lo:hi],
+                    dkv_fresh=True,
+                )
             dkv += [dk, dv]
         return [out, lse, dq, *dkv]
 
+    # plain pieces on the CPU's fused kernel, masked blocks on Triton with small tiles
+    specs = {spec.name: spec for spec in KERNELS}
+    small = replace(
+        specs["triton"],
+        make=lambda: tf.TritonKernels(tf.FwdConfig(16, 16, 4, 1), tf.BwdConfig(16, 16, 4, 1)),
+    )
+    engine = BlockEngine(KernelPlan((specs["flash (CPU)"], small)))
     want = run(ReferenceKernels(), set())
     for plain_steps in ({0, 2}, {1, 3}, {0, 1, 2, 3}):
-        got = run(BlockEngine(CpuFlashBlocks(), tf.TritonKernels(tf.FwdConfig(16, 16, 4, 1),
-                                                                 tf.BwdConfig(16, 16, 4, 1))),
-                  plain_steps)  # fmt: skip
+        got = run(engine, plain_steps)
         for i, (a, b) in enumerate(zip(got, want)):
             assert not a.isnan().any(), (plain_steps, i)
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4, msg=f"{plain_steps} {i}")

@@ -18,7 +18,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import ringcompile
 from ringcompile import make_layout, ring_attention
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
-from ringcompile.ring_op import _own_block_parts, comm_stats, reset_comm_stats
+from ringcompile.ring import count_ring_events
+from ringcompile.ring.backward import own_block_key_parts
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
 MASKS = ["full", "causal", "window", "chunk", "documents", "padding", "dense", "dense_additive"]
@@ -133,8 +134,9 @@ def _shard_kwargs(kw, layout, rank):
     return local
 
 
-def check_against_sdpa(rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None,
-                       kernels=None):
+def check_against_sdpa(
+    rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None, kernels=None
+):
     """Returns this rank's relative errors (out, dq, dk, dv) against SDPA on the full sequence."""
     B, D = 2, 8
     q, k, v, w, kw, allowed = _problem(seed, B, H, Hkv, S, D, mask_kind)
@@ -147,8 +149,14 @@ def check_against_sdpa(rank, world, layout_name, mask_kind, H, Hkv, S, seed, gro
     local = [layout.shard(t, 2, ring_rank) for t in (q, k, v)]
     for t in local:
         t.requires_grad_()
-    out = ring_attention(*local, enable_gqa=H != Hkv, group=group, layout=layout, kernels=kernels,
-                         **_shard_kwargs(kw, layout, ring_rank))
+    out = ring_attention(
+        *local,
+        enable_gqa=H != Hkv,
+        group=group,
+        layout=layout,
+        kernels=kernels,
+        **_shard_kwargs(kw, layout, ring_rank),
+    )
     (out * layout.shard(w, 2, ring_rank)).sum().backward()
     got = [out.detach()] + [t.grad for t in local]
     want = [layout.shard(t, 2, ring_rank) for t in ref]
@@ -170,8 +178,9 @@ def test_matches_sdpa(gloo, world, layout_name, mask_kind, heads):
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("mask_kind", ["full", "causal", "window_bidirectional",
-                                       "chunk_bidirectional", "padding"])
+@pytest.mark.parametrize(
+    "mask_kind", ["full", "causal", "window_bidirectional", "chunk_bidirectional", "padding"]
+)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 def test_uneven_length_is_padded_exactly(gloo, world, layout_name, mask_kind):
     S = 21  # no W here divides it evenly into 2W chunks
@@ -194,15 +203,51 @@ def test_reference_kernels_for_plain_blocks(gloo, world, layout_name, S):
 
 
 def test_kernel_choices():
-    from ringcompile.kernels import BlockEngine, ReferenceKernels, select_kernels
+    from ringcompile.kernels import plan_kernels
 
     q = torch.zeros(1, 2, 4, 8, dtype=torch.float64)
-    engine = select_kernels(q, "auto")
-    assert isinstance(engine, BlockEngine) and engine.plain.name == "flash (CPU)"
-    assert isinstance(select_kernels(q, "reference"), ReferenceKernels)
-    assert isinstance(select_kernels(q, "triton"), ReferenceKernels)  # no Triton on the CPU
+    assert plan_kernels(q.device, q.dtype, 8).names() == {"plain": "flash (CPU)",
+                                                          "masked": "reference"}  # fmt: skip
+    assert plan_kernels(q.device, q.dtype, 8, "reference").names() == {"plain": "reference",
+                                                                       "masked": "reference"}  # fmt: skip
+    # no Triton on the CPU: the kernels that merge take its place
+    assert set(plan_kernels(q.device, q.dtype, 8, "triton").names().values()) == {"reference"}
     with pytest.raises(ValueError, match=r"kernels='cudnn' is not one of \['auto', 'triton'"):
         ring_attention(q, q, q, kernels="cudnn")
+
+
+def test_a_registered_kernel_computes_its_kind_of_block_and_explain_names_it(monkeypatch):
+    """Adding a kernel is its class and one ``KernelSpec``: placed first, it computes the plain
+    blocks it declares it takes, and the step plan ``explain`` prints names it."""
+    from ringcompile.kernels import ReferenceKernels, registry
+    from ringcompile.ring import describe_steps
+
+    seen = []
+
+    class CountingKernels(ReferenceKernels):
+        def forward_step(self, state, q, k, v, mask, scale, last):
+            seen.append(mask.pieces)
+            super().forward_step(state, q, k, v, mask, scale, last)
+
+    spec = registry.KernelSpec("counting", frozenset({"plain"}), frozenset({"cpu"}),
+                               frozenset({torch.float64}), 64, True, CountingKernels)  # fmt: skip
+    monkeypatch.setattr(registry, "KERNELS", (spec,) + registry.KERNELS)
+    q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(
+        ring_attention(q, k, v, is_causal=True),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    )
+    assert len(seen) == 1 and seen[0] is not None  # the one plain block
+    seen.clear()
+    ring_attention(q, k, v, window=(2, 0))  # masked: not its kind
+    assert not seen
+    plan = registry.plan_kernels(q.device, q.dtype, 4)
+    assert plan.names() == {"plain": "counting", "masked": "reference"}
+    lines = describe_steps(
+        make_layout("striped", 8, 1), 0, AttentionMask(PositionRules(True)), plan
+    )
+    assert lines == ["step 0 (own block): causal diagonal -> counting"]
+    assert registry.plan_kernels(q.device, q.dtype, 128).names()["plain"] == "flash (CPU)"
 
 
 def test_kernel_choice_from_environment(monkeypatch):
@@ -211,8 +256,10 @@ def test_kernel_choice_from_environment(monkeypatch):
     with pytest.raises(ValueError, match="RINGCOMPILE_KERNELS='fastest'"):
         ring_attention(q, q, q)
     monkeypatch.setenv("RINGCOMPILE_KERNELS", "reference")
-    torch.testing.assert_close(ring_attention(q, q, q, is_causal=True),
-                               F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    torch.testing.assert_close(
+        ring_attention(q, q, q, is_causal=True),
+        F.scaled_dot_product_attention(q, q, q, is_causal=True),
+    )
 
 
 @pytest.mark.parametrize("mask_kind", ["full", "causal"])
@@ -226,9 +273,9 @@ def test_rank_holding_only_padding(gloo, mask_kind):
 
 
 def check_idle_padding(rank, world, mask_kind):
-    reset_comm_stats()
-    errs = check_against_sdpa(rank, world, "zigzag", mask_kind, 4, 2, 21, 3)
-    return errs, comm_stats.idle_padding_dropped
+    with count_ring_events() as counts:
+        errs = check_against_sdpa(rank, world, "zigzag", mask_kind, 4, 2, 21, 3)
+    return errs, counts.idle_padding_dropped
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -249,10 +296,14 @@ def check_ring_smaller_than_world(rank, world, layout_name):
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "cp"))
     dp = mesh.get_local_rank("dp")
     # each ring holds a different batch: the seed differs between the dp rows
-    errs = check_against_sdpa(rank, world, layout_name, "causal", 8, 2, 24, 100 + dp,
-                              group=mesh.get_group("cp"))
-    via_mesh = ring_attention(*(torch.ones(1, 2, 12, 4, dtype=torch.float64) for _ in range(3)),
-                              group=(mesh, "cp"), layout=layout_name)
+    errs = check_against_sdpa(
+        rank, world, layout_name, "causal", 8, 2, 24, 100 + dp, group=mesh.get_group("cp")
+    )
+    via_mesh = ring_attention(
+        *(torch.ones(1, 2, 12, 4, dtype=torch.float64) for _ in range(3)),
+        group=(mesh, "cp"),
+        layout=layout_name,
+    )
     return dp, errs, via_mesh.shape
 
 
@@ -268,14 +319,16 @@ def test_ring_smaller_than_world(gloo, layout_name):
 def count_blocks(rank, world, layout_name, kw):
     S, D = 8 * world, 4
     layout = make_layout(layout_name, S, world)
-    q, k, v = (layout.shard(torch.randn(1, 2, S, D, dtype=torch.float64), 2, rank).requires_grad_()
-               for _ in range(3))
-    reset_comm_stats()
-    out = ring_attention(q, k, v, layout=layout, **kw)
-    fwd = (comm_stats.kv_blocks_sent, comm_stats.steps_computed, comm_stats.steps_skipped)
-    reset_comm_stats()
-    out.sum().backward()
-    bwd = (comm_stats.kv_blocks_sent, comm_stats.dkv_blocks_sent, comm_stats.steps_computed)
+    q, k, v = (
+        layout.shard(torch.randn(1, 2, S, D, dtype=torch.float64), 2, rank).requires_grad_()
+        for _ in range(3)
+    )
+    with count_ring_events() as counts:
+        out = ring_attention(q, k, v, layout=layout, **kw)
+    fwd = (counts.kv_blocks_sent, counts.steps_computed, counts.steps_skipped)
+    with count_ring_events() as counts:
+        out.sum().backward()
+    bwd = (counts.kv_blocks_sent, counts.dkv_blocks_sent, counts.steps_computed)
     return fwd, bwd
 
 
@@ -373,8 +426,14 @@ def test_single_process_is_plain_attention():
 def test_bad_input_errors(kwargs, error, words):
     kwargs = dict(kwargs)
     hk = kwargs.pop("k_heads", 4)
-    k = torch.randn(2, hk, 10, 8, dtype=kwargs.pop("k_dtype", torch.float64),
-                    device=kwargs.pop("k_device", "cpu"))
+    k = torch.randn(
+        2,
+        hk,
+        10,
+        8,
+        dtype=kwargs.pop("k_dtype", torch.float64),
+        device=kwargs.pop("k_device", "cpu"),
+    )
     q = torch.randn(2, 4, 10, 8, dtype=torch.float64)
     with pytest.raises(error, match=words):
         ring_attention(q, k, k, enable_gqa=kwargs.pop("enable_gqa", hk == 3), **kwargs)
@@ -416,25 +475,25 @@ def test_block_mask_keys_is_the_column_slice():
 
 
 def test_own_block_parts_cover_the_keys_later_half_first():
-    assert _own_block_parts(8192) == [(4096, 8192), (0, 4096)]
-    assert _own_block_parts(300) == [(128, 300), (0, 128)]  # split on a 128-key tile
-    assert _own_block_parts(9) == [(4, 9), (0, 4)]
-    assert _own_block_parts(1) == [(0, 1)]
+    assert own_block_key_parts(8192) == [(4096, 8192), (0, 4096)]
+    assert own_block_key_parts(300) == [(128, 300), (0, 128)]  # split on a 128-key tile
+    assert own_block_key_parts(9) == [(4, 9), (0, 4)]
+    assert own_block_key_parts(1) == [(0, 1)]
 
 
-def _call(layout_name, S, world, causal=True, window=None, facts=None):
-    from ringcompile.ring_op import _Call, step_plan
+def _call(layout_name, S, world, causal=True, window=None, documents=False):
+    from ringcompile.ring import LocalRing, RankCall
 
     layout = make_layout(layout_name, S, world)
-    # with facts, the mask has token facts (only their presence matters here)
-    mask = AttentionMask(PositionRules.of(causal, window),
-                         document_ids=None if facts is None else facts[0])
-    return _Call(ring=None, layout=layout, plan=step_plan(layout, mask.rules), rank=0, seq_len=S,
-                 mask=mask, dense_offset=None, facts=facts, key_bias=None, kernels="auto")  # fmt: skip
+    q = torch.zeros(1, 2, layout.local_len, 4)
+    docs = torch.zeros(1, layout.local_len, dtype=torch.int64) if documents else None
+    mask = AttentionMask(PositionRules.of(causal, window), document_ids=docs)
+    return RankCall.on(LocalRing(0, world), q, mask, layout, "auto")
 
 
 def test_first_dkv_hop_travels_in_the_inputs_dtype_where_it_holds_one_contribution():
     from ringcompile.blocks import Piece
+    from ringcompile.ring.plan import Step, first_hop_dtype
 
     bf16, f32 = torch.bfloat16, torch.float32
     for layout_name in LAYOUTS:  # every remote block of a causal ring is one plain piece or empty
@@ -443,17 +502,15 @@ def test_first_dkv_hop_travels_in_the_inputs_dtype_where_it_holds_one_contributi
         assert call.first_hop_dtype(1, False, bf16, f32) == f32  # masked kernels' accumulators
         assert call.first_hop_dtype(1, True, f32, f32) == f32
     # contiguous: rank 0's step 1 (rank 3's keys, all in its future) is skipped: zeros
-    assert not _call("contiguous", 64, 4).plan.compute[0][1]
+    assert not _call("contiguous", 64, 4).steps[1].computed
     # per-element rules: the block goes to the masked kernels
     assert _call("zigzag", 64, 4, window=(5, 0)).first_hop_dtype(1, True, bf16, f32) == f32
-    facts = torch.zeros(2, 1, 16, dtype=torch.int64)
-    assert _call("zigzag", 64, 4, facts=facts).first_hop_dtype(1, True, bf16, f32) == f32
+    assert _call("zigzag", 64, 4, documents=True).first_hop_dtype(1, True, bf16, f32) == f32
     # pieces that share keys would add two rounded values in the half dtype
-    call = _call("zigzag", 64, 4)
-    call.block_pieces = lambda rank, src: (Piece(0, 8, 0, 16, False), Piece(8, 16, 8, 16, False))
-    assert call.first_hop_dtype(1, True, bf16, f32) == f32
-    call.block_pieces = lambda rank, src: (Piece(0, 8, 8, 16, False), Piece(8, 16, 0, 8, False))
-    assert call.first_hop_dtype(1, True, bf16, f32) == bf16
+    shared = (Piece(0, 8, 0, 16, False), Piece(8, 16, 8, 16, False))
+    assert first_hop_dtype(Step(1, 0, True, shared), True, bf16, f32) == f32
+    apart = (Piece(0, 8, 8, 16, False), Piece(8, 16, 0, 8, False))
+    assert first_hop_dtype(Step(1, 0, True, apart), True, bf16, f32) == bf16
 
 
 def half_precision_errors(rank, world, layout_name, dtype):
@@ -474,7 +531,9 @@ def half_precision_errors(rank, world, layout_name, dtype):
         return _rel(a.double(), layout.shard(b, 2, rank))
 
     return [rel(a, b) for a, b in zip(got, want)], [
-        _rel(layout.shard(a, 2, rank).double(), layout.shard(b, 2, rank)) for a, b in zip(sdpa, want)]
+        _rel(layout.shard(a, 2, rank).double(), layout.shard(b, 2, rank))
+        for a, b in zip(sdpa, want)
+    ]
 
 
 @pytest.mark.parametrize("world", [2, 4])

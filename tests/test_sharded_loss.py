@@ -30,8 +30,9 @@ class WithLoss(torch.nn.Module):
         if self.kind in ("mean", "sum"):
             # transformers' causal-LM loss: labels shifted on the full tensor, rows = the sequence
             shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
-            return F.cross_entropy(logits.view(-1, V), shifted.view(-1), ignore_index=-100,
-                                   reduction=self.kind)
+            return F.cross_entropy(
+                logits.view(-1, V), shifted.view(-1), ignore_index=-100, reduction=self.kind
+            )
         if self.kind == "mean_all":
             return logits.mean()
         return (logits * logits).sum(1).sum()  # the sequence dim, then the rest (a full value)
@@ -59,9 +60,14 @@ def compare(rank, world, kind, S, layout, batch=1):
     return errs, reports
 
 
-CASES = [("mean", 2, 16, "zigzag", 1), ("sum", 3, 17, "striped", 1), ("mean", 4, 18, "zigzag", 1),
-         ("mean", 3, 17, "zigzag", 2), ("mean_all", 3, 16, "zigzag", 1),
-         ("sum_seq", 2, 15, "striped", 1)]
+CASES = [
+    ("mean", 2, 16, "zigzag", 1),
+    ("sum", 3, 17, "striped", 1),
+    ("mean", 4, 18, "zigzag", 1),
+    ("mean", 3, 17, "zigzag", 2),
+    ("mean_all", 3, 16, "zigzag", 1),
+    ("sum_seq", 2, 15, "striped", 1),
+]
 
 
 @pytest.mark.parametrize("kind, world, S, layout, batch", CASES)
@@ -79,11 +85,14 @@ def test_report_and_graph(gloo):
     (_, (graph,)), _ = gloo(2).run(compare, "mean", 16, "zigzag")
     (line,) = graph.reductions
     assert line.startswith("cross_entropy (cross_entropy (mean)) at ") and line.endswith(
-        ": each rank's rows of view_4 (dim 0), summed over the ring"), line
+        ": each rank's rows of view_4 (dim 0), summed over the ring"
+    ), line
     # the loss reads the local logits and the full shifted labels; nothing is gathered
     code = [x.strip() for x in graph.code.splitlines()]
-    tail = code[next(i for i, x in enumerate(code) if x.startswith("logits = ")):]
-    assert_expected_inline("\n".join(tail), """\
+    tail = code[next(i for i, x in enumerate(code) if x.startswith("logits = ")) :]
+    assert_expected_inline(
+        "\n".join(tail),
+        """\
 logits = torch._C._nn.linear(rms_norm_4, sum_grad_over_ring_20, None)
 pad = torch._C._nn.pad(l_labels_, (0, 1), 'constant', -100)
 getitem_14 = pad[(Ellipsis, slice(1, None, None))]
@@ -92,7 +101,8 @@ view_4 = logits.view(-1, 64)
 view_5 = shifted.view(-1)
 cross_entropy = ring_cross_entropy(view_4, view_5, ignore_index = -100, reduction = 'mean')
 scale_grad = scale_grad(cross_entropy, 0.5)
-return (scale_grad,)""")
+return (scale_grad,)""",
+    )
 
 
 def labels_differ(rank, world):

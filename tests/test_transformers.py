@@ -14,8 +14,8 @@ import re
 import pytest
 import torch
 import torch._dynamo
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from expecttest import assert_expected_inline
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringcompile.backend import _compile, ring_backend
 from ringcompile.report import readable_code
@@ -48,7 +48,9 @@ def _model(arch: str):
             attention_dropout=0.0, attn_implementation="sdpa")  # fmt: skip
         torch.manual_seed(0)
         model = transformers.OPTForCausalLM(config).double()
-        model.loss_type = "ForCausalLM"  # unset, transformers logs a warning, which breaks the graph
+        model.loss_type = (
+            "ForCausalLM"  # unset, transformers logs a warning, which breaks the graph
+        )
         return model
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -57,12 +59,21 @@ def _model(arch: str):
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     }[arch]
     # windows shorter than S, so they really cut; Qwen2 windows layer 1 only: two masks, one graph
-    extra = {"mistral": {"sliding_window": 5},
-             "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
-             }.get(arch, {})
-    config = config_cls(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        attn_implementation="sdpa", **extra)
+    extra = {
+        "mistral": {"sliding_window": 5},
+        "qwen2": {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1},
+    }.get(arch, {})
+    config = config_cls(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+        **extra,
+    )
     torch.manual_seed(0)
     return model_cls(config).double()
 
@@ -122,10 +133,13 @@ def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False):
         ref, ref_grads = step(model)
     reports = []
     out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
-    errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
-            "loss": _rel(out.loss.detach(), ref.loss.detach())}
-    errs.update({n: _rel(grads[n], g) if n in grads else float("inf")
-                 for n, g in ref_grads.items()})
+    errs = {
+        "logits": _rel(out.logits.detach(), ref.logits.detach()),
+        "loss": _rel(out.loss.detach(), ref.loss.detach()),
+    }
+    errs.update(
+        {n: _rel(grads[n], g) if n in grads else float("inf") for n, g in ref_grads.items()}
+    )
     return errs, reports
 
 
@@ -169,7 +183,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "arch, world, seq_len, mask, use_cache", CASES,
+    "arch, world, seq_len, mask, use_cache",
+    CASES,
     ids=[f"{a}-W{w}-S{s}-{m}-{'nocache' if c is False else 'cache'}" for a, w, s, m, c in CASES],
 )
 def test_matches_eager_and_lifts_masks(gloo, arch, world, seq_len, mask, use_cache):
@@ -211,8 +226,9 @@ def test_causal_without_mask(gloo, use_cache):
     # document ids transformers derives from positions it made itself (an arange) are one
     # document: no rule, so every ring block stays plain (for the fused kernels)
     assert not any("document_ids" in x for x in graph.lifted), graph.lifted
-    assert graph.steps and all("masked" not in line for _, _, lines in graph.steps
-                               for line in lines), graph.steps
+    assert graph.steps and all(
+        "masked" not in line for _, _, lines in graph.steps for line in lines
+    ), graph.steps
 
 
 def test_inputs_embeds_gradient(gloo):
@@ -277,7 +293,9 @@ def test_snapshot_mask_passes(gloo):
     the first gets causal + window + key padding facts for its mask, the second (that mask and an
     arbitrary one) keeps this rank's dense rows and the report says why."""
     text = gloo(2).run(mask_passes_before_after)[0]
-    assert_expected_inline(re.sub(r" at \S+:\d+", "", text), """\
+    assert_expected_inline(
+        re.sub(r" at \S+:\d+", "", text),
+        """\
 before:
 def forward(self, *inputs):  # 5 inputs
     b = torch.arange(2)
@@ -360,7 +378,8 @@ def forward(self, *inputs):  # 5 inputs
     and__2 = mask_1 & ring_shard
     scaled_dot_product_attention_1 = ring_attention(out, ring_shard_3, ring_shard_2, attn_mask = and__2, enable_gqa = True)
     ring_gather = ring_gather(scaled_dot_product_attention_1, 2)
-    return (ring_gather,)""")
+    return (ring_gather,)""",
+    )
 
 
 def _document_attention(q, k, v, docs):
@@ -377,8 +396,13 @@ def test_masks_recorded_as_dunder_methods_lift_too(fn):
     """torch 2.11's Dynamo records ``a == b``, ``a & b``, ``a <= b`` as ``call_method __eq__``
     and so on where 2.13 records ``operator.eq``: the same mask must give the same facts."""
     torch._dynamo.reset()
-    dunder = {operator.le: "__le__", operator.gt: "__gt__", operator.and_: "__and__",
-              operator.sub: "__sub__", operator.eq: "__eq__"}
+    dunder = {
+        operator.le: "__le__",
+        operator.gt: "__gt__",
+        operator.and_: "__and__",
+        operator.sub: "__sub__",
+        operator.eq: "__eq__",
+    }
     reports, rewritten = [], []
 
     def backend(gm, example_inputs):
@@ -395,8 +419,11 @@ def test_masks_recorded_as_dunder_methods_lift_too(fn):
         padding = torch.ones(2, 8, dtype=torch.bool)
         padding[0, -2:] = False
         k2, v2 = k[:, :2], v[:, :2]
-        f, args, facts = (_masked_attention, (q, k2, v2, padding, torch.ones(8, 8, dtype=torch.bool)),
-                          "causal, window (2, -1), key_padding_mask=l_padding_")
+        f, args, facts = (
+            _masked_attention,
+            (q, k2, v2, padding, torch.ones(8, 8, dtype=torch.bool)),
+            "causal, window (2, -1), key_padding_mask=l_padding_",
+        )
     else:
         docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 2, 2]])
         f, args, facts = _document_attention, (q, k, v, docs), "causal, document_ids=l_docs_"
@@ -417,8 +444,12 @@ def local_loss_matches(rank, world, layout):
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
 
     def loss_of(logits, labels):
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
-                                                 ignore_index=-100, reduction="sum") / ids.numel()
+        return (
+            torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+            / ids.numel()
+        )
 
     ref_logits = model(input_ids=ids, use_cache=False).logits
     ref = loss_of(ref_logits, labels)
@@ -427,15 +458,18 @@ def local_loss_matches(rank, world, layout):
     model.zero_grad()
 
     lay = make_layout(layout, S, world)
-    compiled = _compile(model, {"compiler": "aot_eager", "layout": layout,
-                                "gather_outputs": False}, {})
+    compiled = _compile(
+        model, {"compiler": "aot_eager", "layout": layout, "gather_outputs": False}, {}
+    )
     logits = compiled(input_ids=ids, use_cache=False).logits
     local = loss_of(logits, lay.shard(labels, 1, rank))
     local.backward()
     total = local.detach().clone()
     torch.distributed.all_reduce(total)
-    errs = {"logits": _rel(logits.detach(), lay.shard(ref_logits.detach(), 1, rank)),
-            "loss": _rel(total, ref.detach())}
+    errs = {
+        "logits": _rel(logits.detach(), lay.shard(ref_logits.detach(), 1, rank)),
+        "loss": _rel(total, ref.detach()),
+    }
     errs.update({n: _rel(p.grad, ref_grads[n]) for n, p in model.named_parameters()})
     return errs, []
 
@@ -470,8 +504,14 @@ def labels_loss_stays_sharded(rank, world, arch, seq_len, packed, num_items, gat
 
     ref, ref_grads = step(model)
     reports = []
-    loss, grads = step(_compile(model, {"compiler": "aot_eager", "layout": "zigzag",
-                                        "gather_outputs": gather_outputs}, {}, reports))
+    loss, grads = step(
+        _compile(
+            model,
+            {"compiler": "aot_eager", "layout": "zigzag", "gather_outputs": gather_outputs},
+            {},
+            reports,
+        )
+    )
     errs = {"loss": _rel(loss, ref)}
     errs.update({n: _rel(grads[n], g) for n, g in ref_grads.items()})
     return errs, reports
@@ -479,12 +519,17 @@ def labels_loss_stays_sharded(rank, world, arch, seq_len, packed, num_items, gat
 
 @pytest.mark.parametrize(
     "arch, world, seq_len, packed, num_items, gather_outputs",
-    [("llama", 2, 16, False, False, True), ("llama", 4, 17, True, False, False),
-     ("qwen2", 2, 15, False, True, False), ("mistral", 4, 16, True, True, True)],
+    [
+        ("llama", 2, 16, False, False, True),
+        ("llama", 4, 17, True, False, False),
+        ("qwen2", 2, 15, False, True, False),
+        ("mistral", 4, 16, True, True, True),
+    ],
 )
 def test_labels_loss_stays_sharded(gloo, arch, world, seq_len, packed, num_items, gather_outputs):
-    results = gloo(world).run(labels_loss_stays_sharded, arch, seq_len, packed, num_items,
-                              gather_outputs)
+    results = gloo(world).run(
+        labels_loss_stays_sharded, arch, seq_len, packed, num_items, gather_outputs
+    )
     _assert_exact(results)
     (graph,) = results[0][1]
     # the loss reads each rank's rows of the logits; only the returned logits are gathered
@@ -526,8 +571,14 @@ def encoder_with_padding(rank, world, arch):
     padding; ModernBERT's local layers add ``|q - kv| <= w``. Errors against eager and reports."""
     torch._dynamo.reset()
     torch.manual_seed(0)  # the same weights on every rank
-    common = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=64, attn_implementation="sdpa")
+    common = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     if arch == "bert":
         model = transformers.BertModel(transformers.BertConfig(num_hidden_layers=2, **common))
     else:  # layers 0 and 3 global, 1 and 2 local windows of |q - kv| <= 2
@@ -592,8 +643,10 @@ def _labels_step_errors(model, compiler: str, left_padding: int = 0):
     ref, ref_grads = step(model)
     reports = []
     out, grads = step(_compile(model, {"compiler": compiler}, {}, reports))
-    errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
-            "loss": _rel(out.loss.detach(), ref.loss.detach())}
+    errs = {
+        "logits": _rel(out.logits.detach(), ref.logits.detach()),
+        "loss": _rel(out.loss.detach(), ref.loss.detach()),
+    }
     errs.update({n: _rel(grads[n], g) if n in grads else float("inf")
                  for n, g in ref_grads.items()})  # fmt: skip
     return errs, reports
@@ -651,8 +704,16 @@ def gpt2_rows(rank, world, batch):
     """GPT-2 (its Conv1D layers: ``addmm`` on rows flattened from (batch, S, D)): errors against
     eager and the report."""
     torch._dynamo.reset()
-    config = transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                     attn_implementation="sdpa", bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=V,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        attn_implementation="sdpa",
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).double().eval()  # eval: its attention dropout
     model.loss_type = "ForCausalLM"  # unset, transformers logs a warning, which breaks the graph
@@ -668,8 +729,10 @@ def gpt2_rows(rank, world, batch):
     ref, ref_grads = step(model)
     reports = []
     out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
-    errs = {"logits": _rel(out.logits.detach(), ref.logits.detach()),
-            "loss": _rel(out.loss.detach(), ref.loss.detach())}
+    errs = {
+        "logits": _rel(out.logits.detach(), ref.logits.detach()),
+        "loss": _rel(out.loss.detach(), ref.loss.detach()),
+    }
     errs.update({n: _rel(grads[n], g) for n, g in ref_grads.items()})
     return errs, reports
 
@@ -707,7 +770,9 @@ def test_alibi_lifts_as_a_key_bias(gloo, padding):
     kv = [x for x in graph.lifted if x not in masks]
     assert all("repeat_kv; 1 KV heads travel" in x for x in kv), graph.lifted
     assert graph.fallbacks == [] and graph.gathers == ["lm_logits (dim 1): graph output"], (
-        graph.fallbacks, graph.gathers)
+        graph.fallbacks,
+        graph.gathers,
+    )
 
 
 def test_opt_mlp_rows_stay_sharded(gloo):
@@ -757,15 +822,32 @@ def moe_labels_step(rank, world, arch):
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    shape = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")
+    shape = dict(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     if arch == "mixtral":
-        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-            intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **shape))
+        model = transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(
+                intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **shape
+            )
+        )
     else:
-        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            intermediate_size=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-            head_dim=8, **shape))
+        model = transformers.Qwen3MoeForCausalLM(
+            transformers.Qwen3MoeConfig(
+                intermediate_size=64,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                head_dim=8,
+                **shape,
+            )
+        )
     usable = moe._can_use_grouped_mm
     moe._can_use_grouped_mm = lambda *args, **kwargs: False
     try:
@@ -806,7 +888,9 @@ def moe_compiles(rank, world):
         return torch._dynamo.backends.registry.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    torch.compile(model, backend=counting)(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    torch.compile(model, backend=counting)(
+        input_ids=ids, labels=ids, use_cache=False
+    ).loss.backward()
     torch._dynamo.reset()
     reports = []
     ref = model(input_ids=ids, labels=ids, use_cache=False)
@@ -837,8 +921,15 @@ def latent_attention(rank, world, arch, experts, left_padding):
                  num_attention_heads=4, num_key_value_heads=4, q_lora_rank=8, kv_lora_rank=8,
                  qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=4, max_position_embeddings=64,
                  attn_implementation="sdpa")  # fmt: skip
-    moe_shape = dict(moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                     n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1)
+    moe_shape = dict(
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+    )
     config_cls, model_cls = {
         "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
         "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),

@@ -59,7 +59,9 @@ def test_latent_attention_in_bfloat16_is_as_near_float32_as_eager():
     torch._dynamo.reset()
     ours = _errors(_grads(model, torch.compile(model, backend="ring"), kw), truth)
     median = len(ours) // 2
-    print(f"median / largest gradient error: ours {ours[median]:.3e} / {ours[-1]:.3e}, "
-          f"eager {eager[median]:.3e} / {eager[-1]:.3e}")
+    print(
+        f"median / largest gradient error: ours {ours[median]:.3e} / {ours[-1]:.3e}, "
+        f"eager {eager[median]:.3e} / {eager[-1]:.3e}"
+    )
     assert len(ours) == len(eager) == len(truth)
     assert ours[median] <= 1.5 * eager[median] and ours[-1] <= 1.5 * eager[-1]

@@ -170,9 +170,13 @@ def compiled_decode(rank, world):
     gathers = (functional.all_gather_into_tensor, functional.all_gather_into_tensor.default)
     waits = (functional.wait_tensor, functional.wait_tensor.default)
     collectives = [
-        ["all_gather" if n.target in gathers else str(n.target) for n in gm.graph.nodes
-         if n.op == "call_function" and str(n.target).startswith("_c10d_functional.")
-         and n.target not in waits]
+        [
+            "all_gather" if n.target in gathers else str(n.target)
+            for n in gm.graph.nodes
+            if n.op == "call_function"
+            and str(n.target).startswith("_c10d_functional.")
+            and n.target not in waits
+        ]
         for gm in graphs
     ]
     return collectives, errs
@@ -212,22 +216,38 @@ def test_float32_partials_merge_in_float32():
         ({"key_padding_mask": torch.ones(2, 10)}, TypeError, "bool"),
         ({"key_padding_mask": torch.ones(2, 9, dtype=torch.bool)}, ValueError, r"\(2, 10\)"),
         ({"is_causal": True, "k_positions": torch.arange(10)}, ValueError, "needs q_positions"),
-        ({"q_positions": torch.arange(1), "k_positions": torch.arange(10)}, ValueError,
-         "is_causal=True"),
-        ({"is_causal": True, "q_positions": torch.zeros(1), "k_positions": torch.arange(10)},
-         TypeError, "integers"),
-        ({"is_causal": True, "q_positions": torch.arange(1), "k_positions": torch.arange(9)},
-         ValueError, r"\(10,\) or \(2, 10\)"),
+        (
+            {"q_positions": torch.arange(1), "k_positions": torch.arange(10)},
+            ValueError,
+            "is_causal=True",
+        ),
+        (
+            {"is_causal": True, "q_positions": torch.zeros(1), "k_positions": torch.arange(10)},
+            TypeError,
+            "integers",
+        ),
+        (
+            {"is_causal": True, "q_positions": torch.arange(1), "k_positions": torch.arange(9)},
+            ValueError,
+            r"\(10,\) or \(2, 10\)",
+        ),
         ({"requires_grad": True}, RuntimeError, "torch.no_grad"),
     ],
 )
 def test_bad_input_errors(kwargs, error, words):
     kwargs = dict(kwargs)
     hk = kwargs.pop("k_heads", 4)
-    k = torch.randn(2, hk, 10, 8, dtype=kwargs.pop("k_dtype", torch.float64),
-                    device=kwargs.pop("k_device", "cpu"))
-    q = torch.randn(2, 4, 1, 8, dtype=torch.float64,
-                    requires_grad=kwargs.pop("requires_grad", False))
+    k = torch.randn(
+        2,
+        hk,
+        10,
+        8,
+        dtype=kwargs.pop("k_dtype", torch.float64),
+        device=kwargs.pop("k_device", "cpu"),
+    )
+    q = torch.randn(
+        2, 4, 1, 8, dtype=torch.float64, requires_grad=kwargs.pop("requires_grad", False)
+    )
     with pytest.raises(error, match=words):
         tree_attn_decode(q, k, k, **kwargs)
 
@@ -242,14 +262,18 @@ def test_cuda_half_shard_uses_flash_partial_as_accurately_as_sdpa(dtype):
 
     g = torch.Generator(device="cuda").manual_seed(0)
     B, H, Hkv, T, D, S = 2, 32, 8, 1, 128, 4096
-    q, k, v = (torch.randn(B, h, s, D, device="cuda", generator=g).to(dtype)
-               for h, s in ((H, T), (Hkv, S), (Hkv, S)))
+    q, k, v = (
+        torch.randn(B, h, s, D, device="cuda", generator=g).to(dtype)
+        for h, s in ((H, T), (Hkv, S), (Hkv, S))
+    )
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
     sdpa = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert _flash_ok(q, k, v, None, False)
     with torch.no_grad():
-        parts = [_local_partial(q, k[:, :, i::2], v[:, :, i::2], D ** -0.5, None, None, None,
-                                False) for i in range(2)]
+        parts = [
+            _local_partial(q, k[:, :, i::2], v[:, :, i::2], D**-0.5, None, None, None, False)
+            for i in range(2)
+        ]
         out = _merge(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
         alone = tree_attn_decode(q, k, v, enable_gqa=True)
     err, base = _rel(out.double(), ref), _rel(sdpa.double(), ref)

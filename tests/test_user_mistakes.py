@@ -21,7 +21,7 @@ from ringcompile import RingInputMismatchError, RingWarning, ring_attention
 from ringcompile.testing_models import TinyTransformer
 
 
-def given_inputs(rank, world, cases):
+def given_inputs(rank, world, cases, dynamic=False):
     """For each (check_inputs, calls): each call's outcome on this rank, "ok" or the mismatch
     error's message. A call gives every rank the same tokens ("same"), each rank its own
     ("own"), the same but on rank 1 ("odd"), or a longer sequence on rank 1 ("longer")."""
@@ -30,8 +30,12 @@ def given_inputs(rank, world, cases):
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = TinyTransformer(layers=1).double()
-        compiled = torch.compile(model, backend="ring", dynamic=False,
-                                 options={"compiler": "eager", "check_inputs": mode})
+        compiled = torch.compile(
+            model,
+            backend="ring",
+            dynamic=dynamic,
+            options={"compiler": "eager", "check_inputs": mode},
+        )
         outcome = []
         for i, kind in enumerate(calls):
             seed = 10 * i + (rank if kind == "own" else int(kind == "odd" and rank == 1))
@@ -46,8 +50,10 @@ def given_inputs(rank, world, cases):
     return outcomes
 
 
-FIX = ("every rank of the ring must be given the same full inputs: feed every rank of the ring "
-       "the same batch")
+FIX = (
+    "every rank of the ring must be given the same full inputs: feed every rank of the ring "
+    "the same batch"
+)
 
 
 def test_ranks_given_different_inputs_raise_on_every_rank(gloo):
@@ -58,11 +64,32 @@ def test_ranks_given_different_inputs_raise_on_every_rank(gloo):
     assert results[0] == results[1]  # the same message on every rank
     (own,), (longer,), unchecked = results[0]
     assert "were given different inputs (checked on the first call)" in own
-    assert "\n  - input tokens differs in its values: rank 0 holds one tensor, rank 1 another" in own
+    assert (
+        "\n  - input tokens differs in its values: rank 0 holds one tensor, rank 1 another" in own
+    )
     assert FIX in own and "never over the ring's ranks" in own
-    assert "input tokens differs in shape or dtype: rank 0 holds one tensor, rank 1 another" in (
-        longer)
+    assert (
+        "the ranks of the ring run different compiled graphs, so they would issue different "
+        "collectives: rank 0: tokens (2, 16); rank 1: tokens (2, 20)"
+    ) in longer
     assert unchecked == ["ok"]
+
+
+def test_a_length_that_changes_on_one_rank_later_raises_on_every_rank(gloo):
+    """Both ranks run a graph at 16 tokens; then rank 1 alone is given 20, compiles a new graph
+    and would run its first check while rank 0 reuses its checked graph and enters the ring (gloo
+    aborted, NCCL hangs). Every call starts with the same header, so every rank raises, naming the
+    input and each rank's shape; the next call with equal inputs runs again."""
+    for dynamic in (False, None):  # a static graph per length, or torch's symbolic recompile
+        results = gloo(2).run(given_inputs, [("first_call", ["same", "longer", "same"])], dynamic,
+                              timeout=180)  # fmt: skip
+        assert results[0] == results[1], results
+        ((first, longer, again),) = results[0]
+        assert first == again == "ok"
+        assert (
+            "run different compiled graphs, so they would issue different collectives: "
+            "rank 0: tokens (2, 16); rank 1: tokens (2, 20)"
+        ) in longer, longer
 
 
 def test_every_call_checks_every_call(gloo):
@@ -74,7 +101,8 @@ def test_every_call_checks_every_call(gloo):
     assert every_first == "ok"
     assert "(checked on every call)" in every_second
     assert "input tokens differs in its values: ranks 0, 2 hold one tensor, rank 1 another" in (
-        every_second)
+        every_second
+    )
     assert first_call == ["ok", "ok"]
 
 
@@ -106,8 +134,10 @@ def test_ranks_holding_different_weights_raise_on_every_rank(gloo):
         assert "hold different parameters or buffers (checked on the first call)" in message
         assert "the same torch.manual_seed before building it" in message
         if changed == "all":
-            assert ("\n  - parameter or buffer embed.weight differs in its values: rank 0 holds "
-                    "one tensor, rank 1 another") in message
+            assert (
+                "\n  - parameter or buffer embed.weight differs in its values: rank 0 holds "
+                "one tensor, rank 1 another"
+            ) in message
             assert re.search(r"and \d+ more", message), message
         else:
             assert message.count("differs") == 1, message
@@ -142,8 +172,11 @@ def test_torchrun_without_process_group_warns_once(monkeypatch):
     torch._dynamo.reset()
     model = TinyTransformer(layers=1).double()
     compiled = torch.compile(model, backend="ring", options={"compiler": "eager"})
-    with pytest.warns(RingWarning, match=r"WORLD_SIZE=2 .* not initialised.*"
-                                         r"init_process_group\(\) on every process"):
+    with pytest.warns(
+        RingWarning,
+        match=r"WORLD_SIZE=2 .* not initialised.*"
+        r"init_process_group\(\) on every process",
+    ):
         compiled(torch.randint(0, 64, (1, 8)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process: a new graph does not warn again
@@ -154,7 +187,8 @@ def test_torchrun_without_process_group_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one process launched alone: nothing to say
         torch.compile(model, backend="ring", options={"compiler": "eager"})(
-            torch.randint(0, 64, (1, 8)))
+            torch.randint(0, 64, (1, 8))
+        )
 
 
 class _AttentionByHand(torch.nn.Module):
@@ -183,8 +217,10 @@ def nothing_sharded(rank, world):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             report = ringcompile.explain(model, inp, options={"compiler": "eager"})
-        out[name] = ([str(w.message) for w in caught if issubclass(w.category, RingWarning)],
-                     str(report).splitlines()[1])
+        out[name] = (
+            [str(w.message) for w in caught if issubclass(w.category, RingWarning)],
+            str(report).splitlines()[1],
+        )
     return out
 
 
@@ -216,8 +252,9 @@ def run_program(rank, world, source):
 
     saved = dist.init_process_group, dist.destroy_process_group, torch.compile
     dist.init_process_group = dist.destroy_process_group = lambda *args, **kwargs: None
-    torch.compile = lambda *args, **kwargs: saved[2](*args, **kwargs,
-                                                     options={"compiler": "aot_eager"})
+    torch.compile = lambda *args, **kwargs: saved[2](
+        *args, **kwargs, options={"compiler": "aot_eager"}
+    )
     torch._dynamo.reset()
     out = io.StringIO()
     try:

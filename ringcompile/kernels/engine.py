@@ -1,11 +1,11 @@
-"""The block engine: the fastest kernel for each block of a ring step.
+"""The block engine: each block of a ring step on the kernel planned for its kind.
 
-A ring step's block says what it is (``BlockMask.pieces``, from ``ringcompile.blocks``). Plain
-pieces (full, or causal on a square) go to a fused SDPA kernel (``sdpa_blocks``: cuDNN on CUDA);
-masked blocks (windows, documents, padding, a dense mask) go to the masked kernels (Triton on
-CUDA, the reference elsewhere). Both write the one running state (``ForwardState``), so a call
-may mix them step by step: the masked kernels merge inside their epilogue, a plain piece's
-(out, lse) is merged by ``merge_block``. A first block's output stays in the inputs' dtype until
+A ring step's block says what it is (``BlockMask.pieces``, from ``ringcompile.blocks``), hence its
+kind (``registry.block_kind``), and the ``KernelPlan`` names the kernel of each kind. Plain pieces
+(full, or causal on a square) may go to a fused SDPA kernel (``sdpa_blocks``: cuDNN on CUDA) that
+returns each piece's (out, lse), merged here by ``merge_block``; the kernels that merge themselves
+(Triton, the reference) do it inside their epilogue. All write the one running state
+(``ForwardState``), so a call may mix them step by step. A first block's output stays in the inputs' dtype until
 the next merge reads it, and a last step whose pieces hold disjoint rows writes the answer in the
 inputs' dtype: at W = 2 one merge pass is all the forward adds to its two fused calls.
 
@@ -24,7 +24,7 @@ from ringcompile.blocks import disjoint
 from ringcompile.kernels.grad_sum import sums_over
 from ringcompile.kernels.interface import AttentionKernels, ForwardState
 from ringcompile.kernels.merge import merge_block
-from ringcompile.kernels.sdpa_blocks import PlainBlocks
+from ringcompile.kernels.registry import BLOCK_KINDS, KernelPlan, block_kind
 from ringcompile.masks import BlockMask
 
 __all__ = ["BlockEngine"]
@@ -56,23 +56,32 @@ def _materialize(state: ForwardState) -> None:
 
 
 class BlockEngine:
-    """:class:`AttentionKernels` that computes plain pieces with ``plain`` and masked blocks with
-    ``masked``."""
+    """:class:`AttentionKernels` that computes each block on its kind's kernel in ``plan``."""
 
-    def __init__(self, plain: PlainBlocks, masked: AttentionKernels):
-        self.plain = plain
-        self.masked = masked
+    def __init__(self, plan: KernelPlan):
+        self.plan = plan
+        made = {}  # one object per kernel, shared by the kinds it computes
+        self.kernels = {kind: made.setdefault(plan.spec(kind).name, plan.spec(kind).make())
+                        for kind in BLOCK_KINDS}  # fmt: skip
+        # the kernel that owns the state's form and the backward's delta
+        self.masked = self.kernels["masked"]
+        self.plain = self.kernels["plain"]
+
+    @property
+    def fused_plain(self) -> bool:
+        return self.plan.fused_plain
 
     def forward_init(self, q: torch.Tensor) -> ForwardState:
         return self.masked.forward_init(q)
 
     def forward_step(self, state: ForwardState, q, k, v, mask: BlockMask, scale: float,
                      last: bool) -> None:  # fmt: skip
-        pieces = mask.pieces
-        if pieces is None:
+        kind = block_kind(mask.pieces)
+        if self.plan.spec(kind).merges:
             _materialize(state)
-            self.masked.forward_step(state, q, k, v, mask, scale, last)
+            self.kernels[kind].forward_step(state, q, k, v, mask, scale, last)
             return
+        pieces = mask.pieces
         if not pieces:
             return
         Sq = q.shape[2]
@@ -140,11 +149,12 @@ class BlockEngine:
 
     def backward_step(self, q, k, v, dout, lse, prepared: _Prepared, mask: BlockMask,
                       scale: float, dq, dk, dv, dkv_fresh: bool = False) -> None:  # fmt: skip
-        pieces = mask.pieces
-        if pieces is None:
-            self.masked.backward_step(q, k, v, dout, lse, prepared.delta, mask, scale, dq, dk, dv,
-                                      dkv_fresh)  # fmt: skip
+        kind = block_kind(mask.pieces)
+        if self.plan.spec(kind).merges:
+            self.kernels[kind].backward_step(q, k, v, dout, lse, prepared.delta, mask, scale, dq,
+                                             dk, dv, dkv_fresh)  # fmt: skip
             return
+        pieces = mask.pieces
         # each piece's gradients go into the sums as the fused kernel returned them
         (dq, dk, dv), given = sums_over(dq, dk, dv, dkv_fresh)
         for p in pieces:

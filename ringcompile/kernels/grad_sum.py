@@ -3,8 +3,8 @@
 A fused SDPA kernel returns each block's dq, dk and dv as new tensors in the inputs' dtype. Added
 one by one into an fp32 accumulator they cost a zeroing pass, an fp32 read-modify-write per block
 and a conversion pass at the end, while at W = 2 no element of dq gets more than two
-contributions, which one pass can sum straight into the answer (measured: ~0.5 ms of an 8.5 ms
-ring call on H200s went to such passes).
+contributions, which one pass can sum straight into the answer (benchmarks/RESULTS.md measures
+what such passes cost a ring call).
 
 ``GradSum`` holds each contribution as it came, over its region of the gradient, and sums them
 only when it must: when a third contribution would meet two on one element (they are folded into
@@ -144,7 +144,9 @@ class GradSum:
 
     # -- inside --------------------------------------------------------------------------------
     def _items(self, cell: Box) -> list[torch.Tensor]:
-        items = [_view(self.acc, self.whole, cell)] if any(_inside(cell, b) for b in self.valid) else []
+        items = (
+            [_view(self.acc, self.whole, cell)] if any(_inside(cell, b) for b in self.valid) else []
+        )
         return items + [_view(t, b, cell) for b, t in self.held if _inside(cell, b)]
 
     def _boxes(self) -> list[Box]:

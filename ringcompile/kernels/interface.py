@@ -19,7 +19,9 @@ class ForwardState:
 
     q_shape: torch.Size
     lse: torch.Tensor  # (B, H, Sq) log-sum-exp of the keys seen so far, accumulation dtype
-    out: torch.Tensor | None = None  # (B, H, Sq, D) contiguous normalised output, accumulation dtype
+    out: torch.Tensor | None = (
+        None  # (B, H, Sq, D) contiguous normalised output, accumulation dtype
+    )
     final_out: torch.Tensor | None = None  # (B, H, Sq, D) in q's dtype, written by a last step
     steps: int = 0  # steps merged so far; with none, ``out`` and ``lse`` hold nothing yet
     # (B, H, Sq, D) in q's dtype, any strides: a first block's output as a fused kernel returned
@@ -57,7 +59,9 @@ class AttentionKernels(Protocol):
         ``forward_finish`` must then give out = 0, lse = -inf.
         """
 
-    def forward_finish(self, state: ForwardState, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_finish(
+        self, state: ForwardState, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, lse)``: out (B, H, Sq, D) contiguous in ``dtype``, lse (B, H, Sq)."""
 
     def backward_prepare(self, out: torch.Tensor, dout: torch.Tensor) -> Any:

@@ -6,9 +6,8 @@ ring's merge needs, take K/V with fewer heads than Q as they are (SDPA's GQA gro
 backward takes the output and log-sum-exp it is given, so the ring hands every step's backward the
 merged (global) output and lse, and gets that block's exact share of dq, dk and dv.
 
-The cuDNN kernels run at 1.3-1.5x our Triton kernels' speed on plain blocks (H200, bf16; see
-benchmarks/RESULTS.md); they return dq/dk/dv in the input dtype, which the ring adds into its fp32
-accumulators.
+The cuDNN kernels are faster than our Triton kernels on plain blocks (benchmarks/RESULTS.md); they
+return dq/dk/dv in the input dtype, which the ring adds into its fp32 accumulators.
 """
 
 from __future__ import annotations

@@ -21,12 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ringcompile.kernels.triton_flash import (
-    _LOG2E,
-    _masked_softmax_step,
-    _sm_count,
-    _softmax_result,
-)
+from ringcompile.kernels.triton.configs import _sm_count
+from ringcompile.kernels.triton.jit import _LOG2E, _masked_softmax_step, _softmax_result
 
 __all__ = ["decode_partial"]
 
@@ -111,8 +107,10 @@ def decode_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     rows = max(16, triton.next_power_of_2(G * T))
     dev = q.device
     if S == 0:
-        return (torch.zeros(B, H, T, D, dtype=torch.float32, device=dev),
-                torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=dev))
+        return (
+            torch.zeros(B, H, T, D, dtype=torch.float32, device=dev),
+            torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=dev),
+        )
     per, n_splits = _splits(S, B * Hkv, dev)
     out = torch.empty(B, Hkv, n_splits, rows, D, dtype=torch.float32, device=dev)
     lse = torch.empty(B, Hkv, n_splits, rows, dtype=torch.float32, device=dev)
@@ -144,5 +142,7 @@ def decode_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 @decode_partial.register_fake
 def _(q, k, v, scale, q_positions, k_positions, key_valid):
     B, H, T, D = q.shape
-    return (q.new_empty((B, H, T, D), dtype=torch.float32),
-            q.new_empty((B, H, T), dtype=torch.float32))
+    return (
+        q.new_empty((B, H, T, D), dtype=torch.float32),
+        q.new_empty((B, H, T), dtype=torch.float32),
+    )

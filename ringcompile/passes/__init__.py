@@ -26,12 +26,15 @@ what it expects and what it guarantees, with the graph before and after. They ru
 What passes share lives in helper modules, never in another pass (a test checks): ``context``
 (``RingContext``: the graph, the ring, what each pass found), ``dims`` (how dims pass through
 ops), ``aliases`` (which nodes share memory and which change it in place), ``fx_utils`` (SDPA
-calls, source lines), ``patterns`` (model idioms: ``repeat_kv``, the
+calls, source lines), ``idioms`` (model idioms: ``repeat_kv``, the
 sharded KV cache), ``mask_reader`` (a dense mask's graph read back as an ``AttentionMask``) and
-``outlined`` (an outlined region that computes each row alone).
+``rowwise_region`` (an outlined region that computes each row alone).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from ringcompile.passes import (
     decode_attention,
@@ -49,28 +52,49 @@ from ringcompile.passes import (
 )
 from ringcompile.passes.context import RingContext
 
-PASSES = [
-    normalize.run,
-    decode_attention.run,
-    find_attention.run,
-    unexpand_kv.run,
-    lift_masks.run,
-    outline_experts.run,
-    unflatten_rows.run,
-    plan_sequence.run,
-    shard_sequence.run,
-    shard_reductions.run,
-    swap_attention.run,
-    sync_gradients.run,
-]
 
-__all__ = ["PASSES", "RingContext", "run_passes"]
+@dataclass(frozen=True)
+class Pass:
+    """A pass and the passes whose results it reads (``run_passes`` checks they ran before it)."""
+
+    run: Callable[[RingContext], None]
+    reads: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.run.__module__.rsplit(".", 1)[-1]
 
 
-def run_passes(ctx: RingContext) -> None:
-    for p in PASSES:
-        p(ctx)
+PASSES = (
+    Pass(normalize.run),
+    Pass(decode_attention.run, reads=("normalize",)),
+    Pass(find_attention.run, reads=("normalize",)),
+    Pass(unexpand_kv.run, reads=("find_attention",)),
+    Pass(lift_masks.run, reads=("find_attention",)),
+    Pass(outline_experts.run, reads=("find_attention",)),
+    Pass(unflatten_rows.run, reads=("find_attention",)),
+    Pass(plan_sequence.run, reads=("find_attention", "unexpand_kv", "lift_masks")),
+    Pass(shard_sequence.run, reads=("plan_sequence",)),
+    Pass(shard_reductions.run, reads=("shard_sequence",)),
+    Pass(swap_attention.run, reads=("lift_masks", "shard_sequence")),
+    Pass(sync_gradients.run, reads=("shard_sequence", "shard_reductions")),
+)
+
+__all__ = ["PASSES", "Pass", "RingContext", "run_passes"]
+
+
+def run_passes(ctx: RingContext, passes: tuple[Pass, ...] = PASSES) -> None:
+    """Runs ``passes`` in order (a prefix of ``PASSES`` in tests of one pass), checking each
+    one's inputs were made and the graph is well formed after it."""
+    done: set[str] = set()
+    for p in passes:
+        missing = [r for r in p.reads if r not in done]
+        if missing:
+            raise RuntimeError(f"pass {p.name} reads the results of {missing}, which did not run "
+                               "before it")  # fmt: skip
+        p.run(ctx)
         ctx.gm.graph.lint()
+        done.add(p.name)
     ctx.gm.recompile()
     # gathers that only fed a lifted mask were removed with it: report the ones that run
     alive = set(ctx.gm.graph.nodes)

@@ -53,15 +53,19 @@ def _advanced(index) -> bool:
 def is_view(node: Node) -> bool:
     if node.op == "call_function":
         return node.target is operator.getitem and not (
-            is_tensor_node(node.args[0]) and _advanced(node.args[1]))
+            is_tensor_node(node.args[0]) and _advanced(node.args[1])
+        )
     if node.op != "call_method":
         return False
     if node.target in _VIEW_METHODS:
         return True
     if node.target in _CASTS and node.args:
         a, b = example(node.args[0]), example(node)
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                and (a.dtype, a.device) == (b.dtype, b.device))
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and (a.dtype, a.device) == (b.dtype, b.device)
+        )
     return False
 
 
@@ -77,16 +81,16 @@ def written_tensors(node: Node) -> list[Node]:
     as a tensor: only ``x += 1`` on a number is known to change none)."""
     if in_place_method(node):
         targets = [node.args[0]]
-    elif node.op == "call_function" and (node.target in IN_PLACE_OPERATORS
-                                         or node.target is operator.setitem):
+    elif node.op == "call_function" and (
+        node.target in IN_PLACE_OPERATORS or node.target is operator.setitem
+    ):
         targets = [node.args[0]]
     elif node.op == "call_function" and "out" in node.kwargs:
         out = node.kwargs["out"]
         targets = list(out) if isinstance(out, (tuple, list)) else [out]
     else:
         return []
-    return [t for t in targets if isinstance(t, Node)
-            and (is_tensor_node(t) or example(t) is None)]
+    return [t for t in targets if isinstance(t, Node) and (is_tensor_node(t) or example(t) is None)]
 
 
 class Writes:
@@ -106,6 +110,7 @@ class Writes:
         start, end = self._position.get(node), self._position.get(reader)
         if start is None or end is None:
             return None
-        seen = [w for w in self._by_root.get(self._root[node], ())
-                if start < self._position[w] < end]
+        seen = [
+            w for w in self._by_root.get(self._root[node], ()) if start < self._position[w] < end
+        ]
         return seen[-1] if seen else None

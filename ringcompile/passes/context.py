@@ -1,7 +1,24 @@
-"""What the passes share: the graph, the ring, what each pass found, and the report they write."""
+"""What the passes share: the graph, the ring, what each pass found, and the report they write.
+
+Each pass's result has one place on ``RingContext``, written by that pass alone and read by the
+passes after it (``run_passes`` checks that a pass's producers ran before it):
+
+- ``find_attention``: ``sites`` and ``seq_len`` (then ``layout``, made once);
+- ``lift_masks``: each site's ``lifted_mask``;
+- ``plan_sequence``: ``plan`` (a read-only ``SequencePlan``);
+- ``shard_sequence``: ``local`` / ``local_only`` (which shard_reductions extends as it rewrites),
+  each site's ``local_facts``;
+- ``shard_reductions``: ``loss_inputs``.
+
+``node.meta["val"]`` stays the example value Dynamo traced: after ``shard_sequence`` it is the
+*global* shape of a node that now computes on local tokens (and absent on the nodes the passes
+added). Passes after it read dtypes, devices and non-sequence sizes from it, never a sequence
+length; those come from ``seq_len`` and ``layout``.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -15,11 +32,11 @@ from ringcompile.masks import AttentionMask
 from ringcompile.passes.aliases import written_tensors
 from ringcompile.report import GraphReport
 from ringcompile.runtime import (
-    RingAttention,
     RingCrossEntropy,
     RingGather,
     RingShard,
     RingSum,
+    SdpaOnRing,
     SumGradOverRing,
     TreeDecode,
 )
@@ -53,6 +70,8 @@ class AttentionSite:
     seq_len: int
     # set when lift_masks turns the dense mask into rules and per-token facts (full (B, S) nodes)
     lifted_mask: AttentionMask[Node] | None = None
+    # set by shard_sequence: the local versions of the lifted mask's facts, by name
+    local_facts: dict[str, Node] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,8 +90,12 @@ class SequencePlan:
     @classmethod
     def of(cls, demand: dict, shard_points: dict, shard_kinds: dict,
            sequence_inputs) -> SequencePlan:  # fmt: skip
-        return cls(MappingProxyType(dict(demand)), MappingProxyType(dict(shard_points)),
-                   MappingProxyType(dict(shard_kinds)), tuple(sequence_inputs))
+        return cls(
+            MappingProxyType(dict(demand)),
+            MappingProxyType(dict(shard_points)),
+            MappingProxyType(dict(shard_kinds)),
+            tuple(sequence_inputs),
+        )
 
 
 @dataclass
@@ -87,8 +110,10 @@ class RingContext:
     # find_attention
     sites: list[AttentionSite] = field(default_factory=list)
     seq_len: int = 0
-    # plan_sequence (shard_reductions adds the inputs behind the losses' targets)
+    # plan_sequence
     plan: SequencePlan = SequencePlan.of({}, {}, {}, ())
+    # shard_reductions: the graph inputs behind the losses' targets, read on this rank's rows
+    loss_inputs: tuple[Node, ...] = ()
     # shard_sequence: local version of a node and its sequence dim
     local: dict[Node, tuple[Node, int]] = field(default_factory=dict)
     # nodes whose only value is the local one (no full version exists)
@@ -98,8 +123,6 @@ class RingContext:
     _gathers: dict[tuple[Node, Node | None], Node] = field(default_factory=dict)
     _callables: dict[type, object] = field(default_factory=dict)
     gather_reasons: dict[Node, str] = field(default_factory=dict)
-    # shard_sequence: local versions of each site's lifted mask tensors, for swap_attention
-    site_facts_local: dict[Node, dict[str, Node]] = field(default_factory=dict)
     # swap_attention: the sites that share one table of ring steps
     reported_steps: dict[tuple, list[str]] = field(default_factory=dict)
 
@@ -124,9 +147,29 @@ class RingContext:
     def rank(self) -> int:
         return self.group.rank() if self.group is not None else 0
 
-    @property
+    @functools.cached_property
     def layout(self) -> Layout:
+        """The layout of the graph's sequence (read only once ``find_attention`` set it)."""
+        if not self.seq_len:
+            raise RuntimeError("RingContext.layout read before find_attention found a sequence")
         return make_layout(self.layout_name, self.seq_len, self.world_size)
+
+    def sequence_inputs(self) -> list[Node]:
+        """The graph inputs each rank reads its own tokens of, in graph order: the sharded ones
+        and those behind the losses' targets. Every rank must be given them alike."""
+        found = set(self.plan.sequence_inputs) | set(self.loss_inputs)
+        return [n for n in self.gm.graph.find_nodes(op="placeholder") if n in found]
+
+    @property
+    def communicates(self) -> bool:
+        """Whether the rewritten graph calls anything that talks to the other ranks."""
+        return any(cls is not RingShard for cls in self._callables)
+
+    def talks(self, node: Node) -> bool:
+        """Whether ``node`` calls one of the ring's callables that talks to the other ranks."""
+        return node.op == "call_function" and any(
+            node.target is f for cls, f in self._callables.items() if cls is not RingShard
+        )
 
     def _bound(self, cls):
         # one object per kind, so the graph's code calls one name (ring_shard, not ring_shard_3)
@@ -140,11 +183,11 @@ class RingContext:
             self._callables[TreeDecode] = TreeDecode(self.group)
         return self._callables[TreeDecode]
 
-    def ring_attention(self) -> RingAttention:
-        if RingAttention not in self._callables:
-            self._callables[RingAttention] = RingAttention(self.layout, self.rank, self.group,
+    def ring_attention(self) -> SdpaOnRing:
+        if SdpaOnRing not in self._callables:
+            self._callables[SdpaOnRing] = SdpaOnRing(self.layout, self.rank, self.group,
                                                            self.kernels)  # fmt: skip
-        return self._callables[RingAttention]
+        return self._callables[SdpaOnRing]
 
     def ring_cross_entropy(self) -> RingCrossEntropy:
         return self._bound(RingCrossEntropy)
@@ -167,9 +210,7 @@ class RingContext:
         key = (node, dim, after)
         if key not in self._shards:
             with self.gm.graph.inserting_after(after or node):
-                self._shards[key] = self.gm.graph.call_function(
-                    self._bound(RingShard), (node, dim)
-                )
+                self._shards[key] = self.gm.graph.call_function(self._bound(RingShard), (node, dim))
         return self._shards[key]
 
     def gather_of(self, node: Node, reason: str, after: Node | None = None) -> Node:

@@ -28,8 +28,8 @@ from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example, shape_of
 from ringcompile.passes.fx_utils import is_sdpa, sdpa_args, source_line
+from ringcompile.passes.idioms import sharded_kv_marks
 from ringcompile.passes.mask_reader import NotLiftable, read_mask
-from ringcompile.passes.patterns import sharded_kv_marks
 from ringcompile.runtime import padding_table_of_mask
 
 
@@ -58,8 +58,13 @@ def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
         facts = read_mask(mask, shape_of(mask)[0], T, wide_padding=True)
     except NotLiftable:
         return None
-    if (facts.rules.window is not None or facts.rules.chunk or facts.document_ids is not None
-            or facts.key_bias is not None or facts.empty_rows_mean):
+    if (
+        facts.rules.window is not None
+        or facts.rules.chunk
+        or facts.document_ids is not None
+        or facts.key_bias is not None
+        or facts.empty_rows_mean
+    ):
         return None
     return facts.rules.causal, facts.key_padding_mask
 
@@ -85,13 +90,22 @@ def _refusal(a: dict, mk, mv, T: int, N: int) -> tuple[str | None, Node | None, 
     if mask is not None:
         read = _mask_facts(mask, T)
         if read is None:
-            return ("its mask is more than causality and key padding (a sliding window, chunks, "
+            return (
+                (
+                    "its mask is more than causality and key padding (a sliding window, chunks, "
                     "packed documents or an arbitrary mask), which decoding over a sharded cache "
-                    "does not support"), None, False
+                    "does not support"
+                ),
+                None,
+                False,
+            )
         causal, padding = read
     if T > 1 and not causal:
-        return (f"{T} queries that are not causal among themselves (causal decoding only)", None,
-                False)
+        return (
+            f"{T} queries that are not causal among themselves (causal decoding only)",
+            None,
+            False,
+        )
     if a.get("dropout_p", 0.0) not in (0, 0.0):
         return "dropout_p != 0 (decode in eval mode)", None, False
     return None, padding, False
@@ -117,13 +131,18 @@ def run(ctx: RingContext) -> None:
         if by_position:
             if padding not in tables:
                 with ctx.gm.graph.inserting_before(node):
-                    tables[padding] = ctx.gm.graph.call_function(padding_table_of_mask,
-                                                                 (padding, mk[2]))
+                    tables[padding] = ctx.gm.graph.call_function(
+                        padding_table_of_mask, (padding, mk[2])
+                    )
             padding = tables[padding]
         node.target = ctx.tree_decode()
         node.args = (a["query"], mk[0], mv[0])
-        node.kwargs = {"q_positions": mk[2], "k_positions": mk[1], "scale": a.get("scale"),
-                       "enable_gqa": enable_gqa}
+        node.kwargs = {
+            "q_positions": mk[2],
+            "k_positions": mk[1],
+            "scale": a.get("scale"),
+            "enable_gqa": enable_gqa,
+        }
         if padding is not None:
             node.kwargs = {**node.kwargs, "padding_by_position": padding}
         given = ", its mask given over global positions (rows checked on the device)"

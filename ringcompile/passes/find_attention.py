@@ -23,7 +23,8 @@ from ringcompile.passes.fx_utils import is_sdpa, sdpa_args, source_line
 
 def _is_softmax(node) -> bool:
     return node.op in ("call_function", "call_method") and (
-        getattr(node.target, "__name__", node.target) == "softmax")
+        getattr(node.target, "__name__", node.target) == "softmax"
+    )
 
 
 def run(ctx: RingContext) -> None:
@@ -33,9 +34,10 @@ def run(ctx: RingContext) -> None:
         ctx.report.fallbacks += [
             f"{n.name} at {source_line(n)}: a softmax, and no F.scaled_dot_product_attention in "
             "this graph (attention written by hand?); nothing sharded — write the attention as "
-            "F.scaled_dot_product_attention (transformers: attn_implementation=\"sdpa\") to "
+            'F.scaled_dot_product_attention (transformers: attn_implementation="sdpa") to '
             "shard it"
-            for n in ctx.gm.graph.nodes if _is_softmax(n)
+            for n in ctx.gm.graph.nodes
+            if _is_softmax(n)
         ]
         return
     candidates = []

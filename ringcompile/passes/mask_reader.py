@@ -93,14 +93,14 @@ class _Chunked:  # an _Index, _Gathered or _Shifted, floor-divided by a chunk si
 
 @dataclass(frozen=True)
 class _Filled:  # a float mask: 0 (or a key bias) where ``facts`` allow, ``fill`` elsewhere
-    facts: "_Facts"
+    facts: _Facts
     fill: float
     bias: Node | None = None
 
 
 @dataclass(frozen=True)
 class _Hidden:  # a boolean, True exactly where ``facts`` forbid
-    facts: "_Facts"
+    facts: _Facts
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class _Facts:
     chunk_positions: list[Node] = field(default_factory=list)
     chunk_ids: list[ChunkIds] = field(default_factory=list)  # chunks shifted per row
 
-    def __and__(self, other: "_Facts") -> "_Facts":
+    def __and__(self, other: _Facts) -> _Facts:
         def tighter(a, b):
             return b if a is None else a if b is None else min(a, b)
 
@@ -146,8 +146,12 @@ class _Facts:
         )
 
 
-_FLIP = {operator.le: operator.ge, operator.lt: operator.gt, operator.ge: operator.le,
-         operator.gt: operator.lt}
+_FLIP = {
+    operator.le: operator.ge,
+    operator.lt: operator.gt,
+    operator.ge: operator.le,
+    operator.gt: operator.lt,
+}
 
 
 def _root(node: Node) -> Node:
@@ -158,7 +162,10 @@ def _root(node: Node) -> Node:
 
 
 def _is_document_ids_of(doc: Node, positions: Node) -> bool:
-    """``doc`` is ``cumsum(diff(P) != 1, -1)`` of the same position ids P."""
+    """``doc`` is ``cumsum(diff(P, prepend=...) != 1, -1)`` of the same position ids P (how
+    transformers finds packed documents). Element i of such a diff is P[i] - P[i-1], so a restart
+    counts from its own token; ``append`` (or ``n`` > 1) would move every restart, and is not
+    this."""
     doc = _root(doc)
     if not (doc.op == "call_method" and doc.target == "cumsum" and doc.args[1:] in ((-1,), (1,))):
         return False
@@ -169,7 +176,11 @@ def _is_document_ids_of(doc: Node, positions: Node) -> bool:
     return (
         diff.op == "call_method"
         and diff.target == "diff"
+        and len(diff.args) == 1
         and _root(diff.args[0]) is _root(positions)
+        and "prepend" in diff.kwargs
+        and set(diff.kwargs) <= {"prepend", "dim", "n"}
+        and diff.kwargs.get("n", 1) == 1
         and diff.kwargs.get("dim", -1) in (-1, 1)
     )
 
@@ -202,10 +213,18 @@ class _Reader:
             a, c = self.read(n.args[0]), self.read(n.args[1])
             if isinstance(a, (_Vec, _Index, _Gathered, _Diff)) and isinstance(c, int):
                 return replace(a, offset=a.offset + (c if t is operator.add else -c))
-            if (t is operator.sub and isinstance(a, _Index) and isinstance(c, _Index)
-                    and {a.axis, c.axis} == {"q", "k"}):
+            if (
+                t is operator.sub
+                and isinstance(a, _Index)
+                and isinstance(c, _Index)
+                and {a.axis, c.axis} == {"q", "k"}
+            ):
                 return _Diff(1 if a.axis == "q" else -1, a.offset - c.offset)
-            if t is operator.sub and isinstance(a, (_Index, _Gathered)) and isinstance(c, _PerBatch):
+            if (
+                t is operator.sub
+                and isinstance(a, (_Index, _Gathered))
+                and isinstance(c, _PerBatch)
+            ):
                 return _Shifted(a, c.tensor)
         if op == "call_function" and t is operator.floordiv:
             a, c = self.read(n.args[0]), self.read(n.args[1])
@@ -239,19 +258,34 @@ class _Reader:
             return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
         if op == "call_function" and t is operator.eq:
             a, b = self.read(n.args[0]), self.read(n.args[1])
-            if (isinstance(a, _Chunked) and isinstance(b, _Chunked) and a.size == b.size
-                    and isinstance(a.base, _Shifted) and isinstance(b.base, _Shifted)
-                    and a.base.shift is b.base.shift):
+            if (
+                isinstance(a, _Chunked)
+                and isinstance(b, _Chunked)
+                and a.size == b.size
+                and isinstance(a.base, _Shifted)
+                and isinstance(b.base, _Shifted)
+                and a.base.shift is b.base.shift
+            ):
                 return self._shifted_chunks(n, a.base.base, b.base.base, a.base.shift, a.size)
-            if (isinstance(a, _Chunked) and isinstance(b, _Chunked) and a.size == b.size
-                    and type(a.base) is type(b.base) and a.base.offset == b.base.offset == 0
-                    and {a.base.axis, b.base.axis} == {"q", "k"}):
+            if (
+                isinstance(a, _Chunked)
+                and isinstance(b, _Chunked)
+                and a.size == b.size
+                and type(a.base) is type(b.base)
+                and a.base.offset == b.base.offset == 0
+                and {a.base.axis, b.base.axis} == {"q", "k"}
+            ):
                 if isinstance(a.base, _Index):
                     return _Facts(chunk=a.size)
                 if a.base.tensor is b.base.tensor:
                     return _Facts(chunk=a.size, chunk_positions=[a.base.tensor])
-            if (isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
-                    and {a.axis, b.axis} == {"q", "k"} and a.offset == b.offset):
+            if (
+                isinstance(a, _Gathered)
+                and isinstance(b, _Gathered)
+                and a.tensor is b.tensor
+                and {a.axis, b.axis} == {"q", "k"}
+                and a.offset == b.offset
+            ):
                 return _Facts(docs=[a.tensor])
         raise NotLiftable(f"{n.name} ({n.op} {getattr(t, '__name__', t)}) is not an index rule")
 
@@ -279,11 +313,22 @@ class _Reader:
             b, tok = (self.read(i) for i in idx)
             shape = shape_of(src)
             is_bool = src.meta["example_value"].dtype == torch.bool
-            if (self.wide_padding and is_bool and b == _Index("b") and tok == _Index("k")
-                    and shape[0] == self.B and shape[1] >= self.S):
+            if (
+                self.wide_padding
+                and is_bool
+                and b == _Index("b")
+                and tok == _Index("k")
+                and shape[0] == self.B
+                and shape[1] >= self.S
+            ):
                 return _Facts(valid=[src])
-            if (b == _Index("b") and isinstance(tok, _Index) and tok.offset == 0
-                    and tok.axis in "qk" and shape == (self.B, self.S)):
+            if (
+                b == _Index("b")
+                and isinstance(tok, _Index)
+                and tok.offset == 0
+                and tok.axis in "qk"
+                and shape == (self.B, self.S)
+            ):
                 if is_bool:
                     if tok.axis != "k":
                         raise NotLiftable(f"{n.name}: a padding mask read by query")
@@ -295,8 +340,13 @@ class _Reader:
         """``bias`` when it is a float (B|1, H|1, 1, S) tensor without gradient: one value per
         key and head."""
         shape, value = shape_of(bias), example(bias)
-        if (shape is None or len(shape) != 4 or shape[2:] != (1, self.S)
-                or shape[0] not in (1, self.B) or not value.dtype.is_floating_point):
+        if (
+            shape is None
+            or len(shape) != 4
+            or shape[2:] != (1, self.S)
+            or shape[0] not in (1, self.B)
+            or not value.dtype.is_floating_point
+        ):
             raise NotLiftable(f"{n.name}: a bias other than (B, H, 1, S), one value per key")
         if value.requires_grad:
             raise NotLiftable(f"{n.name}: a bias that requires grad")
@@ -328,8 +378,9 @@ class _Reader:
                 return _Facts()
             raise NotLiftable(f"{n.name}: a comparison of an index with a constant that cuts it")
         on_indices = isinstance(a, _Index) and isinstance(b, _Index)
-        on_positions = (isinstance(a, _Gathered) and isinstance(b, _Gathered)
-                        and a.tensor is b.tensor)
+        on_positions = (
+            isinstance(a, _Gathered) and isinstance(b, _Gathered) and a.tensor is b.tensor
+        )
         if not ((on_indices or on_positions) and {a.axis, b.axis} == {"q", "k"}):
             raise NotLiftable(f"{n.name}: a comparison other than key vs query position")
         if a.axis == "q":
@@ -379,7 +430,9 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
             raise NotLiftable("chunks shifted per row beside other documents")
     for p in facts.chunk_positions:
         # chunks of position ids are chunks of indices where P is the index: one document
-        if not (facts.docs and _is_document_ids_of(facts.docs[0], p) and one_document(facts.docs[0])):
+        if not (
+            facts.docs and _is_document_ids_of(facts.docs[0], p) and one_document(facts.docs[0])
+        ):
             raise NotLiftable(f"chunks of position ids {p.name} over packed documents")
     causal = facts.right == 0
     rules = PositionRules(

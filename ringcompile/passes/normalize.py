@@ -104,8 +104,12 @@ def _out_of_place(node: Node, position: dict[Node, int]) -> tuple[str, object] |
     else:
         return None
     x = node.args[0]
-    if (not isinstance(x, Node) or not is_tensor_node(x)
-            or x.op not in ("call_function", "call_method") or is_view(x)):
+    if (
+        not isinstance(x, Node)
+        or not is_tensor_node(x)
+        or x.op not in ("call_function", "call_method")
+        or is_view(x)
+    ):
         return None  # a graph input, module state or a view: the change must stay visible
     here = position[node]
     for u in x.users:

@@ -17,7 +17,7 @@ or sends every token through every expert as Llama 4 does —
     y = bmm(... bmm(r.view(E, -1, D), W_up) ..., W_down)            # (E, N, D)
     out = y.view(-1, D).reshape(E, -1, D).sum(0)
 
-— those nodes become one ``call_module`` of a ``RowwiseRegion`` (``passes/outlined.py``): its
+— those nodes become one ``call_module`` of a ``RowwiseRegion`` (``passes/rowwise_region.py``): its
 output row t is computed from its inputs' row t alone, whichever other rows are there, since
 sorting, grouping by expert and the inverse permutation only order rows, a grouped matmul
 computes each row alone, and the per-expert copies keep the rows' order. ``dims`` maps rows through it, so the later passes run the experts on
@@ -42,16 +42,25 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from ringcompile.passes.context import RingContext
-from ringcompile.passes.dims import _POINTWISE_FUNCTIONS, _POINTWISE_METHODS, shape_of
+from ringcompile.passes.dims import POINTWISE_FUNCTIONS, POINTWISE_METHODS, shape_of
 from ringcompile.passes.fx_utils import source_line
-from ringcompile.passes.outlined import RowwiseRegion
+from ringcompile.passes.rowwise_region import RowwiseRegion
 
 # Row orders: token rows (N), (token, choice) pairs in token order (N·k), the pairs sorted by
 # expert (N·k; the sorted expert ids themselves are SORTED_IDS); the permutation (sorted -> pairs),
 # it floor-divided by k (sorted -> tokens), the inverse permutation (pairs -> sorted); per-expert
 # counts (no rows); tokens with their k choices (N, k, ...).
 TOKENS, PAIRS, SORTED, SORTED_IDS, PERM, PERM_TOKENS, INVERSE, COUNTS, CHOICES = (
-    "tokens", "pairs", "sorted", "sorted ids", "perm", "perm // k", "inverse", "counts", "choices")
+    "tokens",
+    "pairs",
+    "sorted",
+    "sorted ids",
+    "perm",
+    "perm // k",
+    "inverse",
+    "counts",
+    "choices",
+)
 _RESHAPES = ("reshape", "view")
 _KEEP_ORDER = ("to", "float", "int", "long", "contiguous", "type", "bfloat16", "half", "double")
 
@@ -98,7 +107,10 @@ class _Region:
         self.free_inputs |= {a for a in nodes if isinstance(a, Node) and a in self.inputs}
 
     def _check_inputs(self) -> None:
-        if self.row_inputs & self.free_inputs or set(self.inputs) != self.row_inputs | self.free_inputs:
+        if (
+            self.row_inputs & self.free_inputs
+            or set(self.inputs) != self.row_inputs | self.free_inputs
+        ):
             raise _NotDispatch("an input read both as rows and as no rows, or as neither")
 
     def _resized(self, n: Node, copy: Node, env: dict) -> None:
@@ -150,10 +162,15 @@ class _Dispatch(_Region):
     def find(self) -> tuple[list[Node], Node]:
         """The region's nodes (in graph order) and its output, labelled; or _NotDispatch."""
         gets = list(self.sort.users)
-        if len(gets) != 2 or sorted(g.args[1] for g in gets if g.target is operator.getitem) != [0, 1]:
+        if len(gets) != 2 or sorted(g.args[1] for g in gets if g.target is operator.getitem) != [
+            0,
+            1,
+        ]:
             raise _NotCandidate("sort's results are used otherwise")
         perm = self.perm = next(g for g in gets if g.args[1] == 1)
-        inverse = [u for u in perm.users if u.op == "call_function" and u.target is torch.empty_like]
+        inverse = [
+            u for u in perm.users if u.op == "call_function" and u.target is torch.empty_like
+        ]
         if len(inverse) != 1:
             raise _NotCandidate("no inverse permutation")
         inverse = inverse[0]
@@ -164,8 +181,11 @@ class _Dispatch(_Region):
         if not (view.op == "call_method" and view.target in _RESHAPES and len(view.users) == 1):
             raise _NotCandidate("the pairs are not viewed as (tokens, k, ...)")
         out = next(iter(view.users))
-        if not (out.op == "call_method" and out.target == "sum"
-                and (out.args[1:] == (1,) or (out.args[1:] == () and out.kwargs.get("dim") == 1))):
+        if not (
+            out.op == "call_method"
+            and out.target == "sum"
+            and (out.args[1:] == (1,) or (out.args[1:] == () and out.kwargs.get("dim") == 1))
+        ):
             raise _NotCandidate("the k choices are not summed")
         self.view = view
         region = self._nodes(out, inverse)
@@ -206,7 +226,12 @@ class _Dispatch(_Region):
         of = [self._of(a, members) for a in args]
         kw = {k: self._of(v, members) for k, v in n.kwargs.items()}
         method, function = n.op == "call_method", n.op == "call_function"
-        if method and t in _RESHAPES and args[1:] == (-1,) and shape_of(args[0]) == (self.N, self.k):
+        if (
+            method
+            and t in _RESHAPES
+            and args[1:] == (-1,)
+            and shape_of(args[0]) == (self.N, self.k)
+        ):
             if of[0] is None:  # the choices or their weights, flattened: (token, choice) pairs
                 self.row_inputs.add(args[0])
                 return PAIRS
@@ -246,11 +271,18 @@ class _Dispatch(_Region):
             self.label[args[0]] = INVERSE  # read after this node: the inverse permutation
             return "filled"
         if function and _is_grouped_mm(t):
-            if _rows(of[0]) == SORTED and all(o is None for o in of[1:]) and kw.get("offs") == COUNTS:
+            if (
+                _rows(of[0]) == SORTED
+                and all(o is None for o in of[1:])
+                and kw.get("offs") == COUNTS
+            ):
                 self._free(*args[1:])
                 return SORTED
         if method and t == "chunk" and of[0] is not None:
-            if n.kwargs.get("dim", args[2] if len(args) > 2 else 0) not in (0, -len(shape_of(args[0]))):
+            if n.kwargs.get("dim", args[2] if len(args) > 2 else 0) not in (
+                0,
+                -len(shape_of(args[0])),
+            ):
                 return of[0] + " in chunks"
         if t is operator.getitem and of[0] is not None and of[0].endswith(" in chunks"):
             return of[0].removesuffix(" in chunks")
@@ -260,14 +292,16 @@ class _Dispatch(_Region):
             return CHOICES
         if method and t == "sum" and of[0] == CHOICES:
             return TOKENS
-        if (function and t in _POINTWISE_FUNCTIONS) or (method and t in _POINTWISE_METHODS):
+        if (function and t in POINTWISE_FUNCTIONS) or (method and t in POINTWISE_METHODS):
             operands = [*args, *n.kwargs.values()]
             orders = [*of, *kw.values()]
             kinds = {_rows(o) for o in orders if o is not None}
             out = shape_of(n)
             if len(kinds) == 1 and kinds <= {SORTED, PAIRS, TOKENS} and out is not None:
                 # operands without rows broadcast against them (a parameter, a scalar)
-                free = [a for a, o in zip(operands, orders) if o is None and shape_of(a) is not None]
+                free = [
+                    a for a, o in zip(operands, orders) if o is None and shape_of(a) is not None
+                ]
                 if all(len(shape_of(a)) < len(out) or shape_of(a)[0] == 1 for a in free):
                     self._free(*free)
                     return kinds.pop()
@@ -369,10 +403,13 @@ class _Repeated(_Region):
             return of[0]
         if method and t == "sum" and of[0] == "by expert" and shape[0] == self.N:
             return TOKENS
-        if (function and t in _POINTWISE_FUNCTIONS) or (method and t in _POINTWISE_METHODS):
+        if (function and t in POINTWISE_FUNCTIONS) or (method and t in POINTWISE_METHODS):
             orders = {o for o in [*of, *kw] if o is not None}
-            free = [a for a, o in zip([*args, *n.kwargs.values()], [*of, *kw])
-                    if o is None and shape_of(a) is not None]
+            free = [
+                a
+                for a, o in zip([*args, *n.kwargs.values()], [*of, *kw])
+                if o is None and shape_of(a) is not None
+            ]
             if len(orders) == 1 and orders <= {"repeated", "by expert"}:
                 if all(len(shape_of(a)) <= 1 for a in free):  # scalars, a vector over features
                     self._free(*free)
@@ -384,10 +421,12 @@ def run(ctx: RingContext) -> None:
     if not ctx.sites:
         return
     gm = ctx.gm
-    candidates = [(n, _Dispatch) for n in gm.graph.nodes
-                  if n.op == "call_function" and n.target is torch.sort]
-    candidates += [(n, _Repeated) for n in gm.graph.nodes
-                   if n.op == "call_method" and n.target == "repeat"]
+    candidates = [
+        (n, _Dispatch) for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.sort
+    ]
+    candidates += [
+        (n, _Repeated) for n in gm.graph.nodes if n.op == "call_method" and n.target == "repeat"
+    ]
     for i, (anchor, form) in enumerate(candidates):
         try:
             region = form(anchor)
@@ -396,9 +435,11 @@ def run(ctx: RingContext) -> None:
             continue
         except _NotDispatch as why:
             ctx.report.fallbacks.append(
-                f"{anchor.name} at {source_line(anchor)}: not outlined as {form.what}: {why}")
+                f"{anchor.name} at {source_line(anchor)}: not outlined as {form.what}: {why}"
+            )
             continue
         where = source_line(out)
         call = region.outline(gm, nodes, out, f"experts_{i}")
-        ctx.report.rows.append(f"{call.target}: {form.what}, over {region.N} rows "
-                               f"({len(nodes)} nodes) at {where}")
+        ctx.report.rows.append(
+            f"{call.target}: {form.what}, over {region.N} rows ({len(nodes)} nodes) at {where}"
+        )

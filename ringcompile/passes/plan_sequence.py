@@ -13,8 +13,9 @@ exact, and walking further only saves work. A tensor made from its sizes alone
 ``table`` sliced to the length, or a ``value`` (anything else, e.g. a KV cache concatenated along
 it). An integer graph input is a position input by what it is used for, whatever its name: cast to
 floating point and multiplied by a floating tensor (rotary frequencies), or indexing a table.
-``sequence_inputs`` lists, in graph order, the graph inputs the shard points' sequence dims come
-from (the tokens, position ids, an attention mask): what every rank must be given alike.
+``sequence_inputs`` lists, in graph order, the graph inputs the shard points are computed from
+(the tokens, position ids, an attention mask; not the model's parameters and buffers): what every
+rank must be given alike, since each rank takes its tokens of what it computes from them.
 
     tokens -> embedding -> rms_norm -> linear -> view -> transpose -> q -> sdpa
     demand: embedding (1), rms_norm (1), linear (1), view (1), transpose (2), sdpa (2)
@@ -30,11 +31,23 @@ from torch.fx import Node
 
 from ringcompile.passes.context import RingContext, SequencePlan
 from ringcompile.passes.dims import dim_map, made_from_sizes, shape_of
-
+from ringcompile.passes.fx_utils import inputs_behind
 
 # ops that move an input's values without reading them as numbers
-_SHAPE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "transpose", "permute",
-                  "contiguous", "flatten", "clone", "long", "int"}
+_SHAPE_METHODS = {
+    "view",
+    "reshape",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "transpose",
+    "permute",
+    "contiguous",
+    "flatten",
+    "clone",
+    "long",
+    "int",
+}
 _FLOAT_CASTS = {"float", "double", "half", "bfloat16"}
 _PRODUCTS = {operator.matmul, operator.mul, torch.outer, "outer"}
 
@@ -70,7 +83,8 @@ def _used_as_positions(node: Node) -> bool:
 
     def reshapes(n, u):
         return (u.op == "call_method" and u.target in _SHAPE_METHODS) or (
-            u.op == "call_function" and u.target is operator.getitem and u.args[0] is n)
+            u.op == "call_function" and u.target is operator.getitem and u.args[0] is n
+        )
 
     def scaled(n, u):
         return u.op in ("call_function", "call_method") and u.target in _PRODUCTS and any(
@@ -123,28 +137,16 @@ def _kind(node: Node, dim: int, seq_len: int) -> str:
         if origin is not None:
             continue
         mapping = dim_map(n) or []
-        inputs = [(i, di) for i, m in mapping for di, o in m.items()
-                  if o == d and shape_of(i)[di] == seq_len]
+        inputs = [
+            (i, di)
+            for i, m in mapping
+            for di, o in m.items()
+            if o == d and shape_of(i)[di] == seq_len
+        ]
         if not inputs:
             return "value"
         stack.extend(inputs)
     return "positions"
-
-
-def _inputs_behind(node: Node, dim: int, seq_len: int) -> set[Node]:
-    """The graph inputs ``node``'s sequence dim comes from, walking back as ``_kind`` does."""
-    found, seen, stack = set(), set(), [(node, dim)]
-    while stack:
-        n, d = stack.pop()
-        if (n, d) in seen:
-            continue
-        seen.add((n, d))
-        if n.op == "placeholder":
-            found.add(n)
-            continue
-        stack += [(i, di) for i, m in (dim_map(n) or []) for di, o in m.items()
-                  if o == d and shape_of(i)[di] == seq_len]
-    return found
 
 
 def run(ctx: RingContext) -> None:
@@ -186,6 +188,7 @@ def run(ctx: RingContext) -> None:
         work.extend(inputs)
 
     kinds = {node: _kind(node, dim, S) for node, dim in shard_points.items()}
-    behind = set().union(*(_inputs_behind(node, dim, S) for node, dim in shard_points.items()))
-    ctx.plan = SequencePlan.of(demand, shard_points, kinds,
-                               [n for n in ctx.gm.graph.nodes if n in behind])
+    behind = set().union(*(inputs_behind(node) for node in shard_points))
+    ctx.plan = SequencePlan.of(
+        demand, shard_points, kinds, [n for n in ctx.gm.graph.nodes if n in behind]
+    )

@@ -13,8 +13,8 @@ goes unless something else needs it (a graph output):
 - ``sum`` or ``mean`` over all dims, or over the sequence dim alone, becomes ``ring_sum`` of the
   local value over its real tokens (divided by the full count for a mean).
 The result is a full value, the same on every rank; its gradient follows the ring's invariant.
-The graph inputs a cross-entropy's target comes from (the labels) join ``ctx.plan.sequence_inputs``:
-each rank reads its own rows of them, so every rank must be given them alike.
+The graph inputs a cross-entropy's target comes from (the labels) are ``ctx.loss_inputs``: each rank
+reads its own rows of them, so every rank must be given them alike.
 
     logits = ring_gather(logits_local, 0); loss = cross_entropy(logits, labels, ignore_index=-100)
     -> loss = ring_cross_entropy(logits_local, labels, ignore_index=-100, reduction='mean')
@@ -22,7 +22,6 @@ each rank reads its own rows of them, so every rank must be given them alike.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import operator
@@ -32,7 +31,7 @@ from torch.fx import Node
 
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import shape_of
-from ringcompile.passes.fx_utils import source_line
+from ringcompile.passes.fx_utils import inputs_behind, source_line
 
 _CROSS_ENTROPY = inspect.signature(F.cross_entropy)
 
@@ -51,10 +50,18 @@ def _cross_entropy(ctx: RingContext, node: Node, local: Node, dim: int, batch: i
     """``batch``: the logits' rows are (batch, sequence) flattened, the sequence inner."""
     a = _bind(node)
     target = a and a["target"]
-    if not (isinstance(target, Node) and target not in ctx.local_only and dim == 0
-            and len(shape_of(local)) == 2 and shape_of(target) == (batch * ctx.seq_len,)
-            and a["weight"] is None and a["size_average"] is None and a["reduce"] is None
-            and a["label_smoothing"] == 0.0 and a["reduction"] in ("mean", "sum")):
+    if not (
+        isinstance(target, Node)
+        and target not in ctx.local_only
+        and dim == 0
+        and len(shape_of(local)) == 2
+        and shape_of(target) == (batch * ctx.seq_len,)
+        and a["weight"] is None
+        and a["size_average"] is None
+        and a["reduce"] is None
+        and a["label_smoothing"] == 0.0
+        and a["reduction"] in ("mean", "sum")
+    ):
         return None
     node.target = ctx.ring_cross_entropy()
     node.args = (local, target)
@@ -65,26 +72,23 @@ def _cross_entropy(ctx: RingContext, node: Node, local: Node, dim: int, batch: i
 
 
 def _compare_inputs_behind(ctx: RingContext, node: Node) -> None:
-    found, stack = set(ctx.plan.sequence_inputs), [node]
-    while stack:
-        n = stack.pop()
-        if n in found:
-            continue
-        if n.op == "placeholder":
-            found.add(n)
-        stack += n.all_input_nodes
-    inputs = tuple(n for n in ctx.gm.graph.nodes if n in found)
-    ctx.plan = dataclasses.replace(ctx.plan, sequence_inputs=inputs)
+    found = set(ctx.loss_inputs) | inputs_behind(node)
+    ctx.loss_inputs = tuple(n for n in ctx.gm.graph.nodes if n in found)
 
 
 def _flattened_rows(ctx: RingContext, view: Node, full: Node, local: Node, dim: int) -> None:
     """(B, S, C) logits flattened to rows (B·S, C) and read by cross-entropy losses only: the
     losses read the local logits flattened the same way."""
     shape = shape_of(full)
-    if not (view.op == "call_method" and view.target in ("view", "reshape") and dim == 1
-            and len(shape) == 3 and shape_of(view) == (shape[0] * shape[1], shape[2])
-            and view.users and all(u.op == "call_function" and u.target is F.cross_entropy
-                                   for u in view.users)):
+    if not (
+        view.op == "call_method"
+        and view.target in ("view", "reshape")
+        and dim == 1
+        and len(shape) == 3
+        and shape_of(view) == (shape[0] * shape[1], shape[2])
+        and view.users
+        and all(u.op == "call_function" and u.target is F.cross_entropy for u in view.users)
+    ):
         return
     with ctx.gm.graph.inserting_before(view):
         rows = ctx.gm.graph.call_method("reshape", (local, -1, shape[2]))

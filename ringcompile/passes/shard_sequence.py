@@ -52,7 +52,11 @@ POSITION_KINDS = ("positions", "table")  # shard points whose values are positio
 
 
 def _describe(node: Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+    target = (
+        node.target
+        if isinstance(node.target, str)
+        else getattr(node.target, "__name__", node.target)
+    )
     return f"{node.op} {target}"
 
 
@@ -89,8 +93,11 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None, writes: Writes):
         if inp in ctx.local:
             local, ldim = ctx.local[inp]
             if in_dims == [ldim]:
-                replace[inp] = local if inp in ctx.local_only else ctx.shard_of(
-                    inp, ldim, writes.last_before(inp, node))
+                replace[inp] = (
+                    local
+                    if inp in ctx.local_only
+                    else ctx.shard_of(inp, ldim, writes.last_before(inp, node))
+                )
                 continue
             if inp in ctx.local_only:
                 return None  # its sequence does not line up with the output's
@@ -101,12 +108,24 @@ def _local_plan(ctx: RingContext, node: Node, want: int | None, writes: Writes):
         if a in ctx.local and a not in replace:
             replace[a] = ctx.local[a][0]
     # inputs the map does not cover (an op's non-tensor or broadcast args) must not be local-only
-    if any(a in ctx.local_only and a not in replace and a not in unread
-           for a in node.all_input_nodes):
+    if any(
+        a in ctx.local_only and a not in replace and a not in unread for a in node.all_input_nodes
+    ):
         return None
-    if site is not None:
-        ctx.site_facts_local[node] = {name: replace[t] for name, t in facts.items() if t in replace}
     return want, replace
+
+
+def _run_locally(ctx: RingContext, node: Node, plan: tuple[int, dict[Node, Node]]) -> None:
+    """``node`` reads the local inputs of ``plan`` (``_local_plan``) and is local itself; a site
+    records its lifted facts' local versions (``AttentionSite.local_facts``)."""
+    dim, replace = plan
+    site = ctx.site_of.get(node)
+    if site is not None and site.lifted_mask is not None:
+        facts = site.lifted_mask.token_facts.items()
+        site.local_facts = {name: replace[t] for name, t in facts if t in replace}
+    node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: replace.get(a, a))
+    ctx.local[node] = (node, dim)
+    ctx.local_only.add(node)
 
 
 def _gather_locals(ctx: RingContext, node: Node, writes: Writes, keep: Node | None = None) -> None:
@@ -114,10 +133,15 @@ def _gather_locals(ctx: RingContext, node: Node, writes: Writes, keep: Node | No
     taken after the in-place changes ``node`` sees."""
     node.args, node.kwargs = map_arg(
         (node.args, node.kwargs),
-        lambda a: ctx.gather_of(
-            a, f"read by {node.name} ({_describe(node)}) at {source_line(node)}",
-            writes.last_before(a, node),
-        ) if a in ctx.local_only and a is not keep else a,
+        lambda a: (
+            ctx.gather_of(
+                a,
+                f"read by {node.name} ({_describe(node)}) at {source_line(node)}",
+                writes.last_before(a, node),
+            )
+            if a in ctx.local_only and a is not keep
+            else a
+        ),
     )
 
 
@@ -127,8 +151,10 @@ def _shard_write(ctx: RingContext, node: Node, writes: Writes) -> None:
     which later readers of ``x`` would not see."""
     targets = written_tensors(node)
     x = targets[0]
-    fix = ("Write it out of place (x = x.add(y) rather than x.add_(y), torch.cat rather than "
-           "writes into slices of one buffer)")
+    fix = (
+        "Write it out of place (x = x.add(y) rather than x.add_(y), torch.cat rather than "
+        "writes into slices of one buffer)"
+    )
     if len(targets) == 1 and x in ctx.local_only and ctx.local[x][0] is x:
         plan = _local_plan(ctx, node, ctx.local[x][1], writes)
         if plan is None or plan[1].get(x, x) is not x:
@@ -138,24 +164,25 @@ def _shard_write(ctx: RingContext, node: Node, writes: Writes) -> None:
                 "tokens, with operands whose sequence does not line up with it or by an op whose "
                 f"dims the passes do not follow. {fix}"
             )
-        dim, replace = plan
-        node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: replace.get(a, a))
-        ctx.local[node] = (node, dim)
-        ctx.local_only.add(node)
+        _run_locally(ctx, node, plan)
         return
     for t in targets:
         root = storage_root(t)  # as rewritten: a view of local values reads their gather
         if root in ctx.gathered:
             held = ctx.gathered[root]
-            why = (f"a view of {held.name}, which holds this rank's tokens, taken where the "
-                   f"passes need its whole sequence: the change would reach a gathered copy, "
-                   f"not {held.name}")
+            why = (
+                f"a view of {held.name}, which holds this rank's tokens, taken where the "
+                f"passes need its whole sequence: the change would reach a gathered copy, "
+                f"not {held.name}"
+            )
         elif t in ctx.local_only:  # (one of several tensors an out= writes)
             why = "which holds this rank's tokens, beside other tensors the op writes"
         else:
             continue
-        raise RingCompileError(f"backend='ring' cannot run {node.name} ({_describe(node)}) at "
-                               f"{source_line(node)}: it changes {t.name} in place, {why}. {fix}")
+        raise RingCompileError(
+            f"backend='ring' cannot run {node.name} ({_describe(node)}) at "
+            f"{source_line(node)}: it changes {t.name} in place, {why}. {fix}"
+        )
     _gather_locals(ctx, node, writes, keep=x)
 
 
@@ -166,14 +193,28 @@ def _local_cache_append(ctx: RingContext, node: Node, writes: Writes) -> bool:
         return False
     keys, values, positions, k, v, pos, *rest = node.args
     layout = ctx.layout
-    if not (isinstance(layout, StripedLayout) and layout.pad == 0
-            and ctx.local.get(k, (None, None))[1] == 2 and ctx.local.get(v, (None, None))[1] == 2
-            and pos not in ctx.local_only and shape_of(pos)[1] == ctx.seq_len):
+    if not (
+        isinstance(layout, StripedLayout)
+        and layout.pad == 0
+        and ctx.local.get(k, (None, None))[1] == 2
+        and ctx.local.get(v, (None, None))[1] == 2
+        and pos not in ctx.local_only
+        and shape_of(pos)[1] == ctx.seq_len
+    ):
         return False
-    node.args = (keys, values, positions, ctx.local[k][0], ctx.local[v][0],
-                 ctx.shard_of(pos, 1, writes.last_before(pos, node)), *rest)
-    ctx.report.shards.append(f"{node.name}: this rank's tokens are its share of the KV cache "
-                             f"(striped), stored without a gather")
+    node.args = (
+        keys,
+        values,
+        positions,
+        ctx.local[k][0],
+        ctx.local[v][0],
+        ctx.shard_of(pos, 1, writes.last_before(pos, node)),
+        *rest,
+    )
+    ctx.report.shards.append(
+        f"{node.name}: this rank's tokens are its share of the KV cache "
+        f"(striped), stored without a gather"
+    )
     return True
 
 
@@ -221,8 +262,11 @@ def run(ctx: RingContext) -> None:
             if ctx.gather_outputs:
                 node.args = map_arg(
                     node.args,
-                    lambda a: ctx.gather_of(a, "graph output", writes.last_before(a, node))
-                    if a in ctx.local_only else a,
+                    lambda a: (
+                        ctx.gather_of(a, "graph output", writes.last_before(a, node))
+                        if a in ctx.local_only
+                        else a
+                    ),
                 )
             else:
                 node.args = map_arg(
@@ -247,8 +291,5 @@ def run(ctx: RingContext) -> None:
         if plan is None:
             _gather_locals(ctx, node, writes)  # full: read the full version of every local input
             continue
-        dim, replace = plan
-        node.args, node.kwargs = map_arg((node.args, node.kwargs), lambda a: replace.get(a, a))
-        _localize_sizes(ctx, node, dim)
-        ctx.local[node] = (node, dim)
-        ctx.local_only.add(node)
+        _run_locally(ctx, node, plan)
+        _localize_sizes(ctx, node, plan[0])

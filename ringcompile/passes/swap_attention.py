@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from torch.fx import Node
 
-from ringcompile.kernels import kernel_names, resolve_kernel_choice
+from ringcompile.kernels import plan_kernels, resolve_kernel_choice
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import sdpa_args, source_line
-from ringcompile.ring_op import describe_steps
+from ringcompile.ring import describe_steps
 
 
 def run(ctx: RingContext) -> None:
@@ -35,7 +35,7 @@ def run(ctx: RingContext) -> None:
             a = sdpa_args(node)
             node.args = (a.pop("query"), a.pop("key"), a.pop("value"))
             kwargs = {k: v for k, v in a.items() if k not in ("attn_mask", "is_causal")}
-            kwargs.update(is_causal=rules.causal, **ctx.site_facts_local[node])
+            kwargs.update(is_causal=rules.causal, **site.local_facts)
             if rules.window is not None:
                 kwargs["window"] = rules.window
             if rules.chunk:
@@ -57,9 +57,8 @@ def run(ctx: RingContext) -> None:
 def _report_steps(ctx: RingContext, node, site, mask: AttentionMask[Node]) -> None:
     """This rank's ring steps for the site: each block's kind and kernel (once per kind of site)."""
     q = example(site.q)
-    plain, masked_kernel = kernel_names(q.device, q.dtype, q.shape[-1],
-                                        resolve_kernel_choice(ctx.kernels))  # fmt: skip
-    lines = describe_steps(ctx.layout, ctx.rank, mask, plain, masked_kernel)
+    kernels = plan_kernels(q.device, q.dtype, q.shape[-1], resolve_kernel_choice(ctx.kernels))
+    lines = describe_steps(ctx.layout, ctx.rank, mask, kernels)
     head = f"{q.dtype} on {q.device.type}, head dim {q.shape[-1]}"
     key = (head, tuple(lines))
     if key in ctx.reported_steps:

@@ -41,7 +41,9 @@ def run(ctx: RingContext) -> None:
         p.replace_all_uses_with(synced, delete_user_cb=lambda user: user is not synced)
         summed += 1
     if summed:
-        ctx.report.gradients.append(f"{summed} input(s) requiring grad sum their gradient over the ring")
+        ctx.report.gradients.append(
+            f"{summed} input(s) requiring grad sum their gradient over the ring"
+        )
 
     output = next(n for n in graph.nodes if n.op == "output")
     gathered = ctx.gathered

@@ -16,7 +16,7 @@ from __future__ import annotations
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import shape_of
 from ringcompile.passes.fx_utils import source_line
-from ringcompile.passes.patterns import unexpanded
+from ringcompile.passes.idioms import unexpanded
 
 
 def run(ctx: RingContext) -> None:

@@ -26,21 +26,21 @@ from torch.fx import Node
 
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import (
-    _LINEARS,
-    _NORMS,
-    _POINTWISE_FUNCTIONS,
-    _POINTWISE_METHODS,
-    _REDUCTIONS,
-    _SOFTMAXES,
+    LINEARS,
+    NORMS,
+    POINTWISE_FUNCTIONS,
+    POINTWISE_METHODS,
+    REDUCTIONS,
+    SOFTMAXES,
     example,
     shape_of,
 )
 from ringcompile.passes.fx_utils import source_line
-from ringcompile.passes.outlined import rowwise_region_of
+from ringcompile.passes.rowwise_region import rowwise_region_of
 
 _FLATTENS = {"view", "reshape", "flatten"}
 _SCATTERS = {"scatter", "scatter_"}
-_SOFTMAX_LIKE = _SOFTMAXES | {"softmax", "log_softmax"}
+_SOFTMAX_LIKE = SOFTMAXES | {"softmax", "log_softmax"}
 
 
 def _is_call(node: Node, targets) -> bool:
@@ -76,7 +76,7 @@ def _along(node: Node):
         return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     if _is_call(node, {torch.topk}):
         return node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else -1)
-    if _is_call(node, _REDUCTIONS):
+    if _is_call(node, REDUCTIONS):
         return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     return _softmax_dim(node)
 
@@ -89,26 +89,29 @@ def _trailing(dims) -> bool:
 
 def _row_op(node: Node, rows: set[Node]) -> bool:
     """Whether ``node`` computes each row from that row alone (its other tensors have no rows)."""
-    if _is_call(node, _POINTWISE_FUNCTIONS | _POINTWISE_METHODS):
+    if _is_call(node, POINTWISE_FUNCTIONS | POINTWISE_METHODS):
         out = shape_of(node)
-        others = [a for a in [*node.args, *node.kwargs.values()]
-                  if isinstance(a, Node) and shape_of(a) is not None and a not in rows]
+        others = [
+            a
+            for a in [*node.args, *node.kwargs.values()]
+            if isinstance(a, Node) and shape_of(a) is not None and a not in rows
+        ]
         # an operand without the rows dim broadcasts against them (a parameter, a scalar)
         return out is not None and all(len(shape_of(a)) < len(out) or shape_of(a)[0] == 1
                                        for a in others)  # fmt: skip
-    if _is_call(node, _LINEARS):
+    if _is_call(node, LINEARS):
         return node.args[0] in rows and not any(a in rows for a in node.args[1:])
     if _is_call(node, {torch.addmm}):
         return (len(node.args) == 3 and not node.kwargs and node.args[1] in rows
                 and node.args[0] not in rows and node.args[2] not in rows)  # fmt: skip
-    if _is_call(node, _NORMS):
+    if _is_call(node, NORMS):
         return node.args[0] in rows
     if _is_call(node, _SOFTMAX_LIKE):  # over a dim other than the rows'
         dim = _softmax_dim(node)
         return node.args[0] in rows and isinstance(dim, int) and dim != 0
     if _is_call(node, {F.dropout}):
         return node.args[0] in rows
-    if _is_call(node, {torch.topk} | _REDUCTIONS):  # along a dim other than the rows'
+    if _is_call(node, {torch.topk} | REDUCTIONS):  # along a dim other than the rows'
         return node.args[0] in rows and _trailing(_along(node))
     if _is_call(node, _SCATTERS):  # x.scatter(dim, index, src): rows of all three line up
         tensors = [a for a in (*node.args[2:], *node.kwargs.values()) if isinstance(a, Node)]
@@ -152,7 +155,7 @@ def _shift_dims(node: Node) -> None:
     if "dim" in node.kwargs:
         node.kwargs = {**node.kwargs, "dim": shifted}
     else:
-        node.args = (*node.args[:at], shifted, *node.args[at + 1:])
+        node.args = (*node.args[:at], shifted, *node.args[at + 1 :])
 
 
 def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
@@ -180,11 +183,14 @@ def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
             node.replace_all_uses_with(total)
             graph.erase_node(node)
             continue
-        if _is_call(node, _SOFTMAX_LIKE | {torch.topk} | _REDUCTIONS | _SCATTERS):
+        if _is_call(node, _SOFTMAX_LIKE | {torch.topk} | REDUCTIONS | _SCATTERS):
             _shift_dims(node)
         value = example(node)
-        node.meta["example_value"] = (tuple(v.unflatten(0, (B, S)) for v in value)
-                                      if isinstance(value, tuple) else value.unflatten(0, (B, S)))
+        node.meta["example_value"] = (
+            tuple(v.unflatten(0, (B, S)) for v in value)
+            if isinstance(value, tuple)
+            else value.unflatten(0, (B, S))
+        )
     graph.erase_node(flat)
 
 
@@ -201,6 +207,6 @@ def run(ctx: RingContext) -> None:
             continue
         ops, _ = found
         _unflatten(ctx, flat, B, ops)
-        ctx.report.rows.append(f"{flat.name} (batch {B}): {len(ops)} row-by-row op(s) at "
-                               f"{source_line(flat)}")
-
+        ctx.report.rows.append(
+            f"{flat.name} (batch {B}): {len(ops)} row-by-row op(s) at {source_line(flat)}"
+        )

@@ -25,8 +25,10 @@ def _is_head_unsqueeze(node: Node) -> Node | None:
     if node.op == "call_function" and node.target is operator.getitem:
         idx = node.args[1]
         full = slice(None)
-        if isinstance(idx, tuple) and idx[:3] == (full, full, None) and all(
-            i == full or i is Ellipsis for i in idx[3:]
+        if (
+            isinstance(idx, tuple)
+            and idx[:3] == (full, full, None)
+            and all(i == full or i is Ellipsis for i in idx[3:])
         ):
             return node.args[0]
     return None

@@ -1,6 +1,6 @@
 """Start the examples' ranks: under torchrun (NCCL on GPUs), or spawned on the CPU over gloo.
 
-    launch(worker, args, world)   # worker(device, args) runs on every rank, the group initialised
+launch(worker, args, world)   # worker(device, args) runs on every rank, the group initialised
 """
 
 from __future__ import annotations

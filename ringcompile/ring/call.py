@@ -1,0 +1,164 @@
+"""One rank's part of one ring call: what the forward and backward schedules share.
+
+``RankCall`` holds the ring, the layout, this rank's steps (``plan.py``) and the mask's facts in
+the form the kernels read: positions come from the layout, document ids and key validity travel
+with K/V (``traveling``), and each step's ``BlockMask`` is made from what arrived.
+
+Key validity that hides no key on any rank (a tokenizer's all-ones ``attention_mask``) is dropped
+before the first block (``settle_padding``), so the blocks are plain and go to the fastest kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+
+from ringcompile.group import resolve_group_name
+from ringcompile.layout import Layout, make_layout
+from ringcompile.masks import AttentionMask, BlockMask, PositionRules
+from ringcompile.ring import events
+from ringcompile.ring.comm import GroupRing, LocalRing, Ring
+from ringcompile.ring.plan import Step, first_hop_dtype, rank_steps
+
+__all__ = ["RankCall", "positions"]
+
+
+@functools.lru_cache(maxsize=256)
+def positions(layout: Layout, rank: int, device: torch.device) -> torch.Tensor:
+    """A rank's global positions on ``device``, made once (read-only: BlockMasks share them)."""
+    return layout.positions(rank, device)
+
+
+@dataclass
+class RankCall:
+    ring: Ring
+    layout: Layout
+    mask: AttentionMask
+    dense_offset: torch.Tensor | None  # (B|1, H|1, S_local) of an additive dense mask (BlockMask)
+    facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity (they travel)
+    key_bias: torch.Tensor | None  # (B|1, H|1, 1, S_local): AttentionMask.key_bias (it travels)
+    kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
+
+    @classmethod
+    def make(cls, q, mask: AttentionMask, layout_name: str, seq_len: int, group_name: str,
+             kernels: str) -> RankCall:  # fmt: skip
+        """This process's call, on the ring of the group ``group_name`` (none: a ring of one)."""
+        pg = resolve_group_name(group_name)
+        ring = GroupRing(pg) if pg is not None else LocalRing()
+        return cls.on(ring, q, mask, make_layout(layout_name, seq_len, ring.size), kernels)
+
+    @classmethod
+    def on(cls, ring: Ring, q, mask: AttentionMask, layout: Layout, kernels: str) -> RankCall:
+        """``ring.rank``'s call in ``layout``'s ring (a ``LocalRing``: one rank of the ring
+        computed alone, as the benchmarks time it)."""
+        facts = _token_facts(mask, q.shape[0], q.shape[2], q.device)
+        offset = None
+        if mask.dense is not None and mask.dense.dtype != torch.bool:
+            offset = _row_offsets(mask.dense, layout, ring.rank, mask.rules)
+        bias = mask.key_bias.contiguous() if mask.key_bias is not None else None
+        return cls(ring=ring, layout=layout, mask=mask, dense_offset=offset, facts=facts,
+                   key_bias=bias, kernels=kernels)  # fmt: skip
+
+    @property
+    def rank(self) -> int:
+        return self.ring.rank
+
+    @property
+    def seq_len(self) -> int:
+        return self.layout.seq_len
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """This rank's steps, as the mask now stands (``settle_padding`` may make them plain)."""
+        return rank_steps(self.layout, self.mask.rules, self.mask.masked, self.rank)
+
+    def computed_steps(self) -> list[int]:
+        return [s.index for s in self.steps if s.computed]
+
+    def padding_hides(self) -> torch.Tensor | None:
+        """(1,) int64 on the device: whether this rank's key validity hides a key (None without
+        one)."""
+        kp = self.mask.key_padding_mask
+        if kp is None:
+            return None
+        # a layout's padding slots (past seq_len) are no keys: the rules hide them anyway
+        real = positions(self.layout, self.rank, kp.device) < self.seq_len
+        return (~kp & real).any().to(torch.int64).reshape(1)
+
+    def settle_padding(self, every_rank: torch.Tensor | None = None) -> None:
+        """Drop the key validity if it hides no key on any rank. ``every_rank``: each rank's
+        ``padding_hides()`` as the agreement gathered them; else the ring is asked now (one tiny
+        all-gather; the host waits for it). Called before anything travels."""
+        if every_rank is None:
+            mine = self.padding_hides()
+            if mine is None:
+                return
+            every_rank = self.ring.start_agreement([], [], mine.device, extra=mine)()
+        if not bool(every_rank.any()):
+            # the blocks are what the other facts make them (plain under position rules alone),
+            # and only document ids travel, if any
+            self.mask = replace(self.mask, key_padding_mask=None)
+            self.facts = _token_facts(self.mask, *self.facts.shape[1:], self.facts.device)
+            events.record("idle_padding_dropped")
+
+    def traveling(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        """What goes round the ring: K, V and the keys' per-token facts."""
+        return [k, v] + [t for t in (self.facts, self.key_bias) if t is not None]
+
+    def block_mask(self, step: int, blocks: list[torch.Tensor], device) -> BlockMask:
+        """Step ``step``'s mask, over the keys of ``blocks`` (``traveling``'s list as it came)."""
+        src = self.steps[step].source
+        device = torch.device(device)
+        k_pos = positions(self.layout, src, device)
+        k_facts = blocks[2] if self.facts is not None else None
+        dense = None
+        if self.mask.dense is not None:
+            # global columns of the source rank's keys; padding keys are masked by seq_len anyway
+            dense = self.mask.dense.index_select(-1, k_pos.clamp(max=self.seq_len - 1))
+        elif self.key_bias is not None:
+            dense = blocks[-1]  # (B|1, H|1, 1, Sk): the keys' bias, the same for every query
+        return BlockMask(
+            q_pos=positions(self.layout, self.rank, device),
+            k_pos=k_pos,
+            seq_len=self.seq_len,
+            rules=self.mask.rules,
+            q_doc=self.facts[0] if self.facts is not None else None,
+            k_doc=k_facts[0] if k_facts is not None else None,
+            k_valid=k_facts[1] if k_facts is not None else None,
+            dense=dense,
+            dense_offset=self.dense_offset,
+            positions_key=(self.layout, self.rank, src),
+            pieces=self.steps[step].pieces,
+        )
+
+    def first_hop_dtype(self, sender: int, fused_plain: bool, dtype: torch.dtype,
+                        acc: torch.dtype) -> torch.dtype:  # fmt: skip
+        """The dtype of the dK/dV accumulator ``sender`` passes on after step 1
+        (``plan.first_hop_dtype``)."""
+        step = rank_steps(self.layout, self.mask.rules, self.mask.masked, sender)[1]
+        return first_hop_dtype(step, fused_plain, dtype, acc)
+
+
+def _token_facts(mask: AttentionMask, B: int, S: int, device) -> torch.Tensor | None:
+    """(2, B, S_local) int64 document ids and key validity, which travel with K/V (None
+    without either)."""
+    doc, ok = mask.document_ids, mask.key_padding_mask
+    if doc is None and ok is None:
+        return None
+    doc = doc if doc is not None else torch.zeros((B, S), dtype=torch.int64, device=device)
+    ok = ok if ok is not None else torch.ones((B, S), dtype=torch.bool, device=device)
+    return torch.stack([doc.to(torch.int64), ok.to(torch.int64)])
+
+
+def _row_offsets(dense: torch.Tensor, layout: Layout, rank: int,
+                 rules: PositionRules) -> torch.Tensor:  # fmt: skip
+    """Each row's largest additive mask value over the keys the position rules let it see (0
+    where it sees none, or only -inf): ``BlockMask.dense_offset``."""
+    device = dense.device
+    q_pos = positions(layout, rank, device)
+    seq_len = layout.seq_len
+    seen = rules.allows(q_pos[:, None], torch.arange(seq_len, device=device)[None, :], seq_len)
+    top = dense.masked_fill(~seen, float("-inf")).amax(-1)
+    return torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -1,0 +1,85 @@
+"""The ring as ``torch.library`` ops: ``ringcompile::ring_attention`` and its backward, one op
+each with its own autograd, so every rank issues the same sends and receives in the same order
+whatever the compiler does around them.
+
+The mask crosses this boundary encoded (``AttentionMask.encode``): its tensors, then its rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringcompile.kernels import accumulation_dtype
+from ringcompile.masks import AttentionMask
+from ringcompile.ring.backward import ring_backward
+from ringcompile.ring.call import RankCall
+from ringcompile.ring.forward import ring_forward
+
+__all__ = ["ring_attention_op", "ring_attention_backward_op"]
+
+# Not for CUDA graphs: the ring waits on the host for its agreement check and issues its sends
+# from Python. Tagged, inductor's "reduce-overhead" leaves them out of its graphs.
+_NOT_CUDAGRAPHS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+
+
+# The options both ops take after their tensors; the mask crosses encoded
+# (``AttentionMask.encode``): its tensors, then its rules.
+_OPTIONS = ("Tensor?[] mask_tensors, int[] mask_rules, float scale, str layout, int seq_len, "
+            "str group_name, str kernels")  # fmt: skip
+
+
+def _rank_call(q, mask_tensors, mask_rules, scale, layout, seq_len, group_name,
+               kernels) -> tuple[RankCall, float]:  # fmt: skip
+    mask = AttentionMask.decode(mask_tensors, mask_rules)
+    return RankCall.make(q, mask, layout, seq_len, group_name, kernels), scale
+
+
+@torch.library.custom_op(
+    "ringcompile::ring_attention",
+    mutates_args=(),
+    tags=_NOT_CUDAGRAPHS,
+    schema=f"(Tensor q, Tensor k, Tensor v, {_OPTIONS}) -> (Tensor, Tensor)",
+)
+def ring_attention_op(q, k, v, *options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention on local shards; returns (out, lse). Use ``ringcompile.ring_attention``."""
+    call, scale = _rank_call(q, *options)
+    return ring_forward(call, q, k, v, scale)
+
+
+@ring_attention_op.register_fake
+def _(q, k, v, *options):
+    B, H, S, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op(
+    "ringcompile::ring_attention_backward", mutates_args=(), tags=_NOT_CUDAGRAPHS,
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPTIONS}) "
+    "-> (Tensor, Tensor, Tensor)",
+)  # fmt: skip
+def ring_attention_backward_op(dout, q, k, v, out, lse, *options):
+    call, scale = _rank_call(q, *options)
+    return ring_backward(call, dout, q, k, v, out, lse, scale)
+
+
+@ring_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, *options):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask_tensors, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *mask_tensors)
+    ctx.options = options
+    ctx.num_inputs = len(inputs)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *mask_tensors = ctx.saved_tensors
+    dq, dk, dv = ring_attention_backward_op(dout, q, k, v, out, lse, mask_tensors, *ctx.options)
+    # the mask and options get no gradient (an additive dense mask is treated as a constant)
+    return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
+
+
+ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
