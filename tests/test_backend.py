@@ -143,9 +143,9 @@ ring steps of this rank (out; torch.float64 on cpu, head dim 8):
 attention inputs recognised: none
 rows kept as (batch, sequence): none
 positions fixed: 1
-  - arange (dim 0, positions) at ringcompile/testing_models.py:71
+  - arange (dim 0, positions) at ringcompile/testing_models.py:72
 sharded where they enter: 1
-  - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:77
+  - l_tokens_ (dim 1, input) at ringcompile/testing_models.py:78
 inputs compared across the ring (first call): 2
   - tokens (l_tokens_)
   - the model's 13 parameters and buffers (on the first call)
@@ -231,10 +231,10 @@ def forward(self, *inputs):  # 14 inputs
         """\
 @@
 -positions fixed: 1
--  - arange (dim 0, positions) at ringcompile/testing_models.py:71
+-  - arange (dim 0, positions) at ringcompile/testing_models.py:72
 +positions fixed: 2
-+  - getitem_1 (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
-+  - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:70
++  - getitem_1 (dim 0, table sliced to the length) at ringcompile/testing_models.py:71
++  - getitem (dim 0, table sliced to the length) at ringcompile/testing_models.py:71
 @@
 -  - the model's 13 parameters and buffers (on the first call)
 +  - the model's 14 parameters and buffers (on the first call)
