@@ -18,10 +18,14 @@ one rank.
     PYTHONPATH=. python benchmarks/bench_kernels.py --blocks [--out DIR]
     python benchmarks/bench_kernels.py --replot DIR   # the plots from DIR's bench_kernels*.json
 
---masks times each mask kind the ring sends to the masked kernels (documents, sliding window,
-chunks, key padding, ALiBi's key bias; causal, 1 x 32/8 heads x 8192 x 128): ours (Triton) against cuDNN SDPA given the same mask
-as a dense additive bias, and cuDNN's plain causal kernel, with TFLOP/s counted over the pairs each
-mask lets through (``density``), so the rows compare at the same density.
+--masks times each masked kind of block (documents, sliding window, chunks, key padding,
+ALiBi's key bias; causal, 1 x 32/8 heads x 8192 x 128): ours as the ring runs it ("auto":
+documents, windows and chunks on FA2's varlen kernel, the rest on Triton) and on Triton alone,
+FA2's varlen kernel called directly on the same problems (its segments made outside the timing),
+cuDNN SDPA given the same mask as a dense additive bias, and cuDNN's plain causal kernel, with
+TFLOP/s counted over the pairs each mask lets through (``density``), so the rows compare at the
+same density. The table's "work's ideal" is cuDNN's plain causal time x density / 0.5. The inputs
+are laid out (B, S, H, D), as a model's projections give them.
 
 --blocks times cuDNN on each kind of ring block (1 x 32/8 heads, 8192 tokens a rank, d 128): the
 forward, and the backward with K/V grouped as they travel (what the engine does) or expanded to
@@ -45,7 +49,7 @@ import triton
 from saving import replot, save_run  # (benchmarks/saving.py: a script's folder is on its path)
 
 from ringcompile.blocks import Piece
-from ringcompile.kernels import select_kernels
+from ringcompile.kernels import select_kernels, varlen
 from ringcompile.kernels.triton import BwdConfig, FwdConfig, TritonKernels
 from ringcompile.masks import BlockMask, PositionRules
 
@@ -137,6 +141,24 @@ def sdpa_fns(q, k, v, dout, causal, backend, attn_mask=None):
     return fwd, fwd_bwd
 
 
+def flash_varlen_fns(q, k, v, dout, seg):
+    """FA2's varlen kernel on a block's ``Segments``, its inputs packed outside the timing."""
+    fa2 = varlen.FlashVarlenBlocks()
+    B, H, S, D = q.shape
+    rows = [t.transpose(1, 2).reshape(B * S, t.shape[1], D).contiguous() for t in (q, k, v, dout)]
+    q3, k3, v3, do3 = rows[0], seg.pack_keys(rows[1]), seg.pack_keys(rows[2]), rows[3]
+    scale = D**-0.5
+
+    def fwd():
+        return fa2.varlen_forward(q3, k3, v3, seg, scale)
+
+    def fwd_bwd():
+        out, lse = fwd()
+        fa2.varlen_backward(do3, q3, k3, v3, out, lse, seg, scale)
+
+    return fwd, fwd_bwd
+
+
 def seed_fns(q, k, v, dout, causal):
     # The seed's layout is (batch, seq, heads, dim); its GQA groups heads differently from SDPA,
     # which changes no timing.
@@ -211,7 +233,12 @@ def mask_kinds(S, device, H=32, D=128):
     for name, kw in kinds:
         if "dense" in kw:
             kw["dense"] = kw["dense"].to(torch.bfloat16)
-        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, **{"rules": PositionRules(True), **kw})
+        # one rank's block as the ring makes it: positions in one progression, named (segments
+        # and tile lists kept), the documents' tensor given
+        mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, progression=(0, 0, 1),
+                         positions_key=("bench_kernels", S),
+                         documents_source=kw.get("q_doc"),
+                         **{"rules": PositionRules(True), **kw})  # fmt: skip
         allowed = mask.allowed()[:, None]  # (1, 1, S, S)
         bias = torch.zeros(allowed.shape, device=device, dtype=torch.bfloat16)
         if mask.dense is not None:
@@ -223,16 +250,22 @@ def mask_kinds(S, device, H=32, D=128):
 
 def masks_table(out_dir):
     B, H, Hkv, S, D = 1, 32, 8, 8192, 128
-    q, k, v, dout = make_inputs(B, H, Hkv, S, D)
+    # laid out (B, S, H, D), as a model's projections give them (viewed as (B, H, S, D))
+    q, k, v, dout = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                     for t in make_inputs(B, H, Hkv, S, D))  # fmt: skip
     rows = []
     for name, mask, bias, allowed in mask_kinds(S, "cuda"):
         density = allowed.float().mean().item()
         full = 4 * B * H * S * S * D * density
         fns = {
-            "ours (triton, masked)": ours_fns(q, k, v, dout, True, "auto", mask)[:2],
-            "cudnn, same mask as bias": sdpa_fns(q, k, v, dout, False, "cudnn", bias),
-            "cudnn, plain causal": sdpa_fns(q, k, v, dout, True, "cudnn"),
+            "ours": ours_fns(q, k, v, dout, True, "auto", mask)[:2],
+            "ours (triton)": ours_fns(q, k, v, dout, True, "triton", mask)[:2],
         }
+        seg = varlen.segments(mask, B)
+        if seg is not None:
+            fns["FA2 varlen (direct)"] = flash_varlen_fns(q, k, v, dout, seg)
+        fns["cudnn, same mask as bias"] = sdpa_fns(q, k, v, dout, False, "cudnn", bias)
+        fns["cudnn, plain causal"] = sdpa_fns(q, k, v, dout, True, "cudnn")
         for impl, (fwd, fwd_bwd) in fns.items():
             row = dict(mask=name, density=density, impl=impl)
             try:
@@ -251,17 +284,18 @@ def masks_table(out_dir):
         rows,
         lambda: plot_masks(rows, os.path.join(out_dir, "bench_kernels_masks.png")),
     )
-    print(
-        "\n| mask (causal, 1x32/8x8192x128) | density | kernel | fwd+bwd ms | TFLOP/s (fwd+bwd, fwd) |"
-    )
-    print("|---|---|---|---|---|")
+    print("\n| mask (causal, 1x32/8x8192x128) | density | kernel | fwd+bwd ms | TFLOP/s "
+          "(fwd+bwd, fwd) | work's ideal / this |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    plain = {r["mask"]: r["fwd+bwd"][0] for r in rows
+             if r["impl"] == "cudnn, plain causal" and "fwd+bwd" in r}  # fmt: skip
     for r in rows:
-        cells = (
-            f"{r['fwd+bwd'][0]:.2f} | {r['fwd+bwd'][1]:.0f}, {r['fwd'][1]:.0f}"
-            if "fwd" in r
-            else f"{r['error']} |"
-        )
-        print(f"| {r['mask']} | {r['density']:.3f} | {r['impl']} | {cells} |")
+        if "fwd" not in r:
+            print(f"| {r['mask']} | {r['density']:.3f} | {r['impl']} | {r['error']} | | |")
+            continue
+        ideal = plain[r["mask"]] * r["density"] / 0.5 if r["mask"] in plain else float("nan")
+        print(f"| {r['mask']} | {r['density']:.3f} | {r['impl']} | {r['fwd+bwd'][0]:.2f} | "
+              f"{r['fwd+bwd'][1]:.0f}, {r['fwd'][1]:.0f} | {ideal / r['fwd+bwd'][0]:.2f} |")  # fmt: skip
 
 
 def plot_masks(rows, path):

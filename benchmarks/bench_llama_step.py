@@ -5,8 +5,9 @@ Model: ``LlamaForCausalLM``, hidden 2048, 16 layers, 32 / 8 heads of dim 128, ML
 32000 (1.02B parameters), random bf16 weights, AdamW, batch 1; the step is the model's own loss
 (``labels=``), its backward and the optimizer step. Modes (``--modes``):
 
-- ``ring``: ``torch.compile(model, backend="ring")`` on every rank (zigzag layout, inductor
-  inside, the default block kernels: plain blocks on cuDNN);
+- ``ring``: ``torch.compile(model, backend="ring")`` on every rank (``--layout``, zigzag by
+  default; inductor inside; the default block kernels: plain blocks on cuDNN, documents, windows
+  and chunks on FA2's varlen kernel);
 - ``ring-triton``: the same with ``options={"kernels": "triton"}`` (every block in Triton);
 - ``eager``: the plain model on one GPU (rank 0; SDPA picks cuDNN / flash);
 - ``compile``: ``torch.compile(model)`` (inductor) on one GPU (rank 0).
@@ -19,6 +20,10 @@ the others wait.
     torchrun --nproc-per-node 2 benchmarks/bench_llama_step.py --seqs 32768
     python benchmarks/bench_llama_step.py --seqs 16384          # W = 1: all modes on one GPU
     python benchmarks/bench_llama_step.py --tiny --seqs 64       # check the script on a CPU
+
+``--documents`` trains on packed documents instead of one sequence: ``position_ids`` restart at
+each document's start (lengths 1k-4k tokens, ``packed_positions``), from which transformers
+builds its packed-sequence mask (each token sees its own document only).
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ import os
 
 import torch
 import torch.distributed as dist
-from bench_train_llama import build, timed_steps  # the same model: 16 layers, heads of dim 128
+from bench_train_llama import (  # the same model: 16 layers, heads of dim 128
+    build,
+    packed_positions,
+    timed_steps,
+)
 
 import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
 
@@ -44,16 +53,18 @@ def _parse():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--documents", action="store_true", help="packed documents of 1k-4k tokens")
+    p.add_argument("--layout", default="zigzag", choices=["zigzag", "striped", "contiguous"])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args()
 
 
-def compiled_model(model, mode, group):
+def compiled_model(model, mode, group, layout):
     if mode in ("eager",):
         return model
     if mode == "compile":
         return torch.compile(model)
-    options = {"layout": "zigzag", "group": group}
+    options = {"layout": layout, "group": group}
     if mode == "ring-triton":
         options["kernels"] = "triton"
     return torch.compile(model, backend="ring", options=options)
@@ -87,8 +98,12 @@ def main() -> None:
                     torch.cuda.reset_peak_memory_stats(device)
                 try:
                     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-                    row |= timed_steps(model, compiled_model(model, mode, group), opt, S, args,
-                                       device, rank)  # fmt: skip
+                    inputs = {}
+                    if args.documents:
+                        shortest, longest = (1024, 4096) if not args.tiny else (8, 24)
+                        inputs["position_ids"] = packed_positions(S, shortest, longest).to(device)
+                    row |= timed_steps(model, compiled_model(model, mode, group, args.layout),
+                                       opt, S, args, device, rank, **inputs)  # fmt: skip
                     del opt
                 except torch.cuda.OutOfMemoryError:
                     row["oom"] = True
@@ -102,7 +117,8 @@ def main() -> None:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(
             f"\nLlama {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, labels= loss, "
-            f"AdamW; {name}, torch {torch.__version__}"
+            f"AdamW; {'packed documents, ' if args.documents else ''}{args.layout} ring; {name}, "
+            f"torch {torch.__version__}"
         )
         print("| S | mode | GPUs | step s | tokens/s per GPU | peak GiB |")
         print("|---:|---|---:|---:|---:|---:|")
@@ -115,7 +131,8 @@ def main() -> None:
                 )
             else:
                 print(f"| {r['seq']} | {r['mode']} | {r['gpus']} | out of memory | | |")
-        with open(os.path.join(args.out, f"bench_llama_step_w{world}.json"), "w") as f:
+        tag = "_documents" if args.documents else ""
+        with open(os.path.join(args.out, f"bench_llama_step_w{world}{tag}.json"), "w") as f:
             json.dump(rows, f, indent=1)
     if world > 1:
         dist.destroy_process_group()

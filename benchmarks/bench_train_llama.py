@@ -113,10 +113,21 @@ def build(args, device, max_len, layers=None, **shape):
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def timed_steps(model, fn, opt, S, args, device, rank) -> dict:
+def packed_positions(S: int, shortest: int, longest: int) -> torch.Tensor:
+    """(1, S) position ids of documents packed end to end, each of a length drawn uniformly from
+    [shortest, longest] (the last one cut), restarting at 0 at each document's start."""
+    g = torch.Generator().manual_seed(S)
+    lengths = []
+    while sum(lengths) < S:
+        lengths.append(int(torch.randint(shortest, longest + 1, (), generator=g)))
+    lengths[-1] -= sum(lengths) - S
+    return torch.cat([torch.arange(n) for n in lengths])[None]
+
+
+def timed_steps(model, fn, opt, S, args, device, rank, **inputs) -> dict:
     """``--warmup`` then ``--steps`` training steps of ``fn`` (the model, compiled or not) on S
-    random tokens with the model's own ``labels=`` loss: the median step's seconds, the peak
-    memory and every step's loss."""
+    random tokens (and ``inputs``, e.g. ``position_ids``) with the model's own ``labels=`` loss:
+    the median step's seconds, the peak memory and every step's loss."""
     ids = torch.randint(0, model.config.vocab_size, (1, S),
                         generator=torch.Generator().manual_seed(S)).to(device)  # fmt: skip
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -124,7 +135,7 @@ def timed_steps(model, fn, opt, S, args, device, rank) -> dict:
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
-        loss = fn(input_ids=ids, labels=ids, use_cache=False).loss  # the same on every rank
+        loss = fn(input_ids=ids, labels=ids, use_cache=False, **inputs).loss  # alike on all ranks
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

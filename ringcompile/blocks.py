@@ -35,6 +35,7 @@ __all__ = [
     "restrict_keys",
     "describe_block",
     "disjoint",
+    "layout_progression",
 ]
 
 # More pieces than this and a block is cheaper as one masked kernel call.
@@ -107,6 +108,21 @@ def layout_block_pieces(layout: Layout, rank: int, source: int, causal: bool
                         ) -> tuple[Piece, ...] | None:  # fmt: skip
     """The pieces of ``rank``'s queries against ``source``'s keys (made once per ring and step)."""
     return plain_pieces(layout.positions(rank), layout.positions(source), layout.seq_len, causal)
+
+
+@functools.lru_cache(maxsize=1024)
+def layout_progression(layout: Layout, rank: int, source: int) -> tuple[int, int, int] | None:
+    """``(first query position, first key position, step)`` when ``rank``'s positions and
+    ``source``'s both grow by one ``step`` per token (striped and contiguous layouts; not zigzag,
+    whose ranks hold two chunks), else None. Then ``q_pos[i] - k_pos[j]`` depends on ``i - j``
+    alone, so a mask of position rules over documents is a band of ``i - j`` within each
+    document: what variable-length kernels compute (``kernels.varlen``)."""
+    q, k = layout.positions(rank), layout.positions(source)
+    steps = torch.cat([q.diff(), k.diff()]).unique()
+    if steps.numel() > 1:
+        return None
+    step = int(steps[0]) if steps.numel() else 1
+    return int(q[0]), int(k[0]), step
 
 
 def restrict_keys(pieces: tuple[Piece, ...] | None, start: int, stop: int

@@ -179,6 +179,11 @@ class AttentionMask(Generic[T]):
                 ("empty rows get the mean", int(self.empty_rows_mean))]  # fmt: skip
 
 
+def _keys_from(progression: tuple[int, int, int], start: int) -> tuple[int, int, int]:
+    a, b, step = progression
+    return a, b + start * step, step
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockMask:
     """What decides which keys of one key block each query of one query block may see."""
@@ -203,6 +208,23 @@ class BlockMask:
     # What the block is (``ringcompile.blocks``): its plain pieces, which kernels that know only
     # full and causal blocks can compute; None: only the rules above say (a masked block).
     pieces: tuple[Piece, ...] | None = None
+    # (first query position, first key position, step) when both sides' positions grow by one
+    # step per token (``blocks.layout_progression``): the rules are then a band of ``i - j`` in
+    # each document and chunk, what variable-length kernels compute (``kernels.varlen``)
+    progression: tuple[int, int, int] | None = None
+    # The tensor ``q_doc`` was read from, as the op was given it: what is derived from the
+    # documents (``kernels.varlen.Segments``) is kept while this one tensor is unchanged
+    documents_source: torch.Tensor | None = None
+
+    @property
+    def varlen(self) -> bool:
+        """Whether the block is a batch of variable-length problems, one per document: documents
+        and position rules are its whole mask (no key padding, no dense mask or bias), and its
+        positions are one progression on both sides. (Windows and chunks alone are such a batch
+        too, but our Triton kernels run them faster than FA2's varlen kernel:
+        benchmarks/RESULTS.md.)"""
+        return (self.q_doc is not None and self.pieces is None and self.k_valid is None
+                and self.dense is None and self.progression is not None)  # fmt: skip
 
     def keys(self, start: int, stop: int) -> BlockMask:
         """The same mask over keys ``[start, stop)`` of the block only."""
@@ -215,6 +237,7 @@ class BlockMask:
             dense=None if self.dense is None else self.dense[..., cols],
             positions_key=None if self.positions_key is None else (self.positions_key, start, stop),
             pieces=restrict_keys(self.pieces, start, stop),
+            progression=None if self.progression is None else _keys_from(self.progression, start),
         )
 
     def allowed(self) -> torch.Tensor:

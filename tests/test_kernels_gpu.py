@@ -484,3 +484,76 @@ def test_merge_kernel_vs_torch():
             + blk[:, :, :n].float() * torch.exp(blk_lse[:, :, :n] - new)[..., None]
         )
         torch.testing.assert_close(answer[:, :, rows].float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["striped", "contiguous"])
+@pytest.mark.parametrize("kind", ["documents", "documents_window", "documents_chunks"])
+def test_engine_varlen_ring_steps_vs_sdpa(tf, layout, kind, monkeypatch):
+    """Ranks 0 and 3 of a ring of 4 (8192 tokens, two batch rows with their own documents of
+    ~600 tokens): varlen blocks on FA2's varlen kernel (``kernels.varlen``), merged by the ring,
+    against the fp64 reference and SDPA's efficient backend with the mask as a bias."""
+    from ringcompile.blocks import layout_progression
+    from ringcompile.kernels import varlen
+
+    calls = []
+    forward = varlen.FlashVarlenBlocks.varlen_forward
+    monkeypatch.setattr(varlen.FlashVarlenBlocks, "varlen_forward",
+                        lambda self, *a: calls.append(1) or forward(self, *a))  # fmt: skip
+    W, S, B, H, Hkv, D = 4, 8192, 2, 8, 2, 128
+    lay = make_layout(layout, S, W)
+    q_full, k, v, dout_full = _inputs(B, H, Hkv, S, D, seed=14)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    doc = torch.cumsum(torch.rand(B, S, generator=g, device="cuda") < 1 / 600, 1)
+    rules = {"documents": PositionRules(True), "documents_window": PositionRules(True, 511),
+             "documents_chunks": PositionRules(True, chunk=1000)}[kind]  # fmt: skip
+    docs = True
+    pos = torch.arange(S, device="cuda")
+    for rank in (0, W - 1):
+        q_idx = lay.positions(rank, "cuda")
+        q, dout = q_full[:, :, q_idx].contiguous(), dout_full[:, :, q_idx].contiguous()
+        q_doc = doc[:, q_idx] if docs else None
+        full_mask = BlockMask(q_pos=q_idx, k_pos=pos, seq_len=S, rules=rules, q_doc=q_doc,
+                              k_doc=doc if docs else None)  # fmt: skip
+        steps = []
+        for s in range(W):
+            src = (rank - s) % W
+            k_idx = lay.positions(src, "cuda")
+            m = BlockMask(q_pos=q_idx, k_pos=k_idx, seq_len=S, rules=rules, q_doc=q_doc,
+                          k_doc=doc[:, k_idx] if docs else None,
+                          positions_key=(lay, rank, src), documents_source=doc,
+                          progression=layout_progression(lay, rank, src))  # fmt: skip
+            assert m.varlen
+            steps.append((k_idx, m))
+        allowed = full_mask.allowed()[:, None]
+        attn = torch.zeros(allowed.shape, device="cuda", dtype=torch.bfloat16)
+        attn = attn.masked_fill(~allowed, float("-inf"))
+        _compare(tf, q, k, v, full_mask, dout, D**-0.5, "EFFICIENT_ATTENTION", False, attn,
+                 ring_steps=steps, kernels=_engine())  # fmt: skip
+    assert calls, "no block went to FA2's varlen kernel"
+
+
+def test_ring_attention_on_documents_uses_flash_varlen_once_per_tensor(monkeypatch):
+    """One GPU, the op itself: a model's layers share the documents' segments (one wait for the
+    host per tensor of ids), and the answer is SDPA's within bf16."""
+    from ringcompile import ring_attention
+    from ringcompile.kernels import varlen
+
+    made = []
+    plan = varlen._plan
+    monkeypatch.setattr(varlen, "_plan", lambda *a: made.append(1) or plan(*a))
+    B, H, Hkv, S, D = 1, 8, 2, 4096, 128
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=15)
+    doc = torch.cumsum(torch.rand(B, S, device="cuda") < 1 / 500, 1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for _ in range(3):
+        out = ring_attention(q, k, v, is_causal=True, document_ids=doc, enable_gqa=True)
+    out.backward(dout)
+    assert len(made) == 1
+    allowed = (doc[:, None, :, None] == doc[:, None, None, :]) & torch.ones(
+        S, S, dtype=torch.bool, device="cuda"
+    ).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.detach().double(), k.detach().double().repeat_interleave(H // Hkv, 1),
+        v.detach().double().repeat_interleave(H // Hkv, 1), attn_mask=allowed,
+    )  # fmt: skip
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2

@@ -824,7 +824,7 @@ def test_engine_shares_state_with_triton_steps(tf, layout):
         specs["triton"],
         make=lambda: tf.TritonKernels(tf.FwdConfig(16, 16, 4, 1), tf.BwdConfig(16, 16, 4, 1)),
     )
-    engine = BlockEngine(KernelPlan((specs["flash (CPU)"], small)))
+    engine = BlockEngine(KernelPlan((specs["flash (CPU)"], small, small)))
     want = run(ReferenceKernels(), set())
     for plain_steps in ({0, 2}, {1, 3}, {0, 1, 2, 3}):
         got = run(engine, plain_steps)

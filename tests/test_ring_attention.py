@@ -58,13 +58,24 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
         kw["window"] = (3, 2)
         d = pos[None, :] - pos[:, None]
         allowed &= (d >= -3) & (d <= 2)
-    elif mask_kind == "documents":
-        # packed sequences: document boundaries differ per batch row; causal inside documents
+    elif mask_kind.startswith("documents"):
+        # packed sequences: document boundaries differ per batch row; causal inside documents,
+        # or with a window, chunks, or none; or ids that come back along a row
         starts = torch.rand(B, S, generator=g) < 0.2
         starts[:, 0] = True
         doc = starts.long().cumsum(1)
-        kw.update(is_causal=True, document_ids=doc)
-        allowed &= causal_tri & (doc[:, None, :, None] == doc[:, None, None, :])
+        if mask_kind == "documents_unsorted":
+            doc = doc % 2
+        kw.update(is_causal=mask_kind != "documents_bidirectional", document_ids=doc)
+        allowed &= doc[:, None, :, None] == doc[:, None, None, :]
+        if kw["is_causal"]:
+            allowed &= causal_tri
+        if mask_kind == "documents_window":
+            kw["window"] = (4, 0)
+            allowed &= pos[None, :] >= pos[:, None] - 4
+        if mask_kind == "documents_chunk":
+            kw["chunk"] = 5
+            allowed &= pos[None, :] // 5 == pos[:, None] // 5
     elif mask_kind == "padding":
         # row 0 padded on the left, row 1 on the right, as tokenizers do
         valid = torch.ones(B, S, dtype=torch.bool)
@@ -206,10 +217,10 @@ def test_kernel_choices():
     from ringcompile.kernels import plan_kernels
 
     q = torch.zeros(1, 2, 4, 8, dtype=torch.float64)
-    assert plan_kernels(q.device, q.dtype, 8).names() == {"plain": "flash (CPU)",
-                                                          "masked": "reference"}  # fmt: skip
-    assert plan_kernels(q.device, q.dtype, 8, "reference").names() == {"plain": "reference",
-                                                                       "masked": "reference"}  # fmt: skip
+    assert plan_kernels(q.device, q.dtype, 8).names() == {
+        "plain": "flash (CPU)", "varlen": "reference", "masked": "reference"
+    }  # fmt: skip
+    assert set(plan_kernels(q.device, q.dtype, 8, "reference").names().values()) == {"reference"}
     # no Triton on the CPU: the kernels that merge take its place
     assert set(plan_kernels(q.device, q.dtype, 8, "triton").names().values()) == {"reference"}
     with pytest.raises(ValueError, match=r"kernels='cudnn' is not one of \['auto', 'triton'"):
@@ -242,7 +253,7 @@ def test_a_registered_kernel_computes_its_kind_of_block_and_explain_names_it(mon
     ring_attention(q, k, v, window=(2, 0))  # masked: not its kind
     assert not seen
     plan = registry.plan_kernels(q.device, q.dtype, 4)
-    assert plan.names() == {"plain": "counting", "masked": "reference"}
+    assert plan.names() == {"plain": "counting", "varlen": "reference", "masked": "reference"}
     lines = describe_steps(
         make_layout("striped", 8, 1), 0, AttentionMask(PositionRules(True)), plan
     )

@@ -1,10 +1,12 @@
 """The block engine: each block of a ring step on the kernel planned for its kind.
 
 A ring step's block says what it is (``BlockMask.pieces``, from ``ringcompile.blocks``), hence its
-kind (``registry.block_kind``), and the ``KernelPlan`` names the kernel of each kind. Plain pieces
-(full, or causal on a square) may go to a fused SDPA kernel (``sdpa_blocks``: cuDNN on CUDA) that
-returns each piece's (out, lse), merged here by ``merge_block``; the kernels that merge themselves
-(Triton, the reference) do it inside their epilogue. All write the one running state
+kind (``registry.mask_kind``), and the ``KernelPlan`` names the kernel of each kind. Plain pieces
+(full, or causal on a square) may go to a fused SDPA kernel (``sdpa_blocks``: cuDNN on CUDA) and
+a varlen block (packed documents) to a varlen kernel (``varlen``: FA2 on CUDA) as one
+piece over all its rows and keys; each returns (out, lse), merged here by ``merge_block``. The
+kernels that merge themselves (Triton, the reference) do it inside their epilogue, and take the
+varlen blocks a varlen kernel cannot (``varlen.segments`` is None). All write the one running state
 (``ForwardState``), so a call may mix them step by step. A first block's output stays in the inputs' dtype until
 the next merge reads it, and a last step whose pieces hold disjoint rows writes the answer in the
 inputs' dtype: at W = 2 one merge pass is all the forward adds to its two fused calls.
@@ -20,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ringcompile.blocks import disjoint
+from ringcompile.blocks import Piece, disjoint
 from ringcompile.kernels.grad_sum import sums_over
 from ringcompile.kernels.interface import AttentionKernels, ForwardState
 from ringcompile.kernels.merge import merge_block
-from ringcompile.kernels.registry import BLOCK_KINDS, KernelPlan, block_kind
+from ringcompile.kernels.registry import BLOCK_KINDS, KernelPlan, mask_kind
+from ringcompile.kernels.varlen import Segments, segments
 from ringcompile.masks import BlockMask
 
 __all__ = ["BlockEngine"]
@@ -71,17 +74,49 @@ class BlockEngine:
     def fused_plain(self) -> bool:
         return self.plan.fused_plain
 
+    def fused(self, mask: BlockMask) -> bool:
+        """Whether the block goes whole to a kernel that returns (out, lse) (the heads of a part
+        of it are then as cheap as all of them)."""
+        return not self.plan.spec(mask_kind(mask)).merges
+
+    def _parts(self, mask: BlockMask, q: torch.Tensor, k: torch.Tensor):
+        """``(kernel that merges, None, None)``, or ``(None, pieces, segments)`` for the engine
+        to compute and merge: plain pieces (segments None), or a varlen block as one piece over
+        all its rows and keys with its ``Segments`` (no piece: no row sees a key)."""
+        kind = mask_kind(mask)
+        if self.plan.spec(kind).merges:
+            return self.kernels[kind], None, None
+        if kind == "plain":
+            return None, mask.pieces, None
+        seg = segments(mask, q.shape[0])
+        if seg is None:
+            return self.masked, None, None
+        return None, () if seg.empty else (Piece(0, q.shape[2], 0, k.shape[2], False),), seg
+
+    def _forward_piece(self, q, k, v, p: Piece, seg: Segments | None, scale: float):
+        if seg is not None:
+            return self.kernels["varlen"].forward(q, k, v, seg, scale)
+        return self.plain.forward(q[:, :, p.rows], k[:, :, p.keys], v[:, :, p.keys], p.causal,
+                                  scale)  # fmt: skip
+
+    def _backward_piece(self, dout, q, k, v, out, lse, p: Piece, seg: Segments | None,
+                        scale: float):  # fmt: skip
+        if seg is not None:
+            return self.kernels["varlen"].backward(dout, q, k, v, out, lse, seg, scale)
+        rows, keys = p.rows, p.keys
+        return self.plain.backward(dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
+                                   out[:, :, rows], lse[:, :, rows], p.causal, scale)  # fmt: skip
+
     def forward_init(self, q: torch.Tensor) -> ForwardState:
         return self.masked.forward_init(q)
 
     def forward_step(self, state: ForwardState, q, k, v, mask: BlockMask, scale: float,
                      last: bool) -> None:  # fmt: skip
-        kind = block_kind(mask.pieces)
-        if self.plan.spec(kind).merges:
+        merging, pieces, seg = self._parts(mask, q, k)
+        if merging is not None:
             _materialize(state)
-            self.kernels[kind].forward_step(state, q, k, v, mask, scale, last)
+            merging.forward_step(state, q, k, v, mask, scale, last)
             return
-        pieces = mask.pieces
         if not pieces:
             return
         Sq = q.shape[2]
@@ -89,8 +124,7 @@ class BlockEngine:
         if state.steps == 0 and len(pieces) == 1 and whole:
             # The first block stays as the fused kernel returned it: the next merge reads it (no
             # copy into the state first); the call's only block is the answer.
-            p = pieces[0]
-            out, lse = self.plain.forward(q, k[:, :, p.keys], v[:, :, p.keys], p.causal, scale)
+            out, lse = self._forward_piece(q, k, v, pieces[0], seg, scale)
             state.lse = lse.to(state.lse.dtype).contiguous()
             state.steps = 1
             if last:
@@ -105,7 +139,8 @@ class BlockEngine:
                 state.out.zero_()
                 state.lse.fill_(float("-inf"))
             for i, p in enumerate(pieces):
-                self._merge_piece(state.out, state.out, state, q, k, v, p, scale, i == 0 and whole)
+                self._merge_piece(state.out, state.out, state, q, k, v, p, seg, scale,
+                                  i == 0 and whole)  # fmt: skip
             state.steps = 1
             return
         old = state.pending if state.pending is not None else state.out
@@ -115,7 +150,7 @@ class BlockEngine:
             # (no fp32 write and conversion pass after).
             final = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             for p in pieces:
-                self._merge_piece(old, final, state, q, k, v, p, scale, False)
+                self._merge_piece(old, final, state, q, k, v, p, seg, scale, False)
             for lo, hi in zip([0] + [b for _, b in rows], [a for a, _ in rows] + [Sq]):
                 if lo < hi:
                     final[:, :, lo:hi].copy_(old[:, :, lo:hi])
@@ -129,14 +164,13 @@ class BlockEngine:
                     old = state.out
                 state.pending = None
             for p in pieces:
-                self._merge_piece(old, state.out, state, q, k, v, p, scale, False)
+                self._merge_piece(old, state.out, state, q, k, v, p, seg, scale, False)
                 old = state.out
         state.steps += 1
 
-    def _merge_piece(self, old, dst, state: ForwardState, q, k, v, p, scale: float,
+    def _merge_piece(self, old, dst, state: ForwardState, q, k, v, p, seg, scale: float,
                      first: bool) -> None:  # fmt: skip
-        out, lse = self.plain.forward(q[:, :, p.rows], k[:, :, p.keys], v[:, :, p.keys], p.causal,
-                                      scale)  # fmt: skip
+        out, lse = self._forward_piece(q, k, v, p, seg, scale)
         merge_block(old, dst, state.lse, p.row_start, out, lse, first)
 
     def forward_finish(self, state: ForwardState, dtype: torch.dtype):
@@ -149,20 +183,17 @@ class BlockEngine:
 
     def backward_step(self, q, k, v, dout, lse, prepared: _Prepared, mask: BlockMask,
                       scale: float, dq, dk, dv, dkv_fresh: bool = False) -> None:  # fmt: skip
-        kind = block_kind(mask.pieces)
-        if self.plan.spec(kind).merges:
-            self.kernels[kind].backward_step(q, k, v, dout, lse, prepared.delta, mask, scale, dq,
-                                             dk, dv, dkv_fresh)  # fmt: skip
+        merging, pieces, seg = self._parts(mask, q, k)
+        if merging is not None:
+            merging.backward_step(q, k, v, dout, lse, prepared.delta, mask, scale, dq, dk, dv,
+                                  dkv_fresh)  # fmt: skip
             return
-        pieces = mask.pieces
         # each piece's gradients go into the sums as the fused kernel returned them
         (dq, dk, dv), given = sums_over(dq, dk, dv, dkv_fresh)
         for p in pieces:
             rows, keys = p.rows, p.keys
-            dq_p, dk_p, dv_p = self.plain.backward(
-                dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
-                prepared.out[:, :, rows], lse[:, :, rows], p.causal, scale,
-            )  # fmt: skip
+            dq_p, dk_p, dv_p = self._backward_piece(dout, q, k, v, prepared.out, lse, p, seg,
+                                                    scale)  # fmt: skip
             dq.add(dq_p, (slice(None), slice(None), rows))
             dk.add(dk_p, (slice(None), slice(None), keys))
             dv.add(dv_p, (slice(None), slice(None), keys))

@@ -11,9 +11,9 @@ computed in the accumulation dtype. The running output is read from ``old`` and 
 the fp32 state for both, or the first block's output still in the inputs' dtype read and the fp32
 state written (no copy of it first), or the output in the inputs' dtype written at the last step
 (no conversion pass after). ``dst`` may be ``old``: each element is read and written by one
-program. On CUDA this is one Triton kernel (``triton_merge``); elsewhere these torch ops. A block's
-rows always see at least one key (its lse is finite), so the merged lse is finite and no weight
-is NaN.
+program. On CUDA this is one Triton kernel (``triton_merge``); elsewhere these torch ops. A row may see
+no key in a block (lse -inf: a documents block) and none before it: it then stays (0, -inf), not
+NaN.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def merge_block(old: torch.Tensor | None, dst: torch.Tensor, lse: torch.Tensor, 
         return
     lse_blk = lse_blk.to(lse.dtype)
     new = torch.logaddexp(lse_rows, lse_blk)
-    merged = (old[:, :, rows].to(lse.dtype) * torch.exp(lse_rows - new)[..., None]
-              + out_blk.to(lse.dtype) * torch.exp(lse_blk - new)[..., None])  # fmt: skip
+    seen = new.masked_fill(new == float("-inf"), 0)  # rows with no key so far: weights 0, not NaN
+    merged = (old[:, :, rows].to(lse.dtype) * torch.exp(lse_rows - seen)[..., None]
+              + out_blk.to(lse.dtype) * torch.exp(lse_blk - seen)[..., None])  # fmt: skip
     dst[:, :, rows].copy_(merged)
     lse_rows.copy_(new)

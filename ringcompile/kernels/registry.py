@@ -1,12 +1,15 @@
 """Which kernel computes which block: every block kernel declares, as data, what it takes.
 
 A ring step's block is of one kind (``block_kind``): "plain" (full or causal pieces: what fused
-SDPA kernels compute) or "masked" (rules per element: windows, documents, padding, a dense mask).
-A kernel's ``KernelSpec`` says which kinds, devices, dtypes and head dims it takes, and whether it
-merges each block into the ring's running state itself (``AttentionKernels``) or returns each
-piece's (out, lse) for the engine to merge (``PlainBlocks``). ``plan_kernels`` picks one kernel
-per kind, the first in ``KERNELS`` that takes the inputs; the run (``select_kernels``) and
-``explain`` (``KernelPlan.names``) both read that one answer.
+SDPA kernels compute), "varlen" (documents with position rules, positions in one progression on
+both sides: a batch of variable-length problems, ``varlen.Segments``) or "masked" (rules per
+element: windows and chunks, key padding, a dense mask, zigzag's two chunks; and the varlen
+blocks a varlen kernel cannot take). A kernel's ``KernelSpec`` says which kinds, devices, dtypes and head dims it takes,
+and whether it merges each block into the ring's running state itself (``AttentionKernels``) or
+returns each piece's (out, lse) for the engine to merge (``PlainBlocks``,
+``varlen.VarlenBlocks``). ``plan_kernels`` picks one kernel per kind, the first in ``KERNELS``
+that takes the inputs; the run (``select_kernels``) and ``explain`` (``KernelPlan.names``) both
+read that one answer.
 
 Adding a kernel: its own module, and one ``KernelSpec`` in ``KERNELS`` (its place in the list is
 its preference).
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ringcompile.kernels.sdpa_blocks import CpuFlashBlocks, CudnnBlocks, cudnn_runs
+from ringcompile.kernels.varlen import FlashVarlenBlocks, flash_varlen_runs
 
 __all__ = [
     "BLOCK_KINDS",
@@ -29,11 +33,12 @@ __all__ = [
     "KernelPlan",
     "KernelSpec",
     "block_kind",
+    "mask_kind",
     "plan_kernels",
     "resolve_kernel_choice",
 ]
 
-BLOCK_KINDS = ("plain", "masked")
+BLOCK_KINDS = ("plain", "varlen", "masked")
 _HALF = frozenset({torch.float16, torch.bfloat16})
 _FLOATS = _HALF | {torch.float32, torch.float64}
 
@@ -89,6 +94,16 @@ KERNELS: tuple[KernelSpec, ...] = (
         CpuFlashBlocks,
     ),  # fmt: skip
     KernelSpec(
+        "flash varlen",
+        frozenset({"varlen"}),
+        frozenset({"cuda"}),
+        _HALF,
+        256,
+        False,
+        FlashVarlenBlocks,
+        runs=flash_varlen_runs,
+    ),  # fmt: skip
+    KernelSpec(
         "triton",
         frozenset(BLOCK_KINDS),
         frozenset({"cuda"}),
@@ -107,16 +122,26 @@ KERNELS: tuple[KernelSpec, ...] = (
         _reference_kernels,
     ),  # fmt: skip
 )
-# The engine merges only plain pieces itself; a kernel that leaves the merge to it takes no more.
-assert all(spec.merges or spec.kinds == {"plain"} for spec in KERNELS)
+# A kernel that leaves the merge to the engine takes one kind, plain or varlen; a varlen block
+# it cannot take goes to the masked kind's kernel, which merges.
+assert all(spec.merges or spec.kinds in ({"plain"}, {"varlen"}) for spec in KERNELS)
+assert all(spec.merges for spec in KERNELS if "masked" in spec.kinds)
 
 # "auto", or a kernel that takes every kind, forced for every block it takes
 KERNEL_CHOICES = ("auto",) + tuple(s.name for s in KERNELS if s.kinds == set(BLOCK_KINDS))
 
 
-def block_kind(pieces) -> str:
-    """The kind of a block from its plain pieces (``BlockMask.pieces``; None: masked)."""
-    return "masked" if pieces is None else "plain"
+def block_kind(pieces, varlen: bool = False) -> str:
+    """The kind of a block from its plain pieces (``BlockMask.pieces``; None: not plain) and
+    whether it is a batch of variable-length problems (``BlockMask.varlen``)."""
+    if pieces is not None:
+        return "plain"
+    return "varlen" if varlen else "masked"
+
+
+def mask_kind(mask) -> str:
+    """``block_kind`` of a ring step's ``BlockMask``."""
+    return block_kind(mask.pieces, mask.varlen)
 
 
 @dataclass(frozen=True)

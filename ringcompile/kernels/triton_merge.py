@@ -40,11 +40,12 @@ def _merge_kernel(
         old = OLD + b64 * stride_ob + h64 * stride_oh + (start + rows)[:, None] * stride_os
         o_old = tl.load(old + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         l_old = tl.load(lse_ptrs, mask=row_ok, other=0.0)
-        m = tl.maximum(l_old, l_blk)  # l_blk is finite: so is m
+        m = tl.maximum(l_old, l_blk)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a row that has seen no key yet, nor here
         w_old = tl.exp(l_old - m)
         w_blk = tl.exp(l_blk - m)
-        total = w_old + w_blk
-        out = (o_old * w_old[:, None] + o_blk * w_blk[:, None]) / total[:, None]
+        total = w_old + w_blk  # 0 for such a row: its lse stays -inf and its output 0
+        out = (o_old * w_old[:, None] + o_blk * w_blk[:, None]) / tl.where(total == 0, 1.0, total)[:, None]  # fmt: skip
         tl.store(dst, out.to(DST.dtype.element_ty), mask=ok)
         tl.store(lse_ptrs, m + tl.log(total), mask=row_ok)
 

@@ -128,12 +128,13 @@ def own_block_head_parts(kv_heads: int) -> list[tuple[int, int]]:
 def own_parts(kernels: BlockEngine, own_mask: BlockMask, kv_shape,
               n: int) -> list[tuple[int, int, int, int]]:  # fmt: skip
     """The own block's backward parts as (first KV head, last KV head + 1, first key, last key +
-    1): by heads where the block is plain pieces for a fused kernel, else by keys; one part when
-    the ring has one step."""
+    1): by heads where the block goes whole to a fused kernel (plain pieces, or a varlen block for a
+    varlen kernel, whose segments then serve both parts), else by keys; one part when the ring
+    has one step."""
     Hkv, Sk = kv_shape[1], kv_shape[2]
     if n == 1:
         return [(0, Hkv, 0, Sk)]
-    if own_mask.pieces is not None and kernels.fused_plain and Hkv >= 2:
+    if kernels.fused(own_mask) and Hkv >= 2:
         return [(h0, h1, 0, Sk) for h0, h1 in own_block_head_parts(Hkv)]
     return [(0, Hkv, lo, hi) for lo, hi in own_block_key_parts(Sk)]
 
@@ -146,8 +147,9 @@ def own_part_backward(kernels: BlockEngine, part, q, k, v, dout, out, lse, prepa
     Hkv = k.shape[1]
     if (kh0, kh1) == (0, Hkv):
         keys = (slice(None), slice(None), slice(lo, hi))
-        kernels.backward_step(q, k[keys], v[keys], dout, lse, prepared, own_mask.keys(lo, hi),
-                              scale, dq, own_dk.part(keys), own_dv.part(keys))  # fmt: skip
+        mask = own_mask if (lo, hi) == (0, k.shape[2]) else own_mask.keys(lo, hi)
+        kernels.backward_step(q, k[keys], v[keys], dout, lse, prepared, mask, scale, dq,
+                              own_dk.part(keys), own_dv.part(keys))  # fmt: skip
         return
     G = q.shape[1] // Hkv
     qh, kvh = (slice(None), slice(kh0 * G, kh1 * G)), (slice(None), slice(kh0, kh1))

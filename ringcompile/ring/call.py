@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ringcompile.blocks import layout_progression
 from ringcompile.group import resolve_group_name
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
@@ -126,11 +127,14 @@ class RankCall:
             rules=self.mask.rules,
             q_doc=self.facts[0] if self.facts is not None else None,
             k_doc=k_facts[0] if k_facts is not None else None,
-            k_valid=k_facts[1] if k_facts is not None else None,
+            # (all ones without a padding mask: no fact)
+            k_valid=k_facts[1] if self.mask.key_padding_mask is not None else None,
             dense=dense,
             dense_offset=self.dense_offset,
             positions_key=(self.layout, self.rank, src),
             pieces=self.steps[step].pieces,
+            progression=layout_progression(self.layout, self.rank, src),
+            documents_source=self.mask.document_ids,
         )
 
     def first_hop_dtype(self, sender: int, fused_plain: bool, dtype: torch.dtype,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ringcompile.blocks import describe_block
+from ringcompile.blocks import describe_block, layout_progression
 from ringcompile.kernels.registry import KernelPlan, block_kind
 from ringcompile.layout import Layout
 from ringcompile.masks import AttentionMask
@@ -20,15 +20,30 @@ def describe_steps(
     it. Only which of ``mask``'s parts are present matters, so the passes describe theirs over
     graph nodes."""
     n = layout.local_len
+    # a varlen block (``BlockMask.varlen``) where positions are one progression
+    by_rules = mask.document_ids is not None and all(
+        t is None for t in (mask.key_padding_mask, mask.key_bias, mask.dense)
+    )
+    parts = [name for name, present in (("documents", mask.document_ids is not None),
+                                        ("window", mask.rules.window is not None),
+                                        ("chunks", mask.rules.chunk > 0)) if present]  # fmt: skip
+    masked_kernel = kernels.spec("masked").name
     lines = []
     for step in rank_steps(layout, mask.rules, mask.masked, rank):
         where = "own block" if step.index == 0 else f"keys of rank {step.source}"
         if not step.computed:
             lines.append(f"step {step.index} ({where}): empty, skipped")
             continue
-        kind = describe_block(step.pieces, n, n)
-        kernel = kernels.spec(block_kind(step.pieces)).name
-        lines.append(f"step {step.index} ({where}): {kind} -> {kernel}")
+        varlen = by_rules and layout_progression(layout, rank, step.source) is not None
+        kind = block_kind(step.pieces, varlen)
+        kernel = kernels.spec(kind).name
+        if kind == "varlen":
+            what = f"varlen ({', '.join(parts)})"
+            if kernel != masked_kernel:
+                kernel += f" (ids not sorted along a row: {masked_kernel})"
+        else:
+            what = describe_block(step.pieces, n, n)
+        lines.append(f"step {step.index} ({where}): {what} -> {kernel}")
     if mask.key_padding_mask is not None and not replace(mask, key_padding_mask=None).masked:
         lines.append(
             "(key padding that hides no key on any rank is dropped at run time: the "
