@@ -22,7 +22,12 @@ import triton
 import triton.language as tl
 
 from ringcompile.kernels.triton.configs import _sm_count
-from ringcompile.kernels.triton.jit import _LOG2E, _masked_softmax_step, _softmax_result
+from ringcompile.kernels.triton.jit import (
+    _LOG2E,
+    LAUNCH_OPTIONS,
+    _masked_softmax_step,
+    _softmax_result,
+)
 
 __all__ = ["decode_partial"]
 
@@ -129,7 +134,7 @@ def decode_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         valid.stride(0) if key_valid is not None else 0,
         S, T, Hkv, per, n_splits, scale * _LOG2E,
         G=G, ROWS=rows, D=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_N=_BLOCK_N,
-        CAUSAL=causal, HAS_VALID=key_valid is not None,
+        CAUSAL=causal, HAS_VALID=key_valid is not None, **LAUNCH_OPTIONS,
     )  # fmt: skip
     # merge the splits: rows (G * T) of KV head hk are query heads hk * G + r // T, queries r % T
     out, lse = out[..., : G * T, :], lse[..., : G * T]

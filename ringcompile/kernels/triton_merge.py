@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ringcompile.kernels.triton.jit import LAUNCH_OPTIONS
+
 
 @triton.jit
 def _merge_kernel(
@@ -69,5 +71,5 @@ def merge_block_cuda(old: torch.Tensor | None, dst: torch.Tensor, lse: torch.Ten
             out_blk.stride(0), out_blk.stride(1), out_blk.stride(2),
             lse_blk.stride(0), lse_blk.stride(1), lse_blk.stride(2),
             HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK=block, FIRST=first,
-            num_warps=4,
+            num_warps=4, **LAUNCH_OPTIONS,
         )  # fmt: skip

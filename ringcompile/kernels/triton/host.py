@@ -21,7 +21,7 @@ from ringcompile.kernels.triton.configs import (
     default_fwd_config,
 )
 from ringcompile.kernels.triton.forward import _fwd_kernel
-from ringcompile.kernels.triton.jit import _LOG2E, _strides
+from ringcompile.kernels.triton.jit import _LOG2E, LAUNCH_OPTIONS, _strides
 from ringcompile.kernels.triton.mask_args import _mask_args
 from ringcompile.kernels.triton.tiles import _tile_lists
 from ringcompile.masks import BlockMask
@@ -117,6 +117,7 @@ class TritonKernels:
                 Sq, Sk, H, H // Hkv, scale * _LOG2E, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK=mflags,
                 FIRST=first, LAST=last, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **LAUNCH_OPTIONS,
             )  # fmt: skip
         state.steps += 1
 
@@ -132,7 +133,7 @@ class TritonKernels:
         with _on_device(out):
             _delta_kernel[(triton.cdiv(S, block), B * H)](
                 out, dout, delta, _strides(out), _strides(dout), S, H,
-                HEAD_DIM=D, D_PAD=_head_dim_padded(D), BLOCK=block,
+                HEAD_DIM=D, D_PAD=_head_dim_padded(D), BLOCK=block, **LAUNCH_OPTIONS,
             )  # fmt: skip
         return delta
 
@@ -172,7 +173,7 @@ class TritonKernels:
                 lists, margs, Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, MASK=mflags,
                 DQ_MODE=dq_mode, ACCUMULATE=not dkv_fresh,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
             )  # fmt: skip
             if dq_mode == 0:
                 dq_cfg = cfg.dq
@@ -185,4 +186,5 @@ class TritonKernels:
                     lists, margs, Sq, Sk, H, H // Hkv, scale * _LOG2E, scale, chunk,
                     HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
                     MASK=mflags, num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
+                    **LAUNCH_OPTIONS,
                 )  # fmt: skip

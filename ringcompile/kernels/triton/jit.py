@@ -25,6 +25,9 @@ _POS_HUGE = tl.constexpr(POSITION_NONE)
 # What a helper returns, beside other values, for a fact the mask lacks: Triton's compiler takes
 # no None inside a returned tuple. Nothing reads it (the fact's flag is off).
 _ABSENT = tl.constexpr(0)
+# Passed to every launch: FP fusion (fused multiply-add) is what the kernels were checked and
+# measured with. Triton 3.9 warns when it is left to its default, which 3.10 turns off.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
 class _Strides(NamedTuple):

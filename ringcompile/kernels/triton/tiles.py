@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ringcompile.kernels.triton.jit import _POS_HUGE, _range_of
+from ringcompile.kernels.triton.jit import _POS_HUGE, LAUNCH_OPTIONS, _range_of
 from ringcompile.masks import BlockMask
 
 
@@ -274,6 +274,6 @@ def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int,
         CHUNK=max(1, min(64, 4096 // col_block)),
         CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
         HAS_CHUNK=rules.chunk > 0, FULL_ALLOWED=full_allowed,
-        DOC_FACTS=mask.q_doc is not None, KEY_FACTS=mask.k_valid is not None,
+        DOC_FACTS=mask.q_doc is not None, KEY_FACTS=mask.k_valid is not None, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return lists
