@@ -16,6 +16,9 @@ as throughput (calls back to back) and as the time of one call from an idle GPU 
   Triton);
 - ours, no communication: that rank's part of the ring on a ring that sends nothing (its schedule
   and kernels, on its own K/V): if the ring takes about as long, the sends hid under the compute;
+- ours ulysses (where the heads split over W): ``strategy="ulysses"``, the all-to-alls over heads
+  and one attention over the whole sequence for H/W heads; "no communication" is that attention
+  with its reordering alone;
 - PyTorch ``context_parallel`` (its SDPA ring through DTensor, load-balanced by default, cuDNN
   blocks; K/V expanded to 32 heads, since its fused kernels need equal head counts);
 - the seed package (``ring-attention-pytorch`` 0.5.20, striped, ``ring_reduce_col=True``), when
@@ -57,6 +60,7 @@ from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring import LocalRing, RankCall
 from ringcompile.ring.backward import ring_backward
 from ringcompile.ring.forward import ring_forward
+from ringcompile.ulysses import split_refusal
 
 LAYOUTS = ["contiguous", "striped", "zigzag"]
 MASKS = ["causal", "documents", "padding"]
@@ -182,7 +186,7 @@ def facts_of(args, layout, rank: int, device) -> dict:
     return {name: t[:, pos].to(device) for name, t in facts.items()}
 
 
-def ours(layout_name, args, world, device, dtype, kernels="auto"):
+def ours(layout_name, args, world, device, dtype, kernels="auto", strategy="ring"):
     lay = make_layout(layout_name, args.tokens_per_rank * world, world)
     q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim).requires_grad_()
     k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
@@ -191,7 +195,26 @@ def ours(layout_name, args, world, device, dtype, kernels="auto"):
     facts = facts_of(args, lay, dist.get_rank(), device)
     return fwd_bwd(
         lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, layout=lay,
-                                       kernels=kernels, **facts),
+                                       kernels=kernels, strategy=strategy, **facts),
+        (q, k, v), dout,
+    )  # fmt: skip
+
+
+def ulysses_without_communication(args, world, device, dtype):
+    """A rank's Ulysses compute without its all-to-alls: the attention over the whole sequence for
+    its H/W query heads (and the KV heads they use), with the reordering into and out of natural
+    order, on a group of one."""
+    S = args.tokens_per_rank * world
+    h, hkv = args.heads // world, max(args.kv_heads // world, 1)
+    q = rand(device, dtype, 1, h, S, args.head_dim).requires_grad_()
+    k = rand(device, dtype, 1, hkv, S, args.head_dim).requires_grad_()
+    v = rand(device, dtype, 1, hkv, S, args.head_dim).requires_grad_()
+    dout = rand(device, dtype, *q.shape)
+    alone, _ = dist.new_subgroups(group_size=1)  # collective: every rank makes its own group
+    facts = facts_of(args, make_layout("contiguous", S, 1), 0, device)
+    return fwd_bwd(
+        lambda q, k, v: ring_attention(q, k, v, is_causal=True, enable_gqa=True, group=alone,
+                                       strategy="ulysses", **facts),
         (q, k, v), dout,
     )  # fmt: skip
 
@@ -372,6 +395,11 @@ def measure(rank, world, args):
             record(label, ours(name, args, world, device, dtype, kern))
             record(f"{label}, no communication",
                    ours_without_communication(name, args, world, device, dtype, kern))  # fmt: skip
+    if split_refusal(args.heads, args.kv_heads, world) is None:
+        label = f"ours ulysses ({args.layouts[0]} layout)"
+        record(label, ours(args.layouts[0], args, world, device, dtype, strategy="ulysses"))
+        record("ours ulysses, no communication",
+               ulysses_without_communication(args, world, device, dtype))  # fmt: skip
     if device.type == "cuda" and not args.no_peers and args.mask == "causal":
         try:
             run, ctx = torch_context_parallel(args, world, device, dtype)

@@ -17,6 +17,7 @@ from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring import ring_attention_op
+from ringcompile.ulysses import HeadSplit, ulysses_attention_op
 
 __all__ = ["ring_attention"]
 
@@ -41,6 +42,7 @@ def ring_attention(
     key_bias: torch.Tensor | None = None,
     empty_rows: str = "zero",
     kernels: str | None = None,
+    strategy: str = "ring",
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` over a sequence sharded across the ranks of a ring.
 
@@ -81,6 +83,11 @@ def ring_attention(
         kernels: which kernels compute the ring's blocks: "auto" (plain full and causal blocks
             on cuDNN where it runs, masked blocks on Triton), "triton" (every block in Triton)
             or "reference" (plain PyTorch); None reads ``RINGCOMPILE_KERNELS``, else "auto".
+        strategy: "ring" (K/V travel around the ring while each rank keeps its queries) or
+            "ulysses" (an all-to-all gives each rank every token of H/W of the heads, one-GPU
+            attention runs there, and an all-to-all brings the output back: ``ringcompile.ulysses``).
+            Ulysses needs W to divide H, and W and Hkv to divide one another; it takes no
+            ``attn_mask``.
 
     Returns:
         (B, H, S_local, Dv): this rank's rows of SDPA over the global sequence.
@@ -166,7 +173,19 @@ def ring_attention(
     mask = AttentionMask(PositionRules.of(is_causal, window, chunk), document_ids=document_ids,
                          key_padding_mask=key_padding_mask, key_bias=key_bias, dense=dense,
                          empty_rows_mean=empty_rows == "mean")  # fmt: skip
-    out, _ = ring_attention_op(
+    if strategy not in ("ring", "ulysses"):
+        raise ValueError(f'strategy must be "ring" or "ulysses", got {strategy!r}')
+    op = ring_attention_op
+    if strategy == "ulysses":
+        if dense is not None:
+            raise ValueError(
+                "strategy='ulysses' takes no attn_mask (each rank would hold every row of it): "
+                "pass the mask as facts (is_causal, window, chunk, document_ids, "
+                "key_padding_mask, key_bias), or use strategy='ring'"
+            )
+        HeadSplit.of(H, k.shape[1], world)  # (raises, naming the heads and the fix)
+        op = ulysses_attention_op
+    out, *_ = op(
         q.contiguous(),
         k.contiguous(),
         v.contiguous(),

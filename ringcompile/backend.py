@@ -22,7 +22,11 @@ Options:
   blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto";
 - ``check_inputs``: when to check that every rank of the ring was given the same inputs where the
   ring shards them (``ringcompile.input_check``): "first_call" (default: each compiled graph's
-  first call), "every_call" or "never".
+  first call), "every_call" or "never";
+- ``strategy``: how attention runs over the sharded sequence (``ringcompile.strategy``): "auto"
+  (default: per site, Ulysses for documents, windows, chunks and per-key biases where the heads
+  split over the ranks, the ring otherwise), "ring" or "ulysses" (a site whose heads do not split
+  runs as a ring, listed among the fallbacks).
 
 A bad option, or a program the backend refuses, raises ``RingCompileError`` with our message alone
 (``ringcompile.errors`` says how it passes through Dynamo): at the first call of the compiled
@@ -54,6 +58,7 @@ from ringcompile.passes.fx_utils import input_source, is_module_state, is_sdpa
 from ringcompile.passes.idioms import reads_sharded_cache
 from ringcompile.report import ExplainReport, GraphReport, readable_code
 from ringcompile.specialize import PerShape
+from ringcompile.strategy import STRATEGIES
 
 __all__ = ["ring_backend", "ring_shard", "explain", "RingOptions"]
 
@@ -87,6 +92,7 @@ class RingOptions:
     gather_outputs: bool = True
     kernels: str | None = None
     check_inputs: str = "first_call"
+    strategy: str = "auto"
 
     @classmethod
     def from_dict(cls, options: dict | None) -> RingOptions:
@@ -122,6 +128,10 @@ class RingOptions:
             raise RingCompileError(
                 f"backend='ring': check_inputs={opts.check_inputs!r} is not one of "
                 f"{list(_INPUT_CHECKS)}"
+            )
+        if opts.strategy not in STRATEGIES:
+            raise RingCompileError(
+                f"backend='ring': strategy={opts.strategy!r} is not one of {list(STRATEGIES)}"
             )
         try:
             if opts.kernels is not None:
@@ -197,6 +207,7 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
         layout_name=opts.layout,
         gather_outputs=opts.gather_outputs,
         kernels=opts.kernels,
+        strategy=opts.strategy,
     )
     run_passes(ctx)
     _warn_if_nothing_sharded(ctx)

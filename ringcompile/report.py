@@ -44,8 +44,9 @@ class GraphReport:
     reductions: list[str] = field(default_factory=list)  # reductions over the sequence kept local
     fallbacks: list[str] = field(default_factory=list)  # what was left unsharded, and why
     gradients: list[str] = field(default_factory=list)
-    # (the attention calls, what their queries are, a line per ring step of this rank)
-    steps: list[tuple[list[str], str, list[str]]] = field(default_factory=list)
+    # (what the lines are, the attention calls, what their queries are, a line per ring step of
+    # this rank or for Ulysses' attention)
+    steps: list[tuple[str, list[str], str, list[str]]] = field(default_factory=list)
     code: str = ""
 
     def __str__(self) -> str:
@@ -77,10 +78,11 @@ class GraphReport:
         return "\n".join(lines)
 
     def _step_lines(self) -> list[str]:
-        """Each attention kind's ring steps on this rank: block kind and the kernel computing it."""
+        """Each attention kind's ring steps on this rank, or its Ulysses attention: block kind and
+        the kernel computing it."""
         lines = []
-        for names, head, steps in self.steps:
-            lines.append(f"ring steps of this rank ({', '.join(names)}; {head}):")
+        for title, names, head, steps in self.steps:
+            lines.append(f"{title} ({', '.join(names)}; {head}):")
             lines += [f"  - {s}" for s in steps]
         return lines
 

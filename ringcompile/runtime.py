@@ -78,7 +78,8 @@ class SdpaOnRing(_Bound):
 
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, window=None, chunk=None, document_ids=None,
-                 key_padding_mask=None, key_bias=None, empty_rows="zero"):  # fmt: skip
+                 key_padding_mask=None, key_bias=None, empty_rows="zero",
+                 strategy="ring"):  # fmt: skip
         return _ring_attention(
             q,
             k,
@@ -97,6 +98,7 @@ class SdpaOnRing(_Bound):
             key_bias=key_bias,
             empty_rows=empty_rows,
             kernels=self.kernels,
+            strategy=strategy,
         )
 
 

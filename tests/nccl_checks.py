@@ -85,10 +85,11 @@ def check_ring_attention(rank, world, device) -> list[str]:
                 gk = gk.unflatten(1, (Hkv, G)).sum(2)
                 gv = gv.unflatten(1, (Hkv, G)).sum(2)
                 sdpa_errs = [rel(x, r) for x, r in zip((o, gq, gk, gv), (ref, *ref_grads))]
-            choices = (
-                ("auto", "triton") if kind == "causal" and dtype == torch.bfloat16 else ("auto",)
-            )
-            for name, kernels in (
+            # (strategy, kernels): Ulysses on the fastest kernels only
+            choices = [("ring", "auto"), ("ulysses", "auto")]
+            if kind == "causal" and dtype == torch.bfloat16:
+                choices.append(("ring", "triton"))
+            for name, (strategy, kernels) in (
                 (n, c) for n in ("contiguous", "striped", "zigzag") for c in choices
             ):
                 lay = make_layout(name, S, world)
@@ -97,13 +98,12 @@ def check_ring_attention(rank, world, device) -> list[str]:
                 for key in ("document_ids", "key_padding_mask"):
                     if key in kw_local:
                         kw_local[key] = lay.shard(kw_local[key], 1, rank)
-                out = ring_attention(
-                    *local, enable_gqa=True, layout=lay, kernels=kernels, **kw_local
-                )
+                out = ring_attention(*local, enable_gqa=True, layout=lay, kernels=kernels,
+                                     strategy=strategy, **kw_local)  # fmt: skip
                 grads = torch.autograd.grad(out, local, lay.shard(dout, 2, rank))
                 want = [lay.shard(t, 2, rank) for t in (ref, *ref_grads)]
                 errs = [rel(x, r) for x, r in zip((out, *grads), want)]
-                tag = f"rank {rank} {kind} {name} {dtype} {kernels}"
+                tag = f"rank {rank} {kind} {name} {dtype} {strategy} {kernels}"
                 print(tag, " ".join(f"{n}={e:.2e}" for n, e in zip(("out", "dq", "dk", "dv"), errs)),
                       "" if sdpa_errs is None else
                       "sdpa " + " ".join(f"{e:.2e}" for e in sdpa_errs), flush=True)  # fmt: skip

@@ -136,7 +136,7 @@ def test_snapshot_rotary_computed_and_cached(gloo):
 === graph 1 of 1 ===
 ring graph: sequence of 16 tokens over 2 ranks, striped layout
 attention replaced: 1
-  - out at ringcompile/testing_models.py:34: is_causal=True, no mask
+  - out at ringcompile/testing_models.py:34: is_causal=True, no mask; ring: plain blocks hide the K/V transfers (auto)
 ring steps of this rank (out; torch.float64 on cpu, head dim 8):
   - step 0 (own block): causal diagonal -> flash (CPU)
   - step 1 (keys of rank 1): strictly causal -> flash (CPU)
@@ -291,6 +291,7 @@ def forward(self, *inputs):  # 14 inputs
         ({"group": 3}, "group must be"),
         ({"kernels": "cudnn"}, "kernels='cudnn' is not one of"),
         ({"mode": "fast"}, "mode='fast' is not one of"),
+        ({"strategy": "a2a"}, "strategy='a2a' is not one of"),
         ({"mode": "reduce-overhead", "compiler": "aot_eager"}, "it needs compiler='inductor'"),
     ],
 )

@@ -21,3 +21,19 @@ def test_bench_ring_runs_on_a_gloo_world(tmp_path):
     rows = json.loads(saved.read_text())["rows"]
     for name in ("ours zigzag", "ours zigzag, no communication"):
         assert rows[name]["ms"] > 0, rows[name]
+
+
+def test_bench_strategies_runs_on_cpu(tmp_path):
+    cmd = [sys.executable, "benchmarks/bench_strategies.py", "--tokens-per-rank", "32",
+           "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--worlds", "2", "4",
+           "--out", str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_strategies.json").read_text())["rows"]
+    assert [(r["world"], r["mask"]) for r in rows] == [
+        (w, m) for w in (2, 4) for m in ("causal", "documents", "window")
+    ]
+    # 4 heads, 2 KV heads over 2 ranks: each sends half of its q, out, dout and dq and one KV
+    # head of k, v, dk and dv to the other, 32 tokens of 16 fp32 values each
+    assert rows[0]["ulysses_a2a_ms"] == (4 * 2 + 4 * 1) * 32 * 16 * 4 / (200.0 * 1e6)

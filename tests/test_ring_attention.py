@@ -146,7 +146,7 @@ def _shard_kwargs(kw, layout, rank):
 
 
 def check_against_sdpa(
-    rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None, kernels=None
+    rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None, kernels=None, strategy="ring"
 ):
     """Returns this rank's relative errors (out, dq, dk, dv) against SDPA on the full sequence."""
     B, D = 2, 8
@@ -166,6 +166,7 @@ def check_against_sdpa(
         group=group,
         layout=layout,
         kernels=kernels,
+        strategy=strategy,
         **_shard_kwargs(kw, layout, ring_rank),
     )
     (out * layout.shard(w, 2, ring_rank)).sum().backward()

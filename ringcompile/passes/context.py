@@ -105,6 +105,7 @@ class RingContext:
     layout_name: str
     gather_outputs: bool = True
     kernels: str | None = None  # the block kernel choice (ringcompile.kernels); None: the default
+    strategy: str = "auto"  # ring, ulysses or auto (ringcompile.strategy)
     report: GraphReport = field(default_factory=GraphReport)
 
     # find_attention

@@ -5,9 +5,11 @@ Guarantees: every such call is ``ring_attention(q, k, v, ...)`` with SDPA's argu
 (mask, causality, scale, GQA): the same rows SDPA would give for this rank's queries over the
 global sequence. Causality is by global position, so any layout is exact. A dense mask arrives as
 this rank's rows over all keys (its key side was never sharded), the ring op's dense fallback.
+Each site's strategy (``ringcompile.strategy``) is settled here; a Ulysses site says so:
 
     out = torch._C._nn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     -> out = ring_attention(q, k, v, is_causal=True, enable_gqa=True)
+    -> out = ring_attention(q, k, v, is_causal=True, document_ids=doc, strategy='ulysses')
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import sdpa_args, source_line
 from ringcompile.ring import describe_steps
+from ringcompile.strategy import choose
+from ringcompile.ulysses import HeadSplit
+from ringcompile.ulysses.explain import describe_ulysses
 
 
 def run(ctx: RingContext) -> None:
@@ -48,21 +53,37 @@ def run(ctx: RingContext) -> None:
         else:
             mask = AttentionMask(PositionRules(site.is_causal), dense=site.attn_mask)
             what = "no mask" if site.attn_mask is None else "dense mask (local rows x global keys)"
-        ctx.report.attention.append(f"{where}: is_causal={mask.rules.causal}, {what}")
-        _report_steps(ctx, node, site, mask)
+        q, k = example(site.q), example(site.k)
+        choice = choose(ctx.strategy, q.shape[1], k.shape[1], ctx.world_size, mask)
+        if choice.strategy == "ulysses":
+            node.kwargs = {**node.kwargs, "strategy": "ulysses"}
+        if choice.refused is not None:
+            ctx.report.fallbacks.append(f"{where}: strategy='ulysses' refused ({choice.refused}); "
+                                        "it runs as a ring")  # fmt: skip
+        ctx.report.attention.append(
+            f"{where}: is_causal={mask.rules.causal}, {what}; {choice.strategy}: {choice.reason}"
+        )
+        _report_steps(ctx, node, site, mask, choice.strategy)
     # what fed the dense masks and K/V expansions that were lifted is dead now
     ctx.remove_dead_code()
 
 
-def _report_steps(ctx: RingContext, node, site, mask: AttentionMask[Node]) -> None:
-    """This rank's ring steps for the site: each block's kind and kernel (once per kind of site)."""
-    q = example(site.q)
+def _report_steps(ctx: RingContext, node, site, mask: AttentionMask[Node], strategy: str) -> None:
+    """This rank's ring steps for the site, or its Ulysses attention: each block's kind and
+    kernel (once per kind of site)."""
+    q, k = example(site.q), example(site.k)
     kernels = plan_kernels(q.device, q.dtype, q.shape[-1], resolve_kernel_choice(ctx.kernels))
-    lines = describe_steps(ctx.layout, ctx.rank, mask, kernels)
+    if strategy == "ulysses":
+        title = "ulysses on this rank"
+        split = HeadSplit.of(q.shape[1], k.shape[1], ctx.world_size)
+        lines = describe_ulysses(ctx.seq_len, split, mask, kernels)
+    else:
+        title = "ring steps of this rank"
+        lines = describe_steps(ctx.layout, ctx.rank, mask, kernels)
     head = f"{q.dtype} on {q.device.type}, head dim {q.shape[-1]}"
-    key = (head, tuple(lines))
+    key = (title, head, tuple(lines))
     if key in ctx.reported_steps:
         ctx.reported_steps[key].append(node.name)
         return
     ctx.reported_steps[key] = [node.name]
-    ctx.report.steps.append((ctx.reported_steps[key], head, lines))
+    ctx.report.steps.append((title, ctx.reported_steps[key], head, lines))

@@ -41,6 +41,9 @@ class RankCall:
     facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity (they travel)
     key_bias: torch.Tensor | None  # (B|1, H|1, 1, S_local): AttentionMask.key_bias (it travels)
     kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
+    # the tensor whose identity keys the varlen segments (``BlockMask.documents_source``); None:
+    # the mask's document ids
+    documents_source: torch.Tensor | None = None
 
     @classmethod
     def make(cls, q, mask: AttentionMask, layout_name: str, seq_len: int, group_name: str,
@@ -134,7 +137,11 @@ class RankCall:
             positions_key=(self.layout, self.rank, src),
             pieces=self.steps[step].pieces,
             progression=layout_progression(self.layout, self.rank, src),
-            documents_source=self.mask.document_ids,
+            documents_source=(
+                self.documents_source
+                if self.documents_source is not None
+                else self.mask.document_ids
+            ),
         )
 
     def first_hop_dtype(self, sender: int, fused_plain: bool, dtype: torch.dtype,

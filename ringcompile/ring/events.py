@@ -24,6 +24,7 @@ class RingCounts:
     steps_computed: int = 0
     steps_skipped: int = 0
     idle_padding_dropped: int = 0  # calls (forward or backward) whose key validity hid nothing
+    all_to_alls: int = 0  # Ulysses' all-to-alls (``ringcompile.ulysses``), facts' included
 
 
 _listeners: list[RingCounts] = []

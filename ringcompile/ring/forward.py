@@ -11,25 +11,30 @@ from __future__ import annotations
 import torch
 
 from ringcompile.kernels import select_kernels
+from ringcompile.masks import AttentionMask
 from ringcompile.ring import events
 from ringcompile.ring.call import RankCall
 from ringcompile.ring.comm import issued_after, record_event, wait_all
 from ringcompile.ring.empty_rows import EmptyRows
 
-__all__ = ["ring_forward"]
+__all__ = ["agreement", "ring_forward"]
 
 _DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def agreement(q, k, seq_len: int, mask: AttentionMask) -> list[tuple[str, int]]:
+    """What every rank of a call must state alike, as (what, value)."""
+    B, H, S, D = q.shape
+    return [("batch", B), ("heads", H), ("kv_heads", k.shape[1]), ("local sequence length", S),
+            ("head dim", D), ("dtype", _DTYPE_CODES.index(q.dtype)), ("seq_len", seq_len),
+            *mask.agreement()]  # fmt: skip
 
 
 def ring_forward(call: RankCall, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     ring, mask = call.ring, call.mask
     verify = None
     if ring.size > 1:
-        B, H, S, D = q.shape
-        agree = [("batch", B), ("heads", H), ("kv_heads", k.shape[1]),
-                 ("local sequence length", S), ("head dim", D),
-                 ("dtype", _DTYPE_CODES.index(q.dtype)), ("seq_len", call.seq_len),
-                 *mask.agreement()]  # fmt: skip
+        agree = agreement(q, k, call.seq_len, mask)
         hides = call.padding_hides()
         verify = ring.start_agreement([v for _, v in agree], [w for w, _ in agree], q.device,
                                       extra=hides)  # fmt: skip

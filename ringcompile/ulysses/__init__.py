@@ -1,0 +1,23 @@
+"""Ulysses: attention over a sharded sequence by an all-to-all over heads.
+
+Each rank holds its tokens of q, k and v for every head. An all-to-all gives each rank every token
+of a group of heads (the sequence put back in natural order), one-GPU attention runs there on the
+block engine's fastest kernel for the mask (plain on cuDNN, documents on a varlen kernel), and an
+all-to-all brings the output back to the ranks' tokens. Nothing in between talks: no per-step
+overhead, at the price of four all-to-alls (q, k, v, out; in the backward dout, dq, dk, dv) that
+are not hidden.
+
+The modules, in the order a call meets them:
+
+- ``heads.py``: which query and KV heads each rank attends for (``HeadSplit``), and why a head
+  count cannot be split;
+- ``exchange.py``: the all-to-alls between the layout's tokens and a group of heads in natural
+  order, and the per-token facts gathered to natural order;
+- ``op.py``: the ``ringcompile::ulysses_attention`` op and its backward, one op each with its own
+  autograd; the attention between the all-to-alls is a ring of one (``ringcompile.ring``).
+"""
+
+from ringcompile.ulysses.heads import HeadSplit, split_refusal
+from ringcompile.ulysses.op import ulysses_attention_backward_op, ulysses_attention_op
+
+__all__ = ["HeadSplit", "split_refusal", "ulysses_attention_backward_op", "ulysses_attention_op"]
