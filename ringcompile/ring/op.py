@@ -15,17 +15,17 @@ from ringcompile.ring.backward import ring_backward
 from ringcompile.ring.call import RankCall
 from ringcompile.ring.forward import ring_forward
 
-__all__ = ["ring_attention_op", "ring_attention_backward_op"]
+__all__ = ["NOT_CUDAGRAPHS", "OP_OPTIONS", "ring_attention_op", "ring_attention_backward_op"]
 
 # Not for CUDA graphs: the ring waits on the host for its agreement check and issues its sends
 # from Python. Tagged, inductor's "reduce-overhead" leaves them out of its graphs.
-_NOT_CUDAGRAPHS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+NOT_CUDAGRAPHS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 
 
-# The options both ops take after their tensors; the mask crosses encoded
-# (``AttentionMask.encode``): its tensors, then its rules.
-_OPTIONS = ("Tensor?[] mask_tensors, int[] mask_rules, float scale, str layout, int seq_len, "
-            "str group_name, str kernels")  # fmt: skip
+# The options both ops (and Ulysses' ops, ``ringcompile.ulysses.op``) take after their tensors;
+# the mask crosses encoded (``AttentionMask.encode``): its tensors, then its rules.
+OP_OPTIONS = ("Tensor?[] mask_tensors, int[] mask_rules, float scale, str layout, int seq_len, "
+              "str group_name, str kernels")  # fmt: skip
 
 
 def _rank_call(q, mask_tensors, mask_rules, scale, layout, seq_len, group_name,
@@ -37,8 +37,8 @@ def _rank_call(q, mask_tensors, mask_rules, scale, layout, seq_len, group_name,
 @torch.library.custom_op(
     "ringcompile::ring_attention",
     mutates_args=(),
-    tags=_NOT_CUDAGRAPHS,
-    schema=f"(Tensor q, Tensor k, Tensor v, {_OPTIONS}) -> (Tensor, Tensor)",
+    tags=NOT_CUDAGRAPHS,
+    schema=f"(Tensor q, Tensor k, Tensor v, {OP_OPTIONS}) -> (Tensor, Tensor)",
 )
 def ring_attention_op(q, k, v, *options) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring attention on local shards; returns (out, lse). Use ``ringcompile.ring_attention``."""
@@ -53,8 +53,8 @@ def _(q, k, v, *options):
 
 
 @torch.library.custom_op(
-    "ringcompile::ring_attention_backward", mutates_args=(), tags=_NOT_CUDAGRAPHS,
-    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_OPTIONS}) "
+    "ringcompile::ring_attention_backward", mutates_args=(), tags=NOT_CUDAGRAPHS,
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {OP_OPTIONS}) "
     "-> (Tensor, Tensor, Tensor)",
 )  # fmt: skip
 def ring_attention_backward_op(dout, q, k, v, out, lse, *options):

@@ -24,7 +24,7 @@ from ringcompile.ring.backward import ring_backward
 from ringcompile.ring.call import RankCall
 from ringcompile.ring.comm import GroupRing, LocalRing
 from ringcompile.ring.forward import agreement, ring_forward
-from ringcompile.ring.op import _NOT_CUDAGRAPHS, _OPTIONS
+from ringcompile.ring.op import NOT_CUDAGRAPHS, OP_OPTIONS
 from ringcompile.ulysses.exchange import from_heads, to_heads
 from ringcompile.ulysses.heads import HeadSplit
 
@@ -104,8 +104,8 @@ class UlyssesCall:
 @torch.library.custom_op(
     "ringcompile::ulysses_attention",
     mutates_args=(),
-    tags=_NOT_CUDAGRAPHS,
-    schema=f"(Tensor q, Tensor k, Tensor v, {_OPTIONS}) "
+    tags=NOT_CUDAGRAPHS,
+    schema=f"(Tensor q, Tensor k, Tensor v, {OP_OPTIONS}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def ulysses_attention_op(q, k, v, mask_tensors, mask_rules, scale, layout, seq_len, group_name,
@@ -135,9 +135,9 @@ def _(q, k, v, mask_tensors, mask_rules, scale, layout, seq_len, group_name, ker
 
 
 @torch.library.custom_op(
-    "ringcompile::ulysses_attention_backward", mutates_args=(), tags=_NOT_CUDAGRAPHS,
+    "ringcompile::ulysses_attention_backward", mutates_args=(), tags=NOT_CUDAGRAPHS,
     schema=f"(Tensor dout, Tensor q_h, Tensor k_h, Tensor v_h, Tensor out_h, Tensor lse_h, "
-    f"int heads, int kv_heads, {_OPTIONS}) -> (Tensor, Tensor, Tensor)",
+    f"int heads, int kv_heads, {OP_OPTIONS}) -> (Tensor, Tensor, Tensor)",
 )  # fmt: skip
 def ulysses_attention_backward_op(dout, q_h, k_h, v_h, out_h, lse_h, heads, kv_heads,
                                   mask_tensors, mask_rules, scale, layout, seq_len, group_name,
