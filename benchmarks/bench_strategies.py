@@ -1,5 +1,5 @@
-"""Ring or Ulysses, per mask, on one GPU: each strategy's compute for one rank of a virtual group of
-W, without its communication, against one GPU's time on the whole sequence / W.
+"""Ring, Ulysses or two levels, per mask, on one GPU: each strategy's compute for one rank of a
+virtual group of W, without its communication, against one GPU's time on the whole sequence / W.
 
 For W = 2, 4, 8 (``--tokens-per-rank`` tokens a rank), Llama-3-8B heads (32 / 8, D 128), bf16,
 forward + backward, masks causal, packed documents (~1k tokens each, ``bench_ring.py``'s draw) and
@@ -12,6 +12,9 @@ a causal window of 1024:
   reordering into and out of natural order (a group of one), plus its all-to-alls estimated from
   their bytes at ``--link-gbs`` (an assumed all-to-all bandwidth per rank and direction, not a
   measurement: ``bench_ring.py`` times the real ones on W GPUs);
+- two levels (``--heads-groups U``, U ranks a head group, a ring of R = W / U groups): the slowest
+  ring rank's schedule for H/U query heads over U × the tokens a rank, plus the all-to-alls inside
+  the group at ``--link-gbs``; the ring's transfers assumed hidden, as for the ring;
 - one GPU / W: ``ring_attention`` on the whole sequence, all heads, on one GPU, divided by W.
 
     PYTHONPATH=. python benchmarks/bench_strategies.py [--out DIR] [--link-gbs 200]
@@ -66,12 +69,13 @@ def rand(args, *shape, grad=False):
     return t.requires_grad_() if grad else t
 
 
-def ring_rank(args, W: int, rank: int, kw: dict):
-    """Rank ``rank``'s part of a striped ring of W, sending nothing."""
-    L, D = args.tokens_per_rank, args.head_dim
+def ring_rank(args, W: int, rank: int, kw: dict, heads=None, kv_heads=None, L=None):
+    """Rank ``rank``'s part of a striped ring of W (L tokens a rank, these heads), sending
+    nothing."""
+    L, D = L or args.tokens_per_rank, args.head_dim
     lay = make_layout("striped", L * W, W)
-    q = rand(args, 1, args.heads, L, D)
-    k, v = (rand(args, 1, args.kv_heads, L, D) for _ in range(2))
+    q = rand(args, 1, heads or args.heads, L, D)
+    k, v = (rand(args, 1, kv_heads or args.kv_heads, L, D) for _ in range(2))
     dout = rand(args, *q.shape)
     mask = attention_mask(kw, args.device, lay.positions(rank))
     ring, scale = LocalRing(rank, W), D**-0.5
@@ -99,8 +103,8 @@ def whole(args, heads: int, kv_heads: int, S: int, kw: dict, strategy: str):
 
 
 def all_to_all_bytes(args, W: int) -> int:
-    """Bytes one rank sends in Ulysses' all-to-alls of a forward and backward: q, out, dout and dq
-    by query heads; k, v, dk and dv by the KV heads each other rank uses."""
+    """Bytes one rank sends in Ulysses' all-to-alls of a forward and backward over W ranks: q,
+    out, dout and dq by query heads; k, v, dk and dv by the KV heads each other rank uses."""
     split = HeadSplit.of(args.heads, args.kv_heads, W)
     token = args.tokens_per_rank * args.head_dim * args.dtype.itemsize
     by_q = 4 * split.q_per_rank * (W - 1) * token
@@ -117,6 +121,13 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    p.add_argument(
+        "--heads-groups",
+        type=int,
+        nargs="*",
+        default=[2],
+        help="U for the two-level rows (W / U ring ranks), where U < W divides W",
+    )
     p.add_argument("--link-gbs", type=float, default=200.0,
                    help="assumed all-to-all bandwidth per rank and direction, GB/s")  # fmt: skip
     p.add_argument("--warmup", type=int, default=25)
@@ -137,9 +148,17 @@ def main() -> None:
             alone = timed(whole(args, args.heads, args.kv_heads, S, kw, "ring"), args) / W
             row = dict(world=W, mask=mask, ring_ms=ring, ulysses_compute_ms=compute,
                        ulysses_a2a_ms=a2a, ulysses_ms=compute + a2a, one_gpu_over_w_ms=alone)  # fmt: skip
+            two = ""
+            for U in (u for u in args.heads_groups if u < W and W % u == 0):
+                R, inner = W // U, HeadSplit.of(args.heads, args.kv_heads, U)
+                L = args.tokens_per_rank * U
+                step = max(timed(ring_rank(args, R, r, kw, inner.q_per_rank, inner.kv_per_rank, L),
+                                 args) for r in range(R))  # fmt: skip
+                row[f"two_level_u{U}_ms"] = step + all_to_all_bytes(args, U) / (args.link_gbs * 1e6)
+                two += f" | two levels {U}x{R} {row[f'two_level_u{U}_ms']:7.3f} ms"
             rows.append(row)
             print(f"W={W} {mask:9s} ring {ring:7.3f} ms | ulysses {compute:7.3f} + a2a "
-                  f"{a2a:6.3f} = {compute + a2a:7.3f} ms | one GPU / W {alone:7.3f} ms",
+                  f"{a2a:6.3f} = {compute + a2a:7.3f} ms{two} | one GPU / W {alone:7.3f} ms",
                   flush=True)  # fmt: skip
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ringcompile.checks import check_gqa, check_qkv
-from ringcompile.group import group_name_of, resolve_group
+from ringcompile.group import SINGLE, group_name_of, resolve_group, resolve_two_level
 from ringcompile.kernels import resolve_kernel_choice
-from ringcompile.layout import Layout, make_layout
+from ringcompile.layout import Layout, SplitLayout, make_layout
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring import ring_attention_op
 from ringcompile.ulysses import HeadSplit, ulysses_attention_op
@@ -33,7 +33,7 @@ def ring_attention(
     enable_gqa: bool = False,
     *,
     group=None,
-    mesh_dim: int | str | None = None,
+    mesh_dim: int | str | tuple[str, str] | None = None,
     layout: str | Layout = "contiguous",
     window: tuple[int, int] | None = None,
     chunk: int | None = None,
@@ -59,8 +59,12 @@ def ring_attention(
             Only the Hkv heads travel around the ring.
         group: None (the world), a ProcessGroup, a DeviceMesh (with ``mesh_dim``) or a
             ``(DeviceMesh, dim)`` pair: the ring. None without torch.distributed is one process.
+            Two mesh dims, ``mesh_dim=("cp_a2a", "cp_ring")`` (or a ``TwoLevel``), make the
+            ranks of both one group for ``strategy="two-level"``.
         layout: which global positions each rank holds: a name ("contiguous", "striped",
-            "zigzag"; then ``seq_len = S_local * ring size``) or a :class:`Layout` (which may pad).
+            "zigzag"; then ``seq_len = S_local * ring size``; over two mesh dims, that layout over
+            the ring dim, each rank's tokens split over the heads dim: ``SplitLayout``) or a
+            :class:`Layout` (which may pad).
             The default is "contiguous", what ``x.chunk(W, dim)[rank]`` gives, since here the
             caller shards; the backend, which shards for itself, defaults to "striped" for load
             balance.
@@ -87,7 +91,9 @@ def ring_attention(
             "ulysses" (an all-to-all gives each rank every token of H/W of the heads, one-GPU
             attention runs there, and an all-to-all brings the output back: ``ringcompile.ulysses``).
             Ulysses needs W to divide H, and W and Hkv to divide one another; it takes no
-            ``attn_mask``.
+            ``attn_mask``. "two-level" (two mesh dims): Ulysses inside each group of the first
+            dim, whose ranks together hold one ring rank's tokens, and a ring of such groups
+            along the second; the first dim's size must split the heads.
 
     Returns:
         (B, H, S_local, Dv): this rank's rows of SDPA over the global sequence.
@@ -109,7 +115,10 @@ def ring_attention(
     kernels = resolve_kernel_choice(kernels)
 
     pg = resolve_group(group, mesh_dim)
+    two = resolve_two_level(group, mesh_dim)
     world = pg.size() if pg is not None else 1
+    if two is not None and isinstance(layout, str) and "/" not in layout:
+        layout = two.layout_name(layout)
     if isinstance(layout, Layout):
         seq_len = layout.seq_len
         layout_obj = make_layout(layout, seq_len, world)
@@ -173,18 +182,23 @@ def ring_attention(
     mask = AttentionMask(PositionRules.of(is_causal, window, chunk), document_ids=document_ids,
                          key_padding_mask=key_padding_mask, key_bias=key_bias, dense=dense,
                          empty_rows_mean=empty_rows == "mean")  # fmt: skip
-    if strategy not in ("ring", "ulysses"):
-        raise ValueError(f'strategy must be "ring" or "ulysses", got {strategy!r}')
-    op = ring_attention_op
-    if strategy == "ulysses":
+    if strategy not in ("ring", "ulysses", "two-level"):
+        raise ValueError(f'strategy must be "ring", "ulysses" or "two-level", got {strategy!r}')
+    op, groups = ring_attention_op, ()
+    if strategy != "ring":
         if dense is not None:
             raise ValueError(
-                "strategy='ulysses' takes no attn_mask (each rank would hold every row of it): "
+                f"strategy={strategy!r} takes no attn_mask (each rank would hold every row of it): "
                 "pass the mask as facts (is_causal, window, chunk, document_ids, "
                 "key_padding_mask, key_bias), or use strategy='ring'"
             )
-        HeadSplit.of(H, k.shape[1], world)  # (raises, naming the heads and the fix)
-        op = ulysses_attention_op
+        op, groups = ulysses_attention_op, (group_name_of(pg), SINGLE)
+    if strategy == "two-level":
+        _check_two_level(two, layout_obj)
+        groups = (group_name_of(two.heads), group_name_of(two.ring))
+    if strategy != "ring":
+        # (raises, naming the heads and the fix)
+        HeadSplit.of(H, k.shape[1], two.heads.size() if strategy == "two-level" else world)
     out, *_ = op(
         q.contiguous(),
         k.contiguous(),
@@ -195,8 +209,23 @@ def ring_attention(
         seq_len,
         group_name_of(pg),
         kernels,
+        *groups,
     )
     return out[..., :Dv].contiguous() if Dv != D else out
+
+
+def _check_two_level(two, layout: Layout) -> None:
+    if two is None:
+        raise ValueError(
+            "strategy='two-level' needs two mesh dims: group=mesh, mesh_dim=('cp_a2a', 'cp_ring') "
+            "(an all-to-all over heads along the first, a ring along the second)"
+        )
+    if not isinstance(layout, SplitLayout) or layout.name != two.layout_name(layout.inner.name):
+        raise ValueError(
+            f"strategy='two-level' over {two.heads.size()} x {two.ring.size()} ranks needs the "
+            f"layout split over each head group: a layout name, or make_layout("
+            f"{two.layout_name('striped')!r}, seq_len, {two.whole.size()}); got {layout!r}"
+        )
 
 
 def _dense_mask(mask, B, H, S, seq_len, device) -> torch.Tensor | None:

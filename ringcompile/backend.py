@@ -8,7 +8,9 @@ on its own tokens.
 
 Options:
 - ``group``: a ProcessGroup, a DeviceMesh (with ``mesh_dim``), or None for the world;
-- ``mesh_dim``: the mesh dimension that is the ring;
+- ``mesh_dim``: the mesh dimension that is the ring; or two, ``("cp_a2a", "cp_ring")``: an
+  all-to-all over heads along the first and a ring along the second (two levels), the layout over
+  the ring dim with each ring rank's tokens split over the first dim;
 - ``layout``: "striped" (default), "zigzag" or "contiguous";
 - ``compiler``: "inductor" (default), "aot_eager" or "eager";
 - ``mode``: inductor's mode (``torch.compile(model, backend="ring", mode="reduce-overhead")``
@@ -25,8 +27,9 @@ Options:
   first call), "every_call" or "never";
 - ``strategy``: how attention runs over the sharded sequence (``ringcompile.strategy``): "auto"
   (default: per site, Ulysses for documents, windows, chunks and per-key biases where the heads
-  split over the ranks, the ring otherwise), "ring" or "ulysses" (a site whose heads do not split
-  runs as a ring, listed among the fallbacks).
+  split over the ranks, the ring otherwise; over two mesh dims, two levels wherever the heads split
+  over the first), "ring", "ulysses" or "two-level" (a site whose heads do not split runs as a
+  ring, listed among the fallbacks).
 
 A bad option, or a program the backend refuses, raises ``RingCompileError`` with our message alone
 (``ringcompile.errors`` says how it passes through Dynamo): at the first call of the compiled
@@ -48,7 +51,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ringcompile.errors import RingCompileError, RingWarning
-from ringcompile.group import resolve_group, warn_if_launched_without_group
+from ringcompile.group import resolve_group, resolve_two_level, warn_if_launched_without_group
 from ringcompile.input_check import CheckedInputs
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.kv_cache import APPEND_OPS
@@ -85,7 +88,7 @@ _INPUT_CHECKS = ("first_call", "every_call", "never")
 @dataclass(frozen=True)
 class RingOptions:
     group: object = None
-    mesh_dim: int | str | None = None
+    mesh_dim: int | str | tuple[str, str] | None = None
     layout: str = "striped"
     compiler: str = "inductor"
     mode: str | None = None
@@ -137,8 +140,15 @@ class RingOptions:
             if opts.kernels is not None:
                 resolve_kernel_choice(opts.kernels)
             resolve_group(opts.group, opts.mesh_dim)  # fails early and clearly on a bad group
+            two = resolve_two_level(opts.group, opts.mesh_dim)
         except (TypeError, ValueError) as e:
             raise RingCompileError(f"backend='ring': {e}") from None
+        if opts.strategy == "two-level" and two is None:
+            raise RingCompileError(
+                "backend='ring': strategy='two-level' needs two mesh dims: group=mesh, "
+                "mesh_dim=('cp_a2a', 'cp_ring') (an all-to-all over heads along the first, a ring "
+                "along the second)"
+            )
         return opts
 
 
@@ -208,6 +218,7 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
         gather_outputs=opts.gather_outputs,
         kernels=opts.kernels,
         strategy=opts.strategy,
+        two_level=resolve_two_level(opts.group, opts.mesh_dim),
     )
     run_passes(ctx)
     _warn_if_nothing_sharded(ctx)

@@ -15,6 +15,11 @@ contiguous and striped, ``2 * world_size`` for zigzag) that holds ``seq_len``; p
   one token per step;
 - zigzag: the sequence is cut into 2W chunks and rank r holds chunks r and 2W-1-r; balanced too, and
   whole chunks stay contiguous (friendlier to tiles that skip on causality).
+
+Two levels (``SplitLayout``, named ``"<layout>/<U>"``): one of those layouts over R ring ranks, each
+ring rank's tokens cut into U contiguous pieces held by the U ranks of a head group. An all-to-all
+over heads inside the group puts a ring rank's tokens back together, in its order, for a ring over
+R (``ringcompile.ulysses``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ import math
 
 import torch
 
-__all__ = ["Layout", "ContiguousLayout", "StripedLayout", "ZigzagLayout", "make_layout", "LAYOUTS"]
+__all__ = [
+    "Layout",
+    "ContiguousLayout",
+    "StripedLayout",
+    "ZigzagLayout",
+    "SplitLayout",
+    "make_layout",
+    "LAYOUTS",
+]
 
 
 class Layout:
@@ -39,14 +52,16 @@ class Layout:
     #: the padded length must be a multiple of ``granularity * world_size``
     granularity: int = 1
 
-    def __init__(self, seq_len: int, world_size: int):
+    def __init__(self, seq_len: int, world_size: int, split: int = 1):
+        """``split``: each rank's tokens must cut into this many equal pieces (``SplitLayout``)."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self.seq_len = int(seq_len)
         self.world_size = int(world_size)
-        unit = self.granularity * self.world_size
+        self.split = int(split)
+        unit = self.granularity * self.world_size * self.split
         self.padded_len = math.ceil(self.seq_len / unit) * unit
         self.local_len = self.padded_len // self.world_size
 
@@ -113,18 +128,18 @@ class Layout:
         idx = self._sharded_index(torch.arange(self.seq_len, device=x.device))
         return x.index_select(dim, idx)
 
+    def _key(self) -> tuple:
+        return (type(self), self.seq_len, self.world_size, self.split)
+
     def __eq__(self, other: object) -> bool:
-        return (
-            type(self) is type(other)
-            and self.seq_len == other.seq_len  # type: ignore[attr-defined]
-            and self.world_size == other.world_size  # type: ignore[attr-defined]
-        )
+        return isinstance(other, Layout) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((type(self), self.seq_len, self.world_size))
+        return hash(self._key())
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(seq_len={self.seq_len}, world_size={self.world_size})"
+        split = f", split={self.split}" if self.split > 1 else ""
+        return f"{type(self).__name__}(seq_len={self.seq_len}, world_size={self.world_size}{split})"
 
 
 class ContiguousLayout(Layout):
@@ -166,19 +181,75 @@ class ZigzagLayout(Layout):
         return rank * self.local_len + second.long() * c + offset
 
 
+class SplitLayout(Layout):
+    """``inner`` over R ring ranks, each ring rank's tokens cut into ``heads`` contiguous pieces:
+    ring rank r's piece u is held by rank ``r * heads + u`` (``heads_major``: ``u * R + r``) of the
+    U × R ranks, the order of the flattened mesh whose dims are (ring, heads) (or (heads, ring)).
+    Named ``"<inner>/<U>"`` (``"<inner>/<U>/heads-major"``)."""
+
+    def __init__(self, inner: Layout, heads: int, heads_major: bool = False):
+        if inner.split != heads:
+            raise ValueError(f"{inner!r} is not cut into {heads} pieces a rank")
+        self.inner, self.heads, self.heads_major = inner, int(heads), bool(heads_major)
+        self.seq_len, self.split = inner.seq_len, 1
+        self.world_size = inner.world_size * self.heads
+        self.padded_len = inner.padded_len
+        self.local_len = inner.local_len // self.heads
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.inner.name}/{self.heads}" + ("/heads-major" if self.heads_major else "")
+
+    def ring_rank(self, rank: int) -> tuple[int, int]:
+        """(ring rank, piece) of ``rank``."""
+        R = self.inner.world_size
+        return (rank % R, rank // R) if self.heads_major else divmod(rank, self.heads)
+
+    def _rank(self, ring_rank, piece):
+        return piece * self.inner.world_size + ring_rank if self.heads_major else (
+            ring_rank * self.heads + piece)  # fmt: skip
+
+    def _positions(self, rank, device):
+        r, u = self.ring_rank(rank)
+        n = self.local_len
+        return self.inner._positions(r, device)[u * n : (u + 1) * n]
+
+    def _sharded_index(self, pos):
+        index, n = self.inner._sharded_index(pos), self.local_len
+        r, offset = index // self.inner.local_len, index % self.inner.local_len
+        return self._rank(r, offset // n) * n + offset % n
+
+    def _key(self) -> tuple:
+        return (type(self), self.inner._key(), self.heads, self.heads_major)
+
+    def __repr__(self) -> str:
+        order = ", heads_major=True" if self.heads_major else ""
+        return f"SplitLayout({self.inner!r}, heads={self.heads}{order})"
+
+
 LAYOUTS: dict[str, type[Layout]] = {
     cls.name: cls for cls in (ContiguousLayout, StripedLayout, ZigzagLayout)
 }
 
 
 def make_layout(layout: str | Layout, seq_len: int, world_size: int) -> Layout:
-    """A layout object from a name (or check that a given object fits ``seq_len`` and the ring)."""
+    """A layout object from a name (``"zigzag"``, or ``"zigzag/2"`` for a ``SplitLayout``), or
+    check that a given object fits ``seq_len`` and the ring."""
     if isinstance(layout, Layout):
         if layout.seq_len != seq_len or layout.world_size != world_size:
             raise ValueError(
                 f"{layout!r} does not fit a sequence of {seq_len} tokens over {world_size} ranks"
             )
         return layout
+    inner, *split = layout.split("/")
+    if split:
+        heads = int(split[0])
+        if world_size % heads:
+            raise ValueError(f"layout {layout!r}: {heads} ranks a head group do not divide "
+                             f"{world_size}")  # fmt: skip
+        inner_layout = make_layout(inner, seq_len, world_size // heads)
+        inner_layout = type(inner_layout)(seq_len, world_size // heads, split=heads)
+        return SplitLayout(inner_layout, heads, heads_major=split[1:] == ["heads-major"])
     try:
         cls = LAYOUTS[layout]
     except KeyError:

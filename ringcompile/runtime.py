@@ -23,6 +23,7 @@ import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 from ringcompile.attention import ring_attention as _ring_attention
+from ringcompile.group import TwoLevel
 from ringcompile.layout import Layout
 from ringcompile.tree_decode import decode_over_shards
 
@@ -72,9 +73,9 @@ class SdpaOnRing(_Bound):
     __name__ = "ring_attention"
 
     def __init__(self, layout: Layout, rank: int, group: dist.ProcessGroup | None,
-                 kernels: str | None = None):  # fmt: skip
+                 kernels: str | None = None, two_level: TwoLevel | None = None):  # fmt: skip
         super().__init__(layout, rank, group)
-        self.kernels = kernels
+        self.kernels, self.two_level = kernels, two_level
 
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, window=None, chunk=None, document_ids=None,
@@ -89,7 +90,7 @@ class SdpaOnRing(_Bound):
             is_causal,
             scale,
             enable_gqa,
-            group=self.group,
+            group=self.two_level or self.group,
             layout=self.layout,
             window=window,
             chunk=chunk,

@@ -37,3 +37,5 @@ def test_bench_strategies_runs_on_cpu(tmp_path):
     # 4 heads, 2 KV heads over 2 ranks: each sends half of its q, out, dout and dq and one KV
     # head of k, v, dk and dv to the other, 32 tokens of 16 fp32 values each
     assert rows[0]["ulysses_a2a_ms"] == (4 * 2 + 4 * 1) * 32 * 16 * 4 / (200.0 * 1e6)
+    # two levels, 2 x 2, at W = 4 only (the default U = 2 must be smaller than W)
+    assert ["two_level_u2_ms" in r for r in rows] == [False] * 3 + [True] * 3

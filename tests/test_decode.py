@@ -235,11 +235,14 @@ def greedy(model, ids, steps, cache, positions=True):
     return torch.cat(tokens, 1), torch.stack(logits, 1)
 
 
-def generate_hf(rank, world, arch, layout, S, steps, positions=True, allocate=False):
+def generate_hf(rank, world, arch, layout, S, steps, positions=True, allocate=False,
+                options=None):  # fmt: skip
     """Our greedy generation (ring prefill, sharded cache, tree-attention decode) against the
     uncompiled model with transformers' DynamicCache: tokens, per-step logits' error, how many
     tokens this rank's shard holds, and the reports. ``allocate``: the cache allocates its slots
-    up front (static addresses), not in the prefill."""
+    up front (static addresses), not in the prefill. ``options``: the backend's (its group is the
+    cache's too)."""
+    options = options or {}
     torch._dynamo.reset()
     model = _hf_model(arch)
     ids = torch.randint(0, V, (2, S), generator=torch.Generator().manual_seed(1))
@@ -249,14 +252,16 @@ def generate_hf(rank, world, arch, layout, S, steps, positions=True, allocate=Fa
             model, ids, steps, transformers.DynamicCache(config=model.config)
         )
         given = dict(batch_size=2, dtype=torch.float64, device="cpu") if allocate else {}
-        cache = ShardedKVCache(model.config, max_length=S + steps, **given)
+        group = {k: options[k] for k in ("group", "mesh_dim") if k in options}
+        cache = ShardedKVCache(model.config, max_length=S + steps, **given, **group)
         if allocate:
             shard = cache.layers[0].shard
             assert all(
                 getattr(t, "_dynamo_static_input_type", None)
                 for t in (shard.keys, shard.values, shard.positions, shard.length)
             )
-        compiled = _compile(model, {"compiler": "aot_eager", "layout": layout}, {}, reports)
+        compiled = _compile(model, {"compiler": "aot_eager", "layout": layout, **options}, {},
+                            reports)  # fmt: skip
         tokens, logits = greedy(compiled, ids, steps, cache, positions)
     held = [int((layer.shard.positions[0] != EMPTY).sum()) for layer in cache.layers]
     return (

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringcompile
 from ringcompile import make_layout, ring_attention
+from ringcompile.group import TwoLevel
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring import count_ring_events
 from ringcompile.ring.backward import own_block_key_parts
@@ -154,8 +155,12 @@ def check_against_sdpa(
     # rows a float mask fills with finfo.min everywhere: SDPA's CPU flash kernel differs from its
     # own math backend there (its backward reads an lse that lost log(n): 7x off); math is exact
     ref = _sdpa_reference(q, k, v, w, allowed, math=mask_kind in ("dense_finfo_min", "key_bias"))
-    ring_size = group.size() if group is not None else world
-    ring_rank = group.rank() if group is not None else rank
+    if isinstance(group, TwoLevel):  # the layout over the ring dim, split over the heads dim
+        layout_name, pg = group.layout_name(layout_name), group.whole
+    else:
+        pg = group
+    ring_size = pg.size() if pg is not None else world
+    ring_rank = pg.rank() if pg is not None else rank
     layout = make_layout(layout_name, S, ring_size)
     local = [layout.shard(t, 2, ring_rank) for t in (q, k, v)]
     for t in local:

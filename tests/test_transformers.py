@@ -102,10 +102,10 @@ def _inputs(seq_len: int, mask: str, use_cache: bool | None) -> dict:
     return kw
 
 
-def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False):
+def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False, options=None):
     """Relative errors of the compiled model against eager (logits, loss, every parameter grad and,
     with ``embeds``, the grad of ``inputs_embeds``), and the backend's reports of the same run (one
-    per graph, what ``explain`` shows)."""
+    per graph, what ``explain`` shows). ``options``: the backend's, beside aot_eager."""
     torch._dynamo.reset()
     model = _model(arch)
     torch.manual_seed(1)
@@ -132,7 +132,7 @@ def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False):
     with sdpa_kernel(SDPBackend.MATH) if arch == "falcon-alibi" else contextlib.nullcontext():
         ref, ref_grads = step(model)
     reports = []
-    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
+    out, grads = step(_compile(model, {"compiler": "aot_eager", **(options or {})}, {}, reports))
     errs = {
         "logits": _rel(out.logits.detach(), ref.logits.detach()),
         "loss": _rel(out.loss.detach(), ref.loss.detach()),

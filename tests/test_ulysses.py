@@ -128,19 +128,21 @@ def test_mismatched_local_lengths_raise_on_every_rank(gloo):
         assert "local sequence length" in msg and "rank 1=9" in msg, msg
 
 
-def opcheck_ulysses(rank, world):
-    from ringcompile.group import group_name_of, resolve_group
+def opcheck_ulysses(rank, world, two=None):
+    """opcheck of the op alone, or (``two``, a ``TwoLevel``) in two levels."""
+    from ringcompile.group import SINGLE, group_name_of, resolve_group
 
     S, D = 4 * world, 8
-    layout = make_layout("zigzag", S, world)
+    name = group_name_of(resolve_group(two))
+    groups = (name, SINGLE) if two is None else tuple(map(group_name_of, (two.heads, two.ring)))
+    layout = make_layout("zigzag" if two is None else two.layout_name("zigzag"), S, world)
     q = torch.randn(2, 4, S // world, D, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 2, S // world, D, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, 2, S // world, D, dtype=torch.float64, requires_grad=True)
     doc = layout.shard(torch.arange(S).expand(2, -1) // 3, 1, rank)
-    name = group_name_of(resolve_group())
     for facts in (doc, None):
         mask = AttentionMask(PositionRules(causal=True), document_ids=facts)
-        args = (q, k, v, *mask.encode(), 0.3, layout.name, S, name, "auto")
+        args = (q, k, v, *mask.encode(), 0.3, layout.name, S, name, "auto", *groups)
         torch.library.opcheck(torch.ops.ringcompile.ulysses_attention.default, args)
     return True
 
@@ -184,9 +186,9 @@ def test_choose(option, heads, size, mask, strategy, words):
     assert (choice.refused is not None) == (option == "ulysses" and strategy == "ring")
 
 
-def backend_strategies(rank, world, option, heads):
-    """A packed causal attention through the backend with ``strategy=option``: errors against
-    eager and the report."""
+def backend_strategies(rank, world, option, heads, options=None):
+    """A packed causal attention through the backend with ``strategy=option`` (and ``options``):
+    errors against eager and the report."""
     torch._dynamo.reset()
     H, Hkv = heads
     g = torch.Generator().manual_seed(3)
@@ -206,7 +208,7 @@ def backend_strategies(rank, world, option, heads):
             q, k, v, attn_mask=mask, enable_gqa=H != Hkv
         )
 
-    options = {"compiler": "aot_eager", "strategy": option}
+    options = {"compiler": "aot_eager", "strategy": option, **(options or {})}
     ref = attend(q, k, v, docs)
     ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
     report = ringcompile.explain(attend, q, k, v, docs, options=options)
@@ -234,3 +236,39 @@ def test_backend_strategy_option(gloo, option, heads, strategy, fallback):
                                     "torch.float64 on cpu, head dim 8",
                                     ["all-to-all over heads: 2 of 4 query heads and 1 of 2 KV heads",
                                      "the whole sequence of 16: varlen (documents) -> reference"])]  # fmt: skip
+
+
+def fsdp2_llama(rank, world, strategy):
+    """A tiny Llama under FSDP2 over the dp dim of a (dp, cp) mesh, its forward compiled with the
+    ring over cp: every parameter gradient against one process on the whole batch."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation="sdpa")  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double()
+    ref = transformers.LlamaForCausalLM(config).double()
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    rows = [ids[2 * i : 2 * i + 2] for i in range(2)]  # a batch of 2 rows per dp rank
+    (sum(ref(input_ids=r, labels=r).loss for r in rows) / 2).backward()  # FSDP2 averages
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    options = {"group": mesh, "mesh_dim": "cp", "compiler": "aot_eager", "strategy": strategy}
+    model.forward = torch.compile(model.forward, backend="ring", options=options)
+    mine = rows[mesh.get_local_rank("dp")]
+    model(input_ids=mine, labels=mine).loss.backward()
+    return max(float((p.grad.full_tensor() - r.grad).norm() / r.grad.norm())
+               for p, r in zip(model.parameters(), ref.parameters()))  # fmt: skip
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_fsdp2_over_the_data_parallel_dim(gloo, strategy):
+    assert max(gloo(4).run(fsdp2_llama, strategy)) < TOL

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.fx import GraphModule, Node
 
+from ringcompile.group import TwoLevel
 from ringcompile.layout import Layout, make_layout
 from ringcompile.masks import AttentionMask
 from ringcompile.passes.aliases import written_tensors
@@ -105,7 +106,9 @@ class RingContext:
     layout_name: str
     gather_outputs: bool = True
     kernels: str | None = None  # the block kernel choice (ringcompile.kernels); None: the default
-    strategy: str = "auto"  # ring, ulysses or auto (ringcompile.strategy)
+    strategy: str = "auto"  # ring, ulysses, two-level or auto (ringcompile.strategy)
+    # a group in two levels (``group`` is then its ``whole``): the layout splits over its heads dim
+    two_level: TwoLevel | None = None
     report: GraphReport = field(default_factory=GraphReport)
 
     # find_attention
@@ -153,7 +156,10 @@ class RingContext:
         """The layout of the graph's sequence (read only once ``find_attention`` set it)."""
         if not self.seq_len:
             raise RuntimeError("RingContext.layout read before find_attention found a sequence")
-        return make_layout(self.layout_name, self.seq_len, self.world_size)
+        name = self.layout_name
+        if self.two_level is not None:
+            name = self.two_level.layout_name(name)
+        return make_layout(name, self.seq_len, self.world_size)
 
     def sequence_inputs(self) -> list[Node]:
         """The graph inputs each rank reads its own tokens of, in graph order: the sharded ones
@@ -187,7 +193,7 @@ class RingContext:
     def ring_attention(self) -> SdpaOnRing:
         if SdpaOnRing not in self._callables:
             self._callables[SdpaOnRing] = SdpaOnRing(self.layout, self.rank, self.group,
-                                                           self.kernels)  # fmt: skip
+                                                     self.kernels, self.two_level)  # fmt: skip
         return self._callables[SdpaOnRing]
 
     def ring_cross_entropy(self) -> RingCrossEntropy:

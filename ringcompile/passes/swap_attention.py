@@ -5,7 +5,8 @@ Guarantees: every such call is ``ring_attention(q, k, v, ...)`` with SDPA's argu
 (mask, causality, scale, GQA): the same rows SDPA would give for this rank's queries over the
 global sequence. Causality is by global position, so any layout is exact. A dense mask arrives as
 this rank's rows over all keys (its key side was never sharded), the ring op's dense fallback.
-Each site's strategy (``ringcompile.strategy``) is settled here; a Ulysses site says so:
+Each site's strategy (``ringcompile.strategy``) is settled here; a Ulysses or two-level site says
+so:
 
     out = torch._C._nn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     -> out = ring_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -24,7 +25,7 @@ from ringcompile.passes.fx_utils import sdpa_args, source_line
 from ringcompile.ring import describe_steps
 from ringcompile.strategy import choose
 from ringcompile.ulysses import HeadSplit
-from ringcompile.ulysses.explain import describe_ulysses
+from ringcompile.ulysses.explain import describe_two_levels, describe_ulysses
 
 
 def run(ctx: RingContext) -> None:
@@ -54,12 +55,14 @@ def run(ctx: RingContext) -> None:
             mask = AttentionMask(PositionRules(site.is_causal), dense=site.attn_mask)
             what = "no mask" if site.attn_mask is None else "dense mask (local rows x global keys)"
         q, k = example(site.q), example(site.k)
-        choice = choose(ctx.strategy, q.shape[1], k.shape[1], ctx.world_size, mask)
-        if choice.strategy == "ulysses":
-            node.kwargs = {**node.kwargs, "strategy": "ulysses"}
+        two = ctx.two_level
+        choice = choose(ctx.strategy, q.shape[1], k.shape[1], ctx.world_size, mask,
+                        two.heads.size() if two is not None else None)  # fmt: skip
+        if choice.strategy != "ring":
+            node.kwargs = {**node.kwargs, "strategy": choice.strategy}
         if choice.refused is not None:
-            ctx.report.fallbacks.append(f"{where}: strategy='ulysses' refused ({choice.refused}); "
-                                        "it runs as a ring")  # fmt: skip
+            ctx.report.fallbacks.append(f"{where}: strategy={ctx.strategy!r} refused "
+                                        f"({choice.refused}); it runs as a ring")  # fmt: skip
         ctx.report.attention.append(
             f"{where}: is_causal={mask.rules.causal}, {what}; {choice.strategy}: {choice.reason}"
         )
@@ -77,6 +80,10 @@ def _report_steps(ctx: RingContext, node, site, mask: AttentionMask[Node], strat
         title = "ulysses on this rank"
         split = HeadSplit.of(q.shape[1], k.shape[1], ctx.world_size)
         lines = describe_ulysses(ctx.seq_len, split, mask, kernels)
+    elif strategy == "two-level":
+        title = "two levels on this rank"
+        split = HeadSplit.of(q.shape[1], k.shape[1], ctx.two_level.heads.size())
+        lines = describe_two_levels(ctx.layout, ctx.rank, split, mask, kernels)
     else:
         title = "ring steps of this rank"
         lines = describe_steps(ctx.layout, ctx.rank, mask, kernels)
