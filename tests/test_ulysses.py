@@ -269,6 +269,7 @@ def fsdp2_llama(rank, world, strategy):
                for p, r in zip(model.parameters(), ref.parameters()))  # fmt: skip
 
 
-@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
-def test_fsdp2_over_the_data_parallel_dim(gloo, strategy):
-    assert max(gloo(4).run(fsdp2_llama, strategy)) < TOL
+def test_fsdp2_over_the_data_parallel_dim(gloo):
+    # the ring's gradient sums over cp and FSDP2's reduce-scatter over dp are the same for both
+    # strategies; Ulysses adds the all-to-alls' backward
+    assert max(gloo(4).run(fsdp2_llama, "ulysses")) < TOL
