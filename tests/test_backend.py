@@ -335,7 +335,7 @@ def test_mode_reaches_inductor(monkeypatch):
 
 
 def test_normalize_makes_unseen_in_place_changes_out_of_place():
-    """Pass 0: an in-place method on a tensor the graph made, which no view shares, becomes its
+    """Pass 1: an in-place method on a tensor the graph made, which no view shares, becomes its
     out-of-place form and the readers after it read the result; on a graph input, or on a tensor
     a view shares, it stays in place. Values unchanged."""
     from ringcompile.passes import normalize
@@ -675,7 +675,7 @@ def test_passes_import_helpers_not_each_other():
     from ringcompile.passes import PASSES
 
     passes = {p.run.__module__ for p in PASSES}
-    assert len(passes) == len(PASSES) == 12
+    assert len(passes) == len(PASSES) == 13
     for name in passes:
         tree = ast.parse(inspect.getsource(importlib.import_module(name)))
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -698,7 +698,7 @@ def test_passes_run_after_the_passes_they_read():
 
 
 def test_normalize_gives_one_spelling_per_op():
-    """Pass 0 alone, ops before and after: operators (dunders, torch functions, methods with two
+    """Pass 1 alone, ops before and after: operators (dunders, torch functions, methods with two
     operands) become ``operator`` functions, torch functions that are tensor methods become the
     methods, and SDPA's options are bound by name; each value is unchanged."""
     from ringcompile.passes import normalize

@@ -1,7 +1,7 @@
 """``dims.dim_map``, one table per rule: where each op sends an input's sequence dim.
 
 Each row is a tiny function, traced as the passes see it (Dynamo's graph with its example values,
-in pass 0's one spelling), and for one input's dim the output dim ``dim_map`` sends it to — or
+in pass 1's one spelling), and for one input's dim the output dim ``dim_map`` sends it to — or
 ``CUT`` (understood, but that dim is split, merged, sliced, reduced or made afresh: not carried)
 or ``REFUSED`` (``dim_map`` is None: the op is not understood). The node a row checks is the last
 one its rule maps, so every row also checks the dispatch by target. The sequence is dim 1 of
@@ -384,7 +384,7 @@ _graphs: dict = {}
 
 
 def graph_of(row: Row) -> torch.fx.GraphModule:
-    """``row.fn``'s Dynamo graph after pass 0 (one per function and inputs)."""
+    """``row.fn``'s Dynamo graph after pass 1 (one per function and inputs)."""
     key = (row.fn, row.inputs)
     if key not in _graphs:
         captured = []

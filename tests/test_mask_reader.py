@@ -120,6 +120,22 @@ def window_both_ways(q, am, pos, doc):
     return _attend(q, (qi - ki).abs() <= 2)
 
 
+def window_as_distance(q, am, pos, doc):
+    # flex's spelling: causal & (q_idx - kv_idx < 3)
+    _, qi, ki = _indices()
+    return _attend(q, (ki <= qi) & (qi - ki < 3))
+
+
+def lookahead_as_distance(q, am, pos, doc):
+    _, qi, ki = _indices()
+    return _attend(q, ki - qi <= 2)
+
+
+def distance_excluding_the_diagonal(q, am, pos, doc):
+    _, qi, ki = _indices()
+    return _attend(q, qi - ki >= 1)
+
+
 def lookahead(q, am, pos, doc):
     _, qi, ki = _indices()
     return _attend(q, ki <= qi + 2)
@@ -275,6 +291,15 @@ IDIOMS = [
     pytest.param(sliding_window, "causal, window (2, -1)", id="sliding-window-3"),
     pytest.param(window_both_ways, "bidirectional, window (2, 2)", id="window-abs-q-minus-kv-le-2"),
     pytest.param(lookahead, "bidirectional, window (-1, 2)", id="lookahead-kv-le-q-plus-2"),
+    pytest.param(window_as_distance, "causal, window (2, -1)", id="window-q-minus-kv-lt-3"),
+    pytest.param(
+        lookahead_as_distance, "bidirectional, window (-1, 2)", id="lookahead-kv-minus-q-le-2"
+    ),
+    pytest.param(
+        distance_excluding_the_diagonal,
+        Refused("a window that excludes the diagonal"),
+        id="distance-q-minus-kv-ge-1-refused",
+    ),
     pytest.param(chunked, "causal, chunks of 4", id="chunked-llama4"),
     pytest.param(
         chunked_after_left_padding,

@@ -3,25 +3,26 @@
 Each pass is a function ``run(ctx: RingContext) -> None`` in its own module, whose docstring says
 what it expects and what it guarantees, with the graph before and after. They run in this order:
 
-0. ``normalize``        — one spelling per op (operators as ``operator`` functions, torch
+0. ``flex_attention``   — a flex_attention call becomes SDPA with the mask its mask_mod describes;
+1. ``normalize``        — one spelling per op (operators as ``operator`` functions, torch
                           functions that are tensor methods as methods, SDPA's options by name);
-1. ``decode_attention`` — attention over a sharded KV cache (a decode step) becomes tree attention;
-2. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
-3. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
-4. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
+2. ``decode_attention`` — attention over a sharded KV cache (a decode step) becomes tree attention;
+3. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
+4. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
+5. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
                           key padding, documents);
-5. ``outline_experts``  — a mixture-of-experts dispatch (tokens sorted by expert, grouped matmuls,
+6. ``outline_experts``  — a mixture-of-experts dispatch (tokens sorted by expert, grouped matmuls,
                           the inverse permutation) becomes one op that computes each row alone;
-6. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
+7. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
                           split back, stay in (batch, sequence) form;
-7. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
-8. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
+8. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
+9. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
                           become this rank's global positions), sizes baked into views become
                           local, and sharded values that leave are gathered;
-9. ``shard_reductions`` — sums, means and cross-entropy losses over the sequence of local values
+10. ``shard_reductions``— sums, means and cross-entropy losses over the sequence of local values
                           become a partial per rank and one all-reduce, instead of a gather;
-10. ``swap_attention``  — each sharded SDPA becomes the ring attention op;
-11. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
+11. ``swap_attention``  — each sharded SDPA becomes the ring attention op;
+12. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
 
 What passes share lives in helper modules, never in another pass (a test checks): ``context``
 (``RingContext``: the graph, the ring, what each pass found), ``dims`` (how dims pass through
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from ringcompile.passes import (
     decode_attention,
     find_attention,
+    flex_attention,
     lift_masks,
     normalize,
     outline_experts,
@@ -66,6 +68,7 @@ class Pass:
 
 
 PASSES = (
+    Pass(flex_attention.run),
     Pass(normalize.run),
     Pass(decode_attention.run, reads=("normalize",)),
     Pass(find_attention.run, reads=("normalize",)),

@@ -43,6 +43,22 @@ from ringcompile.runtime import (
 )
 
 
+def _functorch_levels():
+    """functorch's level bookkeeping, which Dynamo records around a ``vmap`` (``create_block_mask``
+    vmaps a flex ``mask_mod``): no result is used, but a region that lost them batches its values
+    at levels that do not exist."""
+    import torch._functorch.predispatch as predispatch
+
+    names = ("_vmap_increment_nesting", "_vmap_decrement_nesting", "_jvp_increment_nesting",
+             "_jvp_decrement_nesting", "_grad_increment_nesting", "_grad_decrement_nesting",
+             "_func_increment_nesting", "_func_decrement_nesting", "lazy_load_decompositions")  # fmt: skip
+    return frozenset(getattr(m, n) for m in (predispatch, torch._C._functorch) for n in names
+                     if hasattr(m, n))  # fmt: skip
+
+
+_FUNCTORCH_LEVELS = _functorch_levels()
+
+
 def _mutates(node: Node) -> bool:
     """In-place changes (``x.add_(y)``, ``x[i] = v``, ``x += y``, ``out=``), and ops whose schema
     mutates an argument (FX on torch 2.11 deems those pure too: a cache append or an ``out=``
@@ -53,6 +69,8 @@ def _mutates(node: Node) -> bool:
     if node.op == "call_method":
         return t == "requires_grad_"
     if node.op == "call_function":
+        if t in _FUNCTORCH_LEVELS:
+            return True
         if isinstance(t, torch._ops.OpOverloadPacket):
             return any(getattr(t, o)._schema.is_mutable for o in t.overloads())
         if isinstance(t, torch._ops.OpOverload):

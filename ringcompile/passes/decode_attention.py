@@ -1,6 +1,6 @@
-"""Pass 1: attention over a sharded KV cache (a decode step) becomes tree attention.
+"""Pass 2: attention over a sharded KV cache (a decode step) becomes tree attention.
 
-Expects: a Dynamo FX graph in one spelling (pass 0); a decode step's keys and values are
+Expects: a Dynamo FX graph in one spelling (pass 1); a decode step's keys and values are
 ``ringcompile::sharded_kv`` marks of a ``ShardedKVCache`` layer's buffers (``kv_cache.py``),
 possibly expanded by ``repeat_kv``.
 Guarantees: each SDPA reading such marks is ``tree_decode(q, keys, values, q_positions,

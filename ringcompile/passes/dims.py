@@ -1,6 +1,6 @@
 """Which input dims become which output dims, op by op: how the passes follow the sequence.
 
-Expects: a Dynamo FX graph in one spelling (pass 0, ``normalize``: operators are ``operator``
+Expects: a Dynamo FX graph in one spelling (pass 1, ``normalize``: operators are ``operator``
 functions, and shape ops and reductions are methods) whose nodes carry Dynamo's example values.
 Guarantees: ``dim_map(node)`` answers a list of ``(input_node, {in_dim: out_dim})`` for the tensor
 inputs whose dims pass through to the output position by position (the sequence of a linear

@@ -1,6 +1,6 @@
-"""Pass 2: find the SDPA calls that become ring attention, and the sequence they attend over.
+"""Pass 3: find the SDPA calls that become ring attention, and the sequence they attend over.
 
-Expects: a Dynamo FX graph in one spelling (pass 0) with static shapes (``example_value`` on
+Expects: a Dynamo FX graph in one spelling (pass 1) with static shapes (``example_value`` on
 every node; the backend hands graphs with symbolic sizes to ``specialize.PerShape``, which makes
 them static first).
 Guarantees: ``ctx.sites`` lists each self-attention SDPA over the graph's sequence (queries and

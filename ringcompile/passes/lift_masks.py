@@ -1,6 +1,6 @@
-"""Pass 4: dense attention masks built from indices become per-token facts.
+"""Pass 5: dense attention masks built from indices become per-token facts.
 
-Expects: ``ctx.sites`` (pass 2).
+Expects: ``ctx.sites`` (pass 3).
 Guarantees: a site whose ``attn_mask`` is computed, node by node, from index aranges, a key
 padding mask and packed-document ids — the way transformers builds causal, sliding-window,
 padding and packed-sequence masks, and ALiBi's float mask with its bias per key — gets

@@ -9,7 +9,7 @@ on graphs in one spelling (``normalize``).
 What is understood, over mask dims (batch, head, query, key): ``arange(S) + c`` placed on the query
 or key dim; comparisons of two such (``kv <= q``, ``kv > q - w``); ``T[batch, kv]`` of a (B, S)
 bool tensor (key padding); ``D[batch, q] == D[batch, kv]`` of a (B, S) tensor (documents);
-``|q - kv| <= w`` (a window both ways); ``q // c == kv // c`` (chunks, of indices, or of position
+``|q - kv| <= w`` (a window both ways); ``q - kv <= w`` or ``kv - q < w`` (a bound on one side); ``q // c == kv // c`` (chunks, of indices, or of position
 ids that are the indices: Llama 4; with a per-row shift, ``(P - lp[batch]) // c``, chunks that
 start after each row's padding, as document ids: ``ChunkIds``); ``T[batch]`` of a constant (B,)
 tensor of one number; an index against a constant that every index passes (``q >= 0``: no rule);
@@ -336,6 +336,18 @@ class _Reader:
                 return _Gathered(src, tok.axis)
         raise NotLiftable(f"{n.name}: indexing that is not T[batch, q or kv]")
 
+    def _distance(self, n: Node, op, a: _Diff, b: int) -> _Facts:
+        """``sign * (q - kv) + offset  op  b`` (flex's ``q_idx - kv_idx <= w``): a bound on one
+        side of the diagonal."""
+        t = b - a.offset
+        if a.sign < 0:  # -(q - kv) op t  is  (q - kv) mirrored-op -t
+            op, t = _FLIP[op], -t
+        left = {operator.lt: t - 1, operator.le: t}.get(op)  # kv >= q - left
+        right = {operator.gt: -t - 1, operator.ge: -t}.get(op)  # kv <= q + right
+        if (left is not None and left < 0) or (right is not None and right < 0):
+            raise NotLiftable(f"{n.name}: a window that excludes the diagonal")
+        return _Facts(left=left, right=right)
+
     def _key_bias(self, n: Node, bias) -> Node:
         """``bias`` when it is a float (B|1, H|1, 1, S) tensor without gradient: one value per
         key and head."""
@@ -370,6 +382,8 @@ class _Reader:
             if w is None or w < 0:
                 raise NotLiftable(f"{n.name}: a distance bound other than |q - kv| <= w")
             return _Facts(left=w, right=w)
+        if isinstance(a, _Diff) and isinstance(b, int):
+            return self._distance(n, op, a, b)
         if isinstance(a, _Index) and isinstance(b, int):
             # an index against a constant (``q_idx >= 0``: transformers' bidirectional mask): no
             # rule if it holds for every index, which a monotone comparison shows at both ends

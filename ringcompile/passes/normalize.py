@@ -1,4 +1,4 @@
-"""Pass 0: one spelling per op, so that every later pass matches one form.
+"""Pass 1: one spelling per op, so that every later pass matches one form.
 
 Expects: a Dynamo FX graph.
 Guarantees, for nodes whose first argument is a tensor:

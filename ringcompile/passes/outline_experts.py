@@ -1,6 +1,6 @@
-"""Pass 5: mixture-of-experts blocks become one op that computes each token row alone.
+"""Pass 6: mixture-of-experts blocks become one op that computes each token row alone.
 
-Expects: a graph in one spelling (pass 0).
+Expects: a graph in one spelling (pass 1).
 Guarantees: where a graph routes N token rows to experts as transformers' grouped-matmul experts
 do (Mixtral, Qwen3-MoE, ...) —
 

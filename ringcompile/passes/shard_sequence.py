@@ -1,6 +1,6 @@
-"""Pass 8: the sharded region computes on local tokens; values that leave it are gathered.
+"""Pass 9: the sharded region computes on local tokens; values that leave it are gathered.
 
-Expects: ``ctx.plan`` (pass 7): demand, shard points and their kinds.
+Expects: ``ctx.plan`` (pass 8): demand, shard points and their kinds.
 Guarantees, walking the graph in order:
 - every shard point gets ``ring_shard(x, dim)``: a graph input, a full value, or one that holds
   positions — an ``arange`` over the sequence, an integer input used as positions, anything whose
@@ -20,7 +20,7 @@ Guarantees, walking the graph in order:
 - any other use of a local value — an op that mixes along the sequence (a shift, a ``cumsum``, a
   reduction over it), an op not understood, a graph output — reads ``ring_gather(x, dim)``: the full
   tensor in natural order, exact. Outputs stay local only with ``gather_outputs=False``;
-- an in-place change left by pass 0 (``x.add_(y)``, ``x[i] = v``, ``x += y``, ``out=x`` on a graph
+- an in-place change left by pass 1 (``x.add_(y)``, ``x[i] = v``, ``x += y``, ``out=x`` on a graph
   input, module state or a view) changes the tensor it is given, never a shard or a gather of it:
   on this rank's tokens where that tensor is local, on the full tensor (local operands gathered)
   where it is full; where neither is exact (a local tensor changed by operands that do not line

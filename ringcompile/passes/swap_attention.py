@@ -1,6 +1,6 @@
-"""Pass 10: each sharded SDPA becomes the ring attention op.
+"""Pass 11: each sharded SDPA becomes the ring attention op.
 
-Expects: SDPA sites whose q, k, v (and mask rows) are local (pass 7).
+Expects: SDPA sites whose q, k, v (and mask rows) are local (pass 8).
 Guarantees: every such call is ``ring_attention(q, k, v, ...)`` with SDPA's arguments carried over
 (mask, causality, scale, GQA): the same rows SDPA would give for this rank's queries over the
 global sequence. Causality is by global position, so any layout is exact. A dense mask arrives as

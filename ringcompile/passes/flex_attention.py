@@ -1,0 +1,209 @@
+"""Pass 0: a ``flex_attention`` call becomes SDPA with the mask its ``mask_mod`` describes.
+
+Expects: a Dynamo FX graph. Dynamo records ``flex_attention(q, k, v, score_mod, block_mask)`` as
+the higher-order op ``torch.ops.higher_order.flex_attention``, with the ``mask_mod`` and
+``score_mod`` as subgraphs (``get_attr``) that take ``(b, h, q_idx, kv_idx, *buffers)`` and
+``(score, b, h, q_idx, kv_idx, *buffers)``, the tensors they read as buffers.
+Guarantees: a call over one sequence (queries and keys of one length, the block mask's too),
+whose output alone is read (not its log-sum-exp), whose ``score_mod`` adds a bias to the score or
+nothing, becomes ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+enable_gqa=...)``. The mask is the ``mask_mod`` evaluated once over broadcast indices (``b =
+arange(B)[:, None, None, None]``, ``h``, ``q_idx``, ``kv_idx`` likewise): its subgraph inlined into
+the graph on aranges, a boolean mask, or with a bias the bias where the mask allows and -inf
+elsewhere. From there it is any model's mask built from indices: ``lift_masks`` lifts what it can
+read (causal, windows, documents, padding) to per-token facts and the rest stays a dense mask,
+exact either way. A row the mask hides everywhere gives zeros, as flex gives. Other calls stay as
+they are, listed among the fallbacks: they attend over the gathered sequence on every rank.
+The block mask's construction is left to dead-code elimination once nothing reads it.
+
+    out = flex_attention(q, k, v, score_mod_0, (S, S, kv_num_blocks, ..., mask_fn_0), 0.125, ...)[0]
+    -> b = arange(B)[:, None, None, None]; ...; mask = <mask_fn_0 on b, h, q_idx, kv_idx, *buffers>
+       out = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ringcompile.passes.context import RingContext
+from ringcompile.passes.dims import example
+from ringcompile.passes.fx_utils import source_line
+
+FLEX = getattr(torch.ops.higher_order, "flex_attention", None)
+_FLEX_MODULE = os.path.join("torch", "nn", "attention", "flex_attention.py")
+
+
+def is_flex(node: Node) -> bool:
+    return FLEX is not None and node.op == "call_function" and node.target is FLEX
+
+
+def run(ctx: RingContext) -> None:
+    for node in list(ctx.gm.graph.nodes):
+        if is_flex(node):
+            node.meta["stack_trace"] = _user_trace(node.meta.get("stack_trace"))
+            why = _refusal(ctx.gm, node)
+            if why is None:
+                _replace(ctx.gm, node)
+            else:
+                ctx.report.fallbacks.append(
+                    f"{node.name} at {source_line(node)}: flex_attention {why}; it attends over "
+                    "the gathered sequence on every rank, exactly"
+                )
+
+
+def _user_trace(trace: str | None) -> str | None:
+    """The stack trace without its last frames inside flex_attention's own module, so that
+    reports name the model's line that called it."""
+    if not trace:
+        return trace
+    frames = trace.rstrip("\n").split("\n  File ")
+    while len(frames) > 1 and _FLEX_MODULE in frames[-1]:
+        frames.pop()
+    return "\n  File ".join(frames) + "\n"
+
+
+def _args(node: Node):
+    """(q, k, v, score_mod, block_mask, scale, score_mod's buffers, mask_mod's buffers)."""
+    args = list(node.args)
+    for name in ("score_mod_other_buffers", "mask_mod_other_buffers")[len(args) - 7 :]:
+        args.append(node.kwargs.get(name, ()))
+    q, k, v, score, block_mask, scale, _options, score_buffers, mask_buffers = args
+    return q, k, v, score, block_mask, scale, tuple(score_buffers), tuple(mask_buffers)
+
+
+def _refusal(gm: GraphModule, node: Node) -> str | None:
+    """Why ``node`` cannot become SDPA (None: it can)."""
+    buffers = {"score_mod_other_buffers", "mask_mod_other_buffers"}
+    if not 7 <= len(node.args) <= 9 or node.kwargs.keys() - buffers:
+        return "recorded with arguments this pass does not know"
+    q, k, _v, score, block_mask, _scale, score_buffers, mask_buffers = _args(node)
+    S = example(q).shape[-2]
+    if example(k).shape[-2] != S or tuple(block_mask[:2]) != (S, S):
+        return f"over {S} queries and {example(k).shape[-2]} keys is not self-attention"
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        return "whose log-sum-exp is read"
+    if _score_mod_kind(_subgraph(gm, score)) is None:
+        return "with a score_mod that is not a bias added to the score (a soft-cap?)"
+    for name, sub in (("mask_mod", _subgraph(gm, block_mask[-1])), ("score_mod",
+                                                                      _subgraph(gm, score))):  # fmt: skip
+        if any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes):
+            return f"whose {name} reads module state"
+    buffers = [b for b in score_buffers + mask_buffers if isinstance(b, Node)]
+    if any(getattr(example(b), "requires_grad", False) for b in buffers):
+        return "whose mods read a tensor that needs a gradient"
+    return None
+
+
+def _subgraph(gm: GraphModule, node: Node) -> GraphModule:
+    return getattr(gm, node.target)
+
+
+def _score_mod_kind(score: GraphModule) -> str | None:
+    """ "identity" (the score as it is), "bias" (the score plus a term that does not read it),
+    or None (anything else)."""
+    placeholders = [n for n in score.graph.nodes if n.op == "placeholder"]
+    (out,) = [n for n in score.graph.nodes if n.op == "output"]
+    result = out.args[0]
+    result = result[0] if isinstance(result, (tuple, list)) else result
+    if result is placeholders[0]:
+        return "identity"
+    if result.op == "call_function" and result.target in (operator.add, torch.add):
+        a, b = result.args[:2]
+        for s, bias in ((a, b), (b, a)):
+            if s is placeholders[0] and isinstance(bias, Node) and not _reads(bias, s):
+                return "bias"
+    return None
+
+
+def _reads(node: Node, source: Node) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is source:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
+
+
+class _Builder:
+    """Adds nodes before ``at`` with their example values (computed under the graph's fake mode),
+    so that later passes read their shapes as they read Dynamo's."""
+
+    def __init__(self, gm: GraphModule, at: Node):
+        self.graph, self.at = gm.graph, at
+        self.fake_mode = example(at.args[0]).fake_mode
+
+    def call(self, op: str, target, args, kwargs=None) -> Node:
+        kwargs = kwargs or {}
+        with self.graph.inserting_before(self.at):
+            node = self.graph.create_node(op, target, tuple(args), kwargs)
+        node.meta["stack_trace"] = self.at.meta.get("stack_trace")
+        values = torch.fx.node.map_arg((args, kwargs), example)
+        with self.fake_mode:
+            if op == "call_method":
+                node.meta["example_value"] = getattr(values[0][0], target)(*values[0][1:],
+                                                                          **values[1])  # fmt: skip
+            else:
+                node.meta["example_value"] = target(*values[0], **values[1])
+        return node
+
+    def inline(self, sub: GraphModule, inputs: list[Node]) -> Node:
+        """``sub``'s graph on ``inputs``; returns what it returns (its first output)."""
+        env: dict[Node, Node] = {}
+        placeholders = iter(inputs)
+        for n in sub.graph.nodes:
+            if n.op == "placeholder":
+                env[n] = next(placeholders)
+            elif n.op == "output":
+                result = n.args[0]
+                result = result[0] if isinstance(result, (tuple, list)) else result
+                return env[result] if isinstance(result, Node) else result
+            else:
+                args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+                env[n] = self.call(n.op, n.target, args, kwargs)
+        raise AssertionError("a subgraph without output")
+
+    def arange(self, n: int, dim: int, device) -> Node:
+        """``arange(n)`` placed on mask dim ``dim``, as masks built from indices place it."""
+        place = [None] * 4
+        place[dim] = slice(None)
+        idx = self.call("call_function", torch.arange, (n,), {"device": device})
+        return self.call("call_function", operator.getitem, (idx, tuple(place)))
+
+
+def _replace(gm: GraphModule, node: Node) -> None:
+    q, k, v, score, block_mask, scale, score_buffers, mask_buffers = _args(node)
+    B, H, S, _ = example(q).shape
+    build = _Builder(gm, node)
+    device = example(q).device
+    b, h = build.arange(B, 0, device), build.arange(H, 1, device)
+    q_idx, kv_idx = build.arange(S, 2, device), build.arange(S, 3, device)
+    mask = build.inline(_subgraph(gm, block_mask[-1]), [b, h, q_idx, kv_idx, *mask_buffers])
+    if tuple(example(mask).shape[-2:]) != (S, S):  # a mask_mod of fewer indices (or none)
+        shape = torch.broadcast_shapes(example(mask).shape, (1, 1, S, S))
+        mask = build.call("call_method", "expand", (mask, *shape))
+    score_gm = _subgraph(gm, score)
+    if _score_mod_kind(score_gm) == "bias":
+        # the bias alone: the score_mod on a score of zero
+        zero = build.call("call_method", "new_zeros", (q, ()))
+        full = build.inline(score_gm, [zero, b, h, q_idx, kv_idx, *score_buffers])
+        hidden = build.call("call_function", torch.full, ((), float("-inf")),
+                            {"dtype": example(q).dtype, "device": device})  # fmt: skip
+        mask = build.call("call_function", torch.where, (mask, full, hidden))
+    kwargs = {"attn_mask": mask, "scale": scale}
+    if example(k).shape[1] != H:
+        kwargs["enable_gqa"] = True
+    (first, *_) = node.users
+    sdpa = build.call("call_function", torch._C._nn.scaled_dot_product_attention, (q, k, v), kwargs)
+    if "nn_module_stack" in first.meta:
+        sdpa.meta["nn_module_stack"] = first.meta["nn_module_stack"]
+    for user in list(node.users):
+        user.replace_all_uses_with(sdpa)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)

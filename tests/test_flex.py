@@ -1,0 +1,208 @@
+"""flex_attention under the ring backend (pass 0, ``flex_attention``): a call whose ``score_mod``
+adds a bias or nothing becomes SDPA with the mask its ``mask_mod`` describes, which the ring then
+shards as any model's mask (lifted to per-token facts where it reads one, a dense mask otherwise);
+any other call attends over the gathered sequence on every rank, listed among the fallbacks.
+
+Dynamo records ``create_block_mask``'s vmapped ``mask_mod`` with functorch's level bookkeeping,
+calls whose results nobody reads; dead-code elimination must keep them. Flex runs forward only on
+the CPU (Dynamo refuses inputs that need gradients), so these compare forwards: in float64 against
+SDPA under the same dense mask, and transformers' flex models in float32 against themselves.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringcompile.backend import _compile
+
+flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+S, H, HKV, D = 16, 4, 2, 8
+DOC = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4])  # (B, S), as torchtitan's document masks
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+
+
+def causal(b, h, q, kv):
+    return kv <= q
+
+
+def documents(b, h, q, kv):  # reads a captured tensor
+    return DOC[b, q] == DOC[b, kv]
+
+
+def window(b, h, q, kv):  # flex's spelling of a sliding window
+    return q - kv < 4
+
+
+def alibi(score, b, h, q, kv):
+    return score + SLOPES[h] * (kv - q)
+
+
+def soft_cap(score, b, h, q, kv):
+    return 20 * torch.tanh(score / 20)
+
+
+CASES = {
+    "causal": (causal, None),
+    "documents": (flex.and_masks(causal, documents), None),
+    "window": (flex.and_masks(causal, window), None),
+    "alibi": (causal, alibi),
+    "soft_cap": (causal, soft_cap),
+}
+
+
+def _reference(q, k, v, case):
+    """The case's attention in plain float64 arithmetic."""
+    mask_mod, score_mod = CASES[case]
+    qi, kv = torch.arange(S)[:, None], torch.arange(S)[None]
+    allowed = mask_mod(torch.zeros((), dtype=torch.long), 0, qi, kv)
+    k, v = (t.repeat_interleave(H // HKV, 1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) / D**0.5
+    if score_mod is alibi:
+        scores = scores + SLOPES[:, None, None] * (kv - qi)
+    if score_mod is soft_cap:
+        scores = 20 * torch.tanh(scores / 20)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def flex_function(rank, world, case):
+    """A function that builds its block mask and calls flex_attention, compiled with the ring:
+    its error against the reference and its report."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, H, S, D, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(1, HKV, S, D, dtype=torch.float64, generator=g) for _ in range(2))
+    mask_mod, score_mod = CASES[case]
+
+    def attend(q, k, v):
+        block_mask = flex.create_block_mask(mask_mod, 1, None, S, S, device="cpu")
+        return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                   enable_gqa=True)  # fmt: skip
+
+    reports = []
+    out = _compile(attend, {"compiler": "aot_eager"}, {}, reports)(q, k, v)
+    (report,) = reports
+    return float((out - _reference(q, k, v, case)).abs().max()), report
+
+
+@pytest.mark.parametrize("case, what", [
+    ("causal", "is_causal=True, per-token mask facts; ring"),
+    ("documents", "is_causal=True, per-token mask facts; ulysses"),
+    ("window", "is_causal=True, per-token mask facts; ring"),
+    ("alibi", "is_causal=False, dense mask (local rows x global keys); ring"),
+    ("soft_cap", None),
+])  # fmt: skip
+def test_flex_attention_on_two_ranks(gloo, case, what):
+    for err, report in gloo(2).run(flex_function, case):
+        assert err < 1e-10, err
+        if what is None:  # a soft-cap is no bias: flex stays, over the gathered sequence
+            assert report.attention == [], report.attention
+            (line,) = report.fallbacks
+            assert "test_flex.py" in line and "not a bias added to the score" in line, line
+        else:  # the line is the user's call, not flex_attention's module
+            (line,) = report.attention
+            assert "test_flex.py" in line and what in line, line
+
+
+def flex_llama(rank, world, packed):
+    """transformers' Llama with attn_implementation="flex_attention", compiled: the error of its
+    logits against the same model uncompiled (float32), and the reports."""
+    import transformers
+
+    torch._dynamo.reset()
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attn_implementation="flex_attention")  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, S), generator=torch.Generator().manual_seed(1))
+    kw = {"input_ids": ids, "use_cache": False}
+    if packed:  # two documents: transformers derives their ids from the restarting positions
+        kw["position_ids"] = torch.cat([torch.arange(6), torch.arange(10)])[None]
+    with torch.no_grad():
+        ref = model(**kw).logits
+        reports = []
+        out = _compile(model, {"compiler": "aot_eager"}, {}, reports)(**kw).logits
+    return float((out - ref).abs().max()), reports
+
+
+@pytest.mark.parametrize("world, packed", [(1, False), (2, True)], ids=["W1-causal", "W2-packed"])
+def test_transformers_flex_model(gloo, world, packed):
+    for err, reports in gloo(world).run(flex_llama, packed):
+        assert err < 1e-5, err
+        # the block mask is built in a graph of its own (create_block_mask breaks the graph);
+        # the layers' graph gets its buffers as inputs, so the mask stays dense: exact
+        (body,) = [r for r in reports if r.attention]
+        assert len(body.attention) == 2 and not any(
+            ": flex_attention " in f for f in body.fallbacks
+        )
+        assert all("integrations/flex_attention.py" in a for a in body.attention), body.attention
+
+
+def test_pass_alone_ops_before_and_after():
+    """Pass 0 on the causal function's Dynamo graph: the flex call is gone, one SDPA reads the
+    inlined mask_mod on aranges, and the block mask's construction is left for dead-code
+    elimination (its vmap bookkeeping kept)."""
+    from ringcompile.passes import PASSES, RingContext, run_passes
+    from ringcompile.passes.flex_attention import is_flex
+    from ringcompile.passes.fx_utils import is_sdpa, sdpa_args
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    q = torch.randn(1, H, S, D)
+    k, v = (torch.randn(1, HKV, S, D) for _ in range(2))
+
+    def attend(q, k, v):
+        block_mask = flex.create_block_mask(causal, 1, None, S, S, device="cpu")
+        return flex.flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+    torch._dynamo.reset()
+    want = torch.compile(attend, backend=capture)(q, k, v)
+    (gm,) = graphs
+    assert sum(map(is_flex, gm.graph.nodes)) == 1 and not any(map(is_sdpa, gm.graph.nodes))
+    ctx = RingContext(gm=gm, group=None, layout_name="striped")
+    run_passes(ctx, PASSES[:1])
+    assert not any(map(is_flex, gm.graph.nodes)) and ctx.report.fallbacks == []
+    (sdpa,) = [n for n in gm.graph.nodes if is_sdpa(n)]
+    a = sdpa_args(sdpa)
+    assert a["enable_gqa"] is True and a["scale"] == pytest.approx(D**-0.5)
+    assert a["attn_mask"].target.__name__ == "le"  # kv_idx <= q_idx, inlined
+    ctx.remove_dead_code()
+    levels = [n.target.__name__ for n in gm.graph.nodes if "nesting" in str(n.target)]
+    assert levels.count("_vmap_increment_nesting") == levels.count("_vmap_decrement_nesting") > 0
+    gm.recompile()
+    torch.testing.assert_close(gm(q, k, v)[0], want)  # SDPA's float32 rounding, not flex's
+
+
+@pytest.mark.gpu
+def test_transformers_flex_model_trains_on_the_gpu():
+    """On the GPU flex has a backward: the compiled flex Llama (one process) against the same
+    model eager, logits and every parameter gradient in float32."""
+    import transformers
+
+    torch._dynamo.reset()
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        attn_implementation="flex_attention")  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).cuda()
+    ids = torch.randint(0, 128, (1, 256), device="cuda")
+    positions = torch.cat([torch.arange(100), torch.arange(156)])[None].cuda()
+
+    def step(m):
+        model.zero_grad()
+        out = m(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref, ref_grads = step(model)
+    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}))
+    errs = [float((a - b).norm() / b.norm()) for a, b in zip([out, *grads], [ref, *ref_grads])]
+    assert max(errs) < 1e-4, errs
