@@ -95,19 +95,19 @@ def _two_level(mesh, heads_dim, ring_dim) -> TwoLevel:
             f"mesh_dim={(heads_dim, ring_dim)!r} must name two different dims of the mesh, whose "
             f"dims are named {names or 'nothing (name them: init_device_mesh(..., mesh_dim_names=...))'}"
         )
-    heads, ring = mesh.get_group(index[0]), mesh.get_group(index[1])
     both = tuple(names[i] for i in sorted(index))
-    whole = mesh[both]._flatten().get_group()
-    heads_major = index[0] < index[1]
-    U, R = heads.size(), ring.size()
-    at = heads.rank() * R + ring.rank() if heads_major else ring.rank() * U + heads.rank()
-    if whole.rank() != at:
+    sub = mesh[both]
+    # the flattened group numbers its ranks in increasing order; the layout numbers them in the
+    # mesh's row-major order: they agree where the mesh lists its ranks in increasing order (what
+    # every rank of the group sees alike, so all of them raise together)
+    order = sub.mesh.flatten().tolist()
+    if order != sorted(order):
         raise ValueError(
-            f"the mesh's dims {both} do not number the ranks in order (rank {whole.rank()} of "
-            f"their {U * R} sits at {at}): build it as init_device_mesh does, ranks in row-major "
-            "order"
+            f"the mesh's dims {both} list their ranks {order} out of order: build the mesh as "
+            "init_device_mesh does, ranks in row-major order"
         )
-    return TwoLevel(whole, heads, ring, heads_major)
+    heads, ring = mesh.get_group(index[0]), mesh.get_group(index[1])
+    return TwoLevel(sub._flatten().get_group(), heads, ring, heads_major=index[0] < index[1])
 
 
 def resolve_group(group=None, mesh_dim: int | str | None = None) -> dist.ProcessGroup | None:

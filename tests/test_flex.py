@@ -108,16 +108,12 @@ def test_flex_attention_on_two_ranks(gloo, case, what):
 def flex_llama(rank, world, packed):
     """transformers' Llama with attn_implementation="flex_attention", compiled: the error of its
     logits against the same model uncompiled (float32), and the reports."""
-    import transformers
+    from test_transformers import V, _model
 
     torch._dynamo.reset()
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="flex_attention")  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, 64, (1, S), generator=torch.Generator().manual_seed(1))
+    model = _model("llama").float().eval()
+    model.set_attn_implementation("flex_attention")
+    ids = torch.randint(0, V, (1, S), generator=torch.Generator().manual_seed(1))
     kw = {"input_ids": ids, "use_cache": False}
     if packed:  # two documents: transformers derives their ids from the restarting positions
         kw["position_ids"] = torch.cat([torch.arange(6), torch.arange(10)])[None]

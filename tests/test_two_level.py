@@ -189,6 +189,13 @@ def misuses(rank, world):
     with pytest.raises(RingCompileError) as e:
         ringcompile.explain(lambda x: x, q, options={"strategy": "two-level"})
     said.append(str(e.value))
+    from torch.distributed.device_mesh import DeviceMesh
+
+    # ranks not in row-major order: every rank of the group sees it and raises
+    odd = DeviceMesh("cpu", torch.tensor([[0, 2], [1, 3]]), mesh_dim_names=("ring", "heads"))
+    with pytest.raises(ValueError) as e:
+        resolve_two_level(odd, ("heads", "ring"))
+    said.append(str(e.value))
     return said
 
 
@@ -198,6 +205,7 @@ def test_misuses_name_the_fix(gloo):
         assert "('ring', 'heads')" in said[1], said[1]
         assert "name two dims of a DeviceMesh" in said[2], said[2]
         assert "needs two mesh dims" in said[3] and "needs two mesh dims" in said[4], said[3:]
+        assert "[0, 2, 1, 3] out of order" in said[5], said[5]
 
 
 def generate_two_levels(rank, world, names):

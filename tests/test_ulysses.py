@@ -241,21 +241,14 @@ def test_backend_strategy_option(gloo, option, heads, strategy, fallback):
 def fsdp2_llama(rank, world, strategy):
     """A tiny Llama under FSDP2 over the dp dim of a (dp, cp) mesh, its forward compiled with the
     ring over cp: every parameter gradient against one process on the whole batch."""
-    import transformers
+    from test_transformers import V, _model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch._dynamo.reset()
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-    config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="sdpa")  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).double()
-    ref = transformers.LlamaForCausalLM(config).double()
-    ref.load_state_dict(model.state_dict())
-    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    model, ref = _model("llama"), _model("llama")  # the same weights
+    ids = torch.randint(0, V, (4, 16), generator=torch.Generator().manual_seed(5))
     rows = [ids[2 * i : 2 * i + 2] for i in range(2)]  # a batch of 2 rows per dp rank
     (sum(ref(input_ids=r, labels=r).loss for r in rows) / 2).backward()  # FSDP2 averages
     for layer in model.model.layers:
