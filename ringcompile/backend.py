@@ -18,8 +18,11 @@ Options:
   step over a ``ShardedKVCache`` allocated up front among them (a cache the prefill allocated
   warns); graphs with ring attention are not (the ring's sends and its agreement check are host
   work), inductor says so and runs them as they are;
-- ``gather_outputs``: True (default) returns full outputs; False leaves sequence outputs sharded
-  (each rank's tokens in layout order; gradients of such outputs are this rank's own);
+- ``gather_outputs``: "lazy" (default) returns a sequence output as a ``SequenceShard``
+  (``ringcompile.sequence_shard``): a full tensor to whatever reads it, gathered only when Python
+  code first reads it, and taken as it is by the next compiled graph (a graph break costs no
+  gather); True gathers them as the graph returns; False returns this rank's tokens as plain
+  tensors (layout order; gradients of such outputs are this rank's own);
 - ``kernels``: which kernels compute the ring's blocks: "auto" (plain blocks on cuDNN, masked
   blocks on Triton), "triton" or "reference"; default: ``RINGCOMPILE_KERNELS``, else "auto";
 - ``check_inputs``: when to check that every rank of the ring was given the same inputs where the
@@ -56,10 +59,18 @@ from ringcompile.input_check import CheckedInputs
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.kv_cache import APPEND_OPS
 from ringcompile.layout import LAYOUTS
+from ringcompile.masks import AttentionMask
 from ringcompile.passes import RingContext, run_passes
 from ringcompile.passes.fx_utils import input_source, is_module_state, is_sdpa
 from ringcompile.passes.idioms import reads_sharded_cache
 from ringcompile.report import ExplainReport, GraphReport, readable_code
+from ringcompile.sequence_shard import (
+    GraphBoundary,
+    MaskAsFacts,
+    SequenceShard,
+    recording_gathers,
+    taken_inputs,
+)
 from ringcompile.specialize import PerShape
 from ringcompile.strategy import STRATEGIES
 
@@ -92,7 +103,7 @@ class RingOptions:
     layout: str = "striped"
     compiler: str = "inductor"
     mode: str | None = None
-    gather_outputs: bool = True
+    gather_outputs: bool | str = "lazy"
     kernels: str | None = None
     check_inputs: str = "first_call"
     strategy: str = "auto"
@@ -125,8 +136,8 @@ class RingOptions:
                 f"backend='ring': mode={opts.mode!r} is inductor's; it needs compiler='inductor', "
                 f"not {opts.compiler!r}"
             )
-        if not isinstance(opts.gather_outputs, bool):
-            raise RingCompileError("backend='ring': gather_outputs must be True or False")
+        if opts.gather_outputs not in (True, False, "lazy"):
+            raise RingCompileError("backend='ring': gather_outputs must be 'lazy', True or False")
         if opts.check_inputs not in _INPUT_CHECKS:
             raise RingCompileError(
                 f"backend='ring': check_inputs={opts.check_inputs!r} is not one of "
@@ -211,14 +222,21 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
     group = resolve_group(opts.group, opts.mesh_dim)
     if group is None:
         warn_if_launched_without_group()
+    if any(isinstance(n.meta.get("example_value"), MaskAsFacts)
+           for n in gm.graph.find_nodes(op="placeholder")):  # fmt: skip
+        gm = _own_copy(gm)  # its masks' facts become inputs of their own
+    one = group is None or group.size() == 1
     ctx = RingContext(
         gm=gm,
         group=group,
         layout_name=opts.layout,
-        gather_outputs=opts.gather_outputs,
+        # one rank's tokens are the full tensor once its padding is cut (a gather of one)
+        gather_outputs=True if one and opts.gather_outputs == "lazy" else opts.gather_outputs,
         kernels=opts.kernels,
         strategy=opts.strategy,
         two_level=resolve_two_level(opts.group, opts.mesh_dim),
+        arriving=_arriving(gm),
+        arriving_masks=_arriving_masks(gm),
     )
     run_passes(ctx)
     _warn_if_nothing_sharded(ctx)
@@ -234,17 +252,83 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
         reports.append(ctx.report)
     if _report_log().isEnabledFor(logging.INFO):
         log.info("%s", ctx.report)
-    compiled = _inner_compiler(opts.compiler, opts.mode)(gm, example_inputs)
-    if opts.check_inputs == "never" or ctx.world_size == 1 or not ctx.communicates:
+    arrive = _arrive(ctx)
+    inner_inputs = taken_inputs(example_inputs, arrive, example=True)
+    compiled = _inner_compiler(opts.compiler, opts.mode)(gm, inner_inputs)
+    if not (opts.check_inputs == "never" or ctx.world_size == 1 or not ctx.communicates):
+        compiled = CheckedInputs(
+            compiled,
+            group,
+            [(i, name) for i, _, name in checked],
+            states,
+            every_call=opts.check_inputs == "every_call",
+            signature=_collectives_signature(ctx, inner_inputs),
+        )
+    leave = ctx.leaving if ctx.gather_outputs == "lazy" else {}
+    if not (arrive or leave or ctx.masks_leaving):
         return compiled
-    return CheckedInputs(
-        compiled,
-        group,
-        [(i, name) for i, _, name in checked],
-        states,
-        every_call=opts.check_inputs == "every_call",
-        signature=_collectives_signature(ctx, example_inputs),
-    )
+    layout = ctx.layout if ctx.seq_len else None
+    return GraphBoundary(compiled, arrive, leave, ctx.masks_leaving, ctx.own_outputs, layout,
+                         ctx.rank, group)  # fmt: skip
+
+
+def _arriving(gm: torch.fx.GraphModule) -> dict:
+    """The graph inputs an earlier graph left sharded: their sequence dim and layout. Their
+    example values become plain tensors of the full shape, which the passes read."""
+    found = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        if isinstance(value, SequenceShard):
+            found[node] = (value.seq_dim, value.seq_layout)
+            full = value.local.new_empty(value.shape).requires_grad_(value.requires_grad)
+            node.meta["example_value"] = full
+    return found
+
+
+def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph to add inputs to: Dynamo reads its own graph's inputs after the
+    backend returns, to call the compiled graph with them."""
+    graph, copied = torch.fx.Graph(), {}
+    graph.output(graph.graph_copy(gm.graph, copied))
+    for old, new in copied.items():
+        if hasattr(old, "_dynamo_source"):  # what AOT reads of each input
+            new._dynamo_source = old._dynamo_source
+    copy = torch.fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    return copy
+
+
+def _arriving_masks(gm: torch.fx.GraphModule) -> dict:
+    """The graph inputs an earlier graph left as a mask's facts: the mask over new placeholders,
+    one per fact, after the others (``GraphBoundary`` appends the facts to the inputs). Their
+    example values become plain tensors of the mask's shape."""
+    found = {}
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        value = node.meta.get("example_value")
+        if not isinstance(value, MaskAsFacts):
+            continue
+        last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+        facts = {}
+        for name in value.names:
+            with gm.graph.inserting_after(last):
+                last = facts[name] = gm.graph.placeholder(f"{node.name}_{name}")
+            last.meta["example_value"] = value.facts[name]
+            last._dynamo_source = None  # (what AOT reads of each input: none, as for DDP's)
+        found[node] = AttentionMask(value.rules, empty_rows_mean=value.empty_rows_mean, **facts)
+        node.meta["example_value"] = value.anchor.new_empty(value.shape, dtype=value.dtype)
+    return found
+
+
+def _arrive(ctx: RingContext) -> dict[int, str]:
+    """How each input that arrives sharded or as a mask's facts enters the compiled graph
+    (``GraphBoundary.arrive``)."""
+    index = {n: i for i, n in enumerate(ctx.gm.graph.find_nodes(op="placeholder"))}
+    arrive = {index[n]: "local" if n in ctx.arrived else "full" for n in ctx.arriving}
+    for n in ctx.arriving_masks:
+        arrive[index[n]] = "mask dense" if n.users else "mask facts"
+    return arrive
 
 
 def _collectives_signature(ctx: RingContext, example_inputs) -> int:
@@ -298,7 +382,7 @@ def _warn_if_nothing_sharded(ctx: RingContext) -> None:
     """A ring of several ranks, attention in the graph (SDPA, or a softmax written by hand), and
     none of it replaced: every rank would compute everything, and only ``explain`` would say so.
     (A graph with no attention at all, such as a loss after a graph break, is nothing to say.)"""
-    if ctx.world_size == 1 or ctx.report.attention or not ctx.report.fallbacks:
+    if ctx.world_size == 1 or ctx.report.attention or ctx.arrived or not ctx.report.fallbacks:
         return
     found = "\n".join(f"  - {f}" for f in ctx.report.fallbacks)
     warnings.warn(
@@ -366,5 +450,6 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
     gather and why, each fallback and why. Run it on every rank of the ring (it communicates)."""
     reports: list[GraphReport] = []
     compiled = _compile(model, dict(options or {}), {}, reports)
-    compiled(*args, **kwargs)
-    return ExplainReport(graphs=reports)
+    with recording_gathers() as gathers:
+        compiled(*args, **kwargs)
+    return ExplainReport(graphs=reports, python_gathers=gathers)

@@ -68,6 +68,14 @@ class PositionRules:
         wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
         return cls(bool(causal), wl, wr, int(chunk or 0))
 
+    def __str__(self) -> str:
+        parts = ["causal" if self.causal else "bidirectional"]
+        if self.window:
+            parts.append(f"window {self.window}")
+        if self.chunk:
+            parts.append(f"chunks of {self.chunk}")
+        return ", ".join(parts)
+
     @property
     def window(self) -> tuple[int, int] | None:
         """``(left, right)``, or None without a window."""

@@ -38,11 +38,14 @@ class GraphReport:
     rows: list[str] = field(default_factory=list)  # rows flattened with the batch put back
     positions: list[str] = field(default_factory=list)  # position tensors fixed
     shards: list[str] = field(default_factory=list)  # full tensors sharded where they enter
+    # inputs an earlier graph left sharded (``SequenceShard``), and how this graph takes them
+    arrived: list[str] = field(default_factory=list)
     input_check: str = "never"  # when every rank's inputs are compared (the check_inputs option)
     checked_inputs: list[str] = field(default_factory=list)  # the inputs compared
     gathers: list[str] = field(default_factory=list)  # sharded values gathered, and why
     reductions: list[str] = field(default_factory=list)  # reductions over the sequence kept local
     fallbacks: list[str] = field(default_factory=list)  # what was left unsharded, and why
+    left: list[str] = field(default_factory=list)  # outputs that leave sharded
     gradients: list[str] = field(default_factory=list)
     # (what the lines are, the attention calls, what their queries are, a line per ring step of
     # this rank or for Ulysses' attention)
@@ -64,18 +67,25 @@ class GraphReport:
             ("rows kept as (batch, sequence)", self.rows),
             ("positions fixed", self.positions),
             ("sharded where they enter", self.shards),
+            ("arrived sharded from an earlier graph", self.arrived),
             (f"inputs compared across the ring ({self.input_check})", self.checked_inputs),
             ("gathered", self.gathers),
             ("reductions kept sharded", self.reductions),
             ("fallbacks", self.fallbacks),
+            ("left sharded", self.left),
             ("gradients", self.gradients),
         ):
+            if not items and title in self._SHOWN_IF_ANY:
+                continue
             lines.append(f"{title}: {len(items) if items else 'none'}")
             lines += [f"  - {item}" for item in items]
             if title == "attention replaced":
                 lines += self._step_lines()
         lines += ["rewritten graph:", self.code.rstrip()]
         return "\n".join(lines)
+
+    # sections about values that cross graph breaks, shown where there are some
+    _SHOWN_IF_ANY = ("arrived sharded from an earlier graph", "left sharded")
 
     def _step_lines(self) -> list[str]:
         """Each attention kind's ring steps on this rank, or its Ulysses attention: block kind and
@@ -92,10 +102,17 @@ class ExplainReport:
     """Every graph one call of the compiled model produced (graph breaks make several)."""
 
     graphs: list[GraphReport] = field(default_factory=list)
+    # values left sharded that Python code between the graphs read, so gathered (and by what)
+    python_gathers: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         if not self.graphs:
             return "no graph was compiled"
-        return "\n\n".join(
+        graphs = "\n\n".join(
             f"=== graph {i} of {len(self.graphs)} ===\n{g}" for i, g in enumerate(self.graphs, 1)
         )
+        if len(self.graphs) < 2 and not self.python_gathers:
+            return graphs
+        gathers = [f"  - {g}" for g in self.python_gathers]
+        return "\n".join([graphs, "", "=== between the graphs ===",
+                          f"gathered for Python code: {len(gathers) or 'none'}", *gathers])  # fmt: skip

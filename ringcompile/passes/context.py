@@ -3,8 +3,11 @@
 Each pass's result has one place on ``RingContext``, written by that pass alone and read by the
 passes after it (``run_passes`` checks that a pass's producers ran before it):
 
-- ``find_attention``: ``sites`` and ``seq_len`` (then ``layout``, made once);
-- ``lift_masks``: each site's ``lifted_mask``;
+- the backend: ``arriving``, the graph inputs an earlier graph left sharded (``SequenceShard``);
+- ``find_attention``: ``sites`` and ``seq_len`` (then ``layout``, made once), and ``arrived``: the
+  arriving inputs the graph takes as this rank's tokens;
+- ``lift_masks``: each site's ``lifted_mask``; ``masks_leaving``, the mask outputs it returns as
+  facts;
 - ``plan_sequence``: ``plan`` (a read-only ``SequencePlan``);
 - ``shard_sequence``: ``local`` / ``local_only`` (which shard_reductions extends as it rewrites),
   each site's ``local_facts``;
@@ -41,6 +44,7 @@ from ringcompile.runtime import (
     SumGradOverRing,
     TreeDecode,
 )
+from ringcompile.sequence_shard import MaskLeaving
 
 
 def _functorch_levels():
@@ -122,20 +126,32 @@ class RingContext:
     gm: GraphModule
     group: dist.ProcessGroup | None
     layout_name: str
-    gather_outputs: bool = True
+    # True: sequence outputs gathered as the graph returns; False: this rank's tokens; "lazy":
+    # this rank's tokens, which the backend returns as ``SequenceShard``s
+    gather_outputs: bool | str = True
     kernels: str | None = None  # the block kernel choice (ringcompile.kernels); None: the default
     strategy: str = "auto"  # ring, ulysses, two-level or auto (ringcompile.strategy)
     # a group in two levels (``group`` is then its ``whole``): the layout splits over its heads dim
     two_level: TwoLevel | None = None
     report: GraphReport = field(default_factory=GraphReport)
+    # inputs that arrive sharded: their sequence dim and layout
+    arriving: dict[Node, tuple[int, Layout]] = field(default_factory=dict)
+    # inputs that arrive as masks held as facts: the mask over the placeholders of its facts
+    arriving_masks: dict[Node, AttentionMask[Node]] = field(default_factory=dict)
 
     # find_attention
     sites: list[AttentionSite] = field(default_factory=list)
     seq_len: int = 0
+    arrived: dict[Node, int] = field(default_factory=dict)  # taken as local: their sequence dim
     # plan_sequence
     plan: SequencePlan = SequencePlan.of({}, {}, {}, ())
+    # lift_masks: mask outputs that leave as facts (by output leaf), after the graph's own outputs
+    masks_leaving: dict[int, MaskLeaving] = field(default_factory=dict)
+    own_outputs: int = 0
     # shard_reductions: the graph inputs behind the losses' targets, read on this rank's rows
     loss_inputs: tuple[Node, ...] = ()
+    # shard_sequence: output leaves (pytree order) that hold this rank's tokens: (dim, origin)
+    leaving: dict[int, tuple[int, str]] = field(default_factory=dict)
     # shard_sequence: local version of a node and its sequence dim
     local: dict[Node, tuple[Node, int]] = field(default_factory=dict)
     # nodes whose only value is the local one (no full version exists)
@@ -183,7 +199,8 @@ class RingContext:
         """The graph inputs each rank reads its own tokens of, in graph order: the sharded ones
         and those behind the losses' targets. Every rank must be given them alike."""
         found = set(self.plan.sequence_inputs) | set(self.loss_inputs)
-        return [n for n in self.gm.graph.find_nodes(op="placeholder") if n in found]
+        return [n for n in self.gm.graph.find_nodes(op="placeholder")
+                if n in found and n not in self.arrived]  # fmt: skip
 
     @property
     def communicates(self) -> bool:

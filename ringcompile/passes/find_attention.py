@@ -7,6 +7,9 @@ Guarantees: ``ctx.sites`` lists each self-attention SDPA over the graph's sequen
 keys of one length ``ctx.seq_len``, no dropout); every other SDPA is reported as a fallback and
 left as it is (exact: it sees full tensors). A graph without SDPA reports each softmax it has as a
 fallback: attention written by hand, which nothing shards.
+An input an earlier graph left sharded (``ctx.arriving``) is ``ctx.arrived`` (taken as this rank's
+tokens) where its layout is the graph's; a graph with no site takes its sequence from such inputs.
+The others arrive gathered.
 
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # q, k: (B, H, 4096, D)
     -> site(q, k, v, is_causal=True), seq_len = 4096
@@ -28,8 +31,36 @@ def _is_softmax(node) -> bool:
 
 
 def run(ctx: RingContext) -> None:
+    _find_sites(ctx)
+    _settle_arrivals(ctx)
+
+
+def _settle_arrivals(ctx: RingContext) -> None:
+    for node, mask in ctx.arriving_masks.items():
+        what = ", ".join([str(mask.rules), *mask.token_facts])
+        ctx.report.arrived.append(f"{node.name}: a mask, as per-token facts ({what})")
+    if not ctx.arriving:
+        return
+    if not ctx.seq_len:  # no attention: the sequence is the one the inputs carry
+        lengths = Counter(layout.seq_len for _, layout in ctx.arriving.values())
+        ctx.seq_len = ctx.report.seq_len = lengths.most_common(1)[0][0]
+        ctx.report.layout = ctx.layout_name
+    for node, (dim, layout) in ctx.arriving.items():
+        if layout == ctx.layout:
+            ctx.arrived[node] = dim
+            ctx.report.arrived.append(f"{node.name} (dim {dim}): this rank's tokens")
+        else:
+            ctx.report.arrived.append(
+                f"{node.name} (dim {dim}): sharded as {layout!r}, not as this graph's "
+                f"{ctx.layout!r}: gathered as it enters"
+            )
+
+
+def _find_sites(ctx: RingContext) -> None:
     if not any(is_sdpa(n) for n in ctx.gm.graph.nodes):
-        if ctx.report.attention:  # a decode step's, already tree attention
+        # a decode step's attention, already tree attention; or a piece of a model whose
+        # attention is in other graphs (a router's softmax between graph breaks)
+        if ctx.report.attention or ctx.arriving:
             return
         ctx.report.fallbacks += [
             f"{n.name} at {source_line(n)}: a softmax, and no F.scaled_dot_product_attention in "

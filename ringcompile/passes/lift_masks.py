@@ -10,6 +10,12 @@ skips steps and tiles the facts rule out. The mask is read symbolically (``mask_
 is understood), so the result is the same function, not a guess; anything else keeps the dense
 mask (this rank's rows over all keys: exact) and the report says why.
 
+Masks cross graph breaks as facts: a mask an earlier graph left as facts (``ctx.arriving_masks``)
+reads as what it computes, and, where outputs leave lazily (``gather_outputs="lazy"``, several
+ranks), a mask output that reads back leaves as its facts (``ctx.masks_leaving``): the graph returns
+an empty anchor in its place and the facts after its own outputs, and the backend hands the next
+graph a ``MaskAsFacts``. The S x S mask is then never computed.
+
 Document ids computed from nothing but aranges (transformers derives them from position ids it
 made itself with an arange: no packing) are evaluated at compile time; one document is no rule,
 and the site keeps plain blocks the fused kernels compute.
@@ -31,6 +37,7 @@ from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example, shape_of
 from ringcompile.passes.fx_utils import source_line
 from ringcompile.passes.mask_reader import ChunkIds, NotLiftable, one_document, read_mask
+from ringcompile.sequence_shard import MaskLeaving
 
 
 def run(ctx: RingContext) -> None:
@@ -39,13 +46,17 @@ def run(ctx: RingContext) -> None:
             continue
         where = f"{site.node.name} at {source_line(site.node)}"
         try:
-            facts = read_mask(site.attn_mask, shape_of(site.q)[0], ctx.seq_len)
+            facts = read_mask(
+                site.attn_mask, shape_of(site.q)[0], ctx.seq_len, known=ctx.arriving_masks
+            )
         except NotLiftable as why:
             ctx.report.fallbacks.append(
                 f"{where}: dense mask kept (this rank's rows over all keys): {why}"
             )
             continue
         mask_name = site.attn_mask.name
+        if site.attn_mask in ctx.arriving_masks:
+            mask_name += " (facts from an earlier graph)"
         shifted = isinstance(facts.document_ids, ChunkIds)
         if shifted:
             facts = replace(facts, document_ids=_chunk_ids(ctx, site.node, facts.document_ids))
@@ -66,6 +77,49 @@ def run(ctx: RingContext) -> None:
         if facts.empty_rows_mean:
             parts.append("rows no key reaches get the mean of V (the float mask's finfo.min fill)")
         ctx.report.lifted.append(f"{where}: mask {mask_name} -> " + ", ".join(parts))
+    _masks_leave_as_facts(ctx)
+
+
+def _masks_leave_as_facts(ctx: RingContext) -> None:
+    """Mask outputs that read back as facts leave as them (see the module)."""
+    if ctx.world_size == 1 or ctx.gather_outputs != "lazy":
+        return
+    graph = ctx.gm.graph
+    output = graph.find_nodes(op="output")[0]
+    leaves = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else None
+    if leaves is None:
+        return
+    own, extra = len(leaves), []
+    for i, node in enumerate(leaves):
+        shape = shape_of(node) if isinstance(node, Node) else None
+        if shape is None or len(shape) != 4 or shape[2] != shape[3]:
+            continue
+        value = example(node)
+        if not (value.dtype == torch.bool or value.is_floating_point()):
+            continue
+        try:
+            facts = read_mask(node, shape[0], shape[2], known=ctx.arriving_masks)
+        except NotLiftable:
+            continue
+        if isinstance(facts.document_ids, ChunkIds):
+            continue  # (computed per site; not worth a second path)
+        if facts.document_ids is not None and one_document(facts.document_ids):
+            facts = replace(facts, document_ids=None)
+        with graph.inserting_before(output):
+            anchor = graph.call_function(torch.empty, (0,), {"device": value.device})
+        anchor.meta["example_value"] = value.new_empty(0)
+        leaves[i] = anchor
+        names = tuple(facts.token_facts)
+        at = tuple(range(own + len(extra), own + len(extra) + len(names)))
+        extra += [facts.token_facts[n] for n in names]
+        ctx.masks_leaving[i] = MaskLeaving(
+            tuple(shape), value.dtype, facts.rules, facts.empty_rows_mean, names, at
+        )
+        what = ", ".join([str(facts.rules), *names])
+        ctx.report.left.append(f"{node.name}: a mask, as per-token facts ({what}), never S x S")
+    if ctx.masks_leaving:
+        ctx.own_outputs = own
+        output.args = (tuple(leaves + extra),)
 
 
 def _chunk_ids(ctx: RingContext, before: Node, ids: ChunkIds) -> Node:

@@ -185,11 +185,30 @@ def _is_document_ids_of(doc: Node, positions: Node) -> bool:
     )
 
 
+def _as_read(mask: AttentionMask[Node], dtype: torch.dtype) -> object:
+    """What reading a mask that ``mask`` computes gives (a mask an earlier graph left as facts)."""
+    r = mask.rules
+    facts = _Facts(
+        left=r.window_left if r.window_left >= 0 else None,
+        right=0 if r.causal else (r.window_right if r.window_right >= 0 else None),
+        valid=[mask.key_padding_mask] if mask.key_padding_mask is not None else [],
+        docs=[mask.document_ids] if mask.document_ids is not None else [],
+        chunk=r.chunk or None,
+    )
+    # a float mask is transformers': the bias (or 0) where allowed, finfo.min elsewhere
+    return (
+        _Filled(facts, torch.finfo(dtype).min, mask.key_bias) if dtype.is_floating_point else facts
+    )
+
+
 class _Reader:
-    def __init__(self, batch: int, seq_len: int, wide_padding: bool = False):
+    def __init__(self, batch: int, seq_len: int, wide_padding: bool = False,
+                 known: dict[Node, AttentionMask[Node]] | None = None):  # fmt: skip
         self.B, self.S = batch, seq_len
         self.wide_padding = wide_padding
-        self.memo: dict[Node, object] = {}
+        self.memo: dict[Node, object] = {
+            n: _as_read(m, example(n).dtype) for n, m in (known or {}).items()
+        }
 
     def read(self, node) -> object:
         if not isinstance(node, Node):
@@ -407,17 +426,18 @@ class _Reader:
         return _Facts(left=left, right=right, positions=[a.tensor] if on_positions else [])
 
 
-def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False
-              ) -> AttentionMask[Node]:  # fmt: skip
+def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False,
+              known: dict[Node, AttentionMask[Node]] | None = None) -> AttentionMask[Node]:  # fmt: skip
     """The per-token facts that compute ``mask`` exactly, or NotLiftable with the reason.
 
     ``wide_padding`` (decode steps): a (B, N) boolean key padding mask with N >= seq_len counts
-    too, read at its first columns; the caller must give that reading its meaning."""
+    too, read at its first columns; the caller must give that reading its meaning. ``known``:
+    nodes whose mask is known already (graph inputs an earlier graph left as facts)."""
     ms = shape_of(mask)
     if ms is None or len(ms) != 4 or ms[2:] != (seq_len, seq_len):
         raise NotLiftable(f"mask shape {ms} is not (B, H, S, S)")
     dtype = example(mask).dtype
-    facts = _Reader(batch, seq_len, wide_padding).read(mask)
+    facts = _Reader(batch, seq_len, wide_padding, known).read(mask)
     bias, empty_rows_mean = None, False
     if dtype.is_floating_point and isinstance(facts, _Filled):
         if facts.fill != torch.finfo(dtype).min:

@@ -418,7 +418,7 @@ class _Repeated(_Region):
 
 
 def run(ctx: RingContext) -> None:
-    if not ctx.sites:
+    if not ctx.seq_len:
         return
     gm = ctx.gm
     candidates = [

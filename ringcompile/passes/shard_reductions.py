@@ -11,7 +11,9 @@ goes unless something else needs it (a graph output):
   (padding rows get ``i``), each rank sums its rows' losses, the ring sums the partials, and a mean
   divides by the count of targets not ignored, read from the full target;
 - ``sum`` or ``mean`` over all dims, or over the sequence dim alone, becomes ``ring_sum`` of the
-  local value over its real tokens (divided by the full count for a mean).
+  local value over its real tokens (divided by the full count for a mean); ``x.norm()`` (2-norm
+  over all dims: a model that prints its hidden state's norm) the square root of ``ring_sum`` of
+  its squares.
 The result is a full value, the same on every rank; its gradient follows the ring's invariant.
 The graph inputs a cross-entropy's target comes from (the labels) are ``ctx.loss_inputs``: each rank
 reads its own rows of them, so every rank must be given them alike.
@@ -107,8 +109,25 @@ def _flattened_rows(ctx: RingContext, view: Node, full: Node, local: Node, dim: 
         ctx.gm.graph.erase_node(view)
 
 
+def _norm(ctx: RingContext, node: Node, local: Node, dim: int) -> str | None:
+    """``x.norm()`` or ``x.norm(2)`` over all dims."""
+    p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 2)
+    if set(node.kwargs) - {"p"} or len(node.args) > 2 or p not in (2, 2.0, "fro"):
+        return None
+    graph = node.graph
+    squares = graph.call_function(operator.mul, (local, local))
+    summed = graph.call_function(ctx.ring_sum(), (squares, dim, None, False))
+    result = graph.call_method("sqrt", (summed,))
+    result.meta = dict(node.meta)
+    node.replace_all_uses_with(result)
+    graph.erase_node(node)
+    return "2-norm over all dims"
+
+
 def _sum_or_mean(ctx: RingContext, node: Node, local: Node, dim: int, full_numel: int
                  ) -> str | None:  # fmt: skip
+    if node.op == "call_method" and node.target == "norm":
+        return _norm(ctx, node, local, dim)
     kind = node.target if node.op == "call_method" and node.target in ("sum", "mean") else None
     if kind is None:
         return None
@@ -136,7 +155,7 @@ def _sum_or_mean(ctx: RingContext, node: Node, local: Node, dim: int, full_numel
 
 
 def run(ctx: RingContext) -> None:
-    if not ctx.sites:
+    if not ctx.seq_len:
         return
     for gather, full in ctx.gathered.items():
         local, dim = gather.args  # ``full``'s example value has the full shape

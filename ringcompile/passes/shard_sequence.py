@@ -18,8 +18,12 @@ Guarantees, walking the graph in order:
 - a prefill's ``kv_cache_append`` (a ``ShardedKVCache``) on the striped layout with no padding
   reads the local K/V and positions: this rank's tokens are exactly its share of the cache;
 - any other use of a local value — an op that mixes along the sequence (a shift, a ``cumsum``, a
-  reduction over it), an op not understood, a graph output — reads ``ring_gather(x, dim)``: the full
-  tensor in natural order, exact. Outputs stay local only with ``gather_outputs=False``;
+  reduction over it), an op not understood — reads ``ring_gather(x, dim)``: the full tensor in
+  natural order, exact. A graph output is gathered with ``gather_outputs=True``; otherwise it
+  stays local, listed in ``ctx.leaving`` (the backend returns it as a ``SequenceShard`` that
+  later graphs take as it is);
+- an input an earlier graph left sharded (``ctx.arrived``) is local from the start, with no
+  shard; a graph with no attention computes on such inputs' tokens where the ops allow;
 - an in-place change left by pass 1 (``x.add_(y)``, ``x[i] = v``, ``x += y``, ``out=x`` on a graph
   input, module state or a view) changes the tensor it is given, never a shard or a gather of it:
   on this rank's tokens where that tensor is local, on the full tensor (local operands gathered)
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 from torch.fx import Node
 from torch.fx.node import map_arg
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ringcompile.errors import RingCompileError
 from ringcompile.kv_cache import APPEND_OPS
@@ -236,11 +241,43 @@ def _localize_sizes(ctx: RingContext, node: Node, dim: int) -> None:
         node.args = (node.args[0], tuple(sizes), *node.args[2:])
 
 
+def _outputs(ctx: RingContext, node: Node, writes: Writes) -> None:
+    """Local outputs: gathered, or left local and listed in ``ctx.leaving`` (pytree order)."""
+    if ctx.gather_outputs is True:
+        node.args = map_arg(
+            node.args,
+            lambda a: (
+                ctx.gather_of(a, "graph output", writes.last_before(a, node))
+                if a in ctx.local_only
+                else a
+            ),
+        )
+        return
+    leaves, spec = tree_flatten(node.args[0])
+    for i, a in enumerate(leaves):
+        if isinstance(a, Node) and a in ctx.local_only:
+            local, dim = ctx.local[a]
+            leaves[i] = local
+            ctx.leaving[i] = (dim, f"{a.name} (dim {dim}) from {source_line(a)}")
+            ctx.report.left.append(
+                f"{a.name} (dim {dim}): "
+                + (
+                    "this rank's tokens (gather_outputs=False)"
+                    if ctx.gather_outputs is False
+                    else "a SequenceShard, gathered only where Python code reads it"
+                )  # fmt: skip
+            )
+    node.args = (tree_unflatten(leaves, spec), *node.args[1:])
+
+
 def run(ctx: RingContext) -> None:
-    if not ctx.sites:
+    if not ctx.seq_len:
         return
     graph = ctx.gm.graph
     writes = Writes(graph)
+    for node, dim in ctx.arrived.items():  # as an earlier graph left it: no shard
+        ctx.local[node] = (node, dim)
+        ctx.local_only.add(node)
     for node, dim in ctx.plan.shard_points.items():
         if node in ctx.local:
             continue
@@ -259,19 +296,7 @@ def run(ctx: RingContext) -> None:
         if node.op in ("placeholder", "get_attr") or node in shard_nodes:
             continue
         if node.op == "output":
-            if ctx.gather_outputs:
-                node.args = map_arg(
-                    node.args,
-                    lambda a: (
-                        ctx.gather_of(a, "graph output", writes.last_before(a, node))
-                        if a in ctx.local_only
-                        else a
-                    ),
-                )
-            else:
-                node.args = map_arg(
-                    node.args, lambda a: ctx.local[a][0] if a in ctx.local_only else a
-                )
+            _outputs(ctx, node, writes)
             continue
         if _local_cache_append(ctx, node, writes):
             continue

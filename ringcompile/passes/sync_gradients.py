@@ -27,10 +27,11 @@ def _requires_grad(node) -> bool:
 
 
 def run(ctx: RingContext) -> None:
-    if not ctx.sites or ctx.world_size == 1:
+    if not ctx.seq_len or ctx.world_size == 1:
         return
     graph = ctx.gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    # an input that arrived sharded has this rank's tokens' gradient, summed over nothing
+    placeholders = [n for n in graph.nodes if n.op == "placeholder" and n not in ctx.arrived]
     summed = 0
     for p in placeholders:
         if not _requires_grad(p):

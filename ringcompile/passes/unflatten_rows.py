@@ -195,7 +195,7 @@ def _unflatten(ctx: RingContext, flat: Node, B: int, ops: list[Node]) -> None:
 
 
 def run(ctx: RingContext) -> None:
-    if not ctx.sites:
+    if not ctx.seq_len:
         return
     S = ctx.seq_len
     for flat in list(ctx.gm.graph.nodes):
