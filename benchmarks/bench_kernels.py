@@ -18,11 +18,12 @@ one rank.
     PYTHONPATH=. python benchmarks/bench_kernels.py --blocks [--out DIR]
     python benchmarks/bench_kernels.py --replot DIR   # the plots from DIR's bench_kernels*.json
 
---masks times each masked kind of block (documents, sliding window, chunks, key padding,
-ALiBi's key bias; causal, 1 x 32/8 heads x 8192 x 128): ours as the ring runs it ("auto":
-documents, windows and chunks on FA2's varlen kernel, the rest on Triton) and on Triton alone,
+--masks times each masked kind of block (documents, Gemma 2's soft cap of the scores, sliding
+window, chunks, key padding, ALiBi's key bias; causal, 1 x 32/8 heads x 8192 x 128): ours as the
+ring runs it ("auto": documents on FA2's varlen kernel, the rest on Triton) and on Triton alone,
 FA2's varlen kernel called directly on the same problems (its segments made outside the timing),
-cuDNN SDPA given the same mask as a dense additive bias, and cuDNN's plain causal kernel, with
+cuDNN SDPA given the same mask as a dense additive bias (for the soft cap, which no SDPA backend
+computes, compiled flex_attention with it as score_mod), and cuDNN's plain causal kernel, with
 TFLOP/s counted over the pairs each mask lets through (``density``), so the rows compare at the
 same density. The table's "work's ideal" is cuDNN's plain causal time x density / 0.5. The inputs
 are laid out (B, S, H, D), as a model's projections give them.
@@ -141,6 +142,33 @@ def sdpa_fns(q, k, v, dout, causal, backend, attn_mask=None):
     return fwd, fwd_bwd
 
 
+def flex_soft_cap_fns(q, k, v, dout, softcap):
+    """Compiled flex_attention, causal, with Gemma 2's soft cap as its score_mod: PyTorch's own
+    route to a soft cap (SDPA has none)."""
+    from torch.nn.attention import flex_attention as flex
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    def cap(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    S = q.shape[2]
+    block_mask = flex.create_block_mask(causal, None, None, S, S, device=q.device)
+    attend = torch.compile(flex.flex_attention)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def fwd():
+        with torch.no_grad():
+            return attend(qg, kg, vg, score_mod=cap, block_mask=block_mask, enable_gqa=True)
+
+    def fwd_bwd():
+        out = attend(qg, kg, vg, score_mod=cap, block_mask=block_mask, enable_gqa=True)
+        torch.autograd.grad(out, (qg, kg, vg), dout)
+
+    return fwd, fwd_bwd
+
+
 def flash_varlen_fns(q, k, v, dout, seg):
     """FA2's varlen kernel on a block's ``Segments``, its inputs packed outside the timing."""
     fa2 = varlen.FlashVarlenBlocks()
@@ -217,6 +245,7 @@ def mask_kinds(S, device, H=32, D=128):
     valid[:, : S // 8] = False  # left padding, an eighth of the keys
     kinds = [
         ("documents (~1k tokens each)", dict(q_doc=docs, k_doc=docs)),
+        ("soft cap 50 (Gemma 2)", dict(softcap=50.0)),
         ("window 1024", dict(rules=PositionRules(True, window_left=1023))),
         ("chunks of 1024 (Llama 4)", dict(rules=PositionRules(True, chunk=1024))),
         ("padding 1/8 of keys", dict(k_valid=valid)),
@@ -264,7 +293,10 @@ def masks_table(out_dir):
         seg = varlen.segments(mask, B)
         if seg is not None:
             fns["FA2 varlen (direct)"] = flash_varlen_fns(q, k, v, dout, seg)
-        fns["cudnn, same mask as bias"] = sdpa_fns(q, k, v, dout, False, "cudnn", bias)
+        if mask.softcap:
+            fns["flex, same soft cap"] = flex_soft_cap_fns(q, k, v, dout, mask.softcap)
+        else:
+            fns["cudnn, same mask as bias"] = sdpa_fns(q, k, v, dout, False, "cudnn", bias)
         fns["cudnn, plain causal"] = sdpa_fns(q, k, v, dout, True, "cudnn")
         for impl, (fwd, fwd_bwd) in fns.items():
             row = dict(mask=name, density=density, impl=impl)

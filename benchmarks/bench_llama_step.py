@@ -21,6 +21,11 @@ the others wait.
     python benchmarks/bench_llama_step.py --seqs 16384          # W = 1: all modes on one GPU
     python benchmarks/bench_llama_step.py --tiny --seqs 64       # check the script on a CPU
 
+``--arch gemma2`` trains a Gemma 2 of the same size instead (hidden 2048, 16 layers, 32 / 8 heads of
+dim 128, MLP 5632, vocab 32000; windows of 4096 in every other layer, scores soft-capped at 50,
+logits at 30): transformers runs it with eager attention only (SDPA has no soft cap), which
+holds every layer's S x S scores; the ring takes that attention as SDPA with a soft cap.
+
 ``--documents`` trains on packed documents instead of one sequence: ``position_ids`` restart at
 each document's start (lengths 1k-4k tokens, ``packed_positions``), from which transformers
 builds its packed-sequence mask (each token sees its own document only).
@@ -55,8 +60,27 @@ def _parse():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--documents", action="store_true", help="packed documents of 1k-4k tokens")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "striped", "contiguous"])
+    p.add_argument("--arch", default="llama", choices=["llama", "gemma2"])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args()
+
+
+def build_gemma2(args, device, max_len):
+    """Gemma 2 of the Llama's size (eager attention, soft caps, windows), or a tiny one."""
+    import transformers
+
+    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=256, sliding_window=16)
+            if args.tiny else
+            dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000,
+                 sliding_window=4096))  # fmt: skip
+    cfg = transformers.Gemma2Config(max_position_embeddings=max_len, attn_implementation="eager",
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                    **size)  # fmt: skip
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return transformers.Gemma2ForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
 def compiled_model(model, mode, group, layout):
@@ -84,7 +108,10 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(device)
     group = dist.group.WORLD if world > 1 else None
-    model = build(args, device, max(args.seqs), layers=16, head_dim=128)
+    if args.arch == "gemma2":
+        model = build_gemma2(args, device, max(args.seqs))
+    else:
+        model = build(args, device, max(args.seqs), layers=16, head_dim=128)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     rows = []
     for S in args.seqs:
@@ -116,7 +143,7 @@ def main() -> None:
     if rank == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(
-            f"\nLlama {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, labels= loss, "
+            f"\n{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B, labels= loss, "
             f"AdamW; {'packed documents, ' if args.documents else ''}{args.layout} ring; {name}, "
             f"torch {torch.__version__}"
         )
@@ -131,7 +158,9 @@ def main() -> None:
                 )
             else:
                 print(f"| {r['seq']} | {r['mode']} | {r['gpus']} | out of memory | | |")
-        tag = "_documents" if args.documents else ""
+        tag = ("_gemma2" if args.arch == "gemma2" else "") + (
+            "_documents" if args.documents else ""
+        )
         with open(os.path.join(args.out, f"bench_llama_step_w{world}{tag}.json"), "w") as f:
             json.dump(rows, f, indent=1)
     if world > 1:

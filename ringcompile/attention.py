@@ -41,6 +41,7 @@ def ring_attention(
     key_padding_mask: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
     empty_rows: str = "zero",
+    softcap: float | None = None,
     kernels: str | None = None,
     strategy: str = "ring",
 ) -> torch.Tensor:
@@ -84,6 +85,9 @@ def ring_attention(
             boolean mask) or "mean", the mean of every value of the sequence with SDPA's
             gradients, what SDPA gives under an additive mask that fills hidden keys with
             ``finfo.min`` (every score of such a row rounds to that value).
+        softcap: caps every score ``s`` (scaled, before the mask) to ``softcap * tanh(s /
+            softcap)``, as Gemma 2's ``attn_logit_softcapping``; the blocks then go to the masked
+            kernels (Triton on the GPU). Not with ``empty_rows="mean"``.
         kernels: which kernels compute the ring's blocks: "auto" (plain full and causal blocks
             on cuDNN where it runs, masked blocks on Triton), "triton" (every block in Triton)
             or "reference" (plain PyTorch); None reads ``RINGCOMPILE_KERNELS``, else "auto".
@@ -177,11 +181,14 @@ def ring_attention(
         # their gradients are dropped, so every kernel takes them as they are.
         width = max(D, Dv)
         q, k, v = (F.pad(t, (0, width - t.shape[3])) for t in (q, k, v))
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number, got {softcap!r}")
     if chunk is not None and int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
     mask = AttentionMask(PositionRules.of(is_causal, window, chunk), document_ids=document_ids,
                          key_padding_mask=key_padding_mask, key_bias=key_bias, dense=dense,
-                         empty_rows_mean=empty_rows == "mean")  # fmt: skip
+                         empty_rows_mean=empty_rows == "mean",
+                         softcap=float(softcap or 0.0))  # fmt: skip
     if strategy not in ("ring", "ulysses", "two-level"):
         raise ValueError(f'strategy must be "ring", "ulysses" or "two-level", got {strategy!r}')
     op, groups = ring_attention_op, ()

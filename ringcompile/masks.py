@@ -28,6 +28,10 @@ lists and :meth:`PositionRules.any_allowed` together on random facts:
 - validity: ``k_valid`` (key padding);
 - dense: boolean (True = keep) or additive float, broadcastable to (B, H, Sq, Sk).
 
+A mask may also cap the scores (``softcap``, Gemma 2's ``attn_logit_softcapping``): each score
+``s = scale * q.k`` becomes ``softcap * tanh(s / softcap)`` before the mask applies (a dense
+additive mask or key bias is added after the cap, as eager Gemma 2 and flex's score_mod add it).
+
 Beside the rules, a mask may add to the scores a bias that depends on the key alone (ALiBi as
 transformers builds it: ``slope_h * position_k``, a softmax ignoring the query's share): a
 per-token fact that travels with its key, which a block sees as an additive dense mask broadcast
@@ -39,6 +43,7 @@ fills hidden keys with finfo.min: every score of such a row rounds to that one v
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -140,13 +145,23 @@ class AttentionMask(Generic[T]):
     dense: T | None = None  # (B|1, H|1, S_local, seq_len) bool (True = keep) or additive float
     # rows the facts leave with no key: the mean of every value (True) or 0 (False)
     empty_rows_mean: bool = False
+    # > 0: every score s becomes softcap * tanh(s / softcap) before the mask applies
+    softcap: float = 0.0
 
-    # The op's encoding: these tensors in this order, then the rules and the flag as ints.
+    # The op's encoding: these tensors in this order, then the rules and the flag as ints, then
+    # the soft cap.
     _TENSORS = ("dense", "document_ids", "key_padding_mask", "key_bias")
 
     def __post_init__(self):
         if self.key_bias is not None and self.dense is not None:
             raise ValueError("a key bias and a dense mask at once: add the bias to the dense mask")
+        if self.softcap < 0:
+            raise ValueError(f"softcap must be positive (0: none), got {self.softcap}")
+        if self.softcap and self.empty_rows_mean:
+            # the mean rows' gradients are sums over every key (``ring/empty_rows.py``), which a
+            # cap's per-score derivative breaks; a dense additive mask computes such rows exactly
+            raise ValueError("a soft cap with empty_rows='mean': pass the mask as a dense "
+                             "additive attn_mask instead")  # fmt: skip
 
     @property
     def token_facts(self) -> dict[str, T]:
@@ -158,23 +173,23 @@ class AttentionMask(Generic[T]):
     def masked(self) -> bool:
         """Whether blocks need more than the position rules (the masked kernels)."""
         r = self.rules
-        return (
-            bool(self.token_facts) or self.dense is not None or r.window is not None or r.chunk > 0
-        )
+        return (bool(self.token_facts) or self.dense is not None or r.window is not None
+                or r.chunk > 0 or self.softcap > 0)  # fmt: skip
 
-    def encode(self) -> tuple[list[torch.Tensor | None], list[int]]:
-        """The op's two mask arguments."""
+    def encode(self) -> tuple[list[torch.Tensor | None], list[int], float]:
+        """The op's three mask arguments."""
         r = self.rules
         return ([getattr(self, name) for name in self._TENSORS],
                 [int(r.causal), r.window_left, r.window_right, r.chunk,
-                 int(self.empty_rows_mean)])  # fmt: skip
+                 int(self.empty_rows_mean)], float(self.softcap))  # fmt: skip
 
     @classmethod
-    def decode(cls, tensors: list[torch.Tensor | None], ints: list[int]) -> AttentionMask:
+    def decode(cls, tensors: list[torch.Tensor | None], ints: list[int],
+               softcap: float) -> AttentionMask:  # fmt: skip
         causal, wl, wr, chunk, empty_rows_mean = ints
         return cls(PositionRules(bool(causal), int(wl), int(wr), int(chunk)),
                    **dict(zip(cls._TENSORS, tensors)),
-                   empty_rows_mean=bool(empty_rows_mean))  # fmt: skip
+                   empty_rows_mean=bool(empty_rows_mean), softcap=float(softcap))  # fmt: skip
 
     def agreement(self) -> list[tuple[str, int]]:
         """What every rank of a ring must state alike, as (what, value)."""
@@ -184,7 +199,13 @@ class AttentionMask(Generic[T]):
                 ("has document_ids", int(self.document_ids is not None)),
                 ("has key_padding_mask", int(self.key_padding_mask is not None)),
                 ("has key_bias", int(self.key_bias is not None)),
-                ("empty rows get the mean", int(self.empty_rows_mean))]  # fmt: skip
+                ("empty rows get the mean", int(self.empty_rows_mean)),
+                ("softcap (float64 bits)", _float_bits(self.softcap))]  # fmt: skip
+
+
+def _float_bits(x: float) -> int:
+    """A float as the int64 of its bits: the agreement compares integers, exactly."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _keys_from(progression: tuple[int, int, int], start: int) -> tuple[int, int, int]:
@@ -223,6 +244,7 @@ class BlockMask:
     # The tensor ``q_doc`` was read from, as the op was given it: what is derived from the
     # documents (``kernels.varlen.Segments``) is kept while this one tensor is unchanged
     documents_source: torch.Tensor | None = None
+    softcap: float = 0.0  # AttentionMask.softcap
 
     @property
     def varlen(self) -> bool:
@@ -232,7 +254,8 @@ class BlockMask:
         too, but our Triton kernels run them faster than FA2's varlen kernel:
         benchmarks/RESULTS.md.)"""
         return (self.q_doc is not None and self.pieces is None and self.k_valid is None
-                and self.dense is None and self.progression is not None)  # fmt: skip
+                and self.dense is None and self.progression is not None
+                and not self.softcap)  # fmt: skip
 
     def keys(self, start: int, stop: int) -> BlockMask:
         """The same mask over keys ``[start, stop)`` of the block only."""

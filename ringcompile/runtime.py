@@ -79,7 +79,7 @@ class SdpaOnRing(_Bound):
 
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, window=None, chunk=None, document_ids=None,
-                 key_padding_mask=None, key_bias=None, empty_rows="zero",
+                 key_padding_mask=None, key_bias=None, empty_rows="zero", softcap=None,
                  strategy="ring"):  # fmt: skip
         return _ring_attention(
             q,
@@ -98,6 +98,7 @@ class SdpaOnRing(_Bound):
             key_padding_mask=key_padding_mask,
             key_bias=key_bias,
             empty_rows=empty_rows,
+            softcap=softcap,
             kernels=self.kernels,
             strategy=strategy,
         )

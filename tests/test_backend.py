@@ -673,7 +673,7 @@ def test_passes_import_helpers_not_each_other():
     from ringcompile.passes import PASSES
 
     passes = {p.run.__module__ for p in PASSES}
-    assert len(passes) == len(PASSES) == 13
+    assert len(passes) == len(PASSES) == 14
     for name in passes:
         tree = ast.parse(inspect.getsource(importlib.import_module(name)))
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

@@ -1,4 +1,4 @@
-"""Pass 6 (``outline_experts``): a mixture-of-experts dispatch becomes one op that computes each
+"""Pass 7 (``outline_experts``): a mixture-of-experts dispatch becomes one op that computes each
 token row alone, so the experts run on each rank's tokens (issue 21, item 5).
 
 The dispatch below is transformers' grouped-matmul experts (``integrations/moe.py``), written out:

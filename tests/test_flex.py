@@ -1,5 +1,6 @@
 """flex_attention under the ring backend (pass 0, ``flex_attention``): a call whose ``score_mod``
-adds a bias or nothing becomes SDPA with the mask its ``mask_mod`` describes, which the ring then
+adds a bias or nothing, to the score or to its soft cap, becomes SDPA (with that cap) with the
+mask its ``mask_mod`` describes, which the ring then
 shards as any model's mask (lifted to per-token facts where it reads one, a dense mask otherwise);
 any other call attends over the gathered sequence on every rank, listed among the fallbacks.
 
@@ -43,12 +44,17 @@ def soft_cap(score, b, h, q, kv):
     return 20 * torch.tanh(score / 20)
 
 
+def soft_cap_inside(score, b, h, q, kv):  # the bias under the cap: not what the ring computes
+    return 20 * torch.tanh((score + SLOPES[h] * (kv - q)) / 20)
+
+
 CASES = {
     "causal": (causal, None),
     "documents": (flex.and_masks(causal, documents), None),
     "window": (flex.and_masks(causal, window), None),
     "alibi": (causal, alibi),
     "soft_cap": (causal, soft_cap),
+    "soft_cap_inside": (causal, soft_cap_inside),
 }
 
 
@@ -63,6 +69,8 @@ def _reference(q, k, v, case):
         scores = scores + SLOPES[:, None, None] * (kv - qi)
     if score_mod is soft_cap:
         scores = 20 * torch.tanh(scores / 20)
+    if score_mod is soft_cap_inside:
+        scores = 20 * torch.tanh((scores + SLOPES[:, None, None] * (kv - qi)) / 20)
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
@@ -91,12 +99,13 @@ def flex_function(rank, world, case):
     ("documents", "is_causal=True, per-token mask facts; ulysses"),
     ("window", "is_causal=True, per-token mask facts; ring"),
     ("alibi", "is_causal=False, dense mask (local rows x global keys); ring"),
-    ("soft_cap", None),
+    ("soft_cap", "is_causal=True, per-token mask facts, scores soft-capped at 20; ring"),
+    ("soft_cap_inside", None),
 ])  # fmt: skip
 def test_flex_attention_on_two_ranks(gloo, case, what):
     for err, report in gloo(2).run(flex_function, case):
         assert err < 1e-10, err
-        if what is None:  # a soft-cap is no bias: flex stays, over the gathered sequence
+        if what is None:  # a score_mod of another form: flex stays, over the gathered sequence
             assert report.attention == [], report.attention
             (line,) = report.fallbacks
             assert "test_flex.py" in line and "not a bias added to the score" in line, line

@@ -55,7 +55,8 @@ def test_interpreted_kernels_in_child_process():
 # Cases whose launches cover every mask flag's code path on a GPU's compiler (the interpreter runs
 # code that compiler refuses, such as returns of two shapes from one function).
 COMPILED_CASES = ("key-bias-causal-padding-mqa", "dense-bool-B", "dense-additive-window-d80",
-                  "chunk-docs-zigzag-dq-kernel")  # fmt: skip
+                  "chunk-docs-zigzag-dq-kernel", "softcap-docs-dq-kernel-gqa",
+                  "softcap-causal-striped")  # fmt: skip
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the kernels; the interpreter compiles nothing")
@@ -81,6 +82,8 @@ def test_kernels_compile_for_hopper():
 
     mp = pytest.MonkeyPatch()
     try:
+        # on a GPU, half-precision soft caps take the GPU's tanh (inline PTX): compiled here too
+        mp.setattr(host, "_fast_tanh", lambda q: q.dtype in (torch.float16, torch.bfloat16))
         for module in (host, tiles):  # where the kernels are launched from
             for name, f in list(vars(module).items()):
                 if isinstance(f, JITFunction) and name.endswith("_kernel"):
@@ -199,6 +202,7 @@ class Case:
     scale: float | None = None  # None: D ** -0.5
     dkv_fresh: bool = False  # dK/dV start as NaN and the backward overwrites them
     key_halves: bool = False  # the backward runs each block as two calls on halves of its keys
+    softcap: float = 0.0  # scores capped at this (scores here are O(1): a cap of 1.5 bends them)
 
 
 def _positions(case: Case, gen: torch.Generator):
@@ -284,7 +288,7 @@ def _build(case: Case, seed: int = 0):
                 k_valid=None if valid_of is None else valid_of[:, kp.clamp(max=total - 1)],
                 dense=None if dense_of is None else (
                     dense_of[..., kp] if case.dense == "key_bias" else dense_of[:, :, q_pos][..., kp]),
-                dense_offset=offset,
+                dense_offset=offset, softcap=case.softcap,
             )
         )  # fmt: skip
     return q, ks, vs, dout, masks
@@ -432,6 +436,15 @@ CASES = {
         layout="zigzag",
     ),  # fmt: skip
     # 8 query heads in chunks of 3, 3, 2; 4 KV heads in chunks of 3, 1
+    # the soft cap: every tile partial; dq by atomics, by its own kernel, under finfo.min rows
+    "softcap-causal-striped": Case(causal=True, layout="striped", softcap=1.5, steps=3),
+    "softcap-docs-dq-kernel-gqa": Case(docs=True, softcap=1.5, H=4, Hkv=1, dq_kernel=True),
+    "softcap-finfo-min-rows-fp16": Case(
+        dense="additive_min", dense_shape="B", dtype=torch.float16, softcap=1.5, steps=2
+    ),
+    "softcap-negative-scale-key-halves": Case(
+        causal=True, scale=-0.3, softcap=1.5, key_halves=True, dkv_fresh=True
+    ),
     "ragged-head-chunks": Case(causal=True, layout="zigzag", heads_per_chunk=3, dq_kernel=True),
     "unequal-tiles": Case(causal=True, blocks=(32, 16, 32, 16), steps=2),
     "unequal-tiles-rev": Case(window=(15, 0), blocks=(16, 32, 16, 32), layout="striped"),

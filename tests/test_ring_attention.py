@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 
 import pytest
 import torch
@@ -132,6 +133,23 @@ def _sdpa_reference(q, k, v, w, allowed, math=False):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+def _eager_reference(q, k, v, w, allowed, softcap):
+    """``softmax(softcap * tanh(scale q.k / softcap) + mask) V`` written out (SDPA has no soft cap),
+    as eager Gemma 2 computes it; rows a boolean mask leaves with no key give 0, as the ring."""
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    G = q.shape[1] // k.shape[1]
+    kx, vx = (t.repeat_interleave(G, 1) for t in (k, v))
+    s = q @ kx.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s = softcap * torch.tanh(s / softcap)
+    if allowed.dtype == torch.bool:
+        p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    else:
+        p = (s + allowed).softmax(-1)
+    out = p @ vx
+    (out * w).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
 def _shard_kwargs(kw, layout, rank):
     local = dict(kw)
     if "document_ids" in kw:
@@ -147,14 +165,24 @@ def _shard_kwargs(kw, layout, rank):
 
 
 def check_against_sdpa(
-    rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None, kernels=None, strategy="ring"
-):
-    """Returns this rank's relative errors (out, dq, dk, dv) against SDPA on the full sequence."""
+    rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None, kernels=None, strategy="ring",
+    softcap=None,
+):  # fmt: skip
+    """Returns this rank's relative errors (out, dq, dk, dv) against SDPA on the full sequence
+    (with ``softcap``, against that attention written out)."""
     B, D = 2, 8
     q, k, v, w, kw, allowed = _problem(seed, B, H, Hkv, S, D, mask_kind)
-    # rows a float mask fills with finfo.min everywhere: SDPA's CPU flash kernel differs from its
-    # own math backend there (its backward reads an lse that lost log(n): 7x off); math is exact
-    ref = _sdpa_reference(q, k, v, w, allowed, math=mask_kind in ("dense_finfo_min", "key_bias"))
+    if softcap is not None:
+        # scores of O(3): a cap of 2 bends most of them
+        q = q * 2
+        ref = _eager_reference(q, k, v, w, allowed, softcap)
+        kw["softcap"] = softcap
+    else:
+        # rows a float mask fills with finfo.min everywhere: SDPA's CPU flash kernel differs
+        # from its own math backend there (its backward reads an lse that lost log(n): 7x off);
+        # math is exact
+        ref = _sdpa_reference(q, k, v, w, allowed,
+                              math=mask_kind in ("dense_finfo_min", "key_bias"))  # fmt: skip
     if isinstance(group, TwoLevel):  # the layout over the ring dim, split over the heads dim
         layout_name, pg = group.layout_name(layout_name), group.whole
     else:
@@ -587,3 +615,28 @@ def test_key_bias_with_rows_that_see_no_key(gloo, world, layout_name, heads):
     errs = gloo(world).run(check_against_sdpa, layout_name, "key_bias", *heads, 24, 5)
     for rank, e in enumerate(errs):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+SOFTCAP_CASES = [(1, "contiguous", "padding", "ring"), (2, "striped", "causal", "ring"),
+                 (2, "zigzag", "documents", "ring"), (2, "contiguous", "dense_finfo_min", "ring"),
+                 (3, "zigzag", "window", "ring"), (4, "striped", "padding", "ring"),
+                 (4, "contiguous", "full", "ring"), (2, "zigzag", "documents", "ulysses")]  # fmt: skip
+
+
+@pytest.mark.parametrize("world, layout_name, mask_kind, strategy", SOFTCAP_CASES)
+def test_soft_capped_scores(gloo, world, layout_name, mask_kind, strategy):
+    """Gemma 2's soft cap on the ring (and Ulysses): ``softcap * tanh(s / softcap)`` of every
+    score before the mask, its derivative in the backward; a dense float mask is added after the
+    cap, and its rows hidden everywhere average every value, as eager attention gives them."""
+    errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, 4, 2, 24, 3, None, None,
+                           strategy, 2.0)  # fmt: skip
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+def test_soft_cap_refuses_mean_rows():
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dense additive attn_mask"):
+        ring_attention(q, q, q, is_causal=True, softcap=5.0, empty_rows="mean")
+    with pytest.raises(ValueError, match="positive"):
+        ring_attention(q, q, q, softcap=0.0)

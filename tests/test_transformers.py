@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import operator
 import re
+import unittest.mock
 
 import pytest
 import torch
 import torch._dynamo
+import torch.nn.functional as F
 from expecttest import assert_expected_inline
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -51,6 +53,18 @@ def _model(arch: str):
         model.loss_type = (
             "ForCausalLM"  # unset, transformers logs a warning, which breaks the graph
         )
+        return model
+    if arch == "gemma2":  # eager attention only (SDPA has no soft cap), windows in layer 0
+        config = transformers.Gemma2Config(
+            vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+            sliding_window=5, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+            attn_implementation="eager")  # fmt: skip
+        torch.manual_seed(0)
+        return transformers.Gemma2ForCausalLM(config).double()
+    if arch == "llama-eager":
+        model = _model("llama")
+        model.set_attn_implementation("eager")
         return model
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -102,10 +116,12 @@ def _inputs(seq_len: int, mask: str, use_cache: bool | None) -> dict:
     return kw
 
 
-def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False, options=None):
+def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False, options=None,
+               reference_context=None):  # fmt: skip
     """Relative errors of the compiled model against eager (logits, loss, every parameter grad and,
     with ``embeds``, the grad of ``inputs_embeds``), and the backend's reports of the same run (one
-    per graph, what ``explain`` shows). ``options``: the backend's, beside aot_eager."""
+    per graph, what ``explain`` shows). ``options``: the backend's, beside aot_eager;
+    ``reference_context``: a context manager factory the eager run alone enters."""
     torch._dynamo.reset()
     model = _model(arch)
     torch.manual_seed(1)
@@ -129,7 +145,8 @@ def compare_hf(rank, world, arch, seq_len, mask, use_cache, embeds=False, option
     # takes once K/V are expanded, as transformers 5.25 does) differentiates them from an lse
     # that lost log(n) in rounding, n times off its own forward's weights; its math backend
     # differentiates what the forward computes, as the ring does
-    with sdpa_kernel(SDPBackend.MATH) if arch == "falcon-alibi" else contextlib.nullcontext():
+    with (sdpa_kernel(SDPBackend.MATH) if arch == "falcon-alibi" else contextlib.nullcontext(),
+          reference_context() if reference_context else contextlib.nullcontext()):  # fmt: skip
         ref, ref_grads = step(model)
     reports = []
     out, grads = step(_compile(model, {"compiler": "aot_eager", **(options or {})}, {}, reports))
@@ -981,3 +998,56 @@ def test_latent_attention_keys_written_in_place(gloo, arch, experts, left_paddin
     # the keys' buffer and what is copied into it stay on this rank's tokens
     gathers = [g for graph in graphs for g in graph.gathers]
     assert not any("new_empty" in g or "copy_" in g for g in gathers), gathers
+
+
+def softmax_at_input_precision():
+    """transformers' eager attention takes its softmax in float32 even in a float64 model, where
+    the ring (as SDPA) computes in float64: for the reference the softmax keeps its input's
+    dtype, so the comparison says what the ring changes beyond that rounding."""
+    softmax = F.softmax
+
+    def at_input_precision(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim)
+
+    return unittest.mock.patch("torch.nn.functional.softmax", at_input_precision)
+
+
+# transformers computes Gemma 2's eager mask in a way that gives NaN in float64 under left padding
+# (eager itself), so its padding case pads on the right
+WRITTEN_OUT = [("gemma2", 2, 16, "packed"), ("gemma2", 4, 16, "none"), ("gemma2", 2, 15, "right"),
+               ("llama-eager", 2, 16, "left")]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch, world, seq_len, mask", WRITTEN_OUT,
+                         ids=[f"{a}-W{w}-S{s}-{m}" for a, w, s, m in WRITTEN_OUT])  # fmt: skip
+def test_attention_written_out_is_taken_as_sdpa(gloo, arch, world, seq_len, mask):
+    """Eager attention (matmul, softmax, matmul; Gemma 2's soft cap of the scores) becomes SDPA
+    and then ring attention: exact, its masks lifted, nothing gathered. Under padding a soft
+    cap keeps the dense mask (rows padding hides everywhere average every value, whose gradients
+    through the cap the facts do not give)."""
+    results = gloo(world).run(compare_hf, arch, seq_len, mask, False, False, None,
+                              softmax_at_input_precision)  # fmt: skip
+    for rank, (errs, _) in enumerate(results):
+        # Gemma's float32 norms: their weights' gradient partials add in another order on the
+        # ranks (float32 rounding; ``test_float32_norms_stay_sharded``); the rest float64's
+        bad = {k: v for k, v in errs.items()
+               if not v < (1e-6 if "norm" in k or k == "loss" else TOL)}  # fmt: skip
+        assert not bad, f"rank {rank}: {bad}"
+    # Gemma's graphs are compiled twice (Dynamo restarts once: ``test_float32_norms_...``)
+    for graph in results[0][1]:
+        _written_out_taken(graph, arch, mask)
+
+
+def _written_out_taken(graph, arch: str, mask: str) -> None:
+    written = [x for x in graph.lifted if "attention written out" in x]
+    assert len(written) == 2, graph.lifted
+    assert all(("soft-capped at 50" in x) == (arch == "gemma2") for x in written), written
+    assert len(graph.attention) == 2, graph.attention
+    if arch == "gemma2" and mask == "right":  # the dense mask's rows: its indices gathered
+        assert len(graph.fallbacks) == 2 and all("dense mask kept" in f for f in graph.fallbacks)
+        return
+    assert graph.fallbacks == [] and graph.gathers == [], (graph.fallbacks, graph.gathers)
+    facts = [x for x in graph.lifted if " -> " in x]
+    assert len(facts) == 2 and all("causal" in x for x in facts), facts
+    if arch == "gemma2":  # its layer 0 attends over a window of 5
+        assert sum("window (4, -1)" in x for x in facts) == 1, facts

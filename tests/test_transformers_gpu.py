@@ -14,6 +14,7 @@ import torch
 import torch._dynamo
 
 import ringcompile  # noqa: F401  (registers backend="ring" when run from a checkout)
+from ringcompile.backend import _compile
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,3 +66,39 @@ def test_latent_attention_in_bfloat16_is_as_near_float32_as_eager():
     )
     assert len(ours) == len(eager) == len(truth)
     assert ours[median] <= 1.5 * eager[median] and ours[-1] <= 1.5 * eager[-1]
+
+
+def _gemma2(dtype):
+    """A random Gemma 2: eager attention only, its scores soft-capped at 50 (here at 5, so that
+    the cap bends them), windows of 512 in layer 0; the same weights in every dtype."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=64, sliding_window=512,
+        attn_logit_softcapping=5.0, final_logit_softcapping=30.0, max_position_embeddings=4096,
+        attn_implementation="eager")  # fmt: skip
+    return transformers.Gemma2ForCausalLM(config).to(device="cuda", dtype=dtype)
+
+
+def test_soft_capped_eager_attention_in_bfloat16_is_as_near_float32_as_eager():
+    """Gemma 2's eager attention taken as SDPA with a soft cap, on the Triton kernels."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 101, (1, 2048), generator=g).cuda()
+    positions = torch.cat([torch.arange(700), torch.arange(1348)])[None].cuda()  # two documents
+    kw = dict(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+    reference = _gemma2(torch.float32)
+    truth = _grads(reference, reference, kw)
+    model = _gemma2(torch.bfloat16)
+    eager = _errors(_grads(model, model, kw), truth)
+    torch._dynamo.reset()
+    reports = []
+    compiled = _compile(model, {}, {}, reports)
+    ours = _errors(_grads(model, compiled, kw), truth)
+    median = len(ours) // 2
+    print(
+        f"median / largest gradient error: ours {ours[median]:.3e} / {ours[-1]:.3e}, "
+        f"eager {eager[median]:.3e} / {eager[-1]:.3e}"
+    )
+    assert len(ours) == len(eager) == len(truth)
+    assert ours[median] <= 1.5 * eager[median] and ours[-1] <= 1.5 * eager[-1]
+    assert all("soft-capped at 5" in a for r in reports for a in r.attention), reports

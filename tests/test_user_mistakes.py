@@ -192,8 +192,16 @@ def test_torchrun_without_process_group_warns_once(monkeypatch):
 
 
 class _AttentionByHand(torch.nn.Module):
+    """Attention written out, which the backend takes as SDPA; with ``weights``, returning its
+    attention weights too (``output_attentions``), which it cannot."""
+
+    def __init__(self, weights: bool = False):
+        super().__init__()
+        self.weights = weights
+
     def forward(self, x):  # (B, H, S, D)
-        return (x @ x.transpose(-2, -1) / x.shape[-1] ** 0.5).softmax(-1) @ x
+        w = (x @ x.transpose(-2, -1) / x.shape[-1] ** 0.5).softmax(-1)
+        return (w @ x, w) if self.weights else w @ x
 
 
 class _AttentionWithDropout(torch.nn.Module):
@@ -207,6 +215,7 @@ def nothing_sharded(rank, world):
     x = torch.randn(1, 2, 8, 4, dtype=torch.float64)
     cases = {
         "by hand": (_AttentionByHand(), x),
+        "weights returned": (_AttentionByHand(weights=True), x),
         "dropout": (_AttentionWithDropout(), x),
         "no attention": (torch.nn.Linear(4, 4).double(), x),
         "sharded": (TinyTransformer(layers=1).double(), torch.randint(0, 64, (1, 8))),
@@ -225,10 +234,15 @@ def nothing_sharded(rank, world):
 
 
 def test_nothing_to_shard_warns(gloo):
-    """Attention by hand, or SDPA with dropout: the model runs unsharded on every rank; a warning
-    (not only the report) says what was found and the fix, and the report gives the ring's size."""
+    """Attention by hand whose weights are returned, or SDPA with dropout: the model runs
+    unsharded on every rank; a warning (not only the report) says what was found and the fix, and
+    the report gives the ring's size. Attention by hand alone is sharded, as SDPA."""
     for out in gloo(2).run(nothing_sharded, timeout=120):
-        (by_hand,), head = out["by hand"]
+        assert out["by hand"] == (
+            [],
+            "ring graph: sequence of 8 tokens over 2 ranks, striped layout",
+        )
+        (by_hand,), head = out["weights returned"]
         assert "shards nothing in this graph, so each of the 2 ranks computes all of it" in by_hand
         assert "a softmax, and no F.scaled_dot_product_attention" in by_hand
         assert 'attn_implementation="sdpa"' in by_hand

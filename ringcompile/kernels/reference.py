@@ -23,10 +23,16 @@ def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
     return q.reshape(B, hkv, H // hkv, S, D)
 
 
-def _scores(q, k, mask: BlockMask, scale: float, acc: torch.dtype) -> torch.Tensor:
-    """Masked scores (B, Hkv, G, Sq, Sk); disallowed pairs are -inf."""
+def _scores(q, k, mask: BlockMask, scale: float,
+            acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Masked scores (B, Hkv, G, Sq, Sk), disallowed pairs -inf; and under a soft cap the cap's
+    derivative per score (None without one)."""
     hkv = k.shape[1]
     s = torch.matmul(_grouped(q.to(acc), hkv), k.to(acc)[:, :, None].transpose(-1, -2)) * scale
+    cap_grad = None
+    if mask.softcap:
+        t = torch.tanh(s / mask.softcap)
+        s, cap_grad = t * mask.softcap, 1 - t * t
     allowed = mask.allowed()[:, None, None]  # (B|1, 1, 1, Sq, Sk)
     if mask.dense is not None:
         dense = mask.dense
@@ -41,7 +47,7 @@ def _scores(q, k, mask: BlockMask, scale: float, acc: torch.dtype) -> torch.Tens
                 Bo, Ho = off.shape[:2]
                 off = off.reshape(Bo, hkv, Ho // hkv, -1) if Ho > 1 else off[:, :, None]
                 s = s - off.to(acc)[..., None]
-    return s.masked_fill(~allowed, float("-inf"))
+    return s.masked_fill(~allowed, float("-inf")), cap_grad
 
 
 def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -61,7 +67,7 @@ class ReferenceKernels:
         if state.steps == 0:  # nothing seen yet
             state.out = q.new_zeros((B, H, S, D), dtype=acc)
             state.lse.fill_(float("-inf"))
-        s = _scores(q, k, mask, scale, acc)
+        s, _ = _scores(q, k, mask, scale, acc)
         lse_blk = torch.logsumexp(s, dim=-1)  # -inf on rows with no key
         out_blk = torch.matmul(_probs(s, lse_blk), v.to(acc)[:, :, None])
         lse_blk = lse_blk.reshape(B, H, S)
@@ -84,12 +90,14 @@ class ReferenceKernels:
         dq, dk, dv, dkv_fresh = accumulators(dq, dk, dv, dkv_fresh)
         acc = dq.dtype
         hkv = k.shape[1]
-        s = _scores(q, k, mask, scale, acc)
+        s, cap_grad = _scores(q, k, mask, scale, acc)
         p = _probs(s, _grouped(lse[..., None], hkv)[..., 0])  # (B, Hkv, G, Sq, Sk)
         do = _grouped(dout.to(acc), hkv)
         dv_blk = torch.matmul(p.transpose(-1, -2), do).sum(2)
         dp = torch.matmul(do, v.to(acc)[:, :, None].transpose(-1, -2))
         ds = p * (dp - _grouped(delta[..., None], hkv))
+        if cap_grad is not None:
+            ds = ds * cap_grad
         dq += torch.matmul(ds, k.to(acc)[:, :, None]).reshape(dq.shape) * scale
         dk_blk = torch.matmul(ds.transpose(-1, -2), _grouped(q.to(acc), hkv)).sum(2) * scale
         if dkv_fresh:

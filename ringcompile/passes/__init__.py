@@ -6,23 +6,24 @@ what it expects and what it guarantees, with the graph before and after. They ru
 0. ``flex_attention``   — a flex_attention call becomes SDPA with the mask its mask_mod describes;
 1. ``normalize``        — one spelling per op (operators as ``operator`` functions, torch
                           functions that are tensor methods as methods, SDPA's options by name);
-2. ``decode_attention`` — attention over a sharded KV cache (a decode step) becomes tree attention;
-3. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
-4. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
-5. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
+2. ``eager_attention``  — attention written out (matmul, softmax, matmul; a soft cap) becomes SDPA;
+3. ``decode_attention`` — attention over a sharded KV cache (a decode step) becomes tree attention;
+4. ``find_attention``   — the SDPA calls to make ring attention, and the sequence they attend over;
+5. ``unexpand_kv``      — K/V expanded by ``repeat_kv`` go back to their KV heads (GQA);
+6. ``lift_masks``       — dense masks built from indices become per-token facts (causal, window,
                           key padding, documents);
-6. ``outline_experts``  — a mixture-of-experts dispatch (tokens sorted by expert, grouped matmuls,
+7. ``outline_experts``  — a mixture-of-experts dispatch (tokens sorted by expert, grouped matmuls,
                           the inverse permutation) becomes one op that computes each row alone;
-7. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
+8. ``unflatten_rows``   — tokens flattened with the batch into rows, computed on row by row and
                           split back, stay in (batch, sequence) form;
-8. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
-9. ``shard_sequence``   — every full tensor entering the sharded region is sharded (positions
+9. ``plan_sequence``    — which nodes compute on this rank's tokens, and where full tensors enter;
+10. ``shard_sequence``  — every full tensor entering the sharded region is sharded (positions
                           become this rank's global positions), sizes baked into views become
                           local, and sharded values that leave are gathered;
-10. ``shard_reductions``— sums, means and cross-entropy losses over the sequence of local values
+11. ``shard_reductions``— sums, means and cross-entropy losses over the sequence of local values
                           become a partial per rank and one all-reduce, instead of a gather;
-11. ``swap_attention``  — each sharded SDPA becomes the ring attention op;
-12. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
+12. ``swap_attention``  — each sharded SDPA becomes the ring attention op;
+13. ``sync_gradients``  — gradients: full outputs give 1/W shares, parameters sum over the ring.
 
 What passes share lives in helper modules, never in another pass (a test checks): ``context``
 (``RingContext``: the graph, the ring, what each pass found), ``dims`` (how dims pass through
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 
 from ringcompile.passes import (
     decode_attention,
+    eager_attention,
     find_attention,
     flex_attention,
     lift_masks,
@@ -70,6 +72,7 @@ class Pass:
 PASSES = (
     Pass(flex_attention.run),
     Pass(normalize.run),
+    Pass(eager_attention.run, reads=("normalize",)),
     Pass(decode_attention.run, reads=("normalize",)),
     Pass(find_attention.run, reads=("normalize",)),
     Pass(unexpand_kv.run, reads=("find_attention",)),

@@ -1,4 +1,4 @@
-"""Pass 2: attention over a sharded KV cache (a decode step) becomes tree attention.
+"""Pass 3: attention over a sharded KV cache (a decode step) becomes tree attention.
 
 Expects: a Dynamo FX graph in one spelling (pass 1); a decode step's keys and values are
 ``ringcompile::sharded_kv`` marks of a ``ShardedKVCache`` layer's buffers (``kv_cache.py``),
@@ -83,6 +83,8 @@ def _refusal(a: dict, mk, mv, T: int, N: int) -> tuple[str | None, Node | None, 
     whether that padding is a mask by position (rows to read it from) rather than a table."""
     if mk is None or mv is None:
         return "only one of its keys and values comes from the sharded cache", None, False
+    if "softcap" in a:
+        return "its scores are soft-capped, which tree decoding does not do", None, False
     causal, padding = bool(a.get("is_causal", False)), None
     mask = a.get("attn_mask")
     if mask is not None and _is_mask_by_position(mask, T, N):

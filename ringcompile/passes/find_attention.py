@@ -1,4 +1,4 @@
-"""Pass 3: find the SDPA calls that become ring attention, and the sequence they attend over.
+"""Pass 4: find the SDPA calls that become ring attention, and the sequence they attend over.
 
 Expects: a Dynamo FX graph in one spelling (pass 1) with static shapes (``example_value`` on
 every node; the backend hands graphs with symbolic sizes to ``specialize.PerShape``, which makes

@@ -5,9 +5,10 @@ the higher-order op ``torch.ops.higher_order.flex_attention``, with the ``mask_m
 ``score_mod`` as subgraphs (``get_attr``) that take ``(b, h, q_idx, kv_idx, *buffers)`` and
 ``(score, b, h, q_idx, kv_idx, *buffers)``, the tensors they read as buffers.
 Guarantees: a call over one sequence (queries and keys of one length, the block mask's too),
-whose output alone is read (not its log-sum-exp), whose ``score_mod`` adds a bias to the score or
-nothing, becomes ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-enable_gqa=...)``. The mask is the ``mask_mod`` evaluated once over broadcast indices (``b =
+whose output alone is read (not its log-sum-exp), whose ``score_mod`` returns the score, or its
+soft cap ``c * tanh(score / c)`` (Gemma 2's), plus a bias or nothing, becomes
+``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=...)``, with a
+soft cap ``sdpa_soft_capped(..., softcap=c)`` (``ringcompile.soft_cap``). The mask is the ``mask_mod`` evaluated once over broadcast indices (``b =
 arange(B)[:, None, None, None]``, ``h``, ``q_idx``, ``kv_idx`` likewise): its subgraph inlined into
 the graph on aranges, a boolean mask, or with a bias the bias where the mask allows and -inf
 elsewhere. From there it is any model's mask built from indices: ``lift_masks`` lifts what it can
@@ -32,6 +33,7 @@ from torch.fx import GraphModule, Node
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import source_line
+from ringcompile.soft_cap import sdpa_soft_capped
 
 FLEX = getattr(torch.ops.higher_order, "flex_attention", None)
 _FLEX_MODULE = os.path.join("torch", "nn", "attention", "flex_attention.py")
@@ -87,7 +89,8 @@ def _refusal(gm: GraphModule, node: Node) -> str | None:
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
         return "whose log-sum-exp is read"
     if _score_mod_kind(_subgraph(gm, score)) is None:
-        return "with a score_mod that is not a bias added to the score (a soft-cap?)"
+        return ("with a score_mod that is not a bias added to the score, soft-capped (c * "
+                "tanh(score / c)) or not")  # fmt: skip
     for name, sub in (("mask_mod", _subgraph(gm, block_mask[-1])), ("score_mod",
                                                                       _subgraph(gm, score))):  # fmt: skip
         if any(n.op in ("get_attr", "call_module") for n in sub.graph.nodes):
@@ -102,21 +105,48 @@ def _subgraph(gm: GraphModule, node: Node) -> GraphModule:
     return getattr(gm, node.target)
 
 
-def _score_mod_kind(score: GraphModule) -> str | None:
-    """ "identity" (the score as it is), "bias" (the score plus a term that does not read it),
-    or None (anything else)."""
+def _score_mod_kind(score: GraphModule) -> tuple[float | None, bool] | None:
+    """``(softcap, bias)`` of a score_mod that returns the score (soft-capped or not: ``c *
+    tanh(score / c)``, ``softcap`` c or None) plus a term that does not read it (``bias``) or
+    nothing; None for anything else."""
     placeholders = [n for n in score.graph.nodes if n.op == "placeholder"]
     (out,) = [n for n in score.graph.nodes if n.op == "output"]
     result = out.args[0]
     result = result[0] if isinstance(result, (tuple, list)) else result
-    if result is placeholders[0]:
-        return "identity"
-    if result.op == "call_function" and result.target in (operator.add, torch.add):
+    score_in = placeholders[0]
+    if isinstance(result, Node) and result.op == "call_function" and result.target in (
+            operator.add, torch.add):  # fmt: skip
         a, b = result.args[:2]
         for s, bias in ((a, b), (b, a)):
-            if s is placeholders[0] and isinstance(bias, Node) and not _reads(bias, s):
-                return "bias"
-    return None
+            if isinstance(bias, Node) and not _reads(bias, score_in):
+                cap = _softcap_of(s, score_in)
+                if cap is not False:
+                    return cap, True
+        return None
+    cap = _softcap_of(result, score_in)
+    return None if cap is False else (cap, False)
+
+
+def _softcap_of(node, score: Node) -> float | None | bool:
+    """None if ``node`` is ``score``; c if it is ``c * tanh(score / c)`` (a number c > 0);
+    False otherwise."""
+    if node is score:
+        return None
+    if not (isinstance(node, Node) and node.op == "call_function"
+            and node.target in (operator.mul, torch.mul)):  # fmt: skip
+        return False
+    t, c = node.args[:2]
+    if isinstance(c, Node):
+        t, c = c, t
+    if not (isinstance(c, (int, float)) and c > 0 and isinstance(t, Node)
+            and t.op == "call_function" and t.target in (torch.tanh, torch.ops.aten.tanh.default)):  # fmt: skip
+        return False
+    inner = t.args[0]
+    if (isinstance(inner, Node) and inner.op == "call_function"
+            and inner.target in (operator.truediv, torch.div) and inner.args[0] is score
+            and inner.args[1] == c):  # fmt: skip
+        return float(c)
+    return False
 
 
 def _reads(node: Node, source: Node) -> bool:
@@ -189,8 +219,9 @@ def _replace(gm: GraphModule, node: Node) -> None:
         shape = torch.broadcast_shapes(example(mask).shape, (1, 1, S, S))
         mask = build.call("call_method", "expand", (mask, *shape))
     score_gm = _subgraph(gm, score)
-    if _score_mod_kind(score_gm) == "bias":
-        # the bias alone: the score_mod on a score of zero
+    softcap, bias = _score_mod_kind(score_gm)
+    if bias:
+        # the bias alone: the score_mod on a score of zero (a soft cap of zero is zero)
         zero = build.call("call_method", "new_zeros", (q, ()))
         full = build.inline(score_gm, [zero, b, h, q_idx, kv_idx, *score_buffers])
         hidden = build.call("call_function", torch.full, ((), float("-inf")),
@@ -199,8 +230,11 @@ def _replace(gm: GraphModule, node: Node) -> None:
     kwargs = {"attn_mask": mask, "scale": scale}
     if example(k).shape[1] != H:
         kwargs["enable_gqa"] = True
+    target = torch._C._nn.scaled_dot_product_attention
+    if softcap is not None:
+        target, kwargs["softcap"] = sdpa_soft_capped, softcap
     (first, *_) = node.users
-    sdpa = build.call("call_function", torch._C._nn.scaled_dot_product_attention, (q, k, v), kwargs)
+    sdpa = build.call("call_function", target, (q, k, v), kwargs)
     if "nn_module_stack" in first.meta:
         sdpa.meta["nn_module_stack"] = first.meta["nn_module_stack"]
     for user in list(node.users):

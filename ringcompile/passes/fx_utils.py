@@ -1,7 +1,8 @@
 """FX helpers every pass may use, so that passes import this module and not each other.
 
 - ``source_line(node)``: the ``file:line`` of the user code a node came from (for reports);
-- ``is_sdpa(node)``: whether a node calls ``scaled_dot_product_attention`` (``SDPA_TARGETS``);
+- ``is_sdpa(node)``: whether a node calls ``scaled_dot_product_attention`` (``SDPA_TARGETS``, with
+  ``soft_cap.sdpa_soft_capped``: SDPA with a soft cap of the scores);
 - ``sdpa_args(node)``: an SDPA call's arguments by name, positional or keyword;
 - ``in_place_method(node)``: whether a node is a tensor method that changes its tensor's values;
 - ``input_source(node)``: where Dynamo took a graph input from (``L['tokens']``), and
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from ringcompile.soft_cap import sdpa_soft_capped
+
 __all__ = [
     "SDPA_TARGETS",
     "in_place_method",
@@ -29,7 +32,7 @@ __all__ = [
 ]
 
 SDPA_TARGETS = frozenset(
-    {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+    {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, sdpa_soft_capped}
 )
 
 _SDPA_SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")

@@ -1,6 +1,6 @@
-"""Pass 5: dense attention masks built from indices become per-token facts.
+"""Pass 6: dense attention masks built from indices become per-token facts.
 
-Expects: ``ctx.sites`` (pass 3).
+Expects: ``ctx.sites`` (pass 4).
 Guarantees: a site whose ``attn_mask`` is computed, node by node, from index aranges, a key
 padding mask and packed-document ids — the way transformers builds causal, sliding-window,
 padding and packed-sequence masks, and ALiBi's float mask with its bias per key — gets
@@ -35,7 +35,7 @@ from torch.fx import Node
 
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example, shape_of
-from ringcompile.passes.fx_utils import source_line
+from ringcompile.passes.fx_utils import sdpa_args, source_line
 from ringcompile.passes.mask_reader import ChunkIds, NotLiftable, one_document, read_mask
 from ringcompile.sequence_shard import MaskLeaving
 
@@ -52,6 +52,16 @@ def run(ctx: RingContext) -> None:
         except NotLiftable as why:
             ctx.report.fallbacks.append(
                 f"{where}: dense mask kept (this rank's rows over all keys): {why}"
+            )
+            continue
+        capped = "softcap" in sdpa_args(site.node)
+        if capped and facts.empty_rows_mean and _no_row_empty(facts):
+            facts = replace(facts, empty_rows_mean=False)
+        if capped and facts.empty_rows_mean:
+            ctx.report.fallbacks.append(
+                f"{where}: dense mask kept (this rank's rows over all keys): rows it hides "
+                "everywhere average every value, whose gradients through a soft cap the per-token "
+                "facts do not give"
             )
             continue
         mask_name = site.attn_mask.name
@@ -78,6 +88,15 @@ def run(ctx: RingContext) -> None:
             parts.append("rows no key reaches get the mean of V (the float mask's finfo.min fill)")
         ctx.report.lifted.append(f"{where}: mask {mask_name} -> " + ", ".join(parts))
     _masks_leave_as_facts(ctx)
+
+
+def _no_row_empty(facts) -> bool:
+    """Whether every query sees a key: its own, where no key is padding and the position rules
+    let a token see itself."""
+    if facts.key_padding_mask is not None:
+        return False
+    here = torch.zeros(1, dtype=torch.int64)
+    return bool(facts.rules.allows(here, here, 1).all())
 
 
 def _masks_leave_as_facts(ctx: RingContext) -> None:

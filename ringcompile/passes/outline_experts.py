@@ -1,4 +1,4 @@
-"""Pass 6: mixture-of-experts blocks become one op that computes each token row alone.
+"""Pass 7: mixture-of-experts blocks become one op that computes each token row alone.
 
 Expects: a graph in one spelling (pass 1).
 Guarantees: where a graph routes N token rows to experts as transformers' grouped-matmul experts

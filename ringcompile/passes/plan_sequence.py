@@ -1,6 +1,6 @@
-"""Pass 8: which nodes compute on this rank's tokens, and where full tensors enter that region.
+"""Pass 9: which nodes compute on this rank's tokens, and where full tensors enter that region.
 
-Expects: ``ctx.sites`` (passes 3–6). Changes nothing in the graph.
+Expects: ``ctx.sites`` (passes 4–7). Changes nothing in the graph.
 Guarantees: ``ctx.plan``, a read-only ``SequencePlan``: ``demand[node] = dim`` for every node
 that will compute on local tokens (its output's sequence dim), found by walking back from each site's q, k, v (dim -2) and attention
 mask rows through ops that carry the sequence dim through (``dims.dim_map``);

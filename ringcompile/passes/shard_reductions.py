@@ -1,6 +1,6 @@
-"""Pass 10: reductions over the sequence read local values: a partial per rank and one all-reduce.
+"""Pass 11: reductions over the sequence read local values: a partial per rank and one all-reduce.
 
-Expects: the sharded region and its gathers (pass 9): a reduction over the sequence of a local
+Expects: the sharded region and its gathers (pass 10): a reduction over the sequence of a local
 value reads ``ring_gather(x, dim)``.
 Guarantees: such a reduction, when it is one of these, reads ``x`` itself instead, and the gather
 goes unless something else needs it (a graph output):

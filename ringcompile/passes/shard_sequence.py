@@ -1,6 +1,6 @@
-"""Pass 9: the sharded region computes on local tokens; values that leave it are gathered.
+"""Pass 10: the sharded region computes on local tokens; values that leave it are gathered.
 
-Expects: ``ctx.plan`` (pass 8): demand, shard points and their kinds.
+Expects: ``ctx.plan`` (pass 9): demand, shard points and their kinds.
 Guarantees, walking the graph in order:
 - every shard point gets ``ring_shard(x, dim)``: a graph input, a full value, or one that holds
   positions — an ``arange`` over the sequence, an integer input used as positions, anything whose

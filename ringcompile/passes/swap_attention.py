@@ -1,6 +1,6 @@
-"""Pass 11: each sharded SDPA becomes the ring attention op.
+"""Pass 12: each sharded SDPA becomes the ring attention op.
 
-Expects: SDPA sites whose q, k, v (and mask rows) are local (pass 8).
+Expects: SDPA sites whose q, k, v (and mask rows) are local (pass 9).
 Guarantees: every such call is ``ring_attention(q, k, v, ...)`` with SDPA's arguments carried over
 (mask, causality, scale, GQA): the same rows SDPA would give for this rank's queries over the
 global sequence. Causality is by global position, so any layout is exact. A dense mask arrives as
@@ -14,6 +14,8 @@ so:
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from torch.fx import Node
 
@@ -36,6 +38,7 @@ def run(ctx: RingContext) -> None:
             ctx.report.fallbacks.append(f"{where}: its queries are not sharded; left as plain SDPA")
             continue
         node.target = ctx.ring_attention()
+        softcap = float(sdpa_args(node).get("softcap") or 0.0)
         if site.lifted_mask is not None:
             rules = site.lifted_mask.rules
             a = sdpa_args(node)
@@ -49,11 +52,14 @@ def run(ctx: RingContext) -> None:
             if site.lifted_mask.empty_rows_mean:
                 kwargs["empty_rows"] = "mean"
             node.kwargs = kwargs
-            mask = site.lifted_mask
+            mask = replace(site.lifted_mask, softcap=softcap)
             what = "per-token mask facts"
         else:
-            mask = AttentionMask(PositionRules(site.is_causal), dense=site.attn_mask)
+            mask = AttentionMask(PositionRules(site.is_causal), dense=site.attn_mask,
+                                 softcap=softcap)  # fmt: skip
             what = "no mask" if site.attn_mask is None else "dense mask (local rows x global keys)"
+        if softcap:
+            what += f", scores soft-capped at {softcap:g}"
         q, k = example(site.q), example(site.k)
         two = ctx.two_level
         choice = choose(ctx.strategy, q.shape[1], k.shape[1], ctx.world_size, mask,

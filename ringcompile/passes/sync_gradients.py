@@ -1,6 +1,6 @@
-"""Pass 12: gradients, so that every parameter's ``.grad`` is the one-process gradient.
+"""Pass 13: gradients, so that every parameter's ``.grad`` is the one-process gradient.
 
-Expects: the rewritten graph (passes 8–10).
+Expects: the rewritten graph (passes 9–11).
 Guarantees (see ``ringcompile.runtime`` for the invariant): each graph input that requires grad
 (parameters, and inputs such as ``inputs_embeds``) is read through ``sum_grad_over_ring(x)``,
 whose backward all-reduces its gradient over the ring exactly once; each full graph output that

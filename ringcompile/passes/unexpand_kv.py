@@ -1,6 +1,6 @@
-"""Pass 4: K/V expanded for grouped-query attention go back to their KV heads.
+"""Pass 5: K/V expanded for grouped-query attention go back to their KV heads.
 
-Expects: ``ctx.sites`` (pass 3).
+Expects: ``ctx.sites`` (pass 4).
 Guarantees: a site whose k and v are ``repeat_kv``-style expansions of (B, Hkv, S, D) tensors —
 ``x[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D)``, as transformers writes it —
 reads the unexpanded tensors with ``enable_gqa=True``. That is the same attention (query head i

@@ -1,13 +1,13 @@
-"""Pass 7: tokens flattened with the batch into rows are put back in (batch, sequence) form.
+"""Pass 8: tokens flattened with the batch into rows are put back in (batch, sequence) form.
 
-Expects: ``ctx.seq_len`` (pass 3).
+Expects: ``ctx.seq_len`` (pass 4).
 Guarantees: where a model flattens ``x`` (B, S, ...) with B > 1 into rows (B·S, ...), computes
 on the rows one row at a time and splits them back into (B, S, ...), the flatten is gone and the
 ops in between run on (B, S, ...) directly (their example values follow), so the later passes find
 the sequence dim there and the region runs on each rank's tokens. Row-by-row ops: pointwise ops,
 ``linear``, ``addmm`` (as ``bias + x @ w``), layer and RMS norms over trailing dims,
 ``softmax``/``log_softmax``/``dropout``/``topk``, reductions and ``scatter`` over a trailing dim,
-reshapes that keep the shape, and outlined experts (pass 6), which then take (B, S) rows. Any
+reshapes that keep the shape, and outlined experts (pass 7), which then take (B, S) rows. Any
 other use of the rows (indexing by data, a loss over the rows) leaves that flatten as it is:
 exact, computed on the whole sequence. At B = 1 the passes follow the flatten already (a dim of
 size 1 dropped).

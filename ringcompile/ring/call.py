@@ -142,6 +142,7 @@ class RankCall:
                 if self.documents_source is not None
                 else self.mask.document_ids
             ),
+            softcap=self.mask.softcap,
         )
 
     def first_hop_dtype(self, sender: int, fused_plain: bool, dtype: torch.dtype,

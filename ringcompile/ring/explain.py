@@ -21,9 +21,8 @@ def describe_steps(
     graph nodes."""
     n = layout.local_len
     # a varlen block (``BlockMask.varlen``) where positions are one progression
-    by_rules = mask.document_ids is not None and all(
-        t is None for t in (mask.key_padding_mask, mask.key_bias, mask.dense)
-    )
+    by_rules = (mask.document_ids is not None and not mask.softcap
+                and all(t is None for t in (mask.key_padding_mask, mask.key_bias, mask.dense)))  # fmt: skip
     parts = [name for name, present in (("documents", mask.document_ids is not None),
                                         ("window", mask.rules.window is not None),
                                         ("chunks", mask.rules.chunk > 0)) if present]  # fmt: skip
@@ -43,6 +42,8 @@ def describe_steps(
                 kernel += f" (ids not sorted along a row: {masked_kernel})"
         else:
             what = describe_block(step.pieces, n, n)
+        if mask.softcap:
+            what += f", scores soft-capped at {mask.softcap:g}"
         lines.append(f"step {step.index} ({where}): {what} -> {kernel}")
     if mask.key_padding_mask is not None and not replace(mask, key_padding_mask=None).masked:
         lines.append(

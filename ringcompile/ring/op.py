@@ -2,7 +2,8 @@
 each with its own autograd, so every rank issues the same sends and receives in the same order
 whatever the compiler does around them.
 
-The mask crosses this boundary encoded (``AttentionMask.encode``): its tensors, then its rules.
+The mask crosses this boundary encoded (``AttentionMask.encode``): its tensors, its rules, then
+its soft cap.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ NOT_CUDAGRAPHS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)]
 
 
 # The options both ops (and Ulysses' ops, ``ringcompile.ulysses.op``) take after their tensors;
-# the mask crosses encoded (``AttentionMask.encode``): its tensors, then its rules.
-OP_OPTIONS = ("Tensor?[] mask_tensors, int[] mask_rules, float scale, str layout, int seq_len, "
+# the mask crosses encoded (``AttentionMask.encode``): its tensors, its rules, its soft cap.
+OP_OPTIONS = ("Tensor?[] mask_tensors, int[] mask_rules, float mask_softcap, float scale, str layout, int seq_len, "
               "str group_name, str kernels")  # fmt: skip
 
 
-def _rank_call(q, mask_tensors, mask_rules, scale, layout, seq_len, group_name,
+def _rank_call(q, mask_tensors, mask_rules, mask_softcap, scale, layout, seq_len, group_name,
                kernels) -> tuple[RankCall, float]:  # fmt: skip
-    mask = AttentionMask.decode(mask_tensors, mask_rules)
+    mask = AttentionMask.decode(mask_tensors, mask_rules, mask_softcap)
     return RankCall.make(q, mask, layout, seq_len, group_name, kernels), scale
 
 

@@ -119,7 +119,8 @@ class UlyssesCall:
             heads_of = self.q_heads if bias.shape[1] > 1 else ((0,),) * self.split.size
             facts["key_bias"] = to_heads(bias, heads_of, self.natural,
                                          self.heads_group).unsqueeze(2)  # fmt: skip
-        return AttentionMask(mask.rules, empty_rows_mean=mask.empty_rows_mean, **facts)
+        return AttentionMask(mask.rules, empty_rows_mean=mask.empty_rows_mean, softcap=mask.softcap,
+                             **facts)  # fmt: skip
 
     def attention(self, q_h, mask: AttentionMask, kernels: str,
                   documents_source: torch.Tensor | None) -> RankCall:  # fmt: skip
@@ -139,12 +140,12 @@ class UlyssesCall:
     schema=f"(Tensor q, Tensor k, Tensor v, {OP_OPTIONS}, {GROUPS}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def ulysses_attention_op(q, k, v, mask_tensors, mask_rules, scale, layout, seq_len, group_name,
+def ulysses_attention_op(q, k, v, mask_tensors, mask_rules, mask_softcap, scale, layout, seq_len, group_name,
                          kernels, heads_group, ring_group):  # fmt: skip
     """Ulysses attention on local shards; returns (out, and for the backward: q, k, v, out and
     lse of this rank's heads over the tokens between the all-to-alls). Use
     ``ringcompile.ring_attention(..., strategy="ulysses" or "two-level")``."""
-    mask = AttentionMask.decode(mask_tensors, mask_rules)
+    mask = AttentionMask.decode(mask_tensors, mask_rules, mask_softcap)
     u = UlyssesCall.make(q.shape[1], k.shape[1], layout, seq_len, group_name, heads_group,
                          ring_group)  # fmt: skip
     u.agree(q, k, mask)
@@ -155,7 +156,7 @@ def ulysses_attention_op(q, k, v, mask_tensors, mask_rules, scale, layout, seq_l
 
 
 @ulysses_attention_op.register_fake
-def _(q, k, v, mask_tensors, mask_rules, scale, layout, seq_len, group_name, kernels, heads_group,
+def _(q, k, v, mask_tensors, mask_rules, mask_softcap, scale, layout, seq_len, group_name, kernels, heads_group,
       ring_group):  # fmt: skip
     u = UlyssesCall.make(q.shape[1], k.shape[1], layout, seq_len, group_name, heads_group,
                          ring_group)  # fmt: skip
@@ -173,9 +174,9 @@ def _(q, k, v, mask_tensors, mask_rules, scale, layout, seq_len, group_name, ker
     f"int heads, int kv_heads, {OP_OPTIONS}, {GROUPS}) -> (Tensor, Tensor, Tensor)",
 )  # fmt: skip
 def ulysses_attention_backward_op(dout, q_h, k_h, v_h, out_h, lse_h, heads, kv_heads,
-                                  mask_tensors, mask_rules, scale, layout, seq_len, group_name,
+                                  mask_tensors, mask_rules, mask_softcap, scale, layout, seq_len, group_name,
                                   kernels, heads_group, ring_group):  # fmt: skip
-    mask = AttentionMask.decode(mask_tensors, mask_rules)
+    mask = AttentionMask.decode(mask_tensors, mask_rules, mask_softcap)
     u = UlyssesCall.make(heads, kv_heads, layout, seq_len, group_name, heads_group, ring_group)
     dout_h = u.heads(dout.contiguous())
     call = u.attention(q_h, u.heads_mask(mask), kernels, mask.document_ids)
@@ -184,7 +185,7 @@ def ulysses_attention_backward_op(dout, q_h, k_h, v_h, out_h, lse_h, heads, kv_h
 
 
 @ulysses_attention_backward_op.register_fake
-def _(dout, q_h, k_h, v_h, out_h, lse_h, heads, kv_heads, mask_tensors, mask_rules, scale, layout,
+def _(dout, q_h, k_h, v_h, out_h, lse_h, heads, kv_heads, mask_tensors, mask_rules, mask_softcap, scale, layout,
       seq_len, group_name, kernels, heads_group, ring_group):  # fmt: skip
     B, S = dout.shape[0], dout.shape[2]
     return (dout.new_empty((B, heads, S, q_h.shape[3])), dout.new_empty((B, kv_heads, S, k_h.shape[3])),

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ringcompile.kernels.triton.forward import _load_kv, _partial_scores
-from ringcompile.kernels.triton.jit import _LOG2E_K, _head, _tile_and_head
+from ringcompile.kernels.triton.jit import _LOG2E_K, _head, _soft_cap, _tile_and_head
 from ringcompile.kernels.triton.mask_args import (
     _add_mask,
     _dense_keep,
@@ -55,8 +55,8 @@ def _delta_kernel(OUT, DO, DELTA, o_st, do_st, S, H, HEAD_DIM: tl.constexpr, D_P
 def _bwd_block(
     k, v, dk, dv, Q, DO, LSE, DELTA, DQ, DQ_DESC, q_st, do_st, dq_st, b, h, bh, m0, rows, offs_d,
     Sq, row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias, row_off,
-    CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr, DENSE_ADD: tl.constexpr,
-    DQ_MODE: tl.constexpr, EARLY_DP: tl.constexpr,
+    softcap, inv_softcap, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    DENSE_ADD: tl.constexpr, SOFTCAP: tl.constexpr, DQ_MODE: tl.constexpr, EARLY_DP: tl.constexpr,
 ):  # fmt: skip
     """One (key tile, query tile) pair of the backward, transposed: rows are keys. The query tile
     is ``rows`` of head ``h`` (``bh``: batch * heads + h; ``m0``: its first row); ``row_ok``:
@@ -92,6 +92,8 @@ def _bwd_block(
     # Rows that saw no key (lse = -inf) get probability 0 everywhere, hence zero gradients.
     m2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_K)
     s_t = tl.dot(k, tl.trans(q)) * qk_scale
+    if SOFTCAP:
+        s_t, cap_grad = _soft_cap(s_t, softcap, inv_softcap, SOFTCAP)
     if DENSE_ADD:
         s_t = _add_mask(s_t, dense_bias, row_off[None, :])
     if MASKED:
@@ -106,7 +108,10 @@ def _bwd_block(
         p_t = tl.exp2(s_t - m2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * cap_grad
+    ds_t = ds_t.to(q.dtype)
     dk += tl.dot(ds_t, q)
     if DQ_MODE != 0:
         dq = tl.dot(tl.trans(ds_t), k) * sm_scale
@@ -170,9 +175,9 @@ def _bwd_kernel(
             bh = b.to(tl.int64) * HKV * GROUP + h
             dk, dv = _bwd_block(
                 k, v, dk, dv, Q, DO, LSE, DELTA, DQ, DQ_DESC, q_st, do_st, dq_st, b, h, bh, m0,
-                rows, offs_d, Sq, None, d_ok, None, qk_scale, sm_scale, None, None,
-                CHECK_ROWS=False, EVEN_D=EVEN_D, MASKED=False, DENSE_ADD=False, DQ_MODE=DQ_MODE,
-                EARLY_DP=D_PAD <= 128,
+                rows, offs_d, Sq, None, d_ok, None, qk_scale, sm_scale, None, None, None, None,
+                CHECK_ROWS=False, EVEN_D=EVEN_D, MASKED=False, DENSE_ADD=False, SOFTCAP=0,
+                DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
             )  # fmt: skip
 
         k_pos = tl.load(mask_args.k_pos + offs_n, mask=k_ok, other=0).to(tl.int32)
@@ -203,8 +208,9 @@ def _bwd_kernel(
                 dk, dv = _bwd_block(
                     k, v, dk, dv, Q, DO, LSE, DELTA, DQ, DQ_DESC, q_st, do_st, dq_st, b, h, bh, m0,
                     rows, offs_d, Sq, row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias, row_off,
-                    CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True, DENSE_ADD=MASK.dense_kind == 2,
-                    DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
+                    mask_args.softcap, mask_args.inv_softcap, CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True,
+                    DENSE_ADD=MASK.dense_kind == 2, SOFTCAP=MASK.softcap, DQ_MODE=DQ_MODE,
+                    EARLY_DP=D_PAD <= 128,
                 )  # fmt: skip
 
         _write_dkv(dk_base, offs_n, offs_d, dk_st.s, kv_mask, dk * sm_scale, ACCUMULATE)
@@ -271,12 +277,15 @@ def _bwd_dq_kernel(
                 MASK,
             )
             if visit:
-                k, v, s = _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h, offs_m,
-                                          row_ok, q_pos, q_doc, row_off, offs_k, k_ok, k_doc,
-                                          d_ok, qk_scale, MASK)  # fmt: skip
+                k, v, s, cap_grad = _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h,
+                                                    offs_m, row_ok, q_pos, q_doc, row_off, offs_k,
+                                                    k_ok, k_doc, d_ok, qk_scale, MASK)  # fmt: skip
                 p = tl.exp2(s - m2[:, None])
                 dp = tl.dot(do, tl.trans(v))
-                ds = (p * (dp - delta[:, None])).to(k.dtype)
+                ds = p * (dp - delta[:, None])
+                if MASK.softcap:
+                    ds = ds * cap_grad
+                ds = ds.to(k.dtype)
                 dq += tl.dot(ds, k)
 
         # One program per (query tile, head): plain read-add-write.

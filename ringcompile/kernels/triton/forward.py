@@ -15,9 +15,11 @@ import triton
 import triton.language as tl
 
 from ringcompile.kernels.triton.jit import (
+    _ABSENT,
     _LOG2E_K,
     _head,
     _masked_softmax_step,
+    _soft_cap,
     _softmax_result,
     _tile_and_head,
 )
@@ -54,17 +56,21 @@ def _load_kv(k_base, v_base, k_st, v_st, offs, ok, d_ok, CHECK_ROWS: tl.constexp
 @triton.jit
 def _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h, offs_m, row_ok, q_pos, q_doc,
                     row_off, offs_k, k_ok, k_doc, d_ok, qk_scale, MASK: tl.constexpr):  # fmt: skip
-    """A partial key tile of a query tile: its K and V, and the scores (log2 units) with every
-    rule evaluated per element, -inf where hidden."""
+    """A partial key tile of a query tile: its K and V, the scores (log2 units) with every rule
+    evaluated per element, -inf where hidden, and under a soft cap its derivative per score
+    (``_ABSENT`` without one)."""
     k, v = _load_kv(k_base, v_base, k_st, v_st, offs_k, k_ok, d_ok, True, False)
     k_pos = tl.load(mask_args.k_pos + offs_k, mask=k_ok, other=0).to(tl.int32)
     k_valid = _key_validity(mask_args, b, offs_k, k_ok, MASK)
     keep = _token_rules(q_pos, k_pos, mask_args, q_doc, k_doc, k_valid, True, MASK) & k_ok[None, :]
     s = tl.dot(q, tl.trans(k)) * qk_scale
+    cap_grad = _ABSENT
+    if MASK.softcap:
+        s, cap_grad = _soft_cap(s, mask_args.softcap, mask_args.inv_softcap, MASK.softcap)
     keep, bias = _dense_keep(keep, mask_args, b, h, offs_m, row_ok, offs_k, k_ok, True, MASK)
     if MASK.dense_kind == 2:
         s = _add_mask(s, bias, row_off[:, None])
-    return k, v, tl.where(keep, s, float("-inf"))
+    return k, v, tl.where(keep, s, float("-inf")), cap_grad
 
 
 @triton.jit
@@ -127,9 +133,11 @@ def _fwd_kernel(
                                                      Sk, mask_args, b, q_doc_lo, q_doc_hi, False,
                                                      BLOCK_N, MASK)  # fmt: skip
         if visit:
-            k, v, s = _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h, offs_m,
-                                      row_ok, q_pos, q_doc, row_off, offs_k, k_ok, k_doc, d_ok,
-                                      qk_scale, MASK)  # fmt: skip
+            # (its own name: ``_`` holds a tile start in this loop, and Triton's compiler wants
+            # one type per name across the branches)
+            k, v, s, _cap_grad = _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h,
+                                                 offs_m, row_ok, q_pos, q_doc, row_off, offs_k,
+                                                 k_ok, k_doc, d_ok, qk_scale, MASK)  # fmt: skip
             m_i, l_i, acc = _masked_softmax_step(m_i, l_i, acc, s, v)
 
     out, lse = _softmax_result(m_i, l_i, acc)

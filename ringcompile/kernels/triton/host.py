@@ -51,6 +51,18 @@ def _check_offsets(*tensors: torch.Tensor) -> None:
             raise ValueError(f"a head slice of a tensor of shape {tuple(t.shape)} is too large")
 
 
+def _fast_tanh(q: torch.Tensor) -> bool:
+    """Whether a soft cap may use the GPU's approximate tanh: half-precision inputs on a GPU (the
+    interpreter runs on the CPU and has no PTX)."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _full_allowed(flags) -> bool:
+    """Whether a tile may be full (every score as q.k gives it): not under a dense mask, whose
+    values every score reads, nor under a soft cap, which every score passes through."""
+    return flags.dense_kind == 0 and not flags.softcap
+
+
 class _on_device:
     """Make ``t``'s device current for the launches (a no-op on CPU, under the interpreter)."""
 
@@ -107,8 +119,8 @@ class TritonKernels:
         # the previous state is only read when there is one
         state_out = state.out if state.out is not None else final_out
         with _on_device(q):
-            margs, mflags = _mask_args(mask, B, H, Sq, Sk)
-            lists = _tile_lists(mask, True, cfg.block_m, cfg.block_n, mflags.dense_kind == 0)
+            margs, mflags = _mask_args(mask, B, H, Sq, Sk, _fast_tanh(q))
+            lists = _tile_lists(mask, True, cfg.block_m, cfg.block_n, _full_allowed(mflags))
             n_tiles = triton.cdiv(Sq, cfg.block_m)
             chunk = _heads_per_chunk(cfg, n_tiles, B * H, H // Hkv, q.device)
             _fwd_kernel[(n_tiles * B * H,)](
@@ -163,8 +175,8 @@ class TritonKernels:
         q_st, k_st, v_st, do_st = _strides(q), _strides(k), _strides(v), _strides(dout)
         dq_st = _strides(dq)
         with _on_device(q):
-            margs, mflags = _mask_args(mask, B, H, Sq, Sk)
-            lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, mflags.dense_kind == 0)
+            margs, mflags = _mask_args(mask, B, H, Sq, Sk, _fast_tanh(q))
+            lists = _tile_lists(mask, False, cfg.block_n, cfg.block_m, _full_allowed(mflags))
             n_tiles = triton.cdiv(Sk, cfg.block_n)
             chunk = _kv_heads_per_chunk(cfg, n_tiles, B * Hkv, q.device)
             _bwd_kernel[(n_tiles * B * Hkv,)](
@@ -178,7 +190,7 @@ class TritonKernels:
             if dq_mode == 0:
                 dq_cfg = cfg.dq
                 lists = _tile_lists(mask, True, dq_cfg.block_m, dq_cfg.block_n,
-                                    mflags.dense_kind == 0)  # fmt: skip
+                                    _full_allowed(mflags))  # fmt: skip
                 n_tiles = triton.cdiv(Sq, dq_cfg.block_m)
                 chunk = _heads_per_chunk(dq_cfg, n_tiles, B * H, H // Hkv, q.device)
                 _bwd_dq_kernel[(n_tiles * B * H,)](

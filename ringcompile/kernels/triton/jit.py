@@ -1,5 +1,6 @@
 """What the kernels share: the exp2/log2 constants, how a tensor's strides travel as one
-argument, the online softmax, the range of a tile's values, and the launch order of a flat grid.
+argument, the online softmax, the soft cap, the range of a tile's values, and the launch order of
+a flat grid.
 
 Every ``@triton.jit`` function here is inlined into the kernels that call it: a helper costs
 nothing at run time, and its operations are emitted where the kernel's own would be.
@@ -60,6 +61,22 @@ def _range_of(x, ok, axis: tl.constexpr):
     lo = tl.min(tl.where(ok, x, _POS_HUGE), axis=axis)
     hi = tl.max(tl.where(ok, x, -_POS_HUGE), axis=axis)
     return lo, hi
+
+
+@triton.jit
+def _soft_cap(s, cap, inv_cap, MODE: tl.constexpr):
+    """``cap * tanh(s / cap)`` of scores ``s`` (log2 units, with ``cap`` in them; ``inv_cap`` its
+    inverse) and its derivative ``1 - tanh^2``. MODE 1: tanh from exp2 (libdevice's is not in
+    Triton's interpreter), absolute error ~1e-7, its limits +-1 exact; MODE 2: the GPU's
+    ``tanh.approx.f32`` (relative error ~2**-11, as FlashAttention's soft cap), for half-precision
+    inputs, whose own rounding is coarser."""
+    x = s * inv_cap
+    if MODE == 2:
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)  # fmt: skip
+    else:
+        t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * _LOG2E_K)) + 1.0)
+    return cap * t, 1.0 - t * t
 
 
 @triton.jit

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ringcompile.kernels.triton.jit import _ABSENT, _LN2_K, _LOG2E_K, _range_of
+from ringcompile.kernels.triton.jit import _ABSENT, _LN2_K, _LOG2E, _LOG2E_K, _range_of
 from ringcompile.masks import BlockMask
 
 _INT32_MAX = 2**31 - 1
@@ -51,6 +51,8 @@ class _MaskArgs(NamedTuple):
     offset_b: int
     offset_h: int
     offset_s: int
+    softcap: float  # BlockMask.softcap in log2 units (the scores' units in the kernels)
+    inv_softcap: float  # its inverse (0 without a cap)
 
 
 class _MaskFlags(NamedTuple):
@@ -65,9 +67,14 @@ class _MaskFlags(NamedTuple):
     has_kvalid: bool
     dense_kind: int  # 0 none, 1 boolean keep-mask, 2 additive
     dense_per_key: bool  # the dense mask is alike for every query (a key bias such as ALiBi's)
+    # scores are soft-capped (then no tile is full: every score is evaluated): 0 no, 1 exactly,
+    # 2 with the GPU's approximate tanh (``jit._soft_cap``)
+    softcap: int
 
 
-def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int) -> tuple[_MaskArgs, _MaskFlags]:
+def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int,
+               fast_tanh: bool = False) -> tuple[_MaskArgs, _MaskFlags]:  # fmt: skip
+    """The mask's arguments; ``fast_tanh``: a soft cap may use the GPU's approximate tanh."""
     dummy = mask.q_pos  # stands in for absent tensors; never read (its flag is off)
     q_doc = k_doc = k_valid = dense = offset = dummy
     doc_strides = (0, 0, 0, 0)
@@ -108,12 +115,14 @@ def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int) -> tuple[_Mask
         mask.q_pos, mask.k_pos, seq_len, min(rules.window_left, _INT32_MAX),
         min(rules.window_right, _INT32_MAX), max(min(rules.chunk, _INT32_MAX), 1),
         q_doc, k_doc, *doc_strides, k_valid, *k_valid_strides, dense, *dense_strides,
-        offset, *offset_strides,
+        offset, *offset_strides, mask.softcap * _LOG2E,
+        1.0 / (mask.softcap * _LOG2E) if mask.softcap else 0.0,
     )  # fmt: skip
     flags = _MaskFlags(
         causal=rules.causal, has_wl=rules.window_left >= 0, has_wr=rules.window_right >= 0,
         has_chunk=rules.chunk > 0, has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
         dense_per_key=dense_kind != 0 and dense_strides[2] == 0,
+        softcap=0 if not mask.softcap else 2 if fast_tanh else 1,
     )  # fmt: skip
     return args, flags
 
