@@ -379,7 +379,8 @@ def _inputs_to_check(ctx: RingContext, mode: str) -> list[tuple[int, torch.fx.No
 
 
 def _warn_if_nothing_sharded(ctx: RingContext) -> None:
-    """A ring of several ranks, attention in the graph (SDPA, or a softmax written by hand), and
+    """A ring of several ranks, attention in the graph (SDPA, or a softmax over (S, S) scores
+    written by hand that pass 2 could not take), and
     none of it replaced: every rank would compute everything, and only ``explain`` would say so.
     (A graph with no attention at all, such as a loss after a graph break, is nothing to say.)"""
     if ctx.world_size == 1 or ctx.report.attention or ctx.arrived or not ctx.report.fallbacks:

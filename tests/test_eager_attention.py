@@ -18,7 +18,7 @@ from ringcompile.passes.fx_utils import is_sdpa
 B, H, S, D = 1, 2, 8, 4
 
 
-def _written_out(q, k, v, mask, cap=None, p=0.0, weights=False):
+def _written_out(q, k, v, mask, cap=None, p=0.0, weights=False, training=True):
     """transformers' eager attention (Gemma 2's with ``cap``)."""
     s = torch.matmul(q, k.transpose(2, 3)) * D**-0.5
     if cap is not None:
@@ -27,7 +27,7 @@ def _written_out(q, k, v, mask, cap=None, p=0.0, weights=False):
         s = s * cap
     s = s + mask
     w = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-    w = F.dropout(w, p=p, training=True)
+    w = F.dropout(w, p=p, training=training)
     out = torch.matmul(w, v)
     return (out, w) if weights else out
 
@@ -87,9 +87,16 @@ sdpa_soft_capped = ringcompile_soft_cap_sdpa_soft_capped(l_q_, l_k_, l_v_, attn_
     torch.testing.assert_close(_call(gm, *args), s.softmax(-1) @ v, rtol=1e-12, atol=1e-12)
 
 
-def test_plain_chain_becomes_sdpa():
+@pytest.mark.parametrize("training", [True, False])
+def test_plain_chain_becomes_sdpa(training):
+    """Without a cap: plain SDPA; dropout that drops nothing (p = 0, or a model in eval mode)
+    is no obstacle."""
     args = _inputs()
-    code, gm, _ = _after_pass(_written_out, *args)
+
+    def f(q, k, v, mask):
+        return _written_out(q, k, v, mask, p=0.0 if training else 0.1, training=training)
+
+    code, gm, _ = _after_pass(f, *args)
     (sdpa,) = [n for n in gm.graph.nodes if is_sdpa(n)]
     assert sdpa.target is torch._C._nn.scaled_dot_product_attention, code
     assert sdpa.kwargs == {"attn_mask": sdpa.kwargs["attn_mask"], "scale": 0.5}, sdpa.kwargs
@@ -118,3 +125,58 @@ def test_chains_it_cannot_take_stay(case):
     code, gm, ctx = _after_pass(f, *args)
     assert not any(is_sdpa(n) for n in gm.graph.nodes), code
     assert "softmax" in code and ctx.report.lifted == []
+
+
+class _NanoGPTAttention(torch.nn.Module):
+    """nanoGPT's attention without flash: a causal buffer sliced to the length, masked_fill."""
+
+    def __init__(self, dim=16, heads=2, max_len=32):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        tril = torch.tril(torch.ones(max_len, max_len))
+        self.register_buffer("bias", tril.view(1, 1, max_len, max_len))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = att @ v
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def nanogpt_step(rank, world):
+    """The compiled module's error (output and every gradient) against eager, and its report."""
+    from ringcompile.backend import _compile
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _NanoGPTAttention().double()
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    w = torch.randn(2, 24, 16, dtype=torch.float64)
+
+    def step(m):
+        model.zero_grad()
+        out = m(x)
+        (out * w).sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    ref = step(model)
+    reports = []
+    got = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
+    errs = [float((a - b).norm() / b.norm()) for a, b in zip(got, ref)]
+    return errs, reports
+
+
+def test_nanogpt_attention_is_sharded(gloo):
+    """masked_fill(hidden, -inf) is SDPA's boolean mask ~hidden: nanoGPT's attention runs as a
+    ring, exact; its mask (a buffer, not indices) stays dense, this rank's rows."""
+    for errs, reports in gloo(2).run(nanogpt_step):
+        assert max(errs) < 1e-10, errs
+        (graph,) = reports
+        assert len(graph.attention) == 1 and "dense mask" in graph.attention[0], graph.attention
+        assert any("attention written out" in x for x in graph.lifted), graph.lifted

@@ -115,6 +115,12 @@ def sliding_window(q, am, pos, doc):
     return _attend(q, (ki <= qi) & (ki > qi - 3))
 
 
+def hidden_above_diagonal(q, am, pos, doc):
+    # masked_fill(kv > q, -inf), as attention written out hides keys: SDPA's mask ~(kv > q)
+    _, qi, ki = _indices()
+    return _attend(q, ~(ki > qi))
+
+
 def window_both_ways(q, am, pos, doc):
     _, qi, ki = _indices()
     return _attend(q, (qi - ki).abs() <= 2)
@@ -352,6 +358,7 @@ IDIOMS = [
         id="packed-documents-diff-append-refused",
     ),
     pytest.param(document_ids_argument, "causal, document_ids(doc)", id="document-ids-argument"),
+    pytest.param(hidden_above_diagonal, "causal", id="not-above-the-diagonal"),
     pytest.param(one_document_from_arange, "causal", id="one-document-from-arange"),
     pytest.param(
         additive_finfo_min,

@@ -7,9 +7,10 @@ Guarantees: each chain, over one sequence (4-D queries and keys of one length),
     s = s * scale   or   s / d                  optional, a number
     s = tanh(s / c) * c                         optional, a number c: a soft cap (Gemma 2)
     s = s + mask                                optional, a floating mask
+      or s.masked_fill(hidden, -inf)            (nanoGPT's: SDPA's boolean mask ~hidden)
     p = softmax(s, dim=-1[, dtype=...])
     p = p.to(dtype)                             optional
-    p = dropout(p, p=0.0, ...)                  optional, with p = 0
+    p = dropout(p, p=0.0, ...)                  optional, with p = 0 or training=False
     out = p @ v
 
 whose intermediates nothing else reads (so not where the model returns its attention weights),
@@ -27,6 +28,7 @@ dtype, so such a float64 model's result differs from eager by float32's rounding
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 
@@ -52,6 +54,7 @@ class _Attention:
     v: Node
     out: Node
     mask: Node | None = None
+    hidden: Node | None = None  # a boolean of the pairs masked_fill hides (-inf), or None
     scale: float = 1.0
     softcap: float | None = None
     nodes: list[Node] = field(default_factory=list)  # the chain, from the scores to ``out``
@@ -96,7 +99,8 @@ def _read(softmax: Node) -> _Attention | None:
         p = _sole_user(p)
     if p is not None and p.op == "call_function" and p.target is F.dropout:
         rate = p.kwargs.get("p", p.args[1] if len(p.args) > 1 else 0.5)
-        if rate not in (0, 0.0):
+        training = p.kwargs.get("training", p.args[2] if len(p.args) > 2 else True)
+        if rate not in (0, 0.0) and training is not False:
             return None
         chain.append(p)
         p = _sole_user(p)
@@ -108,7 +112,7 @@ def _read(softmax: Node) -> _Attention | None:
     found = _scores(scores)
     if found is None:
         return None
-    q, k, scale, softcap, mask, before = found
+    q, k, scale, softcap, mask, hidden, before = found
     if any(len(n.users) != 1 for n in before):
         return None  # something else reads an intermediate (the scores, a capped score)
     qv, kv, vv, ov = (example(n) for n in (q, k, v, out))
@@ -119,23 +123,32 @@ def _read(softmax: Node) -> _Attention | None:
     if mask is not None and not (isinstance(example(mask), torch.Tensor)
                                  and example(mask).dtype.is_floating_point):  # fmt: skip
         return None
-    return _Attention(q, k, v, out, mask, scale, softcap, before + chain + [out])
+    if hidden is not None and not (isinstance(example(hidden), torch.Tensor)
+                                   and example(hidden).dtype == torch.bool):  # fmt: skip
+        return None
+    return _Attention(q, k, v, out, mask, hidden, scale, softcap, before + chain + [out])
 
 
 def _scores(node: Node):
-    """``(q, k, scale, softcap, mask, nodes)`` of ``node`` read as the masked scores, ``nodes``
-    the chain's nodes from the matmul up to ``node``; None if it is not such scores."""
-    mask = None
+    """``(q, k, scale, softcap, mask, hidden, nodes)`` of ``node`` read as the masked scores
+    (``mask`` added, or the pairs ``hidden`` filled with -inf), ``nodes`` the chain's nodes from
+    the matmul up to ``node``; None if it is not such scores."""
     if node.op == "call_function" and node.target is operator.add:
         for s, m in (node.args, node.args[::-1]):
             found = isinstance(s, Node) and isinstance(m, Node) and _capped(s)
             if found:
-                mask = m
                 q, k, scale, softcap, nodes = found
-                return q, k, scale, softcap, mask, nodes + [node]
+                return q, k, scale, softcap, m, None, nodes + [node]
+        return None
+    if _is(node, (torch.masked_fill, torch.Tensor.masked_fill), "masked_fill"):
+        s, hidden, value = (list(node.args) + [node.kwargs.get("value")])[:3]
+        found = isinstance(s, Node) and isinstance(hidden, Node) and _capped(s)
+        if found and value == float("-inf"):
+            q, k, scale, softcap, nodes = found
+            return q, k, scale, softcap, None, hidden, nodes + [node]
         return None
     found = _capped(node)
-    return (*found[:4], None, found[4]) if found else None
+    return (*found[:4], None, None, found[4]) if found else None
 
 
 def _capped(node: Node):
@@ -184,7 +197,14 @@ def _scaled(node) -> tuple[Node, Node, float, list[Node]] | None:
 
 def _replace(ctx: RingContext, a: _Attention) -> None:
     graph = ctx.gm.graph
-    kwargs = {"attn_mask": a.mask, "scale": a.scale} if a.mask is not None else {"scale": a.scale}
+    mask = a.mask
+    if a.hidden is not None:  # SDPA keeps where its boolean mask is True
+        with graph.inserting_before(a.out):
+            mask = graph.call_function(operator.invert, (a.hidden,))
+        hidden = example(a.hidden)
+        with getattr(hidden, "fake_mode", contextlib.nullcontext()):
+            mask.meta = {**a.hidden.meta, "example_value": ~hidden}
+    kwargs = {"attn_mask": mask, "scale": a.scale} if mask is not None else {"scale": a.scale}
     target = torch._C._nn.scaled_dot_product_attention
     if a.softcap is not None:
         target, kwargs["softcap"] = sdpa_soft_capped, a.softcap

@@ -5,8 +5,9 @@ every node; the backend hands graphs with symbolic sizes to ``specialize.PerShap
 them static first).
 Guarantees: ``ctx.sites`` lists each self-attention SDPA over the graph's sequence (queries and
 keys of one length ``ctx.seq_len``, no dropout); every other SDPA is reported as a fallback and
-left as it is (exact: it sees full tensors). A graph without SDPA reports each softmax it has as a
-fallback: attention written by hand, which nothing shards.
+left as it is (exact: it sees full tensors). A graph without SDPA reports each softmax over
+(S, S) scores it has as a fallback: attention written by hand that pass 2 could not take, which
+nothing shards.
 An input an earlier graph left sharded (``ctx.arriving``) is ``ctx.arrived`` (taken as this rank's
 tokens) where its layout is the graph's; a graph with no site takes its sequence from such inputs.
 The others arrive gathered.
@@ -24,10 +25,14 @@ from ringcompile.passes.dims import shape_of
 from ringcompile.passes.fx_utils import is_sdpa, sdpa_args, source_line
 
 
-def _is_softmax(node) -> bool:
-    return node.op in ("call_function", "call_method") and (
-        getattr(node.target, "__name__", node.target) == "softmax"
-    )
+def _is_attention_softmax(node) -> bool:
+    """A softmax over scores of queries against keys of one sequence, (..., S, S): attention
+    the passes did not take (a router's softmax over experts is none)."""
+    if not (node.op in ("call_function", "call_method")
+            and getattr(node.target, "__name__", node.target) == "softmax"):  # fmt: skip
+        return False
+    shape = shape_of(node)
+    return shape is not None and len(shape) >= 3 and shape[-1] == shape[-2]
 
 
 def run(ctx: RingContext) -> None:
@@ -68,7 +73,7 @@ def _find_sites(ctx: RingContext) -> None:
             'F.scaled_dot_product_attention (transformers: attn_implementation="sdpa") to '
             "shard it"
             for n in ctx.gm.graph.nodes
-            if _is_softmax(n)
+            if _is_attention_softmax(n)
         ]
         return
     candidates = []

@@ -154,6 +154,14 @@ _FLIP = {
 }
 
 
+_NOT = {
+    operator.le: operator.gt,
+    operator.lt: operator.ge,
+    operator.ge: operator.lt,
+    operator.gt: operator.le,
+}
+
+
 def _root(node: Node) -> Node:
     """The tensor under ``expand``/``to`` wrappers."""
     while node.op == "call_method" and node.target in ("expand", "to"):
@@ -269,6 +277,12 @@ class _Reader:
                 # 0 where allowed, fill elsewhere: below a bound between them is "hidden"
                 if (t is operator.lt and a.fill < c <= 0) or (t is operator.le and a.fill <= c < 0):
                     return _Hidden(a.facts)
+        if op == "call_function" and t in (operator.invert, torch.logical_not):
+            inner = n.args[0]
+            if isinstance(inner, Node) and inner.op == "call_function" and inner.target in _NOT:
+                # ~(a < b) is a >= b, for the integer indices a rule compares
+                flipped = _NOT[inner.target]
+                return self._compare(n, flipped, self.read(inner.args[0]), self.read(inner.args[1]))
         if op == "call_function" and t in (operator.and_, torch.logical_and):
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if isinstance(a, _Facts) and isinstance(b, _Facts):
