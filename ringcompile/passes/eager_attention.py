@@ -6,7 +6,7 @@ Guarantees: each chain, over one sequence (4-D queries and keys of one length),
     s = q @ k.transpose(-2, -1)                 (any spelling of the last two dims)
     s = s * scale   or   s / d                  optional, a number
     s = tanh(s / c) * c                         optional, a number c: a soft cap (Gemma 2)
-    s = s + mask                                optional, a floating mask
+    s = s + mask                                optional, a mask of the queries' dtype
       or s.masked_fill(hidden, -inf)            (nanoGPT's: SDPA's boolean mask ~hidden)
     p = softmax(s, dim=-1[, dtype=...])
     p = p.to(dtype)                             optional
@@ -121,8 +121,8 @@ def _read(softmax: Node) -> _Attention | None:
     if qv.shape[-2] != kv.shape[-2] or kv.shape[-2] != vv.shape[-2] or ov.dtype != qv.dtype:
         return None  # not one sequence (a decode step), or an output of another dtype
     if mask is not None and not (isinstance(example(mask), torch.Tensor)
-                                 and example(mask).dtype.is_floating_point):  # fmt: skip
-        return None
+                                 and example(mask).dtype == qv.dtype):  # fmt: skip
+        return None  # SDPA takes a float mask of the queries' dtype only
     if hidden is not None and not (isinstance(example(hidden), torch.Tensor)
                                    and example(hidden).dtype == torch.bool):  # fmt: skip
         return None
