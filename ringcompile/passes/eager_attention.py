@@ -39,10 +39,10 @@ from torch.fx import Node
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import source_line
+from ringcompile.passes.idioms import soft_capped
 from ringcompile.soft_cap import sdpa_soft_capped
 
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
-_TANH = (torch.tanh, torch.Tensor.tanh)
 
 
 @dataclass
@@ -153,20 +153,12 @@ def _scores(node: Node):
 
 def _capped(node: Node):
     """``(q, k, scale, softcap, nodes)`` of scaled scores, soft-capped or not; None if not."""
-    if node.op == "call_function" and node.target is operator.mul:
-        t, c = node.args
-        if isinstance(c, Node):
-            t, c = c, t
-        cap = _number(c)
-        if cap is not None and isinstance(t, Node) and _is(t, _TANH, "tanh"):
-            inner = t.args[0]
-            if (isinstance(inner, Node) and inner.op == "call_function"
-                    and inner.target is operator.truediv and _number(inner.args[1]) == cap
-                    and cap > 0):  # fmt: skip
-                found = _scaled(inner.args[0])
-                if found:
-                    q, k, scale, nodes = found
-                    return q, k, scale, cap, nodes + [inner, t, node]
+    cap = soft_capped(node)
+    if cap is not None:
+        found = _scaled(cap.x)
+        if found:
+            q, k, scale, nodes = found
+            return q, k, scale, cap.cap, nodes + list(cap.nodes)
     found = _scaled(node)
     return (*found[:3], None, found[3]) if found else None
 

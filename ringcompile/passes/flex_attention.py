@@ -33,6 +33,7 @@ from torch.fx import GraphModule, Node
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import source_line
+from ringcompile.passes.idioms import soft_capped
 from ringcompile.soft_cap import sdpa_soft_capped
 
 FLEX = getattr(torch.ops.higher_order, "flex_attention", None)
@@ -128,25 +129,11 @@ def _score_mod_kind(score: GraphModule) -> tuple[float | None, bool] | None:
 
 
 def _softcap_of(node, score: Node) -> float | None | bool:
-    """None if ``node`` is ``score``; c if it is ``c * tanh(score / c)`` (a number c > 0);
-    False otherwise."""
+    """None if ``node`` is ``score``; c if it is ``c * tanh(score / c)``; False otherwise."""
     if node is score:
         return None
-    if not (isinstance(node, Node) and node.op == "call_function"
-            and node.target in (operator.mul, torch.mul)):  # fmt: skip
-        return False
-    t, c = node.args[:2]
-    if isinstance(c, Node):
-        t, c = c, t
-    if not (isinstance(c, (int, float)) and c > 0 and isinstance(t, Node)
-            and t.op == "call_function" and t.target in (torch.tanh, torch.ops.aten.tanh.default)):  # fmt: skip
-        return False
-    inner = t.args[0]
-    if (isinstance(inner, Node) and inner.op == "call_function"
-            and inner.target in (operator.truediv, torch.div) and inner.args[0] is score
-            and inner.args[1] == c):  # fmt: skip
-        return float(c)
-    return False
+    found = soft_capped(node)
+    return found.cap if found is not None and found.x is score else False
 
 
 def _reads(node: Node, source: Node) -> bool:

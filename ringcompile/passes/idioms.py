@@ -2,20 +2,56 @@
 
 - ``unexpanded(node)``: K/V that ``repeat_kv`` expanded to the query heads, and their KV heads;
 - ``sharded_kv_marks(sdpa_args)``: the ``ShardedKVCache`` marks an SDPA's keys and values are
-  (a decode step), looking through such an expansion; ``reads_sharded_cache(sdpa)``.
+  (a decode step), looking through such an expansion; ``reads_sharded_cache(sdpa)``;
+- ``soft_capped(node)``: Gemma 2's soft cap ``c * tanh(x / c)``, its x and c (in the model's graph
+  and in a flex ``score_mod``'s alike).
 """
 
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
+import torch
 from torch.fx import Node
 
 from ringcompile.kv_cache import MARK_OPS
 from ringcompile.passes.dims import shape_of
 from ringcompile.passes.fx_utils import sdpa_args
 
-__all__ = ["reads_sharded_cache", "sharded_kv_marks", "unexpanded"]
+__all__ = ["SoftCap", "reads_sharded_cache", "sharded_kv_marks", "soft_capped", "unexpanded"]
+
+
+class SoftCap(NamedTuple):
+    x: Node
+    cap: float
+    nodes: tuple[Node, Node, Node]  # x / c, its tanh, and c times that
+
+
+def soft_capped(node) -> SoftCap | None:
+    """``node`` read as ``c * tanh(x / c)`` (either product order, a number c > 0), the three
+    nodes Dynamo records for it; else None."""
+    if not (isinstance(node, Node) and node.op == "call_function"
+            and node.target in (operator.mul, torch.mul)):  # fmt: skip
+        return None
+    t, c = node.args[:2]
+    if isinstance(c, Node):
+        t, c = c, t
+    if not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
+            and isinstance(t, Node) and _is_tanh(t)):  # fmt: skip
+        return None
+    inner = t.args[0]
+    if (isinstance(inner, Node) and inner.op == "call_function"
+            and inner.target in (operator.truediv, torch.div) and inner.args[1] == c
+            and isinstance(inner.args[0], Node)):  # fmt: skip
+        return SoftCap(inner.args[0], float(c), (inner, t, node))
+    return None
+
+
+def _is_tanh(node: Node) -> bool:
+    return (node.op == "call_function" and node.target in (torch.tanh, torch.Tensor.tanh)) or (
+        node.op == "call_method" and node.target == "tanh"
+    )
 
 
 def _is_head_unsqueeze(node: Node) -> Node | None:
