@@ -37,6 +37,7 @@ def ring_attention(
     layout: str | Layout = "contiguous",
     window: tuple[int, int] | None = None,
     chunk: int | None = None,
+    prefix: int | None = None,
     document_ids: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     key_bias: torch.Tensor | None = None,
@@ -74,6 +75,8 @@ def ring_attention(
             ``is_causal`` is ``(w - 1, 0)``.
         chunk: chunked attention (Llama 4's ``attention_chunk_size``): query p sees keys in
             its chunk of positions, ``[p // chunk * chunk, (p // chunk + 1) * chunk)``.
+        prefix: prefix-LM: every query also sees the keys at positions below ``prefix``, whatever
+            ``is_causal``, ``window`` and ``chunk`` say (documents, padding and bias still apply).
         document_ids: (B, S_local) integer document of each local token (packed sequences):
             tokens see only keys of their own document.
         key_padding_mask: (B, S_local) bool, False marks padding keys no query may see.
@@ -185,7 +188,10 @@ def ring_attention(
         raise ValueError(f"softcap must be a positive number, got {softcap!r}")
     if chunk is not None and int(chunk) < 1:
         raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
-    mask = AttentionMask(PositionRules.of(is_causal, window, chunk), document_ids=document_ids,
+    if prefix is not None and int(prefix) < 0:
+        raise ValueError(f"prefix must be a number of positions >= 0, got {prefix}")
+    mask = AttentionMask(PositionRules.of(is_causal, window, chunk, prefix),
+                         document_ids=document_ids,
                          key_padding_mask=key_padding_mask, key_bias=key_bias, dense=dense,
                          empty_rows_mean=empty_rows == "mean",
                          softcap=float(softcap or 0.0))  # fmt: skip
@@ -196,7 +202,7 @@ def ring_attention(
         if dense is not None:
             raise ValueError(
                 f"strategy={strategy!r} takes no attn_mask (each rank would hold every row of it): "
-                "pass the mask as facts (is_causal, window, chunk, document_ids, "
+                "pass the mask as facts (is_causal, window, chunk, prefix, document_ids, "
                 "key_padding_mask, key_bias), or use strategy='ring'"
             )
         op, groups = ulysses_attention_op, (group_name_of(pg), SINGLE)

@@ -13,7 +13,8 @@ is the exact fallback for masks that are not such a function.
   (:meth:`AttentionMask.encode` / :meth:`AttentionMask.decode`), nowhere else.
 - :class:`BlockMask`: one ring step's view, the rules over the block's query and key positions.
 
-The rules, all of which must hold for ``q`` to see ``k``, are written here once in Python
+The rules, all of which must hold for ``q`` to see ``k`` (a prefix is or-ed with the position
+rules before them), are written here once in Python
 (:meth:`PositionRules.allows`, :meth:`BlockMask.allowed`) and once for the Triton kernels
 (``kernels/triton/mask_args._token_rules``); ``tests/test_kernels_triton.py`` ties the two, the kernels' tile
 lists and :meth:`PositionRules.any_allowed` together on random facts:
@@ -24,6 +25,8 @@ lists and :meth:`PositionRules.any_allowed` together on random facts:
 - window ``(left, right)``: ``q_pos - left <= k_pos <= q_pos + right``; -1 means unbounded (the
   flash-attention convention: a Mistral/HF ``sliding_window=w`` is ``left = w - 1``);
 - chunks of ``c`` (Llama 4's chunked attention): ``q_pos // c == k_pos // c``; 0 means none;
+- a prefix of ``p`` (prefix-LM): keys at ``k_pos < p`` are seen by every query whatever the three
+  rules above say (they are ``or``-ed with them; the rules below still hold); 0 means none;
 - documents: ``q_doc == k_doc``;
 - validity: ``k_valid`` (key padding);
 - dense: boolean (True = keep) or additive float, broadcastable to (B, H, Sq, Sk).
@@ -66,12 +69,13 @@ class PositionRules:
     window_left: int = -1  # key >= query - window_left; -1: unbounded
     window_right: int = -1  # key <= query + window_right; -1: unbounded
     chunk: int = 0  # query and key in one chunk of this many positions; 0: no chunks
+    prefix: int = 0  # keys before this position are seen by every query (or-ed); 0: none
 
     @classmethod
-    def of(cls, causal: bool, window: tuple[int, int] | None, chunk: int | None = None
-           ) -> PositionRules:  # fmt: skip
+    def of(cls, causal: bool, window: tuple[int, int] | None, chunk: int | None = None,
+           prefix: int | None = None) -> PositionRules:  # fmt: skip
         wl, wr = (-1, -1) if window is None else (int(window[0]), int(window[1]))
-        return cls(bool(causal), wl, wr, int(chunk or 0))
+        return cls(bool(causal), wl, wr, int(chunk or 0), int(prefix or 0))
 
     def __str__(self) -> str:
         parts = ["causal" if self.causal else "bidirectional"]
@@ -79,6 +83,8 @@ class PositionRules:
             parts.append(f"window {self.window}")
         if self.chunk:
             parts.append(f"chunks of {self.chunk}")
+        if self.prefix:
+            parts.append(f"or a prefix of {self.prefix}")
         return ", ".join(parts)
 
     @property
@@ -94,8 +100,6 @@ class PositionRules:
         ``seq_len`` None: no layout padding."""
         ok = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool,
                         device=q_pos.device)  # fmt: skip
-        if seq_len is not None:
-            ok = ok & (k_pos < seq_len)
         if self.causal:
             ok = ok & (k_pos <= q_pos)
         if self.window_left >= 0:
@@ -105,6 +109,10 @@ class PositionRules:
         if self.chunk > 0:
             ok = ok & (torch.div(q_pos, self.chunk, rounding_mode="floor")
                        == torch.div(k_pos, self.chunk, rounding_mode="floor"))  # fmt: skip
+        if self.prefix > 0:
+            ok = ok | (k_pos < self.prefix)
+        if seq_len is not None:
+            ok = ok & (k_pos < seq_len)
         return ok
 
     def any_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int) -> bool:
@@ -115,6 +123,8 @@ class PositionRules:
         k = torch.sort(k_pos[k_pos < seq_len]).values
         if q.numel() == 0 or k.numel() == 0:
             return False
+        if self.prefix > 0 and bool(k[0] < self.prefix):
+            return True
         lo = q - self.window_left if self.window_left >= 0 else torch.full_like(q, -POSITION_NONE)
         hi = q + self.window_right if self.window_right >= 0 else torch.full_like(q, POSITION_NONE)
         if self.causal:
@@ -174,20 +184,20 @@ class AttentionMask(Generic[T]):
         """Whether blocks need more than the position rules (the masked kernels)."""
         r = self.rules
         return (bool(self.token_facts) or self.dense is not None or r.window is not None
-                or r.chunk > 0 or self.softcap > 0)  # fmt: skip
+                or r.chunk > 0 or r.prefix > 0 or self.softcap > 0)  # fmt: skip
 
     def encode(self) -> tuple[list[torch.Tensor | None], list[int], float]:
         """The op's three mask arguments."""
         r = self.rules
         return ([getattr(self, name) for name in self._TENSORS],
-                [int(r.causal), r.window_left, r.window_right, r.chunk,
+                [int(r.causal), r.window_left, r.window_right, r.chunk, r.prefix,
                  int(self.empty_rows_mean)], float(self.softcap))  # fmt: skip
 
     @classmethod
     def decode(cls, tensors: list[torch.Tensor | None], ints: list[int],
                softcap: float) -> AttentionMask:  # fmt: skip
-        causal, wl, wr, chunk, empty_rows_mean = ints
-        return cls(PositionRules(bool(causal), int(wl), int(wr), int(chunk)),
+        causal, wl, wr, chunk, prefix, empty_rows_mean = ints
+        return cls(PositionRules(bool(causal), int(wl), int(wr), int(chunk), int(prefix)),
                    **dict(zip(cls._TENSORS, tensors)),
                    empty_rows_mean=bool(empty_rows_mean), softcap=float(softcap))  # fmt: skip
 
@@ -195,7 +205,8 @@ class AttentionMask(Generic[T]):
         """What every rank of a ring must state alike, as (what, value)."""
         r = self.rules
         return [("is_causal", int(r.causal)), ("window_left", r.window_left),
-                ("window_right", r.window_right), ("chunk", r.chunk), ("has attn_mask", int(self.dense is not None)),
+                ("window_right", r.window_right), ("chunk", r.chunk), ("prefix", r.prefix),
+                ("has attn_mask", int(self.dense is not None)),
                 ("has document_ids", int(self.document_ids is not None)),
                 ("has key_padding_mask", int(self.key_padding_mask is not None)),
                 ("has key_bias", int(self.key_bias is not None)),
@@ -255,7 +266,7 @@ class BlockMask:
         benchmarks/RESULTS.md.)"""
         return (self.q_doc is not None and self.pieces is None and self.k_valid is None
                 and self.dense is None and self.progression is not None
-                and not self.softcap)  # fmt: skip
+                and not self.softcap and not self.rules.prefix)  # fmt: skip
 
     def keys(self, start: int, stop: int) -> BlockMask:
         """The same mask over keys ``[start, stop)`` of the block only."""

@@ -78,7 +78,7 @@ class SdpaOnRing(_Bound):
         self.kernels, self.two_level = kernels, two_level
 
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                 enable_gqa=False, window=None, chunk=None, document_ids=None,
+                 enable_gqa=False, window=None, chunk=None, prefix=None, document_ids=None,
                  key_padding_mask=None, key_bias=None, empty_rows="zero", softcap=None,
                  strategy="ring"):  # fmt: skip
         return _ring_attention(
@@ -94,6 +94,7 @@ class SdpaOnRing(_Bound):
             layout=self.layout,
             window=window,
             chunk=chunk,
+            prefix=prefix,
             document_ids=document_ids,
             key_padding_mask=key_padding_mask,
             key_bias=key_bias,

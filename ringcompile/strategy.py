@@ -9,8 +9,8 @@ cuDNN and hide each K/V transfer under the next block, so the ring stays: Ulysse
 all-to-alls are not hidden. A mask makes every ring step a masked block with a fixed cost of its
 own, W of them per call, while Ulysses attends once over the whole sequence on the one-GPU kernel
 for that mask. Packed documents (on the varlen kernel there) go to Ulysses from 2 ranks on; a
-window, chunks or a per-key bias from ``MASKED_RING_STEPS`` ranks on, below which the ring's few
-steps cost less than the all-to-alls. Key padding alone stays on the ring, which drops it where it
+window, chunks, a prefix or a per-key bias from ``MASKED_RING_STEPS`` ranks on, below which the
+ring's few steps cost less than the all-to-alls. Key padding alone stays on the ring, which drops it where it
 hides no key (a tokenizer's all-ones ``attention_mask``) and runs plain blocks. A dense mask stays
 on the ring: its rows are the queries' and would all have to reach every rank.
 
@@ -29,7 +29,7 @@ from ringcompile.ulysses import split_refusal
 __all__ = ["STRATEGIES", "Choice", "choose"]
 
 STRATEGIES = ("auto", "ring", "ulysses", "two-level")
-# from this many ranks on, a window, chunks or a key bias attend by Ulysses under "auto"
+# from this many ranks on, a window, chunks, a prefix or a key bias attend by Ulysses under "auto"
 MASKED_RING_STEPS = 4
 
 
@@ -70,6 +70,7 @@ def choose(option: str, heads: int, kv_heads: int, size: int, mask: AttentionMas
     r = mask.rules
     kinds = [name for name, present in (("documents", mask.document_ids is not None),
                                         ("window", r.window is not None), ("chunks", r.chunk > 0),
+                                        ("a prefix", r.prefix > 0),
                                         ("key bias", mask.key_bias is not None)) if present]  # fmt: skip
     if kinds and (mask.document_ids is not None or size >= MASKED_RING_STEPS):
         return Choice(

@@ -36,6 +36,10 @@ def window(b, h, q, kv):  # flex's spelling of a sliding window
     return q - kv < 4
 
 
+def prefix(b, h, q, kv):  # prefix-LM's prefix, seen by every query
+    return kv < 6
+
+
 def alibi(score, b, h, q, kv):
     return score + SLOPES[h] * (kv - q)
 
@@ -52,6 +56,7 @@ CASES = {
     "causal": (causal, None),
     "documents": (flex.and_masks(causal, documents), None),
     "window": (flex.and_masks(causal, window), None),
+    "prefix_lm": (flex.or_masks(causal, prefix), None),
     "alibi": (causal, alibi),
     "soft_cap": (causal, soft_cap),
     "soft_cap_inside": (causal, soft_cap_inside),
@@ -98,6 +103,7 @@ def flex_function(rank, world, case):
     ("causal", "is_causal=True, per-token mask facts; ring"),
     ("documents", "is_causal=True, per-token mask facts; ulysses"),
     ("window", "is_causal=True, per-token mask facts; ring"),
+    ("prefix_lm", "is_causal=True, per-token mask facts; ring"),
     ("alibi", "is_causal=False, dense mask (local rows x global keys); ring"),
     ("soft_cap", "is_causal=True, per-token mask facts, scores soft-capped at 20; ring"),
     ("soft_cap_inside", None),

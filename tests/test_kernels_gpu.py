@@ -227,7 +227,10 @@ def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):
     pos = torch.arange(S, device=dev)
     kw: dict = dict(q_pos=pos, k_pos=pos, seq_len=S)
     kw["rules"] = PositionRules.of(
-        "causal" in kind, (200, 64) if "window" in kind else None, 300 if "chunk" in kind else None
+        "causal" in kind,
+        (200, 64) if "window" in kind else None,
+        300 if "chunk" in kind else None,
+        333 if "prefix" in kind else None,
     )
     if "docs" in kind:
         starts = torch.rand(B, S, generator=gen, device=dev) < 1 / 300
@@ -262,7 +265,7 @@ def _mask_case(kind: str, B: int, H: int, S: int, gen: torch.Generator):
     "kind",
     ["window", "causal_window", "docs", "causal_docs", "valid", "dense_bool", "dense_add",
      "causal_docs_valid", "causal_window_dense_bool", "window_dense_add", "chunk",
-     "causal_chunk_valid", "causal_key_bias_valid"],
+     "causal_chunk_valid", "causal_key_bias_valid", "causal_prefix", "causal_prefix_docs_valid"],
 )  # fmt: skip
 def test_masks_vs_efficient(tf, kind):
     B, H, Hkv, S, D = 2, 8, 2, 1024, 128

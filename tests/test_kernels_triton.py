@@ -56,7 +56,7 @@ def test_interpreted_kernels_in_child_process():
 # code that compiler refuses, such as returns of two shapes from one function).
 COMPILED_CASES = ("key-bias-causal-padding-mqa", "dense-bool-B", "dense-additive-window-d80",
                   "chunk-docs-zigzag-dq-kernel", "softcap-docs-dq-kernel-gqa",
-                  "softcap-causal-striped")  # fmt: skip
+                  "softcap-causal-striped", "prefix-docs-window-dq-kernel")  # fmt: skip
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the kernels; the interpreter compiles nothing")
@@ -186,6 +186,7 @@ class Case:
     causal: bool = False
     window: tuple[int, int] = (-1, -1)
     chunk: int = 0  # chunked attention: chunks of this many positions
+    prefix: int = 0  # prefix-LM: keys before this position seen by every query
     docs: bool = False
     doc_rate: float = 0.08  # chance that a token starts a document (low: tiles of one document)
     k_valid: bool = False
@@ -271,7 +272,7 @@ def _build(case: Case, seed: int = 0):
             q_pos=q_pos,
             k_pos=every_k,
             seq_len=case.seq_len,
-            rules=PositionRules.of(case.causal, case.window, case.chunk),
+            rules=PositionRules.of(case.causal, case.window, case.chunk, case.prefix),
         ).allowed()
         rows = dense_of[:, :, q_pos.clamp(max=total - 1)][..., every_k.clamp(max=total - 1)]
         top = rows.masked_fill(~seen[:, None], float("-inf")).amax(-1)
@@ -282,7 +283,7 @@ def _build(case: Case, seed: int = 0):
         masks.append(
             BlockMask(
                 q_pos=q_pos, k_pos=kp, seq_len=case.seq_len,
-                rules=PositionRules.of(case.causal, case.window, case.chunk),
+                rules=PositionRules.of(case.causal, case.window, case.chunk, case.prefix),
                 q_doc=None if doc_of is None else doc_of[:, q_pos.clamp(max=total - 1)],
                 k_doc=None if doc_of is None else doc_of[:, kp.clamp(max=total - 1)],
                 k_valid=None if valid_of is None else valid_of[:, kp.clamp(max=total - 1)],
@@ -375,6 +376,11 @@ CASES = {
         chunk=33, docs=True, layout="zigzag", steps=3, dq_kernel=True
     ),
     "chunk-tile-aligned-fp16": Case(causal=True, chunk=32, dtype=torch.float16, steps=2),
+    # prefix-LM: a bidirectional prefix beside causality, across tiles and ring steps
+    "prefix-causal-zigzag": Case(causal=True, prefix=37, layout="zigzag", steps=4, rank=1),
+    "prefix-docs-window-dq-kernel": Case(
+        causal=True, prefix=20, window=(9, -1), docs=True, layout="striped", steps=3, dq_kernel=True
+    ),  # fmt: skip
     "docs": Case(docs=True, steps=3),
     "docs-causal-striped": Case(docs=True, causal=True, layout="striped", H=4, Hkv=1),
     "key-validity": Case(k_valid=True, steps=2),
@@ -650,8 +656,9 @@ def test_mask_rules_agree_on_random_facts(tf):
             for i in torch.randint(0, 13, (2,), generator=g).tolist()
         ]
         chunk = (0, 0, 4, 7, 8, 16, 20)[seed % 7]
+        prefix = (0, 0, 1, 16, 23)[seed % 5 if seed % 3 else 0]
         rules = PositionRules(
-            bool(seed % 4 < 2), r[0] if seed % 3 else -1, r[1] if seed % 5 else -1, chunk
+            bool(seed % 4 < 2), r[0] if seed % 3 else -1, r[1] if seed % 5 else -1, chunk, prefix
         )
         docs = torch.randint(0, 3, (1, 96), generator=g)
         facts = seed // 4 % 4

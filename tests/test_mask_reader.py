@@ -233,6 +233,30 @@ def document_ids_argument(q, am, pos, doc):
     return _attend(q, (ki <= qi) & (doc[b, qi] == doc[b, ki]))
 
 
+def prefix_lm(q, am, pos, doc):
+    # a prefix every query sees, causal after it (flex's or_masks(causal, prefix))
+    b, qi, ki = _indices()
+    return _attend(q, (b.new_zeros((), dtype=torch.bool) | (ki <= qi)) | (ki < 3))
+
+
+def prefix_lm_window_padding(q, am, pos, doc):
+    b, qi, ki = _indices()
+    window = (ki <= qi) & (qi - ki < 2)
+    return _attend(q, (window | (ki <= 1)) & am.bool()[b, ki])
+
+
+def prefix_or_padding(q, am, pos, doc):
+    # (rules & padding) | prefix: padded prefix keys are seen, no (rules | prefix) & facts form
+    b, qi, ki = _indices()
+    return _attend(q, ((ki <= qi) & am.bool()[b, ki]) | (ki < 3))
+
+
+def prefix_then_window(q, am, pos, doc):
+    # (causal | prefix) & window: the window cuts the prefix too
+    b, qi, ki = _indices()
+    return _attend(q, ((ki <= qi) | (ki < 3)) & (qi - ki < 2))
+
+
 def one_document_from_arange(q, am, pos, doc):
     # transformers without position_ids: it makes them with an arange, so one document
     b, qi, ki = _indices()
@@ -360,6 +384,22 @@ IDIOMS = [
     pytest.param(document_ids_argument, "causal, document_ids(doc)", id="document-ids-argument"),
     pytest.param(hidden_above_diagonal, "causal", id="not-above-the-diagonal"),
     pytest.param(one_document_from_arange, "causal", id="one-document-from-arange"),
+    pytest.param(prefix_lm, "causal, or a prefix of 3", id="prefix-lm-or-masks"),
+    pytest.param(
+        prefix_lm_window_padding,
+        "causal, window (1, -1), or a prefix of 2, key_padding_mask(am)",
+        id="prefix-lm-window-padding",
+    ),
+    pytest.param(
+        prefix_or_padding,
+        Refused("a prefix or-ed with more than position rules"),
+        id="prefix-or-padding-refused",
+    ),
+    pytest.param(
+        prefix_then_window,
+        Refused("position rules and-ed with a prefix"),
+        id="prefix-then-window-refused",
+    ),
     pytest.param(
         additive_finfo_min,
         "causal, key_padding_mask(am), empty rows: mean of V",
@@ -422,12 +462,7 @@ def _behind(node) -> str:
 
 
 def _describe(mask) -> str:
-    r = mask.rules
-    parts = ["causal" if r.causal else "bidirectional"]
-    if r.window is not None:
-        parts.append(f"window {r.window}")
-    if r.chunk:
-        parts.append(f"chunks of {r.chunk}")
+    parts = [str(mask.rules)]
     parts += [f"{name}({_behind(node)})" for name, node in mask.token_facts.items()]
     if mask.empty_rows_mean:
         parts.append("empty rows: mean of V")

@@ -56,6 +56,15 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
     elif mask_kind == "chunk_bidirectional":
         kw["chunk"] = 4
         allowed &= pos[None, :] // 4 == pos[:, None] // 4
+    elif mask_kind.startswith("prefix"):
+        # prefix-LM: the first 7 positions seen by every query, causal after them; with
+        # documents, only inside each document (the prefix crosses ranks and ring steps)
+        kw.update(is_causal=True, prefix=7)
+        allowed &= causal_tri | (pos[None, :] < 7)
+        if mask_kind == "prefix_documents":
+            doc = (pos >= 11).long()[None].expand(B, S) + torch.arange(B)[:, None] * (pos >= 17)
+            kw["document_ids"] = doc
+            allowed &= doc[:, None, :, None] == doc[:, None, None, :]
     elif mask_kind == "window_bidirectional":
         kw["window"] = (3, 2)
         d = pos[None, :] - pos[:, None]
@@ -632,6 +641,20 @@ def test_soft_capped_scores(gloo, world, layout_name, mask_kind, strategy):
                            strategy, 2.0)  # fmt: skip
     for rank, e in enumerate(errs):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("mask_kind", ["prefix", "prefix_documents"])
+def test_prefix_lm(gloo, world, layout_name, mask_kind):
+    """A bidirectional prefix beside causality (``prefix=7``): exact on every layout, alone and
+    inside documents, on the ring and (where the heads split) by Ulysses."""
+    strategies = ["ring"] + (["ulysses"] if world in (2, 4) else [])
+    for strategy in strategies:
+        errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, 4, 2, 24, 13, None,
+                               None, strategy)  # fmt: skip
+        for rank, e in enumerate(errs):
+            assert max(e) < TOL, f"{strategy}, rank {rank}: rel errors (out, dq, dk, dv) = {e}"
 
 
 def test_soft_cap_refuses_mean_rows():

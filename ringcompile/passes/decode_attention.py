@@ -61,6 +61,7 @@ def _mask_facts(mask: Node, T: int) -> tuple[bool, Node | None] | None:
     if (
         facts.rules.window is not None
         or facts.rules.chunk
+        or facts.rules.prefix
         or facts.document_ids is not None
         or facts.key_bias is not None
         or facts.empty_rows_mean

@@ -74,11 +74,7 @@ def run(ctx: RingContext) -> None:
         if single:
             facts = replace(facts, document_ids=None)
         site.lifted_mask, site.attn_mask = facts, None
-        parts = ["causal" if facts.rules.causal else "bidirectional"]
-        if facts.rules.window:
-            parts.append(f"window {facts.rules.window}")
-        if facts.rules.chunk:
-            parts.append(f"chunks of {facts.rules.chunk}")
+        parts = [str(facts.rules)]
         parts += [f"{k}={n.name}" for k, n in facts.token_facts.items()]
         if single:
             parts.append("one document (ids computed from aranges)")

@@ -16,7 +16,9 @@ tensor of one number; an index against a constant that every index passes (``q >
 comparisons of position ids, ``P[batch, kv] <= P[batch, q]`` or ``P[batch, kv] > P[batch, q] - w``,
 when the documents are ``cumsum(diff(P) != 1)`` (then within a document positions rise by one per
 token, so comparing positions is comparing indices: causality, a sliding window); ``&``, ``.to``,
-``expand`` and ``new_ones((), dtype=bool)``.
+``expand`` and ``new_ones((), dtype=bool)``. A prefix (prefix-LM, flex's ``or_masks(causal,
+prefix)``): ``rules | (kv < p)`` of position rules alone (``new_zeros((), dtype=bool) | ...``,
+or_masks' start, is nothing), and-ed only with facts other than position rules.
 
 Float masks, transformers' way: ``where(rules, 0, finfo.min)``, compared back to a boolean
 (``< -1``: hidden), and ``bias.masked_fill(hidden, finfo.min)`` of a bias that depends on the key
@@ -75,6 +77,16 @@ class _AbsDiff:  # |query index - key index|
 
 
 @dataclass(frozen=True)
+class _KeyBelow:  # kv < bound: a prefix every query sees, once or-ed with position rules
+    bound: int
+
+
+@dataclass(frozen=True)
+class _Nothing:  # a boolean False: no pair (or_masks starts from it)
+    pass
+
+
+@dataclass(frozen=True)
 class _PerBatch:  # T[batch] of a (B,) tensor: one value per batch row
     tensor: Node
 
@@ -126,6 +138,13 @@ class _Facts:
     # the chunks are of these position ids P: index chunks only where P is the index itself
     chunk_positions: list[Node] = field(default_factory=list)
     chunk_ids: list[ChunkIds] = field(default_factory=list)  # chunks shifted per row
+    prefix: int | None = None  # or-ed with the position rules above: key < prefix
+
+    @property
+    def by_position(self) -> bool:
+        """Whether position rules say anything (what a prefix is or-ed with)."""
+        return (self.left is not None or self.right is not None or self.chunk is not None
+                or bool(self.positions or self.chunk_positions or self.chunk_ids))  # fmt: skip
 
     def __and__(self, other: _Facts) -> _Facts:
         def tighter(a, b):
@@ -133,6 +152,9 @@ class _Facts:
 
         if None not in (self.chunk, other.chunk) and self.chunk != other.chunk:
             raise NotLiftable(f"chunks of {self.chunk} and of {other.chunk} at once")
+        if (self.prefix and other.by_position) or (other.prefix and self.by_position):
+            # (rules | prefix) & more rules is no (rules | prefix) form
+            raise NotLiftable("position rules and-ed with a prefix or-ed with other rules")
 
         return _Facts(
             tighter(self.left, other.left),
@@ -143,7 +165,15 @@ class _Facts:
             self.chunk if self.chunk is not None else other.chunk,
             self.chunk_positions + other.chunk_positions,
             self.chunk_ids + other.chunk_ids,
+            self.prefix or other.prefix,
         )
+
+    def __or__(self, prefix: _KeyBelow) -> _Facts:
+        if not self.by_position:
+            return self  # every key already (with the same other facts)
+        if self.valid or self.docs or self.positions or self.chunk_positions or self.chunk_ids:
+            raise NotLiftable("a prefix or-ed with more than position rules of indices")
+        return replace(self, prefix=max(self.prefix or 0, prefix.bound))
 
 
 _FLIP = {
@@ -202,6 +232,7 @@ def _as_read(mask: AttentionMask[Node], dtype: torch.dtype) -> object:
         valid=[mask.key_padding_mask] if mask.key_padding_mask is not None else [],
         docs=[mask.document_ids] if mask.document_ids is not None else [],
         chunk=r.chunk or None,
+        prefix=r.prefix or None,
     )
     # a float mask is transformers': the bias (or 0) where allowed, finfo.min elsewhere
     return (
@@ -234,6 +265,9 @@ class _Reader:
         if op == "call_method" and t == "new_ones" and n.args[1:] in ((()), ((),)):
             if n.kwargs.get("dtype") is torch.bool:
                 return _Facts()
+        if op == "call_method" and t == "new_zeros" and n.args[1:] in ((()), ((),)):
+            if n.kwargs.get("dtype") is torch.bool:
+                return _Nothing()
         if op == "call_method" and t in ("to", "expand", "bool"):
             return self.read(n.args[0])
         if op == "call_function" and t in (operator.add, operator.sub):
@@ -287,6 +321,18 @@ class _Reader:
             a, b = self.read(n.args[0]), self.read(n.args[1])
             if isinstance(a, _Facts) and isinstance(b, _Facts):
                 return a & b
+        if op == "call_function" and t in (operator.or_, torch.logical_or):
+            a, b = self.read(n.args[0]), self.read(n.args[1])
+            if isinstance(a, _Nothing):
+                return b
+            if isinstance(b, _Nothing):
+                return a
+            if isinstance(a, _KeyBelow):
+                a, b = b, a
+            if isinstance(a, _Facts) and isinstance(b, _KeyBelow):
+                return a | b
+            if isinstance(a, _KeyBelow) and isinstance(b, _KeyBelow):
+                return _KeyBelow(max(a.bound, b.bound))
         if op == "call_function" and t in _FLIP:
             return self._compare(n, t, self.read(n.args[0]), self.read(n.args[1]))
         if op == "call_function" and t is operator.eq:
@@ -423,6 +469,9 @@ class _Reader:
             n_idx = self.B if a.axis == "b" else self.S
             if all(op(i + a.offset, b) for i in (0, n_idx - 1)):
                 return _Facts()
+            if a.axis == "k" and op in (operator.lt, operator.le):
+                # the keys before a bound: a prefix, where or-ed with position rules
+                return _KeyBelow(b - a.offset + (op is operator.le))
             raise NotLiftable(f"{n.name}: a comparison of an index with a constant that cuts it")
         on_indices = isinstance(a, _Index) and isinstance(b, _Index)
         on_positions = (
@@ -488,6 +537,7 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False,
         facts.left if facts.left is not None else -1,
         -1 if causal or facts.right is None else facts.right,
         facts.chunk or 0,
+        facts.prefix or 0,
     )
     return AttentionMask(
         rules,

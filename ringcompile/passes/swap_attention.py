@@ -49,6 +49,8 @@ def run(ctx: RingContext) -> None:
                 kwargs["window"] = rules.window
             if rules.chunk:
                 kwargs["chunk"] = rules.chunk
+            if rules.prefix:
+                kwargs["prefix"] = rules.prefix
             if site.lifted_mask.empty_rows_mean:
                 kwargs["empty_rows"] = "mean"
             node.kwargs = kwargs

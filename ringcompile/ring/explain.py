@@ -21,7 +21,7 @@ def describe_steps(
     graph nodes."""
     n = layout.local_len
     # a varlen block (``BlockMask.varlen``) where positions are one progression
-    by_rules = (mask.document_ids is not None and not mask.softcap
+    by_rules = (mask.document_ids is not None and not mask.softcap and not mask.rules.prefix
                 and all(t is None for t in (mask.key_padding_mask, mask.key_bias, mask.dense)))  # fmt: skip
     parts = [name for name, present in (("documents", mask.document_ids is not None),
                                         ("window", mask.rules.window is not None),

@@ -33,6 +33,7 @@ class _MaskArgs(NamedTuple):
     window_left: int
     window_right: int
     chunk: int
+    prefix: int
     q_doc: torch.Tensor  # (B, Sq)
     k_doc: torch.Tensor  # (B, Sk)
     q_doc_b: int
@@ -63,6 +64,7 @@ class _MaskFlags(NamedTuple):
     has_wl: bool
     has_wr: bool
     has_chunk: bool
+    has_prefix: bool
     has_docs: bool
     has_kvalid: bool
     dense_kind: int  # 0 none, 1 boolean keep-mask, 2 additive
@@ -114,13 +116,13 @@ def _mask_args(mask: BlockMask, B: int, H: int, Sq: int, Sk: int,
     args = _MaskArgs(
         mask.q_pos, mask.k_pos, seq_len, min(rules.window_left, _INT32_MAX),
         min(rules.window_right, _INT32_MAX), max(min(rules.chunk, _INT32_MAX), 1),
-        q_doc, k_doc, *doc_strides, k_valid, *k_valid_strides, dense, *dense_strides,
+        min(rules.prefix, _INT32_MAX), q_doc, k_doc, *doc_strides, k_valid, *k_valid_strides, dense, *dense_strides,
         offset, *offset_strides, mask.softcap * _LOG2E,
         1.0 / (mask.softcap * _LOG2E) if mask.softcap else 0.0,
     )  # fmt: skip
     flags = _MaskFlags(
         causal=rules.causal, has_wl=rules.window_left >= 0, has_wr=rules.window_right >= 0,
-        has_chunk=rules.chunk > 0, has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
+        has_chunk=rules.chunk > 0, has_prefix=rules.prefix > 0, has_docs=has_docs, has_kvalid=has_kvalid, dense_kind=dense_kind,
         dense_per_key=dense_kind != 0 and dense_strides[2] == 0,
         softcap=0 if not mask.softcap else 2 if fast_tanh else 1,
     )  # fmt: skip
@@ -140,6 +142,7 @@ def _token_rules(q_pos, k_pos, mask_args, q_doc, k_doc, k_valid, QUERIES_ON_ROWS
         qp = q_pos[None, :]
         kp = k_pos[:, None]
     ok = kp < mask_args.seq_len
+    seen = ok  # the position rules; a prefix is or-ed with them
     # differences of int32 positions below 2**31 cannot overflow
     dist = qp - kp
     if MASK.causal:
@@ -150,6 +153,8 @@ def _token_rules(q_pos, k_pos, mask_args, q_doc, k_doc, k_valid, QUERIES_ON_ROWS
         ok = ok & (-dist <= mask_args.window_right)
     if MASK.has_chunk:  # positions are >= 0: // floors
         ok = ok & (qp // mask_args.chunk == kp // mask_args.chunk)
+    if MASK.has_prefix:
+        ok = ok | (seen & (kp < mask_args.prefix))
     if MASK.has_docs:
         if QUERIES_ON_ROWS:
             ok = ok & (q_doc[:, None] == k_doc[None, :])

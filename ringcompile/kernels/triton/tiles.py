@@ -91,11 +91,11 @@ class _TokenFacts(NamedTuple):
 
 @triton.jit
 def _tile_lists_kernel(
-    rows, cols, n_col_tiles, lists, window_left, window_right, chunk, facts,
+    rows, cols, n_col_tiles, lists, window_left, window_right, chunk, prefix, facts,
     ROWS_ARE_QUERIES: tl.constexpr, ROW_BLOCK: tl.constexpr, COL_BLOCK: tl.constexpr,
     CHUNK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, FULL_ALLOWED: tl.constexpr, DOC_FACTS: tl.constexpr,
-    KEY_FACTS: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, HAS_PREFIX: tl.constexpr, FULL_ALLOWED: tl.constexpr,
+    DOC_FACTS: tl.constexpr, KEY_FACTS: tl.constexpr,
 ):  # fmt: skip
     """Each row tile's lists of column tiles: full (every pair allowed) and partial (checked per
     element), from the tiles' position bounds and, with token facts, their ranges of document ids
@@ -139,6 +139,9 @@ def _tile_lists_kernel(
         # for emptiness when rules combine: such pairs go to the masked path, which is exact).
         visible = inside & (k_lo <= k_hi) & (q_lo <= q_hi)
         full = (c_full.to(tl.int32) + (zero + r_full.to(tl.int64)).to(tl.int32)) == 2
+        # a prefix is or-ed with the position rules: what it shows, before they narrow
+        in_prefix = visible & (k_lo < prefix)
+        all_prefix = full & (k_hi < prefix)
         if CAUSAL:
             visible = visible & (k_lo <= q_hi)
             full = full & (k_hi <= q_lo)
@@ -152,6 +155,9 @@ def _tile_lists_kernel(
             visible = visible & (k_hi // chunk >= q_lo // chunk) & (k_lo // chunk <= q_hi // chunk)
             # each side in one chunk; visible makes it the same one
             full = full & (q_lo // chunk == q_hi // chunk) & (k_lo // chunk == k_hi // chunk)
+        if HAS_PREFIX:  # (a rule's full needs its visible: the chunks' does)
+            full = (full & visible) | all_prefix
+            visible = visible | in_prefix
         if DOC_FACTS or KEY_FACTS:
             any_row = col_tiles < 0  # (all False) some batch row has a pair the facts allow
             every_row = col_tiles >= 0  # (all True) every batch row allows every pair
@@ -268,12 +274,12 @@ def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int,
     rules = mask.rules
     _tile_lists_kernel[(n_rows,)](
         rows, cols, n_cols, lists, rules.window_left, rules.window_right, max(rules.chunk, 1),
-        _TokenFacts.of(mask, rows_are_queries),
+        rules.prefix, _TokenFacts.of(mask, rows_are_queries),
         ROWS_ARE_QUERIES=rows_are_queries, ROW_BLOCK=row_block, COL_BLOCK=col_block,
         # (CHUNK x COL_BLOCK tokens per loop iteration)
         CHUNK=max(1, min(64, 4096 // col_block)),
         CAUSAL=rules.causal, HAS_WL=rules.window_left >= 0, HAS_WR=rules.window_right >= 0,
-        HAS_CHUNK=rules.chunk > 0, FULL_ALLOWED=full_allowed,
+        HAS_CHUNK=rules.chunk > 0, HAS_PREFIX=rules.prefix > 0, FULL_ALLOWED=full_allowed,
         DOC_FACTS=mask.q_doc is not None, KEY_FACTS=mask.k_valid is not None, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return lists
