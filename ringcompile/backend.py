@@ -64,6 +64,7 @@ from ringcompile.passes import RingContext, run_passes
 from ringcompile.passes.fx_utils import input_source, is_module_state, is_sdpa
 from ringcompile.passes.idioms import reads_sharded_cache
 from ringcompile.report import ExplainReport, GraphReport, readable_code
+from ringcompile.ring.balance import recording_balance
 from ringcompile.sequence_shard import (
     GraphBoundary,
     MaskAsFacts,
@@ -451,6 +452,6 @@ def explain(model, *args, options: dict | None = None, **kwargs) -> ExplainRepor
     gather and why, each fallback and why. Run it on every rank of the ring (it communicates)."""
     reports: list[GraphReport] = []
     compiled = _compile(model, dict(options or {}), {}, reports)
-    with recording_gathers() as gathers:
+    with recording_gathers() as gathers, recording_balance() as balance:
         compiled(*args, **kwargs)
-    return ExplainReport(graphs=reports, python_gathers=gathers)
+    return ExplainReport(graphs=reports, python_gathers=gathers, balance=balance)

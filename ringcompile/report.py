@@ -104,15 +104,21 @@ class ExplainReport:
     graphs: list[GraphReport] = field(default_factory=list)
     # values left sharded that Python code between the graphs read, so gathered (and by what)
     python_gathers: list[str] = field(default_factory=list)
+    # each ring call's work per rank on this call's data (``ring.balance``): line -> calls
+    balance: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         if not self.graphs:
             return "no graph was compiled"
-        graphs = "\n\n".join(
+        parts = ["\n\n".join(
             f"=== graph {i} of {len(self.graphs)} ===\n{g}" for i, g in enumerate(self.graphs, 1)
-        )
-        if len(self.graphs) < 2 and not self.python_gathers:
-            return graphs
-        gathers = [f"  - {g}" for g in self.python_gathers]
-        return "\n".join([graphs, "", "=== between the graphs ===",
-                          f"gathered for Python code: {len(gathers) or 'none'}", *gathers])  # fmt: skip
+        )]  # fmt: skip
+        if len(self.graphs) > 1 or self.python_gathers:
+            gathers = [f"  - {g}" for g in self.python_gathers]
+            parts += ["", "=== between the graphs ===",
+                      f"gathered for Python code: {len(gathers) or 'none'}", *gathers]  # fmt: skip
+        if self.balance:
+            parts += ["", "=== work per rank on this call's data ==="]
+            parts += [f"  - {n} ring call{'s' if n > 1 else ''}: {line}"
+                      for line, n in self.balance.items()]  # fmt: skip
+        return "\n".join(parts)

@@ -39,3 +39,15 @@ def test_bench_strategies_runs_on_cpu(tmp_path):
     assert rows[0]["ulysses_a2a_ms"] == (4 * 2 + 4 * 1) * 32 * 16 * 4 / (200.0 * 1e6)
     # two levels, 2 x 2, at W = 4 only (the default U = 2 must be smaller than W)
     assert ["two_level_u2_ms" in r for r in rows] == [False] * 3 + [True] * 3
+
+
+def test_bench_balance_counts_each_layout(tmp_path):
+    cmd = [sys.executable, "benchmarks/bench_balance.py", "--seqs", "512", "--worlds", "2",
+           "--docs", "32-128", "--draws", "2", "--out", str(tmp_path)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "bench_balance.json").read_text())["rows"]
+    # striped spreads every document: one token a row at most between ranks
+    assert 1.0 <= row["striped"]["rank_worst"] < 1.01, row
+    assert row["contiguous"]["step_mean"] >= row["contiguous"]["rank_mean"] >= 1.0, row

@@ -18,7 +18,8 @@ The modules, in the order a call meets them:
   that see no key under a mask that gives them the mean of every value;
 - ``comm.py``: the ``Ring`` they talk through: a process group's (``GroupRing``), or none
   (``LocalRing``: one rank computed alone, as the benchmarks and the ring simulator use it);
-- ``events.py``: what the ops did, counted for whoever listens (``count_ring_events``).
+- ``events.py``: what the ops did, counted for whoever listens (``count_ring_events``);
+- ``balance.py``: each rank's work on a call's data, step by step, for ``explain``.
 
 The compute of each step is the kernels' business (``ringcompile.kernels``).
 """

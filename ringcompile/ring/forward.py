@@ -12,7 +12,7 @@ import torch
 
 from ringcompile.kernels import select_kernels
 from ringcompile.masks import AttentionMask
-from ringcompile.ring import events
+from ringcompile.ring import balance, events
 from ringcompile.ring.call import RankCall
 from ringcompile.ring.comm import issued_after, record_event, wait_all
 from ringcompile.ring.empty_rows import EmptyRows
@@ -45,6 +45,8 @@ def ring_forward(call: RankCall, q, k, v, scale: float) -> tuple[torch.Tensor, t
             verify = None
     else:
         call.settle_padding()
+    if balance.listening() and ring.size > 1 and call.facts is not None:
+        balance.record(ring, call.layout, call.mask, call.facts)
     kernels = select_kernels(q, call.kernels)
     state = kernels.forward_init(q)
     computed = call.computed_steps()
