@@ -13,7 +13,11 @@ what they are (the sequence dim, the layout, the rank and the group's name).
   loss written outside the model) sees the full tensor: the first such read gathers it, once,
   and keeps the result. Every rank must read it alike, as every rank runs the same program: the
   gather is a collective.
-- A change in place from Python is refused (it would reach a gathered copy, not the shards).
+- A change in place from Python (an experts loop's ``index_add_`` into a buffer a graph made)
+  changes the gathered copy, and this rank's tokens are taken from it; a change through a view
+  of the gathered copy is found where a graph next takes the tokens (``synced_local``).
+- Pickled (``torch.save``), it is the full tensor, once read on every rank; before, saving
+  raises (one rank saving alone would keep its tokens only, and gathering there would hang).
 - Gradients: what reaches a ``SequenceShard`` from the next graph is this rank's tokens' gradient
   (a ``SequenceShard`` itself); a full gradient from Python code, which every rank computes alike,
   gives each rank its tokens' rows. No communication either way.
@@ -96,20 +100,66 @@ class SequenceShard(torch.Tensor):
             f"rank={self.rank}, {self.origin or 'sharded'}; local={self.local!r})"
         )
 
+    def __reduce_ex__(self, protocol):
+        # Pickled (torch.save), it is the full tensor: this rank's tokens alone, saved by one
+        # rank, would be a silent loss of the others'. Gathering here would hang where one rank
+        # saves alone, so the full tensor must have been read on every rank already.
+        cache = self._cache
+        if "full" not in cache or cache["local_version"] != self.local._version:
+            raise RingCompileError(
+                f"saving {self.origin or 'a sequence-sharded value'}, of which this rank holds its "
+                "tokens only (gather_outputs='lazy'): gather it on every rank first "
+                "(x = x.clone(), or any read), then save the full tensor from one; or compile "
+                "with options={'gather_outputs': True}"
+            )
+        return cache["full"].__reduce_ex__(protocol)
+
+    @torch._disable_dynamo  # reads: eager code, as the dispatch below
+    def tolist(self):
+        return self.full("tolist").tolist()
+
+    @torch._disable_dynamo
+    def numpy(self, *, force: bool = False):
+        return self.full("numpy").numpy(force=force)
+
     # -- the full tensor -------------------------------------------------------------------------
     def full(self, reader: str = "Python code") -> torch.Tensor:
         """The full tensor in natural order: gathered on the first call (a collective every rank
-        must make), kept for later reads."""
-        if "full" in self._cache:
-            return self._cache["full"]
+        must make), kept for later reads while this rank's tokens stay as they were."""
+        cache = self._cache
+        if "full" in cache and cache["local_version"] == self.local._version:
+            return cache["full"]
         local = self.local.detach()
         if is_fake(local):  # tracing: the shape is all there is
             return local.new_empty(self.shape)
         gather = RingGather(self.seq_layout, self.rank, _resolve_process_group(self.group_name))
-        self._cache["full"] = gather(local, self.seq_dim)
+        cache["full"] = gather(local, self.seq_dim)
+        cache["local_version"] = local._version
         if _gathers_log is not None:
             _gathers_log.append(f"{self.origin or 'a sequence-sharded value'}: read by {reader}")
-        return self._cache["full"]
+        return cache["full"]
+
+    def synced_local(self) -> torch.Tensor:
+        """This rank's tokens, after any change Python code made to the gathered full tensor.
+        A write through a view of it (``x[0].add_(1)``: the view came from this class's dispatch,
+        below autograd, so no version counter links it to the full tensor) shows only in the
+        values: they are compared, where a full tensor was gathered."""
+        cache = self._cache
+        if "full" not in cache:
+            return self.local
+        if cache["local_version"] != self.local._version:  # the tokens changed since: they hold
+            del cache["full"]
+        elif not torch.equal(self.seq_layout.shard(cache["full"], self.seq_dim, self.rank),
+                             self.local):  # fmt: skip
+            self.take_tokens_from_full()
+        return self.local
+
+    def take_tokens_from_full(self) -> None:
+        """Every rank's Python changed its full copy alike: this rank's tokens are its share."""
+        cache = self._cache
+        with torch.no_grad():  # (the gradient flows through this tensor's own autograd)
+            self.local.copy_(self.seq_layout.shard(cache["full"], self.seq_dim, self.rank))
+        cache["local_version"] = self.local._version
 
     @classmethod
     @torch._disable_dynamo  # eager code, never a frame for Dynamo to compile
@@ -120,17 +170,37 @@ class SequenceShard(torch.Tensor):
             return SequenceShard(
                 x.local.detach(), x.seq_dim, x.seq_layout, x.rank, x.group_name, x.origin, x._cache
             )
-        if func._schema.is_mutable:
-            shard = next(a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls))
-            raise RingCompileError(
-                f"{func} changes in place {shard.origin or 'a value'} that a graph compiled with "
-                "backend='ring' left sharded over the ring: the change would reach a gathered "
-                "copy, not the shards. Change a copy (y = x.clone(); y.add_(...)), or compile "
-                "the code that changes it too."
-            )
+        # Python code reads (and may write) the full tensor: a write in place changes the
+        # gathered copy, and this rank's tokens follow it where they are next read
+        # (``synced_local``); the op returns the tensor it wrote, as for a plain one.
         reader = f"{func} outside the compiled graphs"
-        full = tree_map(lambda a: a.full(reader) if isinstance(a, cls) else a, (args, kwargs))
-        return func(*full[0], **full[1])
+        shards = {}
+
+        def full(a):
+            if not isinstance(a, cls):
+                return a
+            shards[id(a.full(reader))] = a
+            return a.full(reader)
+
+        full_args = tree_map(full, (args, kwargs))
+        out = func(*full_args[0], **full_args[1])
+        if func._schema.is_mutable:
+            # (below autograd the write bumps no version counter: the tokens follow it now)
+            for shard in _written(func, args, kwargs):
+                shard.take_tokens_from_full()
+            out = tree_map(lambda o: shards.get(id(o), o) if isinstance(o, torch.Tensor) else o,
+                           out)  # fmt: skip
+        return out
+
+
+def _written(func, args, kwargs) -> list[SequenceShard]:
+    """The ``SequenceShard`` arguments ``func`` writes in place (by its schema)."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            written += [v for v in tree_flatten(value)[0] if isinstance(v, SequenceShard)]
+    return written
 
 
 _FACTS = ("document_ids", "key_padding_mask", "key_bias")
@@ -228,7 +298,8 @@ class _Arrive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard):
         ctx.meta = (shard.seq_dim, shard.seq_layout, shard.rank, shard.group_name)
-        return shard.local.view_as(shard.local)
+        local = shard.synced_local()
+        return local.view_as(local)
 
     @staticmethod
     def backward(ctx, grad):

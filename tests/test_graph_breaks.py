@@ -230,22 +230,50 @@ def python_reads_and_writes(rank, world):
         kept_sharded = isinstance(detached, SequenceShard)
         close = torch.allclose(detached, ref, rtol=0, atol=1e-12)
         again = float(out.sum())
-    try:
+    # writes reach the gathered copy, and this rank's tokens follow: in place, and through a
+    # view of the gathered copy (found where a graph next takes the tokens)
+    want = out.full().clone() + 1  # (gathered above)
+    want[0, 1:3] = 0
+    with torch.no_grad():
         out.add_(1)
-    except RingCompileError as e:
-        refused = str(e)
-    else:
-        refused = ""
-    return shown, kept_sharded, close, abs(again - float(ref.sum())), gathers, refused
+        out[0, 1:3].zero_()
+    tokens = out.synced_local()
+    written = torch.equal(tokens, out.seq_layout.shard(want, 1, rank))
+    return shown, kept_sharded, close, abs(again - float(ref.sum())), gathers, written
 
 
 def test_python_reads_and_writes(gloo):
     results = gloo(2).run(python_reads_and_writes)
-    shown, kept_sharded, close, diff, gathers, refused = results[0]
+    shown, kept_sharded, close, diff, gathers, written = results[0]
     assert shown.startswith("SequenceShard(shape=(1, 8, 64), dim=1") and "local=" in shown, shown
     assert kept_sharded and close and diff < 1e-10
     assert len(gathers) == 1, gathers  # detach keeps it sharded; two reads, one gather
-    assert "changes in place" in refused and "y = x.clone()" in refused, refused
+    assert all(r[-1] for r in results), "a rank's tokens missed a write"
+
+
+def saved_and_listed(rank, world):
+    torch.manual_seed(0)
+    model = TinyTransformer(layers=1).double()
+    tokens = torch.randint(0, 64, (1, 8))
+    out = _compile(model, {"compiler": "aot_eager"}, {})(tokens)
+    try:  # one rank's tokens alone: refused, not saved
+        torch.save(out, io.BytesIO())
+    except RingCompileError as e:
+        refused = str(e)
+    else:
+        refused = ""
+    listed = torch.tensor(out.tolist(), dtype=out.dtype)  # a read: every rank gathers
+    saved = io.BytesIO()
+    torch.save(out.detach(), saved)  # now the full tensor, which one rank may save alone
+    saved.seek(0)
+    back = torch.load(saved)
+    return refused, type(back) is torch.Tensor and torch.equal(back, listed)
+
+
+def test_saving_needs_the_full_tensor(gloo):
+    for refused, round_trip in gloo(2).run(saved_and_listed):
+        assert "holds its tokens only" in refused and "x = x.clone()" in refused, refused
+        assert round_trip
 
 
 def outputs_gathered_on_request(rank, world):

@@ -656,15 +656,15 @@ def test_encoder_masks_lift(gloo, arch):
         assert graph.fallbacks == [], graph.fallbacks
 
 
-def _labels_step_errors(model, compiler: str, left_padding: int = 0):
+def _labels_step_errors(model, compiler: str, left_padding: int = 0, batch: int = 2):
     """A causal LM's step on random tokens with its own ``labels=`` loss, eager against the ring
     (``compiler`` inside): relative errors of the logits, the loss and every parameter gradient,
     and the reports. ``left_padding``: that many padding tokens start row 0."""
-    ids = torch.randint(0, V, (2, S))
-    w = torch.randn(2, S, V, dtype=torch.float64)
+    ids = torch.randint(0, V, (batch, S))
+    w = torch.randn(batch, S, V, dtype=torch.float64)
     kw = {}
     if left_padding:
-        kw["attention_mask"] = torch.ones(2, S, dtype=torch.long)
+        kw["attention_mask"] = torch.ones(batch, S, dtype=torch.long)
         kw["attention_mask"][0, :left_padding] = 0
 
     def step(m):
@@ -817,7 +817,7 @@ def test_opt_mlp_rows_stay_sharded(gloo):
     _only_left(graph, "logits")
 
 
-def qwen3_next(rank, world):
+def qwen3_next(rank, world, batch=2):
     """Qwen3-Next: gated DeltaNet linear attention in three layers of four, SDPA in the fourth,
     experts as a loop. Plain ``aot_eager`` fails on it (transformers 5.24), so the ring's inner
     compiler is ``eager``; Dynamo breaks it into many graphs."""
@@ -830,15 +830,19 @@ def qwen3_next(rank, world):
         max_position_embeddings=64, attn_implementation="sdpa")  # fmt: skip
     config._experts_implementation = "eager"  # grouped mm takes no float64
     torch.manual_seed(0)
-    return _labels_step_errors(transformers.Qwen3NextForCausalLM(config).double(), "eager")
+    return _labels_step_errors(
+        transformers.Qwen3NextForCausalLM(config).double(), "eager", batch=batch
+    )
 
 
-def test_linear_attention_beside_sdpa_stays_exact(gloo):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_linear_attention_beside_sdpa_stays_exact(gloo, batch):
     """Qwen3-Next's one SDPA layer becomes ring attention; its DeltaNet layers stay as they are
     (each rank computes them on the whole sequence, exactly: a ring for a recurrence would pass
-    each rank's final state on, README); the mask reaches that graph as an input after a graph
-    break and stays dense (issue 21)."""
-    results = gloo(2).run(qwen3_next)
+    each rank's final state on, README). At batch 1 the experts' loop (Python, after a graph
+    break) adds into a buffer a graph made and left sharded (``index_add_``): the write reaches
+    the gathered copy, and the next graph takes this rank's tokens from it."""
+    results = gloo(2).run(qwen3_next, batch)
     for rank, (errs, _) in enumerate(results):  # its norms run in float32, as Gemma's
         bad = {k: v for k, v in errs.items() if not v < 1e-6}
         assert not bad, f"rank {rank}: {bad}"
