@@ -115,6 +115,19 @@ class PositionRules:
             ok = ok & (k_pos < seq_len)
         return ok
 
+    def bounds(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions ``[lo, hi]`` that causality, the window and the chunks let each query
+        see (a prefix aside: it is or-ed with them); ``POSITION_NONE`` bounds where unbounded."""
+        q = q_pos
+        lo = q - self.window_left if self.window_left >= 0 else torch.full_like(q, -POSITION_NONE)
+        hi = q + self.window_right if self.window_right >= 0 else torch.full_like(q, POSITION_NONE)
+        if self.causal:
+            hi = torch.minimum(hi, q)
+        if self.chunk > 0:
+            start = torch.div(q, self.chunk, rounding_mode="floor") * self.chunk
+            lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + self.chunk - 1)
+        return lo, hi
+
     def any_allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int) -> bool:
         """Whether any (query, key) pair passes, in O((Sq + Sk) log Sk) instead of Sq x Sk.
 
@@ -125,13 +138,7 @@ class PositionRules:
             return False
         if self.prefix > 0 and bool(k[0] < self.prefix):
             return True
-        lo = q - self.window_left if self.window_left >= 0 else torch.full_like(q, -POSITION_NONE)
-        hi = q + self.window_right if self.window_right >= 0 else torch.full_like(q, POSITION_NONE)
-        if self.causal:
-            hi = torch.minimum(hi, q)
-        if self.chunk > 0:
-            start = torch.div(q, self.chunk, rounding_mode="floor") * self.chunk
-            lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + self.chunk - 1)
+        lo, hi = self.bounds(q)
         # smallest key >= lo for each query; the pair exists if that key is <= hi
         idx = torch.searchsorted(k, lo)
         has = idx < k.numel()

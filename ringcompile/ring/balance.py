@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ringcompile.layout import Layout
-from ringcompile.masks import POSITION_NONE, PositionRules
+from ringcompile.masks import PositionRules
 
 __all__ = ["Balance", "pairs_per_step", "recording_balance", "listening", "record"]
 
@@ -57,7 +57,7 @@ def pairs_per_step(layout: Layout, rules: PositionRules,
     for r in range(W):
         q_pos = pos[r]
         real = q_pos < layout.seq_len
-        lo, hi = _bounds(rules, q_pos)
+        lo, hi = rules.bounds(q_pos)
         for s in range(W):
             src = (r - s) % W
             k_pos, keys = pos[src], slice(src * n, (src + 1) * n)
@@ -79,18 +79,6 @@ def pairs_per_step(layout: Layout, rules: PositionRules,
                          - between(torch.maximum(lo, start), torch.minimum(hi, end)))  # fmt: skip
             pairs[r, s] = count.sum()
     return pairs
-
-
-def _bounds(rules: PositionRules, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions ``[lo, hi]`` the rules let each query see (``PositionRules.allows``)."""
-    lo = q - rules.window_left if rules.window_left >= 0 else torch.full_like(q, -POSITION_NONE)
-    hi = q + rules.window_right if rules.window_right >= 0 else torch.full_like(q, POSITION_NONE)
-    if rules.causal:
-        hi = torch.minimum(hi, q)
-    if rules.chunk > 0:
-        start = torch.div(q, rules.chunk, rounding_mode="floor") * rules.chunk
-        lo, hi = torch.maximum(lo, start), torch.minimum(hi, start + rules.chunk - 1)
-    return lo, hi
 
 
 @dataclass(frozen=True)

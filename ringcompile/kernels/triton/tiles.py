@@ -139,9 +139,9 @@ def _tile_lists_kernel(
         # for emptiness when rules combine: such pairs go to the masked path, which is exact).
         visible = inside & (k_lo <= k_hi) & (q_lo <= q_hi)
         full = (c_full.to(tl.int32) + (zero + r_full.to(tl.int64)).to(tl.int32)) == 2
-        # a prefix is or-ed with the position rules: what it shows, before they narrow
-        in_prefix = visible & (k_lo < prefix)
-        all_prefix = full & (k_hi < prefix)
+        if HAS_PREFIX:  # or-ed with the position rules: what it shows, before they narrow
+            in_prefix = visible & (k_lo < prefix)
+            all_prefix = full & (k_hi < prefix)
         if CAUSAL:
             visible = visible & (k_lo <= q_hi)
             full = full & (k_hi <= q_lo)
