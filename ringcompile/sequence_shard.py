@@ -143,14 +143,16 @@ class SequenceShard(torch.Tensor):
         """This rank's tokens, after any change Python code made to the gathered full tensor.
         A write through a view of it (``x[0].add_(1)``: the view came from this class's dispatch,
         below autograd, so no version counter links it to the full tensor) shows only in the
-        values: they are compared, where a full tensor was gathered."""
+        values: they are compared where Python code took a view of the full tensor (a compare
+        waits for the device; other reads need none)."""
         cache = self._cache
         if "full" not in cache:
             return self.local
         if cache["local_version"] != self.local._version:  # the tokens changed since: they hold
             del cache["full"]
-        elif not torch.equal(self.seq_layout.shard(cache["full"], self.seq_dim, self.rank),
-                             self.local):  # fmt: skip
+        elif cache.get("viewed") and not torch.equal(
+            self.seq_layout.shard(cache["full"], self.seq_dim, self.rank), self.local
+        ):
             self.take_tokens_from_full()
         return self.local
 
@@ -184,6 +186,9 @@ class SequenceShard(torch.Tensor):
 
         full_args = tree_map(full, (args, kwargs))
         out = func(*full_args[0], **full_args[1])
+        if any(r.alias_info is not None for r in func._schema.returns):
+            for shard in shards.values():  # a view of a full tensor may be written through
+                shard._cache["viewed"] = True
         if func._schema.is_mutable:
             # (below autograd the write bumps no version counter: the tokens follow it now)
             for shard in _written(func, args, kwargs):
