@@ -7,6 +7,7 @@ SDPA-style arguments into the op's (scale, GQA, masks) and calls ``ringcompile::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,8 @@ def ring_attention(
     key_bias: torch.Tensor | None = None,
     empty_rows: str = "zero",
     softcap: float | None = None,
+    mask_mod: Callable | None = None,
+    mask_buffers: Sequence[torch.Tensor] = (),
     kernels: str | None = None,
     strategy: str = "ring",
 ) -> torch.Tensor:
@@ -91,6 +94,15 @@ def ring_attention(
         softcap: caps every score ``s`` (scaled, before the mask) to ``softcap * tanh(s /
             softcap)``, as Gemma 2's ``attn_logit_softcapping``; the blocks then go to the masked
             kernels (Triton on the GPU). Not with ``empty_rows="mean"``.
+        mask_mod: flex_attention's ``mask_mod(b, h, q_idx, kv_idx, *mask_buffers) -> bool`` at
+            global positions, and-ed with the rest of the mask. Each ring step evaluates it on
+            its own block, so no rank holds its rows over every key. It is called on broadcast
+            index tensors (``b`` (B, 1, 1, 1), ``h`` (1, H, 1, 1), ``q_idx`` (1, 1, Sq, 1),
+            ``kv_idx`` (1, 1, 1, Sk)), which flex's mask functions written with tensor ops and
+            indexing take as they are (``ringcompile.mask_mod``). Not with ``attn_mask``,
+            ``key_bias`` or ``empty_rows="mean"``; ring strategy only.
+        mask_buffers: the full tensors (every position, on every rank alike) that ``mask_mod``
+            reads, indexed by global positions: document ids, per-key flags.
         kernels: which kernels compute the ring's blocks: "auto" (plain full and causal blocks
             on cuDNN where it runs, masked blocks on Triton), "triton" (every block in Triton)
             or "reference" (plain PyTorch); None reads ``RINGCOMPILE_KERNELS``, else "auto".
@@ -190,15 +202,24 @@ def ring_attention(
         raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
     if prefix is not None and int(prefix) < 0:
         raise ValueError(f"prefix must be a number of positions >= 0, got {prefix}")
+    if mask_mod is None and mask_buffers:
+        raise ValueError("mask_buffers without a mask_mod to read them")
+    for t in mask_buffers:
+        if not isinstance(t, torch.Tensor) or t.device != q.device:
+            raise TypeError(f"mask_buffers must be tensors on {q.device} (the full ones, indexed "
+                            "by global positions)")  # fmt: skip
     mask = AttentionMask(PositionRules.of(is_causal, window, chunk, prefix),
                          document_ids=document_ids,
                          key_padding_mask=key_padding_mask, key_bias=key_bias, dense=dense,
                          empty_rows_mean=empty_rows == "mean",
-                         softcap=float(softcap or 0.0))  # fmt: skip
+                         softcap=float(softcap or 0.0), mask_mod=mask_mod,
+                         mask_buffers=tuple(mask_buffers))  # fmt: skip
     if strategy not in ("ring", "ulysses", "two-level"):
         raise ValueError(f'strategy must be "ring", "ulysses" or "two-level", got {strategy!r}')
     op, groups = ring_attention_op, ()
     if strategy != "ring":
+        if mask_mod is not None:
+            raise ValueError(f"strategy={strategy!r} takes no mask_mod: use strategy='ring'")
         if dense is not None:
             raise ValueError(
                 f"strategy={strategy!r} takes no attn_mask (each rank would hold every row of it): "

@@ -47,11 +47,12 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 import torch
 
+from ringcompile import mask_mod
 from ringcompile.blocks import Piece, restrict_keys
 
 __all__ = ["AttentionMask", "BlockMask", "POSITION_NONE", "PositionRules"]
@@ -164,9 +165,14 @@ class AttentionMask(Generic[T]):
     empty_rows_mean: bool = False
     # > 0: every score s becomes softcap * tanh(s / softcap) before the mask applies
     softcap: float = 0.0
+    # flex's ``mask_mod(b, h, q_idx, kv_idx, *mask_buffers) -> bool`` at global positions,
+    # evaluated on each ring step's block (``ringcompile.mask_mod``); and-ed with the rules and
+    # facts. ``mask_buffers``: the full tensors it reads. Not with ``dense`` or ``key_bias``.
+    mask_mod: Callable | None = None
+    mask_buffers: tuple[T, ...] = ()
 
-    # The op's encoding: these tensors in this order, then the rules and the flag as ints, then
-    # the soft cap.
+    # The op's encoding: these tensors in this order and the mask_mod's buffers, then the rules,
+    # the flag and the mask_mod's key (0: none) as ints, then the soft cap.
     _TENSORS = ("dense", "document_ids", "key_padding_mask", "key_bias")
 
     def __post_init__(self):
@@ -179,6 +185,10 @@ class AttentionMask(Generic[T]):
             # cap's per-score derivative breaks; a dense additive mask computes such rows exactly
             raise ValueError("a soft cap with empty_rows='mean': pass the mask as a dense "
                              "additive attn_mask instead")  # fmt: skip
+        if self.mask_mod is not None and (self.dense is not None or self.key_bias is not None
+                                          or self.empty_rows_mean):  # fmt: skip
+            raise ValueError("a mask_mod with an attn_mask, a key_bias or empty_rows='mean': "
+                             "fold them into the mask_mod, or pass one dense attn_mask")  # fmt: skip
 
     @property
     def token_facts(self) -> dict[str, T]:
@@ -191,22 +201,28 @@ class AttentionMask(Generic[T]):
         """Whether blocks need more than the position rules (the masked kernels)."""
         r = self.rules
         return (bool(self.token_facts) or self.dense is not None or r.window is not None
-                or r.chunk > 0 or r.prefix > 0 or self.softcap > 0)  # fmt: skip
+                or r.chunk > 0 or r.prefix > 0 or self.softcap > 0
+                or self.mask_mod is not None)  # fmt: skip
 
     def encode(self) -> tuple[list[torch.Tensor | None], list[int], float]:
         """The op's three mask arguments."""
         r = self.rules
-        return ([getattr(self, name) for name in self._TENSORS],
+        fn = self.mask_mod
+        return ([getattr(self, name) for name in self._TENSORS] + list(self.mask_buffers),
                 [int(r.causal), r.window_left, r.window_right, r.chunk, r.prefix,
-                 int(self.empty_rows_mean)], float(self.softcap))  # fmt: skip
+                 int(self.empty_rows_mean), mask_mod.register(fn) if fn is not None else 0],
+                float(self.softcap))  # fmt: skip
 
     @classmethod
     def decode(cls, tensors: list[torch.Tensor | None], ints: list[int],
                softcap: float) -> AttentionMask:  # fmt: skip
-        causal, wl, wr, chunk, prefix, empty_rows_mean = ints
+        causal, wl, wr, chunk, prefix, empty_rows_mean, fn = ints
+        n = len(cls._TENSORS)
         return cls(PositionRules(bool(causal), int(wl), int(wr), int(chunk), int(prefix)),
-                   **dict(zip(cls._TENSORS, tensors)),
-                   empty_rows_mean=bool(empty_rows_mean), softcap=float(softcap))  # fmt: skip
+                   **dict(zip(cls._TENSORS, tensors[:n])),
+                   empty_rows_mean=bool(empty_rows_mean), softcap=float(softcap),
+                   mask_mod=mask_mod.lookup(fn) if fn else None,
+                   mask_buffers=tuple(tensors[n:]))  # fmt: skip
 
     def agreement(self) -> list[tuple[str, int]]:
         """What every rank of a ring must state alike, as (what, value)."""
@@ -217,6 +233,8 @@ class AttentionMask(Generic[T]):
                 ("has document_ids", int(self.document_ids is not None)),
                 ("has key_padding_mask", int(self.key_padding_mask is not None)),
                 ("has key_bias", int(self.key_bias is not None)),
+                ("has mask_mod", int(self.mask_mod is not None)),
+                ("mask_mod buffers", len(self.mask_buffers)),
                 ("empty rows get the mean", int(self.empty_rows_mean)),
                 ("softcap (float64 bits)", _float_bits(self.softcap))]  # fmt: skip
 

@@ -80,7 +80,7 @@ class SdpaOnRing(_Bound):
     def __call__(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False, window=None, chunk=None, prefix=None, document_ids=None,
                  key_padding_mask=None, key_bias=None, empty_rows="zero", softcap=None,
-                 strategy="ring"):  # fmt: skip
+                 mask_mod=None, mask_buffers=(), strategy="ring"):  # fmt: skip
         return _ring_attention(
             q,
             k,
@@ -100,6 +100,8 @@ class SdpaOnRing(_Bound):
             key_bias=key_bias,
             empty_rows=empty_rows,
             softcap=softcap,
+            mask_mod=mask_mod,
+            mask_buffers=mask_buffers,
             kernels=self.kernels,
             strategy=strategy,
         )

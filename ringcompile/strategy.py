@@ -50,6 +50,8 @@ def choose(option: str, heads: int, kv_heads: int, size: int, mask: AttentionMas
     cannot = split_refusal(heads, kv_heads, heads_size if two_levels else size)
     if cannot is None and mask.dense is not None:
         cannot = "a dense mask's rows would all have to reach every rank"
+    if cannot is None and mask.mask_mod is not None:
+        cannot = "a mask_mod is evaluated on the ring's blocks"
     why = "auto" if option == "auto" else f"strategy={option!r}"
     if option != "auto" and cannot is not None:
         return Choice("ring", f"{cannot} ({why})", refused=cannot)

@@ -40,6 +40,14 @@ def prefix(b, h, q, kv):  # prefix-LM's prefix, seen by every query
     return kv < 6
 
 
+def same_head_parity(b, h, q, kv):  # no rule: a tensor read by head and by both indices
+    return (DOC[b, q] + DOC[b, kv] + h) % 2 == 0
+
+
+def strided(b, h, q, kv):  # no rule either: every third key, and the query's own
+    return (kv % 3 == 0) | (kv == q)
+
+
 def alibi(score, b, h, q, kv):
     return score + SLOPES[h] * (kv - q)
 
@@ -57,6 +65,8 @@ CASES = {
     "documents": (flex.and_masks(causal, documents), None),
     "window": (flex.and_masks(causal, window), None),
     "prefix_lm": (flex.or_masks(causal, prefix), None),
+    "head_parity": (flex.and_masks(causal, same_head_parity), None),
+    "strided_soft_cap": (strided, soft_cap),
     "alibi": (causal, alibi),
     "soft_cap": (causal, soft_cap),
     "soft_cap_inside": (causal, soft_cap_inside),
@@ -67,7 +77,7 @@ def _reference(q, k, v, case):
     """The case's attention in plain float64 arithmetic."""
     mask_mod, score_mod = CASES[case]
     qi, kv = torch.arange(S)[:, None], torch.arange(S)[None]
-    allowed = mask_mod(torch.zeros((), dtype=torch.long), 0, qi, kv)
+    allowed = mask_mod(torch.zeros((), dtype=torch.long), torch.arange(H)[:, None, None], qi, kv)
     k, v = (t.repeat_interleave(H // HKV, 1) for t in (k, v))
     scores = q @ k.transpose(-1, -2) / D**0.5
     if score_mod is alibi:
@@ -76,7 +86,8 @@ def _reference(q, k, v, case):
         scores = 20 * torch.tanh(scores / 20)
     if score_mod is soft_cap_inside:
         scores = 20 * torch.tanh((scores + SLOPES[:, None, None] * (kv - qi)) / 20)
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    # a row the mask hides everywhere gives zeros, as flex gives
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
 
 
 def flex_function(rank, world, case):
@@ -104,6 +115,9 @@ def flex_function(rank, world, case):
     ("documents", "is_causal=True, per-token mask facts; ulysses"),
     ("window", "is_causal=True, per-token mask facts; ring"),
     ("prefix_lm", "is_causal=True, per-token mask facts; ring"),
+    ("head_parity", "is_causal=False, flex mask_mod mask_fn_0 evaluated on each step's block; ring"),
+    ("strided_soft_cap", "is_causal=False, flex mask_mod mask_fn_0 evaluated on each step's block, "
+                         "scores soft-capped at 20; ring"),
     ("alibi", "is_causal=False, dense mask (local rows x global keys); ring"),
     ("soft_cap", "is_causal=True, per-token mask facts, scores soft-capped at 20; ring"),
     ("soft_cap_inside", None),
@@ -118,6 +132,10 @@ def test_flex_attention_on_two_ranks(gloo, case, what):
         else:  # the line is the user's call, not flex_attention's module
             (line,) = report.attention
             assert "test_flex.py" in line and what in line, line
+        if case == "head_parity":  # the mask_mod and the tensor it reads go to the ring
+            (call,) = [c for c in report.code.split("\n") if "ring_attention(" in c]
+            assert "mask_mod = mask_fn_0, mask_buffers = [g_doc_]" in call, call
+            assert "attn_mask" not in call, call
 
 
 def flex_llama(rank, world, packed):
@@ -144,12 +162,15 @@ def test_transformers_flex_model(gloo, world, packed):
     for err, reports in gloo(world).run(flex_llama, packed):
         assert err < 1e-5, err
         # the block mask is built in a graph of its own (create_block_mask breaks the graph);
-        # the layers' graph gets its buffers as inputs, so the mask stays dense: exact
+        # the layers' graph gets its buffers as inputs, whose mask reads position ids against
+        # document ids from another input: not rules, so the ring evaluates the mask_mod on each
+        # step's block (never this rank's rows over every key)
         (body,) = [r for r in reports if r.attention]
         assert len(body.attention) == 2 and not any(
             ": flex_attention " in f for f in body.fallbacks
         )
-        assert all("integrations/flex_attention.py" in a for a in body.attention), body.attention
+        assert all("integrations/flex_attention.py" in a and "mask_mod" in a
+                   for a in body.attention), body.attention  # fmt: skip
 
 
 def test_pass_alone_ops_before_and_after():

@@ -120,6 +120,24 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
         bias[..., 1::5, :] = low
         kw["attn_mask"] = bias
         allowed = bias
+    elif mask_kind.startswith("mask_mod"):
+        # flex's mask_mod at global positions, reading a full tensor by batch row, head and both
+        # positions; row 1 sees no key. Each ring step evaluates it on its own block.
+        tag = torch.randint(0, 3, (B, S), generator=g)
+
+        def parity(b, h, q_idx, kv_idx, tag):
+            return (((tag[b, q_idx] + tag[b, kv_idx] + h) % 2 == 0) | (kv_idx % 5 == 0)) & (
+                q_idx != 1
+            )
+
+        kw.update(mask_mod=parity, mask_buffers=(tag,))
+        idx = torch.arange(S)
+        allowed = parity(torch.arange(B)[:, None, None, None], torch.arange(H)[None, :, None, None],
+                         idx[:, None], idx[None, :], tag)  # fmt: skip
+        if mask_kind == "mask_mod_documents":  # and-ed with the rules and facts
+            doc = torch.cumsum(torch.rand(B, S, generator=g) < 0.2, 1)
+            kw.update(is_causal=True, document_ids=doc)
+            allowed = allowed & causal_tri & (doc[:, None, :, None] == doc[:, None, None, :])
     elif mask_kind == "key_bias":
         # Falcon's ALiBi under left padding, lifted: a per-head bias growing with the key's
         # position, causal, key padding; SDPA gets transformers' float mask, finfo.min where a
@@ -443,9 +461,16 @@ def opcheck_on_ring(rank, world):
     from ringcompile.group import group_name_of, resolve_group
 
     name = group_name_of(resolve_group())
-    # a masked ring (documents) and a plain one (its blocks on the fused SDPA kernel)
-    for facts in (doc, None):
-        mask = AttentionMask(PositionRules(causal=True), document_ids=facts)
+    tag = torch.arange(S) % 3
+
+    def mask_mod(b, h, q_idx, kv_idx, tag):
+        return tag[q_idx] != tag[kv_idx]
+
+    # a masked ring (documents), a plain one (its blocks on the fused SDPA kernel), and a
+    # mask_mod evaluated per step (its key among the ints, its buffer among the tensors)
+    for mask in (AttentionMask(PositionRules(causal=True), document_ids=doc),
+                 AttentionMask(PositionRules(causal=True)),
+                 AttentionMask(PositionRules(causal=True), mask_mod=mask_mod, mask_buffers=(tag,))):  # fmt: skip
         args = (q, k, v, *mask.encode(), 0.3, layout.name, S, name, "auto")
         torch.library.opcheck(torch.ops.ringcompile.ring_attention.default, args)
     return True
@@ -629,7 +654,8 @@ def test_key_bias_with_rows_that_see_no_key(gloo, world, layout_name, heads):
 SOFTCAP_CASES = [(1, "contiguous", "padding", "ring"), (2, "striped", "causal", "ring"),
                  (2, "zigzag", "documents", "ring"), (2, "contiguous", "dense_finfo_min", "ring"),
                  (3, "zigzag", "window", "ring"), (4, "striped", "padding", "ring"),
-                 (4, "contiguous", "full", "ring"), (2, "zigzag", "documents", "ulysses")]  # fmt: skip
+                 (4, "contiguous", "full", "ring"), (2, "zigzag", "documents", "ulysses"),
+                 (3, "striped", "mask_mod_documents", "ring")]  # fmt: skip
 
 
 @pytest.mark.parametrize("world, layout_name, mask_kind, strategy", SOFTCAP_CASES)
@@ -641,6 +667,33 @@ def test_soft_capped_scores(gloo, world, layout_name, mask_kind, strategy):
                            strategy, 2.0)  # fmt: skip
     for rank, e in enumerate(errs):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("mask_kind", ["mask_mod", "mask_mod_documents"])
+def test_mask_mod_per_step(gloo, world, layout_name, mask_kind):
+    """flex's mask_mod given to the ring: each step evaluates it on its block at the layout's
+    global positions (forward and backward), and-ed with causality and documents, exactly."""
+    errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, 4, 2, 24, 5)
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+def test_mask_mod_refusals():
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+
+    def every(b, h, q_idx, kv_idx):
+        return kv_idx >= 0
+
+    with pytest.raises(ValueError, match="mask_mod with an attn_mask"):
+        ring_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool), mask_mod=every)
+    with pytest.raises(ValueError, match="mask_buffers without a mask_mod"):
+        ring_attention(q, q, q, mask_buffers=(q,))
+    with pytest.raises(ValueError, match="takes no mask_mod"):
+        ring_attention(q, q, q, mask_mod=every, strategy="ulysses")
+    with pytest.raises(TypeError, match="must return booleans"):
+        ring_attention(q, q, q, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx * 1.0)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -8,12 +8,15 @@ Guarantees: a call over one sequence (queries and keys of one length, the block 
 whose output alone is read (not its log-sum-exp), whose ``score_mod`` returns the score, or its
 soft cap ``c * tanh(score / c)`` (Gemma 2's), plus a bias or nothing, becomes
 ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=...)``, with a
-soft cap ``sdpa_soft_capped(..., softcap=c)`` (``ringcompile.soft_cap``). The mask is the ``mask_mod`` evaluated once over broadcast indices (``b =
-arange(B)[:, None, None, None]``, ``h``, ``q_idx``, ``kv_idx`` likewise): its subgraph inlined into
+soft cap ``sdpa_soft_capped(..., softcap=c)`` (``ringcompile.soft_cap``). The mask is the
+``mask_mod`` evaluated once over broadcast indices (``b = arange(B)[:, None, None, None]``,
+``h``, ``q_idx``, ``kv_idx`` likewise): its subgraph inlined into
 the graph on aranges, a boolean mask, or with a bias the bias where the mask allows and -inf
 elsewhere. From there it is any model's mask built from indices: ``lift_masks`` lifts what it can
-read (causal, windows, documents, padding) to per-token facts and the rest stays a dense mask,
-exact either way. A row the mask hides everywhere gives zeros, as flex gives. Other calls stay as
+read (causal, windows, documents, padding) to per-token facts; where it cannot and the mask is
+the ``mask_mod``'s alone (no bias), ``swap_attention`` gives the ring the ``mask_mod`` and its
+buffers (the SDPA node's ``MASK_MOD`` meta), which each ring step evaluates on its own block;
+otherwise the mask stays dense, exact either way. A row the mask hides everywhere gives zeros, as flex gives. Other calls stay as
 they are, listed among the fallbacks: they attend over the gathered sequence on every rank.
 The block mask's construction is left to dead-code elimination once nothing reads it.
 
@@ -32,7 +35,7 @@ from torch.fx import GraphModule, Node
 
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
-from ringcompile.passes.fx_utils import source_line
+from ringcompile.passes.fx_utils import MASK_MOD, source_line
 from ringcompile.passes.idioms import soft_capped
 from ringcompile.soft_cap import sdpa_soft_capped
 
@@ -222,6 +225,9 @@ def _replace(gm: GraphModule, node: Node) -> None:
         target, kwargs["softcap"] = sdpa_soft_capped, softcap
     (first, *_) = node.users
     sdpa = build.call("call_function", target, (q, k, v), kwargs)
+    if not bias and all(isinstance(b, Node) for b in mask_buffers):
+        # where the mask stays dense, the ring evaluates the mask_mod per step instead
+        sdpa.meta[MASK_MOD] = (block_mask[-1], tuple(mask_buffers))
     if "nn_module_stack" in first.meta:
         sdpa.meta["nn_module_stack"] = first.meta["nn_module_stack"]
     for user in list(node.users):

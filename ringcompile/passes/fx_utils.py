@@ -6,7 +6,10 @@
 - ``sdpa_args(node)``: an SDPA call's arguments by name, positional or keyword;
 - ``in_place_method(node)``: whether a node is a tensor method that changes its tensor's values;
 - ``input_source(node)``: where Dynamo took a graph input from (``L['tokens']``), and
-  ``is_module_state(node)``: whether that is a module's parameter or buffer.
+  ``is_module_state(node)``: whether that is a module's parameter or buffer;
+- ``MASK_MOD``: the meta key of an SDPA that ``flex_attention`` made from a ``mask_mod`` alone:
+  ``(the mask_mod's subgraph as a get_attr node, its buffers)``, which ``swap_attention`` gives
+  the ring where the mask stays dense.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch.fx import Node
 from ringcompile.soft_cap import sdpa_soft_capped
 
 __all__ = [
+    "MASK_MOD",
     "SDPA_TARGETS",
     "in_place_method",
     "inputs_behind",
@@ -34,6 +38,8 @@ __all__ = [
 SDPA_TARGETS = frozenset(
     {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, sdpa_soft_capped}
 )
+
+MASK_MOD = "ringcompile_mask_mod"
 
 _SDPA_SIGNATURE = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 

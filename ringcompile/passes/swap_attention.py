@@ -23,7 +23,7 @@ from ringcompile.kernels import plan_kernels, resolve_kernel_choice
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
-from ringcompile.passes.fx_utils import sdpa_args, source_line
+from ringcompile.passes.fx_utils import MASK_MOD, sdpa_args, source_line
 from ringcompile.ring import describe_steps
 from ringcompile.strategy import choose
 from ringcompile.ulysses import HeadSplit
@@ -56,6 +56,23 @@ def run(ctx: RingContext) -> None:
             node.kwargs = kwargs
             mask = replace(site.lifted_mask, softcap=softcap)
             what = "per-token mask facts"
+        elif (per_step := _mask_mod(ctx, site)) is not None:
+            fn, buffers = per_step
+            node.kwargs = {**{k: v for k, v in node.kwargs.items() if k != "attn_mask"},
+                           "mask_mod": fn, "mask_buffers": list(buffers)}  # fmt: skip
+            mask = AttentionMask(PositionRules(site.is_causal), softcap=softcap,
+                                 mask_mod=getattr(ctx.gm, fn.target),
+                                 mask_buffers=buffers)  # fmt: skip
+            what = f"flex mask_mod {fn.target} evaluated on each step's block"
+            # (lift_masks said the dense mask stays: it does not)
+            kept = f"{where}: dense mask kept (this rank's rows over all keys): "
+            ctx.report.fallbacks = [
+                f"{where}: mask not read as rules or facts ({f[len(kept) :]}); its mask_mod runs "
+                "on each ring step's block instead"
+                if f.startswith(kept)
+                else f
+                for f in ctx.report.fallbacks
+            ]
         else:
             mask = AttentionMask(PositionRules(site.is_causal), dense=site.attn_mask,
                                  softcap=softcap)  # fmt: skip
@@ -77,6 +94,18 @@ def run(ctx: RingContext) -> None:
         _report_steps(ctx, node, site, mask, choice.strategy)
     # what fed the dense masks and K/V expansions that were lifted is dead now
     ctx.remove_dead_code()
+
+
+def _mask_mod(ctx: RingContext, site) -> tuple[Node, tuple[Node, ...]] | None:
+    """The (mask_mod, buffers) of a flex site whose mask stayed dense, when every buffer is a
+    full tensor (the mask_mod indexes it by global position); None otherwise."""
+    found = site.node.meta.get(MASK_MOD)
+    if found is None or site.attn_mask is None or "attn_mask" not in site.node.kwargs:
+        return None
+    fn, buffers = found
+    if any(b in ctx.local_only or b in ctx.arrived for b in buffers):
+        return None
+    return fn, buffers
 
 
 def _report_steps(ctx: RingContext, node, site, mask: AttentionMask[Node], strategy: str) -> None:

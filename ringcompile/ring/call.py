@@ -18,6 +18,7 @@ import torch
 from ringcompile.blocks import layout_progression
 from ringcompile.group import resolve_group_name
 from ringcompile.layout import Layout, make_layout
+from ringcompile.mask_mod import evaluate
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring import events
 from ringcompile.ring.comm import GroupRing, LocalRing, Ring
@@ -41,6 +42,7 @@ class RankCall:
     facts: torch.Tensor | None  # (2, B, S_local) int64: document id, key validity (they travel)
     key_bias: torch.Tensor | None  # (B|1, H|1, 1, S_local): AttentionMask.key_bias (it travels)
     kernels: str  # the kernel choice (``ringcompile.kernels.select_kernels``)
+    heads: int  # query heads: what a mask_mod's ``h`` ranges over
     # the tensor whose identity keys the varlen segments (``BlockMask.documents_source``); None:
     # the mask's document ids
     documents_source: torch.Tensor | None = None
@@ -63,7 +65,7 @@ class RankCall:
             offset = _row_offsets(mask.dense, layout, ring.rank, mask.rules)
         bias = mask.key_bias.contiguous() if mask.key_bias is not None else None
         return cls(ring=ring, layout=layout, mask=mask, dense_offset=offset, facts=facts,
-                   key_bias=bias, kernels=kernels)  # fmt: skip
+                   key_bias=bias, kernels=kernels, heads=q.shape[1])  # fmt: skip
 
     @property
     def rank(self) -> int:
@@ -123,8 +125,12 @@ class RankCall:
             dense = self.mask.dense.index_select(-1, k_pos.clamp(max=self.seq_len - 1))
         elif self.key_bias is not None:
             dense = blocks[-1]  # (B|1, H|1, 1, Sk): the keys' bias, the same for every query
+        q_pos = positions(self.layout, self.rank, device)
+        if self.mask.mask_mod is not None:  # this block's, never the rows over every key
+            dense = evaluate(self.mask.mask_mod, self.mask.mask_buffers, blocks[0].shape[0],
+                             self.heads, q_pos, k_pos, self.seq_len)  # fmt: skip
         return BlockMask(
-            q_pos=positions(self.layout, self.rank, device),
+            q_pos=q_pos,
             k_pos=k_pos,
             seq_len=self.seq_len,
             rules=self.mask.rules,

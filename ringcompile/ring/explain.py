@@ -22,6 +22,7 @@ def describe_steps(
     n = layout.local_len
     # a varlen block (``BlockMask.varlen``) where positions are one progression
     by_rules = (mask.document_ids is not None and not mask.softcap and not mask.rules.prefix
+                and mask.mask_mod is None
                 and all(t is None for t in (mask.key_padding_mask, mask.key_bias, mask.dense)))  # fmt: skip
     parts = [name for name, present in (("documents", mask.document_ids is not None),
                                         ("window", mask.rules.window is not None),
@@ -42,6 +43,8 @@ def describe_steps(
                 kernel += f" (ids not sorted along a row: {masked_kernel})"
         else:
             what = describe_block(step.pieces, n, n)
+        if mask.mask_mod is not None:
+            what += ", the mask_mod on this block"
         if mask.softcap:
             what += f", scores soft-capped at {mask.softcap:g}"
         lines.append(f"step {step.index} ({where}): {what} -> {kernel}")

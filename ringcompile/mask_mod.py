@@ -1,0 +1,64 @@
+"""A mask given as a function of indices (flex_attention's ``mask_mod``), evaluated block by block.
+
+``mask_mod(b, h, q_idx, kv_idx, *buffers) -> bool`` says whether query ``q_idx`` of batch row
+``b`` and head ``h`` sees key ``kv_idx``, at global positions; ``buffers`` are the full tensors it
+reads (a document id per token, a per-key flag), indexed by those positions. The ring evaluates it
+on each step's block only, over that step's query and key positions, in the forward and again in
+the backward, so no rank ever holds its rows over every key (S_local x S) as a dense mask would.
+
+The function is called on broadcast index tensors, not under vmap: ``b`` (B, 1, 1, 1), ``h``
+(1, H, 1, 1), ``q_idx`` (1, 1, Sq, 1), ``kv_idx`` (1, 1, 1, Sk), int64. Written with tensor ops
+and indexing, as flex's mask functions are, it gives the same values either way. Positions past
+the sequence (a layout's padding) are clamped to its last one: the ring hides them anyway.
+
+The op crosses ``torch.library`` with integers only, so the function travels as a key into this
+process's table (``register``), which keeps it alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["evaluate", "lookup", "register"]
+
+_TABLE: dict[int, Callable] = {}
+
+
+def register(fn: Callable) -> int:
+    """The key of ``fn`` (kept alive here, so no other function takes its id)."""
+    key = id(fn)
+    _TABLE[key] = fn
+    return key
+
+
+def lookup(key: int) -> Callable:
+    return _TABLE[key]
+
+
+def evaluate(fn: Callable, buffers: Sequence[torch.Tensor], batch: int, heads: int,
+             q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int) -> torch.Tensor:  # fmt: skip
+    """``fn`` over the block of queries at ``q_pos`` and keys at ``k_pos``: a bool
+    (B|1, H|1, Sq, Sk) mask, contiguous over its last two dims."""
+    device = q_pos.device
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, heads, 1, 1)
+    q = q_pos.clamp(max=seq_len - 1).view(1, 1, -1, 1)
+    kv = k_pos.clamp(max=seq_len - 1).view(1, 1, 1, -1)
+    m = fn(b, h, q, kv, *buffers)
+    if isinstance(m, (tuple, list)):  # (a traced subgraph returns its outputs as a tuple)
+        (m,) = m
+    m = torch.as_tensor(m, device=device)
+    if m.dtype != torch.bool:
+        raise TypeError(f"a mask_mod must return booleans, got {m.dtype}")
+    if m.dim() > 4:
+        raise ValueError(f"a mask_mod gave a mask of shape {tuple(m.shape)}: more than 4 dims")
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    Sq, Sk = q.shape[2], kv.shape[3]
+    if any(a not in (1, n) for a, n in zip(m.shape, (batch, heads, Sq, Sk))):
+        raise ValueError(
+            f"a mask_mod gave a mask of shape {tuple(m.shape)}, which does not broadcast to "
+            f"(batch, heads, queries, keys) = {(batch, heads, Sq, Sk)}"
+        )
+    return m.expand(m.shape[0], m.shape[1], Sq, Sk).contiguous()
