@@ -257,6 +257,10 @@ def _build(case: Case, seed: int = 0):
             dense_of = torch.randn(*shape, generator=gen) * 2
         elif case.dense == "bool":
             dense_of = torch.rand(*shape, generator=gen) < 0.7
+        elif case.dense == "bool_band":  # a mask_mod's kind: most tiles hidden, dropped
+            idx = torch.arange(total)
+            near = (idx[:, None] - idx[None, :]).abs() < 5
+            dense_of = near & (torch.rand(*shape, generator=gen) < 0.8)
         else:
             dense_of = torch.randn(*shape, generator=gen) * 2
             fill = float("-inf") if case.dense == "additive" else torch.finfo(torch.float32).min
@@ -403,6 +407,7 @@ CASES = {
     ),
     "dense-bool-B": Case(dense="bool", dense_shape="B", steps=2),
     "dense-bool-H-causal": Case(dense="bool", dense_shape="H", causal=True, H=4, Hkv=4),
+    "dense-bool-band-steps": Case(dense="bool_band", dense_shape="B", steps=3),
     "dense-additive-BH": Case(dense="additive", dense_shape="BH"),
     "dense-additive-window-d80": Case(dense="additive", dense_shape="", window=(12, 12), D=80, B=1),
     "dense-finfo-min-rows-causal": Case(
@@ -578,6 +583,28 @@ def test_token_facts_make_tiles_full_or_skip_them(tf):
     # one batch row alone: key tile 0 holds no valid key there
     one = replace(mask, k_valid=valid[:1])
     assert kinds(tiles._tile_lists(one, True, 16, 16, True), 4)[0] == ".F.."
+
+
+@interpreted_only
+def test_a_boolean_mask_drops_the_tiles_it_hides(tf):
+    """A dense boolean mask (a mask_mod's block) leaves its tiles partial, and drops from the
+    lists those it hides in every batch row and head, in order, rows as queries or as keys."""
+    pos = torch.arange(64)
+    band = (pos[:, None] - pos[None, :]).abs() < 4  # near the diagonal only
+    dense = torch.stack([band, band & (pos[None, :] < 40)])[:, None]  # (B 2, H 1, 64, 64)
+    mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=64, rules=PositionRules(False), dense=dense)
+
+    def kinds(lists, n):
+        return ["".join("F" if c in lists.full[r, : lists.full_count[r]].tolist() else
+                        "P" if c in lists.part[r, : lists.part_count[r]].tolist() else "."
+                        for c in range(n)) for r in range(n)]  # fmt: skip
+
+    want = ["PP..", "PPP.", ".PPP", "..PP"]  # (no full tile under a dense mask: the host's)
+    assert kinds(tiles._tile_lists(mask, True, 16, 16, False), 4) == want
+    assert kinds(tiles._tile_lists(mask, False, 16, 16, False), 4) == want  # (symmetric)
+    # a mask that hides everything: no tile at all
+    none = replace(mask, dense=torch.zeros_like(dense))
+    assert tiles._tile_lists(none, True, 16, 16, False).part_count.sum() == 0
 
 
 @interpreted_only

@@ -10,8 +10,9 @@ mask arithmetic; partial tiles evaluate the rules per element (``mask_args``). D
 key validity enter the lists too, through each tile's range of them: a tile pair inside one
 document with only valid keys is full, one that shares no document or holds no valid key is
 skipped, so packed documents and padded batches run mostly full tiles; with several batch rows a
-tile is full or skipped only if it is so in every row. A dense mask is only checked per element:
-with one, every non-empty tile is partial. One kernel launch makes a mask's lists; lists made
+tile is full or skipped only if it is so in every row. A dense mask is checked per element: with
+one, every non-empty tile is partial, and a boolean one's tiles it hides everywhere are then
+dropped from the lists (``_without_hidden_tiles``, a few reductions on the device). One kernel launch makes a mask's lists; lists made
 from facts are made each call (facts are data).
 
 The tile lists of the ring's masks by positions, which repeat every call, are cached
@@ -253,7 +254,30 @@ def _tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_blo
         lists = _compute_tile_lists(mask, rows_are_queries, row_block, col_block, full_allowed)
         if key is not None:
             _tile_list_cache.put(key, lists)
+    if mask.dense is not None and mask.dense.dtype == torch.bool:
+        # (new lists: the cached ones, by positions, serve other dense masks too)
+        dense = mask.dense if rows_are_queries else mask.dense.transpose(-1, -2)
+        lists = _without_hidden_tiles(lists, dense, row_block, col_block)
     return lists
+
+
+def _without_hidden_tiles(lists: _TileLists, dense: torch.Tensor, row_block: int,
+                          col_block: int) -> _TileLists:  # fmt: skip
+    """``lists`` without the partial tiles that a boolean mask (B|1, H|1, rows, cols) hides in
+    every batch row and head (a mask_mod's block, say): on the device, no wait for the host."""
+    seen = dense.any(0).any(0)
+    n_rows, n_cols = lists.part.shape
+    seen = torch.nn.functional.pad(
+        seen, (0, n_cols * col_block - seen.shape[1], 0, n_rows * row_block - seen.shape[0])
+    )
+    tile_seen = seen.view(n_rows, row_block, n_cols, col_block).any(3).any(1)
+    listed = torch.arange(n_cols, device=seen.device)[None, :] < lists.part_count[:, None]
+    entries = lists.part.clamp(0, n_cols - 1).long()
+    keep = listed & tile_seen.gather(1, entries)
+    # the kept entries first, in their order
+    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
+    part = lists.part.gather(1, order)
+    return lists._replace(part=part, part_count=keep.sum(1, dtype=torch.int32))
 
 
 def _compute_tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_block: int,
