@@ -2,7 +2,9 @@
 
 ``mask_mod(b, h, q_idx, kv_idx, *buffers) -> bool`` says whether query ``q_idx`` of batch row
 ``b`` and head ``h`` sees key ``kv_idx``, at global positions; ``buffers`` are the full tensors it
-reads (a document id per token, a per-key flag), indexed by those positions. The ring evaluates it
+reads (a document id per token, a per-key flag), indexed by those positions. A function that
+returns floats gives an additive mask instead: a bias added to each score, -inf where hidden
+(``MaskWithBias``: flex's ``mask_mod`` with a ``score_mod`` that adds a bias). The ring evaluates it
 on each step's block only, over that step's query and key positions, in the forward and again in
 the backward, so no rank ever holds its rows over every key (S_local x S) as a dense mask would.
 
@@ -21,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["evaluate", "lookup", "register"]
+__all__ = ["MaskWithBias", "evaluate", "lookup", "register"]
 
 _TABLE: dict[int, Callable] = {}
 
@@ -39,8 +41,8 @@ def lookup(key: int) -> Callable:
 
 def evaluate(fn: Callable, buffers: Sequence[torch.Tensor], batch: int, heads: int,
              q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: int) -> torch.Tensor:  # fmt: skip
-    """``fn`` over the block of queries at ``q_pos`` and keys at ``k_pos``: a bool
-    (B|1, H|1, Sq, Sk) mask, contiguous over its last two dims."""
+    """``fn`` over the block of queries at ``q_pos`` and keys at ``k_pos``: a bool (or additive
+    float) (B|1, H|1, Sq, Sk) mask, contiguous over its last two dims."""
     device = q_pos.device
     b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, heads, 1, 1)
@@ -50,8 +52,8 @@ def evaluate(fn: Callable, buffers: Sequence[torch.Tensor], batch: int, heads: i
     if isinstance(m, (tuple, list)):  # (a traced subgraph returns its outputs as a tuple)
         (m,) = m
     m = torch.as_tensor(m, device=device)
-    if m.dtype != torch.bool:
-        raise TypeError(f"a mask_mod must return booleans, got {m.dtype}")
+    if m.dtype != torch.bool and not m.dtype.is_floating_point:
+        raise TypeError(f"a mask_mod must return booleans (or a float bias), got {m.dtype}")
     if m.dim() > 4:
         raise ValueError(f"a mask_mod gave a mask of shape {tuple(m.shape)}: more than 4 dims")
     m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
@@ -62,3 +64,21 @@ def evaluate(fn: Callable, buffers: Sequence[torch.Tensor], batch: int, heads: i
             f"(batch, heads, queries, keys) = {(batch, heads, Sq, Sk)}"
         )
     return m.expand(m.shape[0], m.shape[1], Sq, Sk).contiguous()
+
+
+class MaskWithBias(torch.nn.Module):
+    """flex's ``mask_mod`` and a ``score_mod`` that adds a bias to the score, as one function of
+    the indices: the bias (the ``score_mod`` on a score of zero) where the mask keeps a pair,
+    -inf elsewhere. ``buffers``: the mask_mod's ``n_mask`` first, then the score_mod's."""
+
+    def __init__(self, mask_mod: Callable, score_mod: Callable, n_mask: int, dtype: torch.dtype):
+        super().__init__()
+        self.mask_mod, self.score_mod, self.n_mask, self.dtype = mask_mod, score_mod, n_mask, dtype
+
+    def forward(self, b, h, q_idx, kv_idx, *buffers):
+        keep = self.mask_mod(b, h, q_idx, kv_idx, *buffers[: self.n_mask])
+        zero = torch.zeros((), dtype=self.dtype, device=b.device)
+        bias = self.score_mod(zero, b, h, q_idx, kv_idx, *buffers[self.n_mask :])
+        keep, bias = (x[0] if isinstance(x, (tuple, list)) else x for x in (keep, bias))
+        return torch.where(keep, bias, torch.full((), float("-inf"), dtype=self.dtype,
+                                                  device=b.device))  # fmt: skip

@@ -118,7 +118,8 @@ def flex_function(rank, world, case):
     ("head_parity", "is_causal=False, flex mask_mod mask_fn_0 evaluated on each step's block; ring"),
     ("strided_soft_cap", "is_causal=False, flex mask_mod mask_fn_0 evaluated on each step's block, "
                          "scores soft-capped at 20; ring"),
-    ("alibi", "is_causal=False, dense mask (local rows x global keys); ring"),
+    ("alibi", "is_causal=False, flex mask_mod and score_mod's bias mask_with_bias_0 evaluated on "
+              "each step's block; ring"),
     ("soft_cap", "is_causal=True, per-token mask facts, scores soft-capped at 20; ring"),
     ("soft_cap_inside", None),
 ])  # fmt: skip
@@ -132,10 +133,13 @@ def test_flex_attention_on_two_ranks(gloo, case, what):
         else:  # the line is the user's call, not flex_attention's module
             (line,) = report.attention
             assert "test_flex.py" in line and what in line, line
-        if case == "head_parity":  # the mask_mod and the tensor it reads go to the ring
+        # the mask_mod (with the score_mod's bias: one function of both) and the tensors they
+        # read go to the ring, which builds no S x S mask
+        calls = {"head_parity": "mask_mod = mask_fn_0, mask_buffers = [g_doc_]",
+                 "alibi": "mask_mod = mask_with_bias_0, mask_buffers = [g_slopes_]"}  # fmt: skip
+        if case in calls:
             (call,) = [c for c in report.code.split("\n") if "ring_attention(" in c]
-            assert "mask_mod = mask_fn_0, mask_buffers = [g_doc_]" in call, call
-            assert "attn_mask" not in call, call
+            assert calls[case] in call and "attn_mask" not in call, call
 
 
 def flex_llama(rank, world, packed):

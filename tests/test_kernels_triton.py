@@ -586,8 +586,8 @@ def test_token_facts_make_tiles_full_or_skip_them(tf):
 
 
 @interpreted_only
-def test_a_boolean_mask_drops_the_tiles_it_hides(tf):
-    """A dense boolean mask (a mask_mod's block) leaves its tiles partial, and drops from the
+def test_a_dense_mask_drops_the_tiles_it_hides(tf):
+    """A dense mask (a mask_mod's block) leaves its tiles partial, and drops from the
     lists those it hides in every batch row and head, in order, rows as queries or as keys."""
     pos = torch.arange(64)
     band = (pos[:, None] - pos[None, :]).abs() < 4  # near the diagonal only
@@ -605,6 +605,13 @@ def test_a_boolean_mask_drops_the_tiles_it_hides(tf):
     # a mask that hides everything: no tile at all
     none = replace(mask, dense=torch.zeros_like(dense))
     assert tiles._tile_lists(none, True, 16, 16, False).part_count.sum() == 0
+    # an additive one: -inf hides; a bias per key (one row for every query) keeps what it shows
+    additive = replace(mask, dense=torch.zeros(2, 1, 64, 64).masked_fill(~dense, float("-inf")))
+    assert kinds(tiles._tile_lists(additive, True, 16, 16, False), 4) == want
+    key_bias = torch.zeros(1, 1, 1, 64).masked_fill(pos >= 32, float("-inf"))
+    by_key = replace(mask, dense=key_bias)
+    assert kinds(tiles._tile_lists(by_key, True, 16, 16, False), 4) == ["PP.."] * 4
+    assert kinds(tiles._tile_lists(by_key, False, 16, 16, False), 4) == ["PPPP"] * 2 + ["...."] * 2
 
 
 @interpreted_only

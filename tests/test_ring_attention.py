@@ -138,6 +138,17 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
             doc = torch.cumsum(torch.rand(B, S, generator=g) < 0.2, 1)
             kw.update(is_causal=True, document_ids=doc)
             allowed = allowed & causal_tri & (doc[:, None, :, None] == doc[:, None, None, :])
+    elif mask_kind == "mask_mod_bias":
+        # a mask_mod that returns a float bias, -inf where hidden (flex's ALiBi score_mod with a
+        # causal mask_mod, as the flex pass joins them)
+        slopes = 2.0 ** -torch.arange(1, H + 1, dtype=torch.float64)
+
+        def alibi(b, h, q_idx, kv_idx, slopes):
+            return torch.where(kv_idx <= q_idx, slopes[h] * (kv_idx - q_idx), float("-inf"))
+
+        kw.update(mask_mod=alibi, mask_buffers=(slopes,))
+        idx = torch.arange(S)
+        allowed = alibi(0, torch.arange(H)[None, :, None, None], idx[:, None], idx[None, :], slopes)
     elif mask_kind == "key_bias":
         # Falcon's ALiBi under left padding, lifted: a per-head bias growing with the key's
         # position, causal, key padding; SDPA gets transformers' float mask, finfo.min where a
@@ -671,10 +682,11 @@ def test_soft_capped_scores(gloo, world, layout_name, mask_kind, strategy):
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("layout_name", LAYOUTS)
-@pytest.mark.parametrize("mask_kind", ["mask_mod", "mask_mod_documents"])
+@pytest.mark.parametrize("mask_kind", ["mask_mod", "mask_mod_documents", "mask_mod_bias"])
 def test_mask_mod_per_step(gloo, world, layout_name, mask_kind):
     """flex's mask_mod given to the ring: each step evaluates it on its block at the layout's
-    global positions (forward and backward), and-ed with causality and documents, exactly."""
+    global positions (forward and backward), and-ed with causality and documents, exactly; one
+    that returns a float bias (-inf where hidden) is an additive mask."""
     errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, 4, 2, 24, 5)
     for rank, e in enumerate(errs):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
@@ -693,7 +705,7 @@ def test_mask_mod_refusals():
     with pytest.raises(ValueError, match="takes no mask_mod"):
         ring_attention(q, q, q, mask_mod=every, strategy="ulysses")
     with pytest.raises(TypeError, match="must return booleans"):
-        ring_attention(q, q, q, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx * 1.0)
+        ring_attention(q, q, q, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx + 1)  # integers
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -13,10 +13,11 @@ soft cap ``sdpa_soft_capped(..., softcap=c)`` (``ringcompile.soft_cap``). The ma
 ``h``, ``q_idx``, ``kv_idx`` likewise): its subgraph inlined into
 the graph on aranges, a boolean mask, or with a bias the bias where the mask allows and -inf
 elsewhere. From there it is any model's mask built from indices: ``lift_masks`` lifts what it can
-read (causal, windows, documents, padding) to per-token facts; where it cannot and the mask is
-the ``mask_mod``'s alone (no bias), ``swap_attention`` gives the ring the ``mask_mod`` and its
-buffers (the SDPA node's ``MASK_MOD`` meta), which each ring step evaluates on its own block;
-otherwise the mask stays dense, exact either way. A row the mask hides everywhere gives zeros, as flex gives. Other calls stay as
+read (causal, windows, documents, padding) to per-token facts; where it cannot,
+``swap_attention`` gives the ring the ``mask_mod`` and its buffers (the SDPA node's ``MASK_MOD``
+meta; with a bias, ``mask_mod.MaskWithBias`` of both mods, a submodule), which each ring step
+evaluates on its own block; where a buffer is not a full tensor the mask stays dense, exact
+either way. A row the mask hides everywhere gives zeros, as flex gives. Other calls stay as
 they are, listed among the fallbacks: they attend over the gathered sequence on every rank.
 The block mask's construction is left to dead-code elimination once nothing reads it.
 
@@ -33,6 +34,7 @@ import os
 import torch
 from torch.fx import GraphModule, Node
 
+from ringcompile.mask_mod import MaskWithBias
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import MASK_MOD, source_line
@@ -59,6 +61,13 @@ def run(ctx: RingContext) -> None:
                     f"{node.name} at {source_line(node)}: flex_attention {why}; it attends over "
                     "the gathered sequence on every rank, exactly"
                 )
+
+
+def _free_name(gm: GraphModule, stem: str) -> str:
+    i = 0
+    while hasattr(gm, f"{stem}_{i}"):
+        i += 1
+    return f"{stem}_{i}"
 
 
 def _user_trace(trace: str | None) -> str | None:
@@ -225,9 +234,17 @@ def _replace(gm: GraphModule, node: Node) -> None:
         target, kwargs["softcap"] = sdpa_soft_capped, softcap
     (first, *_) = node.users
     sdpa = build.call("call_function", target, (q, k, v), kwargs)
-    if not bias and all(isinstance(b, Node) for b in mask_buffers):
-        # where the mask stays dense, the ring evaluates the mask_mod per step instead
-        sdpa.meta[MASK_MOD] = (block_mask[-1], tuple(mask_buffers))
+    if all(isinstance(x, Node) for x in mask_buffers + (score_buffers if bias else ())):
+        # where the mask stays dense, the ring evaluates the mask_mod (and the bias) per step
+        fn, buffers = block_mask[-1], tuple(mask_buffers)
+        if bias:
+            name = _free_name(gm, "mask_with_bias")
+            gm.add_submodule(name, MaskWithBias(_subgraph(gm, block_mask[-1]), score_gm,
+                                                len(mask_buffers), example(q).dtype))  # fmt: skip
+            with gm.graph.inserting_before(sdpa):
+                fn = gm.graph.get_attr(name)
+            buffers += tuple(score_buffers)
+        sdpa.meta[MASK_MOD] = (fn, buffers)
     if "nn_module_stack" in first.meta:
         sdpa.meta["nn_module_stack"] = first.meta["nn_module_stack"]
     for user in list(node.users):

@@ -20,6 +20,7 @@ from dataclasses import replace
 from torch.fx import Node
 
 from ringcompile.kernels import plan_kernels, resolve_kernel_choice
+from ringcompile.mask_mod import MaskWithBias
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
@@ -60,10 +61,13 @@ def run(ctx: RingContext) -> None:
             fn, buffers = per_step
             node.kwargs = {**{k: v for k, v in node.kwargs.items() if k != "attn_mask"},
                            "mask_mod": fn, "mask_buffers": list(buffers)}  # fmt: skip
-            mask = AttentionMask(PositionRules(site.is_causal), softcap=softcap,
-                                 mask_mod=getattr(ctx.gm, fn.target),
+            module = getattr(ctx.gm, fn.target)
+            mask = AttentionMask(PositionRules(site.is_causal), softcap=softcap, mask_mod=module,
                                  mask_buffers=buffers)  # fmt: skip
-            what = f"flex mask_mod {fn.target} evaluated on each step's block"
+            kind = (
+                "mask_mod and score_mod's bias" if isinstance(module, MaskWithBias) else "mask_mod"
+            )
+            what = f"flex {kind} {fn.target} evaluated on each step's block"
             # (lift_masks said the dense mask stays: it does not)
             kept = f"{where}: dense mask kept (this rank's rows over all keys): "
             ctx.report.fallbacks = [

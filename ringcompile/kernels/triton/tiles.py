@@ -11,7 +11,7 @@ key validity enter the lists too, through each tile's range of them: a tile pair
 document with only valid keys is full, one that shares no document or holds no valid key is
 skipped, so packed documents and padded batches run mostly full tiles; with several batch rows a
 tile is full or skipped only if it is so in every row. A dense mask is checked per element: with
-one, every non-empty tile is partial, and a boolean one's tiles it hides everywhere are then
+one, every non-empty tile is partial, and the tiles it hides everywhere (False, -inf) are then
 dropped from the lists (``_without_hidden_tiles``, a few reductions on the device). One kernel launch makes a mask's lists; lists made
 from facts are made each call (facts are data).
 
@@ -254,18 +254,22 @@ def _tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_blo
         lists = _compute_tile_lists(mask, rows_are_queries, row_block, col_block, full_allowed)
         if key is not None:
             _tile_list_cache.put(key, lists)
-    if mask.dense is not None and mask.dense.dtype == torch.bool:
+    if mask.dense is not None:
         # (new lists: the cached ones, by positions, serve other dense masks too)
-        dense = mask.dense if rows_are_queries else mask.dense.transpose(-1, -2)
-        lists = _without_hidden_tiles(lists, dense, row_block, col_block)
+        lists = _without_hidden_tiles(lists, mask, rows_are_queries, row_block, col_block)
     return lists
 
 
-def _without_hidden_tiles(lists: _TileLists, dense: torch.Tensor, row_block: int,
-                          col_block: int) -> _TileLists:  # fmt: skip
-    """``lists`` without the partial tiles that a boolean mask (B|1, H|1, rows, cols) hides in
-    every batch row and head (a mask_mod's block, say): on the device, no wait for the host."""
-    seen = dense.any(0).any(0)
+def _without_hidden_tiles(lists: _TileLists, mask: BlockMask, rows_are_queries: bool,
+                          row_block: int, col_block: int) -> _TileLists:  # fmt: skip
+    """``lists`` without the partial tiles that the dense mask (B|1, H|1, Sq|1, Sk) hides in
+    every batch row and head (False, or -inf: a mask_mod's block, say): on the device, no wait
+    for the host."""
+    dense = mask.dense
+    seen = (dense if dense.dtype == torch.bool else dense != float("-inf")).any(0).any(0)
+    seen = seen.expand(mask.q_pos.numel(), mask.k_pos.numel())  # (a key bias: one row)
+    if not rows_are_queries:
+        seen = seen.t()
     n_rows, n_cols = lists.part.shape
     seen = torch.nn.functional.pad(
         seen, (0, n_cols * col_block - seen.shape[1], 0, n_rows * row_block - seen.shape[0])
