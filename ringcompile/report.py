@@ -59,7 +59,9 @@ class GraphReport:
                 f"ring graph: sequence of {self.seq_len} tokens over {ranks}, {self.layout} layout"
             )
         else:
-            head = f"ring graph: no sequence to shard, {ranks}"
+            # (a recurrence over the sequence, as gated DeltaNet's, before any attention layer)
+            head = (f"ring graph: no sequence to shard (no attention call, no input an earlier "
+                    f"graph left sharded), {ranks}: each computes all of it")  # fmt: skip
         lines = [head]
         for title, items in (
             ("attention replaced", self.attention),

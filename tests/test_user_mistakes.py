@@ -209,6 +209,12 @@ class _AttentionWithDropout(torch.nn.Module):
         return F.scaled_dot_product_attention(x, x, x, dropout_p=0.1, is_causal=True)
 
 
+NOTHING_TO_SHARD = (
+    "ring graph: no sequence to shard (no attention call, no input an earlier graph "
+    "left sharded), 2 ranks: each computes all of it"
+)
+
+
 def nothing_sharded(rank, world):
     """Each model's RingWarnings and the first line of its report, under ``explain``."""
     torch.manual_seed(0)
@@ -246,12 +252,12 @@ def test_nothing_to_shard_warns(gloo):
         assert "shards nothing in this graph, so each of the 2 ranks computes all of it" in by_hand
         assert "a softmax, and no F.scaled_dot_product_attention" in by_hand
         assert 'attn_implementation="sdpa"' in by_hand
-        assert head == "ring graph: no sequence to shard, 2 ranks"
+        assert head == NOTHING_TO_SHARD
         (dropout,), head = out["dropout"]
         assert "dropout_p=0.1 (the ring op has no dropout)" in dropout
         assert "set the model's attention dropout to 0" in dropout
-        assert head == "ring graph: no sequence to shard, 2 ranks"
-        assert out["no attention"] == ([], "ring graph: no sequence to shard, 2 ranks")
+        assert head == NOTHING_TO_SHARD
+        assert out["no attention"] == ([], NOTHING_TO_SHARD)
         assert out["sharded"][0] == []
 
 
