@@ -32,6 +32,12 @@ with the first eighth of the keys padded, given to every row as ``ring_attention
 kernels), the ideal is the same call on the whole sequence on one GPU / W, TFLOP/s count the
 pairs the mask allows, and the peers (causal only) are left out.
 
+With ``--mask documents`` the same documents also run as a flex user writes them, a
+``mask_mod`` (causal inside each document): ours with the ``mask_mod`` given to the ring
+(evaluated on each step's block), flex_attention compiled on one GPU over the whole sequence
+(time / W), and PyTorch ``context_parallel``'s flex route (K/V all-gathered each call, the
+per-document head-tail load balancer).
+
 ``--trace`` also profiles each layout's ring on the GPU (CUDA kernels only) and splits its time
 into compute kernels, communication kernels hidden under compute, exposed communication and idle
 GPU time, and lists the kernels that take the time (ms per call, by name); the traces go to
@@ -280,6 +286,83 @@ def torch_context_parallel(args, world, device, dtype):
     return run, ctx
 
 
+def _documents_mask_mod(docs: torch.Tensor):
+    """flex's document mask over global positions: causal inside each document."""
+
+    def documents(b, h, q_idx, kv_idx, docs=docs):
+        return (docs[b, q_idx] == docs[b, kv_idx]) & (kv_idx <= q_idx)
+
+    return documents
+
+
+def ours_mask_mod(layout_name, args, world, device, dtype):
+    """``--mask documents`` given as a flex ``mask_mod`` (not as facts): each ring step evaluates
+    it on its block, on the masked Triton kernels."""
+    lay = make_layout(layout_name, args.tokens_per_rank * world, world)
+    q = rand(device, dtype, 1, args.heads, args.tokens_per_rank, args.head_dim).requires_grad_()
+    k = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
+    v = rand(device, dtype, 1, args.kv_heads, args.tokens_per_rank, args.head_dim).requires_grad_()
+    dout = rand(device, dtype, *q.shape)
+    docs = sequence_facts(args, lay.seq_len)[0]["document_ids"].to(device)
+    fn = _documents_mask_mod(docs)
+    return fwd_bwd(
+        lambda q, k, v: ring_attention(q, k, v, enable_gqa=True, layout=lay, mask_mod=fn,
+                                       mask_buffers=(docs,)),
+        (q, k, v), dout,
+    )  # fmt: skip
+
+
+def flex_one_gpu(args, world, device, dtype):
+    """flex_attention (compiled) on the whole sequence on this one device, the documents'
+    block mask made once."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    S = args.tokens_per_rank * world
+    docs = sequence_facts(args, S)[0]["document_ids"].to(device)
+    block_mask = create_block_mask(_documents_mask_mod(docs), 1, None, S, S, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    q = rand(device, dtype, 1, args.heads, S, args.head_dim).requires_grad_()
+    k = rand(device, dtype, 1, args.kv_heads, S, args.head_dim).requires_grad_()
+    v = rand(device, dtype, 1, args.kv_heads, S, args.head_dim).requires_grad_()
+    dout = rand(device, dtype, *q.shape)
+    return fwd_bwd(
+        lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True), (q, k, v), dout
+    )
+
+
+def torch_context_parallel_flex(args, world, device, dtype):
+    """PyTorch's own route for packed documents: flex_attention (compiled) under
+    context_parallel's flex style (each rank's queries over K/V all-gathered every call),
+    load-balanced per document (head and tail of each document), the block mask made for the
+    rank's queries (``_create_cp_block_mask``); K/V keep their KV heads (flex takes GQA). Private
+    torch APIs: where this torch lacks them the row says so."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import _attention as cp
+    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.nn.attention.flex_attention import flex_attention
+
+    S = args.tokens_per_rank * world
+    docs = sequence_facts(args, S)[0]["document_ids"].to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    balancer = cp._PerDocumentHeadTailLoadBalancer(
+        [torch.bincount(docs[0]).tolist()], world, device
+    )
+    block_mask = cp._create_cp_block_mask(_documents_mask_mod(docs), 1, 1, S, S, mesh, balancer)
+    full = [rand(device, dtype, 1, args.heads, S, args.head_dim)]
+    full += [rand(device, dtype, 1, args.kv_heads, S, args.head_dim) for _ in range(2)]
+    full.append(rand(device, dtype, *full[0].shape))
+    q, k, v, dout = cp._context_parallel_shard(mesh, full, [2, 2, 2, 2], balancer)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+    style = cp._ContextParallel(seq_dim=2, attention_type=cp._ContextParallel.AttentionType.FLEX)
+    attend = parallelize_module(Attend(), mesh, style)
+    return fwd_bwd(attend, tuple(t.detach().requires_grad_() for t in (q, k, v)), dout)
+
+
 def seed(args, world, device, dtype):
     from ring_attention_pytorch import ring_flash_attn_cuda
 
@@ -395,6 +478,22 @@ def measure(rank, world, args):
             record(label, ours(name, args, world, device, dtype, kern))
             record(f"{label}, no communication",
                    ours_without_communication(name, args, world, device, dtype, kern))  # fmt: skip
+    if args.mask == "documents":  # as a flex user writes it: a mask_mod, here and in torch
+        record(f"ours {args.layouts[0]}, the documents as a mask_mod",
+               ours_mask_mod(args.layouts[0], args, world, device, dtype))  # fmt: skip
+        if device.type == "cuda" and not args.no_peers:
+            record("flex, one GPU, whole sequence (time / W)",
+                   flex_one_gpu(args, world, device, dtype))  # fmt: skip
+            for key in ("ms", "call_ms"):
+                if key in rows["flex, one GPU, whole sequence (time / W)"]:
+                    rows["flex, one GPU, whole sequence (time / W)"][key] /= world
+            try:
+                record("torch context_parallel, flex (per-document balance)",
+                       torch_context_parallel_flex(args, world, device, dtype))  # fmt: skip
+            except Exception as e:  # (made before the timing: private torch APIs)
+                rows["torch context_parallel, flex (per-document balance)"] = {
+                    "error": f"{type(e).__name__}: {str(e)[:300]}"
+                }
     if split_refusal(args.heads, args.kv_heads, world) is None:
         label = f"ours ulysses ({args.layouts[0]} layout)"
         record(label, ours(args.layouts[0], args, world, device, dtype, strategy="ulysses"))

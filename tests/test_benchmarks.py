@@ -6,20 +6,26 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_ring_runs_on_a_gloo_world(tmp_path):
+@pytest.mark.parametrize("mask", ["causal", "documents"])
+def test_bench_ring_runs_on_a_gloo_world(tmp_path, mask):
     cmd = [sys.executable, "benchmarks/bench_ring.py", "--world-size", "2", "--tokens-per-rank",
            "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--iters", "1",
            "--repeats", "1", "--warmup", "0", "--kernels", "auto", "--layouts", "zigzag",
-           "--no-peers", "--out", str(tmp_path)]  # fmt: skip
+           "--no-peers", "--mask", mask, "--out", str(tmp_path)]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=ROOT)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (saved,) = tmp_path.glob("bench_ring_w2*.json")
     rows = json.loads(saved.read_text())["rows"]
-    for name in ("ours zigzag", "ours zigzag, no communication"):
+    names = ["ours zigzag", "ours zigzag, no communication"]
+    if mask == "documents":  # (and, on GPUs, flex on one and context_parallel's flex)
+        names.append("ours zigzag, the documents as a mask_mod")
+    for name in names:
         assert rows[name]["ms"] > 0, rows[name]
 
 
