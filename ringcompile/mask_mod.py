@@ -69,7 +69,8 @@ def evaluate(fn: Callable, buffers: Sequence[torch.Tensor], batch: int, heads: i
 class MaskWithBias(torch.nn.Module):
     """flex's ``mask_mod`` and a ``score_mod`` that adds a bias to the score, as one function of
     the indices: the bias (the ``score_mod`` on a score of zero) where the mask keeps a pair,
-    -inf elsewhere. ``buffers``: the mask_mod's ``n_mask`` first, then the score_mod's."""
+    -inf elsewhere, in ``dtype``. ``buffers``: the mask_mod's ``n_mask`` first, then the
+    score_mod's."""
 
     def __init__(self, mask_mod: Callable, score_mod: Callable, n_mask: int, dtype: torch.dtype):
         super().__init__()
@@ -80,5 +81,5 @@ class MaskWithBias(torch.nn.Module):
         zero = torch.zeros((), dtype=self.dtype, device=b.device)
         bias = self.score_mod(zero, b, h, q_idx, kv_idx, *buffers[self.n_mask :])
         keep, bias = (x[0] if isinstance(x, (tuple, list)) else x for x in (keep, bias))
-        return torch.where(keep, bias, torch.full((), float("-inf"), dtype=self.dtype,
-                                                  device=b.device))  # fmt: skip
+        hidden = torch.full((), float("-inf"), dtype=self.dtype, device=b.device)
+        return torch.where(keep, torch.as_tensor(bias).to(self.dtype), hidden)

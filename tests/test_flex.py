@@ -90,13 +90,13 @@ def _reference(q, k, v, case):
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
 
 
-def flex_function(rank, world, case):
+def flex_function(rank, world, case, dtype=torch.float64):
     """A function that builds its block mask and calls flex_attention, compiled with the ring:
-    its error against the reference and its report."""
+    its error against the reference (float64) and its report."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, H, S, D, dtype=torch.float64, generator=g)
-    k, v = (torch.randn(1, HKV, S, D, dtype=torch.float64, generator=g) for _ in range(2))
+    q = torch.randn(1, H, S, D, dtype=dtype, generator=g)
+    k, v = (torch.randn(1, HKV, S, D, dtype=dtype, generator=g) for _ in range(2))
     mask_mod, score_mod = CASES[case]
 
     def attend(q, k, v):
@@ -107,7 +107,16 @@ def flex_function(rank, world, case):
     reports = []
     out = _compile(attend, {"compiler": "aot_eager"}, {}, reports)(q, k, v)
     (report,) = reports
-    return float((out - _reference(q, k, v, case)).abs().max()), report
+    ref = _reference(q.double(), k.double(), v.double(), case)
+    return float((out.double() - ref).abs().max()), report
+
+
+def test_a_float64_bias_on_float32_inputs(gloo):
+    """ALiBi's slopes in float64 on float32 queries: the bias is evaluated in float32 (what SDPA
+    and the ring's blocks take), not promoted."""
+    for err, report in gloo(2).run(flex_function, "alibi", torch.float32):
+        assert err < 1e-5, err
+        assert "mask_with_bias_0" in report.attention[0], report.attention
 
 
 @pytest.mark.parametrize("case, what", [

@@ -225,6 +225,8 @@ def _replace(gm: GraphModule, node: Node) -> None:
         full = build.inline(score_gm, [zero, b, h, q_idx, kv_idx, *score_buffers])
         hidden = build.call("call_function", torch.full, ((), float("-inf")),
                             {"dtype": example(q).dtype, "device": device})  # fmt: skip
+        # (a bias read from a buffer of another dtype: SDPA takes a mask of the queries' dtype)
+        full = build.call("call_method", "to", (full, example(q).dtype))
         mask = build.call("call_function", torch.where, (mask, full, hidden))
     kwargs = {"attn_mask": mask, "scale": scale}
     if example(k).shape[1] != H:
@@ -239,8 +241,10 @@ def _replace(gm: GraphModule, node: Node) -> None:
         fn, buffers = block_mask[-1], tuple(mask_buffers)
         if bias:
             name = _free_name(gm, "mask_with_bias")
+            # the bias in at least float32, as flex adds it to its float32 scores
+            dtype = torch.promote_types(example(q).dtype, torch.float32)
             gm.add_submodule(name, MaskWithBias(_subgraph(gm, block_mask[-1]), score_gm,
-                                                len(mask_buffers), example(q).dtype))  # fmt: skip
+                                                len(mask_buffers), dtype))  # fmt: skip
             with gm.graph.inserting_before(sdpa):
                 fn = gm.graph.get_attr(name)
             buffers += tuple(score_buffers)
