@@ -16,6 +16,7 @@ from ringcompile.checks import check_gqa, check_qkv
 from ringcompile.group import SINGLE, group_name_of, resolve_group, resolve_two_level
 from ringcompile.kernels import resolve_kernel_choice
 from ringcompile.layout import Layout, SplitLayout, make_layout
+from ringcompile.mask_mod import anchor
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring import ring_attention_op
 from ringcompile.ulysses import HeadSplit, ulysses_attention_op
@@ -245,6 +246,8 @@ def ring_attention(
         kernels,
         *groups,
     )
+    if mask_mod is not None:
+        anchor(out, mask_mod)
     return out[..., :Dv].contiguous() if Dv != D else out
 
 

@@ -14,29 +14,54 @@ and indexing, as flex's mask functions are, it gives the same values either way.
 the sequence (a layout's padding) are clamped to its last one: the ring hides them anyway.
 
 The op crosses ``torch.library`` with integers only, so the function travels as a key into this
-process's table (``register``), which keeps it alive.
+process's table (``register``). The table holds a function only while something else does (the
+caller; the autograd graph of the call, until its backward: ``anchor``), or for good where a
+compiled graph's calls carry only its key (``keep``), so closures made per call do not pile up.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["MaskWithBias", "evaluate", "lookup", "register"]
+__all__ = ["MaskWithBias", "anchor", "evaluate", "keep", "lookup", "register"]
 
-_TABLE: dict[int, Callable] = {}
+_TABLE: weakref.WeakValueDictionary[int, Callable] = weakref.WeakValueDictionary()
+_KEPT: dict[int, Callable] = {}
 
 
 def register(fn: Callable) -> int:
-    """The key of ``fn`` (kept alive here, so no other function takes its id)."""
+    """The key of ``fn`` (its id: no live object shares it)."""
     key = id(fn)
-    _TABLE[key] = fn
+    try:
+        _TABLE[key] = fn
+    except TypeError:  # (an object that takes no weak reference: held for good)
+        _KEPT[key] = fn
     return key
 
 
+def keep(fn: Callable) -> None:
+    """Hold ``fn`` for good: a compiled graph's mask_mod, whose calls carry only its key."""
+    _KEPT[id(fn)] = fn
+
+
+def anchor(out: torch.Tensor, fn: Callable) -> None:
+    """Hold ``fn`` as long as the autograd graph that made ``out`` (its backward evaluates it
+    again)."""
+    if out.grad_fn is not None:
+        out.grad_fn.metadata["ringcompile_mask_mod"] = fn
+
+
 def lookup(key: int) -> Callable:
-    return _TABLE[key]
+    fn = _KEPT.get(key) or _TABLE.get(key)
+    if fn is None:
+        raise RuntimeError(
+            "ring_attention: the mask_mod of this call is gone (nothing holds it any more); "
+            "keep a reference to it until the call's backward has run"
+        )
+    return fn
 
 
 def evaluate(fn: Callable, buffers: Sequence[torch.Tensor], batch: int, heads: int,

@@ -692,6 +692,28 @@ def test_mask_mod_per_step(gloo, world, layout_name, mask_kind):
         assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
 
 
+def test_mask_mod_closures_made_per_call_are_freed():
+    """A lambda made per call, held by nothing but the call: its backward still finds it (the
+    autograd graph holds it), and once the graph is gone so is the table's entry."""
+    import gc
+
+    from ringcompile import mask_mod
+
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True)
+    before = len(mask_mod._TABLE)
+    for shift in range(3):
+        tag = (torch.arange(8) + shift) % 2
+        out = ring_attention(
+            q, q, q, mask_mod=lambda b, h, q_idx, kv_idx: tag[q_idx] == tag[kv_idx]
+        )
+        out.sum().backward()
+        allowed = tag[:, None] == tag[None, :]
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=allowed))
+    del out
+    gc.collect()
+    assert len(mask_mod._TABLE) == before
+
+
 def test_mask_mod_refusals():
     q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
 
