@@ -337,14 +337,15 @@ def torch_context_parallel_flex(args, world, device, dtype):
     rank's queries (``_create_cp_block_mask``); K/V keep their KV heads (flex takes GQA). Private
     torch APIs: where this torch lacks them the row says so."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.experimental import _attention as cp
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cp
+    from torch.distributed.tensor.experimental._context_parallel import _load_balancer
     from torch.distributed.tensor.parallel import parallelize_module
     from torch.nn.attention.flex_attention import flex_attention
 
     S = args.tokens_per_rank * world
     docs = sequence_facts(args, S)[0]["document_ids"].to(device)
     mesh = init_device_mesh(device.type, (world,))
-    balancer = cp._PerDocumentHeadTailLoadBalancer(
+    balancer = _load_balancer._PerDocumentHeadTailLoadBalancer(
         [torch.bincount(docs[0]).tolist()], world, device
     )
     block_mask = cp._create_cp_block_mask(_documents_mask_mod(docs), 1, 1, S, S, mesh, balancer)
