@@ -19,6 +19,7 @@ from ringcompile.layout import Layout, SplitLayout, make_layout
 from ringcompile.mask_mod import anchor
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.ring import ring_attention_op
+from ringcompile.ring.comm import token_major
 from ringcompile.ulysses import HeadSplit, ulysses_attention_op
 
 __all__ = ["ring_attention"]
@@ -234,10 +235,14 @@ def ring_attention(
     if strategy != "ring":
         # (raises, naming the heads and the fix)
         HeadSplit.of(H, k.shape[1], two.heads.size() if strategy == "two-level" else world)
+    # The ring takes q, k and v token-major as a model's projections give them (its varlen and
+    # fused kernels read them so, and its output comes back in q's layout); Ulysses' exchanges
+    # take them contiguous.
+    q, k, v = (t if strategy == "ring" and token_major(t) else t.contiguous() for t in (q, k, v))
     out, *_ = op(
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
+        q,
+        k,
+        v,
         *mask.encode(),
         scale,
         layout_obj.name,

@@ -204,7 +204,7 @@ def _shard_kwargs(kw, layout, rank):
 
 def check_against_sdpa(
     rank, world, layout_name, mask_kind, H, Hkv, S, seed, group=None, kernels=None, strategy="ring",
-    softcap=None,
+    softcap=None, token_major=False,
 ):  # fmt: skip
     """Returns this rank's relative errors (out, dq, dk, dv) against SDPA on the full sequence
     (with ``softcap``, against that attention written out)."""
@@ -229,6 +229,8 @@ def check_against_sdpa(
     ring_rank = pg.rank() if pg is not None else rank
     layout = make_layout(layout_name, S, ring_size)
     local = [layout.shard(t, 2, ring_rank) for t in (q, k, v)]
+    if token_major:  # (B, S, H, D) memory, as a model's projections give it
+        local = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in local]
     for t in local:
         t.requires_grad_()
     out = ring_attention(
@@ -477,13 +479,20 @@ def opcheck_on_ring(rank, world):
     def mask_mod(b, h, q_idx, kv_idx, tag):
         return tag[q_idx] != tag[kv_idx]
 
+    def token_major(t):  # (B, S, H, D) memory viewed (B, H, S, D), as a model's projections
+        return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+
     # a masked ring (documents), a plain one (its blocks on the fused SDPA kernel), and a
-    # mask_mod evaluated per step (its key among the ints, its buffer among the tensors)
+    # mask_mod evaluated per step (its key among the ints, its buffer among the tensors), with
+    # the inputs contiguous and token-major (the output then comes token-major, as the fake says)
     for mask in (AttentionMask(PositionRules(causal=True), document_ids=doc),
                  AttentionMask(PositionRules(causal=True)),
                  AttentionMask(PositionRules(causal=True), mask_mod=mask_mod, mask_buffers=(tag,))):  # fmt: skip
-        args = (q, k, v, *mask.encode(), 0.3, layout.name, S, name, "auto")
-        torch.library.opcheck(torch.ops.ringcompile.ring_attention.default, args)
+        for qkv in ((q, k, v), tuple(token_major(t) for t in (q, k, v))):
+            args = (*qkv, *mask.encode(), 0.3, layout.name, S, name, "auto")
+            torch.library.opcheck(torch.ops.ringcompile.ring_attention.default, args)
+            out, _ = torch.ops.ringcompile.ring_attention(*args)
+            assert out.stride() == qkv[0].stride(), (out.stride(), qkv[0].stride())
     return True
 
 
@@ -742,6 +751,18 @@ def test_prefix_lm(gloo, world, layout_name, mask_kind):
                                None, strategy)  # fmt: skip
         for rank, e in enumerate(errs):
             assert max(e) < TOL, f"{strategy}, rank {rank}: rel errors (out, dq, dk, dv) = {e}"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("layout_name", LAYOUTS)
+@pytest.mark.parametrize("mask_kind", ["causal", "documents", "padding", "window"])
+def test_token_major_inputs(gloo, world, layout_name, mask_kind):
+    """q, k and v laid out (B, S, H, D), as a model's projections give them: K/V travel in that
+    layout and the output comes back in it, exactly."""
+    errs = gloo(world).run(check_against_sdpa, layout_name, mask_kind, 4, 2, 24, 5, None, None,
+                           "ring", None, True)  # fmt: skip
+    for rank, e in enumerate(errs):
+        assert max(e) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {e}"
 
 
 def test_soft_cap_refuses_mean_rows():

@@ -128,7 +128,7 @@ class BlockEngine:
             state.lse = lse.to(state.lse.dtype).contiguous()
             state.steps = 1
             if last:
-                state.final_out = out.contiguous()
+                state.final_out = out  # (the ring gives it q's layout: ``in_layout_of``)
             else:
                 state.pending = out
             return
@@ -148,7 +148,7 @@ class BlockEngine:
         if last and disjoint(rows):
             # The answer in q's dtype at once: each piece's rows merged into it, the others copied
             # (no fp32 write and conversion pass after).
-            final = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            final = torch.empty_like(q)  # (in q's layout, the op's output's)
             for p in pieces:
                 self._merge_piece(old, final, state, q, k, v, p, seg, scale, False)
             for lo, hi in zip([0] + [b for _, b in rows], [a for a, _ in rows] + [Sq]):
@@ -175,7 +175,7 @@ class BlockEngine:
 
     def forward_finish(self, state: ForwardState, dtype: torch.dtype):
         if state.pending is not None:  # no merge came after the first block
-            state.final_out, state.pending = state.pending.contiguous(), None
+            state.final_out, state.pending = state.pending, None
         return self.masked.forward_finish(state, dtype)
 
     def backward_prepare(self, out: torch.Tensor, dout: torch.Tensor) -> _Prepared:

@@ -62,7 +62,7 @@ class AttentionKernels(Protocol):
     def forward_finish(
         self, state: ForwardState, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(out, lse)``: out (B, H, Sq, D) contiguous in ``dtype``, lse (B, H, Sq)."""
+        """``(out, lse)``: out (B, H, Sq, D) in ``dtype``, any strides, lse (B, H, Sq)."""
 
     def backward_prepare(self, out: torch.Tensor, dout: torch.Tensor) -> Any:
         """What every ``backward_step`` needs of the output, made once per call: for flash-style

@@ -16,7 +16,7 @@ from ringcompile.kernels.grad_sum import GradSum
 from ringcompile.masks import BlockMask
 from ringcompile.ring import events
 from ringcompile.ring.call import RankCall
-from ringcompile.ring.comm import wait_all
+from ringcompile.ring.comm import token_major, wait_all
 from ringcompile.ring.empty_rows import EmptyRows
 
 __all__ = ["dkv_sums", "own_part_backward", "own_parts", "ring_backward"]
@@ -27,7 +27,8 @@ def ring_backward(call: RankCall, dout, q, k, v, out, lse, scale: float):
     ring = call.ring
     kernels = select_kernels(q, call.kernels)
     acc = accumulation_dtype(q.dtype)
-    dout = dout.contiguous()
+    if not (dout.is_contiguous() or token_major(dout)):
+        dout = dout.contiguous()
     prepared = kernels.backward_prepare(out, dout)
     dq = GradSum(q.shape, acc, q.device)
     computed = call.computed_steps()
@@ -49,9 +50,8 @@ def ring_backward(call: RankCall, dout, q, k, v, out, lse, scale: float):
     def exchange_blocks(s: int):
         if s + 1 >= n:
             return None, None
-        incoming = [torch.empty_like(t) for t in blocks]
         events.record("kv_blocks_sent")
-        return ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1)), incoming
+        return call.pass_on(blocks)
 
     kv_works, kv_incoming = exchange_blocks(0)
     own_part(0)

@@ -21,7 +21,7 @@ from ringcompile.layout import Layout, make_layout
 from ringcompile.mask_mod import evaluate
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring import events
-from ringcompile.ring.comm import GroupRing, LocalRing, Ring
+from ringcompile.ring.comm import GroupRing, LocalRing, Ring, on_the_wire
 from ringcompile.ring.plan import Step, first_hop_dtype, rank_steps
 
 __all__ = ["RankCall", "positions"]
@@ -112,6 +112,16 @@ class RankCall:
     def traveling(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
         """What goes round the ring: K, V and the keys' per-token facts."""
         return [k, v] + [t for t in (self.facts, self.key_bias) if t is not None]
+
+    def pass_on(self, blocks: list[torch.Tensor]):
+        """Send ``blocks`` (``traveling``'s list) to the next rank and receive the previous
+        rank's into new tensors of the same layouts (K/V may be token-major: every rank's are,
+        as the agreement checks): ``(works, incoming)``."""
+        incoming = [torch.empty_like(t) for t in blocks]
+        works = self.ring.exchange([on_the_wire(t) for t in blocks],
+                                   [on_the_wire(t) for t in incoming],
+                                   self.ring.peer(1), self.ring.peer(-1))  # fmt: skip
+        return works, incoming
 
     def block_mask(self, step: int, blocks: list[torch.Tensor], device) -> BlockMask:
         """Step ``step``'s mask, over the keys of ``blocks`` (``traveling``'s list as it came)."""

@@ -158,6 +158,18 @@ def raise_on_disagreement(table: torch.Tensor, what: list[str]) -> None:
         )
 
 
+def token_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` (B, H, S, D) is laid out (B, S, H, D), as a model's projections give it
+    (``x.view(B, S, H, D).transpose(1, 2)``), and not contiguous (B, H, S, D)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
+
+
+def on_the_wire(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of ``t``'s memory, which sends and receives take: ``t`` itself, or a
+    token-major tensor as (B, S, H, D). Both ends of an exchange must hold the same layout."""
+    return t.transpose(1, 2) if token_major(t) else t
+
+
 @functools.cache
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device, priority=-1)

@@ -14,7 +14,7 @@ from ringcompile.kernels import select_kernels
 from ringcompile.masks import AttentionMask
 from ringcompile.ring import balance, events
 from ringcompile.ring.call import RankCall
-from ringcompile.ring.comm import issued_after, record_event, wait_all
+from ringcompile.ring.comm import issued_after, record_event, token_major, wait_all
 from ringcompile.ring.empty_rows import EmptyRows
 
 __all__ = ["agreement", "ring_forward"]
@@ -27,7 +27,15 @@ def agreement(q, k, seq_len: int, mask: AttentionMask) -> list[tuple[str, int]]:
     B, H, S, D = q.shape
     return [("batch", B), ("heads", H), ("kv_heads", k.shape[1]), ("local sequence length", S),
             ("head dim", D), ("dtype", _DTYPE_CODES.index(q.dtype)), ("seq_len", seq_len),
-            *mask.agreement()]  # fmt: skip
+            ("K/V laid out (B, S, H, D)", int(token_major(k))), *mask.agreement()]  # fmt: skip
+
+
+def in_layout_of(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``out`` with ``q``'s strides (``torch.empty_like(q)``'s, what the op's fake returns): a
+    model that gave its queries token-major reads the output token-major, with no copy."""
+    if out.stride() == q.stride():
+        return out
+    return torch.empty_like(q).copy_(out)
 
 
 def ring_forward(call: RankCall, q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,17 +80,16 @@ def ring_forward(call: RankCall, q, k, v, scale: float) -> tuple[torch.Tensor, t
         # stream, ordered after the inputs only: a buffer allocated after the own block's kernels
         # were queued could reuse memory they still use (their temporaries, freed when queued, as
         # the caching allocator sees one stream), and NCCL would write into it under them.
-        incoming = [torch.empty_like(t) for t in blocks] if s + 1 < n else None
         if check_first:
             inputs_ready = record_event(q)
             compute(s)
             verify()
-        works = None
+        works = incoming = None
         if s + 1 < n:
             # NCCL waits for the work queued on the issuing stream: issued after the own block's
             # kernel, the first send would wait for it and then run alone.
             with issued_after(inputs_ready if check_first else None, q.device):
-                works = ring.exchange(blocks, incoming, ring.peer(1), ring.peer(-1))
+                works, incoming = call.pass_on(blocks)
             events.record("kv_blocks_sent")
         if not check_first:
             compute(s)
@@ -92,4 +99,4 @@ def ring_forward(call: RankCall, q, k, v, scale: float) -> tuple[torch.Tensor, t
     out, lse = kernels.forward_finish(state, q.dtype)
     if mask.empty_rows_mean:
         out = EmptyRows(call, q, k, v, lse).forward(out)
-    return out, lse
+    return in_layout_of(out, q), lse

@@ -50,7 +50,8 @@ def ring_attention_op(q, k, v, *options) -> tuple[torch.Tensor, torch.Tensor]:
 @ring_attention_op.register_fake
 def _(q, k, v, *options):
     B, H, S, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=accumulation_dtype(q.dtype))
+    # the output in q's layout (``forward.in_layout_of``)
+    return torch.empty_like(q), q.new_empty((B, H, S), dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op(
