@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ringcompile.attention import ring_attention as _ring_attention
 from ringcompile.group import TwoLevel
 from ringcompile.layout import Layout
+from ringcompile.mask_mod import keep
 from ringcompile.tree_decode import decode_over_shards
 
 # torch 2.13 renamed all_gather_tensor_autograd (same arguments) and warns on the old name, which
@@ -81,6 +82,10 @@ class SdpaOnRing(_Bound):
                  enable_gqa=False, window=None, chunk=None, prefix=None, document_ids=None,
                  key_padding_mask=None, key_bias=None, empty_rows="zero", softcap=None,
                  mask_mod=None, mask_buffers=(), strategy="ring"):  # fmt: skip
+        if mask_mod is not None:
+            # the graph's mask_mod (a submodule), as the compiler traces it: its compiled calls
+            # carry only its key
+            keep(mask_mod)
         return _ring_attention(
             q,
             k,

@@ -20,7 +20,7 @@ from dataclasses import replace
 from torch.fx import Node
 
 from ringcompile.kernels import plan_kernels, resolve_kernel_choice
-from ringcompile.mask_mod import MaskWithBias, keep
+from ringcompile.mask_mod import MaskWithBias
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.context import RingContext
 from ringcompile.passes.dims import example
@@ -62,7 +62,6 @@ def run(ctx: RingContext) -> None:
             node.kwargs = {**{k: v for k, v in node.kwargs.items() if k != "attn_mask"},
                            "mask_mod": fn, "mask_buffers": list(buffers)}  # fmt: skip
             module = getattr(ctx.gm, fn.target)
-            keep(module)  # (the compiled graph's calls carry only its key)
             mask = AttentionMask(PositionRules(site.is_causal), softcap=softcap, mask_mod=module,
                                  mask_buffers=buffers)  # fmt: skip
             kind = (
