@@ -90,7 +90,7 @@ def _reference(q, k, v, case):
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
 
 
-def flex_function(rank, world, case, dtype=torch.float64):
+def flex_function(rank, world, case, dtype=torch.float64, layout="striped"):
     """A function that builds its block mask and calls flex_attention, compiled with the ring:
     its error against the reference (float64) and its report."""
     torch._dynamo.reset()
@@ -105,10 +105,19 @@ def flex_function(rank, world, case, dtype=torch.float64):
                                    enable_gqa=True)  # fmt: skip
 
     reports = []
-    out = _compile(attend, {"compiler": "aot_eager"}, {}, reports)(q, k, v)
+    out = _compile(attend, {"compiler": "aot_eager", "layout": layout}, {}, reports)(q, k, v)
     (report,) = reports
     ref = _reference(q.double(), k.double(), v.double(), case)
     return float((out.double() - ref).abs().max()), report
+
+
+@pytest.mark.parametrize("world, layout", [(1, "striped"), (3, "zigzag"), (4, "contiguous")])
+@pytest.mark.parametrize("case", ["documents", "head_parity", "alibi"])
+def test_flex_attention_on_other_rings(gloo, world, layout, case):
+    """Lifted to facts (documents) or evaluated per step (a mask_mod that is no rule; ALiBi's
+    bias), on rings of 1, 3 and 4 in every layout (16 tokens: the zigzag ring of 3 pads)."""
+    for err, _ in gloo(world).run(flex_function, case, torch.float64, layout):
+        assert err < 1e-10, err
 
 
 def test_a_float64_bias_on_float32_inputs(gloo):
@@ -151,7 +160,7 @@ def test_flex_attention_on_two_ranks(gloo, case, what):
             assert calls[case] in call and "attn_mask" not in call, call
 
 
-def flex_llama(rank, world, packed):
+def flex_llama(rank, world, data):
     """transformers' Llama with attn_implementation="flex_attention", compiled: the error of its
     logits against the same model uncompiled (float32), and the reports."""
     from test_transformers import V, _model
@@ -159,10 +168,16 @@ def flex_llama(rank, world, packed):
     torch._dynamo.reset()
     model = _model("llama").float().eval()
     model.set_attn_implementation("flex_attention")
-    ids = torch.randint(0, V, (1, S), generator=torch.Generator().manual_seed(1))
+    B = 2 if data == "padded" else 1
+    ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(1))
     kw = {"input_ids": ids, "use_cache": False}
-    if packed:  # two documents: transformers derives their ids from the restarting positions
+    if (
+        data == "packed"
+    ):  # two documents: transformers derives their ids from the restarting positions
         kw["position_ids"] = torch.cat([torch.arange(6), torch.arange(10)])[None]
+    if data == "padded":  # row 0 left-padded by 5
+        kw["attention_mask"] = torch.ones(B, S, dtype=torch.long)
+        kw["attention_mask"][0, :5] = 0
     with torch.no_grad():
         ref = model(**kw).logits
         reports = []
@@ -170,10 +185,14 @@ def flex_llama(rank, world, packed):
     return float((out - ref).abs().max()), reports
 
 
-@pytest.mark.parametrize("world, packed", [(1, False), (2, True)], ids=["W1-causal", "W2-packed"])
-def test_transformers_flex_model(gloo, world, packed):
-    for err, reports in gloo(world).run(flex_llama, packed):
+@pytest.mark.parametrize("world, data", [(1, "causal"), (2, "packed"), (2, "padded")])
+def test_transformers_flex_model(gloo, world, data):
+    for err, reports in gloo(world).run(flex_llama, data):
         assert err < 1e-5, err
+        if data == "padded":  # its mask reads as causality and key padding: facts
+            (body,) = [r for r in reports if r.attention]
+            assert all("per-token mask facts" in a for a in body.attention), body.attention
+            continue
         # the block mask is built in a graph of its own (create_block_mask breaks the graph);
         # the layers' graph gets its buffers as inputs, whose mask reads position ids against
         # document ids from another input: not rules, so the ring evaluates the mask_mod on each
