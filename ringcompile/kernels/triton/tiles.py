@@ -11,9 +11,10 @@ key validity enter the lists too, through each tile's range of them: a tile pair
 document with only valid keys is full, one that shares no document or holds no valid key is
 skipped, so packed documents and padded batches run mostly full tiles; with several batch rows a
 tile is full or skipped only if it is so in every row. A dense mask is checked per element: with
-one, every non-empty tile is partial, and the tiles it hides everywhere (False, -inf) are then
-dropped from the lists (``_without_hidden_tiles``, a few reductions on the device). One kernel launch makes a mask's lists; lists made
-from facts are made each call (facts are data).
+one, every non-empty tile is partial, and the tiles a mask of whole rows hides everywhere (False,
+-inf) are then dropped from the lists (``_without_hidden_tiles``, a few reductions on the device).
+One kernel launch makes a mask's lists; lists made from facts are made each call (facts are
+data).
 
 The tile lists of the ring's masks by positions, which repeat every call, are cached
 (``_TileListCache``): the host then launches only the attention kernel.
@@ -254,20 +255,20 @@ def _tile_lists(mask: BlockMask, rows_are_queries: bool, row_block: int, col_blo
         lists = _compute_tile_lists(mask, rows_are_queries, row_block, col_block, full_allowed)
         if key is not None:
             _tile_list_cache.put(key, lists)
-    if mask.dense is not None:
-        # (new lists: the cached ones, by positions, serve other dense masks too)
+    if mask.dense is not None and mask.dense.shape[-2] > 1:
+        # (new lists: the cached ones, by positions, serve other dense masks too; not for a
+        # per-key bias, one row, which hides no tile in practice and would add launches per step)
         lists = _without_hidden_tiles(lists, mask, rows_are_queries, row_block, col_block)
     return lists
 
 
 def _without_hidden_tiles(lists: _TileLists, mask: BlockMask, rows_are_queries: bool,
                           row_block: int, col_block: int) -> _TileLists:  # fmt: skip
-    """``lists`` without the partial tiles that the dense mask (B|1, H|1, Sq|1, Sk) hides in
-    every batch row and head (False, or -inf: a mask_mod's block, say): on the device, no wait
-    for the host."""
+    """``lists`` without the partial tiles that the dense mask (B|1, H|1, Sq, Sk) hides in every
+    batch row and head (False, or -inf: a mask_mod's block, say): on the device, no wait for the
+    host."""
     dense = mask.dense
     seen = (dense if dense.dtype == torch.bool else dense != float("-inf")).any(0).any(0)
-    seen = seen.expand(mask.q_pos.numel(), mask.k_pos.numel())  # (a key bias: one row)
     if not rows_are_queries:
         seen = seen.t()
     n_rows, n_cols = lists.part.shape
