@@ -53,6 +53,12 @@ from dataclasses import dataclass, fields
 import torch
 import torch.utils._pytree as pytree
 
+from ringcompile.derived_documents import (
+    ChecksDocuments,
+    MarksDocuments,
+    derived_pairs,
+    documents_leaving,
+)
 from ringcompile.errors import RingCompileError, RingWarning
 from ringcompile.group import resolve_group, resolve_two_level, warn_if_launched_without_group
 from ringcompile.input_check import CheckedInputs
@@ -63,6 +69,7 @@ from ringcompile.masks import AttentionMask
 from ringcompile.passes import RingContext, run_passes
 from ringcompile.passes.fx_utils import input_source, is_module_state, is_sdpa
 from ringcompile.passes.idioms import reads_sharded_cache
+from ringcompile.passes.mask_reader import under_views
 from ringcompile.report import ExplainReport, GraphReport, readable_code
 from ringcompile.ring.balance import recording_balance
 from ringcompile.sequence_shard import (
@@ -238,8 +245,13 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
         two_level=resolve_two_level(opts.group, opts.mesh_dim),
         arriving=_arriving(gm),
         arriving_masks=_arriving_masks(gm),
+        derived_documents=_derived_documents(gm, example_inputs),
     )
     run_passes(ctx)
+    lazy = ctx.leaving if ctx.gather_outputs == "lazy" else {}
+    documents = documents_leaving(ctx.gm, ctx.own_outputs if ctx.masks_leaving else 0, lazy)
+    _report_documents(ctx, documents)
+    checked_documents = _checked_documents(ctx)
     _warn_if_nothing_sharded(ctx)
     _warn_if_cache_moves(ctx, opts.mode)
     checked = _inputs_to_check(ctx, opts.check_inputs)
@@ -265,12 +277,15 @@ def _rewrite_and_compile(gm, example_inputs, options, reports):
             every_call=opts.check_inputs == "every_call",
             signature=_collectives_signature(ctx, inner_inputs),
         )
-    leave = ctx.leaving if ctx.gather_outputs == "lazy" else {}
-    if not (arrive or leave or ctx.masks_leaving):
-        return compiled
-    layout = ctx.layout if ctx.seq_len else None
-    return GraphBoundary(compiled, arrive, leave, ctx.masks_leaving, ctx.own_outputs, layout,
-                         ctx.rank, group)  # fmt: skip
+    if arrive or lazy or ctx.masks_leaving:
+        layout = ctx.layout if ctx.seq_len else None
+        compiled = GraphBoundary(compiled, arrive, lazy, ctx.masks_leaving, ctx.own_outputs,
+                                 layout, ctx.rank, group)  # fmt: skip
+    if documents:
+        compiled = MarksDocuments(compiled, documents)
+    if checked_documents:
+        compiled = ChecksDocuments(compiled, checked_documents)
+    return compiled
 
 
 def _arriving(gm: torch.fx.GraphModule) -> dict:
@@ -320,6 +335,42 @@ def _arriving_masks(gm: torch.fx.GraphModule) -> dict:
         found[node] = AttentionMask(value.rules, empty_rows_mean=value.empty_rows_mean, **facts)
         node.meta["example_value"] = value.anchor.new_empty(value.shape, dtype=value.dtype)
     return found
+
+
+def _derived_documents(gm: torch.fx.GraphModule, example_inputs) -> dict:
+    """Inputs that are document ids an earlier graph derived from position ids among the inputs
+    (``ringcompile.derived_documents``)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    return derived_pairs(placeholders[: len(example_inputs)], example_inputs)
+
+
+def _checked_documents(ctx: RingContext) -> list[tuple[int, int, str, str]]:
+    """The derived document ids the passes relied on (a mask read with them), as
+    ``ChecksDocuments`` checks them: input indices and names."""
+    index = {n: i for i, n in enumerate(ctx.gm.graph.find_nodes(op="placeholder"))}
+    read = [m for s in ctx.sites if (m := s.lifted_mask) is not None]
+    used = {under_views(m.document_ids) for m in read if m.document_ids is not None}
+    pairs = []
+    for doc, positions in ctx.derived_documents.items():
+        if doc not in used:
+            continue
+        positions = sorted(positions, key=index.get)
+        pairs += [(index[doc], index[p], _user_name(doc), _user_name(p)) for p in positions]
+        ctx.report.arrived.append(
+            f"{doc.name}: document ids an earlier graph derived from the position ids "
+            f"{', '.join(p.name for p in positions)}; the mask compares positions inside these "
+            "documents (checked on each call: the same tensors, unchanged)"
+        )
+    return pairs
+
+
+def _report_documents(ctx: RingContext, documents) -> None:
+    output = ctx.gm.graph.find_nodes(op="output")[0].args[0]
+    for d in documents:
+        ctx.report.left.append(
+            f"{output[d.documents].name}: document ids derived from position ids, marked so that "
+            "a later graph can read a mask that compares those positions inside them"
+        )
 
 
 def _arrive(ctx: RingContext) -> dict[int, str]:

@@ -38,14 +38,15 @@ class GraphReport:
     rows: list[str] = field(default_factory=list)  # rows flattened with the batch put back
     positions: list[str] = field(default_factory=list)  # position tensors fixed
     shards: list[str] = field(default_factory=list)  # full tensors sharded where they enter
-    # inputs an earlier graph left sharded (``SequenceShard``), and how this graph takes them
+    # inputs an earlier graph left for this one (sharded, a mask's facts, document ids derived
+    # from position ids), and how this graph takes them
     arrived: list[str] = field(default_factory=list)
     input_check: str = "never"  # when every rank's inputs are compared (the check_inputs option)
     checked_inputs: list[str] = field(default_factory=list)  # the inputs compared
     gathers: list[str] = field(default_factory=list)  # sharded values gathered, and why
     reductions: list[str] = field(default_factory=list)  # reductions over the sequence kept local
     fallbacks: list[str] = field(default_factory=list)  # what was left unsharded, and why
-    left: list[str] = field(default_factory=list)  # outputs that leave sharded
+    left: list[str] = field(default_factory=list)  # outputs left for a later graph, and how
     gradients: list[str] = field(default_factory=list)
     # (what the lines are, the attention calls, what their queries are, a line per ring step of
     # this rank or for Ulysses' attention)
@@ -69,12 +70,12 @@ class GraphReport:
             ("rows kept as (batch, sequence)", self.rows),
             ("positions fixed", self.positions),
             ("sharded where they enter", self.shards),
-            ("arrived sharded from an earlier graph", self.arrived),
+            ("arrived from an earlier graph", self.arrived),
             (f"inputs compared across the ring ({self.input_check})", self.checked_inputs),
             ("gathered", self.gathers),
             ("reductions kept sharded", self.reductions),
             ("fallbacks", self.fallbacks),
-            ("left sharded", self.left),
+            ("left for a later graph", self.left),
             ("gradients", self.gradients),
         ):
             if not items and title in self._SHOWN_IF_ANY:
@@ -87,7 +88,7 @@ class GraphReport:
         return "\n".join(lines)
 
     # sections about values that cross graph breaks, shown where there are some
-    _SHOWN_IF_ANY = ("arrived sharded from an earlier graph", "left sharded")
+    _SHOWN_IF_ANY = ("arrived from an earlier graph", "left for a later graph")
 
     def _step_lines(self) -> list[str]:
         """Each attention kind's ring steps on this rank, or its Ulysses attention: block kind and

@@ -152,7 +152,7 @@ inputs compared across the ring (first call): 2
 gathered: none
 reductions kept sharded: none
 fallbacks: none
-left sharded: 1
+left for a later graph: 1
   - linear_5 (dim 1): a SequenceShard, gathered only where Python code reads it
 gradients: 1
   - 12 input(s) requiring grad sum their gradient over the ring

@@ -384,3 +384,49 @@ def forward(self, *inputs):  # 1 inputs
     empty = torch.empty(0, device = device(type='cpu'))
     return (empty, bool_1)""",
     )
+
+
+def documents_derived_in_an_earlier_graph(rank, world):
+    """transformers' flex path: one graph derives document ids from position ids, and the
+    attention's graph compares those positions inside those documents."""
+
+    def documents_of(pos):
+        return (pos.diff(dim=-1, prepend=pos[:, :1] - 1) != 1).cumsum(-1)
+
+    def attend(q, k, v, pos, doc):
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        qi = torch.arange(q.shape[2])[None, None, :, None]
+        ki = torch.arange(q.shape[2])[None, None, None, :]
+        mask = (pos[b, ki] <= pos[b, qi]) & (doc[b, qi] == doc[b, ki])
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch.manual_seed(0)
+    pos = torch.cat([torch.arange(5), torch.arange(7), torch.arange(4)])[None].expand(2, -1)
+    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.float64) for _ in range(3))
+    reports = []
+    derive = _compile(documents_of, {"compiler": "aot_eager"}, {}, reports)
+    ring = _compile(attend, {"compiler": "aot_eager"}, {}, reports)
+    doc = derive(pos)
+    out = ring(q, k, v, pos, doc)
+    err = _rel(out, attend(q, k, v, pos, doc))
+    # document ids made by Python code are checked on their values: these follow the positions
+    doc_by_hand = doc.clone()
+    err_by_hand = _rel(ring(q, k, v, pos, doc_by_hand), out)
+    try:  # ... and these do not (positions restart inside a document): the mask would be wrong
+        ring(q, k, v, pos, torch.zeros_like(doc))
+        refused = ""
+    except RingCompileError as e:
+        refused = str(e)
+    return err, err_by_hand, refused, reports
+
+
+def test_document_ids_derived_in_an_earlier_graph(gloo):
+    for err, err_by_hand, refused, reports in gloo(2).run(documents_derived_in_an_earlier_graph):
+        assert err < TOL and err_by_hand < TOL, (err, err_by_hand)
+        assert "positions do not rise by one inside each document" in refused, refused
+        derive, attend = reports
+        assert [x.split(":")[0] for x in derive.left] == ["cumsum"], derive.left
+        assert attend.fallbacks == [] and len(attend.arrived) == 1, attend
+        assert "derived from the position ids l_pos_" in attend.arrived[0], attend.arrived
+        (lifted,) = attend.lifted
+        assert lifted.endswith("-> causal, document_ids=l_doc_"), lifted

@@ -385,7 +385,7 @@ gathered: none
 reductions kept sharded: none
 fallbacks: 1
   - scaled_dot_product_attention_1: dense mask kept (this rank's rows over all keys): l_extra_ (placeholder L_extra_) is not an index rule
-left sharded: 1
+left for a later graph: 1
   - scaled_dot_product_attention_1 (dim 2): a SequenceShard, gathered only where Python code reads it
 gradients: none
 rewritten graph:

@@ -4,6 +4,8 @@ Each pass's result has one place on ``RingContext``, written by that pass alone 
 passes after it (``run_passes`` checks that a pass's producers ran before it):
 
 - the backend: ``arriving``, the graph inputs an earlier graph left sharded (``SequenceShard``);
+  ``arriving_masks`` (masks left as facts) and ``derived_documents`` (document ids an earlier graph
+  derived from position ids);
 - ``find_attention``: ``sites`` and ``seq_len`` (then ``layout``, made once), and ``arrived``: the
   arriving inputs the graph takes as this rank's tokens;
 - ``lift_masks``: each site's ``lifted_mask``; ``masks_leaving``, the mask outputs it returns as
@@ -138,6 +140,9 @@ class RingContext:
     arriving: dict[Node, tuple[int, Layout]] = field(default_factory=dict)
     # inputs that arrive as masks held as facts: the mask over the placeholders of its facts
     arriving_masks: dict[Node, AttentionMask[Node]] = field(default_factory=dict)
+    # inputs that are document ids an earlier graph derived from position ids among the inputs
+    # (``ringcompile.derived_documents``): documents -> the position ids' inputs
+    derived_documents: dict[Node, set[Node]] = field(default_factory=dict)
 
     # find_attention
     sites: list[AttentionSite] = field(default_factory=list)

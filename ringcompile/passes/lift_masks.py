@@ -46,9 +46,8 @@ def run(ctx: RingContext) -> None:
             continue
         where = f"{site.node.name} at {source_line(site.node)}"
         try:
-            facts = read_mask(
-                site.attn_mask, shape_of(site.q)[0], ctx.seq_len, known=ctx.arriving_masks
-            )
+            facts = read_mask(site.attn_mask, shape_of(site.q)[0], ctx.seq_len,
+                              known=ctx.arriving_masks, derived=ctx.derived_documents)  # fmt: skip
         except NotLiftable as why:
             ctx.report.fallbacks.append(
                 f"{where}: dense mask kept (this rank's rows over all keys): {why}"
@@ -113,7 +112,8 @@ def _masks_leave_as_facts(ctx: RingContext) -> None:
         if not (value.dtype == torch.bool or value.is_floating_point()):
             continue
         try:
-            facts = read_mask(node, shape[0], shape[2], known=ctx.arriving_masks)
+            facts = read_mask(node, shape[0], shape[2], known=ctx.arriving_masks,
+                              derived=ctx.derived_documents)  # fmt: skip
         except NotLiftable:
             continue
         if isinstance(facts.document_ids, ChunkIds):

@@ -37,7 +37,8 @@ from torch.fx import Node
 from ringcompile.masks import AttentionMask, PositionRules
 from ringcompile.passes.dims import example, shape_of
 
-__all__ = ["ChunkIds", "NotLiftable", "constant_value", "one_document", "read_mask"]
+__all__ = ["ChunkIds", "NotLiftable", "constant_value", "one_document", "positions_of_documents",
+           "read_mask", "under_views"]  # fmt: skip
 
 _AXES = {0: "b", 2: "q", 3: "k"}  # mask dims: (batch, head, query, key)
 
@@ -192,35 +193,48 @@ _NOT = {
 }
 
 
-def _root(node: Node) -> Node:
+def under_views(node: Node) -> Node:
     """The tensor under ``expand``/``to`` wrappers."""
     while node.op == "call_method" and node.target in ("expand", "to"):
         node = node.args[0]
     return node
 
 
-def _is_document_ids_of(doc: Node, positions: Node) -> bool:
-    """``doc`` is ``cumsum(diff(P, prepend=...) != 1, -1)`` of the same position ids P (how
-    transformers finds packed documents). Element i of such a diff is P[i] - P[i-1], so a restart
-    counts from its own token; ``append`` (or ``n`` > 1) would move every restart, and is not
-    this."""
-    doc = _root(doc)
+def positions_of_documents(doc: Node) -> Node | None:
+    """The position ids P if ``doc`` is ``cumsum(diff(P, prepend=...) != 1, -1)`` (how
+    transformers finds packed documents), else None. Element i of such a diff is P[i] - P[i-1], so
+    a restart counts from its own token; ``append`` (or ``n`` > 1) would move every restart, and
+    is not this."""
+    doc = under_views(doc)
     if not (doc.op == "call_method" and doc.target == "cumsum" and doc.args[1:] in ((-1,), (1,))):
-        return False
+        return None
     ne = doc.args[0]
-    if not (ne.op == "call_function" and ne.target is operator.ne and ne.args[1] == 1):
-        return False
+    if not (isinstance(ne, Node) and ne.op == "call_function" and ne.target is operator.ne
+            and ne.args[1] == 1):  # fmt: skip
+        return None
     diff = ne.args[0]
-    return (
-        diff.op == "call_method"
+    if (
+        isinstance(diff, Node)
+        and diff.op == "call_method"
         and diff.target == "diff"
         and len(diff.args) == 1
-        and _root(diff.args[0]) is _root(positions)
         and "prepend" in diff.kwargs
         and set(diff.kwargs) <= {"prepend", "dim", "n"}
         and diff.kwargs.get("n", 1) == 1
         and diff.kwargs.get("dim", -1) in (-1, 1)
-    )
+    ):
+        return under_views(diff.args[0])
+    return None
+
+
+def _is_document_ids_of(doc: Node, positions: Node,
+                        derived: dict[Node, set[Node]] | None = None) -> bool:  # fmt: skip
+    """``doc`` is derived from the position ids ``positions`` (``positions_of_documents``), here
+    or, as ``derived`` says, in an earlier graph (``ringcompile.derived_documents``: document ids'
+    input -> the position ids' inputs)."""
+    if derived and under_views(positions) in derived.get(under_views(doc), ()):
+        return True
+    return positions_of_documents(doc) is under_views(positions)
 
 
 def _as_read(mask: AttentionMask[Node], dtype: torch.dtype) -> object:
@@ -490,12 +504,14 @@ class _Reader:
 
 
 def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False,
-              known: dict[Node, AttentionMask[Node]] | None = None) -> AttentionMask[Node]:  # fmt: skip
+              known: dict[Node, AttentionMask[Node]] | None = None,
+              derived: dict[Node, set[Node]] | None = None) -> AttentionMask[Node]:  # fmt: skip
     """The per-token facts that compute ``mask`` exactly, or NotLiftable with the reason.
 
     ``wide_padding`` (decode steps): a (B, N) boolean key padding mask with N >= seq_len counts
     too, read at its first columns; the caller must give that reading its meaning. ``known``:
-    nodes whose mask is known already (graph inputs an earlier graph left as facts)."""
+    nodes whose mask is known already (graph inputs an earlier graph left as facts); ``derived``:
+    document ids among the graph's inputs derived from position ids among them."""
     ms = shape_of(mask)
     if ms is None or len(ms) != 4 or ms[2:] != (seq_len, seq_len):
         raise NotLiftable(f"mask shape {ms} is not (B, H, S, S)")
@@ -518,7 +534,7 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False,
     for p in facts.positions:
         # comparing P[kv] with P[q] is comparing kv with q only inside documents where P rises one
         # by one
-        if not (facts.docs and _is_document_ids_of(facts.docs[0], p)):
+        if not (facts.docs and _is_document_ids_of(facts.docs[0], p, derived)):
             raise NotLiftable(
                 f"a comparison of position ids {p.name} without documents derived from them"
             )
@@ -528,7 +544,9 @@ def read_mask(mask: Node, batch: int, seq_len: int, wide_padding: bool = False,
     for p in facts.chunk_positions:
         # chunks of position ids are chunks of indices where P is the index: one document
         if not (
-            facts.docs and _is_document_ids_of(facts.docs[0], p) and one_document(facts.docs[0])
+            facts.docs
+            and _is_document_ids_of(facts.docs[0], p, derived)
+            and one_document(facts.docs[0])
         ):
             raise NotLiftable(f"chunks of position ids {p.name} over packed documents")
     causal = facts.right == 0
