@@ -568,6 +568,26 @@ def test_engine_varlen_ring_steps_vs_sdpa(tf, layout, kind, monkeypatch):
     assert calls, "no block went to FA2's varlen kernel"
 
 
+def test_one_document_a_row_runs_as_plain_causal():
+    """Document ids that hide nothing (each row one document) run as plain causal attention, on
+    cuDNN: the forward's bits as without them (FA2's varlen kernel would round otherwise), the
+    gradients as near as two backward runs."""
+    from ringcompile import ring_attention
+
+    B, H, Hkv, S, D = 2, 8, 2, 4096, 128
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=16)
+    doc = torch.arange(B, device="cuda")[:, None].expand(B, S)
+    results = []
+    for kw in ({}, {"document_ids": doc}):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*leaves, is_causal=True, enable_gqa=True, **kw)
+        out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1:], results[1][1:]):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-3
+
+
 def test_ring_attention_on_documents_uses_flash_varlen_once_per_tensor(monkeypatch):
     """One GPU, the op itself: a model's layers share the documents' segments (one wait for the
     host per tensor of ids), and the answer is SDPA's within bf16."""

@@ -77,6 +77,8 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
         doc = starts.long().cumsum(1)
         if mask_kind == "documents_unsorted":
             doc = doc % 2
+        if mask_kind == "documents_one":  # one document a row (unpacked): ids that hide nothing
+            doc = torch.arange(B)[:, None].expand(B, S) + 3
         kw.update(is_causal=mask_kind != "documents_bidirectional", document_ids=doc)
         allowed &= doc[:, None, :, None] == doc[:, None, None, :]
         if kw["is_causal"]:

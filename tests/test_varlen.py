@@ -121,6 +121,18 @@ def test_blocks_varlen_cannot_take_go_to_the_masked_kernel(gloo, layout_name, ma
     assert [n for _, n in results] == calls
 
 
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("layout_name", ["striped", "contiguous"])
+def test_one_document_a_row_runs_the_plain_pieces(gloo, world, layout_name):
+    """Document ids that hide nothing (each row one document: transformers' ids of unpacked rows,
+    derived in an earlier graph) leave the varlen kernel out: the blocks run as the plain pieces
+    of causality, on the plain kernel."""
+    results = gloo(world).run(with_emulated_varlen, layout_name, "documents_one", 4, 2, 22, 3)
+    for rank, (errs, calls) in enumerate(results):
+        assert max(errs) < TOL, f"rank {rank}: rel errors (out, dq, dk, dv) = {errs}"
+        assert calls == 0, f"rank {rank}: {calls} varlen calls"
+
+
 def test_segments_of_a_striped_block():
     """Rank 1 of 2 (positions 1, 3, 5, ...) against rank 0's keys (0, 2, 4, ...), causal,
     documents [0, 5), [5, 12): each document's keys that its last query cannot see are cut,

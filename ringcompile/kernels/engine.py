@@ -4,7 +4,8 @@ A ring step's block says what it is (``BlockMask.pieces``, from ``ringcompile.bl
 kind (``registry.mask_kind``), and the ``KernelPlan`` names the kernel of each kind. Plain pieces
 (full, or causal on a square) may go to a fused SDPA kernel (``sdpa_blocks``: cuDNN on CUDA) and
 a varlen block (packed documents) to a varlen kernel (``varlen``: FA2 on CUDA) as one
-piece over all its rows and keys; each returns (out, lse), merged here by ``merge_block``. The
+piece over all its rows and keys (or, where each row is one document, as the plain pieces of its
+position rules); each returns (out, lse), merged here by ``merge_block``. The
 kernels that merge themselves (Triton, the reference) do it inside their epilogue, and take the
 varlen blocks a varlen kernel cannot (``varlen.segments`` is None). All write the one running state
 (``ForwardState``), so a call may mix them step by step. A first block's output stays in the inputs' dtype until
@@ -18,11 +19,12 @@ they are, which sum them in fp32 with as few passes as the contributions allow.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from ringcompile.blocks import Piece, disjoint
+from ringcompile.blocks import Piece, disjoint, layout_block_pieces
 from ringcompile.kernels.grad_sum import sums_over
 from ringcompile.kernels.interface import AttentionKernels, ForwardState
 from ringcompile.kernels.merge import merge_block
@@ -58,6 +60,18 @@ def _materialize(state: ForwardState) -> None:
         state.pending = None
 
 
+def _rule_pieces(mask: BlockMask) -> tuple[Piece, ...] | None:
+    """The plain pieces of the block under its position rules alone (None where they are more
+    than causality: a window, chunks, a prefix)."""
+    r = mask.rules
+    if mask.positions_key is None or r.window is not None or r.chunk or r.prefix:
+        return None
+    return _layout_pieces(*mask.positions_key, r.causal)
+
+
+_layout_pieces = functools.lru_cache(maxsize=1024)(layout_block_pieces)
+
+
 class BlockEngine:
     """:class:`AttentionKernels` that computes each block on its kind's kernel in ``plan``."""
 
@@ -91,6 +105,9 @@ class BlockEngine:
         seg = segments(mask, q.shape[0])
         if seg is None:
             return self.masked, None, None
+        if seg.one_document and self.fused_plain and (pieces := _rule_pieces(mask)) is not None:
+            # documents that hide nothing (unpacked rows): the plain block of the position rules
+            return None, pieces, None
         return None, () if seg.empty else (Piece(0, q.shape[2], 0, k.shape[2], False),), seg
 
     def _forward_piece(self, q, k, v, p: Piece, seg: Segments | None, scale: float):

@@ -47,6 +47,9 @@ class Segments:
     keys: int  # packed keys (0: no row sees a key)
     causal: bool  # the band's upper edge is each segment's bottom-right diagonal
     window_left: int  # rows see keys at most this far left of that diagonal; -1: unbounded
+    # each batch row's queries and keys are one document: the ids hide nothing, and the block is
+    # what its position rules make (the engine then runs their plain pieces)
+    one_document: bool = False
 
     @property
     def empty(self) -> bool:
@@ -102,6 +105,8 @@ def _plan(q_doc: torch.Tensor, k_doc: torch.Tensor, mask: BlockMask):
     if per_row * B >= 2**62:
         return None
     valid_q = max(0, min(Sq, -((a - mask.seq_len) // step)))
+    first = q_doc[:, :1] if valid_q else k_doc[:, :1]
+    one_document = bool((q_doc[:, :valid_q] == first).all() & (k_doc[:, :valid_k] == first).all())
     q_key = torch.where(i < valid_q, q_key, per_row - 2)
     k_key = torch.where(j < valid_k, k_key, per_row - 1)
     rows_q = torch.arange(B)[:, None] * per_row
@@ -130,7 +135,8 @@ def _plan(q_doc: torch.Tensor, k_doc: torch.Tensor, mask: BlockMask):
     if total == B * Sk and bool((packed == torch.arange(total)).all()):
         packed = None
     return (torch.cat([starts, ends[-1:]]), cu_k, packed, int((ends - starts).max()),
-            int(n_keys.max()), total, hi < _INF, int(hi - lo) if lo > -_INF else -1)  # fmt: skip
+            int(n_keys.max()), total, hi < _INF, int(hi - lo) if lo > -_INF else -1,
+            one_document)  # fmt: skip
 
 
 class _SegmentCache:
@@ -183,7 +189,7 @@ def segments(mask: BlockMask, B: int) -> Segments | None:
     plan = _plan(both[: q_doc.numel()].view(B, -1), both[q_doc.numel() :].view(B, -1), mask)
     seg = None
     if plan is not None:
-        cu_q, cu_k, packed, max_q, max_k, keys, causal, window_left = plan
+        cu_q, cu_k, packed, max_q, max_k, keys, causal, window_left, one_document = plan
 
         def to_device(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             t = t.to(dtype)
@@ -193,7 +199,7 @@ def segments(mask: BlockMask, B: int) -> Segments | None:
 
         seg = Segments(to_device(cu_q, torch.int32), to_device(cu_k, torch.int32),
                        None if packed is None else to_device(packed, torch.int64), max_q,
-                       max(max_k, 1), keys, causal, window_left)  # fmt: skip
+                       max(max_k, 1), keys, causal, window_left, one_document)  # fmt: skip
     if key is not None:
         _cache.put(key, src, seg)
     return seg
