@@ -9,7 +9,13 @@ Model: ``LlamaForCausalLM``, hidden 2048, 16 layers, 32 / 8 heads of dim 128, ML
   default; inductor inside; the default block kernels: plain blocks on cuDNN, documents, windows
   and chunks on FA2's varlen kernel);
 - ``ring-triton``: the same with ``options={"kernels": "triton"}`` (every block in Triton);
+- ``ring-flex``: ``backend="ring"`` on the model with ``attn_implementation="flex_attention"``
+  (the backend reads each flex call's mask: on packed documents, causality inside the documents
+  transformers derives from the position ids; GPU only: on the CPU flex refuses a backward before
+  the backend sees the call);
 - ``eager``: the plain model on one GPU (rank 0; SDPA picks cuDNN / flash);
+- ``flex``: the model with ``attn_implementation="flex_attention"`` on one GPU (rank 0; transformers
+  compiles flex_attention's kernels itself, the rest runs eagerly);
 - ``compile``: ``torch.compile(model)`` (inductor) on one GPU (rank 0).
 
 Each mode starts from the same weights, runs ``--warmup`` steps (the first compiles), then the
@@ -48,7 +54,8 @@ from bench_train_llama import (  # the same model: 16 layers, heads of dim 128
 
 import ringcompile  # noqa: F401  (registers backend="ring" in a checkout that is not installed)
 
-MODES = ["ring", "ring-triton", "eager", "compile"]
+MODES = ["ring", "ring-triton", "ring-flex", "eager", "flex", "compile"]
+ONE_GPU = ("eager", "flex", "compile")
 
 
 def _parse():
@@ -84,7 +91,8 @@ def build_gemma2(args, device, max_len):
 
 
 def compiled_model(model, mode, group, layout):
-    if mode in ("eager",):
+    model.set_attn_implementation("flex_attention" if mode.endswith("flex") else "sdpa")
+    if mode in ("eager", "flex"):
         return model
     if mode == "compile":
         return torch.compile(model)
@@ -116,7 +124,7 @@ def main() -> None:
     rows = []
     for S in args.seqs:
         for mode in args.modes:
-            one_gpu = mode in ("eager", "compile")
+            one_gpu = mode in ONE_GPU
             row = dict(seq=S, mode=mode, gpus=1 if one_gpu else world)
             if not one_gpu or rank == 0:
                 model.load_state_dict(weights)
