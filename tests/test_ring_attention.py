@@ -377,6 +377,50 @@ def test_key_padding_that_hides_nothing_is_dropped(gloo, world, mask_kind):
         assert dropped == (2 if mask_kind == "padding_idle" else 0), (rank, dropped)
 
 
+def padding_answers(rank, world, hides_nothing):
+    """How often this rank computes whether its key validity hides a key, and how often a ring of
+    one waits for the answer, over three layers' calls on one tensor and their backward, then one
+    call after the tensor changes in place."""
+    from ringcompile.ring import call as call_module
+    from ringcompile.ring.comm import LocalRing
+
+    computed, waited = [], []
+    record, agree = call_module.record_event, LocalRing.start_agreement
+    call_module.record_event = lambda t: computed.append(1) or record(t)
+    LocalRing.start_agreement = lambda self, *a, **k: waited.append(1) or agree(self, *a, **k)
+    try:
+        B, H, S, D = 2, 2, 12, 4
+        g = torch.Generator().manual_seed(rank)
+        layout = make_layout("striped", S, world)
+        q, k, v = (torch.randn(B, H, S // world, D, dtype=torch.float64, generator=g,
+                               requires_grad=True) for _ in "qkv")  # fmt: skip
+        valid = torch.ones(B, S, dtype=torch.bool)
+        valid[0, : 0 if hides_nothing else 3] = False
+        valid = layout.shard(valid, 1, rank)
+        group = torch.distributed.group.WORLD if world > 1 else None
+        for _ in range(3):
+            out = ring_attention(q, k, v, is_causal=True, key_padding_mask=valid, group=group,
+                                 layout=layout)  # fmt: skip
+        out.sum().backward()
+        first = (len(computed), len(waited))
+        valid.logical_not_().logical_not_()
+        ring_attention(q, k, v, is_causal=True, key_padding_mask=valid, group=group, layout=layout)
+        return first, (len(computed), len(waited))
+    finally:
+        call_module.record_event, LocalRing.start_agreement = record, agree
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("hides_nothing", [True, False])
+def test_padding_is_asked_once_per_tensor(gloo, world, hides_nothing):
+    """A model's layers and their backward share one tensor of key validity: whether it hides a
+    key is computed once (an all-gather then waits for that alone, not for the GPU's queued work),
+    and a ring of one waits for the answer once; a change in place asks again."""
+    for first, then in gloo(world).run(padding_answers, hides_nothing):
+        assert first == (1, 1 if world == 1 else 0), first
+        assert then == (2, 2 if world == 1 else 0), then
+
+
 def check_ring_smaller_than_world(rank, world, layout_name):
     from torch.distributed.device_mesh import init_device_mesh
 

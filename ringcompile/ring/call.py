@@ -6,12 +6,19 @@ with K/V (``traveling``), and each step's ``BlockMask`` is made from what arrive
 
 Key validity that hides no key on any rank (a tokenizer's all-ones ``attention_mask``) is dropped
 before the first block (``settle_padding``), so the blocks are plain and go to the fastest kernel.
+Whether this rank's validity hides a key is computed once per tensor of it (a model's layers and
+their backward share one, ``_HIDES``), so that asking every rank waits for that small all-gather
+alone, not for the GPU's queued work; on a ring of one the answer itself is kept, and only the
+first call of a tensor waits for the GPU.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -21,7 +28,7 @@ from ringcompile.layout import Layout, make_layout
 from ringcompile.mask_mod import evaluate
 from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring import events
-from ringcompile.ring.comm import GroupRing, LocalRing, Ring, on_the_wire
+from ringcompile.ring.comm import GroupRing, LocalRing, Ring, on_the_wire, record_event
 from ringcompile.ring.plan import Step, first_hop_dtype, rank_steps
 
 __all__ = ["RankCall", "positions"]
@@ -31,6 +38,40 @@ __all__ = ["RankCall", "positions"]
 def positions(layout: Layout, rank: int, device: torch.device) -> torch.Tensor:
     """A rank's global positions on ``device``, made once (read-only: BlockMasks share them)."""
     return layout.positions(rank, device)
+
+
+class PaddingHides(NamedTuple):
+    """Whether this rank's key validity hides a key: (1,) int64 on the device, the event after
+    which it holds it (None off CUDA), and every rank's answer once known where no other rank
+    takes part (None: ask the ring)."""
+
+    mine: torch.Tensor
+    ready: torch.cuda.Event | None
+    anywhere: bool | None = None
+
+
+class _HidesCache:
+    """``PaddingHides`` by (key validity tensor, its version, the layout, the rank), kept while the
+    tensor lives unchanged, least recently used out first."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, key, kp):
+        entry = self.entries.get(key)
+        if entry is None or entry[0]() is not kp:
+            return None
+        self.entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key, kp, value: PaddingHides) -> None:
+        self.entries[key] = (weakref.ref(kp), value)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+_HIDES = _HidesCache(64)
 
 
 @dataclass
@@ -83,25 +124,44 @@ class RankCall:
     def computed_steps(self) -> list[int]:
         return [s.index for s in self.steps if s.computed]
 
-    def padding_hides(self) -> torch.Tensor | None:
-        """(1,) int64 on the device: whether this rank's key validity hides a key (None without
-        one)."""
+    def _hides_key(self, kp: torch.Tensor):
+        if kp.is_inference():
+            return None  # (an inference tensor keeps no version counter)
+        return (id(kp), kp._version, self.layout, self.rank)
+
+    def padding_hides(self) -> PaddingHides | None:
+        """Whether this rank's key validity hides a key (None without one)."""
         kp = self.mask.key_padding_mask
         if kp is None:
             return None
+        key = self._hides_key(kp)
+        if key is not None and (hit := _HIDES.get(key, kp)) is not None:
+            return hit
         # a layout's padding slots (past seq_len) are no keys: the rules hide them anyway
         real = positions(self.layout, self.rank, kp.device) < self.seq_len
-        return (~kp & real).any().to(torch.int64).reshape(1)
+        mine = (~kp & real).any().to(torch.int64).reshape(1)
+        hides = PaddingHides(mine, record_event(mine))
+        if key is not None:
+            _HIDES.put(key, kp, hides)
+        return hides
 
     def settle_padding(self, every_rank: torch.Tensor | None = None) -> None:
         """Drop the key validity if it hides no key on any rank. ``every_rank``: each rank's
         ``padding_hides()`` as the agreement gathered them; else the ring is asked now (one tiny
-        all-gather; the host waits for it). Called before anything travels."""
+        all-gather; the host waits for it alone), or, on a ring of one, the answer kept for this
+        tensor is taken. Called before anything travels."""
         if every_rank is None:
-            mine = self.padding_hides()
-            if mine is None:
+            hides = self.padding_hides()
+            if hides is None:
                 return
-            every_rank = self.ring.start_agreement([], [], mine.device, extra=mine)()
+            if hides.anywhere is not None:
+                every_rank = torch.tensor([hides.anywhere])
+            else:
+                every_rank = self.ring.start_agreement([], [], hides.mine.device,
+                                                       extra=hides.mine, ready=hides.ready)()  # fmt: skip
+                if self.ring.alone and (key := self._hides_key(self.mask.key_padding_mask)):
+                    kp = self.mask.key_padding_mask
+                    _HIDES.put(key, kp, hides._replace(anywhere=bool(every_rank.any())))
         if not bool(every_rank.any()):
             # the blocks are what the other facts make them (plain under position rules alone),
             # and only document ids travel, if any

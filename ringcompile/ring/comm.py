@@ -37,10 +37,17 @@ class Ring(Protocol):
         """Start sending ``send`` to ``to`` and receiving ``recv`` from ``frm``; ``wait_all``
         of the result completes both."""
 
+    @property
+    def alone(self) -> bool:
+        """Whether no other process takes part in an agreement (what this rank says is every
+        rank's answer)."""
+
     def start_agreement(self, meta: list[int], what: list[str], device: torch.device,
-                        extra: torch.Tensor | None = None) -> Verify:  # fmt: skip
+                        extra: torch.Tensor | None = None,
+                        ready: torch.cuda.Event | None = None) -> Verify:  # fmt: skip
         """Start comparing every rank's ``meta`` (named by ``what``); ``extra``, int64 values
-        on the device that ranks may differ in, is gathered along. Returns the wait."""
+        on the device that ranks may differ in, is gathered along (``ready``: an event after
+        which it holds them; None: the current point of the stream). Returns the wait."""
 
     def all_reduce(self, flat: torch.Tensor) -> None:
         """Sum ``flat`` over the ring in place."""
@@ -59,6 +66,10 @@ class GroupRing:
         self.size = pg.size()
         self.rank = pg.rank()
 
+    @property
+    def alone(self) -> bool:
+        return self.size == 1
+
     def peer(self, offset: int) -> int:
         return (self.rank + offset) % self.size
 
@@ -67,13 +78,16 @@ class GroupRing:
         ops += [dist.P2POp(dist.irecv, t, group=self.pg, group_peer=frm) for t in recv]
         return dist.batch_isend_irecv(ops)
 
-    def start_agreement(self, meta, what, device, extra=None):
+    def start_agreement(self, meta, what, device, extra=None, ready=None):
         """Waiting later lets the GPU work meanwhile: the host waits for the all-gather alone, not
-        for the kernels queued before or after it (with ``extra``, also for the work before it)."""
+        for the kernels queued before or after it (with ``extra``, also for the work before
+        ``ready``)."""
         nccl = dist.get_backend(self.pg) == "nccl"
         mine = torch.tensor(meta, dtype=torch.int64)
         n_extra = 0 if extra is None else extra.numel()
-        ready = record_event(extra) if extra is not None and nccl else None
+        if extra is not None and nccl and ready is None:
+            ready = record_event(extra)
+        ready = ready if nccl else None
         # On NCCL, issued from the side stream: NCCL orders a collective after the work queued on
         # the issuing stream, which on the current stream is everything queued so far (calls back
         # to back: the previous call's whole backward), and the host would wait for all of it.
@@ -122,6 +136,10 @@ class LocalRing:
         self.rank, self.size = rank, size
         self._agreement = GroupRing(agree_over) if agree_over is not None else None
 
+    @property
+    def alone(self) -> bool:
+        return self._agreement is None
+
     def peer(self, offset: int) -> int:
         return (self.rank + offset) % self.size
 
@@ -130,9 +148,9 @@ class LocalRing:
             r.copy_(s)
         return []
 
-    def start_agreement(self, meta, what, device, extra=None):
+    def start_agreement(self, meta, what, device, extra=None, ready=None):
         if self._agreement is not None:
-            return self._agreement.start_agreement(meta, what, device, extra)
+            return self._agreement.start_agreement(meta, what, device, extra, ready)
         if extra is None:
             return lambda: None
         return lambda: extra.reshape(1, -1).expand(self.size, -1).cpu()

@@ -45,10 +45,12 @@ def ring_forward(call: RankCall, q, k, v, scale: float) -> tuple[torch.Tensor, t
         agree = agreement(q, k, call.seq_len, mask)
         hides = call.padding_hides()
         verify = ring.start_agreement([v for _, v in agree], [w for w, _ in agree], q.device,
-                                      extra=hides)  # fmt: skip
+                                      extra=hides.mine if hides else None,
+                                      ready=hides.ready if hides else None)  # fmt: skip
         if hides is not None:
             # Settled before the own block, which would otherwise run on the masked kernel: the
-            # host then waits for the GPU's earlier work, a far smaller cost (a launch's gap)
+            # host waits for the all-gather, which waits for the GPU's work only up to the point
+            # where this tensor's answer was first computed (``RankCall.padding_hides``)
             call.settle_padding(verify())
             verify = None
     else:
