@@ -40,6 +40,29 @@ __all__ = [
 ]
 
 
+class _SelectRows(torch.autograd.Function):
+    """``x.index_select(dim, idx)`` of distinct ``idx``, whose gradient is copied back into place
+    (``index_copy_``) rather than added (``index_add_``, index_select's own backward: atomic adds,
+    which on a model's logits in bf16 cost tens of milliseconds)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, idx):
+        ctx.dim, ctx.shape = dim, x.shape
+        ctx.save_for_backward(idx)
+        return x.index_select(dim, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        return g.new_zeros(ctx.shape).index_copy_(ctx.dim, idx, g), None, None
+
+
+def _select_rows(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    if not x.requires_grad:
+        return x.index_select(dim, idx)
+    return _SelectRows.apply(x, dim, idx)
+
+
 class Layout:
     """A load-balancing permutation of a sequence of ``seq_len`` tokens over ``world_size`` ranks.
 
@@ -89,6 +112,13 @@ class Layout:
     def pad(self) -> int:
         return self.padded_len - self.seq_len
 
+    @property
+    def identity(self) -> bool:
+        """Whether one rank holds every token in natural order: a ring of one, whatever the
+        layout (``test_layouts_are_permutations_with_inverses``). Sharding and gathering then give
+        the tensor itself (padded, or cut back), as the model has it."""
+        return self.world_size == 1
+
     def real(self, rank: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Which of ``rank``'s local tokens are real (not padding), as a bool tensor."""
         return self.positions(rank, device) < self.seq_len
@@ -114,7 +144,9 @@ class Layout:
             pad_shape = list(x.shape)
             pad_shape[dim] = self.pad
             x = torch.cat([x, x.new_full(pad_shape, fill)], dim)
-        return x.index_select(dim, self.positions(rank, x.device))
+        if self.identity:
+            return x
+        return _select_rows(x, dim, self.positions(rank, x.device))
 
     def unshard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Natural-order tensor from one whose ``dim`` is the whole sharded-order sequence
@@ -125,8 +157,10 @@ class Layout:
                 f"unshard: dim {dim} of a tensor of shape {tuple(x.shape)} should be the padded "
                 f"sharded sequence of length {self.padded_len}"
             )
+        if self.identity:
+            return x.narrow(dim, 0, self.seq_len)
         idx = self._sharded_index(torch.arange(self.seq_len, device=x.device))
-        return x.index_select(dim, idx)
+        return _select_rows(x, dim, idx)
 
     def _key(self) -> tuple:
         return (type(self), self.seq_len, self.world_size, self.split)

@@ -593,6 +593,20 @@ def test_layouts_are_permutations_with_inverses():
         x = torch.randn(3, S)
         shards = torch.cat([lay.shard(x, 1, r) for r in range(W)], 1)
         assert torch.equal(lay.unshard(shards, 1), x)
+        # gradients go back into place: each token's is the weight of the slot it went to
+        x.requires_grad_()
+        shards = torch.cat([lay.shard(x, 1, r) for r in range(W)], 1)
+        w = torch.randn(3, lay.padded_len)
+        (grad,) = torch.autograd.grad((shards * w).sum(), x, retain_graph=True)
+        assert torch.equal(grad, w[:, lay.inverse[:S]])
+        w = torch.randn(3, S)
+        assert torch.equal(torch.autograd.grad((lay.unshard(shards, 1) * w).sum(), x)[0], w)
+        if W > 1:  # copied back (index_copy_), not added (index_select's own backward)
+            assert type(lay.shard(x, 1, W - 1).grad_fn).__name__ == "_SelectRowsBackward"
+        if W == 1:  # a ring of one: the tensor itself, padded or cut back (no index ops)
+            one = lay.shard(x, 1, 0)
+            assert (one is x) == (lay.pad == 0)
+            assert lay.unshard(one, 1).data_ptr() == one.data_ptr()
     assert make_layout("striped", 8, 2).positions(1).tolist() == [1, 3, 5, 7]
     assert make_layout("zigzag", 8, 2).positions(0).tolist() == [0, 1, 6, 7]
     assert make_layout("contiguous", 8, 2).positions(1).tolist() == [4, 5, 6, 7]
