@@ -90,9 +90,11 @@ def _reference(q, k, v, case):
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0) @ v
 
 
-def flex_function(rank, world, case, dtype=torch.float64, layout="striped"):
+def flex_function(rank, world, case, dtype=torch.float64, layout="striped", lse=None):
     """A function that builds its block mask and calls flex_attention, compiled with the ring:
-    its error against the reference (float64) and its report."""
+    its error against the reference (float64) and its report. ``lse``: "unread", the call asks
+    for its log-sum-exp and casts it, which nothing reads (transformers on the GPU); "read", the
+    function returns it too."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, H, S, D, dtype=dtype, generator=g)
@@ -101,11 +103,17 @@ def flex_function(rank, world, case, dtype=torch.float64, layout="striped"):
 
     def attend(q, k, v):
         block_mask = flex.create_block_mask(mask_mod, 1, None, S, S, device="cpu")
-        return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                   enable_gqa=True)  # fmt: skip
+        if lse is None:
+            return flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                       enable_gqa=True)  # fmt: skip
+        out, aux = flex.flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                       enable_gqa=True, return_aux=flex.AuxRequest(lse=True))  # fmt: skip
+        weights = aux.lse.to(q.dtype)
+        return out if lse == "unread" else (out, weights)
 
     reports = []
     out = _compile(attend, {"compiler": "aot_eager", "layout": layout}, {}, reports)(q, k, v)
+    out = out if lse != "read" else out[0]
     (report,) = reports
     ref = _reference(q.double(), k.double(), v.double(), case)
     return float((out.double() - ref).abs().max()), report
@@ -118,6 +126,17 @@ def test_flex_attention_on_other_rings(gloo, world, layout, case):
     bias), on rings of 1, 3 and 4 in every layout (16 tokens: the zigzag ring of 3 pads)."""
     for err, _ in gloo(world).run(flex_function, case, torch.float64, layout):
         assert err < 1e-10, err
+
+
+@pytest.mark.parametrize("lse", ["unread", "read"])
+def test_a_log_sum_exp_nothing_reads_is_dropped(gloo, lse):
+    """transformers asks flex for its log-sum-exp on the GPU and casts it, into attention weights
+    its layers drop: the call still goes to the ring. A log-sum-exp the function returns keeps
+    flex, over the gathered sequence."""
+    for err, report in gloo(2).run(flex_function, "documents", torch.float64, "striped", lse):
+        assert err < 1e-10, err
+        fell_back = [f for f in report.fallbacks if "log-sum-exp is read" in f]
+        assert (len(fell_back), len(report.attention)) == ((0, 1) if lse == "unread" else (1, 0))
 
 
 def test_a_float64_bias_on_float32_inputs(gloo):
@@ -263,6 +282,11 @@ def test_transformers_flex_model_trains_on_the_gpu():
         return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
 
     ref, ref_grads = step(model)
-    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}))
+    reports = []
+    out, grads = step(_compile(model, {"compiler": "aot_eager"}, {}, reports))
     errs = [float((a - b).norm() / b.norm()) for a, b in zip([out, *grads], [ref, *ref_grads])]
     assert max(errs) < 1e-4, errs
+    # every flex call went to the ring (transformers asks for the log-sum-exp on the GPU, and
+    # reads it for nothing), its mask read as causality inside the derived documents
+    assert sum(len(r.attention) for r in reports) >= 2, [r.attention for r in reports]
+    assert not [f for r in reports for f in r.fallbacks if "flex_attention" in f]

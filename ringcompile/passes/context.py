@@ -65,6 +65,22 @@ def _functorch_levels():
 _FUNCTORCH_LEVELS = _functorch_levels()
 
 
+def unread(node: Node) -> list[Node] | None:
+    """``node`` and every node downstream of it, if none of them reaches the graph's output or
+    has an effect (what dead-code elimination would remove once ``node`` is dead); else None."""
+    found: dict[Node, None] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in found:
+            continue
+        if n.op == "output" or n.is_impure() or _mutates(n):
+            return None
+        found[n] = None
+        stack.extend(n.users)
+    return list(found)
+
+
 def _mutates(node: Node) -> bool:
     """In-place changes (``x.add_(y)``, ``x[i] = v``, ``x += y``, ``out=``), and ops whose schema
     mutates an argument (FX on torch 2.11 deems those pure too: a cache append or an ``out=``

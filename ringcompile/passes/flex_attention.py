@@ -5,8 +5,9 @@ the higher-order op ``torch.ops.higher_order.flex_attention``, with the ``mask_m
 ``score_mod`` as subgraphs (``get_attr``) that take ``(b, h, q_idx, kv_idx, *buffers)`` and
 ``(score, b, h, q_idx, kv_idx, *buffers)``, the tensors they read as buffers.
 Guarantees: a call over one sequence (queries and keys of one length, the block mask's too),
-whose output alone is read (not its log-sum-exp), whose ``score_mod`` returns the score, or its
-soft cap ``c * tanh(score / c)`` (Gemma 2's), plus a bias or nothing, becomes
+whose output alone is read (its log-sum-exp, if asked for, feeds nothing that is read), whose
+``score_mod`` returns the score, or its soft cap ``c * tanh(score / c)`` (Gemma 2's), plus a bias
+or nothing, becomes
 ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=...)``, with a
 soft cap ``sdpa_soft_capped(..., softcap=c)`` (``ringcompile.soft_cap``). The mask is the
 ``mask_mod`` evaluated once over broadcast indices (``b = arange(B)[:, None, None, None]``,
@@ -35,7 +36,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ringcompile.mask_mod import MaskWithBias
-from ringcompile.passes.context import RingContext
+from ringcompile.passes.context import RingContext, unread
 from ringcompile.passes.dims import example
 from ringcompile.passes.fx_utils import MASK_MOD, source_line
 from ringcompile.passes.idioms import soft_capped
@@ -99,7 +100,9 @@ def _refusal(gm: GraphModule, node: Node) -> str | None:
     S = example(q).shape[-2]
     if example(k).shape[-2] != S or tuple(block_mask[:2]) != (S, S):
         return f"over {S} queries and {example(k).shape[-2]} keys is not self-attention"
-    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+    # (transformers asks for it on the GPU and casts it, for nothing that is read)
+    if any(u.target is not operator.getitem or (u.args[1] != 0 and unread(u) is None)
+           for u in node.users):  # fmt: skip
         return "whose log-sum-exp is read"
     if _score_mod_kind(_subgraph(gm, score)) is None:
         return ("with a score_mod that is not a bias added to the score, soft-capped (c * "
@@ -251,7 +254,12 @@ def _replace(gm: GraphModule, node: Node) -> None:
         sdpa.meta[MASK_MOD] = (fn, buffers)
     if "nn_module_stack" in first.meta:
         sdpa.meta["nn_module_stack"] = first.meta["nn_module_stack"]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for user in list(node.users):
+        if user.args[1] != 0:  # the log-sum-exp, and what only it reads: nothing is read
+            for dead in sorted(unread(user), key=order.get, reverse=True):
+                gm.graph.erase_node(dead)
+            continue
         user.replace_all_uses_with(sdpa)
         gm.graph.erase_node(user)
     gm.graph.erase_node(node)
