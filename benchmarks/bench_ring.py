@@ -82,8 +82,11 @@ IDEALS = {
 
 
 def ideal_name_of(kernels: str, mask: str) -> str:
-    if mask != "causal" and kernels == "auto":  # masked blocks run on Triton either way
-        return "ideal: the default kernels (masked: Triton) on one GPU, whole sequence (time / W)"
+    if mask != "causal" and kernels == "auto":  # the block engine's kernel for the mask's blocks
+        kernel = "FA2 varlen" if mask == "documents" else "Triton"
+        return (
+            f"ideal: the default kernels ({mask}: {kernel}) on one GPU, whole sequence (time / W)"
+        )
     return IDEALS[kernels]
 
 
