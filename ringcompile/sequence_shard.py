@@ -32,10 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import functools
+import os
 
 import torch
+import torch.distributed as dist
 from torch._subclasses.fake_tensor import is_fake
-from torch.distributed.distributed_c10d import _resolve_process_group
+from torch.distributed.distributed_c10d import _get_default_store, _resolve_process_group
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ringcompile.errors import RingCompileError
@@ -58,6 +62,48 @@ def recording_gathers():
         yield _gathers_log
     finally:
         _gathers_log = outer
+
+
+# how many reads from Python code each group's ranks have gathered (every rank counts alike)
+_reads: dict[str, int] = {}
+
+
+def gather_timeout() -> float:
+    """Seconds a rank waits for every other rank to come to a gather that Python code asked for
+    (``RINGCOMPILE_GATHER_TIMEOUT``, default 300)."""
+    return float(os.environ.get("RINGCOMPILE_GATHER_TIMEOUT", "300"))
+
+
+def _every_rank_reads(group, what: str, reader: str) -> None:
+    """Before a gather that Python code asked for: wait, on the store and with no collective,
+    until every rank of ``group`` has come to the same gather, or raise naming the ranks that did
+    not (a read on one rank alone, ``if rank == 0: print(out.sum())``, would otherwise hang the
+    gather). Each rank leaves a key per read; a rank at read n removes its key of read n - 2,
+    which every rank has seen by then. A read that raises is not counted."""
+    ranks = dist.get_process_group_ranks(group)
+    if len(ranks) == 1:
+        return
+    store = _get_default_store()
+    n = _reads[group.group_name] = _reads.get(group.group_name, 0) + 1
+    key = functools.partial("ringcompile/read/{}/{}/{}".format, group.group_name)
+    store.set(key(n, dist.get_rank()), b"")
+    if n > 2:
+        store.delete_key(key(n - 2, dist.get_rank()))
+    others = [key(n, r) for r in ranks if r != dist.get_rank()]
+    try:
+        store.wait(others, datetime.timedelta(seconds=gather_timeout()))
+    except (RuntimeError, dist.DistStoreError) as e:
+        missing = [r for r in ranks if r != dist.get_rank() and not store.check([key(n, r)])]
+        # the read did not happen: the count and the key go back, and the ranks stay in step
+        store.delete_key(key(n, dist.get_rank()))
+        _reads[group.group_name] = n - 1
+        raise RingCompileError(
+            f"{what} was read by {reader} on rank {dist.get_rank()}, which gathers it from every "
+            f"rank of its ring, but rank(s) {missing} did not read it within "
+            f"{gather_timeout():.0f} s (RINGCOMPILE_GATHER_TIMEOUT). Every rank runs the same "
+            "program: read it on every rank (then print on one), or compile with "
+            "options={'gather_outputs': True} to get full tensors back."
+        ) from e
 
 
 class SequenceShard(torch.Tensor):
@@ -132,8 +178,9 @@ class SequenceShard(torch.Tensor):
         local = self.local.detach()
         if is_fake(local):  # tracing: the shape is all there is
             return local.new_empty(self.shape)
-        gather = RingGather(self.seq_layout, self.rank, _resolve_process_group(self.group_name))
-        cache["full"] = gather(local, self.seq_dim)
+        group = _resolve_process_group(self.group_name)
+        _every_rank_reads(group, self.origin or "a sequence-sharded value", reader)
+        cache["full"] = RingGather(self.seq_layout, self.rank, group)(local, self.seq_dim)
         cache["local_version"] = local._version
         if _gathers_log is not None:
             _gathers_log.append(f"{self.origin or 'a sequence-sharded value'}: read by {reader}")

@@ -430,3 +430,34 @@ def test_document_ids_derived_in_an_earlier_graph(gloo):
         assert "derived from the position ids l_pos_" in attend.arrived[0], attend.arrived
         (lifted,) = attend.lifted
         assert lifted.endswith("-> causal, document_ids=l_doc_"), lifted
+
+
+def read_on_one_rank(rank, world):
+    """A sharded output read by Python code on rank 0 alone (``if rank == 0: print(...)``)."""
+    import os
+
+    os.environ["RINGCOMPILE_GATHER_TIMEOUT"] = "2"
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTransformer(layers=1).double()
+    tokens = torch.randint(0, 64, (2, 15))
+    compiled = _compile(model, {"compiler": "aot_eager"}, {})
+    both = float(compiled(tokens).sum())  # every rank reads: gathered
+    alone = compiled(tokens)  # every rank runs the model ...
+    if rank != 0:
+        return both, ""
+    try:
+        float(alone.sum())  # ... and rank 0 alone reads what it returned
+        return both, ""
+    except RingCompileError as e:
+        return both, str(e)
+
+
+def test_a_read_on_one_rank_alone_raises_instead_of_hanging(gloo):
+    (both0, err0), (both1, err1) = gloo(2).run(read_on_one_rank)
+    assert both0 == both1 and err1 == ""
+    assert "rank(s) [1] did not read it within 2 s" in err0, err0
+    assert "gather_outputs" in err0
+    # the world goes on: no rank issued a gather alone
+    (again0, _), (again1, _) = gloo(2).run(read_on_one_rank)
+    assert again0 == again1 == both0
