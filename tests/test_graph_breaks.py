@@ -434,9 +434,13 @@ def test_document_ids_derived_in_an_earlier_graph(gloo):
 
 def read_on_one_rank(rank, world):
     """A sharded output read by Python code on rank 0 alone (``if rank == 0: print(...)``)."""
-    import os
+    from unittest import mock
 
-    os.environ["RINGCOMPILE_GATHER_TIMEOUT"] = "2"
+    with mock.patch.dict("os.environ", {"RINGCOMPILE_GATHER_TIMEOUT": "2"}):
+        return _read_on_one_rank(rank)
+
+
+def _read_on_one_rank(rank):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = TinyTransformer(layers=1).double()
