@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from ringcompile.masks import BlockMask
+from ringcompile.tensor_cache import MISSING, TensorKeyedCache
 
 __all__ = ["FlashVarlenBlocks", "Segments", "VarlenBlocks", "flash_varlen_runs", "segments"]
 
@@ -139,38 +139,10 @@ def _plan(q_doc: torch.Tensor, k_doc: torch.Tensor, mask: BlockMask):
             one_document)  # fmt: skip
 
 
-class _SegmentCache:
-    """``Segments`` by (document ids tensor, its version, the block's positions): kept while the
-    tensor lives unchanged, least recently used out first. The tensor the op was given is the
-    same object in every layer of a call and in its backward, and every rank's is (one graph on
-    every rank): the keys' ids, which came from another rank, are then the same too."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.entries: OrderedDict = OrderedDict()
-
-    @staticmethod
-    def key(mask: BlockMask, B: int) -> tuple | None:
-        src = mask.documents_source
-        if src is None or mask.positions_key is None or src.is_inference():
-            return None  # (an inference tensor keeps no version counter)
-        return (id(src), src._version, mask.positions_key, mask.rules, mask.seq_len, B,
-                mask.q_pos.numel(), mask.k_pos.numel(), mask.q_pos.device)  # fmt: skip
-
-    def get(self, key, src):
-        entry = self.entries.get(key)
-        if entry is None or entry[0] is not src:
-            return None
-        self.entries.move_to_end(key)
-        return entry
-
-    def put(self, key, src, value) -> None:
-        self.entries[key] = (src, value)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-
-_cache = _SegmentCache(256)
+# Segments by (document ids tensor, the block's positions): the tensor the op was given is the same
+# object in every layer of a call and in its backward, and every rank's is (one graph on every
+# rank): the keys' ids, which came from another rank, are then the same too.
+_cache = TensorKeyedCache(256)
 
 
 def segments(mask: BlockMask, B: int) -> Segments | None:
@@ -180,10 +152,12 @@ def segments(mask: BlockMask, B: int) -> Segments | None:
     device = mask.q_pos.device
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    key = _cache.key(mask, B)
     src = mask.documents_source
-    if key is not None and (hit := _cache.get(key, src)) is not None:
-        return hit[1]
+    facts = (mask.positions_key, mask.rules, mask.seq_len, B, mask.q_pos.numel(),
+             mask.k_pos.numel(), mask.q_pos.device)  # fmt: skip
+    cacheable = src is not None and mask.positions_key is not None
+    if cacheable and (hit := _cache.get(src, *facts)) is not MISSING:
+        return hit
     q_doc, k_doc = mask.q_doc.expand(B, -1), mask.k_doc.expand(B, -1)
     both = torch.cat([q_doc.flatten(), k_doc.flatten()]).to(torch.int64).cpu()
     plan = _plan(both[: q_doc.numel()].view(B, -1), both[q_doc.numel() :].view(B, -1), mask)
@@ -200,8 +174,8 @@ def segments(mask: BlockMask, B: int) -> Segments | None:
         seg = Segments(to_device(cu_q, torch.int32), to_device(cu_k, torch.int32),
                        None if packed is None else to_device(packed, torch.int64), max_q,
                        max(max_k, 1), keys, causal, window_left, one_document)  # fmt: skip
-    if key is not None:
-        _cache.put(key, src, seg)
+    if cacheable:
+        _cache.put(src, *facts, value=seg)
     return seg
 
 

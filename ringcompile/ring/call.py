@@ -7,7 +7,7 @@ with K/V (``traveling``), and each step's ``BlockMask`` is made from what arrive
 Key validity that hides no key on any rank (a tokenizer's all-ones ``attention_mask``) is dropped
 before the first block (``settle_padding``), so the blocks are plain and go to the fastest kernel.
 Whether this rank's validity hides a key is computed once per tensor of it (a model's layers and
-their backward share one, ``_HIDES``), so that asking every rank waits for that small all-gather
+their backward share one, ``_HIDES``, a ``TensorKeyedCache``), so that asking every rank waits for that small all-gather
 alone, not for the GPU's queued work; on a ring of one the answer itself is kept, and only the
 first call of a tensor waits for the GPU.
 """
@@ -15,8 +15,6 @@ first call of a tensor waits for the GPU.
 from __future__ import annotations
 
 import functools
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -30,6 +28,7 @@ from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 from ringcompile.ring import events
 from ringcompile.ring.comm import GroupRing, LocalRing, Ring, on_the_wire, record_event
 from ringcompile.ring.plan import Step, first_hop_dtype, rank_steps
+from ringcompile.tensor_cache import MISSING, TensorKeyedCache
 
 __all__ = ["RankCall", "positions"]
 
@@ -50,28 +49,8 @@ class PaddingHides(NamedTuple):
     anywhere: bool | None = None
 
 
-class _HidesCache:
-    """``PaddingHides`` by (key validity tensor, its version, the layout, the rank), kept while the
-    tensor lives unchanged, least recently used out first."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.entries: OrderedDict = OrderedDict()
-
-    def get(self, key, kp):
-        entry = self.entries.get(key)
-        if entry is None or entry[0]() is not kp:
-            return None
-        self.entries.move_to_end(key)
-        return entry[1]
-
-    def put(self, key, kp, value: PaddingHides) -> None:
-        self.entries[key] = (weakref.ref(kp), value)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-
-_HIDES = _HidesCache(64)
+# PaddingHides by (key validity tensor, the layout, the rank)
+_HIDES = TensorKeyedCache(64)
 
 
 @dataclass
@@ -124,25 +103,18 @@ class RankCall:
     def computed_steps(self) -> list[int]:
         return [s.index for s in self.steps if s.computed]
 
-    def _hides_key(self, kp: torch.Tensor):
-        if kp.is_inference():
-            return None  # (an inference tensor keeps no version counter)
-        return (id(kp), kp._version, self.layout, self.rank)
-
     def padding_hides(self) -> PaddingHides | None:
         """Whether this rank's key validity hides a key (None without one)."""
         kp = self.mask.key_padding_mask
         if kp is None:
             return None
-        key = self._hides_key(kp)
-        if key is not None and (hit := _HIDES.get(key, kp)) is not None:
+        if (hit := _HIDES.get(kp, self.layout, self.rank)) is not MISSING:
             return hit
         # a layout's padding slots (past seq_len) are no keys: the rules hide them anyway
         real = positions(self.layout, self.rank, kp.device) < self.seq_len
         mine = (~kp & real).any().to(torch.int64).reshape(1)
         hides = PaddingHides(mine, record_event(mine))
-        if key is not None:
-            _HIDES.put(key, kp, hides)
+        _HIDES.put(kp, self.layout, self.rank, value=hides)
         return hides
 
     def settle_padding(self, every_rank: torch.Tensor | None = None) -> None:
@@ -159,9 +131,9 @@ class RankCall:
             else:
                 every_rank = self.ring.start_agreement([], [], hides.mine.device,
                                                        extra=hides.mine, ready=hides.ready)()  # fmt: skip
-                if self.ring.alone and (key := self._hides_key(self.mask.key_padding_mask)):
-                    kp = self.mask.key_padding_mask
-                    _HIDES.put(key, kp, hides._replace(anywhere=bool(every_rank.any())))
+                if self.ring.alone:
+                    _HIDES.put(self.mask.key_padding_mask, self.layout, self.rank,
+                               value=hides._replace(anywhere=bool(every_rank.any())))  # fmt: skip
         if not bool(every_rank.any()):
             # the blocks are what the other facts make them (plain under position rules alone),
             # and only document ids travel, if any
