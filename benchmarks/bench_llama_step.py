@@ -6,8 +6,8 @@ Model: ``LlamaForCausalLM``, hidden 2048, 16 layers, 32 / 8 heads of dim 128, ML
 (``labels=``), its backward and the optimizer step. Modes (``--modes``):
 
 - ``ring``: ``torch.compile(model, backend="ring")`` on every rank (``--layout``, zigzag by
-  default; inductor inside; the default block kernels: plain blocks on cuDNN, documents, windows
-  and chunks on FA2's varlen kernel);
+  default; inductor inside; the default block kernels: plain blocks on cuDNN, packed documents
+  (with their windows or chunks) on FA2's varlen kernel, other masked blocks on Triton);
 - ``ring-triton``: the same with ``options={"kernels": "triton"}`` (every block in Triton);
 - ``ring-flex``: ``backend="ring"`` on the model with ``attn_implementation="flex_attention"``
   (the backend reads each flex call's mask: on packed documents, causality inside the documents

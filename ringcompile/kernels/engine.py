@@ -19,7 +19,6 @@ they are, which sum them in fp32 with as few passes as the contributions allow.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,10 +65,7 @@ def _rule_pieces(mask: BlockMask) -> tuple[Piece, ...] | None:
     r = mask.rules
     if mask.positions_key is None or r.window is not None or r.chunk or r.prefix:
         return None
-    return _layout_pieces(*mask.positions_key, r.causal)
-
-
-_layout_pieces = functools.lru_cache(maxsize=1024)(layout_block_pieces)
+    return layout_block_pieces(*mask.positions_key, r.causal)
 
 
 class BlockEngine:
