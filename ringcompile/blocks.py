@@ -17,6 +17,10 @@ sees keys ``x .. x + t``): exactly what SDPA's fused kernels compute, with their
   full pieces beside it.
 
 ``None`` means the block needs the per-element rules (the masked kernels).
+
+Chunked attention (Llama 4) is not pieces, but where a block's positions are one progression on
+both sides and its chunks fall on equal runs of rows and keys, each chunk is the same full or
+causal square: a batch of plain blocks, one per chunk (``chunk_period``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
     "describe_block",
     "disjoint",
     "layout_progression",
+    "chunk_piece",
 ]
 
 # More pieces than this and a block is cheaper as one masked kernel call.
@@ -123,6 +128,36 @@ def layout_progression(layout: Layout, rank: int, source: int) -> tuple[int, int
         return None
     step = int(steps[0]) if steps.numel() else 1
     return int(q[0]), int(k[0]), step
+
+
+def chunk_piece(progression: tuple[int, int, int] | None, rules, sq: int, sk: int,
+                seq_len: int) -> tuple[int, Piece] | None:  # fmt: skip
+    """``(m, piece)`` when a block under chunked position rules (no window or prefix) is the same
+    piece in every chunk: queries and keys cut into runs of ``m`` rows, the ``t``-th run of each
+    in one chunk, every key inside the sequence, and ``piece`` (rows and keys within a run) a full
+    square, a causal square or a strictly causal one. None otherwise.
+
+    With ``q_pos = a + step * i`` and ``k_pos = b + step * j`` (``progression``) and chunks of
+    ``C = m * step`` positions, run ``t`` of the queries lies in chunk ``a // C + t`` when
+    ``a % C < step`` (and likewise the keys); causality then lets row ``i`` of a run see keys
+    ``j <= i + floor((a % C - b % C) / step)``: a causal square when ``a % C >= b % C``, else
+    strictly causal (a striped block from a later rank)."""
+    C = rules.chunk
+    if progression is None or C <= 0 or rules.window is not None or rules.prefix:
+        return None
+    a, b, step = progression
+    if C % step or sq != sk:
+        return None
+    m = C // step
+    if sq % m or a % C >= step or b % C >= step or a // C != b // C:
+        return None
+    if b + step * (sk - 1) >= seq_len:  # padded keys (an uneven layout's last tokens)
+        return None
+    if not rules.causal:
+        return m, Piece(0, m, 0, m, False)
+    if a % C >= b % C:
+        return m, Piece(0, m, 0, m, True)
+    return (m, Piece(1, m, 0, m - 1, True)) if m > 1 else None  # (m = 1: an empty block)
 
 
 def restrict_keys(pieces: tuple[Piece, ...] | None, start: int, stop: int

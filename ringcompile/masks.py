@@ -288,7 +288,8 @@ class BlockMask:
         and position rules are its whole mask (no key padding, no dense mask or bias), and its
         positions are one progression on both sides. (Windows and chunks alone are such a batch
         too, but our Triton kernels run them faster than FA2's varlen kernel:
-        benchmarks/RESULTS.md.)"""
+        benchmarks/RESULTS.md; chunks that are one square each go to the plain kernel as a batch
+        instead, ``kernels.engine.ChunkBatch``.)"""
         return (self.q_doc is not None and self.pieces is None and self.k_valid is None
                 and self.dense is None and self.progression is not None
                 and not self.softcap and not self.rules.prefix)  # fmt: skip

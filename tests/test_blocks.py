@@ -9,8 +9,10 @@ import torch
 
 from ringcompile.blocks import (
     Piece,
+    chunk_piece,
     describe_block,
     layout_block_pieces,
+    layout_progression,
     plain_pieces,
     restrict_keys,
 )
@@ -115,3 +117,73 @@ def test_random_sorted_positions():
 def test_piece_slices():
     p = Piece(1, 5, 0, 4, True)
     assert (p.rows, p.keys) == (slice(1, 5), slice(0, 4))
+
+
+@pytest.mark.parametrize("name", ["contiguous", "striped", "zigzag"])
+@pytest.mark.parametrize("S,W", [(24, 1), (24, 2), (24, 3), (22, 2), (48, 4)])
+@pytest.mark.parametrize("chunk", [2, 4, 6, 5, 12])
+@pytest.mark.parametrize("causal", [True, False])
+def test_chunk_piece_is_the_same_in_every_chunk(name, S, W, chunk, causal):
+    """Where ``chunk_piece`` gives ``(m, piece)``, the block is that piece in every run of m rows
+    and keys, and nothing outside them."""
+    layout = make_layout(name, S, W)
+    rules = PositionRules(causal, chunk=chunk)
+    n = layout.local_len
+    found = 0
+    for rank, src in itertools.product(range(W), repeat=2):
+        q_pos, k_pos = layout.positions(rank), layout.positions(src)
+        got = chunk_piece(layout_progression(layout, rank, src), rules, n, n, layout.seq_len)
+        if got is None:
+            continue
+        found += 1
+        m, piece = got
+        want = torch.block_diag(*[_dense((piece,), m, m)] * (n // m))
+        assert torch.equal(BlockMask(q_pos, k_pos, S, rules).allowed()[0], want), (rank, src)
+    # a ring of one, and a striped ring whose chunks hold whole stripes: every block
+    if (W == 1 or name == "striped") and chunk % W == 0 and S % chunk == 0 and chunk > W:
+        assert found == W * W
+
+
+def _with_batched_chunks(rank, world, layout_name, mask_kind, S):
+    """``check_against_sdpa`` on the default kernels; also how many fused calls took a batch of
+    chunks (more batch rows than the inputs' 2) on this rank."""
+    from ringcompile.kernels import sdpa_blocks
+    from tests.test_ring_attention import check_against_sdpa
+
+    calls = []
+    forward, backward = sdpa_blocks.CpuFlashBlocks.forward, sdpa_blocks.CpuFlashBlocks.backward
+
+    def counted(fn):
+        return lambda self, *a, **kw: calls.append(a[0].shape[0] > 2) or fn(self, *a, **kw)
+
+    sdpa_blocks.CpuFlashBlocks.forward = counted(forward)
+    sdpa_blocks.CpuFlashBlocks.backward = counted(backward)
+    try:
+        return check_against_sdpa(rank, world, layout_name, mask_kind, 8, 2, S, 3), sum(calls)
+    finally:
+        sdpa_blocks.CpuFlashBlocks.forward, sdpa_blocks.CpuFlashBlocks.backward = forward, backward
+
+
+@pytest.mark.parametrize(
+    "layout_name,world,mask_kind,batched",
+    [
+        # (an own block's backward at W >= 2 is two calls, on halves of the KV heads)
+        ("striped", 1, "chunk_of_6", [2]),  # the forward and backward of the own block
+        # rank 1's block from rank 0 too, and rank 0's from rank 1 (strictly causal in each chunk)
+        ("striped", 2, "chunk_of_6", [5, 5]),
+        ("striped", 3, "chunk_of_6_bidirectional", [7, 7, 7]),  # every block full squares
+        # no chunk spans two ranks: one ring step (the own block, its backward one call)
+        ("contiguous", 2, "chunk_of_6", [2, 2]),
+        # rank 0 holds positions 0-5 and 18-23 (not one progression: masked kernels), rank 1
+        # 6-17, one progression
+        ("zigzag", 2, "chunk_of_6", [0, 2]),
+        ("striped", 2, "chunk", [0, 0]),  # chunks of 5 cut stripes of 2
+    ],
+)  # fmt: skip
+def test_chunked_blocks_run_as_one_batch_of_chunks(gloo, layout_name, world, mask_kind, batched):
+    """A chunked block that is the same piece in every chunk runs as one fused call over a batch
+    of chunks, exactly; the others on the masked kernels."""
+    results = gloo(world).run(_with_batched_chunks, layout_name, mask_kind, 24)
+    for rank, (errs, _) in enumerate(results):
+        assert max(errs) < 1e-10, f"rank {rank}: rel errors (out, dq, dk, dv) = {errs}"
+    assert [n for _, n in results] == batched

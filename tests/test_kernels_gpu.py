@@ -693,3 +693,74 @@ def test_ring_attention_token_major_matches_contiguous(kind, kernels):
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         rel = ((a - b).norm() / b.norm()).item()
         assert rel < 1e-2, f"{name}: {rel}"
+
+
+@pytest.mark.parametrize("token_major", [False, True])
+def test_chunks_run_as_one_batch_on_cudnn(monkeypatch, token_major):
+    """Chunked attention on one GPU: every chunk is the same causal square, so the block goes to
+    cuDNN as one batch of chunks (views of (B, S, H, D) memory, copies of (B, H, S, D)); within
+    1.5x the efficient SDPA kernel's own bf16 error under the same mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ringcompile import ring_attention
+    from ringcompile.kernels import sdpa_blocks
+
+    batches = []
+    forward = sdpa_blocks.CudnnBlocks.forward
+    monkeypatch.setattr(sdpa_blocks.CudnnBlocks, "forward",
+                        lambda self, q, *a: batches.append(q.shape[0]) or forward(self, q, *a))  # fmt: skip
+    B, H, Hkv, S, D, C = 2, 8, 2, 2048, 128, 512
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=23)
+    if token_major:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*leaves, is_causal=True, chunk=C, enable_gqa=True)
+    out.backward(dout)
+    assert batches == [B * S // C]
+    ours = [out.detach()] + [t.grad for t in leaves]
+    pos = torch.arange(S, device="cuda")
+    allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] // C == pos[:, None] // C)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=allowed,
+                                                            enable_gqa=True)  # fmt: skip
+    want.backward(dout.double())
+    wants = [want.detach()] + [t.grad for t in ref]
+    G = H // Hkv
+    sdpa_in = [t.detach().requires_grad_() for t in (q, k.repeat_interleave(G, 1),
+                                                      v.repeat_interleave(G, 1))]  # fmt: skip
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        theirs = torch.nn.functional.scaled_dot_product_attention(*sdpa_in, attn_mask=allowed)
+    theirs.backward(dout)
+    theirs = [theirs.detach(), sdpa_in[0].grad,
+              sdpa_in[1].grad.unflatten(1, (Hkv, G)).sum(2),
+              sdpa_in[2].grad.unflatten(1, (Hkv, G)).sum(2)]  # fmt: skip
+    for name, a, b, w in zip(("out", "dq", "dk", "dv"), ours, theirs, wants):
+        mine, sdpa = _rel(a, w, None), _rel(b, w, None)
+        assert mine <= 1.5 * sdpa + 1e-6, f"{name}: ours {mine:.2e}, efficient SDPA {sdpa:.2e}"
+
+
+@pytest.mark.parametrize("a,b", [(1, 0), (0, 1)], ids=["causal", "strictly_causal"])
+def test_chunk_blocks_of_a_striped_ring_on_cudnn(tf, monkeypatch, a, b):
+    """Blocks of a striped ring of 2 under chunks of 512 (the same causal, or strictly causal,
+    piece in every chunk): one batched cuDNN call each way, rows that see nothing as such, and
+    within 1.5x the efficient SDPA kernel's error."""
+    from ringcompile.kernels import sdpa_blocks, select_kernels
+
+    batches = []
+    for name in ("forward", "backward"):
+        fn = getattr(sdpa_blocks.CudnnBlocks, name)
+        monkeypatch.setattr(sdpa_blocks.CudnnBlocks, name,
+                            lambda self, x, *r, fn=fn: batches.append(x.shape[0]) or fn(self, x, *r))  # fmt: skip
+    B, H, Hkv, S, D, C = 1, 8, 2, 2048, 128, 512
+    q, k, v, dout = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                     for t in _inputs(B, H, Hkv, S, D, seed=24))  # fmt: skip
+    i = torch.arange(S, device="cuda")
+    mask = BlockMask(q_pos=a + 2 * i, k_pos=b + 2 * i, seq_len=2 * S,
+                     rules=PositionRules(True, chunk=C), progression=(a, b, 2))  # fmt: skip
+    allowed = mask.allowed()[:, None]
+    # SDPA needs a key for every row: a row that sees none gets all, with no gradient flowing
+    unseen = ~allowed.any(-1, keepdim=True)
+    dout = dout.masked_fill(unseen, 0)
+    _compare(tf, q, k, v, mask, dout, D**-0.5, "EFFICIENT_ATTENTION", False, allowed | unseen,
+             kernels=select_kernels(q))  # fmt: skip
+    assert batches == [B * 2 * S // C] * 2

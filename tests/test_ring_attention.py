@@ -56,6 +56,12 @@ def _problem(seed, B, H, Hkv, S, D, mask_kind):
     elif mask_kind == "chunk_bidirectional":
         kw["chunk"] = 4
         allowed &= pos[None, :] // 4 == pos[:, None] // 4
+    elif mask_kind in ("chunk_of_6", "chunk_of_6_bidirectional"):  # chunks on runs of the shards
+        kw["chunk"] = 6
+        allowed &= pos[None, :] // 6 == pos[:, None] // 6
+        if mask_kind == "chunk_of_6":
+            kw["is_causal"] = True
+            allowed &= causal_tri
     elif mask_kind.startswith("prefix"):
         # prefix-LM: the first 7 positions seen by every query, causal after them; with
         # documents, only inside each document (the prefix crosses ranks and ring steps)

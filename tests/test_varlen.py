@@ -197,4 +197,10 @@ def test_explain_names_the_varlen_kernel_and_its_fallback():
                       "step 1 (keys of rank 1): masked -> reference"]  # fmt: skip
     chunks = describe_steps(make_layout("striped", 16, 2), 0,
                             AttentionMask(PositionRules(True, chunk=4)), plan)  # fmt: skip
-    assert chunks[0] == "step 0 (own block): masked -> reference"
+    # chunks alone are no varlen block: the same piece in every chunk goes to the plain kernel,
+    # one batch of chunks
+    assert chunks == [
+        "step 0 (own block): causal in each of its 4 chunks -> flash (CPU), one batched call",
+        "step 1 (keys of rank 1): strictly causal in each of its 4 chunks -> flash (CPU), one "
+        "batched call",
+    ]

@@ -28,7 +28,8 @@ planning function (``plan_kernels``) answers for the run and for ``explain``. ``
 choice)`` gives the ``BlockEngine`` (``engine.py``) that sends each block to its kind's kernel:
 
 - plain blocks (full or causal pieces): aten's fused SDPA kernels (``sdpa_blocks.py``: cuDNN on
-  CUDA, flash on CPU) with ``choice="auto"`` wherever they take the inputs;
+  CUDA, flash on CPU) with ``choice="auto"`` wherever they take the inputs; so do chunked blocks
+  that are one such square per chunk, as one batch of chunks (``engine.ChunkBatch``);
 - masked blocks, and plain ones where no fused kernel runs: ``TritonKernels`` (``triton/``, masks
   evaluated per tile; CUDA half precision and float32), else ``ReferenceKernels``
   (``reference.py``: plain PyTorch, any dtype and device);

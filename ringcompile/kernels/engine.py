@@ -5,7 +5,9 @@ kind (``registry.mask_kind``), and the ``KernelPlan`` names the kernel of each k
 (full, or causal on a square) may go to a fused SDPA kernel (``sdpa_blocks``: cuDNN on CUDA) and
 a varlen block (packed documents) to a varlen kernel (``varlen``: FA2 on CUDA) as one
 piece over all its rows and keys (or, where each row is one document, as the plain pieces of its
-position rules); each returns (out, lse), merged here by ``merge_block``. The
+position rules); a chunked block that is the same piece in every chunk (``blocks.chunk_piece``)
+goes to the fused SDPA kernel as one batch of chunks (``ChunkBatch``: views where the layout
+allows); each returns (out, lse), merged here by ``merge_block``. The
 kernels that merge themselves (Triton, the reference) do it inside their epilogue, and take the
 varlen blocks a varlen kernel cannot (``varlen.segments`` is None). All write the one running state
 (``ForwardState``), so a call may mix them step by step. A first block's output stays in the inputs' dtype until
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ringcompile.blocks import Piece, disjoint, layout_block_pieces
+from ringcompile.blocks import Piece, chunk_piece, disjoint, layout_block_pieces
 from ringcompile.kernels.grad_sum import sums_over
 from ringcompile.kernels.interface import AttentionKernels, ForwardState
 from ringcompile.kernels.merge import merge_block
@@ -31,7 +33,7 @@ from ringcompile.kernels.registry import BLOCK_KINDS, KernelPlan, mask_kind
 from ringcompile.kernels.varlen import Segments, segments
 from ringcompile.masks import BlockMask
 
-__all__ = ["BlockEngine"]
+__all__ = ["BlockEngine", "ChunkBatch"]
 
 
 @dataclass
@@ -68,6 +70,61 @@ def _rule_pieces(mask: BlockMask) -> tuple[Piece, ...] | None:
     return layout_block_pieces(*mask.positions_key, r.causal)
 
 
+@dataclass(frozen=True)
+class ChunkBatch:
+    """A block that is the same plain ``piece`` in every run of ``m`` rows and keys (one run per
+    chunk: ``blocks.chunk_piece``), run as one fused call over a batch of ``B * n`` runs. Rows or
+    keys of a run that the piece leaves out (a strictly causal piece's first row and last key)
+    come back as rows that saw nothing and zero gradients."""
+
+    m: int
+    piece: Piece
+
+    def forward(self, plain, q, k, v, scale: float):
+        p, B = self.piece, q.shape[0]
+        out, lse = plain.forward(self._batch(q, p.rows), self._batch(k, p.keys),
+                                 self._batch(v, p.keys), p.causal, scale)  # fmt: skip
+        return self._unbatch(out, B, p.rows), self._unbatch(lse, B, p.rows, float("-inf"))
+
+    def backward(self, plain, dout, q, k, v, out, lse, scale: float):
+        p, B = self.piece, q.shape[0]
+        dq, dk, dv = plain.backward(
+            *(self._batch(t, p.rows) for t in (dout, q)),
+            *(self._batch(t, p.keys) for t in (k, v)),
+            *(self._batch(t, p.rows) for t in (out, lse)),
+            p.causal, scale,
+        )  # fmt: skip
+        return (
+            self._unbatch(dq, B, p.rows),
+            self._unbatch(dk, B, p.keys),
+            self._unbatch(dv, B, p.keys),
+        )
+
+    def _batch(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """(B, H, n * m[, D]) -> (B * n, H, m[, D]), then ``part`` of each run: a view where B is
+        1 or the rows are outer to the heads in memory (a model's (B, S, H, D) projections),
+        else a copy."""
+        return x.unflatten(2, (-1, self.m)).transpose(1, 2).flatten(0, 1)[:, :, part]
+
+    def _unbatch(self, x: torch.Tensor, B: int, part: slice, fill: float = 0.0) -> torch.Tensor:
+        """The inverse of ``_batch``, ``fill`` where ``part`` left rows out."""
+        if (part.start, part.stop) != (0, self.m):
+            pad = (part.start, self.m - part.stop)
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 3) + pad, value=fill)
+        return x.unflatten(0, (B, -1)).transpose(1, 2).flatten(2, 3)
+
+
+def _chunk_batch(mask: BlockMask) -> ChunkBatch | None:
+    """The chunks of a block whose mask is its chunked position rules alone, where each chunk is
+    the same plain piece (``blocks.chunk_piece``)."""
+    if (mask.q_doc is not None or mask.k_valid is not None or mask.dense is not None
+            or mask.softcap):  # fmt: skip
+        return None
+    sq, sk = mask.q_pos.numel(), mask.k_pos.numel()
+    found = chunk_piece(mask.progression, mask.rules, sq, sk, mask.seq_len)
+    return None if found is None else ChunkBatch(*found)
+
+
 class BlockEngine:
     """:class:`AttentionKernels` that computes each block on its kind's kernel in ``plan``."""
 
@@ -87,13 +144,22 @@ class BlockEngine:
     def fused(self, mask: BlockMask) -> bool:
         """Whether the block goes whole to a kernel that returns (out, lse) (the heads of a part
         of it are then as cheap as all of them)."""
-        return not self.plan.spec(mask_kind(mask)).merges
+        return not self.plan.spec(mask_kind(mask)).merges or self._chunks(mask) is not None
+
+    def _chunks(self, mask: BlockMask) -> ChunkBatch | None:
+        """A masked block's ``ChunkBatch`` where the fused plain kernel can take it."""
+        if mask.pieces is not None or mask.varlen or not self.fused_plain:
+            return None
+        return _chunk_batch(mask)
 
     def _parts(self, mask: BlockMask, q: torch.Tensor, k: torch.Tensor):
-        """``(kernel that merges, None, None)``, or ``(None, pieces, segments)`` for the engine
-        to compute and merge: plain pieces (segments None), or a varlen block as one piece over
-        all its rows and keys with its ``Segments`` (no piece: no row sees a key)."""
+        """``(kernel that merges, None, None)``, or ``(None, pieces, how)`` for the engine to
+        compute and merge: plain pieces (``how`` None), a varlen block as one piece over all its
+        rows and keys with its ``Segments`` (no piece: no row sees a key), or a chunked block as
+        one piece with its ``ChunkBatch``."""
         kind = mask_kind(mask)
+        if chunks := self._chunks(mask):
+            return None, (Piece(0, q.shape[2], 0, k.shape[2], mask.rules.causal),), chunks
         if self.plan.spec(kind).merges:
             return self.kernels[kind], None, None
         if kind == "plain":
@@ -106,16 +172,21 @@ class BlockEngine:
             return None, pieces, None
         return None, () if seg.empty else (Piece(0, q.shape[2], 0, k.shape[2], False),), seg
 
-    def _forward_piece(self, q, k, v, p: Piece, seg: Segments | None, scale: float):
-        if seg is not None:
-            return self.kernels["varlen"].forward(q, k, v, seg, scale)
+    def _forward_piece(self, q, k, v, p: Piece, how: Segments | ChunkBatch | None,
+                       scale: float):  # fmt: skip
+        if isinstance(how, ChunkBatch):
+            return how.forward(self.plain, q, k, v, scale)
+        if how is not None:
+            return self.kernels["varlen"].forward(q, k, v, how, scale)
         return self.plain.forward(q[:, :, p.rows], k[:, :, p.keys], v[:, :, p.keys], p.causal,
                                   scale)  # fmt: skip
 
-    def _backward_piece(self, dout, q, k, v, out, lse, p: Piece, seg: Segments | None,
-                        scale: float):  # fmt: skip
-        if seg is not None:
-            return self.kernels["varlen"].backward(dout, q, k, v, out, lse, seg, scale)
+    def _backward_piece(self, dout, q, k, v, out, lse, p: Piece,
+                        how: Segments | ChunkBatch | None, scale: float):  # fmt: skip
+        if isinstance(how, ChunkBatch):
+            return how.backward(self.plain, dout, q, k, v, out, lse, scale)
+        if how is not None:
+            return self.kernels["varlen"].backward(dout, q, k, v, out, lse, how, scale)
         rows, keys = p.rows, p.keys
         return self.plain.backward(dout[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys],
                                    out[:, :, rows], lse[:, :, rows], p.causal, scale)  # fmt: skip
@@ -125,7 +196,7 @@ class BlockEngine:
 
     def forward_step(self, state: ForwardState, q, k, v, mask: BlockMask, scale: float,
                      last: bool) -> None:  # fmt: skip
-        merging, pieces, seg = self._parts(mask, q, k)
+        merging, pieces, how = self._parts(mask, q, k)
         if merging is not None:
             _materialize(state)
             merging.forward_step(state, q, k, v, mask, scale, last)
@@ -137,7 +208,7 @@ class BlockEngine:
         if state.steps == 0 and len(pieces) == 1 and whole:
             # The first block stays as the fused kernel returned it: the next merge reads it (no
             # copy into the state first); the call's only block is the answer.
-            out, lse = self._forward_piece(q, k, v, pieces[0], seg, scale)
+            out, lse = self._forward_piece(q, k, v, pieces[0], how, scale)
             state.lse = lse.to(state.lse.dtype).contiguous()
             state.steps = 1
             if last:
@@ -152,7 +223,7 @@ class BlockEngine:
                 state.out.zero_()
                 state.lse.fill_(float("-inf"))
             for i, p in enumerate(pieces):
-                self._merge_piece(state.out, state.out, state, q, k, v, p, seg, scale,
+                self._merge_piece(state.out, state.out, state, q, k, v, p, how, scale,
                                   i == 0 and whole)  # fmt: skip
             state.steps = 1
             return
@@ -163,7 +234,7 @@ class BlockEngine:
             # (no fp32 write and conversion pass after).
             final = torch.empty_like(q)  # (in q's layout, the op's output's)
             for p in pieces:
-                self._merge_piece(old, final, state, q, k, v, p, seg, scale, False)
+                self._merge_piece(old, final, state, q, k, v, p, how, scale, False)
             for lo, hi in zip([0] + [b for _, b in rows], [a for a, _ in rows] + [Sq]):
                 if lo < hi:
                     final[:, :, lo:hi].copy_(old[:, :, lo:hi])
@@ -177,13 +248,13 @@ class BlockEngine:
                     old = state.out
                 state.pending = None
             for p in pieces:
-                self._merge_piece(old, state.out, state, q, k, v, p, seg, scale, False)
+                self._merge_piece(old, state.out, state, q, k, v, p, how, scale, False)
                 old = state.out
         state.steps += 1
 
-    def _merge_piece(self, old, dst, state: ForwardState, q, k, v, p, seg, scale: float,
+    def _merge_piece(self, old, dst, state: ForwardState, q, k, v, p, how, scale: float,
                      first: bool) -> None:  # fmt: skip
-        out, lse = self._forward_piece(q, k, v, p, seg, scale)
+        out, lse = self._forward_piece(q, k, v, p, how, scale)
         merge_block(old, dst, state.lse, p.row_start, out, lse, first)
 
     def forward_finish(self, state: ForwardState, dtype: torch.dtype):
@@ -196,7 +267,7 @@ class BlockEngine:
 
     def backward_step(self, q, k, v, dout, lse, prepared: _Prepared, mask: BlockMask,
                       scale: float, dq, dk, dv, dkv_fresh: bool = False) -> None:  # fmt: skip
-        merging, pieces, seg = self._parts(mask, q, k)
+        merging, pieces, how = self._parts(mask, q, k)
         if merging is not None:
             merging.backward_step(q, k, v, dout, lse, prepared.delta, mask, scale, dq, dk, dv,
                                   dkv_fresh)  # fmt: skip
@@ -205,7 +276,7 @@ class BlockEngine:
         (dq, dk, dv), given = sums_over(dq, dk, dv, dkv_fresh)
         for p in pieces:
             rows, keys = p.rows, p.keys
-            dq_p, dk_p, dv_p = self._backward_piece(dout, q, k, v, prepared.out, lse, p, seg,
+            dq_p, dk_p, dv_p = self._backward_piece(dout, q, k, v, prepared.out, lse, p, how,
                                                     scale)  # fmt: skip
             dq.add(dq_p, (slice(None), slice(None), rows))
             dk.add(dk_p, (slice(None), slice(None), keys))

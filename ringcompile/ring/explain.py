@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ringcompile.blocks import describe_block, layout_progression
+from ringcompile.blocks import chunk_piece, describe_block, layout_progression
 from ringcompile.kernels.registry import KernelPlan, block_kind
 from ringcompile.layout import Layout
 from ringcompile.masks import AttentionMask
@@ -27,6 +27,10 @@ def describe_steps(
     parts = [name for name, present in (("documents", mask.document_ids is not None),
                                         ("window", mask.rules.window is not None),
                                         ("chunks", mask.rules.chunk > 0)) if present]  # fmt: skip
+    # chunks alone: a block that is one square per chunk goes to the plain kernel as a batch
+    chunks_alone = (mask.rules.chunk > 0 and mask.document_ids is None and not mask.softcap
+                    and mask.mask_mod is None
+                    and all(t is None for t in (mask.key_padding_mask, mask.key_bias, mask.dense)))  # fmt: skip
     masked_kernel = kernels.spec("masked").name
     lines = []
     for step in rank_steps(layout, mask.rules, mask.masked, rank):
@@ -37,6 +41,14 @@ def describe_steps(
         varlen = by_rules and layout_progression(layout, rank, step.source) is not None
         kind = block_kind(step.pieces, varlen)
         kernel = kernels.spec(kind).name
+        found = chunk_piece(layout_progression(layout, rank, step.source), mask.rules, n, n,
+                            layout.seq_len) if chunks_alone and kernels.fused_plain else None  # fmt: skip
+        if found is not None:
+            m, p = found
+            what = describe_block((p,), m, m).replace("causal diagonal", "causal")
+            lines.append(f"step {step.index} ({where}): {what} in each of its {n // m} chunks "
+                         f"-> {kernels.spec('plain').name}, one batched call")  # fmt: skip
+            continue
         if kind == "varlen":
             what = f"varlen ({', '.join(parts)})"
             if kernel != masked_kernel:
