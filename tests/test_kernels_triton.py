@@ -35,6 +35,21 @@ if INTERPRETED:  # imported here only where kernels run interpreted (see the doc
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_fp32_dots_take_torch_matmul_precision():
+    """float32 dots are IEEE unless the user allowed TF32, as torch's own matmuls; half types
+    keep Triton's default."""
+    from ringcompile.kernels.triton.jit import dot_precision
+
+    kept = torch.get_float32_matmul_precision()
+    try:
+        for setting, precision in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert dot_precision(torch.float32) == precision
+            assert dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(kept)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this process already runs the interpreted tests")
 def test_interpreted_kernels_in_child_process():
     env = dict(os.environ, TRITON_INTERPRET="1")

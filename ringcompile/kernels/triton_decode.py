@@ -27,6 +27,7 @@ from ringcompile.kernels.triton.jit import (
     LAUNCH_OPTIONS,
     _masked_softmax_step,
     _softmax_result,
+    dot_precision,
 )
 
 __all__ = ["decode_partial"]
@@ -43,7 +44,7 @@ def _decode_split_kernel(
     stride_qpb, stride_kpb, stride_valb,
     S, T, HKV, keys_per_split, n_splits, qk_scale,
     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,7 +73,7 @@ def _decode_split_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
         keep = n_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             k_pos = tl.load(KPOS + b * stride_kpb + offs_n, mask=n_ok, other=0)
@@ -80,7 +81,9 @@ def _decode_split_kernel(
         if HAS_VALID:
             valid = tl.load(VALID + b * stride_valb + offs_n, mask=n_ok, other=0)
             keep = keep & (valid[None, :] != 0)
-        m_i, l_i, acc = _masked_softmax_step(m_i, l_i, acc, tl.where(keep, s, float("-inf")), v)
+        m_i, l_i, acc = _masked_softmax_step(
+            m_i, l_i, acc, tl.where(keep, s, float("-inf")), v, DOT
+        )
     out, lse = _softmax_result(m_i, l_i, acc)
     # (B, HKV, n_splits, ROWS, D) and (B, HKV, n_splits, ROWS), contiguous
     part = (bk * n_splits + split) * ROWS + rows
@@ -134,7 +137,8 @@ def decode_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         valid.stride(0) if key_valid is not None else 0,
         S, T, Hkv, per, n_splits, scale * _LOG2E,
         G=G, ROWS=rows, D=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_N=_BLOCK_N,
-        CAUSAL=causal, HAS_VALID=key_valid is not None, **LAUNCH_OPTIONS,
+        CAUSAL=causal, HAS_VALID=key_valid is not None, DOT=dot_precision(q.dtype),
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     # merge the splits: rows (G * T) of KV head hk are query heads hk * G + r // T, queries r % T
     out, lse = out[..., : G * T, :], lse[..., : G * T]

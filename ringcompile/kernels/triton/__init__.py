@@ -16,7 +16,10 @@ visits only listed tiles. The modules, one concern each:
 
 Precision. Operands of the dots are the input dtype; for bf16/fp16 the dots accumulate in fp32 and
 the probabilities are rounded to the input dtype before P·V (as FlashAttention does); for fp32
-inputs the dots use TF32 (Triton's default ``input_precision``), about 3e-4 relative error.
+inputs the dots take the precision torch's float32 matmuls do (``jit.dot_precision``): IEEE
+by default, as inductor's flex kernels; TF32 (about 3e-4 relative error, on tensor cores) where the
+user allowed it (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or
+``torch.set_float32_matmul_precision("high")``).
 Softmax, running statistics, lse, delta and all gradient accumulators are fp32.
 
 Limits: head dims up to 256 (padded to a power of two inside the kernel with masked loads);

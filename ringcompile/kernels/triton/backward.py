@@ -57,6 +57,7 @@ def _bwd_block(
     Sq, row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias, row_off,
     softcap, inv_softcap, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
     DENSE_ADD: tl.constexpr, SOFTCAP: tl.constexpr, DQ_MODE: tl.constexpr, EARLY_DP: tl.constexpr,
+    DOT: tl.constexpr,
 ):  # fmt: skip
     """One (key tile, query tile) pair of the backward, transposed: rows are keys. The query tile
     is ``rows`` of head ``h`` (``bh``: batch * heads + h; ``m0``: its first row); ``row_ok``:
@@ -91,7 +92,7 @@ def _bwd_block(
         delta = tl.load(delta_ptrs)
     # Rows that saw no key (lse = -inf) get probability 0 everywhere, hence zero gradients.
     m2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_K)
-    s_t = tl.dot(k, tl.trans(q)) * qk_scale
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT) * qk_scale
     if SOFTCAP:
         s_t, cap_grad = _soft_cap(s_t, softcap, inv_softcap, SOFTCAP)
     if DENSE_ADD:
@@ -101,20 +102,20 @@ def _bwd_block(
     if EARLY_DP:
         # dp_t's dot (which waits for every dot in flight) before dv's: dv's dot then runs while
         # ds_t is formed. At head dim 256 holding dp_t that long costs more in spills.
-        dp_t = tl.dot(v, tl.trans(do))
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT)
         p_t = tl.exp2(s_t - m2[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT)
     else:
         p_t = tl.exp2(s_t - m2[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT)
     ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:
         ds_t = ds_t * cap_grad
     ds_t = ds_t.to(q.dtype)
-    dk += tl.dot(ds_t, q)
+    dk += tl.dot(ds_t, q, input_precision=DOT)
     if DQ_MODE != 0:
-        dq = tl.dot(tl.trans(ds_t), k) * sm_scale
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT) * sm_scale
     if DQ_MODE == 2:
         DQ_DESC.atomic_add([b, h, m0, 0], tl.reshape(dq, [1, 1, dq.shape[0], dq.shape[1]]))
     elif DQ_MODE == 1:
@@ -143,7 +144,7 @@ def _bwd_kernel(
     q_st, k_st, v_st, do_st, dq_st, dk_st, dv_st, lists, mask_args,
     Sq, Sk, HKV, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr, DQ_MODE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    MASK: tl.constexpr, DQ_MODE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     # under causal masks earlier key tiles are seen by more queries
     tile, _, b, hk = _tile_and_head(tl.cdiv(Sk, BLOCK_N), heads_per_chunk, HKV, LAST_HEAVIEST=False)
@@ -177,7 +178,7 @@ def _bwd_kernel(
                 k, v, dk, dv, Q, DO, LSE, DELTA, DQ, DQ_DESC, q_st, do_st, dq_st, b, h, bh, m0,
                 rows, offs_d, Sq, None, d_ok, None, qk_scale, sm_scale, None, None, None, None,
                 CHECK_ROWS=False, EVEN_D=EVEN_D, MASKED=False, DENSE_ADD=False, SOFTCAP=0,
-                DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128,
+                DQ_MODE=DQ_MODE, EARLY_DP=D_PAD <= 128, DOT=DOT,
             )  # fmt: skip
 
         k_pos = tl.load(mask_args.k_pos + offs_n, mask=k_ok, other=0).to(tl.int32)
@@ -210,7 +211,7 @@ def _bwd_kernel(
                     rows, offs_d, Sq, row_ok, d_ok, keep, qk_scale, sm_scale, dense_bias, row_off,
                     mask_args.softcap, mask_args.inv_softcap, CHECK_ROWS=True, EVEN_D=EVEN_D, MASKED=True,
                     DENSE_ADD=MASK.dense_kind == 2, SOFTCAP=MASK.softcap, DQ_MODE=DQ_MODE,
-                    EARLY_DP=D_PAD <= 128,
+                    EARLY_DP=D_PAD <= 128, DOT=DOT,
                 )  # fmt: skip
 
         _write_dkv(dk_base, offs_n, offs_d, dk_st.s, kv_mask, dk * sm_scale, ACCUMULATE)
@@ -227,7 +228,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, q_st, k_st, v_st, do_st, dq_st, lists, mask_args,
     Sq, Sk, H, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr,
+    MASK: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """dq of one query tile over the key tiles of its lists (the forward's loop, recomputed)."""
     tile, bh, b, h = _tile_and_head(tl.cdiv(Sq, BLOCK_M), heads_per_chunk, H, LAST_HEAVIEST=True)
@@ -255,10 +256,10 @@ def _bwd_dq_kernel(
             offs_k = tl.load(lists.full + tile * lists.stride + i) * BLOCK_N + offs_n
             k, v = _load_kv(k_base, v_base, k_st, v_st, offs_k, None, d_ok, False,
                             HEAD_DIM == D_PAD)  # fmt: skip
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - m2[:, None])
-            dp = tl.dot(do, tl.trans(v))
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale - m2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT)
             ds = (p * (dp - delta[:, None])).to(k.dtype)
-            dq += tl.dot(ds, k)
+            dq += tl.dot(ds, k, input_precision=DOT)
 
         q_pos = tl.load(mask_args.q_pos + offs_m, mask=row_ok, other=0).to(tl.int32)
         q_doc, q_doc_lo, q_doc_hi, _ = _row_tile_facts(mask_args, b, offs_m, row_ok, True, MASK)
@@ -279,14 +280,14 @@ def _bwd_dq_kernel(
             if visit:
                 k, v, s, cap_grad = _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h,
                                                     offs_m, row_ok, q_pos, q_doc, row_off, offs_k,
-                                                    k_ok, k_doc, d_ok, qk_scale, MASK)  # fmt: skip
+                                                    k_ok, k_doc, d_ok, qk_scale, MASK, DOT)  # fmt: skip
                 p = tl.exp2(s - m2[:, None])
-                dp = tl.dot(do, tl.trans(v))
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT)
                 ds = p * (dp - delta[:, None])
                 if MASK.softcap:
                     ds = ds * cap_grad
                 ds = ds.to(k.dtype)
-                dq += tl.dot(ds, k)
+                dq += tl.dot(ds, k, input_precision=DOT)
 
         # One program per (query tile, head): plain read-add-write.
         dq_ptrs = _head(DQ, dq_st, b, h) + offs_m[:, None] * dq_st.s + offs_d[None, :]

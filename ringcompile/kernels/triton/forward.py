@@ -55,7 +55,8 @@ def _load_kv(k_base, v_base, k_st, v_st, offs, ok, d_ok, CHECK_ROWS: tl.constexp
 
 @triton.jit
 def _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h, offs_m, row_ok, q_pos, q_doc,
-                    row_off, offs_k, k_ok, k_doc, d_ok, qk_scale, MASK: tl.constexpr):  # fmt: skip
+                    row_off, offs_k, k_ok, k_doc, d_ok, qk_scale, MASK: tl.constexpr,
+                    DOT: tl.constexpr):  # fmt: skip
     """A partial key tile of a query tile: its K and V, the scores (log2 units) with every rule
     evaluated per element, -inf where hidden, and under a soft cap its derivative per score
     (``_ABSENT`` without one)."""
@@ -63,7 +64,7 @@ def _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h, offs_m, row_
     k_pos = tl.load(mask_args.k_pos + offs_k, mask=k_ok, other=0).to(tl.int32)
     k_valid = _key_validity(mask_args, b, offs_k, k_ok, MASK)
     keep = _token_rules(q_pos, k_pos, mask_args, q_doc, k_doc, k_valid, True, MASK) & k_ok[None, :]
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT) * qk_scale
     cap_grad = _ABSENT
     if MASK.softcap:
         s, cap_grad = _soft_cap(s, mask_args.softcap, mask_args.inv_softcap, MASK.softcap)
@@ -78,7 +79,7 @@ def _fwd_kernel(
     Q, K, V, STATE_OUT, STATE_LSE, FINAL_OUT, q_st, k_st, v_st, final_st, lists, mask_args,
     Sq, Sk, H, GROUP, qk_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    MASK: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     # under causal masks later query tiles see more keys
     tile, bh, b, h = _tile_and_head(tl.cdiv(Sq, BLOCK_M), heads_per_chunk, H, LAST_HEAVIEST=True)
@@ -115,12 +116,12 @@ def _fwd_kernel(
         offs_k = tl.load(lists.full + tile * lists.stride + i) * BLOCK_N + offs_n
         k, v = _load_kv(k_base, v_base, k_st, v_st, offs_k, None, d_ok, False, HEAD_DIM == D_PAD)
         # max before scaling (qk_scale > 0): scaling and subtracting the max become one FMA
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT)
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
         m_i = m_new
 
     # Partial tiles: evaluate every rule per element.
@@ -137,8 +138,8 @@ def _fwd_kernel(
             # one type per name across the branches)
             k, v, s, _cap_grad = _partial_scores(q, k_base, v_base, k_st, v_st, mask_args, b, h,
                                                  offs_m, row_ok, q_pos, q_doc, row_off, offs_k,
-                                                 k_ok, k_doc, d_ok, qk_scale, MASK)  # fmt: skip
-            m_i, l_i, acc = _masked_softmax_step(m_i, l_i, acc, s, v)
+                                                 k_ok, k_doc, d_ok, qk_scale, MASK, DOT)  # fmt: skip
+            m_i, l_i, acc = _masked_softmax_step(m_i, l_i, acc, s, v, DOT)
 
     out, lse = _softmax_result(m_i, l_i, acc)
     tl.store(STATE_LSE + state_row, lse, mask=row_ok)

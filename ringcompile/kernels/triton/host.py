@@ -21,7 +21,7 @@ from ringcompile.kernels.triton.configs import (
     default_fwd_config,
 )
 from ringcompile.kernels.triton.forward import _fwd_kernel
-from ringcompile.kernels.triton.jit import _LOG2E, LAUNCH_OPTIONS, _strides
+from ringcompile.kernels.triton.jit import _LOG2E, LAUNCH_OPTIONS, _strides, dot_precision
 from ringcompile.kernels.triton.mask_args import _mask_args
 from ringcompile.kernels.triton.tiles import _tile_lists
 from ringcompile.masks import BlockMask
@@ -128,8 +128,8 @@ class TritonKernels:
                 _strides(q), _strides(k), _strides(v), _strides(final_out), lists, margs,
                 Sq, Sk, H, H // Hkv, scale * _LOG2E, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK=mflags,
-                FIRST=first, LAST=last, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **LAUNCH_OPTIONS,
+                FIRST=first, LAST=last, DOT=dot_precision(q.dtype), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
             )  # fmt: skip
         state.steps += 1
 
@@ -184,7 +184,7 @@ class TritonKernels:
                 q_st, k_st, v_st, do_st, dq_st, _strides(dk), _strides(dv),
                 lists, margs, Sq, Sk, Hkv, H // Hkv, scale * _LOG2E, scale, chunk,
                 HEAD_DIM=D, D_PAD=d_pad, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, MASK=mflags,
-                DQ_MODE=dq_mode, ACCUMULATE=not dkv_fresh,
+                DQ_MODE=dq_mode, ACCUMULATE=not dkv_fresh, DOT=dot_precision(q.dtype),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
             )  # fmt: skip
             if dq_mode == 0:
@@ -197,6 +197,6 @@ class TritonKernels:
                     q, k, v, dout, lse, delta, dq, q_st, k_st, v_st, do_st, dq_st,
                     lists, margs, Sq, Sk, H, H // Hkv, scale * _LOG2E, scale, chunk,
                     HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-                    MASK=mflags, num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
-                    **LAUNCH_OPTIONS,
+                    MASK=mflags, DOT=dot_precision(q.dtype), num_warps=dq_cfg.num_warps,
+                    num_stages=dq_cfg.num_stages, **LAUNCH_OPTIONS,
                 )  # fmt: skip

@@ -31,6 +31,19 @@ _ABSENT = tl.constexpr(0)
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """The input precision of dots of ``dtype`` operands (a kernel's ``DOT`` argument). For
+    float32, as torch's own float32 matmuls and inductor's flex kernels take it: TF32 only where
+    the user allowed it (``torch.backends.cuda.matmul.fp32_precision``, else
+    ``set_float32_matmul_precision``); half types ignore it (Triton's default, "tf32")."""
+    if dtype != torch.float32:
+        return "tf32"
+    chosen = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if chosen != "none":
+        return "ieee" if chosen == "ieee" else "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 class _Strides(NamedTuple):
     """The batch, head and token strides of a (B, H, S[, D]) tensor (D contiguous), passed to a
     kernel as one tuple argument: Triton specialises each element as it would a lone integer.
@@ -80,16 +93,17 @@ def _soft_cap(s, cap, inv_cap, MODE: tl.constexpr):
 
 
 @triton.jit
-def _masked_softmax_step(m_i, l_i, acc, s, v):
+def _masked_softmax_step(m_i, l_i, acc, s, v, DOT: tl.constexpr):
     """One online-softmax step over a tile of scores ``s`` (log2 units, -inf where hidden) and
-    its values: the running max, sum and unnormalised output after it."""
+    its values: the running max, sum and unnormalised output after it. ``DOT``: the dots' input
+    precision (``dot_precision``)."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # rows that have seen no key yet keep max -inf; subtract 0 there instead to avoid NaN
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_sub)
     p = tl.exp2(s - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT)
     return m_new, l_i, acc
 
 
