@@ -19,8 +19,8 @@ sees keys ``x .. x + t``): exactly what SDPA's fused kernels compute, with their
 ``None`` means the block needs the per-element rules (the masked kernels).
 
 Chunked attention (Llama 4) is not pieces, but where a block's positions are one progression on
-both sides and its chunks fall on equal runs of rows and keys, each chunk is the same full or
-causal square: a batch of plain blocks, one per chunk (``chunk_period``).
+both sides and its chunks fall on equal runs of rows and keys, each chunk is the same piece (full,
+causal or strictly causal): a batch of plain blocks, one per chunk (``chunk_piece``).
 """
 
 from __future__ import annotations
