@@ -11,24 +11,12 @@ means of 30 calls after 3, one GPU.
 from __future__ import annotations
 
 import torch
+from bench_cudnn_ragged import timed  # (a script's folder is on its path)
 
 from ringcompile.kernels.sdpa_blocks import CudnnBlocks
 
 S, H, Hkv, D, CHUNK = 8192, 32, 8, 128, 1024
 SCALE = D**-0.5
-
-
-def timed(fn, n: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / n
 
 
 def inputs(heads: int, token_major: bool) -> torch.Tensor:
@@ -42,8 +30,8 @@ def batched(x: torch.Tensor) -> torch.Tensor:
 
 def fwd_bwd(cudnn: CudnnBlocks, q, k, v, dout) -> tuple[float, float]:
     out, lse = cudnn.forward(q, k, v, True, SCALE)
-    return (timed(lambda: cudnn.forward(q, k, v, True, SCALE)),
-            timed(lambda: cudnn.backward(dout, q, k, v, out, lse, True, SCALE)))  # fmt: skip
+    return (timed(lambda: cudnn.forward(q, k, v, True, SCALE), 30),
+            timed(lambda: cudnn.backward(dout, q, k, v, out, lse, True, SCALE), 30))  # fmt: skip
 
 
 def main() -> None:

@@ -625,6 +625,32 @@ def test_ring_attention_on_documents_uses_flash_varlen_once_per_tensor(monkeypat
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
 
 
+def _check_vs_efficient_sdpa(ours, q, k, v, dout, allowed) -> None:
+    """``ours`` (out, dq, dk, dv) each within 1.5x the efficient SDPA kernel's own error against
+    float64 SDPA under the boolean mask ``allowed`` (K/V expanded for the kernel, its dK/dV
+    summed back over each group)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H, Hkv = q.shape[1], k.shape[1]
+    G = H // Hkv
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=allowed,
+                                                            enable_gqa=True)  # fmt: skip
+    want.backward(dout.double())
+    wants = [want.detach()] + [t.grad for t in ref]
+    sdpa_in = [t.detach().requires_grad_() for t in (q, k.repeat_interleave(G, 1),
+                                                      v.repeat_interleave(G, 1))]  # fmt: skip
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        theirs = torch.nn.functional.scaled_dot_product_attention(*sdpa_in, attn_mask=allowed)
+    theirs.backward(dout)
+    theirs = [theirs.detach(), sdpa_in[0].grad,
+              sdpa_in[1].grad.unflatten(1, (Hkv, G)).sum(2),
+              sdpa_in[2].grad.unflatten(1, (Hkv, G)).sum(2)]  # fmt: skip
+    for name, a, b, w in zip(("out", "dq", "dk", "dv"), ours, theirs, wants):
+        mine, sdpa = _rel(a, w, None), _rel(b, w, None)
+        assert mine <= 1.5 * sdpa + 1e-6, f"{name}: ours {mine:.2e}, efficient SDPA {sdpa:.2e}"
+
+
 def test_ring_attention_mask_mod_vs_efficient():
     """A mask_mod given to the op (one GPU, a ring of one over a layout of four blocks' worth of
     positions): evaluated per block on the masked Triton kernels, with the tiles it hides
@@ -646,26 +672,7 @@ def test_ring_attention_mask_mod_vs_efficient():
     out = ring_attention(*leaves, mask_mod=mask_mod, mask_buffers=(tag,), enable_gqa=True)
     out.backward(dout)
     ours = [out.detach()] + [t.grad for t in leaves]
-    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = torch.nn.functional.scaled_dot_product_attention(
-        *ref, attn_mask=allowed, enable_gqa=True
-    )
-    want.backward(dout.double())
-    wants = [want.detach()] + [t.grad for t in ref]
-    sdpa_in = [t.detach().requires_grad_() for t in (q, k.repeat_interleave(H // Hkv, 1),
-                                                      v.repeat_interleave(H // Hkv, 1))]  # fmt: skip
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        theirs = torch.nn.functional.scaled_dot_product_attention(*sdpa_in, attn_mask=allowed)
-    theirs.backward(dout)
-    G = H // Hkv
-    theirs = [theirs.detach(), sdpa_in[0].grad,
-              sdpa_in[1].grad.unflatten(1, (Hkv, G)).sum(2),
-              sdpa_in[2].grad.unflatten(1, (Hkv, G)).sum(2)]  # fmt: skip
-    for name, a, b, w in zip(("out", "dq", "dk", "dv"), ours, theirs, wants):
-        mine, sdpa = _rel(a, w, None), _rel(b, w, None)
-        assert mine <= 1.5 * sdpa + 1e-6, f"{name}: ours {mine:.2e}, efficient SDPA {sdpa:.2e}"
+    _check_vs_efficient_sdpa(ours, q, k, v, dout, allowed)
 
 
 @pytest.mark.parametrize(
@@ -710,8 +717,6 @@ def test_chunks_run_as_one_batch_on_cudnn(monkeypatch, token_major):
     """Chunked attention on one GPU: every chunk is the same causal square, so the block goes to
     cuDNN as one batch of chunks (views of (B, S, H, D) memory, copies of (B, H, S, D)); within
     1.5x the efficient SDPA kernel's own bf16 error under the same mask."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from ringcompile import ring_attention
     from ringcompile.kernels import sdpa_blocks
 
@@ -730,23 +735,7 @@ def test_chunks_run_as_one_batch_on_cudnn(monkeypatch, token_major):
     ours = [out.detach()] + [t.grad for t in leaves]
     pos = torch.arange(S, device="cuda")
     allowed = (pos[None, :] <= pos[:, None]) & (pos[None, :] // C == pos[:, None] // C)
-    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    want = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=allowed,
-                                                            enable_gqa=True)  # fmt: skip
-    want.backward(dout.double())
-    wants = [want.detach()] + [t.grad for t in ref]
-    G = H // Hkv
-    sdpa_in = [t.detach().requires_grad_() for t in (q, k.repeat_interleave(G, 1),
-                                                      v.repeat_interleave(G, 1))]  # fmt: skip
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-        theirs = torch.nn.functional.scaled_dot_product_attention(*sdpa_in, attn_mask=allowed)
-    theirs.backward(dout)
-    theirs = [theirs.detach(), sdpa_in[0].grad,
-              sdpa_in[1].grad.unflatten(1, (Hkv, G)).sum(2),
-              sdpa_in[2].grad.unflatten(1, (Hkv, G)).sum(2)]  # fmt: skip
-    for name, a, b, w in zip(("out", "dq", "dk", "dv"), ours, theirs, wants):
-        mine, sdpa = _rel(a, w, None), _rel(b, w, None)
-        assert mine <= 1.5 * sdpa + 1e-6, f"{name}: ours {mine:.2e}, efficient SDPA {sdpa:.2e}"
+    _check_vs_efficient_sdpa(ours, q, k, v, dout, allowed)
 
 
 @pytest.mark.parametrize("a,b", [(1, 0), (0, 1)], ids=["causal", "strictly_causal"])
