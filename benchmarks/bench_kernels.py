@@ -20,7 +20,8 @@ one rank.
 
 --masks times each masked kind of block (documents, Gemma 2's soft cap of the scores, sliding
 window, chunks, key padding, ALiBi's key bias; causal, 1 x 32/8 heads x 8192 x 128): ours as the
-ring runs it ("auto": documents on FA2's varlen kernel, the rest on Triton) and on Triton alone,
+ring op runs it at W = 1, its forward op and then its backward op as a compiled graph calls them
+("auto": documents on FA2's varlen kernel, chunks on cuDNN, the rest on Triton) and on Triton alone,
 FA2's varlen kernel called directly on the same problems (its segments made outside the timing),
 cuDNN SDPA given the same mask as a dense additive bias (for the soft cap, which no SDPA backend
 computes, compiled flex_attention with it as score_mod), and cuDNN's plain causal kernel, with
@@ -52,7 +53,7 @@ from saving import replot, save_run  # (benchmarks/saving.py: a script's folder 
 from ringcompile.blocks import Piece
 from ringcompile.kernels import select_kernels, varlen
 from ringcompile.kernels.triton import BwdConfig, FwdConfig, TritonKernels
-from ringcompile.masks import BlockMask, PositionRules
+from ringcompile.masks import AttentionMask, BlockMask, PositionRules
 
 SHAPES = [  # (B, H, Hkv, S, D)
     (1, 32, 8, 8192, 128),
@@ -114,6 +115,22 @@ def ours_fns(q, k, v, dout, causal, kernels=None, mask=None):
         bwd(out, lse)
 
     return fwd, fwd_bwd, bwd
+
+
+def ring_op_fns(q, k, v, dout, mask: AttentionMask, kernels: str):
+    """The ring op at W = 1 as a compiled graph calls it: its forward op, then its backward op
+    (the gradients as the op returns them; no autograd around it)."""
+    B, H, S, D = q.shape
+    options = (*mask.encode(), D**-0.5, "contiguous", S, "", kernels)
+
+    def fwd():
+        return torch.ops.ringcompile.ring_attention(q, k, v, *options)
+
+    def fwd_bwd():
+        out, lse = fwd()
+        torch.ops.ringcompile.ring_attention_backward(dout, q, k, v, out, lse, *options)
+
+    return fwd, fwd_bwd
 
 
 def sdpa_fns(q, k, v, dout, causal, backend, attn_mask=None):
@@ -262,6 +279,10 @@ def mask_kinds(S, device, H=32, D=128):
     for name, kw in kinds:
         if "dense" in kw:
             kw["dense"] = kw["dense"].to(torch.bfloat16)
+        # the same mask as the ring op takes it
+        facts = {"document_ids": kw.get("q_doc"), "key_padding_mask": kw.get("k_valid"),
+                 "key_bias": kw.get("dense"), "softcap": kw.get("softcap", 0.0)}  # fmt: skip
+        call_mask = AttentionMask(kw.get("rules", PositionRules(True)), **facts)
         # one rank's block as the ring makes it: positions in one progression, named (segments
         # and tile lists kept), the documents' tensor given
         mask = BlockMask(q_pos=pos, k_pos=pos, seq_len=S, progression=(0, 0, 1),
@@ -274,7 +295,8 @@ def mask_kinds(S, device, H=32, D=128):
             bias = bias + mask.dense  # (1, H, S, S)
         # rows that see nothing (padding) get one key so SDPA stays finite; they are few
         unseen = ~allowed.any(-1, keepdim=True)
-        yield name, mask, bias.masked_fill(~(allowed | unseen), float("-inf")), allowed
+        yield (name, mask, call_mask, bias.masked_fill(~(allowed | unseen), float("-inf")),
+               allowed)  # fmt: skip
 
 
 def masks_table(out_dir):
@@ -283,12 +305,12 @@ def masks_table(out_dir):
     q, k, v, dout = (t.transpose(1, 2).contiguous().transpose(1, 2)
                      for t in make_inputs(B, H, Hkv, S, D))  # fmt: skip
     rows = []
-    for name, mask, bias, allowed in mask_kinds(S, "cuda"):
+    for name, mask, call_mask, bias, allowed in mask_kinds(S, "cuda"):
         density = allowed.float().mean().item()
         full = 4 * B * H * S * S * D * density
         fns = {
-            "ours": ours_fns(q, k, v, dout, True, "auto", mask)[:2],
-            "ours (triton)": ours_fns(q, k, v, dout, True, "triton", mask)[:2],
+            "ours": ring_op_fns(q, k, v, dout, call_mask, "auto"),
+            "ours (triton)": ring_op_fns(q, k, v, dout, call_mask, "triton"),
         }
         seg = varlen.segments(mask, B)
         if seg is not None:

@@ -4,12 +4,13 @@ the time the GPU idles waiting for the host, then the kernels' table sorted by G
 
 1 × 32/8 heads × 8,192 × 128, bf16, q/k/v laid out (B, S, H, D) as a model's projections give
 them, the output read back as transformers reads it (``out.transpose(1, 2).reshape(B, S, H * D)``).
-Masks (``--mask``): eight documents of ~1k tokens (causal), a window of 1,024, left padding of
-1/8 of the keys. ``--kernels triton`` runs every block on our Triton kernels. The leaves'
-gradients accumulate over the steps (three adds a step in the table: ``AccumulateGrad``), which
-is the harness, not the ring.
+Masks (``--mask``): eight documents of ~1k tokens (causal), a window of 1,024, chunks of 1,024,
+left padding of 1/8 of the keys. "host" is the host's time to issue one call while the GPU is
+still busy with earlier ones (three calls issued back to back, no wait). ``--kernels triton``
+runs every block on our Triton kernels. The leaves' gradients accumulate over the steps (three
+adds a step in the table: ``AccumulateGrad``), which is the harness, not the ring.
 
-    PYTHONPATH=. python benchmarks/profile_ring_call.py [--mask documents|window|padding]
+    PYTHONPATH=. python benchmarks/profile_ring_call.py [--mask documents|window|chunks|padding]
         [--kernels auto|triton] [--table]
 """
 
@@ -34,6 +35,8 @@ def mask_kwargs(kind: str) -> dict:
         return {"document_ids": doc}
     if kind == "window":
         return {"window": (1023, 0)}
+    if kind == "chunks":
+        return {"chunk": 1024}
     valid = torch.ones(B, S, dtype=torch.bool, device="cuda")
     valid[:, : S // 8] = False
     return {"key_padding_mask": valid}
@@ -41,7 +44,9 @@ def mask_kwargs(kind: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mask", default="documents", choices=["documents", "window", "padding"])
+    ap.add_argument(
+        "--mask", default="documents", choices=["documents", "window", "chunks", "padding"]
+    )
     ap.add_argument("--kernels", default="auto", choices=["auto", "triton"])
     ap.add_argument("--table", action="store_true", help="print the kernels' table")
     args = ap.parse_args()
@@ -69,13 +74,21 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / 50 * 1e3
+    # the host's time to issue a call: a few calls issued with no wait (the GPU still busy)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(3):
+        step()
+    host = (time.perf_counter() - t) / 3 * 1e3
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
         for _ in range(10):
             step()
         torch.cuda.synchronize()
     busy = sum(e.device_time for e in p.events() if e.device_type.name == "CUDA") / 10 / 1e3
     print(f"ring_attention, {args.mask}, kernels={args.kernels}, W = 1, fwd+bwd: "
-          f"wall {wall:.3f} ms a call, GPU busy {busy:.3f} ms, idle {max(wall - busy, 0):.3f} ms")  # fmt: skip
+          f"wall {wall:.3f} ms a call, GPU busy {busy:.3f} ms, idle {max(wall - busy, 0):.3f} ms, "
+          f"host {host:.3f} ms")  # fmt: skip
     if args.table:
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25,
                                      max_name_column_width=60))  # fmt: skip

@@ -41,6 +41,8 @@ environment variable ``RINGCOMPILE_KERNELS``, else "auto".
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ringcompile.kernels.engine import BlockEngine
@@ -73,4 +75,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def select_kernels(q: torch.Tensor, choice: str = "auto") -> BlockEngine:
     """The engine for queries like ``q``: each block kind on the kernel ``plan_kernels`` picks."""
-    return BlockEngine(plan_kernels(q.device, q.dtype, q.shape[-1], choice))
+    return _engine(plan_kernels(q.device, q.dtype, q.shape[-1], choice))
+
+
+@functools.lru_cache(maxsize=64)
+def _engine(plan: KernelPlan) -> BlockEngine:
+    # one per plan: the engine and its kernels keep nothing of a call
+    return BlockEngine(plan)

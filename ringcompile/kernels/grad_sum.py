@@ -25,12 +25,16 @@ import torch
 __all__ = ["GradSum", "accumulators", "sums_over"]
 
 Box = tuple[tuple[int, int], ...]
+_ALL = slice(None)
 
 
 def _box(index: tuple, shape: torch.Size) -> Box:
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     box = []
     for sl, n in zip(index, shape):
+        if sl == _ALL:
+            box.append((0, n))
+            continue
         start, stop, step = sl.indices(n)
         if step != 1:
             raise ValueError("GradSum regions are unit-step slices")
@@ -49,6 +53,8 @@ def _meets(a: Box, b: Box) -> bool:
 def _cells(boxes: list[Box], within: Box):
     """The cells the boxes' edges cut ``within`` into: each lies wholly inside or outside every
     box."""
+    if all(_inside(within, b) for b in boxes):  # no box cuts it (the usual case at W = 1)
+        return (within,)
     edges = []
     for d, (lo, hi) in enumerate(within):
         cuts = {lo, hi} | {e for b in boxes for e in b[d] if lo < e < hi}
@@ -161,8 +167,8 @@ class GradSum:
             raise ValueError(f"GradSum: a {tuple(t.shape)} contribution to a region of "
                              f"{tuple(b1 - b0 for b0, b1 in box)}")  # fmt: skip
         boxes = self._boxes()
-        depth = max((len(self._items(c)) for c in _cells(boxes, box)), default=0)
-        if depth >= 2:
+        # (an empty sum, or one contribution, never holds two on one element: no cells to cut)
+        if len(boxes) >= 2 and max(len(self._items(c)) for c in _cells(boxes, box)) >= 2:
             self._fold()
         self.held.append((box, t))
 

@@ -15,7 +15,7 @@ first call of a tensor waits for the GPU.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -66,6 +66,7 @@ class RankCall:
     # the tensor whose identity keys the varlen segments (``BlockMask.documents_source``); None:
     # the mask's document ids
     documents_source: torch.Tensor | None = None
+    _steps: tuple[AttentionMask, tuple[Step, ...]] | None = field(default=None, repr=False)
 
     @classmethod
     def make(cls, q, mask: AttentionMask, layout_name: str, seq_len: int, group_name: str,
@@ -98,7 +99,11 @@ class RankCall:
     @property
     def steps(self) -> tuple[Step, ...]:
         """This rank's steps, as the mask now stands (``settle_padding`` may make them plain)."""
-        return rank_steps(self.layout, self.mask.rules, self.mask.masked, self.rank)
+        # kept with the mask they were made for: a call reads them at every step
+        if self._steps is None or self._steps[0] is not self.mask:
+            self._steps = (self.mask, rank_steps(self.layout, self.mask.rules, self.mask.masked,
+                                                 self.rank))  # fmt: skip
+        return self._steps[1]
 
     def computed_steps(self) -> list[int]:
         return [s.index for s in self.steps if s.computed]
