@@ -366,8 +366,9 @@ def plot_masks(rows, path):
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
         xs = [m + (i - (len(impls) - 1) / 2) * width for m in range(len(masks))]
-        bars = ax.bar(xs, [ms.get((m, impl), 0.0) for m in masks], width, label=impl)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        heights = [ms.get((m, impl)) for m in masks]  # None: not run for that mask
+        bars = ax.bar(xs, [h or 0.0 for h in heights], width, label=impl)
+        ax.bar_label(bars, labels=[f"{h:.2f}" if h else "" for h in heights], fontsize=7)
     ax.set_xticks(range(len(masks)), [m.replace(" (", "\n(") for m in masks], fontsize=8)
     ax.set_ylabel("fwd+bwd ms (lower is better)")
     ax.set_title("Masked kinds, causal, 1 x 32/8 heads x 8192 x 128, bf16", fontsize=9)
