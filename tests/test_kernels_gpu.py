@@ -33,8 +33,10 @@ def tf():
     import ringcompile.kernels.triton as tf
     from ringcompile.kernels.triton import host
 
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    def poisoned(shape, dtype, device, strides=None):
+        if strides is None:
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.empty_strided(shape, strides, dtype=dtype, device=device).fill_(float("nan"))
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(host, "_empty", poisoned)

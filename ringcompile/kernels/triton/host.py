@@ -29,9 +29,19 @@ from ringcompile.masks import BlockMask
 __all__ = ["TritonKernels"]
 
 
-def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """Every buffer a kernel must fill completely comes from here (tests poison it)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def _empty(shape, dtype: torch.dtype, device, strides=None) -> torch.Tensor:
+    """Every buffer a kernel must fill completely comes from here (tests poison it); contiguous
+    unless ``strides`` are given."""
+    if strides is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
+
+
+def _layout_strides(x: torch.Tensor) -> tuple[int, ...] | None:
+    """``torch.empty_like(x)``'s strides where they keep the last dim contiguous (as the kernels
+    write), else None (contiguous)."""
+    strides = torch.empty_like(x, device="meta").stride()
+    return strides if strides[-1] == 1 else None
 
 
 def _head_dim_padded(d: int) -> int:
@@ -101,6 +111,7 @@ class TritonKernels:
             raise RuntimeError("forward_step after the last step")
         B, H, Sq, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
+        out_strides = _layout_strides(q)  # (of the q given, before any copy below)
         q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
         if scale < 0:
             # the kernel needs a positive scale; (-q)·k * |scale| is the same score
@@ -110,7 +121,8 @@ class TritonKernels:
         first = state.steps == 0
         cfg = self.fwd_config or default_fwd_config(d_pad, q.dtype, Sq, Sk, last)
         if last:
-            state.final_out = _empty((B, H, Sq, D), q.dtype, q.device)
+            # the answer in q's layout, which the ring op returns (``ring.forward.in_layout_of``)
+            state.final_out = _empty((B, H, Sq, D), q.dtype, q.device, out_strides)
             final_out = state.final_out
         else:
             if state.out is None:
