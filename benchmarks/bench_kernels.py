@@ -16,6 +16,7 @@ one rank.
     PYTHONPATH=. python benchmarks/bench_kernels.py [--out DIR] [--sweep] [--only ours,cudnn,...]
     PYTHONPATH=. python benchmarks/bench_kernels.py --masks [--out DIR]
     PYTHONPATH=. python benchmarks/bench_kernels.py --blocks [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_kernels.py --sweep-masks [--out DIR]
     python benchmarks/bench_kernels.py --replot DIR   # the plots from DIR's bench_kernels*.json
 
 --masks times each masked kind of block (documents, Gemma 2's soft cap of the scores, sliding
@@ -32,6 +33,9 @@ are laid out (B, S, H, D), as a model's projections give them.
 --blocks times cuDNN on each kind of ring block (1 x 32/8 heads, 8192 tokens a rank, d 128): the
 forward, and the backward with K/V grouped as they travel (what the engine does) or expanded to
 the query heads (dK/dV summed back).
+
+--sweep-masks times tile configurations of ours-triton on each masked kind (forward and backward
+separately, into sweep_masks.json).
 
 --sweep times tile configurations of ours-triton instead (forward and backward separately). The plot
 needs matplotlib; where it is missing (the GPU image) the JSON is written and --replot draws it.
@@ -495,6 +499,41 @@ def sweep(out_dir):
         json.dump(rows, f, indent=1)
 
 
+def sweep_masks(out_dir):
+    """Tile configurations of ours-triton on each masked kind (``mask_kinds``; 1 x 32/8 heads x
+    8192 x 128, inputs laid out (B, S, H, D)), forward and backward timed on their own; ``None``
+    is the default the host picks."""
+    F, Bw = FwdConfig, BwdConfig
+    fwd_cfgs = [None, F(128, 128, 8, 3), F(128, 64, 4, 2), F(128, 64, 8, 3), F(64, 64, 4, 3),
+                F(64, 128, 4, 3), F(128, 32, 4, 3)]  # fmt: skip
+    bwd_cfgs = [None, Bw(128, 64, 8, 2, dq_bulk=True), Bw(64, 64, 4, 2, dq_bulk=True),
+                Bw(128, 32, 8, 2, dq_bulk=True), Bw(64, 32, 4, 2, dq_bulk=True),
+                Bw(128, 64, 8, 3, dq_bulk=True), Bw(128, 64, 8, 2, dq=F(128, 128, 8, 3)),
+                Bw(64, 64, 4, 2, dq=F(128, 64, 4, 2))]  # fmt: skip
+    B, H, Hkv, S, D = 1, 32, 8, 8192, 128
+    q, k, v, dout = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                     for t in make_inputs(B, H, Hkv, S, D))  # fmt: skip
+    rows = []
+    for name, mask, _, _, allowed in mask_kinds(S, "cuda"):
+        work = 4 * B * H * S * S * D * allowed.float().mean().item()
+        out, lse = ours_fns(q, k, v, dout, True, mask=mask)[0]()
+        for kind, cfgs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
+            for cfg in cfgs:
+                row = dict(mask=name, kind=kind, cfg=str(cfg))
+                try:
+                    kernels = TritonKernels(**{f"{kind}_config": cfg})
+                    fwd, _, bwd = ours_fns(q, k, v, dout, True, kernels, mask)
+                    fn = fwd if kind == "fwd" else functools.partial(bwd, out, lse)
+                    row["ms"] = bench(fn, 200)
+                    row["tflops"] = work * (1 if kind == "fwd" else 2.5) / row["ms"] * 1e-9
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append(row)
+                print(row, flush=True)
+    with open(os.path.join(out_dir, "sweep_masks.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def plot(points, path):
     import matplotlib
 
@@ -523,6 +562,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--masks", action="store_true", help="the masked kinds beside cuDNN")
+    ap.add_argument("--sweep-masks", action="store_true", help="tile configurations per masked kind")
     ap.add_argument("--blocks", action="store_true", help="cuDNN on each kind of ring block")
     ap.add_argument("--only", default=",".join(IMPLS))
     ap.add_argument("--replot", metavar="DIR")
@@ -541,6 +581,9 @@ def main():
           f"{torch.backends.cudnn.version()} device {torch.cuda.get_device_name()}", flush=True)  # fmt: skip
     if args.sweep:
         sweep(args.out)
+        return
+    if args.sweep_masks:
+        sweep_masks(args.out)
         return
     if args.masks:
         masks_table(args.out)

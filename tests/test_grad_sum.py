@@ -128,3 +128,22 @@ def test_kernels_that_add_in_place_get_the_accumulator():
         s.accumulator(overwrite=True)
     with pytest.raises(ValueError, match="contribution to a region of"):
         s.add(torch.zeros(1, 2, 3, 4))
+
+
+def test_a_sole_contribution_is_written_in_the_result_dtype():
+    """Declared to get one contribution, a sum overwritten whole hands the kernel a tensor in the
+    result's dtype and returns it; a second contribution raises."""
+    s = GradSum(SHAPE, torch.float32, torch.device("cpu"), sole_dtype=torch.bfloat16)
+    acc = s.accumulator(overwrite=True)
+    assert acc.dtype == torch.bfloat16
+    acc.copy_(torch.randn(SHAPE))
+    with _Passes() as seen:
+        assert s.result(torch.bfloat16).data_ptr() == acc.data_ptr()
+    assert seen.ops == []
+    with pytest.raises(RuntimeError, match="second contribution"):
+        s.add(torch.zeros(SHAPE))
+    # a part overwritten, or an accumulator added into, stays fp32
+    s = GradSum(SHAPE, torch.float32, torch.device("cpu"), sole_dtype=torch.bfloat16)
+    assert s.part((slice(None), slice(0, 3))).accumulator(overwrite=True).dtype == torch.float32
+    s = GradSum(SHAPE, torch.float32, torch.device("cpu"), sole_dtype=torch.bfloat16)
+    assert s.accumulator().dtype == torch.float32

@@ -546,6 +546,67 @@ def test_rows_without_keys(tf):
 
 
 @interpreted_only
+def test_overwritten_dkv_in_the_inputs_dtype(tf):
+    """dK/dV overwritten straight into fp16 (a ring of one's answer, ``GradSum``'s sole_dtype)
+    equal the fp32 ones rounded after, bit for bit; keys no query sees get zeros."""
+    case = Case(causal=True, window=(20, -1), dtype=torch.float16, D=16, steps=1, k_valid=True,
+                first_source=0)  # fmt: skip
+    q, ks, vs, dout, masks = _build(case)
+    k, v, m = ks[0], vs[0], masks[0]
+    kernels = tf.TritonKernels(tf.FwdConfig(16, 16, 4, 1), tf.BwdConfig(16, 16, 4, 1))
+    state = kernels.forward_init(q)
+    kernels.forward_step(state, q, k, v, m, case.D**-0.5, last=True)
+    out, lse = kernels.forward_finish(state, q.dtype)
+    delta = kernels.backward_prepare(out, dout)
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        dq = torch.zeros(q.shape)
+        dk, dv = (torch.full(t.shape, float("nan"), dtype=dtype) for t in (k, v))
+        kernels.backward_step(q, k, v, dout, lse, delta, m, case.D**-0.5, dq, dk, dv,
+                              dkv_fresh=True)  # fmt: skip
+        grads[dtype] = (dk, dv)
+    for wide, narrow in zip(grads[torch.float32], grads[torch.float16]):
+        assert not narrow.isnan().any()
+        assert torch.equal(narrow, wide.half())
+    with pytest.raises(ValueError, match="must be fp32"):  # added into: never in fp16
+        kernels.backward_step(q, k, v, dout, lse, delta, m, case.D**-0.5, torch.zeros(q.shape),
+                              *grads[torch.float16], dkv_fresh=False)  # fmt: skip
+
+
+@interpreted_only
+def test_ring_of_one_gradients_in_the_inputs_dtype(tf):
+    """Through the ring op at W = 1 on Triton, dK/dV come from the kernel in fp16 (no fp32 pass):
+    they match the fp32 call's within fp16, as dq, which goes through fp32, does."""
+    from ringcompile import ring_attention
+    from ringcompile.kernels import grad_sum
+
+    made = []
+    real = grad_sum.GradSum._accumulator
+
+    def spy(self, box, overwrite):
+        acc = real(self, box, overwrite)
+        made.append(acc.dtype)
+        return acc
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, h, 40, 16, generator=g) for h in (4, 2, 2, 4))
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        ins = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(grad_sum.GradSum, "_accumulator", spy)
+            out = ring_attention(*ins, is_causal=True, window=(9, 0), enable_gqa=True,
+                                 kernels="triton")  # fmt: skip
+            out.backward(dout.to(dtype))
+        grads[dtype] = [t.grad for t in ins]
+    # fp32 call: dq, dk, dv fp32; fp16 call: dq's fp32 accumulator, dK/dV in fp16
+    assert made == [torch.float32] * 3 + [torch.float32, torch.float16, torch.float16], made
+    for wide, narrow in zip(grads[torch.float32], grads[torch.float16]):
+        assert narrow.dtype == torch.float16
+        assert ((narrow.float() - wide).norm() / wide.norm()) < 4e-3
+
+
+@interpreted_only
 def test_no_step(tf):
     q = torch.randn(1, 2, 5, 16)
     kernels = tf.TritonKernels()

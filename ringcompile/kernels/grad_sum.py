@@ -90,10 +90,16 @@ def _sum_into(out: torch.Tensor, items: list[torch.Tensor]) -> None:
 class GradSum:
     """The sum of one gradient's contributions; ``dtype`` is the accumulation dtype."""
 
-    def __init__(self, shape, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shape, dtype: torch.dtype, device: torch.device,
+                 sole_dtype: torch.dtype | None = None):  # fmt: skip
+        """``sole_dtype``: the result's dtype, where the caller knows that the sum gets exactly
+        one contribution. A kernel that overwrites the whole of it then writes the result
+        itself, rounded once as the conversion after would have been, with no fp32 buffer and
+        no conversion pass."""
         self.shape = torch.Size(shape)
         self.dtype = dtype
         self.device = device
+        self.sole_dtype = sole_dtype
         self.whole: Box = tuple((0, n) for n in self.shape)
         self.acc: torch.Tensor | None = None  # in ``dtype``, valid over ``self.valid``
         self.valid: list[Box] = []
@@ -162,7 +168,13 @@ class GradSum:
         for cell in _cells(self._boxes(), self.whole):
             _sum_into(_view(out, self.whole, cell), self._items(cell))
 
+    def _check_not_sole(self) -> None:
+        if self.acc is not None and self.acc.dtype != self.dtype:
+            raise RuntimeError("GradSum: a second contribution to a sum declared to get one "
+                               "(sole_dtype)")  # fmt: skip
+
     def _add(self, t: torch.Tensor, box: Box) -> None:
+        self._check_not_sole()
         if tuple(t.shape) != tuple(b1 - b0 for b0, b1 in box):
             raise ValueError(f"GradSum: a {tuple(t.shape)} contribution to a region of "
                              f"{tuple(b1 - b0 for b0, b1 in box)}")  # fmt: skip
@@ -196,11 +208,14 @@ class GradSum:
         return not any(_meets(box, b) for b in self._boxes())
 
     def _accumulator(self, box: Box, overwrite: bool) -> torch.Tensor:
+        self._check_not_sole()
         region = tuple(slice(b0, b1) for b0, b1 in box)
         if overwrite:
             if not self._empty(box):
                 raise ValueError("GradSum: overwriting a region that holds contributions")
-            if self.acc is None:
+            if self.acc is None and self.sole_dtype is not None and box == self.whole:
+                self.acc = torch.empty(self.shape, dtype=self.sole_dtype, device=self.device)
+            elif self.acc is None:
                 self._allocate()
             self.valid.append(box)
             return self.acc[region]

@@ -39,7 +39,10 @@ def ring_backward(call: RankCall, dout, q, k, v, out, lse, scale: float):
     # The own block's dK/dV never travels: its contribution is computed in two parts, the first
     # before any remote block and the last after, and it receives the other ranks' sum at the end.
     own_mask = call.block_mask(0, blocks, q.device) if 0 in computed else None
-    own_dkv = dkv_sums(k, v, acc)
+    # on a ring of one the own block's single kernel call is the whole of dK/dV: a kernel that
+    # overwrites them may write them in the inputs' dtype (``GradSum``'s sole_dtype)
+    sole = k.dtype if n == 1 and not call.mask.empty_rows_mean else None
+    own_dkv = dkv_sums(k, v, acc, sole)
     parts = own_parts(kernels, own_mask, k.shape, n) if own_mask is not None else []
 
     def own_part(i: int) -> None:
@@ -158,5 +161,6 @@ def own_part_backward(kernels: BlockEngine, part, q, k, v, dout, out, lse, prepa
                           dq.part(qh), own_dk.part(kvh), own_dv.part(kvh))  # fmt: skip
 
 
-def dkv_sums(k: torch.Tensor, v: torch.Tensor, acc: torch.dtype) -> list[GradSum]:
-    return [GradSum(k.shape, acc, k.device), GradSum(v.shape, acc, v.device)]
+def dkv_sums(k: torch.Tensor, v: torch.Tensor, acc: torch.dtype,
+             sole_dtype: torch.dtype | None = None) -> list[GradSum]:  # fmt: skip
+    return [GradSum(t.shape, acc, t.device, sole_dtype) for t in (k, v)]

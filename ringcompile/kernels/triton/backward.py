@@ -4,7 +4,8 @@ dq per query tile.
 One program per (key tile, batch, KV head) accumulates dk/dv in registers over the G query heads
 of its group and over the query tiles in its lists (no K/V expansion, no race on dk/dv), then adds
 them into the fp32 accumulators, or overwrites them (``dkv_fresh``: the ring's steps, whose dK/dV
-are new each step, so nothing is zeroed or re-read). The travelling dK/dV passes once per step:
+are new each step, so nothing is zeroed or re-read; on a ring of one they are the answer, written
+in the inputs' dtype). The travelling dK/dV passes once per step:
 it is loaded evict-first and stored streaming, so it does not push reused Q/dO out of L2. dq
 comes in one of three ways:
 - from the same programs, each dq tile added by one bulk reduction of the tensor-copy engine
@@ -135,7 +136,8 @@ def _write_dkv(base, offs_n, offs_d, stride_s, mask, value, ACCUMULATE: tl.const
     ptrs = base + offs_n[:, None] * stride_s + offs_d[None, :]
     if ACCUMULATE:
         value = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first") + value
-    tl.store(ptrs, value, mask=mask, cache_modifier=".cs")
+    # (an overwritten tile may go straight into the inputs' dtype: rounded once, here)
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask, cache_modifier=".cs")
 
 
 @triton.jit

@@ -167,9 +167,13 @@ class TritonKernels:
         Hkv, Sk = k.shape[1], k.shape[2]
         q, k, v, dout = (_inner_contiguous(t) for t in (q, k, v, dout))
         dq, dk, dv, dkv_fresh = accumulators(dq, dk, dv, dkv_fresh)
-        for acc in (dq, dk, dv):
-            if acc.stride(-1) != 1 or acc.dtype != torch.float32:
-                raise ValueError("gradient accumulators must be fp32 with a contiguous last dim")
+        # dK/dV that are overwritten may be the answer itself, in the inputs' dtype (a sum's
+        # sole contribution: ``GradSum``'s sole_dtype); the store rounds them once
+        dkv_dtypes = (torch.float32, q.dtype) if dkv_fresh else (torch.float32,)
+        for acc, dtypes in ((dq, (torch.float32,)), (dk, dkv_dtypes), (dv, dkv_dtypes)):
+            if acc.stride(-1) != 1 or acc.dtype not in dtypes:
+                raise ValueError("gradient accumulators must be fp32 (dK/dV that are overwritten "
+                                 "may be in the inputs' dtype) with a contiguous last dim")
         _check_offsets(q, k, v, dout, dq, dk, dv)
         lse, delta = lse.contiguous(), delta.contiguous()
         d_pad = _head_dim_padded(D)
