@@ -31,7 +31,7 @@ pytest.importorskip("triton")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRETED:  # imported here only where kernels run interpreted (see the docstring)
-    from ringcompile.kernels.triton import configs, mask_args, tiles
+    from ringcompile.kernels.triton import configs, host, mask_args, tiles
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -849,6 +849,20 @@ def test_forward_tiles_by_step(tf):
     assert tiles(32768, False) == tiles(32768, True) == (256, 64, 8, 3)
     assert tiles(8192, True) == (128, 128, 8, 3)
     assert configs.default_fwd_config(64, torch.bfloat16, 8192, 8192, False).block_n == 128
+    # a final step whose mask cuts most tiles or changes every score: smaller tiles below 16k
+    cut = [configs.default_fwd_config(128, torch.bfloat16, s, s, True, cuts_tiles=True)
+           for s in (8192, 16384)]  # fmt: skip
+    assert [(c.block_m, c.block_n) for c in cut] == [(64, 64), (256, 64)]
+    pos = torch.arange(8)
+    kinds = {"padding": dict(k_valid=torch.ones(1, 8, dtype=torch.bool)),
+             "window": dict(rules=PositionRules(True, window_left=3)),
+             "chunks": dict(rules=PositionRules(True, chunk=4)),
+             "documents": dict(q_doc=torch.zeros(1, 8), k_doc=torch.zeros(1, 8)),
+             "bias": dict(dense=torch.zeros(1, 1, 1, 8)), "soft cap": dict(softcap=5.0)}  # fmt: skip
+    cuts = {name: host._cuts_tiles(BlockMask(q_pos=pos, k_pos=pos, seq_len=8,
+                                             **{"rules": PositionRules(True), **kw}))
+            for name, kw in kinds.items()}  # fmt: skip
+    assert cuts == {name: name != "padding" for name in kinds}, cuts
 
 
 # ---------------------------------------------------------------------------------------------

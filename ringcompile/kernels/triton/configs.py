@@ -60,13 +60,21 @@ def _head_dim_class(head_dim_padded: int) -> int:
 
 
 def default_fwd_config(head_dim_padded: int, dtype: torch.dtype, seq_q: int, seq_k: int,
-                        last: bool = True) -> FwdConfig:  # fmt: skip
-    """``last``: the step writes the final output (a ring's other steps write the fp32 state)."""
+                        last: bool = True, cuts_tiles: bool = False) -> FwdConfig:  # fmt: skip
+    """``last``: the step writes the final output (a ring's other steps write the fp32 state);
+    ``cuts_tiles``: the mask leaves few tiles whole (a window, chunks, documents) or changes every
+    score (a dense mask or bias, a soft cap)."""
     if dtype == torch.float32:
         return _FWD_FP32[_head_dim_class(head_dim_padded)]
     if head_dim_padded <= 64:
         return FwdConfig(128, 128, 4, 3)
     if head_dim_padded <= 128:
+        if last and cuts_tiles and min(seq_q, seq_k) < _LONG_BLOCK:
+            # Smaller tiles, less of each cut by the mask's edges and fewer registers for the
+            # per-score work: 6-24 % faster at 8k on documents, windows, chunks, ALiBi and soft
+            # caps; key padding alone, whose tiles are mostly whole, ran 7 % slower so
+            # (``bench_kernels.py --sweep-masks``, benchmarks/RESULTS.md).
+            return FwdConfig(64, 64, 4, 3)
         if not last and min(seq_q, seq_k) <= _LONG_BLOCK:
             # Steps that store the fp32 state: smaller tiles in two stages (99 KB of shared
             # memory, two programs per SM) run them 4-10 % faster from 4k to 16k tokens; steps

@@ -67,6 +67,14 @@ def _fast_tanh(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+def _cuts_tiles(mask: BlockMask) -> bool:
+    """Whether the mask leaves few tiles whole or changes every score
+    (``configs.default_fwd_config``)."""
+    r = mask.rules
+    return (r.window is not None or r.chunk > 0 or mask.q_doc is not None
+            or mask.dense is not None or bool(mask.softcap))  # fmt: skip
+
+
 def _full_allowed(flags) -> bool:
     """Whether a tile may be full (every score as q.k gives it): not under a dense mask, whose
     values every score reads, nor under a soft cap, which every score passes through."""
@@ -119,7 +127,8 @@ class TritonKernels:
         _check_offsets(q, k, v)
         d_pad = _head_dim_padded(D)
         first = state.steps == 0
-        cfg = self.fwd_config or default_fwd_config(d_pad, q.dtype, Sq, Sk, last)
+        cfg = self.fwd_config or default_fwd_config(d_pad, q.dtype, Sq, Sk, last,
+                                                    _cuts_tiles(mask))  # fmt: skip
         if last:
             # the answer in q's layout, which the ring op returns (``ring.forward.in_layout_of``)
             state.final_out = _empty((B, H, Sq, D), q.dtype, q.device, out_strides)
