@@ -562,7 +562,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--masks", action="store_true", help="the masked kinds beside cuDNN")
-    ap.add_argument("--sweep-masks", action="store_true", help="tile configurations per masked kind")
+    ap.add_argument(
+        "--sweep-masks", action="store_true", help="tile configurations per masked kind"
+    )
     ap.add_argument("--blocks", action="store_true", help="cuDNN on each kind of ring block")
     ap.add_argument("--only", default=",".join(IMPLS))
     ap.add_argument("--replot", metavar="DIR")

@@ -181,8 +181,10 @@ class TritonKernels:
         dkv_dtypes = (torch.float32, q.dtype) if dkv_fresh else (torch.float32,)
         for acc, dtypes in ((dq, (torch.float32,)), (dk, dkv_dtypes), (dv, dkv_dtypes)):
             if acc.stride(-1) != 1 or acc.dtype not in dtypes:
-                raise ValueError("gradient accumulators must be fp32 (dK/dV that are overwritten "
-                                 "may be in the inputs' dtype) with a contiguous last dim")
+                raise ValueError(
+                    "gradient accumulators must be fp32 (dK/dV that are overwritten "
+                    "may be in the inputs' dtype) with a contiguous last dim"
+                )
         _check_offsets(q, k, v, dout, dq, dk, dv)
         lse, delta = lse.contiguous(), delta.contiguous()
         d_pad = _head_dim_padded(D)
