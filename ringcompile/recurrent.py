@@ -135,7 +135,9 @@ def ring_gated_delta_rule(
         summaries.append(state.to(dtype))
     for _ in range(n_runs - len(summaries)):  # (a run of padding only: the identity)
         summaries.append(start)
-    every = _GatherSummaries.apply(torch.stack(summaries), pg)  # (W, runs, B, Hv, Dk, Dv + Dk)
+    stacked = torch.stack(summaries)
+    # (W, runs, B, Hv, Dk, Dv + Dk); one process (a padded layout of one rank) gathers nothing
+    every = _GatherSummaries.apply(stacked, pg) if pg is not None else stacked[None]
     # compose every run in sequence order into the state each starts from
     order = sorted(
         (p0, r, i) for r, runs in enumerate(every_rank) for i, (_, _, p0) in enumerate(runs)

@@ -140,6 +140,19 @@ def test_one_process_is_the_rule_itself():
     assert torch.equal(out, ref_out) and torch.equal(state, ref_state)
 
 
+def test_one_process_on_a_padded_layout():
+    """One process given a layout that pads: the padding slots carry no state."""
+    inputs, _ = _problem(S=21)
+    lay = make_layout("zigzag", 21, 1)
+    assert lay.local_len > 21
+    mine = [lay.shard(t, 1, 0) for t in inputs[:5]]
+    out, state = ring_gated_delta_rule(sequential_rule, *mine, output_final_state=True,
+                                       layout=lay)  # fmt: skip
+    ref_out, ref_state = sequential_rule(*inputs[:5], output_final_state=True)
+    assert _rel(out[:, :21], ref_out) < TOL and _rel(state, ref_state) < TOL
+    assert torch.equal(out[:, 21:], torch.zeros_like(out[:, 21:]))
+
+
 def _striped(rank, world):
     inputs, _ = _problem()
     lay = make_layout("striped", 24, world)
