@@ -117,13 +117,14 @@ def test_a_third_contribution_folds_into_fp32():
 
 def test_kernels_that_add_in_place_get_the_accumulator():
     s = GradSum(SHAPE, torch.float32, torch.device("cpu"))
-    dq, dk, dv, fresh = accumulators(
+    dq, dk, dv, fresh, dq_fresh = accumulators(
         s,
         GradSum(SHAPE, torch.float32, torch.device("cpu")),
         GradSum(SHAPE, torch.float32, torch.device("cpu")),
         False,
     )
-    assert fresh and dq.dtype == torch.float32 and torch.equal(dq, torch.zeros(SHAPE))
+    assert fresh and not dq_fresh
+    assert dq.dtype == torch.float32 and torch.equal(dq, torch.zeros(SHAPE))
     with pytest.raises(ValueError, match="overwriting a region that holds"):
         s.accumulator(overwrite=True)
     with pytest.raises(ValueError, match="contribution to a region of"):
@@ -147,3 +148,13 @@ def test_a_sole_contribution_is_written_in_the_result_dtype():
     assert s.part((slice(None), slice(0, 3))).accumulator(overwrite=True).dtype == torch.float32
     s = GradSum(SHAPE, torch.float32, torch.device("cpu"), sole_dtype=torch.bfloat16)
     assert s.accumulator().dtype == torch.float32
+
+
+def test_a_kernel_that_owns_its_rows_writes_dq_over_an_empty_sum():
+    empty, held = (GradSum(SHAPE, torch.float32, torch.device("cpu")) for _ in range(2))
+    held.add(torch.ones(SHAPE))
+    for s, fresh in ((empty, True), (held, False)):
+        dq, *_, dq_fresh = accumulators(s, torch.zeros(SHAPE), torch.zeros(SHAPE), True,
+                                        dq_may_overwrite=True)  # fmt: skip
+        assert dq_fresh == fresh
+    assert torch.equal(dq, torch.ones(SHAPE))  # the held contribution, folded in

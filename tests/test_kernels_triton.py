@@ -574,6 +574,51 @@ def test_overwritten_dkv_in_the_inputs_dtype(tf):
 
 
 @interpreted_only
+@pytest.mark.parametrize("future", [False, True])
+def test_dq_kernel_writes_a_fresh_dq(tf, future, monkeypatch):
+    """With its own kernel, an empty sum's dq is written over, not zeroed and added to: in fp32,
+    or in fp16 where the sum gets one contribution (bit for bit the fp32 sum rounded). A block
+    in the queries' future (``future``) leaves zeros. New float buffers start as NaN."""
+    from ringcompile.kernels.grad_sum import GradSum
+
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    case = Case(causal=True, window=(20, -1), dtype=torch.float16, D=16, steps=2, rank=1,
+                first_source=-1 if future else 0)  # fmt: skip
+    q, ks, vs, dout, masks = _build(case)
+    k, v, m = ks[0], vs[0], masks[0]
+    scale = case.D**-0.5
+    kernels = tf.TritonKernels(
+        tf.FwdConfig(16, 16, 4, 1), tf.BwdConfig(16, 16, 4, 1, dq=tf.FwdConfig(16, 16, 4, 1))
+    )
+    ref = ReferenceKernels()
+    state = ref.forward_init(q)
+    ref.forward_step(state, q, k, v, m, scale, last=True)
+    out, lse = ref.forward_finish(state, q.dtype)
+    delta = kernels.backward_prepare(out, dout)
+    results = {}
+    for sole in (None, torch.float16):
+        sums = [GradSum(t.shape, torch.float32, q.device, sole) for t in (q, k, v)]
+        with monkeypatch.context() as mp:
+            mp.setattr(torch, "empty", poisoned)
+            kernels.backward_step(q, k, v, dout, lse, delta, m, scale, *sums)
+        results[sole] = [s.result(torch.float16) for s in sums]
+        assert not any(g.isnan().any() for g in results[sole])
+        if sole is not None:  # written by the kernel in fp16, no fp32 buffer
+            assert all(s.acc.dtype == torch.float16 for s in sums)
+    for wide, narrow in zip(results[None], results[torch.float16]):
+        assert torch.equal(narrow, wide)
+    if future:
+        assert all(not g.any() for g in results[torch.float16])
+    else:
+        assert results[torch.float16][0].abs().sum() > 0
+
+
+@interpreted_only
 def test_ring_of_one_gradients_in_the_inputs_dtype(tf):
     """Through the ring op at W = 1 on Triton, dK/dV come from the kernel in fp16 (no fp32 pass):
     they match the fp32 call's within fp16, as dq, which goes through fp32, does."""

@@ -253,15 +253,18 @@ def _is_sum(x) -> bool:
     return isinstance(x, (GradSum, _Part))
 
 
-def accumulators(dq, dk, dv, dkv_fresh: bool):
+def accumulators(dq, dk, dv, dkv_fresh: bool, dq_may_overwrite: bool = False):
     """For kernels that add into fp32 tensors in place: the tensors behind ``dq``, ``dk``, ``dv``
-    (sums or tensors already), and whether dK/dV are to be overwritten (an empty sum's are)."""
+    (sums or tensors already), whether dK/dV are to be overwritten (an empty sum's are), and
+    whether dq is (an empty sum's, where the kernel can write it over: ``dq_may_overwrite``)."""
+    dq_fresh = False
     if _is_sum(dq):
-        dq = dq.accumulator()
+        dq_fresh = dq_may_overwrite and dq.empty
+        dq = dq.accumulator(overwrite=dq_fresh)
     if _is_sum(dk):
         dkv_fresh = dk.empty and dv.empty
         dk, dv = dk.accumulator(overwrite=dkv_fresh), dv.accumulator(overwrite=dkv_fresh)
-    return dq, dk, dv, dkv_fresh
+    return dq, dk, dv, dkv_fresh, dq_fresh
 
 
 def sums_over(dq, dk, dv, dkv_fresh: bool) -> tuple[list, list[GradSum]]:

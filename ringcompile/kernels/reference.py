@@ -87,7 +87,7 @@ class ReferenceKernels:
         return (dout.to(acc) * out.to(acc)).sum(-1)
 
     def backward_step(self, q, k, v, dout, lse, delta, mask, scale, dq, dk, dv, dkv_fresh=False):
-        dq, dk, dv, dkv_fresh = accumulators(dq, dk, dv, dkv_fresh)
+        dq, dk, dv, dkv_fresh, _ = accumulators(dq, dk, dv, dkv_fresh)
         acc = dq.dtype
         hkv = k.shape[1]
         s, cap_grad = _scores(q, k, mask, scale, acc)

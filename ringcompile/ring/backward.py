@@ -30,18 +30,18 @@ def ring_backward(call: RankCall, dout, q, k, v, out, lse, scale: float):
     if not (dout.is_contiguous() or token_major(dout)):
         dout = dout.contiguous()
     prepared = kernels.backward_prepare(out, dout)
-    dq = GradSum(q.shape, acc, q.device)
     computed = call.computed_steps()
     blocks = call.traveling(k, v)
     n = len(call.steps)
+    # On a ring of one the own block's single kernel call is the whole of each gradient: a
+    # kernel that overwrites one may write it in the inputs' dtype (``GradSum``'s sole_dtype).
+    sole = q.dtype if n == 1 and not call.mask.empty_rows_mean else None
+    dq = GradSum(q.shape, acc, q.device, sole)
     events.record("backward_calls")
 
     # The own block's dK/dV never travels: its contribution is computed in two parts, the first
     # before any remote block and the last after, and it receives the other ranks' sum at the end.
     own_mask = call.block_mask(0, blocks, q.device) if 0 in computed else None
-    # on a ring of one the own block's single kernel call is the whole of dK/dV: a kernel that
-    # overwrites them may write them in the inputs' dtype (``GradSum``'s sole_dtype)
-    sole = k.dtype if n == 1 and not call.mask.empty_rows_mean else None
     own_dkv = dkv_sums(k, v, acc, sole)
     parts = own_parts(kernels, own_mask, k.shape, n) if own_mask is not None else []
 

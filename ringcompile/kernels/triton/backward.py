@@ -14,7 +14,8 @@ comes in one of three ways:
   where bulk reductions are not available;
 - from a second kernel with one program per query tile that recomputes the scores: bf16/fp16 at
   128 without bands (no reduction traffic) and at 256 (where the dq tile would not fit in the
-  dk/dv programs' registers).
+  dk/dv programs' registers); it owns its rows, so a fresh dq is written, not added (on a ring of
+  one straight in the inputs' dtype).
 Inside a step, dp = dO·V^T is computed before P·dO so that dv's dot runs while dS is formed.
 """
 
@@ -230,20 +231,24 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, q_st, k_st, v_st, do_st, dq_st, lists, mask_args,
     Sq, Sk, H, GROUP, qk_scale, sm_scale, heads_per_chunk,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, DOT: tl.constexpr,
+    MASK: tl.constexpr, DOT: tl.constexpr, DQ_FRESH: tl.constexpr,
 ):  # fmt: skip
-    """dq of one query tile over the key tiles of its lists (the forward's loop, recomputed)."""
+    """dq of one query tile over the key tiles of its lists (the forward's loop, recomputed),
+    added to DQ, or with ``DQ_FRESH`` written over it (in DQ's dtype: a sum's sole
+    contribution may be the answer itself)."""
     tile, bh, b, h = _tile_and_head(tl.cdiv(Sq, BLOCK_M), heads_per_chunk, H, LAST_HEAVIEST=True)
     hk = h // GROUP
     n_full = tl.load(lists.full_count + tile)
     n_part = tl.load(lists.part_count + tile)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < Sq
+    d_ok = offs_d < HEAD_DIM
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    # One program per (query tile, head): plain writes, no atomics.
+    dq_ptrs = _head(DQ, dq_st, b, h) + offs_m[:, None] * dq_st.s + offs_d[None, :]
     if n_full + n_part > 0:
-        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D_PAD)
-        row_ok = offs_m < Sq
-        d_ok = offs_d < HEAD_DIM
-        io_mask = row_ok[:, None] & d_ok[None, :]
         q = tl.load(_head(Q, q_st, b, h) + offs_m[:, None] * q_st.s + offs_d[None, :],
                     mask=io_mask, other=0.0)  # fmt: skip
         do = tl.load(_head(DO, do_st, b, h) + offs_m[:, None] * do_st.s + offs_d[None, :],
@@ -291,6 +296,9 @@ def _bwd_dq_kernel(
                 ds = ds.to(k.dtype)
                 dq += tl.dot(ds, k, input_precision=DOT)
 
-        # One program per (query tile, head): plain read-add-write.
-        dq_ptrs = _head(DQ, dq_st, b, h) + offs_m[:, None] * dq_st.s + offs_d[None, :]
-        tl.store(dq_ptrs, tl.load(dq_ptrs, mask=io_mask, other=0.0) + dq * sm_scale, mask=io_mask)
+        dq = dq * sm_scale
+        if not DQ_FRESH:
+            dq += tl.load(dq_ptrs, mask=io_mask, other=0.0)
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
+    elif DQ_FRESH:  # no key for these rows; an overwritten dq still needs its zeros
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, D_PAD], DQ.dtype.element_ty), mask=io_mask)

@@ -107,16 +107,31 @@ def default_bwd_config(head_dim_padded: int, dtype: torch.dtype, banded: bool, b
     return BwdConfig(64, 32, 8, 1, dq=FwdConfig(64, 64, 4, 2))
 
 
-def _bulk_reduce_ok(t: torch.Tensor) -> bool:
-    """Whether the tensor-copy engine (TMA) can add tiles into ``t``: an NVIDIA GPU from Hopper on,
-    a Triton with tensor descriptors, and 16-byte aligned base and strides."""
+def _bulk_reduce_available(device: torch.device) -> bool:
+    """An NVIDIA GPU from Hopper on, and a Triton with tensor descriptors."""
     return (
         TensorDescriptor is not None
-        and t.is_cuda
+        and device.type == "cuda"
         and torch.version.hip is None
-        and torch.cuda.get_device_capability(t.device)[0] >= 9
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
+def _bulk_reduce_ok(t: torch.Tensor) -> bool:
+    """Whether the tensor-copy engine (TMA) can add tiles into ``t``: bulk reductions available,
+    and 16-byte aligned base and strides."""
+    return (
+        _bulk_reduce_available(t.device)
         and t.data_ptr() % 16 == 0
         and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+    )
+
+
+def _bulk_reduce_ok_fresh(shape, device: torch.device) -> bool:
+    """``_bulk_reduce_ok`` of a new contiguous fp32 tensor of ``shape`` (a gradient sum's
+    accumulator, before it is made)."""
+    return _bulk_reduce_available(device) and all(
+        n * 4 % 16 == 0 for n in torch.empty(shape, device="meta").stride()[:-1]
     )
 
 

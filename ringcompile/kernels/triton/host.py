@@ -15,6 +15,7 @@ from ringcompile.kernels.triton.configs import (
     FwdConfig,
     TensorDescriptor,
     _bulk_reduce_ok,
+    _bulk_reduce_ok_fresh,
     _heads_per_chunk,
     _kv_heads_per_chunk,
     default_bwd_config,
@@ -175,23 +176,29 @@ class TritonKernels:
         B, H, Sq, D = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         q, k, v, dout = (_inner_contiguous(t) for t in (q, k, v, dout))
-        dq, dk, dv, dkv_fresh = accumulators(dq, dk, dv, dkv_fresh)
-        # dK/dV that are overwritten may be the answer itself, in the inputs' dtype (a sum's
+        d_pad = _head_dim_padded(D)
+        r = mask.rules
+        banded = r.causal or r.window is not None or r.chunk > 0
+        # (chosen before a sum's accumulator is made: whether the dq kernel, which can write over
+        # a fresh dq, runs decides whether that accumulator is zeroed)
+        planned_ok = (_bulk_reduce_ok(dq) if isinstance(dq, torch.Tensor)
+                      else _bulk_reduce_ok_fresh(q.shape, q.device))  # fmt: skip
+        cfg = self.bwd_config or default_bwd_config(d_pad, q.dtype, banded, planned_ok)
+        dq, dk, dv, dkv_fresh, dq_fresh = accumulators(dq, dk, dv, dkv_fresh,
+                                                       dq_may_overwrite=cfg.dq is not None)  # fmt: skip
+        # gradients that are overwritten may be the answer itself, in the inputs' dtype (a sum's
         # sole contribution: ``GradSum``'s sole_dtype); the store rounds them once
         dkv_dtypes = (torch.float32, q.dtype) if dkv_fresh else (torch.float32,)
-        for acc, dtypes in ((dq, (torch.float32,)), (dk, dkv_dtypes), (dv, dkv_dtypes)):
+        dq_dtypes = (torch.float32, q.dtype) if dq_fresh else (torch.float32,)
+        for acc, dtypes in ((dq, dq_dtypes), (dk, dkv_dtypes), (dv, dkv_dtypes)):
             if acc.stride(-1) != 1 or acc.dtype not in dtypes:
                 raise ValueError(
-                    "gradient accumulators must be fp32 (dK/dV that are overwritten "
-                    "may be in the inputs' dtype) with a contiguous last dim"
+                    "gradient accumulators must be fp32 (those that are overwritten may be in "
+                    "the inputs' dtype) with a contiguous last dim"
                 )
         _check_offsets(q, k, v, dout, dq, dk, dv)
         lse, delta = lse.contiguous(), delta.contiguous()
-        d_pad = _head_dim_padded(D)
         bulk_ok = _bulk_reduce_ok(dq)
-        r = mask.rules
-        banded = r.causal or r.window is not None or r.chunk > 0
-        cfg = self.bwd_config or default_bwd_config(d_pad, q.dtype, banded, bulk_ok)
         dq_mode, dq_desc = 0, None
         if cfg.dq is None:
             dq_mode = 1
@@ -224,6 +231,7 @@ class TritonKernels:
                     q, k, v, dout, lse, delta, dq, q_st, k_st, v_st, do_st, dq_st,
                     lists, margs, Sq, Sk, H, H // Hkv, scale * _LOG2E, scale, chunk,
                     HEAD_DIM=D, D_PAD=d_pad, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
-                    MASK=mflags, DOT=dot_precision(q.dtype), num_warps=dq_cfg.num_warps,
+                    MASK=mflags, DOT=dot_precision(q.dtype), DQ_FRESH=dq_fresh,
+                    num_warps=dq_cfg.num_warps,
                     num_stages=dq_cfg.num_stages, **LAUNCH_OPTIONS,
                 )  # fmt: skip
