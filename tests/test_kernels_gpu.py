@@ -677,6 +677,23 @@ def test_ring_attention_mask_mod_vs_efficient():
     _check_vs_efficient_sdpa(ours, q, k, v, dout, allowed)
 
 
+def test_ring_of_one_bidirectional_padding_vs_efficient():
+    """Key padding without causality on a ring of one: the block goes to the Triton dq kernel,
+    which writes dq (and the dk/dv kernel dK/dV) straight in bf16, with no fp32 buffer; within
+    1.5x the efficient SDPA kernel's own bf16 error."""
+    from ringcompile import ring_attention
+
+    B, H, Hkv, S, D = 2, 8, 2, 2048, 128
+    q, k, v, dout = _inputs(B, H, Hkv, S, D, seed=23)
+    valid = torch.arange(S, device="cuda")[None] < torch.tensor([[S], [S - 300]], device="cuda")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*leaves, key_padding_mask=valid, enable_gqa=True, kernels="triton")
+    out.backward(dout)
+    ours = [out.detach()] + [t.grad for t in leaves]
+    assert all(t.dtype == torch.bfloat16 for t in ours)
+    _check_vs_efficient_sdpa(ours, q, k, v, dout, valid[:, None, None, :])
+
+
 @pytest.mark.parametrize(
     "kind,kernels",
     [("causal", None), ("documents", None), ("window", None), ("padding", None),
