@@ -9,7 +9,10 @@ a call, the best of 7 rounds of 300 calls:
 - "ring_forward" / "ring_backward": the schedules inside them (no ``torch.library`` dispatch);
 - and, once, the plain kernel's own forward and backward on the whole block (causal), the floor.
 
-    PYTHONPATH=. python benchmarks/bench_host.py [--device cpu|cuda]
+``--kernels triton`` sends every block to the Triton kernels (GPU), whose host side (tile lists,
+the mask's arguments, the launches) the default route leaves out for plain, documents and chunks.
+
+    PYTHONPATH=. python benchmarks/bench_host.py [--device cpu|cuda] [--kernels auto|triton]
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def masks(device) -> dict[str, AttentionMask]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "triton"])
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -67,7 +71,7 @@ def main() -> None:
 
     q, k, v = token_major(H), token_major(Hkv), token_major(Hkv)
     print(f"{device.type}, torch {torch.__version__}; microseconds a call (W = 1, "
-          f"{B} x {H}/{Hkv} heads x {S} x {D}, {dtype})")  # fmt: skip
+          f"{B} x {H}/{Hkv} heads x {S} x {D}, {dtype}, kernels={args.kernels})")  # fmt: skip
     # the floor: the plain kernel's own forward and backward on the whole block, causal
     plain = select_kernels(q).plain
     kq, kk, kv = q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
@@ -79,12 +83,12 @@ def main() -> None:
     print("| mask | forward op | backward op | ring_forward | ring_backward |")
     print("|---|---:|---:|---:|---:|")
     for name, mask in masks(device).items():
-        options = (*mask.encode(), SCALE, "striped", S, "", "auto")
+        options = (*mask.encode(), SCALE, "striped", S, "", args.kernels)
         out, lse = torch.ops.ringcompile.ring_attention(q, k, v, *options)
         dout = torch.randn_like(out)
 
         def call():
-            return RankCall.make(q, mask, "striped", S, "", "auto")
+            return RankCall.make(q, mask, "striped", S, "", args.kernels)
 
         row = [
             best_us(lambda: torch.ops.ringcompile.ring_attention(q, k, v, *options)),
