@@ -129,10 +129,8 @@ def _bulk_reduce_ok(t: torch.Tensor) -> bool:
 
 def _bulk_reduce_ok_fresh(shape, device: torch.device) -> bool:
     """``_bulk_reduce_ok`` of a new contiguous fp32 tensor of ``shape`` (a gradient sum's
-    accumulator, before it is made)."""
-    return _bulk_reduce_available(device) and all(
-        n * 4 % 16 == 0 for n in torch.empty(shape, device="meta").stride()[:-1]
-    )
+    accumulator, before it is made): its strides are multiples of its last dim."""
+    return _bulk_reduce_available(device) and shape[-1] * 4 % 16 == 0
 
 
 _WAVES_PER_CHUNK = 4
